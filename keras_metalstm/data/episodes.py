@@ -1,0 +1,154 @@
+"""N-way K-shot Q-query episodes as a deterministic, resumable tf.data pipeline.
+
+Episode ``e`` of a stream with seed ``s`` is a pure function of ``(s, e)``: its classes and images are drawn
+with stateless random ops keyed on ``(s, 2e)`` and ``(s, 2e + 1)``. So ``episode_dataset(..., seed=s,
+start_episode=i)`` yields exactly episodes i, i+1, ... of the uninterrupted stream (exact resume), whatever the
+batch size, parallelism or prefetching.
+
+One episode: N distinct classes drawn uniformly from the split, relabelled 0..N-1 in random order; for each class
+K + Q distinct images drawn uniformly from its images, the first K are the support set and the other Q the query
+set (so support and query never share an image). Support and query sets are CLASS-MAJOR: label 0's images
+first, then label 1's ..., i.e. ``support_labels = [0]*K + [1]*K + ... + [N-1]*K``.
+
+A batch of B episodes (B >= 1, the leading axis is always there) is a dict of tensors with static shapes:
+
+    support_images  float32 (B, N*K, H, W, C) in [0, 1]
+    support_labels  int32   (B, N*K)
+    query_images    float32 (B, N*Q, H, W, C) in [0, 1]
+    query_labels    int32   (B, N*Q)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from keras_metalstm.data.dataset import ClassIndexedDataset
+from keras_metalstm.data.errors import DataError
+
+EPISODE_KEYS = ("support_images", "support_labels", "query_images", "query_labels")
+
+
+class EpisodeSampler:
+    """Draws N-way K-shot Q-query episodes from one class-indexed data set (one split).
+
+    ``episode(index)`` builds episode ``index`` (no batch axis) in-graph; ``indices(index)`` gives the chosen
+    class ids and image ids; ``dataset(...)`` is the batched tf.data pipeline.
+    """
+
+    def __init__(self, dataset: ClassIndexedDataset, n_way: int, k_shot: int, q_query: int, seed: int = 0):
+        self.n_way, self.k_shot, self.q_query = _check_episode_size(dataset, n_way, k_shot, q_query)
+        self.seed = int(seed)
+        self.source_dataset = dataset
+        self.image_shape = dataset.image_shape
+        sizes = dataset.class_sizes
+        self._num_classes = dataset.num_classes
+        self._max_size = int(sizes.max())
+        self._images = tf.constant(dataset.images)
+        self._starts = tf.constant(dataset.class_starts[:-1], dtype=tf.int64)
+        self._sizes = tf.constant(sizes, dtype=tf.int64)
+        n, k, q = self.n_way, self.k_shot, self.q_query
+        self._support_labels = tf.constant(np.repeat(np.arange(n, dtype=np.int32), k))
+        self._query_labels = tf.constant(np.repeat(np.arange(n, dtype=np.int32), q))
+
+    def indices(self, episode_index) -> tuple[tf.Tensor, tf.Tensor]:
+        """(class_ids (N,), image_ids (N, K+Q)) of episode ``episode_index``: row n is label n's class; its
+        first K image ids are support, the rest query. Ids index ``source_dataset.class_names`` / ``.images``."""
+        episode_index = tf.cast(episode_index, tf.int64)
+        seed = tf.constant(self.seed, tf.int64)
+        class_key = tf.stack([seed, 2 * episode_index])
+        image_key = tf.stack([seed, 2 * episode_index + 1])
+        # N distinct classes; top_k of i.i.d. uniforms also orders them randomly -> random relabelling.
+        class_scores = tf.random.stateless_uniform([self._num_classes], seed=class_key)
+        class_ids = tf.math.top_k(class_scores, k=self.n_way, sorted=True).indices
+        # K+Q distinct images per class: top_k of uniforms, positions beyond the class size masked out.
+        sizes = tf.gather(self._sizes, class_ids)
+        scores = tf.random.stateless_uniform([self.n_way, self._max_size], seed=image_key)
+        valid = tf.range(self._max_size, dtype=tf.int64)[None, :] < sizes[:, None]
+        scores = tf.where(valid, scores, -1.0)
+        local = tf.math.top_k(scores, k=self.k_shot + self.q_query, sorted=True).indices
+        image_ids = tf.gather(self._starts, class_ids)[:, None] + tf.cast(local, tf.int64)
+        return class_ids, image_ids
+
+    def episode(self, episode_index) -> dict[str, tf.Tensor]:
+        """Episode ``episode_index`` without a batch axis: support (N*K, H, W, C), query (N*Q, H, W, C)."""
+        n, k, q = self.n_way, self.k_shot, self.q_query
+        _, image_ids = self.indices(episode_index)
+        images = tf.gather(self._images, image_ids)  # (N, K+Q, H, W, C) uint8
+        images = tf.cast(images, tf.float32) * (1.0 / 255.0)
+        support = tf.reshape(images[:, :k], (n * k, *self.image_shape))
+        query = tf.reshape(images[:, k:], (n * q, *self.image_shape))
+        return {
+            "support_images": support,
+            "support_labels": self._support_labels,
+            "query_images": query,
+            "query_labels": self._query_labels,
+        }
+
+    def dataset(
+        self, batch_size: int = 1, start_episode: int = 0, num_episodes: int | None = None
+    ) -> tf.data.Dataset:
+        """Batches of ``batch_size`` episodes: episodes start_episode, start_episode+1, ... (forever if
+        ``num_episodes`` is None, else ``num_episodes`` of them, a multiple of ``batch_size``)."""
+        batch_size, start_episode = int(batch_size), int(start_episode)
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1 (the batch axis is always kept), got {batch_size}")
+        if start_episode < 0:
+            raise DataError(f"start_episode must be >= 0, got {start_episode}")
+        if num_episodes is None:
+            indices = tf.data.Dataset.counter(start=start_episode)
+        else:
+            num_episodes = int(num_episodes)
+            if num_episodes < 1 or num_episodes % batch_size:
+                raise DataError(
+                    f"num_episodes ({num_episodes}) must be a positive multiple of batch_size "
+                    f"({batch_size}) so every batch is full (static shapes)"
+                )
+            indices = tf.data.Dataset.range(start_episode, start_episode + num_episodes)
+        return (
+            indices.map(self.episode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .batch(batch_size, drop_remainder=True)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+
+def episode_dataset(
+    dataset: ClassIndexedDataset,
+    n_way: int,
+    k_shot: int,
+    q_query: int,
+    *,
+    batch_size: int = 1,
+    seed: int = 0,
+    start_episode: int = 0,
+    num_episodes: int | None = None,
+) -> tf.data.Dataset:
+    """A tf.data pipeline of batches of N-way K-shot Q-query episodes from ``dataset``; see the module docstring.
+
+    Same ``seed`` -> same episodes; ``start_episode=i`` resumes the stream at episode i exactly.
+    """
+    return EpisodeSampler(dataset, n_way, k_shot, q_query, seed).dataset(
+        batch_size, start_episode, num_episodes
+    )
+
+
+def _check_episode_size(dataset: ClassIndexedDataset, n_way, k_shot, q_query) -> tuple[int, int, int]:
+    n, k, q = int(n_way), int(k_shot), int(q_query)
+    if n < 1 or k < 1 or q < 1:
+        raise DataError(f"episodes need n_way >= 1, k_shot >= 1 and q_query >= 1, got N={n}, K={k}, Q={q}")
+    if n > dataset.num_classes:
+        raise DataError(
+            f"{n}-way episodes need at least {n} classes but {dataset.name} has "
+            f"{dataset.num_classes}; lower n_way or give this split more classes"
+        )
+    sizes = dataset.class_sizes
+    short = np.flatnonzero(sizes < k + q)
+    if len(short):
+        i = short[0]
+        others = f" ({len(short) - 1} other class(es) too)" if len(short) > 1 else ""
+        raise DataError(
+            f"class {dataset.class_names[i]!r} of {dataset.name} has {sizes[i]} images but {k}-shot episodes "
+            f"with {q} queries need K+Q = {k + q} distinct images per class{others}; lower k_shot/q_query or "
+            f"drop such classes with dataset.with_min_images({k + q})"
+        )
+    return n, k, q

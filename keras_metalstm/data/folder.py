@@ -1,0 +1,89 @@
+"""Image-folder loader for the user's own data: ``root/<class>/*.png|jpg|jpeg``, one sub-folder per class.
+
+Every immediate sub-folder of ``root`` (hidden ones skipped) is a class named after the folder; its image files
+(extensions ``IMAGE_EXTENSIONS``, any case) are read in sorted order, other files are ignored. With
+``image_shape=(H, W, C)`` every image is converted to it by the package's rule (``convert_images``); without it
+all images must already share one shape (an alpha channel does not count) and mixed shapes are refused, the
+message naming two files that differ and the rule ``image_shape`` would apply.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from keras_metalstm.data.dataset import DEFAULT_SPLIT_FRACTIONS, ClassIndexedDataset, DatasetSplits
+from keras_metalstm.data.errors import DataError
+from keras_metalstm.data.images import decode_image_files
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def list_image_folder(
+    root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> dict[str, list[Path]]:
+    """``{class name: sorted image paths}`` of ``root/<class>/*``; DataError for an empty or malformed folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        loose = [p.name for p in root.iterdir() if p.suffix.lower() in extensions]
+        hint = (
+            f"; found {len(loose)} image(s) directly in it: move them into one sub-folder per class"
+            if loose
+            else ""
+        )
+        raise DataError(
+            f"image folder {root} is empty: expected one sub-folder per class, "
+            f"root/<class>/*{'|'.join(extensions)}{hint}"
+        )
+    classes = {}
+    for class_dir in class_dirs:
+        files = sorted(
+            f
+            for f in class_dir.iterdir()
+            if f.is_file() and f.suffix.lower() in extensions and not f.name.startswith(".")
+        )
+        if not files:
+            raise DataError(
+                f"class folder {class_dir} holds no {'/'.join(extensions)} image; add images or "
+                f"remove the folder"
+            )
+        classes[class_dir.name] = files
+    return classes
+
+
+def load_image_folder(
+    root: str | os.PathLike,
+    image_shape: Sequence[int] | None = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> ClassIndexedDataset:
+    """All classes of ``root/<class>/*.{png,jpg,jpeg}`` as uint8 images (see the module doc for shapes)."""
+    root = Path(root)
+    classes = list_image_folder(root, extensions)
+    files = [f for paths in classes.values() for f in paths]
+    display = [str(f.relative_to(root)) for f in files]
+    images, _ = decode_image_files([str(f) for f in files], image_shape, names=[str(f) for f in files])
+    return ClassIndexedDataset(
+        images,
+        [len(p) for p in classes.values()],
+        list(classes),
+        sources=display,
+        name=root.name or str(root),
+    )
+
+
+def image_folder_splits(
+    root: str | os.PathLike,
+    image_shape: Sequence[int] | None = None,
+    fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+    seed: int = 0,
+    split_file: str | os.PathLike | None = None,
+    rotations: bool = False,
+) -> DatasetSplits:
+    """Class-disjoint (train, val, test) of an image folder: from ``split_file`` if given, else by ``seed``."""
+    splits = load_image_folder(root, image_shape).split(fractions, seed, split_file=split_file)
+    return splits.with_rotations() if rotations else splits

@@ -1,0 +1,232 @@
+"""One image-conversion rule, in-graph, shared by the loaders, training and serving.
+
+The rule (``CONVERSION_RULE``), applied by :func:`convert_images` to reach a target shape (H, W, C):
+
+* channels: grey -> RGB by repeating the grey channel; RGB -> grey by ITU-R BT.601 luminance
+  ``0.299 R + 0.587 G + 0.114 B``; an alpha channel is dropped (grey+alpha -> grey, RGBA -> RGB) before that;
+* size: bilinear resize to (H, W) with antialiasing (``tf.image.resize(method="bilinear", antialias=True)``),
+  the aspect ratio is not kept; an image already H x W is left unchanged;
+* values: uint8 images are scaled to float32 in [0, 1]; float images are taken to be in [0, 1] already.
+
+Loaders store the converted images as uint8 (``round(255 * x)``); the episode pipeline divides by 255 again, so a
+model sees the same numbers in training and behind an exported serving signature that calls the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from keras_metalstm.data.errors import DataError
+
+CONVERSION_RULE = (
+    "channels: grey->RGB by repeating the grey channel, RGB->grey by luminance 0.299 R + 0.587 G + 0.114 B, "
+    "alpha dropped; size: bilinear resize (antialiased) to H x W, aspect ratio not kept; "
+    "values scaled to [0, 1]"
+)
+
+_LUMINANCE = (0.299, 0.587, 0.114)
+
+
+def check_image_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    """Return ``shape`` as a tuple (H, W, C) of positive ints with C in {1, 3}, or raise a DataError."""
+    try:
+        height, width, channels = (int(v) for v in shape)
+    except (TypeError, ValueError):
+        raise DataError(f"image shape must be (height, width, channels), got {shape!r}") from None
+    if height < 1 or width < 1 or channels not in (1, 3):
+        raise DataError(f"image shape must be (H, W, C) with H, W >= 1 and C in {{1, 3}}, got {tuple(shape)}")
+    return height, width, channels
+
+
+def _to_rgb_or_grey(images: tf.Tensor, channels: int) -> tf.Tensor:
+    """Drop alpha: (.., 1|2|3|4) -> grey (1) or RGB (3), for a statically known channel count."""
+    if channels in (1, 3):
+        return images
+    if channels == 2:
+        return images[..., :1]
+    if channels == 4:
+        return images[..., :3]
+    raise DataError(f"images must have 1, 2, 3 or 4 channels (grey, grey+alpha, RGB, RGBA), got {channels}")
+
+
+def _convert_channels(images: tf.Tensor, target_channels: int) -> tf.Tensor:
+    """Float images with 1-4 channels (static or dynamic count) -> ``target_channels`` (1 or 3) by the rule."""
+
+    def from_grey(grey):
+        return grey if target_channels == 1 else tf.tile(grey, [1] * (grey.shape.rank - 1) + [3])
+
+    def from_rgb(rgb):
+        if target_channels == 3:
+            return rgb
+        weights = tf.constant(_LUMINANCE, dtype=rgb.dtype)
+        return tf.reduce_sum(rgb * weights, axis=-1, keepdims=True)
+
+    channels = images.shape[-1]
+    if channels is not None:
+        images = _to_rgb_or_grey(images, channels)
+        return from_grey(images) if images.shape[-1] == 1 else from_rgb(images)
+    # Dynamic channel count (a decoded file of unknown type): pick the branch in-graph.
+    count = tf.shape(images)[-1]
+    tf.debugging.assert_less_equal(count, 4, message="images must have 1, 2, 3 or 4 channels")
+    branch = tf.gather(tf.constant([0, 0, 0, 1, 1]), count)  # 1 or 2 channels -> grey; 3 or 4 -> RGB
+    out = tf.switch_case(
+        branch,
+        [lambda: from_grey(images[..., :1]), lambda: from_rgb(images[..., :3])],
+    )
+    return tf.ensure_shape(out, images.shape[:-1].concatenate([target_channels]))
+
+
+def convert_images(images, target_shape: Sequence[int], antialias: bool = True) -> tf.Tensor:
+    """Convert images (h, w, c) or (n, h, w, c) to ``target_shape`` (H, W, C) as float32 in [0, 1].
+
+    Works eagerly and inside a ``tf.function`` / ``tf.data`` map on tensors whose h, w, c are only known at run
+    time. uint8 input is divided by 255; float input is assumed in [0, 1]. See ``CONVERSION_RULE``.
+    ``antialias=False`` gives plain bilinear sampling (identical for images already H x W).
+    """
+    height, width, channels = check_image_shape(target_shape)
+    images = tf.convert_to_tensor(images)
+    if images.shape.rank not in (3, 4):
+        raise DataError(f"images must be (h, w, c) or (n, h, w, c), got shape {images.shape}")
+    if images.dtype == tf.uint8:
+        images = tf.cast(images, tf.float32) / 255.0
+    elif images.dtype.is_floating or images.dtype.is_integer:
+        images = tf.cast(images, tf.float32)
+    else:
+        raise DataError(f"images must be numeric (uint8 or float in [0, 1]), got dtype {images.dtype.name}")
+    images = _convert_channels(images, channels)
+    static_hw = tuple(images.shape[-3:-1])
+    if static_hw != (height, width):
+        resized = tf.image.resize(images, (height, width), method="bilinear", antialias=antialias)
+        if None in static_hw:  # unknown size: resize only when it differs, so H x W input stays exact
+            same = tf.reduce_all(tf.equal(tf.shape(images)[-3:-1], [height, width]))
+            images = tf.cond(same, lambda: tf.reshape(images, tf.shape(resized)), lambda: resized)
+        else:
+            images = resized
+    return tf.clip_by_value(images, 0.0, 1.0)
+
+
+def decode_image_bytes(contents, target_shape: Sequence[int], antialias: bool = True) -> tf.Tensor:
+    """Decode one encoded PNG/JPEG/GIF/BMP (a scalar string tensor) and convert it to float32 (H, W, C) in [0, 1].
+
+    In-graph (usable in ``tf.data`` and in a serving signature); the conversion is :func:`convert_images`.
+    """
+    decoded = tf.io.decode_image(contents, channels=0, dtype=tf.uint8, expand_animations=False)
+    return convert_images(decoded, target_shape, antialias=antialias)
+
+
+def to_uint8(images: tf.Tensor) -> tf.Tensor:
+    """float32 images in [0, 1] -> uint8 by ``round(255 * x)``, the storage format of the loaders."""
+    return tf.cast(tf.round(tf.clip_by_value(images, 0.0, 1.0) * 255.0), tf.uint8)
+
+
+def _tf_error_text(error: Exception) -> str:
+    """The human part of a TensorFlow error message (no function-node prefix, no op suffix)."""
+    text = getattr(error, "message", None) or str(error)
+    text = text.split("}}")[-1].split("[Op:")[0].strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _explain_unreadable(name: str, source, from_bytes: bool) -> str:
+    """Re-read one failed file eagerly to say why it failed."""
+    try:
+        contents = source if from_bytes else tf.io.read_file(source)
+        if len(contents.numpy() if hasattr(contents, "numpy") else contents) == 0:
+            return f"{name}: empty file"
+        tf.io.decode_image(contents, channels=0, expand_animations=False)
+    except tf.errors.OpError as error:
+        return f"{name}: {_tf_error_text(error)}"
+    return f"{name}: could not be decoded"
+
+
+def decode_image_files(
+    sources: Sequence,
+    target_shape: Sequence[int] | None,
+    names: Sequence[str] | None = None,
+    from_bytes: bool = False,
+    batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode many image files in parallel (tf.data, AUTOTUNE) into one uint8 array (n, H, W, C).
+
+    ``sources`` are file paths, or encoded bytes when ``from_bytes``; ``names`` are what errors call them
+    (default: the paths). Every image is converted to ``target_shape`` by :func:`convert_images`. With
+    ``target_shape=None`` the first file's own shape is the target and any file of another shape is refused
+    (DataError naming both files and the rule). Returns ``(images, native_shapes)``, native_shapes (n, 3) being
+    each file's shape before conversion. An unreadable, truncated or non-image file raises a DataError naming it.
+    """
+    count = len(sources)
+    names = [str(s) for s in sources] if names is None else [str(n) for n in names]
+    if len(names) != count:
+        raise ValueError("names must match sources one to one")
+    if count == 0:
+        raise DataError("no image files to read")
+
+    if target_shape is None:  # refuse mixed shapes later; the first readable file fixes the target
+        first = _decode_native(sources[0], names[0], from_bytes)
+        target_shape = _canonical_shape(first.shape)
+        refuse_mixed = True
+    else:
+        refuse_mixed = False
+    target_shape = check_image_shape(target_shape)
+
+    def decode(index, source):
+        contents = source if from_bytes else tf.io.read_file(source)
+        raw = tf.io.decode_image(contents, channels=0, dtype=tf.uint8, expand_animations=False)
+        return index, to_uint8(convert_images(raw, target_shape)), tf.shape(raw)
+
+    slices = (tf.range(count, dtype=tf.int64), tf.constant(list(sources), dtype=tf.string))
+    pipeline = (
+        tf.data.Dataset.from_tensor_slices(slices)
+        .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .ignore_errors()
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    images = np.zeros((count, *target_shape), dtype=np.uint8)
+    native = np.zeros((count, 3), dtype=np.int64)
+    seen = np.zeros(count, dtype=bool)
+    for index, batch, shapes in pipeline.as_numpy_iterator():
+        images[index] = batch
+        native[index] = shapes
+        seen[index] = True
+
+    if not seen.all():
+        bad = np.flatnonzero(~seen)
+        reasons = [_explain_unreadable(names[i], sources[i], from_bytes) for i in bad[:5]]
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise DataError(
+            f"{len(bad)} unreadable image file(s){more}: "
+            + "; ".join(reasons)
+            + ". Replace or delete them (PNG, JPEG, GIF and BMP are read)."
+        )
+    if refuse_mixed:
+        canonical = np.array([_canonical_shape(s) for s in native])
+        differs = np.flatnonzero((canonical != np.array(target_shape)).any(axis=1))
+        if len(differs):
+            i = differs[0]
+            raise DataError(
+                f"images have mixed shapes: {names[0]} is {_fmt(target_shape)} but {names[i]} is "
+                f"{_fmt(native[i])} ({len(differs)} file(s) differ from the first). Pass an image shape "
+                f"(H, W, C) to convert every image by the rule: {CONVERSION_RULE}."
+            )
+    return images, native
+
+
+def _decode_native(source, name: str, from_bytes: bool) -> np.ndarray:
+    try:
+        contents = source if from_bytes else tf.io.read_file(source)
+        return tf.io.decode_image(contents, channels=0, expand_animations=False).numpy()
+    except tf.errors.OpError as error:
+        raise DataError(f"unreadable image file: {name}: {_tf_error_text(error)}") from None
+
+
+def _canonical_shape(shape) -> tuple[int, int, int]:
+    """Native (h, w, c) with alpha dropped: grey+alpha counts as grey, RGBA as RGB."""
+    height, width, channels = (int(v) for v in shape)
+    return height, width, {1: 1, 2: 1, 3: 3, 4: 3}.get(channels, channels)
+
+
+def _fmt(shape) -> str:
+    return "x".join(str(int(v)) for v in shape)
