@@ -1,0 +1,104 @@
+"""Image-folder loader (root/<class>/*.png|jpg|jpeg) on generated fixtures, with its split option."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keras_metalstm.data import (
+    CONVERSION_RULE,
+    DataError,
+    image_folder_splits,
+    load_dataset,
+    load_image_folder,
+)
+
+
+def make_folder(root, num_classes=10, per_class=3, size=(16, 16), mode="RGB"):
+    """Class k's images are flat with value 10*k; extensions .png, .jpg and .JPEG mixed."""
+    for k in range(num_classes):
+        folder = root / f"class_{k}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            value = 10 * k
+            image = Image.new(mode, size, value if mode == "L" else (value, value, value))
+            extension = [".png", ".jpg", ".JPEG"][i % 3]
+            image.save(
+                folder / f"img{i}{extension}", format="PNG" if extension == ".png" else "JPEG", quality=95
+            )
+        (folder / "notes.txt").write_text("ignored")
+    return root
+
+
+def test_loads_classes_from_sub_folders(tmp_path):
+    root = make_folder(tmp_path / "data")
+    (root / ".hidden").mkdir()
+    dataset = load_image_folder(root)
+    assert dataset.num_classes == 10 and dataset.image_shape == (16, 16, 3)
+    assert dataset.class_sizes.tolist() == [3] * 10  # .txt ignored, .JPEG counted
+    for k in range(10):
+        np.testing.assert_allclose(dataset[f"class_{k}"].mean(), 10 * k, atol=2)
+    assert dataset.sources_of("class_3") == ["class_3/img0.png", "class_3/img1.jpg", "class_3/img2.JPEG"]
+
+
+def test_mixed_sizes_are_refused_or_converted(tmp_path):
+    root = make_folder(tmp_path / "data", num_classes=3)
+    Image.new("RGB", (20, 16), (255, 255, 255)).save(root / "class_1" / "wide.png")
+    with pytest.raises(DataError) as info:
+        load_image_folder(root)
+    assert "class_1/wide.png is 16x20x3" in str(info.value) and CONVERSION_RULE in str(info.value)
+    dataset = load_image_folder(root, image_shape=(8, 8, 1))
+    assert dataset.image_shape == (8, 8, 1) and dataset.class_sizes.tolist() == [3, 4, 3]
+    assert dataset["class_1"].max() == 255
+
+
+def test_mixed_channels_are_refused_or_converted(tmp_path):
+    root = make_folder(tmp_path / "data", num_classes=3)
+    Image.new("L", (16, 16), 128).save(root / "class_2" / "grey.png")
+    with pytest.raises(DataError, match="grey.png is 16x16x1"):
+        load_image_folder(root)
+    dataset = load_image_folder(root, image_shape=(16, 16, 3))
+    grey = dataset["class_2"][0]  # sorted: grey.png comes before img*
+    assert dataset.sources_of("class_2")[0] == "class_2/grey.png"
+    assert (grey == 128).all()
+
+
+def test_empty_folders_are_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is empty: expected one sub-folder per class"):
+        load_image_folder(tmp_path / "empty")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("L", (4, 4)).save(flat / "a.png")
+    with pytest.raises(DataError, match="found 1 image.*directly in it"):
+        load_image_folder(flat)
+    root = make_folder(tmp_path / "data", num_classes=2)
+    (root / "class_9").mkdir()
+    (root / "class_9" / "readme.md").write_text("x")
+    with pytest.raises(DataError, match="class_9 holds no .png/.jpg/.jpeg image"):
+        load_image_folder(root)
+    with pytest.raises(DataError, match="image folder not found"):
+        load_image_folder(tmp_path / "nowhere")
+
+
+def test_unreadable_image_is_named(tmp_path):
+    root = make_folder(tmp_path / "data", num_classes=2)
+    (root / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError, match=r"unreadable image file.*class_0/broken\.png"):
+        load_image_folder(root)
+
+
+def test_split_option_seeded_and_from_file(tmp_path):
+    root = make_folder(tmp_path / "data", num_classes=25, per_class=1)
+    splits = image_folder_splits(root, fractions=(0.6, 0.2, 0.2), seed=5)
+    names = [set(s.class_names) for s in splits]
+    assert [len(n) for n in names] == [15, 5, 5] and len(set.union(*names)) == 25
+    assert (
+        load_dataset("folder", root, fractions=(0.6, 0.2, 0.2), seed=5).class_names() == splits.class_names()
+    )
+    path = tmp_path / "split.json"
+    splits.save(path)
+    from_file = image_folder_splits(root, split_file=path)
+    assert from_file.class_names() == splits.class_names()
+    for split in from_file:  # images follow their class
+        for name in split.class_names:
+            np.testing.assert_allclose(split[name].mean(), 10 * int(name.split("_")[1]), atol=2)

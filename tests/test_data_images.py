@@ -1,0 +1,124 @@
+"""The conversion rule (convert_images), in-graph decoding and the parallel file decoder's errors."""
+
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from keras_metalstm.data import (
+    CONVERSION_RULE,
+    DataError,
+    convert_images,
+    decode_image_bytes,
+    decode_image_files,
+)
+
+
+def encode(array, fmt="PNG", mode=None):
+    buffer = io.BytesIO()
+    image = Image.fromarray(array)
+    if mode:
+        image = image.convert(mode)
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_grey_to_rgb_repeats_and_rgb_to_grey_uses_luminance():
+    grey = np.array([[[0], [51]], [[102], [255]]], np.uint8)
+    rgb = convert_images(grey, (2, 2, 3)).numpy()
+    np.testing.assert_allclose(rgb, np.repeat(grey / 255.0, 3, axis=-1), atol=1e-6)
+    colour = np.zeros((1, 3, 3), np.uint8)
+    colour[0, 0] = [255, 0, 0]
+    colour[0, 1] = [0, 255, 0]
+    colour[0, 2] = [0, 0, 255]
+    np.testing.assert_allclose(
+        convert_images(colour, (1, 3, 1)).numpy()[0, :, 0], [0.299, 0.587, 0.114], atol=1e-6
+    )
+
+
+def test_alpha_is_dropped_and_floats_pass_through():
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[..., 3] = 7
+    np.testing.assert_allclose(convert_images(rgba, (2, 2, 3)).numpy()[..., 0], 1.0)
+    grey_alpha = np.full((2, 2, 2), 200, np.uint8)
+    grey_alpha[..., 1] = 0
+    np.testing.assert_allclose(convert_images(grey_alpha, (2, 2, 1)).numpy(), 200 / 255, atol=1e-6)
+    floats = np.random.default_rng(0).random((3, 4, 4, 1)).astype(np.float32)
+    np.testing.assert_allclose(convert_images(floats, (4, 4, 1)).numpy(), floats, atol=1e-7)
+
+
+def test_resize_is_bilinear_and_keeps_a_constant_image_constant():
+    image = np.full((105, 105, 1), 128, np.uint8)
+    out = convert_images(image, (28, 28, 1)).numpy()
+    assert out.shape == (28, 28, 1)
+    np.testing.assert_allclose(out, 128 / 255, atol=1e-5)
+    # a left/right split image keeps its halves (antialiased, aspect ratio not kept)
+    half = np.zeros((50, 100, 3), np.uint8)
+    half[:, 50:] = 255
+    resized = convert_images(half, (10, 10, 3)).numpy()
+    assert resized[:, :4].max() < 0.01 and resized[:, 6:].min() > 0.99
+
+
+def test_convert_images_works_in_graph_on_unknown_shapes():
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.uint8)])
+    def to_rgb_28(images):
+        return convert_images(images, (28, 28, 3))
+
+    out = to_rgb_28(tf.fill([56, 56, 1], tf.constant(255, tf.uint8)))
+    assert out.shape == (28, 28, 3)
+    np.testing.assert_allclose(out.numpy(), 1.0)
+    already = np.random.default_rng(1).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    np.testing.assert_allclose(to_rgb_28(already).numpy(), already / 255.0, atol=1e-6)  # exact: no resize
+
+
+def test_decode_image_bytes_png_and_jpeg_agree_with_convert_images():
+    rng = np.random.default_rng(2)
+    array = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    from_png = decode_image_bytes(tf.constant(encode(array)), (20, 20, 1)).numpy()
+    np.testing.assert_allclose(from_png, convert_images(array, (20, 20, 1)).numpy(), atol=1e-6)
+    smooth = np.tile(np.linspace(0, 255, 30, dtype=np.uint8)[None, :, None], (40, 1, 3))
+    from_jpeg = decode_image_bytes(tf.constant(encode(smooth, "JPEG")), (40, 30, 3)).numpy()
+    np.testing.assert_allclose(from_jpeg, smooth / 255.0, atol=0.03)
+
+
+def test_decode_image_files_reads_in_order_and_reports_native_shapes(tmp_path):
+    paths = []
+    for i, size in enumerate([(10, 10), (20, 12), (10, 10)]):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(encode(np.full(size, 60 * i, np.uint8)))
+        paths.append(str(path))
+    images, native = decode_image_files(paths, (8, 8, 1))
+    assert images.dtype == np.uint8 and images.shape == (3, 8, 8, 1)
+    assert [int(images[i].mean()) for i in range(3)] == [0, 60, 120]
+    assert native.tolist() == [[10, 10, 1], [20, 12, 1], [10, 10, 1]]
+
+
+def test_mixed_shapes_are_refused_without_a_target_with_the_rule_in_the_message(tmp_path):
+    (tmp_path / "a.png").write_bytes(encode(np.zeros((10, 10), np.uint8)))
+    (tmp_path / "b.png").write_bytes(encode(np.zeros((12, 10), np.uint8)))
+    with pytest.raises(DataError) as info:
+        decode_image_files([str(tmp_path / "a.png"), str(tmp_path / "b.png")], None)
+    message = str(info.value)
+    assert "a.png is 10x10x1" in message and "b.png is 12x10x1" in message and CONVERSION_RULE in message
+
+
+def test_truncated_and_non_image_files_are_named(tmp_path):
+    good = tmp_path / "good.png"
+    good.write_bytes(encode(np.zeros((10, 10), np.uint8)))
+    data = encode(np.random.default_rng(3).integers(0, 256, (30, 30, 3), dtype=np.uint8), "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.png").write_text("not an image")
+    paths = [str(good), str(tmp_path / "cut.jpg"), str(tmp_path / "text.png")]
+    with pytest.raises(DataError) as info:
+        decode_image_files(paths, (10, 10, 1))
+    message = str(info.value)
+    assert "2 unreadable image file(s)" in message
+    assert "cut.jpg" in message and "text.png" in message and "good.png" not in message
+
+
+def test_bad_target_shape_is_refused():
+    with pytest.raises(DataError, match="C in"):
+        convert_images(np.zeros((4, 4, 1), np.uint8), (4, 4, 2))

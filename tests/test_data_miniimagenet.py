@@ -1,0 +1,92 @@
+"""Mini-ImageNet loader on a generated fixture: train/val/test.csv (filename,label) + images/*.jpg."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keras_metalstm.data import DataError, load_dataset, load_miniimagenet
+
+CLASSES = {
+    "train": ["n01532829", "n01558993", "n01704323"],
+    "val": ["n01855672", "n02091244"],
+    "test": ["n01930112", "n01981276"],
+}
+PER_CLASS = 4
+
+
+def make_miniimagenet(root):
+    """Ravi & Larochelle layout; class k's images have mean colour 30*k; two are not 84x84 RGB."""
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    k = 0
+    for split, labels in CLASSES.items():
+        rows = ["filename,label"]
+        for label in labels:
+            k += 1
+            for i in range(1, PER_CLASS + 1):
+                name = f"{label}{i:08d}.jpg"
+                size = (84, 84) if i > 1 else (100, 130)  # real files may be larger: resized to 84x84
+                pixels = np.clip(30 * k + rng.normal(0, 3, (*size, 3)), 0, 255).astype(np.uint8)
+                image = Image.fromarray(pixels)
+                if label == "n01855672" and i == 2:
+                    image = image.convert("L")  # a grey JPEG among RGB ones
+                image.save(images / name, quality=95)
+                rows.append(f"{name},{label}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture()
+def mini_dir(tmp_path):
+    return make_miniimagenet(tmp_path)
+
+
+def test_loads_the_three_splits_as_84x84_rgb(mini_dir):
+    splits = load_miniimagenet(mini_dir)
+    assert [list(s.class_names) for s in splits] == list(CLASSES.values())
+    assert splits.image_shape == (84, 84, 3)
+    for split in splits:
+        assert (
+            split.images.dtype == np.uint8 and split.class_sizes.tolist() == [PER_CLASS] * split.num_classes
+        )
+    # images follow their csv label: class k has mean colour 30*k (resized and grey files included)
+    means = [splits.train[c].mean() for c in CLASSES["train"]] + [
+        splits.test[c].mean() for c in CLASSES["test"]
+    ]
+    np.testing.assert_allclose(means, [30, 60, 90, 180, 210], atol=3)
+    grey = splits.val["n01855672"][1]
+    assert np.abs(grey[..., 0].astype(int) - grey[..., 2]).max() == 0  # grey -> RGB by repetition
+    assert splits.train.sources_of("n01532829")[0] == "n0153282900000001.jpg"
+    assert load_dataset("miniimagenet", mini_dir, image_size=32).image_shape == (32, 32, 3)
+
+
+def test_csv_naming_a_missing_file_is_refused(mini_dir):
+    (mini_dir / "images" / "n0185567200000003.jpg").unlink()
+    with pytest.raises(
+        DataError, match=r"val.csv line 4 names 'n0185567200000003.jpg', which is not in .*images"
+    ):
+        load_miniimagenet(mini_dir)
+
+
+def test_missing_csv_and_bad_header_are_refused(mini_dir):
+    (mini_dir / "test.csv").write_text("file,class\nx.jpg,n1\n")
+    with pytest.raises(DataError, match="test.csv must start with the header 'filename,label'"):
+        load_miniimagenet(mini_dir)
+    (mini_dir / "test.csv").unlink()
+    with pytest.raises(DataError, match="split file not found: .*test.csv"):
+        load_miniimagenet(mini_dir)
+
+
+def test_class_in_two_split_files_is_refused(mini_dir):
+    with open(mini_dir / "test.csv", "a") as f:
+        f.write("n0153282900000001.jpg,n01532829\n")
+    with pytest.raises(DataError, match="'n01532829' is in both train.csv and test.csv"):
+        load_miniimagenet(mini_dir)
+
+
+def test_truncated_jpeg_is_named(mini_dir):
+    victim = mini_dir / "images" / "n0155899300000003.jpg"
+    victim.write_bytes(victim.read_bytes()[:400])
+    with pytest.raises(DataError, match=r"unreadable image file.*n0155899300000003\.jpg"):
+        load_miniimagenet(mini_dir)
