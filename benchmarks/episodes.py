@@ -1,0 +1,134 @@
+"""Episodes per second of the keras_metalstm.data pipeline alone, compared with the meta-training step's rate.
+
+    python benchmarks/episodes.py [--seconds 3] [--batch-sizes 1,4] [--no-meta-step]
+
+Cases: fontglot (28x28x1) 5-way 1-shot and 5-shot, and an 84x84x3 image folder (generated in a temporary
+directory, 20 classes x 30 JPEGs) 5-way 1-shot and 5-shot, all with 15 queries per class. Each rate is measured
+by pulling batches from the tf.data pipeline (episodes/s = batches x B / wall time, after a warm-up). If
+keras_metalstm.MetaTrainer and keras_metalstm.learners.conv4 import, a few meta-steps (conv4 learner,
+inner_steps 12, one episode per step, jit off) are timed in the same run and the ratio pipeline / meta-step is
+printed; the requirement is >= 20x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from keras_metalstm.data import episode_dataset, fontglot_splits, load_image_folder  # noqa: E402
+
+N_WAY, Q_QUERY = 5, 15
+
+
+def pipeline_rate(dataset, k_shot: int, batch_size: int, seconds: float) -> float:
+    """Episodes per second pulled from the pipeline (after warming it up)."""
+    iterator = iter(episode_dataset(dataset, N_WAY, k_shot, Q_QUERY, batch_size=batch_size, seed=0))
+    for _ in range(20):
+        next(iterator)
+    batches, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        next(iterator)
+        batches += 1
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def make_image_folder(root: str, classes: int = 20, per_class: int = 30) -> None:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = os.path.join(root, f"class_{c:02d}")
+        os.makedirs(folder)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (84, 84, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, f"{i:03d}.jpg"), quality=90)
+
+
+def meta_step_rate(image_shape, k_shot: int, steps: int) -> tuple[float | None, str]:
+    """Episodes per second of MetaTrainer.train_step (B=1), or (None, reason) if the core is not available."""
+    try:
+        import keras_metalstm as km
+
+        learner = km.learners.conv4(input_shape=image_shape, num_classes=N_WAY)
+        meta = km.MetaLearner(learner, inner_steps=12)
+        trainer = km.MetaTrainer(meta, learning_rate=1e-3, clip_norm=0.25, jit_compile=False)
+    except Exception as error:  # the core is developed in parallel; report instead of failing
+        return None, f"meta-step not timed: {type(error).__name__}: {error}"
+    rng = np.random.default_rng(0)
+    batch = {
+        "support_images": tf.constant(rng.random((1, N_WAY * k_shot, *image_shape), np.float32)),
+        "support_labels": tf.constant(np.repeat(np.arange(N_WAY, dtype=np.int32), k_shot)[None]),
+        "query_images": tf.constant(rng.random((1, N_WAY * Q_QUERY, *image_shape), np.float32)),
+        "query_labels": tf.constant(np.repeat(np.arange(N_WAY, dtype=np.int32), Q_QUERY)[None]),
+    }
+    try:
+        for _ in range(2):  # trace / warm up
+            trainer.train_step(batch)
+        start = time.perf_counter()
+        for _ in range(steps):
+            result = trainer.train_step(batch)
+        if isinstance(result, dict):
+            [float(np.asarray(v).reshape(-1)[0]) for v in result.values()]  # wait for the values
+        elapsed = time.perf_counter() - start
+    except Exception as error:
+        return None, f"meta-step not timed: {type(error).__name__}: {error}"
+    return steps / elapsed, f"{1000 * elapsed / steps:.0f} ms per meta-step (conv4, T=12, 1 episode)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per case")
+    parser.add_argument("--batch-sizes", default="1,4", help="episodes per batch, comma-separated")
+    parser.add_argument("--meta-steps", type=int, default=5, help="meta-steps to time per case")
+    parser.add_argument("--no-meta-step", action="store_true", help="time the pipeline only")
+    args = parser.parse_args()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+
+    print(
+        f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU core(s); {N_WAY}-way, {Q_QUERY} queries per class"
+    )
+    fontglot = fontglot_splits().train
+    with tempfile.TemporaryDirectory() as root:
+        make_image_folder(root)
+        start = time.perf_counter()
+        folder = load_image_folder(root)
+        print(
+            f"image folder: {folder.num_classes} classes x 30 JPEGs 84x84x3 loaded in "
+            f"{time.perf_counter() - start:.2f} s"
+        )
+    cases = [
+        ("fontglot 28x28x1", fontglot, 1),
+        ("fontglot 28x28x1", fontglot, 5),
+        ("folder 84x84x3", folder, 1),
+        ("folder 84x84x3", folder, 5),
+    ]
+    print(
+        f"\n{'case':<24}{'shot':>5}"
+        + "".join(f"{f'B={b} eps/s':>14}" for b in batch_sizes)
+        + f"{'meta eps/s':>12}{'ratio':>9}"
+    )
+    for name, dataset, k_shot in cases:
+        rates = [pipeline_rate(dataset, k_shot, b, args.seconds) for b in batch_sizes]
+        line = f"{name:<24}{k_shot:>5}" + "".join(f"{r:>14.0f}" for r in rates)
+        if args.no_meta_step:
+            print(line)
+            continue
+        meta_rate, note = meta_step_rate(dataset.image_shape, k_shot, args.meta_steps)
+        if meta_rate is None:
+            print(line + f"   ({note})")
+        else:
+            ratio = min(rates) / meta_rate
+            verdict = "ok" if ratio >= 20 else "TOO SLOW"
+            print(line + f"{meta_rate:>12.1f}{ratio:>8.0f}x  {verdict}; {note}")
+    if args.no_meta_step:
+        print("\nmeta-step not timed (--no-meta-step): pipeline numbers only")
+
+
+if __name__ == "__main__":
+    main()
