@@ -1,0 +1,70 @@
+"""Layer 2 of the meta-learner: the cell whose state is the learner's parameter vector (SPEC step 4).
+
+    f_logit_t = [h_t, theta_{t-1}, f_logit_{t-1}] . W_f + b_f
+    i_logit_t = [h_t, theta_{t-1}, i_logit_{t-1}] . W_i + b_i
+    theta_t   = sigmoid(f_logit_t) * theta_{t-1} - sigmoid(i_logit_t) * grad_t
+
+sigmoid(f) is a learned per-coordinate shrinkage, sigmoid(i) a learned per-coordinate learning rate; with
+f = 1 and i = alpha the update is plain gradient descent with step alpha.
+"""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_metalstm")
+class MetaLSTMCell(keras.layers.Layer):
+    """The meta-learner cell, weights shared over all learner coordinates.
+
+    Weights: `W_f`, `W_i` of shape (hidden_units + 2, 1) (rows: the hidden units of layer 1, then theta,
+    then the previous gate logit) and scalar biases `b_f`, `b_i`. The gate feedback is the PRE-sigmoid
+    logit, as in the authors' code, and starts at 0 every episode.
+
+    Initialisation as the authors' code: W ~ U(-0.01, 0.01), b_f ~ U(4, 5), b_i ~ U(-5, -4), so the cell
+    starts as gradient descent with a small step (sigmoid(b_f) ~ 0.99, sigmoid(b_i) ~ 0.01). Zero gate
+    biases are the classic bug that stops the meta-learner from learning.
+    """
+
+    def __init__(self, hidden_units=20, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_units = int(hidden_units)
+        small = keras.initializers.RandomUniform(-0.01, 0.01)
+        self.W_f = self.add_weight(shape=(self.hidden_units + 2, 1), initializer=small, name="W_f")
+        self.W_i = self.add_weight(shape=(self.hidden_units + 2, 1), initializer=small, name="W_i")
+        self.b_f = self.add_weight(shape=(), initializer=keras.initializers.RandomUniform(4.0, 5.0), name="b_f")
+        self.b_i = self.add_weight(
+            shape=(), initializer=keras.initializers.RandomUniform(-5.0, -4.0), name="b_i"
+        )
+        self.built = True
+
+    def initial_logits(self, num_coordinates, dtype="float32"):
+        """The zero (f_logit, i_logit) feedback every episode starts from."""
+        zeros = ops.zeros((num_coordinates,), dtype=dtype)
+        return zeros, zeros
+
+    def call(self, hidden, theta, grad, previous_logits):
+        """One update of the learner's parameters.
+
+        Args:
+            hidden: (coordinates, hidden_units), layer 1's output h_t.
+            theta: (coordinates,), theta_{t-1}.
+            grad: (coordinates,), the raw learner gradient at theta_{t-1}.
+            previous_logits: (f_logit_{t-1}, i_logit_{t-1}), each (coordinates,).
+
+        Returns:
+            (theta_t, (f_logit_t, i_logit_t)).
+        """
+        f_previous, i_previous = previous_logits
+        units = self.hidden_units
+        # Both gates read the same hidden state: one (coordinates, H) x (H, 2) product serves both.
+        hidden_weights = ops.concatenate([self.W_f[:units], self.W_i[:units]], axis=1)
+        hidden_terms = ops.matmul(hidden, hidden_weights)
+        f_logit = hidden_terms[:, 0] + theta * self.W_f[units, 0] + f_previous * self.W_f[units + 1, 0] + self.b_f
+        i_logit = hidden_terms[:, 1] + theta * self.W_i[units, 0] + i_previous * self.W_i[units + 1, 0] + self.b_i
+        theta = ops.sigmoid(f_logit) * theta - ops.sigmoid(i_logit) * grad
+        return theta, (f_logit, i_logit)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"hidden_units": self.hidden_units})
+        return config

@@ -1,0 +1,131 @@
+"""Runs any Keras learner model as a pure function of a flat parameter vector theta.
+
+The meta-learner treats the learner's trainable weights as one vector (its cell state). This module owns the
+correspondence: theta is `learner.trainable_variables`, each flattened, concatenated in that order, and the
+learner is evaluated with `stateless_call`, so its own variables are never read for the forward pass nor
+written (its batch-normalisation moving statistics included). Non-trainable state (batch-norm moving
+statistics, dropout seeds) is passed in and returned explicitly; a fresh per-episode copy comes from
+`initial_state`, with batch-norm statistics reset so nothing leaks from one task into the next.
+"""
+
+import contextlib
+import math
+
+import keras
+import tensorflow as tf
+
+
+def _batchnorm_layers(model):
+    # `_flatten_layers` is the one walk Keras itself uses to reach every nested layer, subclassed and
+    # functional alike; `model.layers` stops at the first level of a subclassed model.
+    return [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+class LearnerFunction:
+    """A Keras learner seen as `logits, state = f(theta, state, images, training)`.
+
+    Args:
+        learner: a built keras.Model mapping images to logits.
+        bn_momentum: Keras-convention momentum (weight of the OLD value) used for every BatchNormalization
+            layer's moving statistics while the meta-learner runs the learner; None keeps each layer's own.
+    """
+
+    def __init__(self, learner, bn_momentum=None):
+        if not isinstance(learner, keras.Model):
+            raise TypeError(
+                f"The learner must be a keras.Model mapping images to logits, got {type(learner).__name__}."
+            )
+        if not learner.built or not learner.trainable_variables:
+            raise ValueError(
+                "The learner has no trainable weights yet: build it first (give it a keras.Input or call it "
+                "once on a batch of images) so the meta-learner knows its parameter vector."
+            )
+        self.learner = learner
+        self.bn_momentum = bn_momentum
+        self.shapes = [tuple(variable.shape) for variable in learner.trainable_variables]
+        self.sizes = [math.prod(shape) for shape in self.shapes]
+        self.num_parameters = sum(self.sizes)
+        self._batchnorm = _batchnorm_layers(learner)
+        self._reset_values = self._episode_reset_values()
+
+    def _episode_reset_values(self):
+        """Initial non-trainable values: batch-norm statistics at their initialisers, the rest as they are."""
+        resets = {}
+        for layer in self._batchnorm:
+            for variable, initializer in (
+                (layer.moving_mean, layer.moving_mean_initializer),
+                (layer.moving_variance, layer.moving_variance_initializer),
+            ):
+                resets[id(variable)] = initializer(variable.shape, dtype=variable.dtype)
+        return [
+            tf.convert_to_tensor(resets.get(id(variable), variable.value))
+            for variable in self.learner.non_trainable_variables
+        ]
+
+    def flatten(self, tensors):
+        """Concatenates per-variable tensors (in `trainable_variables` order) into one vector."""
+        return tf.concat([tf.reshape(tensor, [-1]) for tensor in tensors], axis=0)
+
+    def unflatten(self, theta):
+        """Splits a flat vector back into tensors shaped like the learner's trainable variables."""
+        pieces = tf.split(theta, self.sizes)
+        return [tf.reshape(piece, shape) for piece, shape in zip(pieces, self.shapes, strict=True)]
+
+    def initial_theta(self):
+        """The learner's current weights as a flat vector (theta_0's initial value)."""
+        return self.flatten([variable.value for variable in self.learner.trainable_variables])
+
+    def initial_state(self):
+        """The non-trainable state every episode starts from (batch-norm statistics reset)."""
+        return list(self._reset_values)
+
+    @contextlib.contextmanager
+    def _momentum_override(self):
+        # The momentum is read as a Python number while the call is traced, so overriding it for the duration
+        # of the call changes the traced update without touching any variable of the user's learner.
+        if self.bn_momentum is None:
+            yield
+            return
+        saved = [layer.momentum for layer in self._batchnorm]
+        try:
+            for layer in self._batchnorm:
+                layer.momentum = self.bn_momentum
+            yield
+        finally:
+            for layer, momentum in zip(self._batchnorm, saved, strict=True):
+                layer.momentum = momentum
+
+    def __call__(self, theta, state, images, training):
+        """Logits of the learner with parameters `theta` and non-trainable `state` on `images`.
+
+        With training=True batch-norm layers normalise with the batch's statistics and the returned state holds
+        their updated moving statistics; with training=False they normalise with the moving statistics in
+        `state`.
+        """
+        with self._momentum_override():
+            logits, state = self.learner.stateless_call(
+                self.unflatten(theta), state, images, training=training
+            )
+        return logits, list(state)
+
+    def loss_and_gradient(self, theta, state, images, labels, divide_by_batch=False):
+        """Mean cross-entropy on (images, labels), its gradient w.r.t. theta, and the updated state.
+
+        `divide_by_batch` reproduces the authors' code, which divides the gradient of the mean loss by the
+        batch size once more.
+        """
+        with tf.GradientTape() as tape:
+            tape.watch(theta)
+            logits, state = self(theta, state, images, training=True)
+            loss = cross_entropy(labels, logits)
+        gradient = tape.gradient(loss, theta)
+        if divide_by_batch:
+            gradient = gradient / tf.cast(tf.shape(images)[0], gradient.dtype)
+        return loss, gradient, state
+
+
+def cross_entropy(labels, logits):
+    """Mean sparse categorical cross-entropy on logits."""
+    return tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(labels, tf.int32), logits=logits)
+    )

@@ -1,0 +1,332 @@
+"""The LSTM meta-learner of Ravi & Larochelle (ICLR 2017) as a Keras model that adapts any Keras learner.
+
+`MetaLearner` owns the meta-parameters: the learned initial parameter vector `theta0`, the coordinate-wise
+LSTM (layer 1) and the meta-learner cell (layer 2). Given a batch of episodes it runs the inner loop (SPEC
+steps 1-4) on each episode's support set, starting from theta0, and classifies the query set with the adapted
+parameters theta_T (step 5). The same step function serves `MetaTrainer` and Keras' own `fit`.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
+from keras_metalstm.learner_function import LearnerFunction, cross_entropy
+from keras_metalstm.preprocessing import preprocess
+
+EPISODE_KEYS = ("support_images", "support_labels", "query_images", "query_labels")
+MODES = ("train", "test")
+
+
+def _check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'train' or 'test', got {mode!r}.")
+
+
+def _static_batch_size(tensor, name):
+    batch = tensor.shape[0]
+    if batch is None:
+        raise ValueError(
+            f"{name} needs a static number of episodes (its first axis): batch the episode dataset with "
+            "drop_remainder=True."
+        )
+    return batch
+
+
+@keras.saving.register_keras_serializable(package="keras_metalstm")
+class MetaLearner(keras.Model):
+    """Meta-learns an initial parameter vector and an update rule for `learner`.
+
+    Args:
+        learner: a built keras.Model mapping images to logits (conv4, a Dense-only model, a model with
+            BatchNormalization or LayerNormalization, a subclassed model). Never modified: it is run with
+            `stateless_call` on parameter vectors the meta-learner owns.
+        inner_steps: T, the number of updates on an episode's support set (12 for 5-way 1-shot).
+        hidden_units: units of the coordinate-wise LSTM (20).
+        p: the preprocessing constant (10).
+        first_order: treat the learner's loss and gradient as constants in the meta-gradient (the paper's
+            simplification); False differentiates through them (second order).
+        bn_momentum: Keras-convention momentum (weight of the OLD value) of the per-episode batch-norm
+            statistics gathered from the support batches in test mode; 0.1 matches the authors' Torch
+            momentum 0.9. None keeps each layer's own momentum.
+        divide_grad_by_batch: divide the learner's gradient by the support batch size once more, as the authors'
+            code does (a quirk; off by default).
+    """
+
+    def __init__(
+        self,
+        learner,
+        inner_steps=12,
+        hidden_units=20,
+        p=10.0,
+        first_order=True,
+        bn_momentum=0.1,
+        divide_grad_by_batch=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if int(inner_steps) < 1:
+            raise ValueError(f"inner_steps must be at least 1, got {inner_steps}.")
+        # A plain (untracked) object: the learner's own variables are not meta-parameters and must not be
+        # trained, saved or restored as part of the meta-learner.
+        self._learner_function = LearnerFunction(learner, bn_momentum=bn_momentum)
+        self.inner_steps = int(inner_steps)
+        self.hidden_units = int(hidden_units)
+        self.p = float(p)
+        self.first_order = bool(first_order)
+        self.bn_momentum = bn_momentum
+        self.divide_grad_by_batch = bool(divide_grad_by_batch)
+
+        self.coordinate_lstm = CoordinateLSTM(self.hidden_units, input_dim=4, name="coordinate_lstm")
+        self.cell = MetaLSTMCell(self.hidden_units, name="meta_lstm_cell")
+        self.theta0 = self.add_weight(
+            shape=(self._learner_function.num_parameters,), initializer="zeros", name="theta0"
+        )
+        # theta_0 starts as a freshly initialised learner's weights (the authors' code).
+        self.theta0.assign(self._learner_function.initial_theta())
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
+        self._compiled_gradients = {}
+        self._compiled_adapt = None
+        self.built = True
+
+    @property
+    def learner(self):
+        """The learner model whose parameters are adapted (never modified)."""
+        return self._learner_function.learner
+
+    @property
+    def num_parameters(self):
+        """Length of theta: the learner's trainable weights, all of them."""
+        return self._learner_function.num_parameters
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.accuracy_tracker]
+
+    # ----------------------------------------------------------------------------------------- inner loop
+    def inner_loop(self, support_images, support_labels, inner_steps=None):
+        """Adapts theta0 to B episodes' support sets.
+
+        Args:
+            support_images: (B, N*K, H, W, C).
+            support_labels: (B, N*K) integer labels.
+            inner_steps: T (default: the meta-learner's own).
+
+        Returns:
+            theta: (B, num_parameters), theta_T of each episode (differentiable w.r.t. the meta-parameters).
+            states: per episode, the learner's non-trainable state after the inner loop (the batch-norm
+                statistics gathered from that episode's support batches).
+        """
+        learner = self._learner_function
+        steps = self.inner_steps if inner_steps is None else int(inner_steps)
+        episodes = _static_batch_size(support_images, "support_images")
+        coordinates = learner.num_parameters
+
+        theta = tf.tile(self.theta0[tf.newaxis], [episodes, 1])
+        lstm_state = self.coordinate_lstm.initial_state(episodes * coordinates, dtype=theta.dtype)
+        gate_logits = self.cell.initial_logits(episodes * coordinates, dtype=theta.dtype)
+        states = [learner.initial_state() for _ in range(episodes)]
+
+        for _ in range(steps):
+            losses, gradients = [], []
+            for episode in range(episodes):
+                episode_theta = theta[episode]
+                if self.first_order:
+                    # The loss and gradient are constants for the meta-gradient; theta itself stays
+                    # differentiable through the cell update below.
+                    episode_theta = tf.stop_gradient(episode_theta)
+                loss, gradient, states[episode] = learner.loss_and_gradient(
+                    episode_theta,
+                    states[episode],
+                    support_images[episode],
+                    support_labels[episode],
+                    divide_by_batch=self.divide_grad_by_batch,
+                )
+                losses.append(loss)
+                gradients.append(gradient)
+            loss = tf.stack(losses)  # (B,)
+            gradient = tf.stack(gradients)  # (B, coordinates)
+            # One scalar loss per episode, preprocessed once and broadcast to all of its coordinates.
+            loss_features = tf.broadcast_to(preprocess(loss, self.p)[:, tf.newaxis, :], [episodes, coordinates, 2])
+            features = tf.concat([loss_features, preprocess(gradient, self.p)], axis=-1)
+            hidden, lstm_state = self.coordinate_lstm(tf.reshape(features, [-1, 4]), lstm_state)
+            flat_theta, gate_logits = self.cell(
+                hidden, tf.reshape(theta, [-1]), tf.reshape(gradient, [-1]), gate_logits
+            )
+            theta = tf.reshape(flat_theta, [episodes, coordinates])
+        return theta, states
+
+    def query_logits(self, theta, states, query_images, mode):
+        """Logits of each episode's adapted learner on its query images: (B, N*Q, num_classes).
+
+        mode="train" normalises with the query batch's own statistics (meta-training); mode="test" with the
+        statistics gathered from the episode's support batches (meta-testing, no information shared between
+        query images).
+        """
+        _check_mode(mode)
+        logits = [
+            self._learner_function(theta[episode], states[episode], query_images[episode], mode == "train")[0]
+            for episode in range(len(states))
+        ]
+        return tf.stack(logits)
+
+    def call(self, episodes, training=False, mode=None):
+        """Query logits (B, N*Q, num_classes) of a batch of episodes after the inner loop.
+
+        `mode` defaults to "train" when training else "test" (see `query_logits`).
+        """
+        missing = [key for key in EPISODE_KEYS[:3] if key not in episodes]
+        if missing:
+            raise ValueError(f"An episode batch needs the keys {EPISODE_KEYS[:3]}; missing: {missing}.")
+        mode = mode or ("train" if training else "test")
+        theta, states = self.inner_loop(episodes["support_images"], episodes["support_labels"])
+        return self.query_logits(theta, states, episodes["query_images"], mode)
+
+    # ------------------------------------------------------------------------------------- meta-training
+    def episode_metrics(self, episodes, mode):
+        """Per-episode query loss and accuracy, each of shape (B,)."""
+        logits = self(episodes, mode=mode)
+        labels = tf.cast(episodes["query_labels"], tf.int32)
+        losses = tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits), axis=-1
+        )
+        correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels), logits.dtype)
+        return losses, tf.reduce_mean(correct, axis=-1)
+
+    def meta_gradients(self, episodes):
+        """Mean query loss and accuracy of a batch of episodes, and the meta-gradient of the loss.
+
+        The loss is summed over this replica's episodes and divided by the GLOBAL number of episodes, so that
+        gradients summed over replicas by a tf.distribute strategy equal the gradient of the global mean.
+        """
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            losses, accuracies = self.episode_metrics(episodes, mode="train")
+            scaled_loss = tf.reduce_sum(losses) / (losses.shape[0] * replicas)
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
+        return tf.reduce_mean(losses), tf.reduce_mean(accuracies), gradients
+
+    def meta_train_step(self, episodes, optimizer, jit_compile=False):
+        """One meta-update of every meta-parameter on a batch of episodes; returns (loss, accuracy).
+
+        The single step used by both `MetaTrainer` and `fit`. With jit_compile the gradient computation (all
+        but the optimizer update) is compiled by XLA; that part is valid under any tf.distribute strategy.
+        """
+        loss, accuracy, gradients = self._gradient_function(jit_compile)(episodes)
+        optimizer.apply(gradients, self.trainable_variables)
+        return loss, accuracy
+
+    def _gradient_function(self, jit_compile):
+        if not jit_compile:
+            return self.meta_gradients
+        if True not in self._compiled_gradients:
+            self._compiled_gradients[True] = tf.function(self.meta_gradients, jit_compile=True)
+        return self._compiled_gradients[True]
+
+    def train_step(self, episodes):
+        loss, accuracy = self.meta_train_step(episodes, self.optimizer)
+        self.loss_tracker.update_state(loss)
+        self.accuracy_tracker.update_state(accuracy)
+        return {metric.name: metric.result() for metric in self.metrics}
+
+    def test_step(self, episodes):
+        losses, accuracies = self.episode_metrics(episodes, mode="test")
+        self.loss_tracker.update_state(tf.reduce_mean(losses))
+        self.accuracy_tracker.update_state(tf.reduce_mean(accuracies))
+        return {metric.name: metric.result() for metric in self.metrics}
+
+    def compile(self, optimizer=None, **kwargs):
+        """Like keras.Model.compile; the default optimizer is the paper's (Adam 1e-3, global clip norm 0.25)."""
+        if optimizer is None:
+            from keras_metalstm.trainer import meta_optimizer
+
+            optimizer = meta_optimizer()
+        super().compile(optimizer=optimizer, **kwargs)
+
+    # ---------------------------------------------------------------------------------------- adaptation
+    def adapt(self, support_images, support_labels, inner_steps=None, mode="test"):
+        """Adapts the learner to one task and returns it as a standalone keras.Model.
+
+        Args:
+            support_images: (N*K, H, W, C) images of the task, on the scale used for meta-training.
+            support_labels: (N*K,) integer labels in 0..N-1.
+            inner_steps: T (default: the meta-learner's own; testing with another T than training hurts).
+            mode: "test" (the only mode a standalone model can represent): the returned model's batch-norm
+                layers use the statistics gathered from this support set, so its predictions on a query image
+                do not depend on the other images in the batch.
+
+        Returns:
+            A keras.Model of the learner's architecture holding theta_T and this episode's batch-norm
+            statistics; its logits equal the query logits of the inner loop in test mode.
+        """
+        if mode != "test":
+            raise ValueError(
+                "adapt() supports mode='test' only: mode='train' normalises each query batch with its own "
+                "statistics, which a standalone model cannot reproduce for arbitrary batches."
+            )
+        support_images, support_labels = self._check_support(support_images, support_labels)
+        steps = self.inner_steps if inner_steps is None else int(inner_steps)
+        if self._compiled_adapt is None:
+            self._compiled_adapt = tf.function(self._adapt_one, reduce_retracing=True)
+        theta, state = self._compiled_adapt(support_images, support_labels, steps)
+        return self._materialise(theta, state)
+
+    def _adapt_one(self, support_images, support_labels, inner_steps):
+        theta, states = self.inner_loop(support_images[tf.newaxis], support_labels[tf.newaxis], inner_steps)
+        return theta[0], states[0]
+
+    def _check_support(self, support_images, support_labels):
+        support_images = tf.convert_to_tensor(support_images, dtype=self.theta0.dtype)
+        support_labels = tf.convert_to_tensor(support_labels)
+        expected = tuple(self.learner.input_shape[1:]) if hasattr(self.learner, "input_shape") else None
+        if support_images.shape.rank != 4:
+            raise ValueError(
+                f"support_images must be one task's images of shape (examples, height, width, channels), got "
+                f"shape {tuple(support_images.shape)}."
+            )
+        if expected and None not in expected and tuple(support_images.shape[1:]) != expected:
+            raise ValueError(
+                f"support_images have shape {tuple(support_images.shape[1:])} per image but the learner "
+                f"expects {expected}: resize/convert the images first."
+            )
+        if support_labels.shape != (support_images.shape[0],):
+            raise ValueError(
+                f"support_labels must hold one integer label per support image: got shape "
+                f"{tuple(support_labels.shape)} for {support_images.shape[0]} images."
+            )
+        if not support_labels.dtype.is_integer:
+            raise ValueError(f"support_labels must be integers, got {support_labels.dtype.name}.")
+        return support_images, tf.cast(support_labels, tf.int32)
+
+    def _materialise(self, theta, state):
+        """A copy of the learner holding `theta` and non-trainable `state`."""
+        adapted = keras.models.clone_model(self.learner)
+        values = self._learner_function.unflatten(theta)
+        for variable, value in zip(adapted.trainable_variables, values, strict=True):
+            variable.assign(value)
+        for variable, value in zip(adapted.non_trainable_variables, state, strict=True):
+            variable.assign(value)
+        return adapted
+
+    # ------------------------------------------------------------------------------------ serialisation
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "learner": keras.saving.serialize_keras_object(self.learner),
+                "inner_steps": self.inner_steps,
+                "hidden_units": self.hidden_units,
+                "p": self.p,
+                "first_order": self.first_order,
+                "bn_momentum": self.bn_momentum,
+                "divide_grad_by_batch": self.divide_grad_by_batch,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["learner"] = keras.saving.deserialize_keras_object(config["learner"], custom_objects=custom_objects)
+        return cls(**config)
+

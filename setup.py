@@ -1,0 +1,38 @@
+"""Packaging for keras-metalstm: the library, its click CLI and the built-in fontglot data set."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="keras-metalstm",
+    version="0.1.0",
+    description=(
+        "The LSTM meta-learner of Ravi & Larochelle (ICLR 2017) for few-shot learning, "
+        "in TensorFlow 2 / Keras 3."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["keras_metalstm", "keras_metalstm.*"]) + ["keras_metalstm.cli"],
+    # The command-line code lives in the top-level cli/ folder of the checkout but is installed inside our
+    # own namespace, never as a top-level `cli` module in site-packages.
+    package_dir={"keras_metalstm.cli": "cli"},
+    package_data={"keras_metalstm.data": ["fontglot-28.npz", "FONTGLOT.md"]},
+    install_requires=[
+        "tensorflow>=2.16",
+        "keras>=3.0",
+        "numpy",
+        "click>=8.0",
+        "pillow",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "onnx": ["tf2onnx>=1.16", "onnxruntime>=1.17", "onnx"],
+        "dev": ["pytest>=7", "ruff", "tf2onnx>=1.16", "onnxruntime>=1.17", "onnx"],
+    },
+    entry_points={"console_scripts": ["metalstm=keras_metalstm.cli.main:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
