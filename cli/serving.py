@@ -1,0 +1,182 @@
+"""`metalstm adapt / export / predict`: adapt a meta-learner to a new task and ship it (SavedModel, ONNX).
+
+Only parsing, calling `keras_metalstm.export` and printing happen here; TensorFlow is imported inside the
+commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import click
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """The library's expected errors -> a clear message and exit code 1, no traceback."""
+    from keras_metalstm.data import DataError
+    from keras_metalstm.export import ExportError
+
+    expected = [DataError, ExportError]
+    try:
+        from keras_metalstm.config import ConfigError
+        from keras_metalstm.training import TrainingError
+
+        expected += [ConfigError, TrainingError]
+    except ImportError:
+        pass
+    try:
+        yield
+    except tuple(expected) as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _quiet():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(exists=True))
+@click.option(
+    "--support",
+    "support_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Folder with one sub-folder per class (a few images each); folder names, sorted, are the class names.",
+)
+@click.option(
+    "--out", "out", required=True, type=click.Path(dir_okay=False), help="Adapted learner file (.keras)."
+)
+@click.option("--inner-steps", type=int, default=None, help="Inner-loop updates T (default: the run's own).")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+def adapt(run_dir, support_dir, out, inner_steps, force):
+    """Adapt a trained meta-learner to a new task given by a few labelled images.
+
+    RUN_DIR is a `metalstm train` run folder (its best checkpoint) or a meta-learner .keras file. The support
+    folder must hold exactly N class folders for an N-way meta-learner. Images are converted to the learner's
+    input shape by the training conversion rule. The result is one .keras file holding the adapted weights,
+    the support set's batch-norm statistics, the class names and the input spec.
+    """
+    _quiet()
+    started = time.perf_counter()
+    with _user_errors():
+        from keras_metalstm import export
+
+        if Path(out).suffix != ".keras":
+            raise export.ExportError(f"--out must be a .keras file, got {out}: e.g. --out task.keras")
+        if Path(out).exists() and not force:
+            raise export.ExportError(
+                f"{out} already exists; pass --force to overwrite it or choose another --out."
+            )
+        meta = export.load_meta_learner(run_dir)
+        adapted = export.adapt_folder(meta, support_dir, inner_steps=inner_steps, info={"run": str(run_dir)})
+        export.save_adapted(adapted, out, force=force)
+    shots = adapted.info["shots_per_class"]
+    click.echo(
+        f"adapted {adapted.num_classes}-way ({', '.join(adapted.class_names)}) on {sum(shots)} support images "
+        f"with T={adapted.info['inner_steps']} -> {out} in {time.perf_counter() - started:.1f}s"
+    )
+
+
+@click.command(name="export")
+@click.argument("model", type=click.Path(exists=True))
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(["savedmodel", "onnx", "both"]),
+    default="savedmodel",
+    show_default=True,
+    help="Artifact(s) to write into OUT/<version>/.",
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(),
+    default=None,
+    help="Model folder NAME (versions go inside); default saved_models/<MODEL name>.",
+)
+@click.option("--version", "version", type=int, default=None, help="Version folder (default: the next free).")
+@click.option("--opset", type=click.IntRange(13, 18), default=17, show_default=True, help="ONNX opset.")
+@click.option("--force", is_flag=True, help="Replace an existing version folder.")
+@click.option("--no-verify", is_flag=True, help="Skip the parity check against the Keras model.")
+def export_command(model, format_, out, version, opset, force, no_verify):
+    """Export an adapted learner (SavedModel and/or ONNX), or a meta-learner for adapt-in-serving.
+
+    \b
+    MODEL = adapted .keras file (`metalstm adapt`): SavedModel signatures serving_default (input `images`
+      float32 (batch, H, W, C) in [0, 1], outputs logits, probabilities, class_ids, class_names) and
+      predict_encoded (input `image_bytes`: PNG/JPEG files); ONNX model.onnx with the same input/outputs.
+    MODEL = run folder or meta-learner .keras file: SavedModel signature adapt_and_predict (support_images,
+      support_labels, query_images -> logits, probabilities, class_ids). SavedModel only: ONNX has no
+      gradient ops.
+
+    Writes OUT/<version>/ (TensorFlow Serving's layout) via a temporary folder, after checking that the export
+    reproduces the Keras model's logits (within 1e-4) at batch 1 and 64.
+    """
+    _quiet()
+    started = time.perf_counter()
+    with _user_errors():
+        from keras_metalstm import export
+
+        out = out or str(Path("saved_models") / Path(model).name.removesuffix(".keras"))
+        loaded = export.load_exportable(model)
+        if isinstance(loaded, export.AdaptedLearner):
+            result = export.export_adapted(
+                loaded, out, format=format_, version=version, force=force, opset=opset, verify=not no_verify
+            )
+            what = f"{format_} export of the adapted learner ({', '.join(loaded.class_names)})"
+        else:
+            result = export.export_meta(loaded, out, version=version, force=force, format=format_)
+            what = f"adapt-in-serving SavedModel of the {loaded.learner.output_shape[-1]}-way meta-learner"
+    if result.parity is not None:
+        click.echo(result.parity.summary())
+    click.echo(f"{what} -> {result.path} ({', '.join(result.files)}) in {time.perf_counter() - started:.1f}s")
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print a JSON list of {image, class_name, probability, logits}."
+)
+def predict(model, images, as_json):
+    """Classify image files with an exported model.
+
+    MODEL is a SavedModel version folder (saved_models/NAME/<version>; a NAME folder means its newest
+    version), an .onnx file or an adapted .keras file. IMAGES are PNG/JPEG files (converted to the model's
+    input shape by the training rule) or .npy arrays already float32 in [0, 1] at that shape.
+    """
+    _quiet()
+    started = time.perf_counter()
+    with _user_errors():
+        from keras_metalstm import export
+
+        predictor = export.load_predictor(model)
+        batch, names = export.read_images(images, predictor.image_shape)
+        records = export.prediction_records(names, predictor.predict(batch))
+    if as_json:
+        click.echo(json.dumps(records, indent=2, ensure_ascii=False))
+    else:
+        width = max(len(r["image"]) for r in records)
+        for record in records:
+            click.echo(f"{record['image']:<{width}}  {record['class_name']}  {record['probability']:.4f}")
+    click.echo(
+        f"predicted {len(records)} image(s) with {predictor.kind} model {predictor.path} in "
+        f"{time.perf_counter() - started:.1f}s",
+        err=True,
+    )
+
+
+# `metalstm export` (the module-level name `export` is what cli/main.py registers).
+export = export_command
+COMMANDS = (adapt, export_command, predict)
+
+
+def register(group):
+    """Adds adapt, export and predict to a click group."""
+    for command in COMMANDS:
+        group.add_command(command)

@@ -1,0 +1,86 @@
+"""Adapt a meta-learner to a new task and ship it: `.keras`, SavedModel (TensorFlow Serving) and ONNX exports.
+
+    from keras_metalstm import export
+    meta = export.load_meta_learner("runs/fontglot")            # a run folder or a MetaLearner .keras file
+    adapted = export.adapt_folder(meta, "my_support/")          # one sub-folder per class, names sorted
+    export.save_adapted(adapted, "task.keras")
+    result = export.export_adapted(adapted, "saved_models/task", format="both")   # saved_models/task/1/
+    print(result.parity.summary())
+    export.load_predictor("saved_models/task/1").predict(images)  # float32 (batch, H, W, C) in [0, 1]
+
+See `savedmodel` for the signatures (serving_default, predict_encoded, adapt_and_predict) and `onnx_format` for
+the ONNX model.
+"""
+
+from keras_metalstm.export.adapted import (
+    INPUT_SCALE,
+    AdaptedLearner,
+    adapt,
+    adapt_folder,
+    load_adapted,
+    load_exportable,
+    load_meta_learner,
+    load_support_folder,
+    save_adapted,
+)
+from keras_metalstm.export.errors import ExportError
+from keras_metalstm.export.exporter import FORMATS, ONNX_FILE, ExportResult, export_adapted, export_meta
+from keras_metalstm.export.files import next_version, versions
+from keras_metalstm.export.onnx_format import DEFAULT_OPSET, OPSETS, to_onnx, write_onnx
+from keras_metalstm.export.parity import ParityReport, verify_parity
+from keras_metalstm.export.predict import (
+    KerasPredictor,
+    OnnxPredictor,
+    SavedModelPredictor,
+    check_images,
+    load_predictor,
+    prediction_records,
+    read_images,
+)
+from keras_metalstm.export.rest import rest_predict
+from keras_metalstm.export.savedmodel import (
+    AdaptInServingModule,
+    ClassifierModule,
+    decode_for_serving,
+    read_metadata,
+    write_savedmodel,
+)
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "FORMATS",
+    "INPUT_SCALE",
+    "ONNX_FILE",
+    "OPSETS",
+    "AdaptInServingModule",
+    "AdaptedLearner",
+    "ClassifierModule",
+    "ExportError",
+    "ExportResult",
+    "KerasPredictor",
+    "OnnxPredictor",
+    "ParityReport",
+    "SavedModelPredictor",
+    "adapt",
+    "adapt_folder",
+    "check_images",
+    "decode_for_serving",
+    "export_adapted",
+    "export_meta",
+    "load_adapted",
+    "load_exportable",
+    "load_meta_learner",
+    "load_predictor",
+    "load_support_folder",
+    "next_version",
+    "prediction_records",
+    "read_images",
+    "read_metadata",
+    "rest_predict",
+    "save_adapted",
+    "to_onnx",
+    "verify_parity",
+    "versions",
+    "write_onnx",
+    "write_savedmodel",
+]

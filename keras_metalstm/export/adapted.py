@@ -1,0 +1,260 @@
+"""Adapting a meta-learner to a new task and the `.keras` file of the adapted learner.
+
+The adapted learner travels as ONE `.keras` file: `AdaptedLearner` is a registered-serializable Keras model that
+wraps the adapted copy of the learner (theta_T and the support set's batch-norm statistics) and carries the class
+names, the input spec and provenance in its config. A JSON sidecar could be lost or mismatched when files are
+copied; a wrapper keeps weights and metadata in one archive that `keras.saving.load_model` restores (after
+``import keras_metalstm.export``, which registers the class; `load_adapted` does that).
+
+Input scale (the same as training): float32 images (batch, H, W, C) with values in [0, 1], converted from image
+files by the package's rule (`keras_metalstm.data.CONVERSION_RULE`) and rounded to uint8 (``round(255 x)``)
+before dividing by 255 -- exactly how the episode pipeline prepares training data.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from keras_metalstm.data import CONVERSION_RULE, load_image_folder
+from keras_metalstm.export.errors import ExportError
+from keras_metalstm.export.files import atomic_path
+
+INPUT_SCALE = (
+    "float32 (batch, H, W, C) in [0, 1]: image files converted by the package's rule and stored as uint8 "
+    "round(255 x), then divided by 255, as in training"
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_metalstm")
+class AdaptedLearner(keras.Model):
+    """A learner adapted to one task, with the task's class names and the input spec.
+
+    Args:
+        learner: the adapted keras.Model (images -> logits), e.g. from `MetaLearner.adapt`.
+        class_names: one name per output class, in label order.
+        image_shape: (H, W, C) the learner takes (default: the learner's input shape).
+        info: JSON-serialisable provenance (inner steps, shots, meta-learner source...).
+
+    Calling it always runs the learner in inference mode: its batch-norm layers normalise with the statistics
+    gathered from the support set, as the meta-learner's test mode does, so a prediction never depends on the
+    other images of the batch.
+    """
+
+    def __init__(self, learner, class_names, image_shape=None, info=None, **kwargs):
+        super().__init__(**kwargs)
+        self.learner = learner
+        self.class_names = tuple(str(name) for name in class_names)
+        shape = image_shape if image_shape is not None else learner.input_shape[1:]
+        self.image_shape = tuple(int(v) for v in shape)
+        self.info = dict(info or {})
+        outputs = learner.output_shape[-1]
+        if outputs != len(self.class_names):
+            raise ExportError(
+                f"the learner has {outputs} outputs but {len(self.class_names)} class names were given: "
+                "give one name per class, in label order."
+            )
+        self.built = True
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    def call(self, images, training=False):
+        return self.learner(images, training=False)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "learner": keras.saving.serialize_keras_object(self.learner),
+                "class_names": list(self.class_names),
+                "image_shape": list(self.image_shape),
+                "info": self.info,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["learner"] = keras.saving.deserialize_keras_object(
+            config["learner"], custom_objects=custom_objects
+        )
+        return cls(**config)
+
+
+def meta_image_shape(meta):
+    """(H, W, C) of the meta-learner's learner."""
+    shape = tuple(meta.learner.input_shape[1:])
+    if None in shape or len(shape) != 3:
+        raise ExportError(
+            f"the learner must take images of a fixed shape (H, W, C); its input shape is {shape}."
+        )
+    return tuple(int(v) for v in shape)
+
+
+def meta_n_way(meta):
+    """N: the number of classes the meta-learner's learner outputs."""
+    return int(meta.learner.output_shape[-1])
+
+
+def load_support_folder(root, image_shape, n_way=None):
+    """A support set from ``root/<class>/*.png|jpg|jpeg`` (one sub-folder per class, names sorted).
+
+    Returns ``(images float32 (n, H, W, C) in [0, 1], labels int32 (n,), class_names)``; every image converted
+    to ``image_shape`` by the package's rule and rounded to uint8 first, as the training data were. Raises
+    ExportError if the folder has another number of classes than ``n_way``, DataError for unreadable images.
+    """
+    root = Path(root)
+    dataset = load_image_folder(root, image_shape=image_shape)
+    names = list(dataset.class_names)
+    if n_way is not None and len(names) != n_way:
+        raise ExportError(
+            f"the support folder {root} has {len(names)} class folder(s) ({', '.join(names)}) but the "
+            f"meta-learner is {n_way}-way: give it exactly {n_way} sub-folders, one per class, each holding a "
+            "few labelled images."
+        )
+    images = dataset.images.astype(np.float32) / np.float32(255.0)
+    labels = np.repeat(np.arange(len(names), dtype=np.int32), dataset.class_sizes)
+    return images, labels, names
+
+
+def adapt(meta, support_images, support_labels, class_names, inner_steps=None, info=None):
+    """Runs the meta-learner's inner loop on one support set (test-mode batch-norm statistics).
+
+    Returns an `AdaptedLearner` whose logits equal the meta-learner's test-mode query logits for this task.
+    """
+    n_way = meta_n_way(meta)
+    if len(class_names) != n_way:
+        raise ExportError(
+            f"{len(class_names)} classes given but the meta-learner is {n_way}-way: adapt it on exactly {n_way} "
+            "classes."
+        )
+    labels = np.asarray(support_labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= n_way):
+        raise ExportError(f"support labels must be in 0..{n_way - 1}, got {labels.min()}..{labels.max()}.")
+    missing = sorted(set(range(n_way)) - set(labels.tolist()))
+    if missing:
+        raise ExportError(
+            f"classes {[class_names[i] for i in missing]} have no support image: give every class at least one."
+        )
+    steps = meta.inner_steps if inner_steps is None else int(inner_steps)
+    learner = meta.adapt(support_images, labels, inner_steps=steps)
+    shots = np.bincount(labels, minlength=n_way)
+    details = {
+        "inner_steps": steps,
+        "n_way": n_way,
+        "shots_per_class": [int(s) for s in shots],
+        "input_scale": INPUT_SCALE,
+        "conversion_rule": CONVERSION_RULE,
+    }
+    details.update(info or {})
+    return AdaptedLearner(learner, class_names, meta_image_shape(meta), info=details, name="adapted_learner")
+
+
+def adapt_folder(meta, support_dir, inner_steps=None, info=None):
+    """`adapt` on an image folder (see `load_support_folder`)."""
+    images, labels, names = load_support_folder(support_dir, meta_image_shape(meta), n_way=meta_n_way(meta))
+    details = {"support_dir": str(support_dir)}
+    details.update(info or {})
+    return adapt(meta, images, labels, names, inner_steps=inner_steps, info=details)
+
+
+def save_adapted(adapted, path, force=False):
+    """Saves an AdaptedLearner to a `.keras` file atomically (temporary file, then rename)."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ExportError(
+            f"the adapted learner is saved as a .keras file; got {path}: use a name ending in .keras."
+        )
+    with atomic_path(path, force=force, suffix=".keras") as tmp:
+        adapted.save(tmp)
+    return path
+
+
+def load_adapted(path):
+    """Loads an AdaptedLearner `.keras` file; ExportError if it is something else."""
+    model = _load_keras(path)
+    if not isinstance(model, AdaptedLearner):
+        raise ExportError(
+            f"{path} holds a {type(model).__name__}, not an adapted learner: create one with "
+            "`metalstm adapt RUN_DIR --support DIR --out FILE.keras`."
+        )
+    return model
+
+
+def _load_keras(path):
+    import keras_metalstm  # noqa: F401  (registers MetaLearner)
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"model file {path} not found.")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # noqa: BLE001 - keras raises many types for a bad file
+        raise ExportError(f"cannot load {path} as a Keras model: {error}") from error
+
+
+def load_meta_learner(source):
+    """A MetaLearner from a `.keras` file or a training run folder.
+
+    For a run folder, the training run loader (`keras_metalstm.training.load_meta_learner`: best checkpoint,
+    else the latest) is used; a folder without a run config falls back to its `.keras` file (best first).
+    """
+    from keras_metalstm.meta_learner import MetaLearner
+
+    source = Path(source)
+    if source.is_dir():
+        meta = _load_run(source)
+    else:
+        meta = _load_keras(source)
+    if not isinstance(meta, MetaLearner):
+        raise ExportError(
+            f"{source} holds a {type(meta).__name__}, not a meta-learner: pass a training run folder "
+            "(metalstm train --run-dir) or a saved MetaLearner .keras file."
+        )
+    return meta
+
+
+def _load_run(run_dir):
+    from keras_metalstm.meta_learner import MetaLearner
+
+    try:  # the training run loader: (config, meta-learner) from the best (or latest) checkpoint
+        from keras_metalstm.training import load_meta_learner as load_run
+    except ImportError:
+        load_run = None
+    if load_run is not None and (Path(run_dir) / "config.yaml").is_file():
+        loaded = load_run(run_dir)
+        if isinstance(loaded, (tuple, list)):
+            return next(item for item in loaded if isinstance(item, MetaLearner))
+        return loaded
+    candidates = sorted(
+        Path(run_dir).rglob("*.keras"),
+        key=lambda p: ("best" not in p.name, -os.path.getmtime(p)),
+    )
+    if not candidates:
+        raise ExportError(
+            f"no meta-learner found in {run_dir}: pass the folder of a `metalstm train --run-dir` run or a "
+            "MetaLearner .keras file."
+        )
+    return _load_keras(candidates[0])
+
+
+def load_exportable(source):
+    """An AdaptedLearner (adapted `.keras` file) or a MetaLearner (run folder or meta-learner `.keras` file)."""
+    from keras_metalstm.meta_learner import MetaLearner
+
+    source = Path(source)
+    if source.is_dir():
+        return load_meta_learner(source)
+    model = _load_keras(source)
+    if not isinstance(model, (AdaptedLearner, MetaLearner)):
+        raise ExportError(
+            f"{source} holds a {type(model).__name__}: export takes an adapted learner (`metalstm adapt`) or a "
+            "meta-learner (a run folder or its .keras file)."
+        )
+    return model

@@ -1,0 +1,112 @@
+"""Writing serving artifacts: `export_adapted` (SavedModel and/or ONNX of an adapted learner, parity-checked) and
+`export_meta` (the meta-learner's adapt-in-serving SavedModel).
+
+Layout: ``OUT/<version>/`` with ``saved_model.pb`` + ``variables/`` (TensorFlow Serving) and/or ``model.onnx``
+(the Triton / ONNX Runtime convention), version = the next free integer unless given. Everything is written to
+a hidden temporary folder beside it, verified, then renamed; an existing version folder is only replaced with
+``force=True``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from keras_metalstm.export.errors import ExportError
+from keras_metalstm.export.files import atomic_path, check_target, next_version
+from keras_metalstm.export.onnx_format import DEFAULT_OPSET, write_onnx
+from keras_metalstm.export.parity import DEFAULT_ATOL, verify_parity
+from keras_metalstm.export.savedmodel import (
+    AdaptInServingModule,
+    ClassifierModule,
+    adapted_metadata,
+    meta_metadata,
+    write_savedmodel,
+)
+
+FORMATS = ("savedmodel", "onnx", "both")
+ONNX_FILE = "model.onnx"
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    version: int
+    files: list = field(default_factory=list)
+    parity: object = None
+    seconds: float = 0.0
+
+
+def _formats(format):
+    if format not in FORMATS:
+        raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}.")
+    return ("savedmodel", "onnx") if format == "both" else (format,)
+
+
+def _version_target(out, version, force):
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(
+            f"{out} is a file; the export target is a model folder (NAME), versions go inside it."
+        )
+    version = next_version(out) if version is None else int(version)
+    if version < 1:
+        raise ExportError(f"version must be a positive integer, got {version}.")
+    return check_target(out / str(version), force), version
+
+
+def export_adapted(
+    adapted,
+    out,
+    format="savedmodel",
+    version=None,
+    force=False,
+    opset=DEFAULT_OPSET,
+    verify=True,
+    atol=DEFAULT_ATOL,
+    parity_images=None,
+):
+    """Exports an AdaptedLearner to ``out/<version>/``; returns an ExportResult (raises if parity fails)."""
+    started = time.perf_counter()
+    formats = _formats(format)
+    target, version = _version_target(out, version, force)
+    with atomic_path(target, force=force, directory=True) as tmp:
+        files = []
+        if "savedmodel" in formats:
+            write_savedmodel(ClassifierModule(adapted), tmp, adapted_metadata(adapted))
+            files.append("saved_model.pb")
+        if "onnx" in formats:
+            write_onnx(adapted, tmp / ONNX_FILE, opset=opset)
+            files.append(ONNX_FILE)
+        report = None
+        if verify:
+            report = verify_parity(
+                adapted,
+                savedmodel=tmp if "savedmodel" in formats else None,
+                onnx=tmp / ONNX_FILE if "onnx" in formats else None,
+                images=parity_images,
+                atol=atol,
+            )
+            if not report.ok:
+                raise ExportError(
+                    f"the exported model does not reproduce the adapted learner; nothing written. "
+                    f"{report.summary()}"
+                )
+    return ExportResult(target, version, files, report, time.perf_counter() - started)
+
+
+def export_meta(meta, out, version=None, force=False, inner_steps=None, format="savedmodel"):
+    """Exports the meta-learner's ``adapt_and_predict`` SavedModel to ``out/<version>/``."""
+    if format != "savedmodel":
+        raise ExportError(
+            "a meta-learner exports to SavedModel only: adapt-in-serving runs the inner loop's gradient ops, "
+            "which ONNX cannot represent. Use --format savedmodel, or adapt first (`metalstm adapt`) and export "
+            "the adapted learner to ONNX."
+        )
+    started = time.perf_counter()
+    target, version = _version_target(out, version, force)
+    module = AdaptInServingModule(meta, inner_steps=inner_steps)
+    with atomic_path(target, force=force, directory=True) as tmp:
+        write_savedmodel(module, tmp, meta_metadata(module))
+    return ExportResult(target, version, ["saved_model.pb"], None, time.perf_counter() - started)

@@ -1,0 +1,78 @@
+"""Atomic writes: everything is written to a hidden temporary path beside the target and renamed into place.
+
+A reader (TensorFlow Serving polling a model folder, a user) never sees a half-written artifact, and an existing
+target is only replaced when the caller passes ``force=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from keras_metalstm.export.errors import ExportError
+
+
+def check_target(target: str | os.PathLike, force: bool) -> Path:
+    """``target`` as a Path; ExportError if it exists and ``force`` is False."""
+    target = Path(target)
+    if target.exists() and not force:
+        raise ExportError(
+            f"{target} already exists; pass --force (force=True) to overwrite it or choose another path."
+        )
+    return target
+
+
+def temporary_sibling(target: Path, suffix: str = "") -> Path:
+    """A hidden, unique path in the target's folder (same file system, so the final rename is atomic)."""
+    return target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
+
+
+def replace(tmp: Path, target: Path) -> None:
+    """Move ``tmp`` (file or folder) to ``target``, replacing an existing target (the caller checked --force)."""
+    if target.is_dir() and not target.is_symlink():
+        old = temporary_sibling(target, ".old")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike, force: bool = False, directory: bool = False, suffix: str = ""):
+    """Yields a temporary path to write; on success it is renamed to ``target``, on error removed.
+
+    ``directory=True`` creates the temporary path as an empty folder first. ``suffix`` keeps an extension that a
+    writer insists on (Keras only writes ``*.keras`` files).
+    """
+    target = check_target(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(target, suffix)
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+        check_target(target, force)  # still free (another writer may have raced us)
+        replace(tmp, target)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def versions(base: str | os.PathLike) -> list[int]:
+    """The integer version folders of a TensorFlow-Serving model folder, sorted."""
+    base = Path(base)
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(base: str | os.PathLike) -> int:
+    """The next free integer version under ``base`` (1 for a new model folder)."""
+    existing = versions(base)
+    return existing[-1] + 1 if existing else 1

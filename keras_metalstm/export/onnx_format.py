@@ -1,0 +1,83 @@
+"""ONNX export of an adapted learner (tf2onnx, opsets 13..18).
+
+Same named input ``images`` (float32 (batch, H, W, C) in [0, 1], dynamic batch) and outputs ``logits``,
+``probabilities``, ``class_ids`` (int64) and ``class_names`` (string) as the SavedModel's ``serving_default``;
+the class names, image shape and input scale are also in the model's metadata (``metadata_props``). There is no
+encoded-image input (the antialiased resize op has no ONNX equivalent): clients resize with the package's rule
+(`keras_metalstm.data.convert_images`; `metalstm predict` does). The meta-learner's adapt-in-serving cannot be
+exported to ONNX, which has no gradient operators.
+
+`tf2onnx.convert.from_keras` fails on Keras 3 models (it looks up `model.output_names`, which Keras 3 names
+after its symbolic tensors: KeyError 'keras_tensor_N'); the supported path, used here, is
+`tf2onnx.convert.from_function` on a tf.function with an input signature.
+"""
+
+from __future__ import annotations
+
+import json
+
+import tensorflow as tf
+
+from keras_metalstm.export.errors import ExportError
+from keras_metalstm.export.savedmodel import ClassifierModule
+
+OPSETS = tuple(range(13, 19))
+DEFAULT_OPSET = 17
+
+
+def _check_opset(opset):
+    if int(opset) not in OPSETS:
+        raise ExportError(f"ONNX opset must be between {OPSETS[0]} and {OPSETS[-1]}, got {opset}.")
+    return int(opset)
+
+
+def to_onnx(adapted, opset=DEFAULT_OPSET):
+    """The ONNX ModelProto of an AdaptedLearner (see the module docstring)."""
+    try:
+        import tf2onnx
+    except ImportError as error:
+        raise ExportError(
+            "ONNX export needs tf2onnx, onnx and onnxruntime: pip install 'keras-metalstm[onnx]'."
+        ) from error
+    opset = _check_opset(opset)
+    module = ClassifierModule(adapted)
+    spec = module.serving_default.input_signature
+    function = tf.function(module._classify, input_signature=spec)
+    model, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=opset)
+    _name_batch_axis(model)
+    for key, value in {
+        "class_names": json.dumps(list(adapted.class_names), ensure_ascii=False),
+        "image_shape": json.dumps(list(adapted.image_shape)),
+        "input_scale": adapted.info.get("input_scale", ""),
+        "producer": "keras_metalstm",
+    }.items():
+        model.metadata_props.add(key=key, value=value)
+    model.doc_string = (
+        "keras-metalstm adapted learner: images float32 (batch, H, W, C) in [0, 1] -> class scores"
+    )
+    return model
+
+
+def _name_batch_axis(model):
+    """Call the dynamic first axis of every input and output 'batch' (tf2onnx names it unk__N)."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = "batch"
+
+
+def write_onnx(adapted, path, opset=DEFAULT_OPSET):
+    """Writes the ONNX model to ``path`` (the caller makes it atomic)."""
+    model = to_onnx(adapted, opset)
+    with open(path, "wb") as handle:
+        handle.write(model.SerializeToString())
+    return path
+
+
+def onnx_metadata(session):
+    """{key: value} of an onnxruntime session's model metadata (JSON values decoded)."""
+    props = dict(session.get_modelmeta().custom_metadata_map)
+    for key in ("class_names", "image_shape"):
+        if key in props:
+            props[key] = json.loads(props[key])
+    return props

@@ -1,0 +1,248 @@
+"""Prediction with any exported form: an adapted `.keras` file, a SavedModel version folder or an `.onnx` file.
+
+All predictors take float32 images (batch, H, W, C) in [0, 1] (the training scale) and return a dict with
+``logits``, ``probabilities``, ``class_ids`` and ``class_names`` (NumPy arrays). `read_images` turns image files
+(converted by the package's rule, rounded to uint8, divided by 255: the training preparation) or ``.npy`` arrays
+into that input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from keras_metalstm.export.errors import ExportError
+from keras_metalstm.export.files import versions
+
+
+def check_images(images, image_shape):
+    """Validates a batch for a model taking ``image_shape``; returns it as a float32 array (batch, H, W, C)."""
+    images = np.asarray(images)
+    shape = tuple(image_shape)
+    if images.dtype == np.uint8:
+        raise ExportError(
+            "images are uint8 but the model takes float32 in [0, 1] (the training scale): divide by 255 first."
+        )
+    if images.dtype != np.float32:
+        if images.dtype == np.float64:
+            images = images.astype(np.float32)
+        else:
+            raise ExportError(
+                f"images must be float32 in [0, 1] (the training scale), got dtype {images.dtype}."
+            )
+    if images.ndim == 3 and images.shape == shape:
+        images = images[np.newaxis]
+    if images.ndim != 4:
+        raise ExportError(
+            f"images must be a batch of shape (batch, {', '.join(map(str, shape))}), got shape {images.shape}."
+        )
+    if tuple(images.shape[1:]) != shape:
+        raise ExportError(
+            f"images have shape {tuple(images.shape[1:])} per image but the model takes {shape} (H, W, C): "
+            "convert them with keras_metalstm.data.convert_images, or pass the image files to `metalstm predict`, "
+            "which applies the training conversion rule."
+        )
+    if images.shape[0] == 0:
+        raise ExportError("no images to predict.")
+    if images.size and (images.min() < 0.0 or images.max() > 1.0):
+        raise ExportError(
+            f"image values must be in [0, 1] (the training scale), got {images.min():.3g}..{images.max():.3g}: "
+            "divide 0..255 values by 255."
+        )
+    return images
+
+
+class Predictor:
+    """Common interface; subclasses set ``kind``, ``path``, ``image_shape``, ``class_names``, ``_run``."""
+
+    kind = ""
+
+    def predict(self, images):
+        images = check_images(images, self.image_shape)
+        outputs = self._run(images)
+        outputs = {key: np.asarray(value) for key, value in outputs.items()}
+        names = outputs.get("class_names")
+        if names is None:
+            names = np.array([self.class_names[i] for i in outputs["class_ids"]], dtype=object)
+        outputs["class_names"] = np.array(
+            [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names], dtype=object
+        )
+        outputs["class_ids"] = outputs["class_ids"].astype(np.int64)
+        return outputs
+
+
+class KerasPredictor(Predictor):
+    kind = "keras"
+
+    def __init__(self, adapted, path=None):
+        self.model = adapted
+        self.path = path
+        self.image_shape = tuple(adapted.image_shape)
+        self.class_names = list(adapted.class_names)
+
+    def _run(self, images):
+        logits = np.asarray(self.model.predict(images, verbose=0, batch_size=max(len(images), 1)))
+        return _from_logits(logits)
+
+
+class SavedModelPredictor(Predictor):
+    kind = "savedmodel"
+
+    def __init__(self, path):
+        import tensorflow as tf
+
+        from keras_metalstm.export.savedmodel import read_metadata
+
+        self.path = Path(path)
+        loaded = tf.saved_model.load(str(self.path))
+        if "serving_default" not in loaded.signatures:
+            raise ExportError(
+                f"{self.path} has no serving_default signature (signatures: {list(loaded.signatures)}): "
+                "a meta-learner SavedModel serves adapt_and_predict; export an adapted learner to predict."
+            )
+        self._loaded = loaded
+        self.signature = loaded.signatures["serving_default"]
+        spec = self.signature.structured_input_signature[1]["images"]
+        self.image_shape = tuple(int(v) for v in spec.shape[1:])
+        self.class_names = read_metadata(self.path).get("class_names", [])
+
+    def _run(self, images):
+        import tensorflow as tf
+
+        return {key: value.numpy() for key, value in self.signature(images=tf.constant(images)).items()}
+
+
+class OnnxPredictor(Predictor):
+    kind = "onnx"
+
+    def __init__(self, path, threads=None):
+        try:
+            import onnxruntime as ort
+        except ImportError as error:
+            raise ExportError(
+                "ONNX prediction needs onnxruntime: pip install 'keras-metalstm[onnx]'."
+            ) from error
+        from keras_metalstm.export.onnx_format import onnx_metadata
+
+        self.path = Path(path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        inputs = self.session.get_inputs()
+        if [i.name for i in inputs] != ["images"]:
+            raise ExportError(
+                f"{self.path} is not a keras-metalstm export: inputs {[i.name for i in inputs]}."
+            )
+        self.image_shape = tuple(int(v) for v in inputs[0].shape[1:])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.class_names = onnx_metadata(self.session).get("class_names", [])
+
+    def _run(self, images):
+        return dict(
+            zip(self.output_names, self.session.run(self.output_names, {"images": images}), strict=True)
+        )
+
+
+def _from_logits(logits):
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return {
+        "logits": logits,
+        "probabilities": shifted / shifted.sum(axis=-1, keepdims=True),
+        "class_ids": logits.argmax(axis=-1).astype(np.int64),
+    }
+
+
+def resolve_model_path(path):
+    """A SavedModel folder, `.onnx` or `.keras` file from ``path``; a TF-Serving model folder resolves to its
+    newest version. Returns (kind, resolved path)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix == ".onnx":
+            return "onnx", path
+        if path.suffix == ".keras":
+            return "keras", path
+        raise ExportError(f"{path}: expected a SavedModel folder, an .onnx file or an adapted .keras file.")
+    if not path.is_dir():
+        raise ExportError(f"model {path} not found.")
+    if (path / "saved_model.pb").is_file():
+        return "savedmodel", path
+    if (path / "model.onnx").is_file():
+        return "onnx", path / "model.onnx"
+    found = versions(path)
+    if found:
+        return resolve_model_path(path / str(found[-1]))
+    raise ExportError(
+        f"{path} holds no saved_model.pb, model.onnx or version folders: pass the NAME/<version> folder written "
+        "by `metalstm export`, or an .onnx file."
+    )
+
+
+def load_predictor(path, threads=None):
+    """A Predictor for a SavedModel version folder (or its model folder: newest version), `.onnx` or `.keras`."""
+    kind, resolved = resolve_model_path(path)
+    if kind == "onnx":
+        return OnnxPredictor(resolved, threads=threads)
+    if kind == "savedmodel":
+        return SavedModelPredictor(resolved)
+    from keras_metalstm.export.adapted import load_adapted
+
+    return KerasPredictor(load_adapted(resolved), path=resolved)
+
+
+def read_images(paths, image_shape):
+    """Image files and/or ``.npy`` arrays -> float32 (n, H, W, C) in [0, 1], one row per image.
+
+    Image files are converted to ``image_shape`` by the package's rule and rounded to uint8 before dividing by
+    255 (the training preparation). A ``.npy`` file holds one image (H, W, C) or a batch, already float32 in
+    [0, 1] at the model's shape (checked, never converted). Returns (images, names) with one name per row.
+    """
+    from keras_metalstm.data import decode_image_files
+
+    rows, names, files = [], [], []
+
+    def flush():
+        if files:
+            decoded, _ = decode_image_files([str(f) for f in files], tuple(image_shape))
+            rows.append(decoded.astype(np.float32) / np.float32(255.0))
+            names.extend(str(f) for f in files)
+            files.clear()
+
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ExportError(f"image {path} not found.")
+        if path.suffix.lower() == ".npy":
+            flush()
+            try:
+                array = np.load(path, allow_pickle=False)
+            except ValueError as error:
+                raise ExportError(f"{path}: not a readable .npy array ({error}).") from error
+            try:
+                array = check_images(array, image_shape)
+            except ExportError as error:
+                raise ExportError(f"{path}: {error}") from None
+            rows.append(array)
+            names.extend([str(path)] if len(array) == 1 else [f"{path}[{i}]" for i in range(len(array))])
+        else:
+            files.append(path)
+    flush()
+    if not rows:
+        raise ExportError("no images given.")
+    return np.concatenate(rows), names
+
+
+def prediction_records(names, outputs):
+    """JSON-ready rows {"image", "class_name", "probability", "logits"}."""
+    records = []
+    for i, name in enumerate(names):
+        class_id = int(outputs["class_ids"][i])
+        records.append(
+            {
+                "image": name,
+                "class_name": str(outputs["class_names"][i]),
+                "probability": float(outputs["probabilities"][i][class_id]),
+                "logits": [float(v) for v in outputs["logits"][i]],
+            }
+        )
+    return records
