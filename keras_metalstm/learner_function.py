@@ -2,7 +2,7 @@
 
 The meta-learner treats the learner's trainable weights as one vector (its cell state). This module owns the
 correspondence: theta is `learner.trainable_variables`, each flattened, concatenated in that order, and the
-learner is evaluated with `stateless_call`, so its own variables are never read for the forward pass nor
+learner is evaluated in a `keras.StatelessScope`, so its own variables are never read for the forward pass nor
 written (its batch-normalisation moving statistics included). Non-trainable state (batch-norm moving
 statistics, dropout seeds) is passed in and returned explicitly; a fresh per-episode copy comes from
 `initial_state`, with batch-norm statistics reset so nothing leaks from one task into the next.
@@ -102,11 +102,13 @@ class LearnerFunction:
         their updated moving statistics; with training=False they normalise with the moving statistics in
         `state`.
         """
-        with self._momentum_override():
-            logits, state = self.learner.stateless_call(
-                self.unflatten(theta), state, images, training=training
-            )
-        return logits, list(state)
+        # Like `stateless_call`, but through `__call__`, which hands `training` to every nested layer even when
+        # a user's subclassed `call` has no `training` argument of its own.
+        variables = self.learner.trainable_variables + self.learner.non_trainable_variables
+        mapping = list(zip(variables, self.unflatten(theta) + list(state), strict=True))
+        with self._momentum_override(), keras.StatelessScope(state_mapping=mapping) as scope:
+            logits = self.learner(images, training=training)
+        return logits, [scope.get_current_value(variable) for variable in self.learner.non_trainable_variables]
 
     def loss_and_gradient(self, theta, state, images, labels, divide_by_batch=False):
         """Mean cross-entropy on (images, labels), its gradient w.r.t. theta, and the updated state.

@@ -39,7 +39,7 @@ class MetaLearner(keras.Model):
     Args:
         learner: a built keras.Model mapping images to logits (conv4, a Dense-only model, a model with
             BatchNormalization or LayerNormalization, a subclassed model). Never modified: it is run with
-            `stateless_call` on parameter vectors the meta-learner owns.
+            a `keras.StatelessScope` on parameter vectors the meta-learner owns.
         inner_steps: T, the number of updates on an episode's support set (12 for 5-way 1-shot).
         hidden_units: units of the coordinate-wise LSTM (20).
         p: the preprocessing constant (10).

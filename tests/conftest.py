@@ -1,0 +1,24 @@
+"""Shared test fixtures: small random episodes in the episode-batch format the core consumes."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+
+def random_episodes(batch=1, n_way=5, k_shot=1, query=3, image_shape=(28, 28, 1), seed=0):
+    """A batch of episodes with random images and class-major labels, as float32/int32 NumPy arrays."""
+    rng = np.random.default_rng(seed)
+    return {
+        "support_images": rng.random((batch, n_way * k_shot, *image_shape), dtype=np.float32),
+        "support_labels": np.tile(np.repeat(np.arange(n_way), k_shot), (batch, 1)).astype(np.int32),
+        "query_images": rng.random((batch, n_way * query, *image_shape), dtype=np.float32),
+        "query_labels": np.tile(np.repeat(np.arange(n_way), query), (batch, 1)).astype(np.int32),
+    }
+
+
+@pytest.fixture
+def episodes_factory():
+    return random_episodes

@@ -1,0 +1,383 @@
+"""MetaLearner and MetaTrainer: the inner loop against plain SGD, the meta-gradient, adaptation, BN protocol, saving."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_metalstm as km
+from conftest import random_episodes
+
+
+def make_meta(learner=None, inner_steps=3, seed=0, **options):
+    keras.utils.set_random_seed(seed)
+    learner = learner or km.learners.conv4(input_shape=(28, 28, 1), num_classes=5, filters=8)
+    return km.MetaLearner(learner, inner_steps=inner_steps, **options)
+
+
+def twin(meta, **overrides):
+    """A second MetaLearner with the same configuration (plus overrides) and the same weights."""
+    config = meta.get_config()
+    config.update(overrides)
+    copy = km.MetaLearner.from_config(config)
+    copy.set_weights(meta.get_weights())
+    return copy
+
+
+def as_tensors(episodes):
+    return {key: tf.constant(value) for key, value in episodes.items()}
+
+
+def learner_snapshot(learner):
+    return [variable.numpy().copy() for variable in learner.variables]
+
+
+def set_gradient_descent_gates(meta, alpha):
+    """W = 0, b_f = 30 (sigmoid == 1.0 in float32) and sigmoid(b_i) == alpha: the cell is plain SGD."""
+    meta.cell.W_f.assign(np.zeros((meta.hidden_units + 2, 1)))
+    meta.cell.W_i.assign(np.zeros((meta.hidden_units + 2, 1)))
+    meta.cell.b_f.assign(30.0)
+    meta.cell.b_i.assign(math.log(alpha / (1.0 - alpha)))
+    return float(tf.sigmoid(meta.cell.b_i).numpy())
+
+
+def reference_sgd(learner, theta0, images, labels, alpha, steps):
+    """Plain SGD on a copy of the learner, with tf.GradientTape and nothing from the package."""
+    model = keras.models.clone_model(learner)
+    model.set_weights(learner.get_weights())
+    flat_sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
+    for variable, piece in zip(model.trainable_variables, np.split(theta0, np.cumsum(flat_sizes)[:-1]), strict=True):
+        variable.assign(piece.reshape(variable.shape))
+    for _ in range(steps):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+        gradients = tape.gradient(loss, model.trainable_variables)
+        for variable, gradient in zip(model.trainable_variables, gradients, strict=True):
+            variable.assign(variable - alpha * gradient)
+    return np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+
+
+@pytest.mark.parametrize("learner_name", ["conv4_with_batchnorm", "dense"])
+def test_inner_loop_with_sgd_gates_equals_plain_sgd(learner_name):
+    keras.utils.set_random_seed(7)
+    if learner_name == "dense":
+        learner = keras.Sequential(
+            [keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(16, activation="tanh"),
+             keras.layers.Dense(5)]
+        )
+    else:
+        learner = km.learners.conv4(input_shape=(28, 28, 1), num_classes=5, filters=8)
+    meta = km.MetaLearner(learner, inner_steps=5)
+    alpha = set_gradient_descent_gates(meta, 0.1)
+    assert float(tf.sigmoid(meta.cell.b_f).numpy()) == 1.0
+    episodes = random_episodes(n_way=5, k_shot=2, seed=1)
+
+    theta, _ = meta.inner_loop(tf.constant(episodes["support_images"]), tf.constant(episodes["support_labels"]))
+    expected = reference_sgd(
+        learner, meta.theta0.numpy(), episodes["support_images"][0], episodes["support_labels"][0], alpha, 5
+    )
+    assert not np.allclose(expected, meta.theta0.numpy(), atol=1e-4)  # SGD did move the parameters
+    np.testing.assert_allclose(theta.numpy()[0], expected, rtol=0, atol=1e-6)
+
+
+def test_meta_gradient_reaches_every_meta_parameter():
+    meta = make_meta()
+    _, _, gradients = meta.meta_gradients(as_tensors(random_episodes(batch=2, seed=2)))
+    names = [variable.path for variable in meta.trainable_variables]
+    assert len(names) == 8  # theta0, layer 1 (kernel, recurrent kernel, bias), W_f, W_i, b_f, b_i
+    for name, gradient in zip(names, gradients, strict=True):
+        assert gradient is not None, name
+        assert float(tf.norm(gradient)) > 0.0, name
+
+
+def test_second_order_meta_gradient_differs_from_first_order():
+    meta = make_meta()
+    second = twin(meta, first_order=False)
+    episodes = as_tensors(random_episodes(seed=3))
+    first_grads = meta.meta_gradients(episodes)[2]
+    second_grads = second.meta_gradients(episodes)[2]
+    np.testing.assert_allclose(meta.meta_gradients(episodes)[0], second.meta_gradients(episodes)[0], rtol=1e-5)
+    relative = [
+        float(tf.norm(a - b) / (tf.norm(a) + 1e-12)) for a, b in zip(first_grads, second_grads, strict=True)
+    ]
+    assert max(relative) > 1e-3, relative
+
+
+def test_first_order_meta_gradient_equals_chain_with_precomputed_constant_gradients():
+    """The meta-gradient treats each step's loss and gradient as constants, and nothing else."""
+    meta = make_meta(inner_steps=3)
+    episodes = random_episodes(seed=4)
+    support, labels = episodes["support_images"][0], episodes["support_labels"][0]
+    query, query_labels = episodes["query_images"][0], episodes["query_labels"][0]
+    learner = km.LearnerFunction(meta.learner, bn_momentum=0.1)
+
+    # Pass 1: record every step's loss and gradient as plain NumPy constants.
+    recorded = []
+    theta = meta.theta0.numpy()
+    lstm_state = meta.coordinate_lstm.initial_state(theta.size)
+    logits = meta.cell.initial_logits(theta.size)
+    state = learner.initial_state()
+    for _ in range(3):
+        loss, gradient, state = learner.loss_and_gradient(tf.constant(theta), state, support, labels)
+        recorded.append((loss.numpy(), gradient.numpy()))
+        features = tf.concat(
+            [tf.broadcast_to(km.preprocess(loss)[None], (theta.size, 2)), km.preprocess(gradient)], axis=-1
+        )
+        hidden, lstm_state = meta.coordinate_lstm(features, lstm_state)
+        theta, logits = meta.cell(hidden, theta, gradient, logits)
+        theta = theta.numpy()
+
+    # Pass 2: the same chain, differentiable in theta and the meta-parameters, fed the constants.
+    with tf.GradientTape() as tape:
+        theta = tf.identity(meta.theta0)
+        lstm_state = meta.coordinate_lstm.initial_state(theta.shape[0])
+        logits = meta.cell.initial_logits(theta.shape[0])
+        for loss, gradient in recorded:
+            features = tf.concat(
+                [tf.broadcast_to(km.preprocess(tf.constant(loss))[None], (theta.shape[0], 2)),
+                 km.preprocess(tf.constant(gradient))],
+                axis=-1,
+            )
+            hidden, lstm_state = meta.coordinate_lstm(features, lstm_state)
+            theta, logits = meta.cell(hidden, theta, tf.constant(gradient), logits)
+        query_logits, _ = learner(theta, learner.initial_state(), query, training=True)
+        query_loss = km.learner_function.cross_entropy(query_labels, query_logits)
+    expected = tape.gradient(query_loss, meta.trainable_variables)
+
+    loss, _, actual = meta.meta_gradients(as_tensors(episodes))
+    np.testing.assert_allclose(loss.numpy(), query_loss.numpy(), rtol=1e-6)
+    for variable, mine, reference in zip(meta.trainable_variables, actual, expected, strict=True):
+        np.testing.assert_allclose(mine.numpy(), reference.numpy(), rtol=1e-4, atol=1e-7, err_msg=variable.path)
+
+
+def test_adapted_model_reproduces_inner_loop_logits_and_does_not_depend_on_batching():
+    meta = make_meta(inner_steps=3)
+    episodes = random_episodes(n_way=5, k_shot=1, query=15, seed=5)
+    adapted = meta.adapt(episodes["support_images"][0], episodes["support_labels"][0])
+    query = episodes["query_images"][0]
+    assert query.shape[0] == 75
+
+    inner_loop_logits = meta(as_tensors(episodes), mode="test").numpy()[0]
+    batch_logits = adapted(query, training=False).numpy()
+    single_logits = np.concatenate([adapted(query[i : i + 1], training=False).numpy() for i in range(75)])
+    np.testing.assert_allclose(batch_logits, inner_loop_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(single_logits, batch_logits, rtol=1e-5, atol=1e-5)
+    assert isinstance(adapted, keras.Model)
+    assert adapted is not meta.learner
+
+
+def test_train_mode_query_uses_the_query_batch_statistics():
+    meta = make_meta(inner_steps=2)
+    episodes = as_tensors(random_episodes(seed=6))
+    train_logits = meta(episodes, mode="train").numpy()
+    test_logits = meta(episodes, mode="test").numpy()
+    assert not np.allclose(train_logits, test_logits, atol=1e-4)
+    # In train mode one query image's logits depend on the rest of the query batch.
+    halved = dict(episodes, query_images=episodes["query_images"][:, :5])
+    assert not np.allclose(meta(halved, mode="train").numpy()[0], train_logits[0, :5], atol=1e-5)
+
+
+def test_test_mode_statistics_come_from_this_episodes_support_set_only():
+    meta = make_meta(inner_steps=1, bn_momentum=0.1)
+    first = random_episodes(seed=7)
+    other = random_episodes(seed=8)
+    support, labels = first["support_images"][0], first["support_labels"][0]
+    before = [w.numpy() for w in meta.adapt(support, labels).weights]
+    meta.adapt(other["support_images"][0], other["support_labels"][0])
+    after = [w.numpy() for w in meta.adapt(support, labels).weights]
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # One inner step, momentum m: moving_mean = (1 - m) * batch mean, moving_var = m + (1 - m) * batch var,
+    # the batch being conv1's output on the support images with theta_0.
+    adapted = meta.adapt(support, labels)
+    reference = keras.models.clone_model(meta.learner)
+    sizes = [int(np.prod(v.shape)) for v in reference.trainable_variables]
+    for variable, piece in zip(
+        reference.trainable_variables, np.split(meta.theta0.numpy(), np.cumsum(sizes)[:-1]), strict=True
+    ):
+        variable.assign(piece.reshape(variable.shape))
+    conv1 = keras.Model(reference.input, reference.get_layer("conv1").output)(support).numpy()
+    batch_mean, batch_var = conv1.mean(axis=(0, 1, 2)), conv1.var(axis=(0, 1, 2))
+    bn1 = adapted.get_layer("bn1")
+    np.testing.assert_allclose(bn1.moving_mean.numpy(), 0.9 * batch_mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(bn1.moving_variance.numpy(), 0.1 + 0.9 * batch_var, rtol=1e-4, atol=1e-6)
+
+
+def test_learner_variables_are_bit_identical_after_adapt_and_train_step():
+    meta = make_meta(inner_steps=2)
+    before = learner_snapshot(meta.learner)
+    assert any("moving_mean" in v.path for v in meta.learner.variables)
+    episodes = random_episodes(seed=9)
+    meta.adapt(episodes["support_images"][0], episodes["support_labels"][0])
+    theta0_before = meta.theta0.numpy().copy()
+    km.MetaTrainer(meta).train_step(as_tensors(episodes))
+    assert not np.array_equal(theta0_before, meta.theta0.numpy())  # theta_0 is trained
+    for original, now in zip(before, learner_snapshot(meta.learner), strict=True):
+        np.testing.assert_array_equal(original, now)
+
+
+def test_xla_and_non_xla_train_steps_agree():
+    meta = make_meta(inner_steps=2)
+    compiled = twin(meta)
+    episodes = as_tensors(random_episodes(batch=2, seed=10))
+    plain_loss, _, plain_grads = meta.meta_gradients(episodes)
+    xla_loss, _, xla_grads = compiled._gradient_function(jit_compile=True)(episodes)
+    np.testing.assert_allclose(xla_loss.numpy(), plain_loss.numpy(), rtol=1e-4)
+    for variable, plain, xla in zip(meta.trainable_variables, plain_grads, xla_grads, strict=True):
+        assert float(tf.norm(xla - plain) / tf.norm(plain)) <= 1e-4, variable.path
+
+    plain_metrics = km.MetaTrainer(meta, jit_compile=False).train_step(episodes)
+    xla_metrics = km.MetaTrainer(compiled, jit_compile=True).train_step(episodes)
+    np.testing.assert_allclose(xla_metrics["loss"].numpy(), plain_metrics["loss"].numpy(), rtol=1e-4)
+    for plain, xla in zip(meta.trainable_variables, compiled.trainable_variables, strict=True):
+        # Adam's first step is ~lr * sign(g): compare whole tensors, not coordinates whose gradient is ~0.
+        assert float(tf.norm(plain - xla) / tf.norm(plain)) <= 1e-4, plain.path
+
+
+def test_keras_fit_makes_the_same_updates_as_meta_trainer():
+    meta = make_meta(inner_steps=2)
+    fitted = twin(meta)
+    batches = [random_episodes(batch=2, seed=s) for s in (11, 12, 13)]
+    trainer = km.MetaTrainer(meta)
+    for batch in batches:
+        trainer.train_step(as_tensors(batch))
+    dataset = tf.data.Dataset.from_tensor_slices(
+        {key: np.stack([batch[key] for batch in batches]) for key in batches[0]}
+    )
+    fitted.compile(optimizer=km.meta_optimizer())
+    history = fitted.fit(dataset, epochs=1, verbose=0)
+    assert set(history.history) >= {"loss", "accuracy"}
+    for reference, variable in zip(meta.trainable_variables, fitted.trainable_variables, strict=True):
+        np.testing.assert_allclose(variable.numpy(), reference.numpy(), rtol=1e-6, atol=1e-7, err_msg=variable.path)
+
+
+def test_keras_callbacks_run_with_fit(tmp_path):
+    meta = make_meta(inner_steps=1)
+    dataset = tf.data.Dataset.from_tensor_slices(random_episodes(batch=2, seed=14)).batch(1, drop_remainder=True)
+    meta.compile()
+    log = tmp_path / "log.csv"
+    meta.fit(
+        dataset,
+        epochs=2,
+        verbose=0,
+        validation_data=dataset,
+        callbacks=[
+            keras.callbacks.CSVLogger(str(log)),
+            keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras"), monitor="val_accuracy", mode="max"),
+            keras.callbacks.EarlyStopping(monitor="loss", patience=5),
+        ],
+    )
+    rows = log.read_text().strip().splitlines()
+    assert rows[0].split(",") == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
+    assert len(rows) == 3
+    assert (tmp_path / "best.keras").exists()
+
+
+def test_keras_file_round_trip_gives_identical_adaptation(tmp_path):
+    meta = make_meta(inner_steps=2, bn_momentum=0.05)
+    km.MetaTrainer(meta).train_step(as_tensors(random_episodes(seed=15)))
+    path = tmp_path / "meta.keras"
+    meta.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert isinstance(loaded, km.MetaLearner)
+    assert loaded.inner_steps == 2 and loaded.bn_momentum == 0.05
+    episodes = random_episodes(seed=16)
+    support, labels, query = episodes["support_images"][0], episodes["support_labels"][0], episodes["query_images"][0]
+    np.testing.assert_array_equal(
+        loaded.adapt(support, labels)(query).numpy(), meta.adapt(support, labels)(query).numpy()
+    )
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class SubclassedLearner(keras.Model):
+    """A user-written learner: conv, layer normalisation, dense head."""
+
+    def __init__(self, num_classes=5, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.conv = keras.layers.Conv2D(4, 3, strides=2, activation="relu")
+        self.norm = keras.layers.LayerNormalization()
+        self.pool = keras.layers.GlobalAveragePooling2D()
+        self.head = keras.layers.Dense(num_classes)
+
+    def call(self, images):
+        return self.head(self.pool(self.norm(self.conv(images))))
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
+
+
+def build_learner(kind):
+    keras.utils.set_random_seed(17)
+    if kind == "dense":
+        return keras.Sequential(
+            [keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(12, activation="relu"),
+             keras.layers.Dense(5)]
+        )
+    if kind == "layernorm":
+        inputs = keras.Input((28, 28, 1))
+        features = keras.layers.Flatten()(inputs)
+        features = keras.layers.Dense(12)(features)
+        features = keras.layers.LayerNormalization()(features)
+        return keras.Model(inputs, keras.layers.Dense(5)(keras.layers.ReLU()(features)))
+    if kind == "batchnorm_dense":
+        inputs = keras.Input((28, 28, 1))
+        features = keras.layers.Dense(12)(keras.layers.Flatten()(inputs))
+        features = keras.layers.BatchNormalization()(features)
+        return keras.Model(inputs, keras.layers.Dense(5)(keras.layers.ReLU()(features)))
+    learner = SubclassedLearner(5)
+    learner(np.zeros((1, 28, 28, 1), np.float32))
+    return learner
+
+
+@pytest.mark.parametrize("kind", ["dense", "layernorm", "batchnorm_dense", "subclassed"])
+def test_any_keras_learner_can_be_meta_learned_and_adapted(kind):
+    learner = build_learner(kind)
+    meta = km.MetaLearner(learner, inner_steps=2)
+    assert meta.num_parameters == sum(int(np.prod(v.shape)) for v in learner.trainable_variables)
+    episodes = random_episodes(seed=18)
+    theta0_before = meta.theta0.numpy().copy()
+    metrics = km.MetaTrainer(meta).train_step(as_tensors(episodes))
+    assert np.isfinite(metrics["loss"].numpy())
+    assert not np.array_equal(theta0_before, meta.theta0.numpy())
+    adapted = meta.adapt(episodes["support_images"][0], episodes["support_labels"][0])
+    np.testing.assert_allclose(
+        adapted(episodes["query_images"][0]).numpy(),
+        meta(as_tensors(episodes), mode="test").numpy()[0],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_official_gradient_division_option_scales_the_learner_gradient():
+    meta = make_meta(inner_steps=1)
+    divided = twin(meta, divide_grad_by_batch=True)
+    alpha = set_gradient_descent_gates(meta, 0.2)
+    set_gradient_descent_gates(divided, 0.2)
+    episodes = random_episodes(n_way=5, k_shot=2, seed=19)
+    support, labels = tf.constant(episodes["support_images"]), tf.constant(episodes["support_labels"])
+    step = meta.inner_loop(support, labels)[0].numpy() - meta.theta0.numpy()
+    divided_step = divided.inner_loop(support, labels)[0].numpy() - meta.theta0.numpy()
+    assert alpha > 0
+    np.testing.assert_allclose(divided_step * 10, step, rtol=1e-3, atol=1e-7)
+
+
+def test_bad_input_gets_clear_errors():
+    meta = make_meta(inner_steps=1)
+    episodes = random_episodes(seed=20)
+    with pytest.raises(ValueError, match="expects \\(28, 28, 1\\)"):
+        meta.adapt(np.zeros((5, 32, 32, 3), np.float32), np.arange(5))
+    with pytest.raises(ValueError, match="one integer label per support image"):
+        meta.adapt(episodes["support_images"][0], np.arange(4))
+    with pytest.raises(ValueError, match="mode='test' only"):
+        meta.adapt(episodes["support_images"][0], episodes["support_labels"][0], mode="train")
+    with pytest.raises(ValueError, match="missing"):
+        meta({"support_images": episodes["support_images"]})
+    with pytest.raises(ValueError, match="build it first"):
+        km.MetaLearner(keras.Sequential([keras.layers.Dense(3)]))
+    with pytest.raises(TypeError, match="keras.Model"):
+        km.MetaLearner(keras.layers.Dense(3))
