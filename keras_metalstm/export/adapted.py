@@ -118,7 +118,7 @@ def load_support_folder(root, image_shape, n_way=None):
             f"meta-learner is {n_way}-way: give it exactly {n_way} sub-folders, one per class, each holding a "
             "few labelled images."
         )
-    images = dataset.images.astype(np.float32) / np.float32(255.0)
+    images = dataset.images.astype(np.float32) * np.float32(1.0 / 255.0)
     labels = np.repeat(np.arange(len(names), dtype=np.int32), dataset.class_sizes)
     return images, labels, names
 

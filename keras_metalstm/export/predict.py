@@ -205,7 +205,7 @@ def read_images(paths, image_shape):
     def flush():
         if files:
             decoded, _ = decode_image_files([str(f) for f in files], tuple(image_shape))
-            rows.append(decoded.astype(np.float32) / np.float32(255.0))
+            rows.append(decoded.astype(np.float32) * np.float32(1.0 / 255.0))
             names.extend(str(f) for f in files)
             files.clear()
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from keras_metalstm.data import decode_image_bytes
+from keras_metalstm.data.images import to_uint8
 from keras_metalstm.export.adapted import INPUT_SCALE, meta_image_shape, meta_n_way
 
 METADATA_FILE = "assets.extra/keras_metalstm.json"
@@ -50,8 +51,8 @@ def decode_for_serving(image_bytes, image_shape):
 
     def one(contents):
         images = decode_image_bytes(contents, shape)
-        # The loaders store uint8 round(255 x); the episode pipeline divides by 255 again.
-        return tf.cast(tf.round(images * 255.0), tf.float32) / 255.0
+        # The loaders store uint8 round(255 x); the episode pipeline multiplies by 1/255 (the same op here).
+        return tf.cast(to_uint8(images), tf.float32) * (1.0 / 255.0)
 
     return tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec(shape, tf.float32))
 

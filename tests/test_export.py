@@ -1,0 +1,423 @@
+"""Adapt -> .keras -> SavedModel / ONNX: metadata round trip, parity (fresh process), encoded-image and REST
+signatures, adapt-in-serving, atomic writes, and the bad-input messages."""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras_metalstm as km  # noqa: E402
+from keras_metalstm import export  # noqa: E402
+from keras_metalstm.data import DataError  # noqa: E402
+
+N_WAY, SHAPE = 5, (28, 28, 1)
+CLASSES = ["zeta", "alpha", "gamma", "delta", "beta"]  # folder order != sorted order on purpose
+
+
+def _image(rng, size, mode):
+    channels = {"L": None, "RGB": 3, "RGBA": 4}[mode]
+    shape = size if channels is None else (*size, channels)
+    return Image.fromarray((rng.random(shape) * 255).astype(np.uint8), mode=mode)
+
+
+def write_support(root, classes=CLASSES, shots=2, seed=0):
+    """One sub-folder per class with `shots` images of mixed sizes and modes (exercises the conversion rule)."""
+    rng = np.random.default_rng(seed)
+    for index, name in enumerate(classes):
+        folder = Path(root) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for shot in range(shots):
+            mode = ("L", "RGB", "RGBA")[(index + shot) % 3]
+            _image(rng, (28 + 4 * shot, 30), mode).save(folder / f"{shot}.png")
+    return Path(root)
+
+
+def make_meta(n_way=N_WAY, inner_steps=2, seed=0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    learner = km.learners.conv4(input_shape=SHAPE, num_classes=n_way, filters=8)
+    return km.MetaLearner(learner, inner_steps=inner_steps)
+
+
+@pytest.fixture(scope="module")
+def meta():
+    return make_meta()
+
+
+@pytest.fixture(scope="module")
+def support_dir(tmp_path_factory):
+    return write_support(tmp_path_factory.mktemp("support"))
+
+
+@pytest.fixture(scope="module")
+def adapted(meta, support_dir):
+    return export.adapt_folder(meta, support_dir)
+
+
+@pytest.fixture(scope="module")
+def queries():
+    return np.random.default_rng(7).random((64, *SHAPE), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def exported(adapted, tmp_path_factory):
+    return export.export_adapted(adapted, tmp_path_factory.mktemp("models") / "task", format="both")
+
+
+@pytest.fixture(scope="module")
+def meta_export(meta, tmp_path_factory):
+    return export.export_meta(meta, tmp_path_factory.mktemp("models") / "meta")
+
+
+# ------------------------------------------------------------------------------------------------- adapt
+def test_adapt_folder_uses_sorted_class_names_and_reproduces_test_mode_logits(
+    meta, support_dir, adapted, queries
+):
+    images, labels, names = export.load_support_folder(support_dir, SHAPE, n_way=N_WAY)
+    assert names == sorted(CLASSES) and list(adapted.class_names) == sorted(CLASSES)
+    assert (
+        images.dtype == np.float32 and images.shape == (10, *SHAPE) and 0 <= images.min() <= images.max() <= 1
+    )
+    np.testing.assert_array_equal(labels, np.repeat(np.arange(N_WAY), 2))
+    # Images are prepared as training data are: uint8-rounded, then / 255.
+    np.testing.assert_allclose(images * 255, np.round(images * 255), atol=1e-4)
+    episode = {
+        "support_images": images[None],
+        "support_labels": labels[None],
+        "query_images": queries[None, :15],
+    }
+    expected = meta(episode, mode="test").numpy()[0]
+    np.testing.assert_allclose(adapted(queries[:15]).numpy(), expected, atol=1e-5)
+    assert adapted.info["shots_per_class"] == [2] * N_WAY and adapted.info["inner_steps"] == 2
+
+
+def test_adapted_keras_file_round_trips_weights_bn_statistics_and_metadata(adapted, queries, tmp_path):
+    path = export.save_adapted(adapted, tmp_path / "task.keras")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task.keras"]  # no temporary left behind
+    loaded = export.load_adapted(path)
+    assert isinstance(loaded, export.AdaptedLearner)
+    assert loaded.class_names == adapted.class_names and loaded.image_shape == SHAPE
+    assert loaded.info == adapted.info
+    np.testing.assert_array_equal(loaded(queries).numpy(), adapted(queries).numpy())
+    moving_means = [v for v in loaded.non_trainable_variables if "moving_mean" in v.path]
+    assert moving_means and any(np.abs(v.numpy()).max() > 0 for v in moving_means)  # the episode's statistics
+
+
+def test_save_adapted_refuses_to_overwrite_without_force(adapted, tmp_path):
+    path = tmp_path / "task.keras"
+    path.write_bytes(b"precious")
+    with pytest.raises(export.ExportError, match="already exists.*--force"):
+        export.save_adapted(adapted, path)
+    assert path.read_bytes() == b"precious"
+    export.save_adapted(adapted, path, force=True)
+    assert export.load_adapted(path).class_names == adapted.class_names
+    with pytest.raises(export.ExportError, match=r"\.keras"):
+        export.save_adapted(adapted, tmp_path / "task.h5")
+
+
+def test_adapt_rejects_a_support_set_with_another_number_of_classes(meta, tmp_path):
+    root = write_support(tmp_path / "four", classes=CLASSES[:4])
+    with pytest.raises(export.ExportError, match=r"4 class folder\(s\).*5-way.*exactly 5 sub-folders"):
+        export.adapt_folder(meta, root)
+
+
+def test_adapt_rejects_unreadable_images_naming_the_file(meta, tmp_path):
+    root = write_support(tmp_path / "bad")
+    (root / "beta" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    with pytest.raises(DataError, match="broken.png"):
+        export.adapt_folder(meta, root)
+
+
+def test_load_adapted_rejects_other_models(meta, tmp_path):
+    meta.save(tmp_path / "meta.keras")
+    with pytest.raises(export.ExportError, match="not an adapted learner.*metalstm adapt"):
+        export.load_adapted(tmp_path / "meta.keras")
+    assert isinstance(export.load_meta_learner(tmp_path / "meta.keras"), km.MetaLearner)
+
+
+# ---------------------------------------------------------------------------------------------- export
+def test_export_writes_tf_serving_layout_and_reports_parity(exported):
+    assert exported.path.name == "1" and exported.version == 1
+    names = {p.name for p in exported.path.iterdir()}
+    assert {"saved_model.pb", "variables", "model.onnx"} <= names
+    assert not [p for p in exported.path.parent.iterdir() if p.name.startswith(".")]  # temp folder renamed
+    report = exported.parity
+    assert report.ok and {(r["backend"], r["batch"]) for r in report.rows} == {
+        (b, n) for b in ("savedmodel", "onnx") for n in (1, 64)
+    }
+    assert "parity OK" in report.summary()
+    metadata = export.read_metadata(exported.path)
+    assert metadata["class_names"] == sorted(CLASSES) and metadata["image_shape"] == list(SHAPE)
+
+
+def test_versions_are_never_overwritten_without_force(adapted, tmp_path):
+    out = tmp_path / "task"
+    first = export.export_adapted(adapted, out, format="onnx", verify=False)
+    second = export.export_adapted(adapted, out, format="onnx", verify=False)
+    assert (first.version, second.version) == (1, 2) and export.versions(out) == [1, 2]
+    marker = out / "1" / "marker"
+    marker.write_text("old")
+    with pytest.raises(export.ExportError, match="already exists.*--force"):
+        export.export_adapted(adapted, out, format="onnx", version=1, verify=False)
+    assert marker.exists()
+    export.export_adapted(adapted, out, format="onnx", version=1, force=True, verify=False)
+    assert not marker.exists() and (out / "1" / "model.onnx").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["1", "2"]
+
+
+def test_failed_parity_writes_nothing(adapted, tmp_path):
+    with pytest.raises(export.ExportError, match="nothing written"):
+        export.export_adapted(adapted, tmp_path / "task", format="onnx", atol=-1.0)
+    assert not (tmp_path / "task" / "1").exists()
+    assert not [p for p in (tmp_path / "task").iterdir()]
+
+
+def test_verify_parity_detects_a_different_model(adapted, exported, meta, support_dir):
+    other = export.adapt_folder(meta, support_dir, inner_steps=1)
+    report = export.verify_parity(other, savedmodel=exported.path, onnx=exported.path / "model.onnx")
+    assert not report.ok and "FAILED" in report.summary()
+
+
+def test_onnx_model_has_named_io_dynamic_batch_and_class_names_metadata(exported, adapted):
+    import onnx
+
+    model = onnx.load(str(exported.path / "model.onnx"))
+    assert [i.name for i in model.graph.input] == ["images"]
+    assert {o.name for o in model.graph.output} == {"logits", "probabilities", "class_ids", "class_names"}
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["class_names"]) == list(adapted.class_names)
+    assert json.loads(props["image_shape"]) == list(SHAPE)
+    with pytest.raises(export.ExportError, match="between 13 and 18"):
+        export.to_onnx(adapted, opset=19)
+    assert [o.version for o in export.to_onnx(adapted, opset=13).opset_import if o.domain == ""] == [13]
+
+
+PARITY_SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np, tensorflow as tf, onnxruntime as ort
+    saved, onnx_path, meta_dir, data, out = sys.argv[1:]
+    d = np.load(data)
+    results = {}
+    signature = tf.saved_model.load(saved).signatures["serving_default"]
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    for batch in (1, 64):
+        images = d["queries"][:batch]
+        sm = signature(images=tf.constant(images))
+        results[f"sm_logits_{batch}"] = sm["logits"].numpy()
+        results[f"sm_names_{batch}"] = sm["class_names"].numpy().astype(str)
+        onnx_out = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": images})))
+        results[f"onnx_logits_{batch}"] = onnx_out["logits"]
+        results[f"onnx_names_{batch}"] = onnx_out["class_names"].astype(str)
+        results[f"onnx_ids_{batch}"] = onnx_out["class_ids"]
+    adapt_fn = tf.saved_model.load(meta_dir).signatures["adapt_and_predict"]
+    res = adapt_fn(
+        support_images=tf.constant(d["support_images"]),
+        support_labels=tf.constant(d["support_labels"]),
+        query_images=tf.constant(d["queries"]),
+    )
+    results["adapt_and_predict"] = res["logits"].numpy()
+    results["adapt_and_predict_ids"] = res["class_ids"].numpy()
+    np.savez(out, **results)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def fresh_process_results(exported, meta_export, support_dir, queries, tmp_path_factory):
+    """SavedModels loaded with tf.saved_model.load and the ONNX model in ONNX Runtime, in a fresh process."""
+    work = tmp_path_factory.mktemp("fresh")
+    images, labels, _ = export.load_support_folder(support_dir, SHAPE)
+    np.savez(work / "in.npz", queries=queries, support_images=images, support_labels=labels)
+    script = work / "run.py"
+    script.write_text(PARITY_SCRIPT)
+    args = [exported.path, exported.path / "model.onnx", meta_export.path, work / "in.npz", work / "out.npz"]
+    subprocess.run(
+        [sys.executable, str(script), *map(str, args)], check=True, capture_output=True, timeout=300
+    )
+    return dict(np.load(work / "out.npz"))
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_keras_savedmodel_and_onnx_agree_in_a_fresh_process(fresh_process_results, adapted, queries, batch):
+    keras_logits = adapted(queries[:batch]).numpy()
+    names = np.array(adapted.class_names)[keras_logits.argmax(-1)]
+    for backend in ("sm", "onnx"):
+        logits = fresh_process_results[f"{backend}_logits_{batch}"]
+        assert logits.shape == (batch, N_WAY)
+        np.testing.assert_allclose(logits, keras_logits, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(logits.argmax(-1), keras_logits.argmax(-1))
+        np.testing.assert_array_equal(fresh_process_results[f"{backend}_names_{batch}"], names)
+    np.testing.assert_array_equal(fresh_process_results[f"onnx_ids_{batch}"], keras_logits.argmax(-1))
+
+
+def test_adapt_and_predict_equals_adapt_then_predict(fresh_process_results, adapted, queries):
+    np.testing.assert_allclose(
+        fresh_process_results["adapt_and_predict"], adapted(queries).numpy(), atol=1e-4
+    )
+    np.testing.assert_array_equal(
+        fresh_process_results["adapt_and_predict_ids"], adapted(queries).numpy().argmax(-1)
+    )
+
+
+def test_adapt_and_predict_rejects_labels_outside_n_way(meta_export, support_dir, queries):
+    import tensorflow as tf
+
+    images, labels, _ = export.load_support_folder(support_dir, SHAPE)
+    signature = tf.saved_model.load(str(meta_export.path)).signatures["adapt_and_predict"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="n_way = 5"):
+        signature(
+            support_images=tf.constant(images),
+            support_labels=tf.constant(labels + 1),
+            query_images=tf.constant(queries[:2]),
+        )
+
+
+def test_meta_learner_cannot_be_exported_to_onnx(meta, tmp_path):
+    with pytest.raises(export.ExportError, match="ONNX cannot represent"):
+        export.export_meta(meta, tmp_path / "meta", format="onnx")
+
+
+def test_saved_model_cli_lists_the_signatures(exported, meta_export):
+    def show(path):
+        result = subprocess.run(
+            ["saved_model_cli", "show", "--dir", str(path), "--all"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        return result.stdout
+
+    text = show(exported.path)
+    assert "signature_def['serving_default']" in text and "signature_def['predict_encoded']" in text
+    for name in ("inputs['images']", "inputs['image_bytes']", "(-1, 28, 28, 1)", "DT_STRING"):
+        assert name in text
+    for name in ("logits", "probabilities", "class_ids", "class_names"):
+        assert f"outputs['{name}']" in text
+    text = show(meta_export.path)
+    assert "signature_def['adapt_and_predict']" in text
+    for name in ("support_images", "support_labels", "query_images"):
+        assert f"inputs['{name}']" in text
+
+
+# ------------------------------------------------------------------------------------ encoded images / REST
+@pytest.fixture(scope="module")
+def encoded_files(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    folder = tmp_path_factory.mktemp("encoded")
+    paths = []
+    for i, (size, mode, suffix) in enumerate(
+        [
+            ((28, 28), "L", ".png"),
+            ((40, 33), "RGB", ".png"),
+            ((28, 28), "RGB", ".jpg"),
+            ((50, 61), "L", ".jpeg"),
+        ]
+    ):
+        path = folder / f"img{i}{suffix}"
+        _image(rng, size, mode).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def loaded_savedmodel(exported):
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(exported.path))
+
+
+def test_predict_encoded_equals_serving_default_on_decoded_arrays(loaded_savedmodel, encoded_files):
+    import tensorflow as tf
+
+    arrays, _ = export.read_images(encoded_files, SHAPE)  # the training preparation, client side
+    contents = [path.read_bytes() for path in encoded_files]
+    encoded = loaded_savedmodel.signatures["predict_encoded"](image_bytes=tf.constant(contents))
+    direct = loaded_savedmodel.signatures["serving_default"](images=tf.constant(arrays))
+    np.testing.assert_allclose(encoded["logits"].numpy(), direct["logits"].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(encoded["class_names"].numpy(), direct["class_names"].numpy())
+
+
+def test_rest_json_requests_give_the_same_answer(loaded_savedmodel, encoded_files, adapted):
+    arrays, _ = export.read_images(encoded_files, SHAPE)
+    keras_logits = adapted(arrays).numpy()
+    names = [adapted.class_names[i] for i in keras_logits.argmax(-1)]
+    body = json.dumps({"instances": arrays.tolist()})
+    reply = export.rest_predict(loaded_savedmodel.signatures["serving_default"], body)
+    assert [row["class_names"] for row in reply["predictions"]] == names
+    np.testing.assert_allclose([row["logits"] for row in reply["predictions"]], keras_logits, atol=1e-4)
+    b64 = [{"b64": base64.b64encode(path.read_bytes()).decode()} for path in encoded_files]
+    reply = export.rest_predict(loaded_savedmodel.signatures["predict_encoded"], {"instances": b64})
+    assert [row["class_names"] for row in reply["predictions"]] == names
+    columnar = export.rest_predict(
+        loaded_savedmodel.signatures["predict_encoded"], {"inputs": {"image_bytes": b64}}
+    )
+    assert columnar["outputs"]["class_names"] == names
+    with pytest.raises(export.ExportError, match="instances"):
+        export.rest_predict(loaded_savedmodel.signatures["serving_default"], {"examples": []})
+
+
+# ---------------------------------------------------------------------------------------------- predict
+def test_predictors_agree_and_resolve_paths(exported, adapted, queries, tmp_path):
+    keras_file = export.save_adapted(adapted, tmp_path / "task.keras")
+    model_folder = exported.path.parent
+    outputs = {
+        kind: export.load_predictor(path).predict(queries[:3])
+        for kind, path in [
+            ("keras", keras_file),
+            ("sm", model_folder),
+            ("onnx", exported.path / "model.onnx"),
+        ]
+    }
+    for result in outputs.values():
+        np.testing.assert_allclose(result["logits"], outputs["keras"]["logits"], atol=1e-4)
+        assert list(result["class_names"]) == list(outputs["keras"]["class_names"])
+        np.testing.assert_allclose(result["probabilities"].sum(-1), 1.0, atol=1e-5)
+    with pytest.raises(export.ExportError, match="version folders"):
+        export.load_predictor(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (np.zeros((2, 28, 28, 1), np.uint8), "uint8.*divide by 255"),
+        (np.zeros((2, 28, 28, 1), np.int32), "dtype int32"),
+        (np.zeros((2, 32, 32, 1), np.float32), r"shape \(32, 32, 1\).*takes \(28, 28, 1\)"),
+        (np.zeros((28, 28), np.float32), r"batch of shape \(batch, 28, 28, 1\)"),
+        (np.full((1, 28, 28, 1), 255.0, np.float32), r"in \[0, 1\].*divide"),
+    ],
+)
+def test_predict_rejects_wrong_dtype_shape_and_scale_with_a_clear_message(exported, images, message):
+    predictor = export.load_predictor(exported.path / "model.onnx")
+    with pytest.raises(export.ExportError, match=message):
+        predictor.predict(images)
+
+
+def test_read_images_converts_files_by_the_training_rule_and_checks_npy(encoded_files, tmp_path):
+    from keras_metalstm.data import decode_image_files
+
+    arrays, names = export.read_images(encoded_files, SHAPE)
+    expected, _ = decode_image_files([str(p) for p in encoded_files], SHAPE)
+    np.testing.assert_array_equal(arrays, expected.astype(np.float32) * np.float32(1 / 255))
+    assert names == [str(p) for p in encoded_files]
+    np.save(tmp_path / "ok.npy", arrays[:2])
+    np.save(tmp_path / "bad.npy", (arrays[:1] * 255).astype(np.uint8))
+    batch, names = export.read_images([tmp_path / "ok.npy", encoded_files[0]], SHAPE)
+    assert batch.shape == (3, *SHAPE) and names[:2] == [
+        f"{tmp_path / 'ok.npy'}[0]",
+        f"{tmp_path / 'ok.npy'}[1]",
+    ]
+    with pytest.raises(export.ExportError, match="bad.npy.*uint8"):
+        export.read_images([tmp_path / "bad.npy"], SHAPE)
