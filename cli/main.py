@@ -1,0 +1,53 @@
+"""`metalstm`: the command line of keras-metalstm (train, evaluate, quickstart, and the export commands).
+
+Only parsing, calling the library and printing happen here; TensorFlow is imported lazily inside the commands,
+so `metalstm --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import click
+from keras_metalstm.cli.common import CONTEXT_SETTINGS
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.version_option(package_name="keras-metalstm", prog_name="metalstm")
+def main():
+    """Few-shot learning with the LSTM meta-learner (Ravi & Larochelle, ICLR 2017).
+
+    \b
+    metalstm train --dataset fontglot --run-dir runs/demo     meta-train with checkpoints
+    metalstm evaluate runs/demo --baselines                   600 test episodes, 95% intervals
+    metalstm quickstart                                       both, on the built-in data
+
+    Options also come from --config FILE (YAML or TOML) and METALSTM_* environment variables
+    (e.g. METALSTM_K_SHOT=5); command-line flags win.
+    """
+
+
+def _register():
+    from keras_metalstm.cli.evaluate import evaluate
+    from keras_metalstm.cli.quickstart import quickstart
+    from keras_metalstm.cli.train import train
+
+    main.add_command(train)
+    main.add_command(evaluate)
+    main.add_command(quickstart)
+    try:  # the export helper's commands (adapt / export / predict), when present
+        from keras_metalstm.cli import serving
+    except ImportError:
+        return
+    register = getattr(serving, "register", None)
+    if register is not None:
+        register(main)
+    else:
+        for name in ("adapt", "export", "predict"):
+            command = getattr(serving, name, None)
+            if isinstance(command, click.Command):
+                main.add_command(command)
+
+
+_register()
+
+if __name__ == "__main__":
+    main()

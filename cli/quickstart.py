@@ -1,0 +1,103 @@
+"""`metalstm quickstart`: the README's main job on the built-in data (train, evaluate with baselines, export)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from keras_metalstm.cli.common import CONTEXT_SETTINGS, Timer, duration, quiet_tensorflow, user_errors
+
+QUICKSTART = {
+    "dataset": "fontglot",
+    "n_way": 5,
+    "k_shot": 1,
+    "query": 15,
+    "inner_steps": 12,
+    "meta_batch": 1,
+    "episodes": 300,
+    "checkpoint_every": 100,
+    "validate_every": 100,
+    "val_episodes": 40,
+    "log_every": 20,
+}
+
+
+def export_step(run_dir: Path, out: Path, log) -> str | None:
+    """The export hook: keras_metalstm.export.quickstart_export(run_dir, out_dir) when the export package offers
+    it, else its export_meta (adapt-in-serving SavedModel). Returns a description of what was written, or None."""
+    try:
+        import keras_metalstm.export as export
+    except ImportError:
+        return None
+    hook = getattr(export, "quickstart_export", None)
+    if hook is not None:
+        return str(hook(run_dir, out / "export"))
+    export_meta = getattr(export, "export_meta", None)
+    if export_meta is None:
+        return None
+    from keras_metalstm.training import load_meta_learner
+
+    _, meta = load_meta_learner(run_dir)
+    result = export_meta(meta, out / "export")
+    return f"adapt-in-serving SavedModel in {getattr(result, 'path', None) or (out / 'export')}"
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="metalstm-quickstart",
+    show_default=True,
+    help="Output directory (the run is in OUT/run).",
+)
+@click.option(
+    "--episodes", type=int, default=QUICKSTART["episodes"], show_default=True, help="Meta-training episodes."
+)
+@click.option("--eval-episodes", type=int, default=200, show_default=True, help="Test episodes.")
+@click.option(
+    "--pretrain-epochs", type=int, default=3, show_default=True, help="Baseline pre-training epochs."
+)
+@click.option("--resume", is_flag=True, help="Continue (or reuse) the quickstart run in --out.")
+@click.option("--export/--no-export", "do_export", default=True, show_default=True, help="Export at the end.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
+def quickstart(out, episodes, eval_episodes, pretrain_epochs, resume, do_export, progress):
+    """Meta-train 5-way 1-shot on fontglot for a few minutes, evaluate beside both baselines, export."""
+    quiet_tensorflow()
+    from keras_metalstm.cli.evaluate import run_evaluation
+    from keras_metalstm.cli.train import run_training, summary_line
+
+    from keras_metalstm.config import RunConfig
+
+    timer = Timer()
+    out = Path(out)
+    run_dir = out / "run"
+
+    def log(message):
+        click.echo(message, err=True)
+
+    with user_errors():
+        if out.exists() and any(out.iterdir()) and not resume:
+            raise click.ClickException(
+                f"{out} is not empty (a previous quickstart?); pass --resume to continue it or choose --out "
+                "(nothing was overwritten)"
+            )
+        config = RunConfig.from_dict({**QUICKSTART, "episodes": episodes})
+        click.echo(f"1/3 meta-training 5-way 1-shot on fontglot for {episodes} episodes -> {run_dir}")
+        result = run_training(config, run_dir, resume=resume, progress=progress)
+        click.echo(summary_line(result))
+        if result.status != "finished":
+            raise SystemExit(130)
+        click.echo(f"2/3 evaluating on {eval_episodes} test episodes with both baselines")
+        report, path = run_evaluation(
+            run_dir, eval_episodes, True, None, None, "test", 1000, "best", pretrain_epochs, 50, progress, log
+        )
+        click.echo(report.table())
+        exported = None
+        if do_export:
+            click.echo("3/3 export")
+            exported = export_step(run_dir, out, log)
+            click.echo(exported or "export skipped: the export package is not installed")
+    click.echo(
+        f"quickstart done in {duration(timer.seconds)}: run {run_dir} (checkpoints, metrics.jsonl, "
+        f"curves.png), evaluation {path}" + (f", export {exported}" if exported else "")
+    )

@@ -1,0 +1,215 @@
+"""`metalstm train`: meta-training with checkpoints, exact resume, validation and logs."""
+
+from __future__ import annotations
+
+import click
+from keras_metalstm.cli.common import (
+    CONTEXT_SETTINGS,
+    duration,
+    layered_config,
+    quiet_tensorflow,
+    user_errors,
+)
+
+DATASETS = ("fontglot", "omniglot", "miniimagenet", "folder")
+
+
+def training_options(function):
+    """The run-configuration flags (shared with quickstart where they make sense)."""
+    options = [
+        click.option(
+            "--dataset",
+            type=click.Choice(DATASETS, case_sensitive=False),
+            default=None,
+            help="Data set (default fontglot, built in).",
+        ),
+        click.option(
+            "--data-dir",
+            type=click.Path(),
+            default=None,
+            help="Data directory (omniglot, miniimagenet, folder).",
+        ),
+        click.option("--n-way", type=int, default=None, help="Classes per episode (default 5)."),
+        click.option("--k-shot", type=int, default=None, help="Support images per class (default 1)."),
+        click.option("--query", type=int, default=None, help="Query images per class (default 15)."),
+        click.option("--inner-steps", type=int, default=None, help="T, updates per episode (default 12)."),
+        click.option("--meta-batch", type=int, default=None, help="Episodes per meta-update (default 1)."),
+        click.option("--episodes", type=int, default=None, help="Total training episodes (default 5000)."),
+        click.option("--learning-rate", type=float, default=None, help="Adam step (default 1e-3)."),
+        click.option("--clip-norm", type=float, default=None, help="Global-norm clip (default 0.25)."),
+        click.option("--xla/--no-xla", default=None, help="Compile the meta-gradient with XLA."),
+        click.option("--seed", type=int, default=None, help="Seed of the episodes and the initial weights."),
+        click.option("--hidden-units", type=int, default=None, help="Coordinate LSTM units (default 20)."),
+        click.option("--filters", type=int, default=None, help="conv4 filters (default 32)."),
+        click.option("--rotations/--no-rotations", default=None, help="Add rotated classes (x4)."),
+        click.option(
+            "--first-order/--second-order",
+            "first_order",
+            default=None,
+            help="First-order meta-gradient (default) or second order.",
+        ),
+        click.option(
+            "--checkpoint-every", type=int, default=None, help="Episodes between checkpoints (500)."
+        ),
+        click.option("--validate-every", type=int, default=None, help="Episodes between validations (500)."),
+        click.option("--val-episodes", type=int, default=None, help="Validation episodes (100)."),
+        click.option("--log-every", type=int, default=None, help="Episodes between metric rows (50)."),
+        click.option("--keep-checkpoints", type=int, default=None, help="Checkpoints kept (3)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+CONFIG_KEYS = (
+    "dataset",
+    "data_dir",
+    "n_way",
+    "k_shot",
+    "query",
+    "inner_steps",
+    "meta_batch",
+    "episodes",
+    "learning_rate",
+    "clip_norm",
+    "xla",
+    "seed",
+    "hidden_units",
+    "filters",
+    "rotations",
+    "first_order",
+    "checkpoint_every",
+    "validate_every",
+    "val_episodes",
+    "log_every",
+    "keep_checkpoints",
+)
+
+
+def resolve_config(run_dir, resume, config_file, flags):
+    """The RunConfig of `train`: defaults (or the stored run's config when resuming) < file < env < flags."""
+    from keras_metalstm.config import RunConfig
+    from keras_metalstm.training import load_run_config, run_exists
+
+    base = RunConfig().to_dict()
+    if resume and run_exists(run_dir):
+        base = load_run_config(run_dir).to_dict()
+    return RunConfig.from_dict(layered_config(base, config_file, flags))
+
+
+def default_run_dir(config) -> str:
+    return f"runs/{config.dataset}-{config.n_way}way-{config.k_shot}shot"
+
+
+class ProgressBar:
+    """tqdm progress bar with the running loss and accuracy (a keras_metalstm.training.Callback)."""
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self.bar = None
+        self.losses, self.accuracies = [], []
+
+    def on_start(self, run, start_episode, total_episodes):
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=total_episodes,
+            initial=start_episode,
+            unit="ep",
+            disable=not self.enabled,
+            dynamic_ncols=True,
+            desc="meta-train",
+        )
+
+    def on_step(self, episode, loss, accuracy):
+        self.losses = (self.losses + [loss])[-50:]
+        self.accuracies = (self.accuracies + [accuracy])[-50:]
+        self.bar.update(episode - self.bar.n)
+        self.bar.set_postfix(
+            loss=f"{sum(self.losses) / len(self.losses):.3f}",
+            acc=f"{100 * sum(self.accuracies) / len(self.accuracies):.1f}%",
+            refresh=False,
+        )
+
+    def on_validation(self, episode, accuracy, ci95, is_best):
+        mark = " (best)" if is_best else ""
+        self.bar.write(
+            f"episode {episode}: validation accuracy {100 * accuracy:.2f} +- {100 * ci95:.2f}%{mark}"
+        )
+
+    def on_checkpoint(self, episode, path):
+        pass
+
+    def on_end(self, result):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_training(config, run_dir, resume, deterministic=True, progress=True):
+    """Train and return the TrainingResult (shared with quickstart)."""
+    from keras_metalstm.training import TrainingRun
+
+    bar = ProgressBar(enabled=progress)
+    try:
+        return TrainingRun(config, run_dir, resume=resume, deterministic=deterministic).run(bar)
+    finally:
+        if bar.bar is not None:
+            bar.bar.close()
+
+
+def summary_line(result) -> str:
+    best = (
+        f"best validation accuracy {100 * result.best_val_accuracy:.2f}% at episode {result.best_episode}"
+        if result.best_val_accuracy is not None
+        else "no validation"
+    )
+    return (
+        f"{result.status}: {result.episode} episodes in {duration(result.seconds)} (training time, all "
+        f"sessions); {best}; run directory {result.run_dir} (config.yaml, checkpoints/, best/, "
+        "metrics.jsonl, curves.png)"
+    )
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@training_options
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run directory (default runs/<dataset>-<N>way-<K>shot).",
+)
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir exactly where it stopped.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML or TOML file of settings (flags win).",
+)
+@click.option(
+    "--deterministic/--no-deterministic",
+    default=True,
+    show_default=True,
+    help="TensorFlow op determinism (bitwise-exact resume).",
+)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+def train(run_dir, resume, config_file, deterministic, progress, **flags):
+    """Meta-train the LSTM meta-learner; checkpoints, validation, metrics and curves go to --run-dir.
+
+    A run stopped with Ctrl-C/SIGTERM saves a checkpoint; `--resume` continues it (also after kill -9, from
+    the last checkpoint) and ends with the same weights as an uninterrupted run.
+    """
+    quiet_tensorflow()
+    with user_errors():
+        import os
+
+        run_dir = run_dir or os.environ.get("METALSTM_RUN_DIR")
+        config = resolve_config(run_dir or "", resume and run_dir is not None, config_file, flags)
+        run_dir = run_dir or default_run_dir(config)
+        if resume:
+            config = resolve_config(run_dir, True, config_file, flags)
+        result = run_training(config, run_dir, resume, deterministic, progress)
+    click.echo(summary_line(result))
+    if result.status == "interrupted":
+        click.echo(f"interrupted; continue with: metalstm train --run-dir {run_dir} --resume", err=True)
+        raise SystemExit(130)

@@ -1,0 +1,236 @@
+"""`RunConfig`: every setting of a meta-training run, with YAML/TOML/dict round trips and layered overrides.
+
+Layering (used by the command line): dataclass defaults < config file (``--config run.yaml`` or ``.toml``) <
+``METALSTM_*`` environment variables (e.g. ``METALSTM_N_WAY=5``) < command-line flags. `RunConfig` itself only
+validates and converts; it never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "METALSTM_"
+CONFIG_FILE_NAME = "config.yaml"
+
+# Fields that define the shape of the meta-learner or of its episodes: a checkpoint is only valid for a run with
+# the same values, so `--resume` refuses to change them.
+SHAPE_FIELDS = (
+    "dataset",
+    "n_way",
+    "k_shot",
+    "query",
+    "inner_steps",
+    "hidden_units",
+    "learner",
+    "filters",
+    "image_shape",
+    "first_order",
+    "bn_momentum",
+    "divide_grad_by_batch",
+    "meta_batch",
+    "seed",
+    "rotations",
+)
+
+
+class ConfigError(ValueError):
+    """An invalid or inconsistent run configuration (bad value, unknown key, unreadable file)."""
+
+
+@dataclass
+class RunConfig:
+    """Settings of one meta-training run (the defaults are the paper's 5-way 1-shot setting on fontglot)."""
+
+    dataset: str = "fontglot"
+    data_dir: str | None = None
+    rotations: bool = False
+    image_shape: list[int] | None = None  # filled from the data set at training time
+    n_way: int = 5
+    k_shot: int = 1
+    query: int = 15
+    inner_steps: int = 12
+    hidden_units: int = 20
+    learner: str = "conv4"
+    filters: int = 32
+    first_order: bool = True
+    bn_momentum: float | None = 0.1
+    divide_grad_by_batch: bool = False
+    meta_batch: int = 1
+    episodes: int = 5000
+    learning_rate: float = 1e-3
+    clip_norm: float = 0.25
+    xla: bool = False
+    seed: int = 0
+    checkpoint_every: int = 500
+    validate_every: int = 500
+    val_episodes: int = 100
+    log_every: int = 50
+    keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------ checks
+    def validate(self) -> RunConfig:
+        for name in ("n_way", "k_shot", "query", "inner_steps", "hidden_units", "filters", "meta_batch"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("episodes", "checkpoint_every", "validate_every", "log_every", "keep_checkpoints"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if int(self.val_episodes) < 0:
+            raise ConfigError(f"val_episodes must be >= 0, got {self.val_episodes}")
+        if self.episodes % self.meta_batch:
+            raise ConfigError(
+                f"episodes ({self.episodes}) must be a multiple of meta_batch ({self.meta_batch}): one "
+                "meta-update consumes meta_batch episodes"
+            )
+        for name in ("checkpoint_every", "validate_every", "log_every"):
+            if getattr(self, name) % self.meta_batch:
+                raise ConfigError(
+                    f"{name} ({getattr(self, name)}) must be a multiple of meta_batch ({self.meta_batch})"
+                )
+        if float(self.learning_rate) <= 0 or float(self.clip_norm) <= 0:
+            raise ConfigError("learning_rate and clip_norm must be positive")
+        if self.learner not in ("conv4",):
+            raise ConfigError(f"unknown learner {self.learner!r}; the command line offers 'conv4'")
+        return self
+
+    # ------------------------------------------------------------------------------------ conversions
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        return cls(**_coerce_all(values))
+
+    def replace(self, **changes) -> RunConfig:
+        return RunConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as YAML atomically (temporary file, then rename)."""
+        atomic_write_text(path, self.to_yaml())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RunConfig:
+        return cls.from_dict(read_config_file(path))
+
+    def shape_differences(self, other: RunConfig) -> dict[str, tuple[Any, Any]]:
+        """{field: (self value, other value)} for the SHAPE_FIELDS that differ."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (mine[k], theirs[k]) for k in SHAPE_FIELDS if mine[k] != theirs[k]}
+
+
+FIELD_NAMES = tuple(f.name for f in fields(RunConfig))
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml/.json) or TOML (.toml) file into a dict of RunConfig fields.
+
+    Keys may use dashes or underscores (``n-way`` or ``n_way``); unknown keys are an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            values = tomllib.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+    except Exception as error:  # noqa: BLE001 - any parser error becomes one clear message
+        raise ConfigError(f"cannot parse config file {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(values).__name__}")
+    return _normalise_keys(values, f"config file {path}")
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """RunConfig fields given as METALSTM_<FIELD> environment variables (e.g. METALSTM_K_SHOT=5)."""
+    environ = os.environ if environ is None else environ
+    out = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name in FIELD_NAMES:
+            out[name] = _coerce(name, value)
+    return out
+
+
+def _normalise_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_").lower()
+        if name not in FIELD_NAMES:
+            raise ConfigError(f"{where}: unknown setting {key!r}; known settings: {', '.join(FIELD_NAMES)}")
+        out[name] = value
+    return out
+
+
+def _coerce_all(values: dict[str, Any]) -> dict[str, Any]:
+    values = _normalise_keys(values, "configuration")
+    return {k: _coerce(k, v) for k, v in values.items()}
+
+
+_BOOL_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("bool",)}
+_INT_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("int",)}
+_FLOAT_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("float",)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a value (possibly a string from the environment) to the field's type."""
+    try:
+        if value is None:
+            return None
+        if name in _BOOL_FIELDS:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if name in _INT_FIELDS:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if name in _FLOAT_FIELDS:
+            return float(value)
+        if name == "bn_momentum":
+            if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+                return None
+            return float(value)
+        if name == "image_shape":
+            if isinstance(value, str):
+                value = json.loads(value) if value.strip().startswith("[") else value.split("x")
+            return [int(v) for v in value]
+        if name in ("dataset", "learner"):
+            return str(value).strip().lower()
+        return value if not isinstance(value, Path) else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid value {value!r} for setting {name!r}") from None
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temporary file next to `path` and rename it over `path` (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

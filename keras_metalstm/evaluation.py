@@ -1,0 +1,222 @@
+"""Evaluation of a training run: E test episodes, mean accuracy and 95% interval, the paper's baselines, Table 1.
+
+The 95% interval is 1.96 * std / sqrt(E) over the E per-episode query accuracies, with std the POPULATION
+standard deviation (numpy's default, ddof=0; the sample std, ddof=1, differs by a factor sqrt(E/(E-1)), 1.0008
+for E=600). The meta-learner is evaluated with the SAME inner steps T as in training (the run's config), in test
+mode (batch-norm statistics from each episode's support set), from the best-validation checkpoint.
+The meta-learner and the baselines are scored on the very same episode batches (one pass over the stream).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from keras_metalstm.training import mean_ci95
+
+METHODS = ("meta_lstm", "finetune", "nearest_neighbour")
+METHOD_LABELS = {
+    "finetune": "Baseline fine-tune",
+    "nearest_neighbour": "Baseline nearest neighbour",
+    "meta_lstm": "Meta-Learner LSTM",
+}
+TABLE_ORDER = ("finetune", "nearest_neighbour", "meta_lstm")  # the paper's row order
+SPLITS = ("train", "val", "test", "all")
+DEFAULT_TEST_SEED = 1000
+
+
+def summarise(accuracies) -> dict:
+    """{"mean", "ci95", "episodes"} in percent from per-episode accuracies in [0, 1]."""
+    mean, ci95 = mean_ci95(accuracies)
+    return {"mean": 100.0 * mean, "ci95": 100.0 * ci95, "episodes": int(np.size(accuracies))}
+
+
+@dataclass
+class EvaluationReport:
+    results: dict  # method -> {"mean", "ci95", "episodes"} (percent)
+    n_way: int
+    k_shot: int
+    inner_steps: int
+    dataset: str
+    split: str
+    seed: int
+    seconds: float
+    details: dict = field(default_factory=dict)
+    accuracies: dict = field(default_factory=dict, repr=False)  # method -> per-episode accuracies
+
+    @property
+    def column(self) -> str:
+        return f"{self.n_way}-way {self.k_shot}-shot"
+
+    def to_json(self) -> str:
+        return json.dumps(self.results)
+
+    def table(self) -> str:
+        return format_table({self.column: self.results})
+
+
+def format_table(columns: dict[str, dict]) -> str:
+    """A table shaped like the paper's Table 1: one row per method, one column per setting ("5-way 1-shot"),
+    cells "mean +- ci95%"."""
+    methods = [m for m in TABLE_ORDER if any(m in results for results in columns.values())]
+    width = max(len("Model"), *(len(METHOD_LABELS[m]) for m in methods))
+    header = f"| {'Model'.ljust(width)} | " + " | ".join(name.center(15) for name in columns) + " |"
+    rule = f"|{'-' * (width + 2)}|" + "|".join("-" * 17 for _ in columns) + "|"
+    lines = [header, rule]
+    for method in methods:
+        cells = []
+        for results in columns.values():
+            value = results.get(method)
+            cells.append((f"{value['mean']:.2f} +- {value['ci95']:.2f}%" if value else "-").center(15))
+        lines.append(f"| {METHOD_LABELS[method].ljust(width)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- evaluation data
+def evaluation_dataset(config, dataset: str | None = None, data_dir=None, split: str = "test"):
+    """The class-indexed data set to evaluate on: the run's own test classes by default, or `split` of another
+    data set (`split="all"`: all its classes), converted to the run's image shape by the package's conversion
+    rule (keras_metalstm.data.CONVERSION_RULE) when its images differ."""
+    from keras_metalstm.data import DataError, load_dataset
+    from keras_metalstm.training import load_splits
+
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    target = tuple(config.image_shape)
+    if dataset is None:
+        if split == "all":
+            raise DataError(
+                "--split all needs --dataset: the run's own train/val classes were seen in training"
+            )
+        splits = load_splits(config)
+    else:
+        options = {"image_shape": target} if dataset == "folder" else {}
+        splits = load_dataset(dataset, data_dir, **options)
+    parts = list(splits) if split == "all" else [getattr(splits, split)]
+    parts = [p for p in parts if p.num_classes]
+    if not parts:
+        raise DataError(f"the {split} split of {dataset or config.dataset} has no classes")
+    data = parts[0] if len(parts) == 1 else _concatenate(parts, f"{dataset}/all")
+    if data.image_shape != target:
+        data = _convert(data, target)
+    return data
+
+
+def _concatenate(parts, name):
+    from keras_metalstm.data import ClassIndexedDataset
+
+    shapes = {p.image_shape for p in parts}
+    if len(shapes) > 1:
+        parts = [_convert(p, parts[0].image_shape) for p in parts]
+    return ClassIndexedDataset(
+        np.concatenate([p.images for p in parts]),
+        np.concatenate([p.class_sizes for p in parts]),
+        [n for p in parts for n in p.class_names],
+        name=name,
+    )
+
+
+def _convert(data, target, chunk=2048):
+    """`data` with every image converted to `target` (H, W, C) by convert_images, stored as uint8 again."""
+    from keras_metalstm.data import ClassIndexedDataset, convert_images
+    from keras_metalstm.data.images import to_uint8
+
+    images = (
+        np.concatenate(
+            [
+                to_uint8(convert_images(data.images[i : i + chunk], target)).numpy()
+                for i in range(0, max(data.num_images, 1), chunk)
+            ]
+        )
+        if data.num_images
+        else np.zeros((0, *target), np.uint8)
+    )
+    return ClassIndexedDataset(images, data.class_sizes, data.class_names, name=f"{data.name} as {target}")
+
+
+# -------------------------------------------------------------------------------------------- evaluate
+def evaluate_run(
+    run_dir,
+    episodes: int = 600,
+    baselines: bool = False,
+    dataset: str | None = None,
+    data_dir=None,
+    split: str = "test",
+    seed: int = DEFAULT_TEST_SEED,
+    which: str = "best",
+    pretrain=None,
+    finetune_val_episodes: int = 100,
+    progress=None,
+    log=None,
+    on_batch=None,
+) -> EvaluationReport:
+    """Evaluate the meta-learner of `run_dir` (and with `baselines`, the two baselines) on `episodes` episodes.
+
+    `progress(n)` is called after every n episodes, `log(message)` for stage messages, `on_batch(method, batch)`
+    with every batch each method scores (a hook to check that all methods see the same episodes).
+    """
+    import keras_metalstm as km
+    from keras_metalstm.data import DataError, episode_dataset
+    from keras_metalstm.training import eval_batch_size, load_meta_learner, load_splits
+
+    if int(episodes) < 1:
+        raise DataError(f"--episodes must be at least 1, got {episodes}")
+    log = log or (lambda message: None)
+    t0 = time.time()
+    config, meta = load_meta_learner(run_dir, which=which)
+    data = evaluation_dataset(config, dataset, data_dir, split)
+    trainer = km.MetaTrainer(meta)
+    details = {"checkpoint": which, "test_classes": data.num_classes, "data": data.name}
+    baseline = None
+    if baselines:
+        baseline, info = prepare_baselines_for(
+            run_dir, config, load_splits(config), pretrain, finetune_val_episodes, log
+        )
+        details["baselines"] = info
+    batch = eval_batch_size(int(episodes))
+    stream = episode_dataset(
+        data,
+        config.n_way,
+        config.k_shot,
+        config.query,
+        batch_size=batch,
+        seed=seed,
+        num_episodes=int(episodes),
+    )
+    accuracies = {m: [] for m in (METHODS if baselines else METHODS[:1])}
+    for episodes_batch in stream:
+        if on_batch is not None:
+            on_batch("meta_lstm", episodes_batch)
+        accuracies["meta_lstm"].append(trainer.evaluate_step(episodes_batch)["accuracy"].numpy())
+        if baseline is not None:
+            if on_batch is not None:
+                on_batch("baselines", episodes_batch)
+            for method, values in baseline.episode_accuracies(episodes_batch).items():
+                accuracies[method].append(values)
+        if progress is not None:
+            progress(batch)
+    accuracies = {m: np.concatenate(v) for m, v in accuracies.items()}
+    return EvaluationReport(
+        results={m: summarise(v) for m, v in accuracies.items()},
+        n_way=config.n_way,
+        k_shot=config.k_shot,
+        inner_steps=config.inner_steps,
+        dataset=dataset or config.dataset,
+        split=split,
+        seed=seed,
+        seconds=time.time() - t0,
+        details=details,
+        accuracies=accuracies,
+    )
+
+
+def prepare_baselines_for(run_dir, config, splits, pretrain, val_episodes, log):
+    from keras_metalstm.baselines import prepare_baselines
+
+    return prepare_baselines(
+        Path(run_dir), config, splits, pretrain=pretrain, val_episodes=val_episodes, log=log
+    )
