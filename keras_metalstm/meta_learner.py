@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
-from keras_metalstm.learner_function import LearnerFunction, cross_entropy
+from keras_metalstm.learner_function import LearnerFunction
 from keras_metalstm.preprocessing import preprocess
 
 EPISODE_KEYS = ("support_images", "support_labels", "query_images", "query_labels")
@@ -76,7 +76,9 @@ class MetaLearner(keras.Model):
         self.bn_momentum = bn_momentum
         self.divide_grad_by_batch = bool(divide_grad_by_batch)
 
-        self.coordinate_lstm = CoordinateLSTM(self.hidden_units, input_dim=4, name="coordinate_lstm")
+        self.coordinate_lstm = CoordinateLSTM(
+            self.hidden_units, input_dim=4, shared_input_dim=2, name="coordinate_lstm"
+        )
         self.cell = MetaLSTMCell(self.hidden_units, name="meta_lstm_cell")
         self.theta0 = self.add_weight(
             shape=(self._learner_function.num_parameters,), initializer="zeros", name="theta0"
@@ -120,11 +122,10 @@ class MetaLearner(keras.Model):
         learner = self._learner_function
         steps = self.inner_steps if inner_steps is None else int(inner_steps)
         episodes = _static_batch_size(support_images, "support_images")
-        coordinates = learner.num_parameters
 
         theta = tf.tile(self.theta0[tf.newaxis], [episodes, 1])
-        lstm_state = self.coordinate_lstm.initial_state(episodes * coordinates, dtype=theta.dtype)
-        gate_logits = self.cell.initial_logits(episodes * coordinates, dtype=theta.dtype)
+        lstm_state = None  # zero state, zero gate feedback: every episode starts afresh
+        gate_logits = None
         states = [learner.initial_state() for _ in range(episodes)]
 
         for _ in range(steps):
@@ -144,16 +145,15 @@ class MetaLearner(keras.Model):
                 )
                 losses.append(loss)
                 gradients.append(gradient)
-            loss = tf.stack(losses)  # (B,)
-            gradient = tf.stack(gradients)  # (B, coordinates)
-            # One scalar loss per episode, preprocessed once and broadcast to all of its coordinates.
-            loss_features = tf.broadcast_to(preprocess(loss, self.p)[:, tf.newaxis, :], [episodes, coordinates, 2])
-            features = tf.concat([loss_features, preprocess(gradient, self.p)], axis=-1)
-            hidden, lstm_state = self.coordinate_lstm(tf.reshape(features, [-1, 4]), lstm_state)
-            flat_theta, gate_logits = self.cell(
-                hidden, tf.reshape(theta, [-1]), tf.reshape(gradient, [-1]), gate_logits
+            gradient = tf.stack(gradients)  # (episodes, coordinates)
+            # Features first: (2, episodes, coordinates) for the gradient; the loss is one value per episode,
+            # preprocessed once and shared by all of that episode's coordinates.
+            hidden, lstm_state = self.coordinate_lstm(
+                preprocess(gradient, self.p, axis=0),
+                lstm_state,
+                shared_inputs=preprocess(tf.stack(losses), self.p, axis=0),
             )
-            theta = tf.reshape(flat_theta, [episodes, coordinates])
+            theta, gate_logits = self.cell(hidden, theta, gradient, gate_logits)
         return theta, states
 
     def query_logits(self, theta, states, query_images, mode):
@@ -203,7 +203,10 @@ class MetaLearner(keras.Model):
         with tf.GradientTape() as tape:
             losses, accuracies = self.episode_metrics(episodes, mode="train")
             scaled_loss = tf.reduce_sum(losses) / (losses.shape[0] * replicas)
-        gradients = tape.gradient(scaled_loss, self.trainable_variables)
+        # With a single inner step the recurrent kernel is never used: its gradient is zero, not missing.
+        gradients = tape.gradient(
+            scaled_loss, self.trainable_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
         return tf.reduce_mean(losses), tf.reduce_mean(accuracies), gradients
 
     def meta_train_step(self, episodes, optimizer, jit_compile=False):

@@ -10,8 +10,8 @@ import math
 import tensorflow as tf
 
 
-def preprocess(values, p=10.0):
-    """Maps values of shape (...,) to preprocessed features of shape (..., 2).
+def preprocess(values, p=10.0, axis=-1):
+    """Maps values of shape (...,) to preprocessed features of shape (..., 2) (the new axis at `axis`).
 
     Finite for every finite input, 0 and tiny values included, and with finite derivatives everywhere (the
     second-order meta-gradient differentiates through it): the log is taken of max(|x|, exp(-p)), never of 0.
@@ -23,4 +23,4 @@ def preprocess(values, p=10.0):
     safe_log = tf.math.log(tf.maximum(magnitude, threshold)) / p
     log_feature = tf.where(is_large, safe_log, -tf.ones_like(values))
     sign_feature = tf.where(is_large, tf.sign(values), values * math.exp(p))
-    return tf.stack([log_feature, sign_feature], axis=-1)
+    return tf.stack([log_feature, sign_feature], axis=axis)

@@ -220,10 +220,11 @@ class TrainingRun:
             non-shape settings such as `episodes`, intervals or `xla`).
         run_dir: the run directory (created).
         resume: continue the run stored in `run_dir` (a missing or empty directory starts a new run).
-        deterministic: enable TensorFlow op determinism (bitwise-reproducible runs, slightly slower).
+        deterministic: enable TensorFlow op determinism, process-wide (bitwise-reproducible runs; the command line
+            turns it on by default). Ignored with `config.xla` (XLA has no deterministic MaxPool gradient).
     """
 
-    def __init__(self, config: RunConfig, run_dir, resume: bool = False, deterministic: bool = True):
+    def __init__(self, config: RunConfig, run_dir, resume: bool = False, deterministic: bool = False):
         self.run_dir = Path(run_dir)
         self.resume = bool(resume)
         self.deterministic = deterministic
@@ -459,7 +460,7 @@ def train(
     run_dir,
     resume: bool = False,
     callbacks: Callback | None = None,
-    deterministic: bool = True,
+    deterministic: bool = False,
 ) -> TrainingResult:
     """Meta-train `config` in `run_dir` (see TrainingRun)."""
     return TrainingRun(config, run_dir, resume=resume, deterministic=deterministic).run(callbacks)

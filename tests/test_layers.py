@@ -42,7 +42,7 @@ def test_meta_lstm_cell_matches_numpy():
     f_prev = rng.normal(size=coordinates).astype(np.float32)
     i_prev = rng.normal(size=coordinates).astype(np.float32)
 
-    theta_new, (f_logit, i_logit) = cell(hidden, theta, grad, (f_prev, i_prev))
+    theta_new, (f_logit, i_logit) = cell(hidden.T, theta, grad, (f_prev, i_prev))
     expected = numpy_cell(hidden, theta, grad, f_prev, i_prev, **weights)
     np.testing.assert_allclose(theta_new.numpy(), expected[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(f_logit.numpy(), expected[1], rtol=1e-5, atol=1e-5)
@@ -73,13 +73,32 @@ def test_coordinate_lstm_matches_keras_lstm_cell_on_the_same_weights():
     reference.set_weights([ours.kernel.numpy(), ours.recurrent_kernel.numpy(), ours.bias.numpy()])
 
     inputs = [rng.normal(size=(33, 4)).astype(np.float32) for _ in range(3)]
-    state = ours.initial_state(33)
+    state = None  # the zero state
     reference_state = [tf.zeros((33, 20)), tf.zeros((33, 20))]
     for step_inputs in inputs:
-        hidden, state = ours(step_inputs, state)
+        hidden, state = ours(step_inputs.T, state)  # features first
         reference_hidden, reference_state = reference(step_inputs, reference_state)
-        np.testing.assert_allclose(hidden.numpy(), reference_hidden.numpy(), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(state[1].numpy(), reference_state[1].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(hidden.numpy().T, reference_hidden.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state[1].numpy().T, reference_state[1].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_shared_inputs_equal_the_same_features_copied_to_every_coordinate():
+    rng = np.random.default_rng(6)
+    shared = km.CoordinateLSTM(units=5, input_dim=4, shared_input_dim=2)
+    copied = km.CoordinateLSTM(units=5, input_dim=4)
+    for variable in shared.trainable_variables:
+        variable.assign(rng.normal(size=variable.shape))
+    copied.set_weights(shared.get_weights())
+    episodes, coordinates = 3, 11
+    own = rng.normal(size=(2, episodes, coordinates)).astype(np.float32)
+    per_episode = rng.normal(size=(2, episodes)).astype(np.float32)
+    full = np.concatenate([np.broadcast_to(per_episode[:, :, None], (2, episodes, coordinates)), own], axis=0)
+    state, copied_state = None, None
+    for _ in range(2):
+        hidden, state = shared(own, state, shared_inputs=per_episode)
+        copied_hidden, copied_state = copied(full, copied_state)
+        np.testing.assert_allclose(hidden.numpy(), copied_hidden.numpy(), rtol=1e-5, atol=1e-6)
+    assert hidden.shape == (5, episodes, coordinates)
 
 
 def test_coordinate_lstm_gradients_match_keras_lstm_cell():
@@ -93,17 +112,22 @@ def test_coordinate_lstm_gradients_match_keras_lstm_cell():
     inputs = [tf.constant(rng.normal(size=(17, 4)), tf.float32) for _ in range(3)]
     target = tf.constant(rng.normal(size=(17, 8)), tf.float32)
 
-    def unrolled_loss(layer, state):
+    def unrolled_loss(step, state):
         for step_inputs in inputs:
-            hidden, state = layer(step_inputs, state)
+            hidden, state = step(step_inputs, state)
         return tf.reduce_sum((hidden - target) ** 2) + tf.reduce_sum(state[1])
 
+    def ours_step(step_inputs, state):
+        hidden, (hidden, cell) = ours(tf.transpose(step_inputs), state)
+        return tf.transpose(hidden), (hidden, cell)
+
     with tf.GradientTape() as tape:
-        loss = unrolled_loss(ours, ours.initial_state(17))
+        loss = unrolled_loss(ours_step, None)
     ours_grads = tape.gradient(loss, ours.trainable_variables)
     with tf.GradientTape() as tape:
         reference_loss = unrolled_loss(reference, [tf.zeros((17, 8)), tf.zeros((17, 8))])
     reference_grads = tape.gradient(reference_loss, reference.trainable_variables)
+    np.testing.assert_allclose(loss.numpy(), reference_loss.numpy(), rtol=1e-5)
     for mine, theirs in zip(ours_grads, reference_grads, strict=True):
         np.testing.assert_allclose(mine.numpy(), theirs.numpy(), rtol=1e-4, atol=1e-5)
 
@@ -120,7 +144,7 @@ def test_coordinate_lstm_initialisers_are_small_uniform_not_keras_defaults():
 
 
 @pytest.mark.parametrize(
-    "layer", [km.MetaLSTMCell(hidden_units=7, name="cell"), km.CoordinateLSTM(units=6, input_dim=4, name="lstm")]
+    "layer", [km.MetaLSTMCell(hidden_units=7, name="cell"), km.CoordinateLSTM(units=6, input_dim=4, shared_input_dim=2, name="lstm")]
 )
 def test_get_config_round_trip(layer):
     config = layer.get_config()

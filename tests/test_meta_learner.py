@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import random_episodes
 
 import keras_metalstm as km
-from conftest import random_episodes
 
 
 def make_meta(learner=None, inner_steps=3, seed=0, **options):
@@ -115,34 +115,27 @@ def test_first_order_meta_gradient_equals_chain_with_precomputed_constant_gradie
     learner = km.LearnerFunction(meta.learner, bn_momentum=0.1)
 
     # Pass 1: record every step's loss and gradient as plain NumPy constants.
+    def update(theta, loss, gradient, lstm_state, logits):
+        hidden, lstm_state = meta.coordinate_lstm(
+            km.preprocess(gradient, axis=0)[:, tf.newaxis], lstm_state, shared_inputs=km.preprocess(loss)[:, tf.newaxis]
+        )
+        theta, logits = meta.cell(hidden, theta[tf.newaxis], gradient[tf.newaxis], logits)
+        return theta[0], lstm_state, logits
+
     recorded = []
-    theta = meta.theta0.numpy()
-    lstm_state = meta.coordinate_lstm.initial_state(theta.size)
-    logits = meta.cell.initial_logits(theta.size)
+    theta, lstm_state, logits = meta.theta0.numpy(), None, None
     state = learner.initial_state()
     for _ in range(3):
         loss, gradient, state = learner.loss_and_gradient(tf.constant(theta), state, support, labels)
         recorded.append((loss.numpy(), gradient.numpy()))
-        features = tf.concat(
-            [tf.broadcast_to(km.preprocess(loss)[None], (theta.size, 2)), km.preprocess(gradient)], axis=-1
-        )
-        hidden, lstm_state = meta.coordinate_lstm(features, lstm_state)
-        theta, logits = meta.cell(hidden, theta, gradient, logits)
+        theta, lstm_state, logits = update(tf.constant(theta), loss, gradient, lstm_state, logits)
         theta = theta.numpy()
 
     # Pass 2: the same chain, differentiable in theta and the meta-parameters, fed the constants.
     with tf.GradientTape() as tape:
-        theta = tf.identity(meta.theta0)
-        lstm_state = meta.coordinate_lstm.initial_state(theta.shape[0])
-        logits = meta.cell.initial_logits(theta.shape[0])
+        theta, lstm_state, logits = tf.identity(meta.theta0), None, None
         for loss, gradient in recorded:
-            features = tf.concat(
-                [tf.broadcast_to(km.preprocess(tf.constant(loss))[None], (theta.shape[0], 2)),
-                 km.preprocess(tf.constant(gradient))],
-                axis=-1,
-            )
-            hidden, lstm_state = meta.coordinate_lstm(features, lstm_state)
-            theta, logits = meta.cell(hidden, theta, tf.constant(gradient), logits)
+            theta, lstm_state, logits = update(theta, tf.constant(loss), tf.constant(gradient), lstm_state, logits)
         query_logits, _ = learner(theta, learner.initial_state(), query, training=True)
         query_loss = km.learner_function.cross_entropy(query_labels, query_logits)
     expected = tape.gradient(query_loss, meta.trainable_variables)

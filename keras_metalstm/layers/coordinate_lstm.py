@@ -1,11 +1,17 @@
 """Layer 1 of the meta-learner: an ordinary LSTM cell applied to every learner coordinate independently.
 
-The coordinates of the learner's parameter vector are the batch axis: one set of weights is shared by all of
+The coordinates of the learner's parameter vector are a batch axis: one set of weights is shared by all of
 them, and each coordinate carries its own (h, c) state across the inner steps of an episode.
+
+Layout: features come FIRST and the coordinates last, e.g. inputs (input_dim, episodes, coordinates) and
+states (units, episodes, coordinates). With ~30k coordinates and 20 units this step is the meta-learner's
+hot loop; features-first makes the per-gate slices contiguous blocks and turns the gate products into one
+(4 * units, features) x (features, coordinates) matrix product.
 """
 
 import keras
-from keras import ops
+import tensorflow as tf
+
 
 # SPEC, "Initialisation (official code)": every meta-parameter starts in U(-0.01, 0.01); Keras' LSTM
 # defaults (glorot / orthogonal kernels, unit forget bias) are a known way to break the meta-learner.
@@ -15,21 +21,29 @@ def _small_uniform():
 
 @keras.saving.register_keras_serializable(package="keras_metalstm")
 class CoordinateLSTM(keras.layers.Layer):
-    """LSTM cell over per-coordinate inputs of shape (coordinates, input_dim).
+    """LSTM cell over per-coordinate inputs, weights shared by all coordinates.
 
-    Gate order and equations are those of `keras.layers.LSTMCell` (input, forget, candidate, output;
-    sigmoid gates, tanh candidate and output), so the two agree on the same weights; what differs is the
-    initialisation and that the state is passed in and returned explicitly.
+    Gate order and equations are those of `keras.layers.LSTMCell` (input, forget, candidate, output; sigmoid
+    gates, tanh candidate and output) and the weights have its shapes, so the two agree on the same weights.
+    What differs is the initialisation, the features-first layout, and that some input features may be
+    shared by all coordinates of an episode: the meta-learner's loss features are one value per episode, so
+    their contribution is computed once per episode and added like a bias instead of being copied to every
+    coordinate.
 
     Args:
         units: hidden units per coordinate (20 in the paper).
-        input_dim: features per coordinate (4: preprocessed loss and gradient).
+        input_dim: input features per coordinate (4: preprocessed loss and gradient).
+        shared_input_dim: how many of those features (the first ones) are shared by all coordinates of an
+            episode (2: the preprocessed loss).
     """
 
-    def __init__(self, units=20, input_dim=4, **kwargs):
+    def __init__(self, units=20, input_dim=4, shared_input_dim=0, **kwargs):
         super().__init__(**kwargs)
         self.units = int(units)
         self.input_dim = int(input_dim)
+        self.shared_input_dim = int(shared_input_dim)
+        if not 0 <= self.shared_input_dim <= self.input_dim:
+            raise ValueError(f"shared_input_dim must be in [0, input_dim], got {shared_input_dim}.")
         self.kernel = self.add_weight(
             shape=(self.input_dim, 4 * self.units), initializer=_small_uniform(), name="kernel"
         )
@@ -39,21 +53,48 @@ class CoordinateLSTM(keras.layers.Layer):
         self.bias = self.add_weight(shape=(4 * self.units,), initializer=_small_uniform(), name="bias")
         self.built = True
 
-    def initial_state(self, num_coordinates, dtype="float32"):
-        """The zero (h, c) state every episode starts from."""
-        zeros = ops.zeros((num_coordinates, self.units), dtype=dtype)
-        return zeros, zeros
+    def call(self, inputs, state=None, shared_inputs=None):
+        """One step.
 
-    def call(self, inputs, state):
-        """One step. `inputs`: (coordinates, input_dim); `state`: (h, c). Returns (h, (h, c))."""
-        hidden, cell = state
-        gates = ops.matmul(inputs, self.kernel) + ops.matmul(hidden, self.recurrent_kernel) + self.bias
-        input_gate, forget_gate, candidate, output_gate = ops.split(gates, 4, axis=-1)
-        cell = ops.sigmoid(forget_gate) * cell + ops.sigmoid(input_gate) * ops.tanh(candidate)
-        hidden = ops.sigmoid(output_gate) * ops.tanh(cell)
-        return hidden, (hidden, cell)
+        Args:
+            inputs: (input_dim - shared_input_dim, episodes, coordinates) per-coordinate features.
+            state: (h, c), each (units, episodes, coordinates); None is the zero state every episode starts
+                from (its recurrent product is skipped).
+            shared_inputs: (shared_input_dim, episodes) features shared by an episode's coordinates.
+
+        Returns:
+            (h, (h, c)).
+        """
+        own_kernel = self.kernel[self.shared_input_dim :]
+        coordinate_shape = tf.shape(inputs)[1:]
+        flat_inputs = tf.reshape(inputs, [tf.shape(inputs)[0], -1])
+        if state is None:
+            gates = tf.matmul(own_kernel, flat_inputs, transpose_a=True)
+            cell = None
+        else:
+            hidden, cell = state
+            stacked = tf.concat([flat_inputs, tf.reshape(hidden, [self.units, -1])], axis=0)
+            weights = tf.concat([own_kernel, self.recurrent_kernel], axis=0)
+            gates = tf.matmul(weights, stacked, transpose_a=True)
+        gates = tf.reshape(gates, tf.concat([[4 * self.units], coordinate_shape], axis=0))
+        rank = inputs.shape.rank
+        gate_bias = tf.reshape(self.bias, [4 * self.units] + [1] * (rank - 1))
+        if self.shared_input_dim:
+            # The shared features' contribution: computed once per episode, broadcast over its coordinates.
+            shared_kernel = self.kernel[: self.shared_input_dim]
+            shared_gates = tf.matmul(shared_kernel, shared_inputs, transpose_a=True)
+            gate_bias = gate_bias + tf.reshape(shared_gates, [4 * self.units, -1] + [1] * (rank - 2))
+        gates = gates + gate_bias
+        input_gate, forget_gate, candidate, output_gate = tf.split(gates, 4, axis=0)
+        new_cell = tf.sigmoid(input_gate) * tf.tanh(candidate)
+        if cell is not None:
+            new_cell = new_cell + tf.sigmoid(forget_gate) * cell
+        hidden = tf.sigmoid(output_gate) * tf.tanh(new_cell)
+        return hidden, (hidden, new_cell)
 
     def get_config(self):
         config = super().get_config()
-        config.update({"units": self.units, "input_dim": self.input_dim})
+        config.update(
+            {"units": self.units, "input_dim": self.input_dim, "shared_input_dim": self.shared_input_dim}
+        )
         return config

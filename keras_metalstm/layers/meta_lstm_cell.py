@@ -9,7 +9,7 @@ f = 1 and i = alpha the update is plain gradient descent with step alpha.
 """
 
 import keras
-from keras import ops
+import tensorflow as tf
 
 
 @keras.saving.register_keras_serializable(package="keras_metalstm")
@@ -37,31 +37,31 @@ class MetaLSTMCell(keras.layers.Layer):
         )
         self.built = True
 
-    def initial_logits(self, num_coordinates, dtype="float32"):
-        """The zero (f_logit, i_logit) feedback every episode starts from."""
-        zeros = ops.zeros((num_coordinates,), dtype=dtype)
-        return zeros, zeros
-
-    def call(self, hidden, theta, grad, previous_logits):
-        """One update of the learner's parameters.
+    def call(self, hidden, theta, grad, previous_logits=None):
+        """One update of the learner's parameters, for coordinates of any shape S.
 
         Args:
-            hidden: (coordinates, hidden_units), layer 1's output h_t.
-            theta: (coordinates,), theta_{t-1}.
-            grad: (coordinates,), the raw learner gradient at theta_{t-1}.
-            previous_logits: (f_logit_{t-1}, i_logit_{t-1}), each (coordinates,).
+            hidden: (hidden_units, *S), layer 1's output h_t (features first, see CoordinateLSTM).
+            theta: S, theta_{t-1}.
+            grad: S, the raw learner gradient at theta_{t-1}.
+            previous_logits: (f_logit_{t-1}, i_logit_{t-1}), each of shape S; None is the zero feedback
+                every episode starts from.
 
         Returns:
             (theta_t, (f_logit_t, i_logit_t)).
         """
-        f_previous, i_previous = previous_logits
         units = self.hidden_units
-        # Both gates read the same hidden state: one (coordinates, H) x (H, 2) product serves both.
-        hidden_weights = ops.concatenate([self.W_f[:units], self.W_i[:units]], axis=1)
-        hidden_terms = ops.matmul(hidden, hidden_weights)
-        f_logit = hidden_terms[:, 0] + theta * self.W_f[units, 0] + f_previous * self.W_f[units + 1, 0] + self.b_f
-        i_logit = hidden_terms[:, 1] + theta * self.W_i[units, 0] + i_previous * self.W_i[units + 1, 0] + self.b_i
-        theta = ops.sigmoid(f_logit) * theta - ops.sigmoid(i_logit) * grad
+        # Both gates read the same hidden state: one (2, H) x (H, coordinates) product serves both.
+        hidden_weights = tf.concat([self.W_f[:units], self.W_i[:units]], axis=1)
+        hidden_terms = tf.matmul(hidden_weights, tf.reshape(hidden, [units, -1]), transpose_a=True)
+        hidden_terms = tf.reshape(hidden_terms, tf.concat([[2], tf.shape(theta)], axis=0))
+        f_logit = hidden_terms[0] + theta * self.W_f[units, 0] + self.b_f
+        i_logit = hidden_terms[1] + theta * self.W_i[units, 0] + self.b_i
+        if previous_logits is not None:
+            f_previous, i_previous = previous_logits
+            f_logit = f_logit + f_previous * self.W_f[units + 1, 0]
+            i_logit = i_logit + i_previous * self.W_i[units + 1, 0]
+        theta = tf.sigmoid(f_logit) * theta - tf.sigmoid(i_logit) * grad
         return theta, (f_logit, i_logit)
 
     def get_config(self):
