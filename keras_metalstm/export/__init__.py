@@ -37,6 +37,7 @@ from keras_metalstm.export.predict import (
     prediction_records,
     read_images,
 )
+from keras_metalstm.export.quickstart import quickstart_export
 from keras_metalstm.export.rest import rest_predict
 from keras_metalstm.export.savedmodel import (
     AdaptInServingModule,
@@ -74,6 +75,7 @@ __all__ = [
     "load_support_folder",
     "next_version",
     "prediction_records",
+    "quickstart_export",
     "read_images",
     "read_metadata",
     "rest_predict",
