@@ -1,0 +1,120 @@
+"""`metalstm adapt / export / predict` end to end (click's runner, in process) and their error messages."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from keras_metalstm.cli.main import main  # noqa: E402
+from test_export import CLASSES, make_meta, write_support  # noqa: E402
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    make_meta().save(root / "meta.keras")
+    write_support(root / "support")
+    return root
+
+
+@pytest.fixture(scope="module")
+def adapted_file(workspace):
+    out = workspace / "task.keras"
+    result = run("adapt", workspace / "meta.keras", "--support", workspace / "support", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert (
+        f"adapted 5-way ({', '.join(sorted(CLASSES))}) on 10 support images with T=2 -> {out}"
+        in result.output
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported_dir(workspace, adapted_file):
+    out = workspace / "saved_models" / "task"
+    result = run("export", adapted_file, "--format", "both", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "parity OK" in result.output and f"-> {out / '1'} (saved_model.pb, model.onnx)" in result.output
+    return out / "1"
+
+
+def test_commands_are_in_the_metalstm_group():
+    assert {"adapt", "export", "predict"} <= set(main.list_commands(None))
+
+
+def test_predict_prints_class_and_probability_per_image_for_savedmodel_and_onnx(workspace, exported_dir):
+    images = sorted((workspace / "support").glob("*/0.png"))
+    text = run("predict", exported_dir, *images)
+    assert text.exit_code == 0, text.output
+    rows = [line.split() for line in text.stdout.strip().splitlines()]
+    assert [row[0] for row in rows] == [str(p) for p in images]
+    as_json = run("predict", exported_dir / "model.onnx", *images, "--json")
+    assert as_json.exit_code == 0, as_json.output
+    records = json.loads(as_json.stdout)
+    assert [r["image"] for r in records] == [str(p) for p in images]
+    for row, record in zip(rows, records, strict=True):
+        assert row[1] == record["class_name"] and float(row[2]) == pytest.approx(
+            record["probability"], abs=1e-4
+        )
+        logits = np.array(record["logits"])
+        probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        assert record["probability"] == pytest.approx(probabilities.max(), abs=1e-5)
+        assert record["class_name"] == sorted(CLASSES)[int(logits.argmax())]
+    assert "predicted 5 image(s) with onnx model" in as_json.stderr
+
+
+def test_predict_on_a_model_folder_uses_its_newest_version(exported_dir, workspace):
+    image = next((workspace / "support").glob("*/0.png"))
+    result = run("predict", exported_dir.parent, image)
+    assert result.exit_code == 0, result.output
+    assert f"savedmodel model {exported_dir}" in result.stderr
+
+
+def test_predict_rejects_a_wrong_array_with_a_clear_message(exported_dir, tmp_path):
+    np.save(tmp_path / "wrong.npy", np.zeros((2, 32, 32, 1), np.float32))
+    result = run("predict", exported_dir, tmp_path / "wrong.npy")
+    assert result.exit_code == 1
+    assert "wrong.npy" in result.output and "takes (28, 28, 1)" in result.output
+
+
+def test_export_defaults_to_saved_models_and_never_overwrites(adapted_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = run("export", adapted_file, "--format", "onnx", "--no-verify")
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "saved_models" / "task" / "1" / "model.onnx").is_file()
+    again = run("export", adapted_file, "--format", "onnx", "--version", "1", "--no-verify")
+    assert again.exit_code == 1 and "already exists" in again.output and "--force" in again.output
+    forced = run("export", adapted_file, "--format", "onnx", "--version", "1", "--force", "--no-verify")
+    assert forced.exit_code == 0, forced.output
+
+
+def test_export_of_a_meta_learner_is_adapt_in_serving_savedmodel_only(workspace, tmp_path):
+    result = run("export", workspace / "meta.keras", "--out", tmp_path / "meta")
+    assert result.exit_code == 0, result.output
+    assert "adapt-in-serving SavedModel of the 5-way meta-learner" in result.output
+    assert (tmp_path / "meta" / "1" / "saved_model.pb").is_file()
+    refused = run("export", workspace / "meta.keras", "--format", "onnx", "--out", tmp_path / "meta")
+    assert refused.exit_code == 1 and "ONNX cannot represent" in refused.output
+
+
+def test_adapt_rejects_wrong_class_count_existing_output_and_bad_suffix(workspace, adapted_file, tmp_path):
+    four = write_support(tmp_path / "four", classes=CLASSES[:4])
+    result = run("adapt", workspace / "meta.keras", "--support", four, "--out", tmp_path / "x.keras")
+    assert result.exit_code == 1 and "4 class folder(s)" in result.output and "5-way" in result.output
+    assert not (tmp_path / "x.keras").exists()
+    result = run("adapt", workspace / "meta.keras", "--support", workspace / "support", "--out", adapted_file)
+    assert result.exit_code == 1 and "already exists" in result.output
+    result = run(
+        "adapt", workspace / "meta.keras", "--support", workspace / "support", "--out", tmp_path / "x.h5"
+    )
+    assert result.exit_code == 1 and ".keras" in result.output
+    result = run("adapt", adapted_file, "--support", workspace / "support", "--out", tmp_path / "y.keras")
+    assert result.exit_code == 1 and "not a meta-learner" in result.output
