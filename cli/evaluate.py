@@ -13,7 +13,7 @@ DATASETS = ("fontglot", "omniglot", "miniimagenet", "folder")
 
 def evaluation_file_name(report, baselines) -> str:
     suffix = "-baselines" if baselines else ""
-    return f"{report.dataset}-{report.split}-{report.column.replace(' ', '')}-{report.details['episodes']}ep{suffix}.json"
+    return f"{report.dataset}-{report.split}-{report.n_way}way{report.k_shot}shot-{report.details['episodes']}ep{suffix}.json"
 
 
 def run_evaluation(

@@ -1,0 +1,26 @@
+"""Helpers for the command-line tests: a tiny generated image-folder data set and tiny training flags."""
+
+import numpy as np
+from PIL import Image
+
+# 2-way 1-shot, 2 queries, T = 2, small conv4: a meta-update takes a few milliseconds.
+TINY_FLAGS = [
+    "--n-way", "2", "--k-shot", "1", "--query", "2", "--inner-steps", "2", "--hidden-units", "4",
+    "--filters", "4", "--log-every", "2", "--val-episodes", "2", "--no-progress",
+]
+
+
+def make_image_folder(root, num_classes=12, per_class=5, size=(28, 28), mode="L", seed=0):
+    """One sub-folder per class; a class is a random binary prototype, its images are noisy copies."""
+    rng = np.random.default_rng(seed)
+    for k in range(num_classes):
+        prototype = rng.random(size[::-1]) > 0.5
+        folder = root / f"class_{k:02d}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            noisy = np.where(rng.random(size[::-1]) < 0.1, ~prototype, prototype)
+            pixels = (noisy * 255).astype(np.uint8)
+            if mode == "RGB":
+                pixels = np.repeat(pixels[..., None], 3, axis=-1)
+            Image.fromarray(pixels, mode=mode).save(folder / f"img{i}.png")
+    return root

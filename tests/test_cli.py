@@ -1,0 +1,300 @@
+"""`metalstm train / evaluate / quickstart` through click's CliRunner, on a tiny generated image folder.
+
+In-process runs pass --no-deterministic: op determinism is process-wide and would change other test modules.
+"""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from cli_helpers import TINY_FLAGS, make_image_folder
+from click.testing import CliRunner
+from keras_metalstm.cli.main import main
+from PIL import Image
+
+
+def run_cli(args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def train_args(data_dir, run_dir, *extra):
+    return ["train", "--dataset", "folder", "--data-dir", data_dir, "--run-dir", run_dir, *TINY_FLAGS,
+            "--no-deterministic", *extra]
+
+
+def snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data") / "folder")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    result = run_cli(train_args(data_dir, run_dir, "--episodes", "8", "--checkpoint-every", "4",
+                                "--validate-every", "4"))
+    assert result.exit_code == 0, result.output
+    return run_dir, result.output
+
+
+def test_help_lists_every_command():
+    result = run_cli(["--help"])
+    assert result.exit_code == 0
+    for command in ("train", "evaluate", "quickstart"):
+        assert command in result.output
+    for command in ("train", "evaluate", "quickstart"):
+        assert run_cli([command, "--help"]).exit_code == 0
+    train_help = run_cli(["train", "--help"]).output
+    for flag in ("--dataset", "--data-dir", "--n-way", "--k-shot", "--query", "--inner-steps", "--meta-batch",
+                 "--episodes", "--learning-rate", "--clip-norm", "--xla / --no-xla", "--seed", "--run-dir",
+                 "--resume", "--config"):
+        assert flag in train_help
+
+
+def test_train_writes_checkpoints_config_metrics_and_curves(trained, data_dir):
+    run_dir, output = trained
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (config["n_way"], config["k_shot"], config["query"], config["inner_steps"]) == (2, 1, 2, 2)
+    assert config["image_shape"] == [28, 28, 1] and config["data_dir"] == str(data_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.index")) == ["ckpt-4.index", "ckpt-8.index"]
+    assert any((run_dir / "best").glob("ckpt-*.index"))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in rows if r["kind"] == "train"] == [2, 4, 6, 8]
+    assert [r["episode"] for r in rows if r["kind"] == "val"] == [4, 8]
+    assert all(0 <= r["accuracy"] <= 1 and math.isfinite(r.get("loss", 0)) for r in rows)
+    assert (run_dir / "metrics.csv").read_text().splitlines()[0].startswith("kind,episode,loss,accuracy")
+    with Image.open(run_dir / "curves.png") as image:
+        assert image.format == "PNG" and image.size[0] > 500
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "finished" and state["episode"] == 8
+    assert (run_dir / "best.keras").is_file()
+    assert "finished: 8 episodes" in output and str(run_dir) in output
+
+
+def test_existing_run_without_resume_is_refused_and_untouched(trained, data_dir):
+    run_dir, _ = trained
+    before = snapshot(run_dir)
+    result = run_cli(train_args(data_dir, run_dir, "--episodes", "4"))
+    assert result.exit_code != 0
+    assert "already holds a training run" in result.output and "--resume" in result.output
+    assert snapshot(run_dir) == before
+
+
+def test_non_empty_directory_is_refused(tmp_path, data_dir):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = run_cli(train_args(data_dir, tmp_path, "--episodes", "2"))
+    assert result.exit_code != 0 and "not empty" in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_resume_with_another_episode_shape_is_refused(trained, data_dir):
+    run_dir, _ = trained
+    before = snapshot(run_dir)
+    result = run_cli(train_args(data_dir, run_dir, "--episodes", "10", "--k-shot", "2", "--resume"))
+    assert result.exit_code != 0
+    assert "different learner or episode shape" in result.output and "k_shot" in result.output
+    assert snapshot(run_dir) == before
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    assert run_cli(train_args(data_dir, run_dir, "--episodes", "4", "--checkpoint-every", "2")).exit_code == 0
+    result = run_cli(["train", "--run-dir", run_dir, "--resume", "--episodes", "6", "--no-progress",
+                      "--no-deterministic"])
+    assert result.exit_code == 0, result.output
+    assert "finished: 6 episodes" in result.output
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in rows if r["kind"] == "train"] == [2, 4, 6]  # no duplicates
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["episodes"] == 6
+
+
+def test_missing_or_unknown_data_set_path(tmp_path):
+    result = run_cli(["train", "--dataset", "folder", "--run-dir", tmp_path / "a", *TINY_FLAGS])
+    assert result.exit_code != 0 and "needs a data directory" in result.output
+    result = run_cli(["train", "--dataset", "folder", "--data-dir", tmp_path / "nope", "--run-dir",
+                      tmp_path / "b", *TINY_FLAGS])
+    assert result.exit_code != 0 and "not found" in result.output
+    result = run_cli(["train", "--dataset", "imagenet21k", "--run-dir", tmp_path / "c"])
+    assert result.exit_code != 0 and "imagenet21k" in result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_config_file_environment_and_flags_are_layered(tmp_path, data_dir):
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(f'dataset = "folder"\ndata-dir = "{data_dir}"\nn-way = 3\nquery = 1\nepisodes = 2\n'
+                           'log-every = 2\nval-episodes = 0\ninner-steps = 2\nhidden-units = 4\nfilters = 4\n')
+    env = {"METALSTM_N_WAY": "2", "METALSTM_EPISODES": "6", "METALSTM_QUERY": "2"}
+    run_dir = tmp_path / "run"
+    result = run_cli(["train", "--config", config_file, "--run-dir", run_dir, "--episodes", "2",
+                      "--no-progress", "--no-deterministic"], env=env)
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["n_way"] == 2  # environment over file
+    assert config["episodes"] == 2  # flag over environment
+    assert config["query"] == 2 and config["inner_steps"] == 2  # environment, file
+    assert config["dataset"] == "folder"
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, data_dir,
+                                                                                monkeypatch):
+    import tensorflow as tf
+
+    import keras_metalstm as km
+
+    original = km.MetaTrainer.train_step
+    calls = []
+
+    def poisoned(self, episodes):
+        out = original(self, episodes)
+        calls.append(1)
+        if len(calls) >= 5:
+            return {"loss": tf.constant(float("nan")), "accuracy": out["accuracy"]}
+        return out
+
+    monkeypatch.setattr(km.MetaTrainer, "train_step", poisoned)
+    run_dir = tmp_path / "run"
+    result = run_cli(train_args(data_dir, run_dir, "--episodes", "10", "--checkpoint-every", "2",
+                                "--val-episodes", "0"))
+    assert result.exit_code != 0
+    assert "loss became nan at episode 5" in result.output and "ckpt-4" in result.output
+    assert tf.train.latest_checkpoint(str(run_dir / "checkpoints")).endswith("ckpt-4")
+    assert json.loads((run_dir / "state.json").read_text())["status"] == "diverged"
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def test_evaluate_json_output(trained):
+    run_dir, _ = trained
+    result = CliRunner().invoke(main, ["evaluate", str(run_dir), "--episodes", "6", "--json", "--no-progress"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report) == {"meta_lstm"}
+    assert report["meta_lstm"]["episodes"] == 6
+    # 2-way 2-query episodes: every episode accuracy is a multiple of 25%, the mean a multiple of 25/6
+    assert 0 <= report["meta_lstm"]["mean"] <= 100
+    assert (report["meta_lstm"]["mean"] * 6 / 25) == pytest.approx(round(report["meta_lstm"]["mean"] * 6 / 25))
+    saved = list((run_dir / "evaluation").glob("*.json"))
+    assert saved and json.loads(saved[0].read_text())["results"]["meta_lstm"]["episodes"] == 6
+
+
+def test_evaluate_with_baselines_prints_table_1_on_the_same_episodes(trained, monkeypatch):
+    import keras_metalstm.evaluation as evaluation
+    from keras_metalstm.data import episode_dataset
+    from keras_metalstm.training import load_run_config
+
+    run_dir, _ = trained
+    seen = {"meta_lstm": [], "baselines": []}
+    reports = []
+    original = evaluation.evaluate_run
+
+    def recording(*args, **kwargs):
+        def on_batch(method, batch):
+            seen[method].append({k: v.numpy() for k, v in batch.items()})
+
+        reports.append(original(*args, on_batch=on_batch, **kwargs))
+        return reports[-1]
+
+    monkeypatch.setattr(evaluation, "evaluate_run", recording)
+    result = run_cli(["evaluate", run_dir, "--episodes", "4", "--baselines", "--pretrain-epochs", "1",
+                      "--finetune-val-episodes", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    row = {name: next(line for line in lines if line.startswith(f"| {name}"))
+           for name in ("Baseline fine-tune", "Baseline nearest neighbour", "Meta-Learner LSTM")}
+    assert all("+-" in line for line in row.values())
+    assert "2-way 1-shot" in result.output and "4 episodes" in result.output
+    info = json.loads((run_dir / "baselines" / "baselines.json").read_text())
+    chosen = info["finetune_2way_1shot_q2_val2"]
+    assert chosen["val_accuracy"] == max(chosen["grid"].values())  # best on the validation classes
+
+    # the baselines saw exactly the meta-learner's batches ...
+    assert len(seen["meta_lstm"]) == len(seen["baselines"]) > 0
+    for a, b in zip(seen["meta_lstm"], seen["baselines"], strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    # ... which are the documented test episodes: seed 1000 of the run's test classes
+    config = load_run_config(run_dir)
+    expected = next(iter(episode_dataset(evaluation.evaluation_dataset(config), 2, 1, 2, batch_size=4,
+                                         seed=1000)))
+    np.testing.assert_array_equal(seen["meta_lstm"][0]["support_images"], expected["support_images"].numpy())
+    report = reports[0]
+    assert {m: r["episodes"] for m, r in report.results.items()} == {
+        "meta_lstm": 4, "finetune": 4, "nearest_neighbour": 4}
+    for method, values in report.accuracies.items():
+        assert report.results[method]["mean"] == pytest.approx(100 * np.mean(values))
+        assert f"{report.results[method]['mean']:.2f}" in row[evaluation.METHOD_LABELS[method]]
+
+
+def test_cross_domain_evaluation_converts_the_images(trained, tmp_path):
+    run_dir, _ = trained
+    other = make_image_folder(tmp_path / "rgb", num_classes=3, per_class=4, size=(36, 36), mode="RGB", seed=5)
+    result = run_cli(["evaluate", run_dir, "--dataset", "folder", "--data-dir", other, "--split", "all",
+                      "--episodes", "2", "--json", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["meta_lstm"]["episodes"] == 2
+    saved = json.loads((run_dir / "evaluation" / "folder-all-2way1shot-2ep.json").read_text())
+    assert saved["details"]["test_classes"] == 3 and saved["details"]["data"] == "folder/all"
+
+
+def test_conversion_to_the_runs_image_shape_follows_the_rule():
+    import tensorflow as tf
+
+    from keras_metalstm.config import RunConfig
+    from keras_metalstm.data import ClassIndexedDataset, convert_images
+    from keras_metalstm.evaluation import _convert
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(4, 36, 36, 3), dtype=np.uint8)
+    data = ClassIndexedDataset(images, [2, 2], ["a", "b"], name="rgb")
+    converted = _convert(data, (28, 28, 1))
+    assert converted.image_shape == (28, 28, 1) and converted.class_names == ("a", "b")
+    expected = tf.cast(tf.round(convert_images(images, (28, 28, 1)) * 255), tf.uint8).numpy()
+    np.testing.assert_array_equal(converted.images, expected)
+    assert RunConfig(image_shape=[28, 28, 1]).image_shape == [28, 28, 1]
+
+
+def test_evaluate_errors(trained, tmp_path, data_dir):
+    run_dir, _ = trained
+    result = run_cli(["evaluate", tmp_path / "missing"])
+    assert result.exit_code != 0 and "does not exist" in result.output
+    (tmp_path / "empty").mkdir()
+    result = run_cli(["evaluate", tmp_path / "empty"])
+    assert result.exit_code != 0 and "holds no training run" in result.output
+    result = run_cli(["evaluate", run_dir, "--dataset", "folder"])
+    assert result.exit_code != 0 and "--data-dir" in result.output
+    result = run_cli(["evaluate", run_dir, "--dataset", "folder", "--data-dir", tmp_path / "nope"])
+    assert result.exit_code != 0 and "not found" in result.output
+
+
+def test_checkpoint_of_another_learner_shape_is_refused(trained, tmp_path, data_dir):
+    run_dir, _ = trained
+    other = tmp_path / "other"
+    assert run_cli(train_args(data_dir, other, "--episodes", "2", "--n-way", "3", "--val-episodes", "0")).exit_code == 0
+    mixed = tmp_path / "mixed"
+    shutil.copytree(run_dir, mixed)
+    shutil.rmtree(mixed / "best")
+    shutil.rmtree(mixed / "checkpoints")
+    shutil.copytree(other / "checkpoints", mixed / "checkpoints")
+    result = run_cli(["evaluate", mixed, "--episodes", "2"])
+    assert result.exit_code != 0 and "does not fit this meta-learner" in result.output
+
+
+def test_quickstart_refuses_a_non_empty_output(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = run_cli(["quickstart", "--out", tmp_path])
+    assert result.exit_code != 0 and "not empty" in result.output
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path):
+    result = run_cli(["quickstart", "--out", tmp_path / "qs", "--episodes", "20", "--eval-episodes", "10",
+                      "--pretrain-epochs", "1", "--no-progress", "--no-export"])
+    assert result.exit_code == 0, result.output
+    assert "Meta-Learner LSTM" in result.output and "quickstart done" in result.output
+    assert (tmp_path / "qs" / "run" / "best.keras").is_file()

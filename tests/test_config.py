@@ -1,0 +1,47 @@
+"""RunConfig: validation, YAML/TOML round trips and the file < environment < flags layering."""
+
+import pytest
+
+from keras_metalstm.config import ConfigError, RunConfig, env_overrides, read_config_file
+
+
+def test_defaults_are_the_papers_1_shot_setting():
+    config = RunConfig()
+    assert (config.n_way, config.k_shot, config.query, config.inner_steps) == (5, 1, 15, 12)
+    assert (config.learning_rate, config.clip_norm, config.hidden_units) == (1e-3, 0.25, 20)
+
+
+def test_yaml_round_trip(tmp_path):
+    config = RunConfig(n_way=3, k_shot=5, bn_momentum=None, image_shape=[28, 28, 1], data_dir="x")
+    config.save(tmp_path / "c.yaml")
+    assert RunConfig.load(tmp_path / "c.yaml") == config
+
+
+def test_toml_file_with_dashed_keys(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('n-way = 3\nk_shot = 5\nxla = true\nlearning-rate = 0.01\n')
+    assert read_config_file(path) == {"n_way": 3, "k_shot": 5, "xla": True, "learning_rate": 0.01}
+
+
+def test_unknown_key_and_bad_values_are_errors(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("n_wya: 3\n")
+    with pytest.raises(ConfigError, match="unknown setting 'n_wya'"):
+        read_config_file(path)
+    with pytest.raises(ConfigError, match="n_way must be at least 1"):
+        RunConfig(n_way=0)
+    with pytest.raises(ConfigError, match="multiple of meta_batch"):
+        RunConfig(episodes=10, meta_batch=4)
+    with pytest.raises(ConfigError, match="invalid value"):
+        RunConfig.from_dict({"k_shot": "five"})
+
+
+def test_environment_values_are_converted():
+    env = {"METALSTM_K_SHOT": "5", "METALSTM_XLA": "yes", "METALSTM_LEARNING_RATE": "0.01",
+           "METALSTM_BN_MOMENTUM": "none", "METALSTM_RUN_DIR": "ignored-here", "OTHER": "1"}
+    assert env_overrides(env) == {"k_shot": 5, "xla": True, "learning_rate": 0.01, "bn_momentum": None}
+
+
+def test_shape_differences_name_the_fields():
+    a, b = RunConfig(), RunConfig(k_shot=5, episodes=10)
+    assert a.shape_differences(b) == {"k_shot": (1, 5)}  # episodes may change on resume

@@ -1,0 +1,50 @@
+"""The 95% interval formula, the percent summary and the Table 1 layout."""
+
+import math
+
+import numpy as np
+import pytest
+
+from keras_metalstm.evaluation import format_table, summarise
+from keras_metalstm.training import eval_batch_size, mean_ci95
+
+
+def test_ci95_matches_a_direct_numpy_computation():
+    rng = np.random.default_rng(0)
+    accuracies = rng.integers(0, 76, size=600) / 75.0  # 5-way, 15 queries: multiples of 1/75
+    mean, ci95 = mean_ci95(accuracies)
+    direct_std = math.sqrt(sum((a - accuracies.mean()) ** 2 for a in accuracies) / len(accuracies))
+    assert mean == pytest.approx(sum(accuracies) / 600, abs=1e-12)
+    assert ci95 == pytest.approx(1.96 * direct_std / math.sqrt(600), rel=1e-12)
+    # population std (ddof=0), not the sample std
+    assert ci95 != pytest.approx(1.96 * np.std(accuracies, ddof=1) / math.sqrt(600), rel=1e-6)
+
+
+def test_ci95_hand_example():
+    mean, ci95 = mean_ci95([0.0, 1.0, 0.0, 1.0])  # std 0.5
+    assert (mean, ci95) == (0.5, pytest.approx(1.96 * 0.5 / 2))
+    with pytest.raises(ValueError):
+        mean_ci95([])
+
+
+def test_summary_is_in_percent():
+    assert summarise([0.5, 1.0]) == {"mean": 75.0, "ci95": pytest.approx(100 * 1.96 * 0.25 / math.sqrt(2)),
+                                     "episodes": 2}
+
+
+def test_table_is_shaped_like_table_1():
+    one = {"meta_lstm": {"mean": 60.6, "ci95": 0.71, "episodes": 600},
+           "finetune": {"mean": 49.79, "ci95": 0.79, "episodes": 600},
+           "nearest_neighbour": {"mean": 51.04, "ci95": 0.65, "episodes": 600}}
+    table = format_table({"5-way 1-shot": one, "5-way 5-shot": {"meta_lstm": one["meta_lstm"]}})
+    lines = table.splitlines()
+    assert "5-way 1-shot" in lines[0] and "5-way 5-shot" in lines[0]
+    # the paper's row order: fine-tune, nearest neighbour, meta-learner
+    assert [line.split("|")[1].strip() for line in lines[2:]] == [
+        "Baseline fine-tune", "Baseline nearest neighbour", "Meta-Learner LSTM"]
+    assert "49.79 +- 0.79%" in lines[2] and "60.60 +- 0.71%" in lines[4]
+    assert lines[2].split("|")[3].strip() == "-"  # missing cell
+
+
+def test_eval_batch_size_divides():
+    assert eval_batch_size(600) == 5 and eval_batch_size(7) == 1 and eval_batch_size(4) == 4
