@@ -91,7 +91,7 @@ def main():
 
     print(
         f"model: {adapted.learner.name} {adapted.image_shape} -> {adapted.num_classes} classes, "
-        f"{adapted.learner.count_params():,} parameters; tf {tf.__version__}, {os.cpu_count()} CPU(s); "
+        f"{sum(int(np.prod(v.shape)) for v in adapted.learner.trainable_variables):,} trainable parameters; tf {tf.__version__}, {os.cpu_count()} CPU(s); "
         f"{result.parity.summary()}"
     )
     header = f"{'backend':<14}" + "".join(f"{f'batch {b} ms':>14}{'x keras':>10}" for b in batches)

@@ -118,3 +118,36 @@ def test_adapt_rejects_wrong_class_count_existing_output_and_bad_suffix(workspac
     assert result.exit_code == 1 and ".keras" in result.output
     result = run("adapt", adapted_file, "--support", workspace / "support", "--out", tmp_path / "y.keras")
     assert result.exit_code == 1 and "not a meta-learner" in result.output
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny fontglot training run (`metalstm train`), the documented input of `metalstm adapt` (slow tests:
+    training and loading a run take tens of seconds on 2 busy cores)."""
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    flags = ["--n-way", "5", "--k-shot", "1", "--query", "2", "--inner-steps", "2", "--hidden-units", "4"]
+    flags += ["--filters", "4", "--episodes", "2", "--checkpoint-every", "2", "--validate-every", "2"]
+    flags += ["--val-episodes", "1", "--log-every", "2", "--no-progress"]
+    result = run("train", "--dataset", "fontglot", "--run-dir", run_dir, *flags)
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+@pytest.mark.slow
+def test_adapt_accepts_a_training_run_folder(run_dir, workspace, tmp_path):
+    out = tmp_path / "task.keras"
+    result = run("adapt", run_dir, "--support", workspace / "support", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "adapted 5-way" in result.output and out.is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_export_hook_adapts_exports_and_predicts(run_dir, tmp_path):
+    from keras_metalstm.export import quickstart_export
+
+    description = quickstart_export(run_dir, tmp_path / "export")
+    assert "parity OK" in description and "adapt-in-serving SavedModel" in description
+    assert (tmp_path / "export" / "adapted.keras").is_file()
+    assert (tmp_path / "export" / "saved_models" / "task" / "1" / "model.onnx").is_file()
+    assert (tmp_path / "export" / "saved_models" / "metalstm" / "1" / "saved_model.pb").is_file()
+    assert len(list((tmp_path / "export" / "support").iterdir())) == 5
