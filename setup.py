@@ -16,7 +16,10 @@ setup(
     # The command-line code lives in the top-level cli/ folder of the checkout but is installed inside our
     # own namespace, never as a top-level `cli` module in site-packages.
     package_dir={"keras_metalstm.cli": "cli"},
-    package_data={"keras_metalstm.data": ["fontglot-28.npz", "FONTGLOT.md"]},
+    package_data={
+        "keras_metalstm.data": ["fontglot-28.npz", "FONTGLOT.md"],
+        "keras_metalstm.export": ["SERVING.md"],
+    },
     install_requires=[
         "tensorflow>=2.16",
         "keras>=3.0",

@@ -1,6 +1,7 @@
 """keras-metalstm: the LSTM meta-learner of Ravi & Larochelle (ICLR 2017) for few-shot learning in Keras 3."""
 
-from keras_metalstm import learners
+# `export` registers AdaptedLearner, so keras.saving.load_model() reads adapted `.keras` files.
+from keras_metalstm import export, learners
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction
 from keras_metalstm.meta_learner import MetaLearner
@@ -15,6 +16,7 @@ __all__ = [
     "MetaLSTMCell",
     "MetaLearner",
     "MetaTrainer",
+    "export",
     "learners",
     "meta_optimizer",
     "preprocess",
