@@ -63,14 +63,20 @@ def test_meta_lstm_cell_initialisation_is_the_official_one():
     assert numpy_sigmoid(float(cell.b_i.numpy())) < 0.02
 
 
-def test_coordinate_lstm_matches_keras_lstm_cell_on_the_same_weights():
-    rng = np.random.default_rng(2)
-    ours = km.CoordinateLSTM(units=20, input_dim=4)
-    reference = keras.layers.LSTMCell(20)
+def lstm_pair(units, rng):
+    """Our CoordinateLSTM and Keras' LSTMCell holding the same random weights."""
+    ours = km.CoordinateLSTM(units=units, input_dim=4)
+    reference = keras.layers.LSTMCell(units)
     reference.build((None, 4))
     for variable in ours.trainable_variables:
         variable.assign(rng.normal(size=variable.shape) * 0.5)
     reference.set_weights([ours.kernel.numpy(), ours.recurrent_kernel.numpy(), ours.bias.numpy()])
+    return ours, reference
+
+
+def test_coordinate_lstm_matches_keras_lstm_cell_on_the_same_weights():
+    rng = np.random.default_rng(2)
+    ours, reference = lstm_pair(20, rng)
 
     inputs = [rng.normal(size=(33, 4)).astype(np.float32) for _ in range(3)]
     state = None  # the zero state
@@ -103,12 +109,7 @@ def test_shared_inputs_equal_the_same_features_copied_to_every_coordinate():
 
 def test_coordinate_lstm_gradients_match_keras_lstm_cell():
     rng = np.random.default_rng(4)
-    ours = km.CoordinateLSTM(units=8, input_dim=4)
-    reference = keras.layers.LSTMCell(8)
-    reference.build((None, 4))
-    for variable in ours.trainable_variables:
-        variable.assign(rng.normal(size=variable.shape) * 0.5)
-    reference.set_weights([ours.kernel.numpy(), ours.recurrent_kernel.numpy(), ours.bias.numpy()])
+    ours, reference = lstm_pair(8, rng)
     inputs = [tf.constant(rng.normal(size=(17, 4)), tf.float32) for _ in range(3)]
     target = tf.constant(rng.normal(size=(17, 8)), tf.float32)
 
