@@ -1,0 +1,233 @@
+"""Scale-out with TensorFlow's own tf.distribute: strategy factory, distributed episodes, a distributed trainer.
+
+Nothing here implements communication: the strategies (Mirrored, MultiWorkerMirrored, TPU) do the all-reduces.
+This module only decides WHAT is reduced and WHEN, so that N replicas compute exactly the meta-update a single
+device computes on the same global meta-batch:
+
+* global meta-batch G = per-replica batch b x replicas R. Replica r of global step g sees episodes
+  ``start + g*G + r*b ... start + g*G + (r+1)*b - 1`` (`distributed_episodes`): disjoint, and the union of one
+  step's replicas is exactly the default strategy's batch g, so runs and resumes are comparable across strategies.
+* the loss of each replica is summed over its episodes and divided by G (`MetaLearner.meta_gradients`), so the
+  SUM of the replicas' gradients is the gradient of the global mean loss.
+* clipping: the paper clips the global L2 norm of THE meta-gradient. Keras 3's optimizer clips (`global_clipnorm`)
+  BEFORE it all-reduces, i.e. each replica's partial gradient, which is not the same thing (see
+  `DistributedMetaTrainer`). Here the gradient is all-reduced explicitly (replica context SUM), its global norm
+  taken, every replica's partial gradient scaled by the same factor min(1, c / ||sum||), and the optimizer (built
+  without clipping) sums the scaled partials with its own all-reduce: the update is Adam(clip(sum of partials)).
+* XLA: with ``jit_compile`` the meta-gradient (inner loop + query loss + backward) of each replica is one XLA
+  cluster (a nested ``tf.function(jit_compile=True)``); the all-reduces, the clip and the Adam update run as
+  ordinary TF ops (collectives cannot live in an XLA cluster on CPU/GPU). On TPU the whole replica step (all-reduces
+  and update included) is compiled by XLA anyway: TPUStrategy compiles every function passed to `strategy.run`.
+* checkpoints: every worker must call save (variables may need collectives), only the chief's files are kept:
+  `worker_directory` gives non-chief workers a private temporary directory, removed with `remove_worker_directory`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import tensorflow as tf
+
+from keras_metalstm.config import ConfigError
+from keras_metalstm.trainer import MetaTrainer, meta_optimizer
+
+STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
+
+
+class StrategyError(ConfigError):
+    """A strategy or meta-batch setting that cannot work (a ValueError; the CLI reports it without traceback)."""
+
+
+# ------------------------------------------------------------------------------------------------- factory
+def make_strategy(name: str = "default", tpu: str | None = None, devices=None) -> tf.distribute.Strategy:
+    """The tf.distribute strategy called `name` (one of STRATEGIES).
+
+    * "default": the no-op default strategy (one device).
+    * "mirrored": MirroredStrategy over `devices`, else every GPU, else every logical CPU device (so a CPU
+      split into logical devices with `tf.config.set_logical_device_configuration` gives several replicas).
+    * "multiworker": MultiWorkerMirroredStrategy; the cluster and this worker's task come from the TF_CONFIG
+      environment variable exactly as TensorFlow documents it. Create it at program start, before other ops.
+    * "tpu": the documented sequence TPUClusterResolver(tpu) -> experimental_connect_to_cluster ->
+      initialize_tpu_system -> TPUStrategy. `tpu` is the TPU name or grpc:// address ("" or None: local TPU VM /
+      the TPU_NAME environment variable, as the resolver does).
+    """
+    name = (name or "default").lower()
+    if name not in STRATEGIES:
+        raise StrategyError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    if name != "tpu" and tpu:
+        raise StrategyError("--tpu only makes sense with --strategy tpu")
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        if devices is None:
+            gpus = tf.config.list_logical_devices("GPU")
+            devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices=list(devices))
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def per_replica_batch(strategy: tf.distribute.Strategy, global_batch: int) -> int:
+    """b = G / R; G must be a multiple of the number of replicas R."""
+    replicas = strategy.num_replicas_in_sync
+    if global_batch < 1 or global_batch % replicas:
+        raise StrategyError(
+            f"the meta-batch ({global_batch}) must be a positive multiple of the number of replicas ({replicas}): "
+            "every replica gets the same number of episodes (static shapes)"
+        )
+    return global_batch // replicas
+
+
+# ------------------------------------------------------------------------------------------------ episodes
+def distributed_episodes(
+    strategy,
+    split,
+    n_way,
+    k_shot,
+    q_query,
+    *,
+    global_batch,
+    seed=0,
+    start_episode=0,
+    num_episodes=None,
+):
+    """A distributed dataset of episode batches: each step gives every replica b = G/R DIFFERENT episodes.
+
+    Built with `strategy.distribute_datasets_from_function`: each input pipeline (one per worker) produces only
+    its own replicas' episodes (episodes are pure functions of (seed, index): nothing is read and discarded).
+    Pipeline w with L local replicas yields, for step g, the batches of global replicas w*L, ..., w*L+L-1 in that
+    order (tf.distribute hands a pipeline's consecutive elements to its local replicas round-robin).
+    `num_episodes` (None: endless) must be a multiple of G.
+    """
+    from keras_metalstm.data import EpisodeSampler
+
+    b = per_replica_batch(strategy, global_batch)
+    if num_episodes is not None and (num_episodes < 1 or num_episodes % global_batch):
+        raise StrategyError(f"num_episodes ({num_episodes}) must be a positive multiple of the meta-batch ({global_batch})")
+    steps = None if num_episodes is None else num_episodes // global_batch
+    sampler = EpisodeSampler(split, n_way, k_shot, q_query, seed)
+    start = int(start_episode)
+
+    def dataset_fn(context: tf.distribute.InputContext):
+        local = context.num_replicas_in_sync // context.num_input_pipelines
+        first_replica = context.input_pipeline_id * local
+        counter = tf.data.Dataset.range(steps * local) if steps is not None else tf.data.Dataset.counter()
+
+        def episode_indices(m):
+            step, replica = m // local, first_replica + m % local
+            base = start + step * global_batch + replica * b
+            return tf.data.Dataset.range(base, base + b)
+
+        return (
+            counter.flat_map(episode_indices)
+            .map(sampler.episode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .batch(b, drop_remainder=True)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
+    return strategy.distribute_datasets_from_function(dataset_fn, options)
+
+
+# ------------------------------------------------------------------------------------------------- trainer
+class DistributedMetaTrainer(MetaTrainer):
+    """MetaTrainer whose meta-update is right under any strategy: Adam(clip_by_global_norm(sum of replicas)).
+
+    `train_step` takes an element of `distributed_episodes(...)` (a per-replica value) or, under the default
+    strategy, a plain episode batch. Create it, and the MetaLearner, inside `strategy.scope()` (or pass
+    `strategy`).
+
+    Why not MetaTrainer as is: `optimizer.apply` inside `strategy.run` does all-reduce (SUM) the gradients, but
+    Keras 3 applies `global_clipnorm` BEFORE that all-reduce, to each replica's partial gradient, so whenever
+    the clip is active N replicas take a different step than one device on the same meta-batch.
+    """
+
+    def __init__(self, meta, learning_rate=1e-3, clip_norm=0.25, jit_compile=False, strategy=None):
+        self.clip_norm = float(clip_norm) if clip_norm else None
+        strategy = strategy or tf.distribute.get_strategy()
+        with strategy.scope():
+            optimizer = meta_optimizer(learning_rate, clip_norm=None)
+        super().__init__(meta, learning_rate, clip_norm, jit_compile, optimizer=optimizer, strategy=strategy)
+        self._gradients = (
+            tf.function(self.meta.meta_gradients, jit_compile=True) if self.jit_compile else self.meta.meta_gradients
+        )
+
+    def _replica_train_step(self, episodes):
+        loss, accuracy, gradients = self._gradients(episodes)
+        if self.clip_norm is not None:
+            context = tf.distribute.get_replica_context()
+            total = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+            norm = tf.linalg.global_norm(total)
+            # tf.clip_by_global_norm's factor, applied to every replica's partial gradient alike.
+            scale = self.clip_norm / tf.maximum(norm, self.clip_norm)
+            gradients = [gradient * scale for gradient in gradients]
+        self.optimizer.apply(gradients, self.meta.trainable_variables)  # all-reduces (SUM) then updates
+        return loss, accuracy
+
+    def evaluate_step(self, episodes):
+        """Per-episode test metrics of a plain (non-distributed) batch of B episodes, B multiple of R: each
+        replica evaluates its own B/R episodes; the results come back in batch order (all B of them)."""
+        replicas = self.strategy.num_replicas_in_sync
+        if replicas == 1:
+            return self._evaluate_function(episodes)
+        size = next(iter(episodes.values())).shape[0]
+        if size % replicas:
+            raise StrategyError(f"evaluation batch ({size}) must be a multiple of the number of replicas ({replicas})")
+        b = size // replicas
+
+        def value_fn(context):
+            first = context.replica_id_in_sync_group * b
+            return {key: value[first : first + b] for key, value in episodes.items()}
+
+        return self._evaluate_function(self.strategy.experimental_distribute_values_from_function(value_fn))
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def task_type_and_id(strategy) -> tuple[str | None, int | None]:
+    """(task type, task id) of this worker in a multi-worker cluster, (None, None) on a single worker."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return None, None
+    return resolver.task_type, resolver.task_id
+
+
+def is_chief(strategy=None) -> bool:
+    """True on the worker that writes checkpoints and logs (the single worker, "chief", or worker 0 without a
+    chief task, as TensorFlow's convention is)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    task_type, task_id = task_type_and_id(strategy)
+    if task_type is None:
+        return True
+    cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+    if "chief" in cluster:
+        return task_type == "chief"
+    return task_type == "worker" and task_id == 0
+
+
+def worker_directory(directory, strategy=None) -> str:
+    """Where this worker writes `directory`'s files: `directory` itself on the chief, a private temporary
+    directory elsewhere (every worker must take part in a save; only the chief's copy is kept)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    if is_chief(strategy):
+        return str(directory)
+    task_type, task_id = task_type_and_id(strategy)
+    return tempfile.mkdtemp(prefix=f"metalstm-{task_type}{task_id}-")
+
+
+def remove_worker_directory(path, directory) -> None:
+    """Delete a non-chief worker's temporary copy (no-op on the chief)."""
+    if os.path.abspath(str(path)) != os.path.abspath(str(directory)):
+        shutil.rmtree(str(path), ignore_errors=True)
+
+
+def tf_config() -> dict:
+    """The parsed TF_CONFIG environment variable ({} when unset)."""
+    text = os.environ.get("TF_CONFIG", "")
+    return json.loads(text) if text else {}
