@@ -95,7 +95,12 @@ def quickstart(out, episodes, eval_episodes, pretrain_epochs, resume, do_export,
         exported = None
         if do_export:
             click.echo("3/3 export")
-            exported = export_step(run_dir, out, log)
+            try:
+                exported = export_step(run_dir, out, log)
+            except ValueError as error:  # ExportError and friends: the run is kept, say what failed
+                raise click.ClickException(
+                    f"export failed (the run and its evaluation are kept): {error}"
+                ) from None
             click.echo(exported or "export skipped: the export package is not installed")
     click.echo(
         f"quickstart done in {duration(timer.seconds)}: run {run_dir} (checkpoints, metrics.jsonl, "

@@ -25,7 +25,7 @@ def training_options(function):
         ),
         click.option(
             "--data-dir",
-            type=click.Path(),
+            type=click.Path(resolve_path=True),
             default=None,
             help="Data directory (omniglot, miniimagenet, folder).",
         ),
@@ -193,22 +193,39 @@ def summary_line(result) -> str:
     help="TensorFlow op determinism (bitwise-exact resume).",
 )
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def train(run_dir, resume, config_file, deterministic, progress, **flags):
+@click.option(
+    "--strategy",
+    "strategy_name",
+    type=click.Choice(["default", "mirrored", "multiworker", "tpu"]),
+    default="default",
+    show_default=True,
+    help="tf.distribute strategy; --meta-batch is the global batch, split across replicas (multiworker reads "
+    "TF_CONFIG).",
+)
+@click.option("--tpu", default=None, help="TPU name or grpc:// address (with --strategy tpu).")
+def train(run_dir, resume, config_file, deterministic, progress, strategy_name, tpu, **flags):
     """Meta-train the LSTM meta-learner; checkpoints, validation, metrics and curves go to --run-dir.
 
     A run stopped with Ctrl-C/SIGTERM saves a checkpoint; `--resume` continues it (also after kill -9, from
     the last checkpoint) and ends with the same weights as an uninterrupted run.
     """
     quiet_tensorflow()
+    if tpu and strategy_name != "tpu":
+        raise click.UsageError("--tpu needs --strategy tpu")
     with user_errors():
         import os
+
+        from keras_metalstm.distribute import make_strategy
+
+        strategy = make_strategy(strategy_name, tpu)  # first TensorFlow work: multiworker must come first
 
         run_dir = run_dir or os.environ.get("METALSTM_RUN_DIR")
         config = resolve_config(run_dir or "", resume and run_dir is not None, config_file, flags)
         run_dir = run_dir or default_run_dir(config)
         if resume:
             config = resolve_config(run_dir, True, config_file, flags)
-        result = run_training(config, run_dir, resume, deterministic, progress)
+        with strategy.scope():
+            result = run_training(config, run_dir, resume, deterministic, progress)
     click.echo(summary_line(result))
     if result.status == "interrupted":
         click.echo(f"interrupted; continue with: metalstm train --run-dir {run_dir} --resume", err=True)
