@@ -83,5 +83,5 @@ def _panel(draw, box, title, x_range, y_range, series):
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
             if "ci95" in r:
                 draw.line([px, sy(r[key] - r["ci95"]), px, sy(r[key] + r["ci95"])], fill=colour)
-        draw.text((x1 - 150, legend_y), f"— {label}", fill=colour)
+        draw.text((x1 - 150, legend_y), f"-- {label}", fill=colour)
         legend_y += 14
