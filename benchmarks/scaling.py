@@ -6,7 +6,7 @@ Each configuration runs in its own subprocess (logical CPU devices must be confi
     mirrored-1   MirroredStrategy over 1 CPU device, same G: the per-step overhead of the strategy machinery
     mirrored-2   MirroredStrategy over 2 logical CPU devices, G/2 episodes per replica
 
-All use `DistributedMetaTrainer` + `distributed_episodes`, so the three compute the same meta-updates. The two
+All use `MetaTrainer` + `distributed_episodes`, so the three compute the same meta-updates. The two
 logical devices share the machine's cores (intra-op threads are divided between them): with 2 cores the
 "speed-up" can only come from running the two replicas' ops concurrently, not from more hardware.
 
@@ -33,7 +33,7 @@ def child(args):
 
     import keras_metalstm as km
     from keras_metalstm.data import load_dataset
-    from keras_metalstm.distribute import DistributedMetaTrainer, distributed_episodes, make_strategy
+    from keras_metalstm.distribute import distributed_episodes, make_strategy
 
     strategy = make_strategy("default" if args.mode == "default" else "mirrored")
     split = load_dataset("fontglot").train
@@ -41,7 +41,7 @@ def child(args):
         keras.utils.set_random_seed(0)
         learner = km.learners.conv4(input_shape=(28, 28, 1), num_classes=args.n_way, filters=args.filters)
         meta = km.MetaLearner(learner, inner_steps=args.inner_steps)
-        trainer = DistributedMetaTrainer(meta, jit_compile=args.xla, strategy=strategy)
+        trainer = km.MetaTrainer(meta, jit_compile=args.xla, strategy=strategy)
     total = (args.warmup + args.steps) * args.meta_batch
     batches = iter(
         distributed_episodes(

@@ -10,10 +10,10 @@ device computes on the same global meta-batch:
 * the loss of each replica is summed over its episodes and divided by G (`MetaLearner.meta_gradients`), so the
   SUM of the replicas' gradients is the gradient of the global mean loss.
 * clipping: the paper clips the global L2 norm of THE meta-gradient. Keras 3's optimizer clips (`global_clipnorm`)
-  BEFORE it all-reduces, i.e. each replica's partial gradient, which is not the same thing (see
-  `DistributedMetaTrainer`). Here the gradient is all-reduced explicitly (replica context SUM), its global norm
-  taken, every replica's partial gradient scaled by the same factor min(1, c / ||sum||), and the optimizer (built
-  without clipping) sums the scaled partials with its own all-reduce: the update is Adam(clip(sum of partials)).
+  BEFORE it all-reduces, i.e. each replica's partial gradient, which is not the same thing. `MetaTrainer` (through
+  `MetaLearner.meta_train_step`) all-reduces the gradient explicitly (replica context SUM), takes its global norm,
+  scales every replica's partial gradient by the same factor min(1, c / ||sum||), and the optimizer (built without
+  clipping) sums the scaled partials with its own all-reduce: the update is Adam(clip(sum of partials)).
 * XLA: with ``jit_compile`` the meta-gradient (inner loop + query loss + backward) of each replica is one XLA
   cluster (a nested ``tf.function(jit_compile=True)``); the all-reduces, the clip and the Adam update run as
   ordinary TF ops (collectives cannot live in an XLA cluster on CPU/GPU). On TPU the whole replica step (all-reduces
@@ -32,7 +32,6 @@ import tempfile
 import tensorflow as tf
 
 from keras_metalstm.config import ConfigError
-from keras_metalstm.trainer import MetaTrainer, meta_optimizer
 
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 
@@ -134,59 +133,6 @@ def distributed_episodes(
 
     options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
     return strategy.distribute_datasets_from_function(dataset_fn, options)
-
-
-# ------------------------------------------------------------------------------------------------- trainer
-class DistributedMetaTrainer(MetaTrainer):
-    """MetaTrainer whose meta-update is right under any strategy: Adam(clip_by_global_norm(sum of replicas)).
-
-    `train_step` takes an element of `distributed_episodes(...)` (a per-replica value) or, under the default
-    strategy, a plain episode batch. Create it, and the MetaLearner, inside `strategy.scope()` (or pass
-    `strategy`).
-
-    Why not MetaTrainer as is: `optimizer.apply` inside `strategy.run` does all-reduce (SUM) the gradients, but
-    Keras 3 applies `global_clipnorm` BEFORE that all-reduce, to each replica's partial gradient, so whenever
-    the clip is active N replicas take a different step than one device on the same meta-batch.
-    """
-
-    def __init__(self, meta, learning_rate=1e-3, clip_norm=0.25, jit_compile=False, strategy=None):
-        self.clip_norm = float(clip_norm) if clip_norm else None
-        strategy = strategy or tf.distribute.get_strategy()
-        with strategy.scope():
-            optimizer = meta_optimizer(learning_rate, clip_norm=None)
-        super().__init__(meta, learning_rate, clip_norm, jit_compile, optimizer=optimizer, strategy=strategy)
-        self._gradients = (
-            tf.function(self.meta.meta_gradients, jit_compile=True) if self.jit_compile else self.meta.meta_gradients
-        )
-
-    def _replica_train_step(self, episodes):
-        loss, accuracy, gradients = self._gradients(episodes)
-        if self.clip_norm is not None:
-            context = tf.distribute.get_replica_context()
-            total = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
-            norm = tf.linalg.global_norm(total)
-            # tf.clip_by_global_norm's factor, applied to every replica's partial gradient alike.
-            scale = self.clip_norm / tf.maximum(norm, self.clip_norm)
-            gradients = [gradient * scale for gradient in gradients]
-        self.optimizer.apply(gradients, self.meta.trainable_variables)  # all-reduces (SUM) then updates
-        return loss, accuracy
-
-    def evaluate_step(self, episodes):
-        """Per-episode test metrics of a plain (non-distributed) batch of B episodes, B multiple of R: each
-        replica evaluates its own B/R episodes; the results come back in batch order (all B of them)."""
-        replicas = self.strategy.num_replicas_in_sync
-        if replicas == 1:
-            return self._evaluate_function(episodes)
-        size = next(iter(episodes.values())).shape[0]
-        if size % replicas:
-            raise StrategyError(f"evaluation batch ({size}) must be a multiple of the number of replicas ({replicas})")
-        b = size // replicas
-
-        def value_fn(context):
-            first = context.replica_id_in_sync_group * b
-            return {key: value[first : first + b] for key, value in episodes.items()}
-
-        return self._evaluate_function(self.strategy.experimental_distribute_values_from_function(value_fn))
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

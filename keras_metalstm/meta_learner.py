@@ -88,6 +88,7 @@ class MetaLearner(keras.Model):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
         self._compiled_gradients = {}
+        self._fit_clip_norm = None
         self._compiled_adapt = None
         self.built = True
 
@@ -209,13 +210,17 @@ class MetaLearner(keras.Model):
         )
         return tf.reduce_mean(losses), tf.reduce_mean(accuracies), gradients
 
-    def meta_train_step(self, episodes, optimizer, jit_compile=False):
+    def meta_train_step(self, episodes, optimizer, clip_norm=None, jit_compile=False):
         """One meta-update of every meta-parameter on a batch of episodes; returns (loss, accuracy).
 
-        The single step used by both `MetaTrainer` and `fit`. With jit_compile the gradient computation (all
-        but the optimizer update) is compiled by XLA; that part is valid under any tf.distribute strategy.
+        The single step used by both `MetaTrainer` and `fit`. `clip_norm` clips the global L2 norm of the
+        meta-gradient summed over all replicas (see `clip_by_global_norm_over_replicas`). With jit_compile the
+        gradient computation (all but the clip and the optimizer update) is compiled by XLA; that part is valid
+        under any tf.distribute strategy.
         """
         loss, accuracy, gradients = self._gradient_function(jit_compile)(episodes)
+        if clip_norm:
+            gradients = clip_by_global_norm_over_replicas(gradients, clip_norm)
         optimizer.apply(gradients, self.trainable_variables)
         return loss, accuracy
 
@@ -227,7 +232,7 @@ class MetaLearner(keras.Model):
         return self._compiled_gradients[True]
 
     def train_step(self, episodes):
-        loss, accuracy = self.meta_train_step(episodes, self.optimizer)
+        loss, accuracy = self.meta_train_step(episodes, self.optimizer, clip_norm=self._fit_clip_norm)
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(accuracy)
         return {metric.name: metric.result() for metric in self.metrics}
@@ -238,12 +243,15 @@ class MetaLearner(keras.Model):
         self.accuracy_tracker.update_state(tf.reduce_mean(accuracies))
         return {metric.name: metric.result() for metric in self.metrics}
 
-    def compile(self, optimizer=None, **kwargs):
-        """Like keras.Model.compile; the default optimizer is the paper's (Adam 1e-3, global clip norm 0.25)."""
+    def compile(self, optimizer=None, clip_norm=0.25, **kwargs):
+        """Like keras.Model.compile, for `fit`: the default optimizer is the paper's Adam(1e-3), and `clip_norm`
+        clips the meta-gradient's global norm (summed over replicas) before every update, as `MetaTrainer` does.
+        """
         if optimizer is None:
             from keras_metalstm.trainer import meta_optimizer
 
             optimizer = meta_optimizer()
+        self._fit_clip_norm = float(clip_norm) if clip_norm else None
         super().compile(optimizer=optimizer, **kwargs)
 
     # ---------------------------------------------------------------------------------------- adaptation
@@ -333,3 +341,14 @@ class MetaLearner(keras.Model):
         config["learner"] = keras.saving.deserialize_keras_object(config["learner"], custom_objects=custom_objects)
         return cls(**config)
 
+
+def clip_by_global_norm_over_replicas(gradients, clip_norm):
+    """Scales this replica's gradients so that their SUM over replicas has global L2 norm at most `clip_norm`.
+
+    The optimizer all-reduces (sums) the replicas' gradients after this; scaling every replica's part by
+    min(1, clip_norm / ||sum||) makes that sum exactly tf.clip_by_global_norm(sum, clip_norm). Outside a
+    multi-replica strategy the all-reduce is the identity and this is plain global-norm clipping.
+    """
+    summed = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+    scale = clip_norm / tf.maximum(tf.linalg.global_norm(summed), clip_norm)
+    return [gradient * scale for gradient in gradients]

@@ -4,35 +4,48 @@ import keras
 import tensorflow as tf
 
 
-def meta_optimizer(learning_rate=1e-3, clip_norm=0.25):
-    """The paper's meta-optimiser: Adam with the meta-gradient's global L2 norm clipped (theta_0 included)."""
-    return keras.optimizers.Adam(learning_rate=learning_rate, global_clipnorm=clip_norm)
+def meta_optimizer(learning_rate=1e-3):
+    """The paper's meta-optimiser, Adam. The meta-gradient's global-norm clip is applied by the step itself
+    (`MetaLearner.meta_train_step`), to the gradient summed over replicas: Keras' `global_clipnorm` would clip
+    each replica's part before the all-reduce, a different update whenever the clip is active."""
+    return keras.optimizers.Adam(learning_rate=learning_rate)
 
 
 class MetaTrainer:
     """Trains a MetaLearner on batches of episodes, one meta-update per call to `train_step`.
 
+    Under a multi-replica strategy `train_step` takes an element of a distributed dataset (e.g.
+    `keras_metalstm.distribute.distributed_episodes`): each replica computes the meta-gradient of its own episodes,
+    the loss divided by the GLOBAL meta-batch, and the update is Adam(clip(sum over replicas)), the same update one
+    device computes on the whole meta-batch.
+
     Args:
-        meta: the MetaLearner to train.
-        learning_rate, clip_norm: Adam's step and the global-norm clip of the meta-gradient.
-        jit_compile: compile the meta-gradient computation with XLA.
-        optimizer: a Keras optimizer to use instead of `meta_optimizer(learning_rate, clip_norm)`.
-        strategy: the tf.distribute strategy (default: the one in scope when the trainer is made). Create the
-            MetaLearner inside the same strategy's scope.
+        meta: the MetaLearner to train (created inside the strategy's scope).
+        learning_rate: Adam's step.
+        clip_norm: clip of the global L2 norm of the meta-gradient, all meta-parameters (theta_0 included); None:
+            no clip.
+        jit_compile: compile each replica's meta-gradient computation (inner loop, query loss, backward) with XLA;
+            the all-reduce, the clip and the Adam update stay ordinary TensorFlow ops (collectives cannot live in
+            an XLA cluster on CPU/GPU; TPUStrategy compiles the whole replica step anyway).
+        optimizer: a Keras optimizer to use instead of `meta_optimizer(learning_rate)`.
+        strategy: the tf.distribute strategy (default: the one in scope when the trainer is made).
     """
 
     def __init__(self, meta, learning_rate=1e-3, clip_norm=0.25, jit_compile=False, optimizer=None, strategy=None):
         self.meta = meta
+        self.clip_norm = float(clip_norm) if clip_norm else None
         self.jit_compile = bool(jit_compile)
         self.strategy = strategy or tf.distribute.get_strategy()
         with self.strategy.scope():
-            self.optimizer = optimizer or meta_optimizer(learning_rate, clip_norm)
+            self.optimizer = optimizer or meta_optimizer(learning_rate)
             self.optimizer.build(meta.trainable_variables)
         self._train_function = tf.function(self._distributed_train_step)
         self._evaluate_function = tf.function(self._distributed_evaluate_step)
 
     def _replica_train_step(self, episodes):
-        return self.meta.meta_train_step(episodes, self.optimizer, jit_compile=self.jit_compile)
+        return self.meta.meta_train_step(
+            episodes, self.optimizer, clip_norm=self.clip_norm, jit_compile=self.jit_compile
+        )
 
     def _distributed_train_step(self, episodes):
         loss, accuracy = self.strategy.run(self._replica_train_step, args=(episodes,))
@@ -50,9 +63,28 @@ class MetaTrainer:
         }
 
     def train_step(self, episodes):
-        """One meta-update on a batch of episodes; returns {"loss", "accuracy"} (scalar tensors, query set)."""
+        """One meta-update on a batch of episodes; returns {"loss", "accuracy"} (scalar tensors, query sets)."""
         return self._train_function(episodes)
 
     def evaluate_step(self, episodes):
-        """Test-mode query loss and accuracy of every episode of a batch (no update): {"loss", "accuracy"}."""
+        """Test-mode query loss and accuracy of every episode of a plain batch of B episodes (no update).
+
+        Under several replicas each evaluates its own B / R consecutive episodes (B must be a multiple of R);
+        the results come back in batch order: {"loss": (B,), "accuracy": (B,)}.
+        """
+        replicas = self.strategy.num_replicas_in_sync
+        if replicas > 1:
+            size = next(iter(episodes.values())).shape[0]
+            if size % replicas:
+                raise ValueError(
+                    f"The evaluation batch ({size} episodes) must be a multiple of the number of replicas "
+                    f"({replicas}): batch the episodes accordingly."
+                )
+            per_replica = size // replicas
+
+            def replica_episodes(context):
+                first = context.replica_id_in_sync_group * per_replica
+                return {key: value[first : first + per_replica] for key, value in episodes.items()}
+
+            episodes = self.strategy.experimental_distribute_values_from_function(replica_episodes)
         return self._evaluate_function(episodes)

@@ -80,8 +80,8 @@ def test_mirrored_meta_update_equals_default_without_clip(mirrored_report):
 
 
 def test_keras_global_clipnorm_clips_each_replica_not_the_sum(mirrored_report):
-    # Documents why DistributedMetaTrainer exists: MetaTrainer (Keras' global_clipnorm inside strategy.run)
-    # takes a different step than the default strategy once the clip is active, the same step without clip.
+    # Documents why MetaTrainer clips the all-reduced gradient itself: Keras' own global_clipnorm inside
+    # strategy.run clips each replica's part, a different step than the default strategy once the clip is active.
     assert mirrored_report["keras_clip_vs_default"] > 3e-4, mirrored_report  # seen: 8.2e-4
     assert mirrored_report["keras_noclip_vs_default"] < NOCLIP_TOLERANCE, mirrored_report
 
@@ -213,11 +213,12 @@ def role_factory():
 
 def role_mirrored():
     _logical_cpus(2)
+    import keras
     import tensorflow as tf
 
     import keras_metalstm as km
     from keras_metalstm.data import episode_dataset, load_dataset
-    from keras_metalstm.distribute import DistributedMetaTrainer, distributed_episodes, make_strategy
+    from keras_metalstm.distribute import distributed_episodes, make_strategy
 
     split = load_dataset("fontglot").train
     default = tf.distribute.get_strategy()
@@ -255,11 +256,12 @@ def role_mirrored():
         loss_d = _train(trainer_d, plain)
         meta_m = fresh(mirrored)
         with mirrored.scope():
-            trainer_m = DistributedMetaTrainer(meta_m, clip_norm=clip, strategy=mirrored)
+            trainer_m = km.MetaTrainer(meta_m, clip_norm=clip, strategy=mirrored)
         loss_m = _train(trainer_m, dist)
         meta_k = fresh(mirrored)
         with mirrored.scope():
-            trainer_k = km.MetaTrainer(meta_k, clip_norm=clip or None, strategy=mirrored)
+            keras_clipped = keras.optimizers.Adam(1e-3, global_clipnorm=clip or None)
+            trainer_k = km.MetaTrainer(meta_k, clip_norm=None, optimizer=keras_clipped, strategy=mirrored)
         _train(trainer_k, dist)
         wd, wm, wk = _weights(meta_d), _weights(meta_m), _weights(meta_k)
         report[f"{tag}distributed_vs_default"] = _max_diff(wd, wm)
@@ -277,17 +279,17 @@ def role_mirrored():
     with tempfile.TemporaryDirectory() as directory:
         meta_a = fresh(mirrored)
         with mirrored.scope():
-            trainer_a = DistributedMetaTrainer(meta_a, clip_norm=1e-3, strategy=mirrored)
+            trainer_a = km.MetaTrainer(meta_a, clip_norm=1e-3, strategy=mirrored)
         _train(trainer_a, distributed(0, global_batch))
         path = tf.train.Checkpoint(meta=meta_a, optimizer=trainer_a.optimizer).write(os.path.join(directory, "ckpt"))
         meta_b = fresh(mirrored)
         with mirrored.scope():
-            trainer_b = DistributedMetaTrainer(meta_b, clip_norm=1e-3, strategy=mirrored)
+            trainer_b = km.MetaTrainer(meta_b, clip_norm=1e-3, strategy=mirrored)
             tf.train.Checkpoint(meta=meta_b, optimizer=trainer_b.optimizer).read(path).assert_consumed()
         _train(trainer_b, distributed(global_batch, global_batch))
         meta_c = fresh(mirrored)
         with mirrored.scope():
-            trainer_c = DistributedMetaTrainer(meta_c, clip_norm=1e-3, strategy=mirrored)
+            trainer_c = km.MetaTrainer(meta_c, clip_norm=1e-3, strategy=mirrored)
         _train(trainer_c, dist)
         report["resume_vs_straight"] = _max_diff(_weights(meta_b), _weights(meta_c))
     return report
@@ -296,9 +298,9 @@ def role_mirrored():
 def role_multiworker(checkpoint_dir, weights_path):
     import tensorflow as tf
 
+    import keras_metalstm as km
     from keras_metalstm.data import load_dataset
     from keras_metalstm.distribute import (
-        DistributedMetaTrainer,
         distributed_episodes,
         is_chief,
         make_strategy,
@@ -310,7 +312,7 @@ def role_multiworker(checkpoint_dir, weights_path):
     split = load_dataset("fontglot").train
     with strategy.scope():
         meta = _build_meta()
-        trainer = DistributedMetaTrainer(meta, clip_norm=0.25, strategy=strategy)
+        trainer = km.MetaTrainer(meta, clip_norm=0.25, strategy=strategy)
     batches = distributed_episodes(strategy, split, N_WAY, K_SHOT, QUERY, global_batch=2, seed=5, num_episodes=4)
     losses = _train(trainer, batches)
     episode = tf.Variable(4, dtype=tf.int64)
@@ -327,10 +329,10 @@ def role_multiworker(checkpoint_dir, weights_path):
 def role_load(checkpoint_dir, weights_path):
     import tensorflow as tf
 
-    from keras_metalstm.distribute import DistributedMetaTrainer
+    import keras_metalstm as km
 
     meta = _build_meta(seed=99)
-    trainer = DistributedMetaTrainer(meta)
+    trainer = km.MetaTrainer(meta)
     episode = tf.Variable(0, dtype=tf.int64)
     path = tf.train.latest_checkpoint(checkpoint_dir)
     status = tf.train.Checkpoint(meta=meta, optimizer=trainer.optimizer, episode=episode).read(path)

@@ -375,3 +375,15 @@ def test_bad_input_gets_clear_errors():
         km.MetaLearner(keras.Sequential([keras.layers.Dense(3)]))
     with pytest.raises(TypeError, match="keras.Model"):
         km.MetaLearner(keras.layers.Dense(3))
+
+
+def test_clip_over_replicas_is_plain_global_norm_clipping_on_one_device():
+    from keras_metalstm.meta_learner import clip_by_global_norm_over_replicas
+
+    gradients = [tf.constant([3.0, 4.0]), tf.constant([[12.0]])]  # global norm 13
+    clipped = clip_by_global_norm_over_replicas(gradients, 1.3)
+    expected, _ = tf.clip_by_global_norm(gradients, 1.3)
+    for mine, reference in zip(clipped, expected, strict=True):
+        np.testing.assert_allclose(mine.numpy(), reference.numpy(), rtol=1e-6)
+    unclipped = clip_by_global_norm_over_replicas(gradients, 100.0)
+    np.testing.assert_array_equal(unclipped[0].numpy(), gradients[0].numpy())
