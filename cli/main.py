@@ -28,23 +28,11 @@ def main():
 def _register():
     from keras_metalstm.cli.evaluate import evaluate
     from keras_metalstm.cli.quickstart import quickstart
+    from keras_metalstm.cli.serving import adapt, export, predict
     from keras_metalstm.cli.train import train
 
-    main.add_command(train)
-    main.add_command(evaluate)
-    main.add_command(quickstart)
-    try:  # the export helper's commands (adapt / export / predict), when present
-        from keras_metalstm.cli import serving
-    except ImportError:
-        return
-    register = getattr(serving, "register", None)
-    if register is not None:
-        register(main)
-    else:
-        for name in ("adapt", "export", "predict"):
-            command = getattr(serving, name, None)
-            if isinstance(command, click.Command):
-                main.add_command(command)
+    for command in (train, evaluate, quickstart, adapt, export, predict):
+        main.add_command(command)
 
 
 _register()

@@ -173,10 +173,3 @@ def predict(model, images, as_json):
 
 # `metalstm export` (the module-level name `export` is what cli/main.py registers).
 export = export_command
-COMMANDS = (adapt, export_command, predict)
-
-
-def register(group):
-    """Adds adapt, export and predict to a click group."""
-    for command in COMMANDS:
-        group.add_command(command)

@@ -270,7 +270,12 @@ class TrainingRun:
         import tensorflow as tf
 
         import keras_metalstm as km
-        from keras_metalstm.data import episode_dataset
+        from keras_metalstm.distribute import (
+            distributed_episodes,
+            is_chief,
+            remove_worker_directory,
+            worker_directory,
+        )
 
         callbacks = callbacks or Callback()
         config = self.config
@@ -291,20 +296,30 @@ class TrainingRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config.save(self.run_dir / CONFIG_FILE_NAME)
 
-        meta = build_meta_learner(config)
-        trainer = km.MetaTrainer(
-            meta, learning_rate=config.learning_rate, clip_norm=config.clip_norm, jit_compile=config.xla
-        )
-        episode = tf.Variable(0, dtype=tf.int64, trainable=False, name="episode")
-        best_accuracy = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_accuracy")
-        best_episode = tf.Variable(-1, dtype=tf.int64, trainable=False, name="best_episode")
+        # The strategy in scope (the CLI enters keras_metalstm.distribute.make_strategy(...).scope()).
+        strategy = tf.distribute.get_strategy()
+        chief = is_chief(strategy)
+        with strategy.scope():
+            meta = build_meta_learner(config)
+            trainer = km.MetaTrainer(
+                meta,
+                learning_rate=config.learning_rate,
+                clip_norm=config.clip_norm,
+                jit_compile=config.xla,
+                strategy=strategy,
+            )
+            episode = tf.Variable(0, dtype=tf.int64, trainable=False, name="episode")
+            best_accuracy = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_accuracy")
+            best_episode = tf.Variable(-1, dtype=tf.int64, trainable=False, name="best_episode")
         checkpoint = _checkpoint(meta, trainer.optimizer, episode, best_accuracy, best_episode)
-        manager = tf.train.CheckpointManager(
-            checkpoint, str(self.run_dir / CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints
-        )
-        best_manager = tf.train.CheckpointManager(checkpoint, str(self.run_dir / BEST_DIR), max_to_keep=1)
-        if manager.latest_checkpoint:
-            restore_checkpoint(checkpoint, manager.latest_checkpoint)
+        # Every worker saves (a save may need collectives); only the chief's copy is kept.
+        checkpoint_dir = worker_directory(self.run_dir / CHECKPOINT_DIR, strategy)
+        best_dir = worker_directory(self.run_dir / BEST_DIR, strategy)
+        manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=config.keep_checkpoints)
+        best_manager = tf.train.CheckpointManager(checkpoint, best_dir, max_to_keep=1)
+        latest = tf.train.latest_checkpoint(str(self.run_dir / CHECKPOINT_DIR))  # every worker resumes the chief's
+        if latest:
+            restore_checkpoint(checkpoint, latest)
         start = int(episode.numpy())
         state = self._read_state()
         seconds_before = float(state.get("seconds", 0.0)) if start else 0.0
@@ -330,12 +345,14 @@ class TrainingRun:
             self._write_state("running", start, best_accuracy, best_episode, seconds())
             remaining = config.episodes - start
             if remaining > 0:
-                batches = episode_dataset(
+                # Replica r of step g gets episodes start + g*G + r*G/R ...: the same global batches as one device.
+                batches = distributed_episodes(
+                    strategy,
                     splits.train,
                     config.n_way,
                     config.k_shot,
                     config.query,
-                    batch_size=config.meta_batch,
+                    global_batch=config.meta_batch,
                     seed=config.seed,
                     start_episode=start,
                     num_episodes=remaining,
@@ -405,10 +422,12 @@ class TrainingRun:
                             save()
                         status = "interrupted"
                         break
-            if status == "finished":
+            if status == "finished" and chief:
                 _save_best_model(self.run_dir, meta, checkpoint, best_manager)
         finally:
             stop.uninstall()
+            remove_worker_directory(checkpoint_dir, self.run_dir / CHECKPOINT_DIR)
+            remove_worker_directory(best_dir, self.run_dir / BEST_DIR)
             if writer is not None:
                 writer.flush()
             log.close()
@@ -510,10 +529,14 @@ def eval_batch_size(episodes: int, limit: int = 5) -> int:
 def evaluate_episodes(trainer, dataset, config: RunConfig, episodes: int, seed: int, progress=None):
     """Per-episode test-mode query accuracies of the meta-learner on `episodes` episodes of `dataset`."""
     import numpy as np
+    import tensorflow as tf
 
     from keras_metalstm.data import episode_dataset
 
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
     batch = eval_batch_size(episodes)
+    if batch % replicas:  # each replica evaluates batch/R episodes (MetaTrainer.evaluate_step)
+        batch = replicas * eval_batch_size(episodes // replicas) if episodes % replicas == 0 else batch
     stream = episode_dataset(
         dataset, config.n_way, config.k_shot, config.query, batch_size=batch, seed=seed, num_episodes=episodes
     )
