@@ -204,10 +204,12 @@ class MetaLearner(keras.Model):
         with tf.GradientTape() as tape:
             losses, accuracies = self.episode_metrics(episodes, mode="train")
             scaled_loss = tf.reduce_sum(losses) / (losses.shape[0] * replicas)
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
         # With a single inner step the recurrent kernel is never used: its gradient is zero, not missing.
-        gradients = tape.gradient(
-            scaled_loss, self.trainable_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
+        gradients = [
+            tf.zeros_like(variable.value) if gradient is None else gradient
+            for variable, gradient in zip(self.trainable_variables, gradients, strict=True)
+        ]
         return tf.reduce_mean(losses), tf.reduce_mean(accuracies), gradients
 
     def meta_train_step(self, episodes, optimizer, clip_norm=None, jit_compile=False):

@@ -21,6 +21,7 @@ with `tf.config.experimental.enable_op_determinism()` ends with bitwise-identica
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -212,6 +213,22 @@ class Callback:
         pass
 
 
+@contextlib.contextmanager
+def _op_determinism(enabled):
+    """Deterministic TensorFlow ops for the duration of a run, then the process's previous setting again (it is
+    process-global: left on, it would break XLA work that follows in the same process)."""
+    from tensorflow.python.framework import config as tf_config  # the only place with a public-to-TF toggle
+
+    previously = tf_config.is_op_determinism_enabled()
+    if enabled and not previously:
+        tf_config.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if enabled and not previously:
+            tf_config.disable_op_determinism()
+
+
 class TrainingRun:
     """One meta-training run in `run_dir`; `run()` trains to `config.episodes` and returns a TrainingResult.
 
@@ -266,6 +283,13 @@ class TrainingRun:
 
     # --- main loop -------------------------------------------------------------------------------------
     def run(self, callbacks: Callback | None = None) -> TrainingResult:
+        callbacks = callbacks or Callback()
+        config = self.config
+        # XLA has no deterministic MaxPool gradient: with --xla, runs are not bitwise reproducible.
+        with _op_determinism(self.deterministic and not config.xla):
+            return self._run(callbacks, config)
+
+    def _run(self, callbacks, config):
         import numpy as np
         import tensorflow as tf
 
@@ -277,11 +301,6 @@ class TrainingRun:
             worker_directory,
         )
 
-        callbacks = callbacks or Callback()
-        config = self.config
-        if self.deterministic and not config.xla:
-            # XLA has no deterministic MaxPool gradient: with --xla, runs are not bitwise reproducible.
-            tf.config.experimental.enable_op_determinism()
         splits = load_splits(config)
         image_shape = list(splits.image_shape)
         if config.image_shape is not None and list(config.image_shape) != image_shape:
