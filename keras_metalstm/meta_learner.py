@@ -106,6 +106,39 @@ class MetaLearner(keras.Model):
     def metrics(self):
         return [self.loss_tracker, self.accuracy_tracker]
 
+    def initialize_theta0_from(self, source):
+        """Starts theta_0 from a trained model of the learner's architecture (e.g. a classifier pre-trained on
+        the meta-train classes) instead of a freshly initialised learner.
+
+        Weights are matched by position in `trainable_variables`; a weight whose shape differs from the
+        learner's (typically the output layer: many classes vs N) keeps its current value. Only theta_0
+        changes: the learner model itself is not modified.
+
+        Returns:
+            The paths of the learner weights that kept their value.
+        """
+        learner_variables = self.learner.trainable_variables
+        source_variables = source.trainable_variables
+        if len(source_variables) != len(learner_variables):
+            raise ValueError(
+                f"Cannot initialise theta_0 from {source.name!r}: it has {len(source_variables)} trainable "
+                f"weights, the learner {len(learner_variables)}. Use a model of the learner's architecture "
+                "(only the output layer's size may differ)."
+            )
+        values, kept = [], []
+        for mine, theirs in zip(learner_variables, source_variables, strict=True):
+            if tuple(mine.shape) == tuple(theirs.shape):
+                values.append(theirs.value)
+            else:
+                values.append(mine.value)
+                kept.append(mine.path)
+        if len(kept) == len(learner_variables):
+            raise ValueError(
+                f"Cannot initialise theta_0 from {source.name!r}: none of its weights has the learner's shapes."
+            )
+        self.theta0.assign(self._learner_function.flatten(values))
+        return kept
+
     # ----------------------------------------------------------------------------------------- inner loop
     def inner_loop(self, support_images, support_labels, inner_steps=None):
         """Adapts theta0 to B episodes' support sets.

@@ -387,3 +387,38 @@ def test_clip_over_replicas_is_plain_global_norm_clipping_on_one_device():
         np.testing.assert_allclose(mine.numpy(), reference.numpy(), rtol=1e-6)
     unclipped = clip_by_global_norm_over_replicas(gradients, 100.0)
     np.testing.assert_array_equal(unclipped[0].numpy(), gradients[0].numpy())
+
+
+def test_theta0_can_start_from_a_pretrained_classifier_with_another_output_size():
+    meta = make_meta()
+    before = learner_snapshot(meta.learner)
+    fresh_theta0 = meta.theta0.numpy().copy()
+    keras.utils.set_random_seed(7)
+    pretrained = km.learners.conv4(input_shape=(28, 28, 1), num_classes=40, filters=8, name="pretrained")
+
+    kept = meta.initialize_theta0_from(pretrained)
+
+    # Independent flattening: every body weight comes from the pretrained model, the 5-way head stays fresh.
+    sizes = [int(np.prod(v.shape)) for v in meta.learner.trainable_variables]
+    pieces = np.split(meta.theta0.numpy(), np.cumsum(sizes)[:-1])
+    fresh_pieces = np.split(fresh_theta0, np.cumsum(sizes)[:-1])
+    for index, (piece, source) in enumerate(zip(pieces, pretrained.trainable_variables, strict=True)):
+        if index < len(pieces) - 2:
+            np.testing.assert_array_equal(piece, source.numpy().ravel())
+        else:
+            np.testing.assert_array_equal(piece, fresh_pieces[index])
+    assert kept == [v.path for v in meta.learner.trainable_variables[-2:]]
+    for old, new in zip(before, learner_snapshot(meta.learner), strict=True):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_theta0_from_a_model_of_another_architecture_is_refused():
+    meta = make_meta()
+    theta0 = meta.theta0.numpy().copy()
+    other = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(5)])
+    with pytest.raises(ValueError, match="learner's architecture"):
+        meta.initialize_theta0_from(other)
+    wider = km.learners.conv4(input_shape=(28, 28, 1), num_classes=7, filters=16)
+    with pytest.raises(ValueError, match="none of its weights"):
+        meta.initialize_theta0_from(wider)
+    np.testing.assert_array_equal(meta.theta0.numpy(), theta0)
