@@ -235,6 +235,41 @@ def _episode_arrays(batch):
 
 
 # -------------------------------------------------------------------------------------------- run cache
+def cached_pretrained_classifier(run_dir, config, splits, pretrain: PretrainConfig | None = None, log=print):
+    """The classifier pre-trained on the run's meta-train classes, trained once and cached in
+    RUN_DIR/baselines/ (pretrained.keras, and its settings in baselines.json).
+
+    Shared by the baselines and by meta-training runs whose theta_0 starts from it, so both use one network.
+    Returns (model, info) where info is the content of baselines.json.
+    """
+    import keras
+
+    pretrain = pretrain or PretrainConfig(seed=config.seed)
+    cache = Path(run_dir) / "baselines"
+    cache.mkdir(parents=True, exist_ok=True)
+    model_path, info_path = cache / "pretrained.keras", cache / "baselines.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if info.get("pretrain") == asdict(pretrain) and model_path.is_file():
+        return keras.models.load_model(str(model_path)), info
+    t0 = time.time()
+    log(
+        f"pre-training the {config.learner} classifier on {splits.train.num_classes} meta-train classes "
+        f"({splits.train.num_images} images, {pretrain.epochs} epochs) ..."
+    )
+    model, train_accuracy = pretrain_classifier(splits.train, config.image_shape, config.filters, pretrain, verbose=0)
+    tmp = cache / f".tmp-{os.getpid()}-pretrained.keras"
+    model.save(str(tmp))
+    os.replace(tmp, model_path)
+    # Fine-tune choices made for another pre-trained network are dropped with it.
+    info = {
+        "pretrain": asdict(pretrain),
+        "pretrain_train_accuracy": train_accuracy,
+        "pretrain_seconds": round(time.time() - t0, 1),
+    }
+    _write_json(info_path, info)
+    return model, info
+
+
 def prepare_baselines(
     run_dir,
     config,
@@ -244,38 +279,13 @@ def prepare_baselines(
     progress=None,
     log=print,
 ) -> tuple[Baselines, dict]:
-    """Baselines for a training run: the pre-trained classifier and the fine-tune choice are computed once and
-    cached in RUN_DIR/baselines/ (pretrained.keras, baselines.json)."""
-    import keras
-
+    """Baselines for a training run: the pre-trained classifier (`cached_pretrained_classifier`) and the
+    fine-tune choice are computed once and cached in RUN_DIR/baselines/."""
     from keras_metalstm.data import episode_dataset
     from keras_metalstm.training import eval_batch_size
 
-    pretrain = pretrain or PretrainConfig(seed=config.seed)
-    cache = Path(run_dir) / "baselines"
-    cache.mkdir(parents=True, exist_ok=True)
-    model_path, info_path = cache / "pretrained.keras", cache / "baselines.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    if info.get("pretrain") != asdict(pretrain) or not model_path.is_file():
-        t0 = time.time()
-        log(
-            f"pre-training the {config.learner} classifier on {splits.train.num_classes} meta-train classes "
-            f"({splits.train.num_images} images, {pretrain.epochs} epochs) ..."
-        )
-        model, train_accuracy = pretrain_classifier(
-            splits.train, config.image_shape, config.filters, pretrain, verbose=0
-        )
-        tmp = cache / f".tmp-{os.getpid()}-pretrained.keras"
-        model.save(str(tmp))
-        os.replace(tmp, model_path)
-        info = {
-            "pretrain": asdict(pretrain),
-            "pretrain_train_accuracy": train_accuracy,
-            "pretrain_seconds": round(time.time() - t0, 1),
-        }
-        _write_json(info_path, info)
-    else:
-        model = keras.models.load_model(str(model_path))
+    model, info = cached_pretrained_classifier(run_dir, config, splits, pretrain, log)
+    info_path = Path(run_dir) / "baselines" / "baselines.json"
     baselines = Baselines(model, config.n_way)
     key = f"finetune_{config.n_way}way_{config.k_shot}shot_q{config.query}_val{val_episodes}"
     choice = info.get(key)

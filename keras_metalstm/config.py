@@ -71,6 +71,12 @@ class RunConfig:
     val_episodes: int = 100
     log_every: int = 50
     keep_checkpoints: int = 3
+    # theta_0 from a freshly initialised learner (the paper) or from a classifier pre-trained on the meta-train
+    # classes: `pretrained_model` (a .keras file) or, without it, one pre-trained for `pretrain_epochs` and
+    # cached in the run directory, where the baselines of `metalstm evaluate --baselines` reuse it.
+    theta0_init: str = "scratch"
+    pretrain_epochs: int = 10
+    pretrained_model: str | None = None
 
     def __post_init__(self):
         self.validate()
@@ -97,6 +103,12 @@ class RunConfig:
                 )
         if float(self.learning_rate) <= 0 or float(self.clip_norm) <= 0:
             raise ConfigError("learning_rate and clip_norm must be positive")
+        if self.theta0_init not in ("scratch", "pretrained"):
+            raise ConfigError(f"theta0_init must be 'scratch' or 'pretrained', got {self.theta0_init!r}")
+        if int(self.pretrain_epochs) < 1:
+            raise ConfigError(f"pretrain_epochs must be at least 1, got {self.pretrain_epochs}")
+        if self.pretrained_model and self.theta0_init != "pretrained":
+            raise ConfigError("pretrained_model is only used with theta0_init 'pretrained': set both or neither")
         if self.learner not in ("conv4",):
             raise ConfigError(f"unknown learner {self.learner!r}; the command line offers 'conv4'")
         return self
@@ -220,7 +232,7 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 value = json.loads(value) if value.strip().startswith("[") else value.split("x")
             return [int(v) for v in value]
-        if name in ("dataset", "learner"):
+        if name in ("dataset", "learner", "theta0_init"):
             return str(value).strip().lower()
         return value if not isinstance(value, Path) else str(value)
     except (TypeError, ValueError):

@@ -45,3 +45,14 @@ def test_environment_values_are_converted():
 def test_shape_differences_name_the_fields():
     a, b = RunConfig(), RunConfig(k_shot=5, episodes=10)
     assert a.shape_differences(b) == {"k_shot": (1, 5)}  # episodes may change on resume
+
+
+def test_theta0_initialisation_settings_are_checked():
+    assert RunConfig().theta0_init == "scratch"  # the paper: theta_0 from a freshly initialised learner
+    assert RunConfig.from_dict({"theta0_init": "Pretrained", "pretrain_epochs": "3"}).pretrain_epochs == 3
+    with pytest.raises(ConfigError, match="theta0_init must be 'scratch' or 'pretrained'"):
+        RunConfig(theta0_init="imagenet")
+    with pytest.raises(ConfigError, match="pretrain_epochs must be at least 1"):
+        RunConfig(theta0_init="pretrained", pretrain_epochs=0)
+    with pytest.raises(ConfigError, match="only used with theta0_init 'pretrained'"):
+        RunConfig(pretrained_model="classifier.keras")
