@@ -102,23 +102,26 @@ def default_run_dir(config) -> str:
 
 
 class ProgressBar:
-    """tqdm progress bar with the running loss and accuracy (a keras_metalstm.training.Callback)."""
+    """tqdm progress bar with the running loss and accuracy (a keras_metalstm.training.Callback); the workers of a
+    cluster other than the chief label their lines with their name."""
 
     def __init__(self, enabled=True):
         self.enabled = enabled
         self.bar = None
+        self.prefix = ""
         self.losses, self.accuracies = [], []
 
     def on_start(self, run, start_episode, total_episodes):
         from tqdm import tqdm
 
+        self.prefix = "" if run.chief else f"{run.task}: "
         self.bar = tqdm(
             total=total_episodes,
             initial=start_episode,
             unit="ep",
             disable=not self.enabled,
             dynamic_ncols=True,
-            desc="meta-train",
+            desc=f"{self.prefix}meta-train",
         )
 
     def on_step(self, episode, loss, accuracy):
@@ -134,7 +137,7 @@ class ProgressBar:
     def on_validation(self, episode, accuracy, ci95, is_best):
         mark = " (best)" if is_best else ""
         self.bar.write(
-            f"episode {episode}: validation accuracy {100 * accuracy:.2f} +- {100 * ci95:.2f}%{mark}"
+            f"{self.prefix}episode {episode}: validation accuracy {100 * accuracy:.2f} +- {100 * ci95:.2f}%{mark}"
         )
 
     def on_checkpoint(self, episode, path):
@@ -158,6 +161,11 @@ def run_training(config, run_dir, resume, deterministic=True, progress=True):
 
 
 def summary_line(result) -> str:
+    if not result.chief:
+        return (
+            f"{result.task}: {result.status} at episode {result.episode}; the chief writes the run directory "
+            f"{result.run_dir}"
+        )
     best = (
         f"best validation accuracy {100 * result.best_val_accuracy:.2f}% at episode {result.best_episode}"
         if result.best_val_accuracy is not None

@@ -18,8 +18,10 @@ device computes on the same global meta-batch:
   cluster (a nested ``tf.function(jit_compile=True)``); the all-reduces, the clip and the Adam update run as
   ordinary TF ops (collectives cannot live in an XLA cluster on CPU/GPU). On TPU the whole replica step (all-reduces
   and update included) is compiled by XLA anyway: TPUStrategy compiles every function passed to `strategy.run`.
-* checkpoints: every worker must call save (variables may need collectives), only the chief's files are kept:
-  `worker_directory` gives non-chief workers a private temporary directory, removed with `remove_worker_directory`.
+* the run directory belongs to the chief: every worker must call save (variables may need collectives), only the
+  chief's files are kept: `worker_directory` gives the other workers a private temporary directory, removed with
+  `remove_worker_directory`. A check only the chief makes (is the run directory free?) must still stop every
+  worker when it fails: `all_workers_ok` is the collective that tells them.
 """
 
 from __future__ import annotations
@@ -155,6 +157,35 @@ def is_chief(strategy=None) -> bool:
     if "chief" in cluster:
         return task_type == "chief"
     return task_type == "worker" and task_id == 0
+
+
+def task_name(strategy=None) -> str | None:
+    """This worker's name in a multi-worker cluster ("worker 1", "chief"), None on a single worker."""
+    task_type, task_id = task_type_and_id(strategy or tf.distribute.get_strategy())
+    if task_type is None:
+        return None
+    return task_type if task_type == "chief" else f"{task_type} {task_id}"
+
+
+def all_workers_ok(strategy, ok: bool) -> bool:
+    """True when `ok` is True on every worker: a collective, so every worker calls it at the same point.
+
+    A check that can fail on one worker only (the chief's run-directory checks, data missing on one host) would
+    otherwise leave the other workers waiting in their first collective until the cluster's heartbeat timeout
+    aborts them with a TensorFlow error. Only MultiWorkerMirroredStrategy runs one Python program per worker; with
+    any other strategy the program is alone and gets `ok` back.
+    """
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if not multi_worker or task_type_and_id(strategy)[0] is None:
+        return ok
+    failed = 0.0 if ok else 1.0
+
+    @tf.function
+    def failures():
+        per_replica = strategy.run(lambda: tf.constant(failed))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return float(failures()) == 0.0
 
 
 def worker_directory(directory, strategy=None) -> str:

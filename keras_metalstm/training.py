@@ -12,6 +12,10 @@ A run directory holds:
     state.json             status (running/finished/interrupted/diverged), episode, best validation, wall time
     tensorboard/           event files, when the tensorboard package is installed
 
+Under a multi-worker strategy only the chief (keras_metalstm.distribute.is_chief) checks and writes the run
+directory; the other workers read it only to resume from the chief's latest checkpoint, and write their copies of
+the checkpoints (every worker takes part in a save) to a private temporary directory they delete.
+
 Exact resume: episode e of the training stream is a pure function of (seed, e) (stateless sampling in
 `keras_metalstm.data`), the meta-learner itself draws no random numbers while training, and the optimizer's
 state and the episode counter are in the checkpoint. So the only "RNG state" is (seed, episode counter), both
@@ -69,6 +73,8 @@ class TrainingResult:
     best_episode: int | None
     seconds: float
     last_train: dict = field(default_factory=dict)
+    chief: bool = True  # False on the other workers of a cluster: they wrote nothing into run_dir
+    task: str | None = None  # "worker 1", "chief" ... in a multi-worker cluster, None on a single worker
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -232,20 +238,29 @@ def _op_determinism(enabled):
 class TrainingRun:
     """One meta-training run in `run_dir`; `run()` trains to `config.episodes` and returns a TrainingResult.
 
+    The run trains under the tf.distribute strategy in scope when `run()` is called (the CLI enters
+    keras_metalstm.distribute.make_strategy(...).scope()); under a multi-worker strategy every worker runs the same
+    program and only the chief writes into `run_dir`.
+
     Args:
         config: the RunConfig (with resume=True, the stored config is used and `config` may only change
             non-shape settings such as `episodes`, intervals or `xla`).
-        run_dir: the run directory (created).
+        run_dir: the run directory (created by the chief).
         resume: continue the run stored in `run_dir` (a missing or empty directory starts a new run).
         deterministic: enable TensorFlow op determinism, process-wide (bitwise-reproducible runs; the command line
             turns it on by default). Ignored with `config.xla` (XLA has no deterministic MaxPool gradient).
+
+    `run()` checks the run directory and the data before anything is written, and raises RunDirError,
+    DataError ... on every worker when any worker cannot start.
     """
 
     def __init__(self, config: RunConfig, run_dir, resume: bool = False, deterministic: bool = False):
         self.run_dir = Path(run_dir)
         self.resume = bool(resume)
         self.deterministic = deterministic
-        self.config = self._prepare_config(config)
+        self.config = config  # completed by run() from the stored run and the data
+        self.chief = True
+        self.task = None
 
     # --- run directory handling ----------------------------------------------------------------------
     def _prepare_config(self, config: RunConfig) -> RunConfig:
@@ -253,17 +268,19 @@ class TrainingRun:
         if run_dir.exists() and not run_dir.is_dir():
             raise RunDirError(f"{run_dir} exists and is not a directory")
         exists = run_exists(run_dir)
-        if exists and not self.resume:
+        # Only the chief guards the directory: another worker may find the run the chief is creating at this
+        # very moment and cannot tell it from an old one. A refusal still stops every worker (all_workers_ok).
+        if self.chief and exists and not self.resume:
             raise RunDirError(
                 f"{run_dir} already holds a training run; pass --resume to continue it, or choose another "
                 "--run-dir (nothing was overwritten)"
             )
-        if not exists and run_dir.is_dir() and any(run_dir.iterdir()):
+        if self.chief and not exists and run_dir.is_dir() and any(run_dir.iterdir()):
             raise RunDirError(
                 f"{run_dir} is not empty and holds no training run; choose an empty or new --run-dir "
                 "(nothing was overwritten)"
             )
-        if exists:
+        if exists and self.resume:
             stored = load_run_config(run_dir)
             if config.image_shape is None:
                 config = config.replace(image_shape=stored.image_shape)
@@ -283,24 +300,31 @@ class TrainingRun:
 
     # --- main loop -------------------------------------------------------------------------------------
     def run(self, callbacks: Callback | None = None) -> TrainingResult:
-        callbacks = callbacks or Callback()
-        config = self.config
-        # XLA has no deterministic MaxPool gradient: with --xla, runs are not bitwise reproducible.
-        with _op_determinism(self.deterministic and not config.xla):
-            return self._run(callbacks, config)
-
-    def _run(self, callbacks, config):
-        import numpy as np
         import tensorflow as tf
 
-        import keras_metalstm as km
-        from keras_metalstm.distribute import (
-            distributed_episodes,
-            is_chief,
-            remove_worker_directory,
-            worker_directory,
-        )
+        from keras_metalstm.distribute import all_workers_ok, is_chief, task_name
 
+        callbacks = callbacks or Callback()
+        strategy = tf.distribute.get_strategy()
+        self.chief, self.task = is_chief(strategy), task_name(strategy)
+        # XLA has no deterministic MaxPool gradient: with --xla, runs are not bitwise reproducible.
+        with _op_determinism(self.deterministic and not self.config.xla):
+            # Every worker must reach the agreement, whatever failed before it.
+            failure = None
+            try:
+                splits = self._start()
+            except Exception as error:
+                failure = error
+            if not all_workers_ok(strategy, failure is None):
+                raise failure or TrainingError(
+                    f"{self.task}: stopped before training: another worker could not start the run (its output "
+                    "says why)"
+                )
+            return self._run(callbacks, self.config, splits, strategy)
+
+    def _start(self):
+        """Check the run directory and the data, then (chief) write config.yaml; returns the data splits."""
+        config = self._prepare_config(self.config)
         splits = load_splits(config)
         image_shape = list(splits.image_shape)
         if config.image_shape is not None and list(config.image_shape) != image_shape:
@@ -308,16 +332,22 @@ class TrainingRun:
                 f"the run was trained on images of shape {tuple(config.image_shape)} but the data set now has "
                 f"{tuple(image_shape)}"
             )
-        config = self.config = config.replace(image_shape=image_shape)
+        self.config = config.replace(image_shape=image_shape)
         # Check the episode shape fits the data before anything is written.
-        km_data_check(splits, config)
+        km_data_check(splits, self.config)
+        if self.chief:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.config.save(self.run_dir / CONFIG_FILE_NAME)
+        return splits
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(self.run_dir / CONFIG_FILE_NAME)
+    def _run(self, callbacks, config, splits, strategy):
+        import numpy as np
+        import tensorflow as tf
 
-        # The strategy in scope (the CLI enters keras_metalstm.distribute.make_strategy(...).scope()).
-        strategy = tf.distribute.get_strategy()
-        chief = is_chief(strategy)
+        import keras_metalstm as km
+        from keras_metalstm.distribute import distributed_episodes, remove_worker_directory, worker_directory
+
+        chief = self.chief
         with strategy.scope():
             meta = build_meta_learner(config)
             trainer = km.MetaTrainer(
@@ -331,21 +361,23 @@ class TrainingRun:
             best_accuracy = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_accuracy")
             best_episode = tf.Variable(-1, dtype=tf.int64, trainable=False, name="best_episode")
         checkpoint = _checkpoint(meta, trainer.optimizer, episode, best_accuracy, best_episode)
-        # Every worker saves (a save may need collectives); only the chief's copy is kept.
-        checkpoint_dir = worker_directory(self.run_dir / CHECKPOINT_DIR, strategy)
-        best_dir = worker_directory(self.run_dir / BEST_DIR, strategy)
-        manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=config.keep_checkpoints)
-        best_manager = tf.train.CheckpointManager(checkpoint, best_dir, max_to_keep=1)
-        latest = tf.train.latest_checkpoint(str(self.run_dir / CHECKPOINT_DIR))  # every worker resumes the chief's
+        # Every worker resumes from the chief's latest checkpoint.
+        latest = tf.train.latest_checkpoint(str(self.run_dir / CHECKPOINT_DIR))
         if latest:
             restore_checkpoint(checkpoint, latest)
         start = int(episode.numpy())
         state = self._read_state()
         seconds_before = float(state.get("seconds", 0.0)) if start else 0.0
-        log = MetricsLog(self.run_dir, truncate_after=start)
-        writer = _tensorboard_writer(self.run_dir)
+        log = MetricsLog(self.run_dir, truncate_after=start) if chief else None
+        writer = _tensorboard_writer(self.run_dir) if chief else None
 
         callbacks.on_start(self, start, config.episodes)
+        # Every worker saves (a save may need collectives); only the chief's copy is kept.
+        output_dir = Path(worker_directory(self.run_dir, strategy))
+        manager = tf.train.CheckpointManager(
+            checkpoint, str(output_dir / CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints
+        )
+        best_manager = tf.train.CheckpointManager(checkpoint, str(output_dir / BEST_DIR), max_to_keep=1)
         stop = _StopFlag().install()
         t0 = time.time()
         status = "finished"
@@ -359,6 +391,11 @@ class TrainingRun:
             path = path_manager.save(checkpoint_number=int(episode.numpy()))
             callbacks.on_checkpoint(int(episode.numpy()), path)
             return path
+
+        def record(row, scalars):
+            if chief:
+                log.append(row)
+                _tb_scalars(writer, row["episode"], scalars)
 
         try:
             self._write_state("running", start, best_accuracy, best_episode, seconds())
@@ -381,7 +418,7 @@ class TrainingRun:
                     loss, accuracy = float(out["loss"]), float(out["accuracy"])
                     current = int(episode.numpy()) + config.meta_batch
                     if not (math.isfinite(loss) and math.isfinite(accuracy)):
-                        last_good = manager.latest_checkpoint
+                        last_good = tf.train.latest_checkpoint(str(self.run_dir / CHECKPOINT_DIR))
                         self._write_state("diverged", current, best_accuracy, best_episode, seconds())
                         raise DivergedError(
                             f"the meta-training loss became {loss} at episode {current}; training stopped. "
@@ -399,10 +436,8 @@ class TrainingRun:
                             "accuracy": float(np.mean(window_acc)),
                             "seconds": round(seconds(), 3),
                         }
-                        log.append({"kind": "train", **last_train})
-                        _tb_scalars(
-                            writer,
-                            current,
+                        record(
+                            {"kind": "train", **last_train},
                             {"train/loss": last_train["loss"], "train/accuracy": last_train["accuracy"]},
                         )
                         window_loss, window_acc = [], []
@@ -418,7 +453,7 @@ class TrainingRun:
                         if is_best:
                             best_accuracy.assign(mean)
                             best_episode.assign(current)
-                        log.append(
+                        record(
                             {
                                 "kind": "val",
                                 "episode": current,
@@ -426,9 +461,9 @@ class TrainingRun:
                                 "ci95": ci,
                                 "best": bool(is_best),
                                 "seconds": round(seconds(), 3),
-                            }
+                            },
+                            {"val/accuracy": mean},
                         )
-                        _tb_scalars(writer, current, {"val/accuracy": mean})
                         if is_best:
                             best_manager.save(checkpoint_number=current)
                         callbacks.on_validation(current, mean, ci, is_best)
@@ -441,18 +476,19 @@ class TrainingRun:
                             save()
                         status = "interrupted"
                         break
-            if status == "finished" and chief:
-                _save_best_model(self.run_dir, meta, checkpoint, best_manager)
+            if status == "finished":
+                validated = float(best_accuracy.numpy()) >= 0
+                _save_best_model(self.run_dir, meta, best_manager, validated, write=chief)
         finally:
             stop.uninstall()
-            remove_worker_directory(checkpoint_dir, self.run_dir / CHECKPOINT_DIR)
-            remove_worker_directory(best_dir, self.run_dir / BEST_DIR)
-            if writer is not None:
-                writer.flush()
-            log.close()
-            if status in ("finished", "interrupted") and self._read_state().get("status") != "diverged":
-                self._write_state(status, int(episode.numpy()), best_accuracy, best_episode, seconds())
-            write_curves(self.run_dir)
+            remove_worker_directory(output_dir, self.run_dir)
+            if chief:
+                if writer is not None:
+                    writer.flush()
+                log.close()
+                if status in ("finished", "interrupted") and self._read_state().get("status") != "diverged":
+                    self._write_state(status, int(episode.numpy()), best_accuracy, best_episode, seconds())
+                write_curves(self.run_dir)
         best = float(best_accuracy.numpy())
         result = TrainingResult(
             run_dir=self.run_dir,
@@ -462,6 +498,8 @@ class TrainingRun:
             best_episode=int(best_episode.numpy()) if best >= 0 else None,
             seconds=seconds(),
             last_train=last_train,
+            chief=chief,
+            task=self.task,
         )
         callbacks.on_end(result)
         return result
@@ -475,6 +513,8 @@ class TrainingRun:
             return {}
 
     def _write_state(self, status, episode, best_accuracy, best_episode, seconds):
+        if not self.chief:  # the run directory is the chief's
+            return
         best = float(best_accuracy.numpy())
         atomic_write_text(
             self.run_dir / STATE_FILE,
@@ -513,15 +553,20 @@ def km_data_check(splits, config: RunConfig) -> None:
         EpisodeSampler(splits.val, config.n_way, config.k_shot, config.query)
 
 
-def _save_best_model(run_dir: Path, meta, checkpoint, best_manager) -> None:
-    """Write best.keras (the best-validation meta-learner, or the final one when no validation ran)."""
+def _save_best_model(run_dir: Path, meta, best_manager, validated: bool, write: bool = True) -> None:
+    """Write best.keras (the best-validation meta-learner, or the final one when no validation ran).
+
+    Every worker of a cluster calls this: with `validated` (the same on every worker) the best meta-learner is
+    built anew, and creating variables is a collective under a multi-worker strategy. Only `write` (the chief,
+    whose best/ holds the best checkpoint of every session) restores and saves it.
+    """
+    best = type(meta).from_config(meta.get_config()) if validated else meta
+    if not write:
+        return
+    if validated:
+        restore_checkpoint(_checkpoint(best), best_manager.latest_checkpoint, "best checkpoint")
     target = run_dir / BEST_MODEL_FILE
     tmp = run_dir / f".tmp-{os.getpid()}-{BEST_MODEL_FILE}"
-    if best_manager.latest_checkpoint:
-        best = type(meta).from_config(meta.get_config())
-        restore_checkpoint(_checkpoint(best), best_manager.latest_checkpoint)
-    else:
-        best = meta
     best.save(str(tmp))
     os.replace(tmp, target)
 

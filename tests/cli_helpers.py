@@ -1,4 +1,6 @@
-"""Helpers for the command-line tests: a tiny generated image-folder data set and tiny training flags."""
+"""Helpers for the command-line tests: a tiny generated image-folder data set, tiny training flags, free ports."""
+
+import socket
 
 import numpy as np
 from PIL import Image
@@ -24,3 +26,14 @@ def make_image_folder(root, num_classes=12, per_class=5, size=(28, 28), mode="L"
                 pixels = np.repeat(pixels[..., None], 3, axis=-1)
             Image.fromarray(pixels, mode=mode).save(folder / f"img{i}.png")
     return root
+
+
+def free_ports(count):
+    """`count` TCP ports on 127.0.0.1 that were free a moment ago (for a local TF_CONFIG cluster)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports

@@ -7,13 +7,13 @@ The subprocesses run this file as a script (`python test_distribute.py <role> ..
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 
 import numpy as np
 import pytest
+from cli_helpers import free_ports
 
 HERE = os.path.abspath(__file__)
 TIMEOUT = 900  # generous: the machine is shared (a mirrored role takes ~1 min alone, 5 under load)
@@ -40,16 +40,6 @@ def _run(role, *args, env=None):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 # ------------------------------------------------------------------------------------------------- tests
@@ -99,7 +89,7 @@ def test_mirrored_evaluate_step_returns_every_episode_in_order(mirrored_report):
 
 
 def test_two_worker_multiworker_mirrored_identical_weights_and_loadable_checkpoint(tmp_path):
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     checkpoint_dir = tmp_path / "checkpoints"
     processes = []

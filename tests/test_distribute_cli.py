@@ -3,6 +3,8 @@
 default and mirrored (2 logical CPUs, in a subprocess) really train; multiworker and tpu cannot be started
 in-process here (multiworker needs a TF_CONFIG cluster and must be the process's first TensorFlow work, tpu a
 TPU), so for them the test checks the factory is called with the flags and that training runs in its scope.
+multiworker also trains and resumes for real: two `metalstm train` processes, a local 2-worker cluster, one
+run directory.
 """
 
 import json
@@ -10,7 +12,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from cli_helpers import free_ports
 from click.testing import CliRunner
 
 pytest.importorskip("keras_metalstm.cli.train")
@@ -99,3 +103,123 @@ def test_mirrored_flag_trains_on_two_replicas_and_resumes(tmp_path):
     state = json.loads((run_dir / "state.json").read_text())
     assert state["status"] == "finished" and state["episode"] == 4
     assert (run_dir / "best.keras").is_file()
+
+
+# One worker of a local cluster: `metalstm train` with two test hooks. The non-chief starts its run only once the
+# chief has written config.yaml (the chief does so before its first collective): the worst case of the race on a
+# fresh run directory. Its private checkpoint directory is copied to KEEP before it is removed, to compare its
+# weights with the chief's.
+MULTIWORKER_CLI = """
+import os, shutil, sys, time
+run_dir, keep, *args = sys.argv[1:]
+import keras_metalstm.distribute as distribute
+make_strategy, remove_worker_directory = distribute.make_strategy, distribute.remove_worker_directory
+
+def make_strategy_then_wait_for_the_chief(*a, **k):
+    strategy = make_strategy(*a, **k)
+    deadline = time.time() + 300
+    while not distribute.is_chief(strategy) and time.time() < deadline:
+        if os.path.exists(os.path.join(run_dir, "config.yaml")):
+            break
+        time.sleep(0.05)
+    return strategy
+
+def keep_then_remove(path, directory):
+    if os.path.abspath(path) != os.path.abspath(directory):
+        shutil.copytree(path, keep)
+    remove_worker_directory(path, directory)
+
+distribute.make_strategy = make_strategy_then_wait_for_the_chief
+distribute.remove_worker_directory = keep_then_remove
+from keras_metalstm.cli.main import main
+sys.argv = ["metalstm", "train", *args]
+main()
+"""
+
+
+def _train_on_two_workers(tmp_path, run_dir, session, *extra):
+    """Both workers' (returncode, stdout, stderr); worker 1 keeps its checkpoints in tmp_path/<session>-keep1."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    args = [*TINY, "--run-dir", str(run_dir), "--strategy", "multiworker", *extra]
+    processes = []
+    for index in range(2):
+        temp = tmp_path / f"tmp{index}"  # each worker's TMPDIR: the private directories it leaves behind
+        temp.mkdir(exist_ok=True)
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+                   TMPDIR=str(temp), TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker",
+                                                                                       "index": index}}))
+        keep = tmp_path / f"{session}-keep{index}"
+        processes.append(subprocess.Popen([sys.executable, "-c", MULTIWORKER_CLI, str(run_dir), str(keep), *args],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    try:
+        outputs = [process.communicate(timeout=900) for process in processes]
+        return [(process.returncode, *output) for process, output in zip(processes, outputs, strict=True)]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+
+
+def _checkpoint_tensors(directory):
+    import tensorflow as tf
+
+    path = tf.train.latest_checkpoint(str(directory))
+    reader = tf.train.load_checkpoint(path)
+    names = [name for name, _ in tf.train.list_variables(path) if "OBJECT_GRAPH" not in name]
+    return path, {name: reader.get_tensor(name) for name in names}
+
+
+def test_multiworker_cli_only_the_chief_writes_the_run_directory_and_resume_continues(tmp_path):
+    _needs_strategy_flag()
+    run_dir = tmp_path / "run"
+    # The first session validates at its end (a best checkpoint); the resumed one does not validate but still
+    # rebuilds the best meta-learner for best.keras on both workers, from the first session's best.
+    sessions = (("first", 4, ["--val-episodes", "2"]), ("resumed", 6, ["--resume", "--val-episodes", "0"]))
+    for session, episodes, extra in sessions:
+        results = _train_on_two_workers(tmp_path, run_dir, session, "--episodes", str(episodes), *extra)
+        assert [returncode for returncode, _, _ in results] == [0, 0], [err[-3000:] for _, _, err in results]
+        (_, chief_out, _), (_, worker_out, _) = results
+        assert chief_out.strip().splitlines()[-1].startswith(f"finished: {episodes} episodes")
+        assert worker_out.strip().splitlines()[-1].startswith(f"worker 1: finished at episode {episodes}")
+        assert "config.yaml" not in worker_out  # no summary as if it had written the run directory
+        # no private checkpoint directory left behind on either worker
+        assert [p.name for p in (tmp_path / "tmp0").iterdir() if p.name.startswith("metalstm-")] == []
+        assert [p.name for p in (tmp_path / "tmp1").iterdir() if p.name.startswith("metalstm-")] == []
+        # both workers end with the same weights and optimizer state: the chief's kept checkpoint and the
+        # other worker's private copy hold the same tensors
+        chief_path, chief_tensors = _checkpoint_tensors(run_dir / "checkpoints")
+        worker_path, worker_tensors = _checkpoint_tensors(tmp_path / f"{session}-keep1" / "checkpoints")
+        assert os.path.basename(chief_path) == os.path.basename(worker_path) == f"ckpt-{episodes}"
+        assert chief_tensors.keys() == worker_tensors.keys()
+        for name, value in chief_tensors.items():
+            np.testing.assert_array_equal(value, worker_tensors[name], err_msg=name)
+
+    # only the chief's files, each once: one config, one metrics row per logged step and validation
+    names = {p.name for p in run_dir.iterdir()} - {"tensorboard"}  # tensorboard/ when the package is installed
+    assert names == {"config.yaml", "checkpoints", "best", "best.keras", "metrics.jsonl", "metrics.csv",
+                     "curves.png", "state.json"}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["episode"]) for r in rows] == [("train", 2), ("train", 4), ("val", 4), ("train", 6)]
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + len(rows)
+    assert json.loads((run_dir / "state.json").read_text())["episode"] == 6
+
+    from keras_metalstm.training import load_meta_learner
+
+    config, meta = load_meta_learner(run_dir, "latest")  # the final checkpoint fits a fresh meta-learner
+    assert (config.episodes, config.n_way) == (6, 2)
+    assert meta.weights
+
+
+def test_multiworker_cli_refused_run_directory_stops_every_worker_with_a_message(tmp_path):
+    _needs_strategy_flag()
+    from keras_metalstm.config import RunConfig
+
+    run_dir = tmp_path / "run"
+    RunConfig().save(run_dir / "config.yaml")  # another run's
+    results = _train_on_two_workers(tmp_path, run_dir, "refused", "--episodes", "4")
+    (chief_code, _, chief_err), (worker_code, _, worker_err) = results
+    assert (chief_code, worker_code) == (1, 1)  # no worker left waiting for the other
+    assert "already holds a training run" in chief_err
+    assert "worker 1: stopped before training: another worker could not start the run" in worker_err
+    assert "Traceback" not in chief_err + worker_err
+    assert [p.name for p in run_dir.iterdir()] == ["config.yaml"]
