@@ -55,6 +55,22 @@ def training_options(function):
         click.option("--val-episodes", type=int, default=None, help="Validation episodes (100)."),
         click.option("--log-every", type=int, default=None, help="Episodes between metric rows (50)."),
         click.option("--keep-checkpoints", type=int, default=None, help="Checkpoints kept (3)."),
+        click.option(
+            "--theta0-init",
+            type=click.Choice(("scratch", "pretrained"), case_sensitive=False),
+            default=None,
+            help="theta_0 from a fresh learner (scratch, the paper) or from a classifier pre-trained on the "
+            "meta-train classes (pretrained; cached in RUN_DIR/baselines, reused by evaluate --baselines).",
+        ),
+        click.option(
+            "--pretrain-epochs", type=int, default=None, help="Pre-training epochs for --theta0-init pretrained (10)."
+        ),
+        click.option(
+            "--pretrained-model",
+            type=click.Path(dir_okay=False, resolve_path=True),
+            default=None,
+            help="With --theta0-init pretrained: start from this .keras classifier instead of pre-training one.",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -83,6 +99,9 @@ CONFIG_KEYS = (
     "val_episodes",
     "log_every",
     "keep_checkpoints",
+    "theta0_init",
+    "pretrain_epochs",
+    "pretrained_model",
 )
 
 
@@ -142,6 +161,9 @@ class ProgressBar:
 
     def on_checkpoint(self, episode, path):
         pass
+
+    def on_message(self, text):
+        click.echo(f"{self.prefix}{text}", err=True)
 
     def on_end(self, result):
         if self.bar is not None:

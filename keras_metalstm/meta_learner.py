@@ -110,9 +110,9 @@ class MetaLearner(keras.Model):
         """Starts theta_0 from a trained model of the learner's architecture (e.g. a classifier pre-trained on
         the meta-train classes) instead of a freshly initialised learner.
 
-        Weights are matched by position in `trainable_variables`; a weight whose shape differs from the
-        learner's (typically the output layer: many classes vs N) keeps its current value. Only theta_0
-        changes: the learner model itself is not modified.
+        Weights are matched by position in `trainable_variables`. Only the output layer's weights may differ in
+        shape (many classes vs N): they keep their current value. Only theta_0 changes: the learner model itself
+        is not modified.
 
         Returns:
             The paths of the learner weights that kept their value.
@@ -125,17 +125,20 @@ class MetaLearner(keras.Model):
                 f"weights, the learner {len(learner_variables)}. Use a model of the learner's architecture "
                 "(only the output layer's size may differ)."
             )
+        output_weights = {id(variable) for variable in _output_layer_weights(self.learner)}
         values, kept = [], []
         for mine, theirs in zip(learner_variables, source_variables, strict=True):
             if tuple(mine.shape) == tuple(theirs.shape):
                 values.append(theirs.value)
-            else:
+            elif id(mine) in output_weights:
                 values.append(mine.value)
                 kept.append(mine.path)
-        if len(kept) == len(learner_variables):
-            raise ValueError(
-                f"Cannot initialise theta_0 from {source.name!r}: none of its weights has the learner's shapes."
-            )
+            else:
+                raise ValueError(
+                    f"Cannot initialise theta_0 from {source.name!r}: its weight {theirs.path!r} has shape "
+                    f"{tuple(theirs.shape)}, the learner's {mine.path!r} {tuple(mine.shape)}. Only the output "
+                    "layer may differ: use a model of the learner's architecture."
+                )
         self.theta0.assign(self._learner_function.flatten(values))
         return kept
 
@@ -375,6 +378,15 @@ class MetaLearner(keras.Model):
         config = dict(config)
         config["learner"] = keras.saving.deserialize_keras_object(config["learner"], custom_objects=custom_objects)
         return cls(**config)
+
+
+def _output_layer_weights(model):
+    """The trainable weights of the layer that owns the model's last trainable weight (its output layer)."""
+    last = model.trainable_variables[-1]
+    for layer in reversed(model._flatten_layers(include_self=False)):
+        if any(variable is last for variable in layer.trainable_variables):
+            return layer.trainable_variables
+    return [last]
 
 
 def clip_by_global_norm_over_replicas(gradients, clip_norm):

@@ -215,6 +215,9 @@ class Callback:
     def on_checkpoint(self, episode, path):
         pass
 
+    def on_message(self, text):
+        """A line about work outside the episode loop (e.g. pre-training the classifier theta_0 starts from)."""
+
     def on_end(self, result):
         pass
 
@@ -324,6 +327,8 @@ class TrainingRun:
 
     def _start(self):
         """Check the run directory and the data, then (chief) write config.yaml; returns the data splits."""
+        import tensorflow as tf
+
         config = self._prepare_config(self.config)
         splits = load_splits(config)
         image_shape = list(splits.image_shape)
@@ -335,6 +340,7 @@ class TrainingRun:
         self.config = config.replace(image_shape=image_shape)
         # Check the episode shape fits the data before anything is written.
         km_data_check(splits, self.config)
+        _check_theta0_source(self.config, tf.distribute.get_strategy())
         if self.chief:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.config.save(self.run_dir / CONFIG_FILE_NAME)
@@ -363,11 +369,19 @@ class TrainingRun:
         checkpoint = _checkpoint(meta, trainer.optimizer, episode, best_accuracy, best_episode)
         # Every worker resumes from the chief's latest checkpoint.
         latest = tf.train.latest_checkpoint(str(self.run_dir / CHECKPOINT_DIR))
+        pretrain_seconds = 0.0
         if latest:
             restore_checkpoint(checkpoint, latest)
+        elif config.theta0_init == "pretrained":
+            pretrain_start = time.time()
+            try:
+                meta.initialize_theta0_from(self._theta0_source(config, splits, callbacks))
+            except ValueError as error:  # a model of another architecture
+                raise TrainingError(str(error)) from None
+            pretrain_seconds = time.time() - pretrain_start
         start = int(episode.numpy())
         state = self._read_state()
-        seconds_before = float(state.get("seconds", 0.0)) if start else 0.0
+        seconds_before = float(state.get("seconds", 0.0)) if start else pretrain_seconds
         log = MetricsLog(self.run_dir, truncate_after=start) if chief else None
         writer = _tensorboard_writer(self.run_dir) if chief else None
 
@@ -505,6 +519,27 @@ class TrainingRun:
         return result
 
     # --- state file ------------------------------------------------------------------------------------
+    def _theta0_source(self, config, splits, callbacks):
+        """The trained classifier theta_0 starts from: config.pretrained_model, or one pre-trained on the meta-train
+        classes and cached in RUN_DIR/baselines/ (where `metalstm evaluate --baselines` finds it)."""
+        if config.pretrained_model:
+            return load_pretrained_model(config.pretrained_model)
+        from keras_metalstm.baselines import PretrainConfig, cached_pretrained_classifier
+
+        model, info = cached_pretrained_classifier(
+            self.run_dir,
+            config,
+            splits,
+            PretrainConfig(epochs=config.pretrain_epochs, seed=config.seed),
+            log=callbacks.on_message,
+        )
+        callbacks.on_message(
+            f"theta_0 starts from the classifier pre-trained on the meta-train classes "
+            f"({self.run_dir / 'baselines' / 'pretrained.keras'}, training accuracy "
+            f"{100 * info['pretrain_train_accuracy']:.1f}%)"
+        )
+        return model
+
     def _read_state(self) -> dict:
         path = self.run_dir / STATE_FILE
         try:
@@ -542,6 +577,39 @@ def train(
 ) -> TrainingResult:
     """Meta-train `config` in `run_dir` (see TrainingRun)."""
     return TrainingRun(config, run_dir, resume=resume, deterministic=deterministic).run(callbacks)
+
+
+def load_pretrained_model(path):
+    """A .keras model to start theta_0 from, or a TrainingError saying why it cannot be used."""
+    import keras
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"pretrained model {path} does not exist; pass a .keras file saved by Keras 3")
+    try:
+        return keras.models.load_model(str(path), compile=False)
+    except Exception as error:  # noqa: BLE001 - any loading failure becomes one clear message
+        raise TrainingError(f"cannot load pretrained model {path}: {error}") from None
+
+
+def _check_theta0_source(config: RunConfig, strategy) -> None:
+    """Fail before anything is written when theta_0's starting point cannot be had."""
+    import tensorflow as tf
+
+    if config.theta0_init != "pretrained":
+        return
+    if config.pretrained_model:
+        if not Path(config.pretrained_model).is_file():
+            raise TrainingError(
+                f"pretrained model {config.pretrained_model} does not exist; pass a .keras classifier of the "
+                "learner's architecture"
+            )
+    elif isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        raise TrainingError(
+            "theta0_init 'pretrained' under a multi-worker strategy needs --pretrained-model (a file every worker "
+            "reads): pre-train it once in a single-process run, e.g. `metalstm evaluate RUN --baselines` leaves "
+            "one in RUN/baselines/pretrained.keras"
+        )
 
 
 def km_data_check(splits, config: RunConfig) -> None:

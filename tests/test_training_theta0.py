@@ -1,0 +1,93 @@
+"""`metalstm train --theta0-init pretrained`: theta_0 starts from a classifier pre-trained on the meta-train classes
+(cached in the run directory and reused by the baselines) or from a given .keras classifier."""
+
+import keras
+import numpy as np
+import pytest
+from cli_helpers import TINY_FLAGS, make_image_folder
+from click.testing import CliRunner
+from keras_metalstm.cli.main import main
+
+import keras_metalstm as km
+from keras_metalstm.training import load_meta_learner, load_run_config
+
+# Adam moves every weight by about the learning rate per step: with 1e-9, theta_0 after two meta-updates is its
+# starting point to float precision.
+FROZEN = ["--learning-rate", "1e-9", "--episodes", "2", "--checkpoint-every", "2", "--validate-every", "2"]
+
+
+def run_cli(args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def train_args(data_dir, run_dir, *extra):
+    return ["train", "--dataset", "folder", "--data-dir", data_dir, "--run-dir", run_dir, *TINY_FLAGS,
+            "--no-deterministic", *FROZEN, *extra]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data") / "folder")
+
+
+def body_of_theta0(run_dir):
+    """theta_0 of the run's latest checkpoint, split per learner weight, without the output layer."""
+    _, meta = load_meta_learner(run_dir, "latest")
+    sizes = [int(np.prod(v.shape)) for v in meta.learner.trainable_variables]
+    return np.split(meta.theta0.numpy(), np.cumsum(sizes)[:-1])[:-2]
+
+
+def test_pretrained_theta0_is_pretrained_in_the_run_and_reused_by_the_baselines(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    result = run_cli(train_args(data_dir, run_dir, "--theta0-init", "pretrained", "--pretrain-epochs", "1"))
+    assert result.exit_code == 0, result.output
+    assert "pre-training the conv4 classifier" in result.output
+    assert load_run_config(run_dir).theta0_init == "pretrained"
+    pretrained = keras.models.load_model(run_dir / "baselines" / "pretrained.keras")
+    for piece, weight in zip(body_of_theta0(run_dir), pretrained.trainable_variables, strict=False):
+        np.testing.assert_allclose(piece, weight.numpy().ravel(), atol=1e-6)
+
+    evaluation = run_cli(["evaluate", run_dir, "--episodes", "2", "--baselines", "--pretrain-epochs", "1",
+                          "--finetune-val-episodes", "2", "--no-progress"])
+    assert evaluation.exit_code == 0, evaluation.output
+    assert "pre-training" not in evaluation.output  # the run's classifier is the baselines' classifier
+
+
+def test_theta0_from_a_given_classifier_file(tmp_path, data_dir):
+    keras.utils.set_random_seed(3)
+    classifier = km.learners.conv4(input_shape=(28, 28, 1), num_classes=9, filters=4)
+    path = tmp_path / "classifier.keras"
+    classifier.save(path)
+    run_dir = tmp_path / "run"
+    result = run_cli(train_args(data_dir, run_dir, "--theta0-init", "pretrained", "--pretrained-model", path))
+    assert result.exit_code == 0, result.output
+    assert not (run_dir / "baselines").exists()  # nothing pre-trained
+    for piece, weight in zip(body_of_theta0(run_dir), classifier.trainable_variables, strict=False):
+        np.testing.assert_allclose(piece, weight.numpy().ravel(), atol=1e-6)
+
+
+def test_a_scratch_run_does_not_start_from_the_classifier(tmp_path, data_dir):
+    keras.utils.set_random_seed(3)
+    classifier = km.learners.conv4(input_shape=(28, 28, 1), num_classes=9, filters=4)
+    run_dir = tmp_path / "run"
+    assert run_cli(train_args(data_dir, run_dir)).exit_code == 0
+    first = body_of_theta0(run_dir)[0]
+    assert not np.allclose(first, classifier.trainable_variables[0].numpy().ravel(), atol=1e-3)
+
+
+def test_unusable_pretrained_models_are_refused_with_a_message(tmp_path, data_dir):
+    missing = run_cli(train_args(data_dir, tmp_path / "a", "--theta0-init", "pretrained", "--pretrained-model",
+                                 tmp_path / "nope.keras"))
+    assert missing.exit_code != 0
+    assert "nope.keras does not exist" in missing.output and "Traceback" not in missing.output
+    assert not (tmp_path / "a").exists()
+
+    wider = km.learners.conv4(input_shape=(28, 28, 1), num_classes=2, filters=8)
+    wider.save(tmp_path / "wider.keras")
+    other = run_cli(train_args(data_dir, tmp_path / "b", "--theta0-init", "pretrained", "--pretrained-model",
+                               tmp_path / "wider.keras"))
+    assert other.exit_code != 0
+    assert "Only the output layer may differ" in other.output and "Traceback" not in other.output
+
+    without_init = run_cli(train_args(data_dir, tmp_path / "c", "--pretrained-model", tmp_path / "wider.keras"))
+    assert without_init.exit_code != 0 and "only used with theta0_init 'pretrained'" in without_init.output
