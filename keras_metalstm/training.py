@@ -372,6 +372,8 @@ class TrainingRun:
         pretrain_seconds = 0.0
         if latest:
             restore_checkpoint(checkpoint, latest)
+            # The optimizer's learning rate is a checkpointed variable: a resumed run uses the configured one.
+            trainer.optimizer.learning_rate = config.learning_rate
         elif config.theta0_init == "pretrained":
             pretrain_start = time.time()
             try:

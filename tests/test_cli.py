@@ -114,6 +114,21 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, data_dir):
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["episodes"] == 6
 
 
+def test_resume_with_a_new_learning_rate_uses_it(tmp_path, data_dir):
+    import tensorflow as tf
+
+    run_dir = tmp_path / "run"
+    assert run_cli(train_args(data_dir, run_dir, "--episodes", "2", "--checkpoint-every", "2")).exit_code == 0
+    result = run_cli(["train", "--run-dir", run_dir, "--resume", "--episodes", "4", "--learning-rate", "2e-5",
+                      "--no-progress", "--no-deterministic"])
+    assert result.exit_code == 0, result.output
+    # The optimizer's learning rate is part of the checkpoint: the restored value must not win over the flag.
+    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints"))
+    stored = [name for name in reader.get_variable_to_shape_map() if "learning_rate" in name]
+    assert stored and reader.get_tensor(stored[0]) == pytest.approx(2e-5)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["learning_rate"] == pytest.approx(2e-5)
+
+
 def test_missing_or_unknown_data_set_path(tmp_path):
     result = run_cli(["train", "--dataset", "folder", "--run-dir", tmp_path / "a", *TINY_FLAGS])
     assert result.exit_code != 0 and "needs a data directory" in result.output
