@@ -6,6 +6,7 @@ all are measured in one invocation, so the printed ratios compare like with like
     python benchmarks/meta_step.py                 # the four SPEC settings, ours (plain, XLA) and baseline
     python benchmarks/meta_step.py --quick         # 28x28 1-shot only
     python benchmarks/meta_step.py --profile       # where the time goes (28x28, 1-shot, T=12)
+    python benchmarks/meta_step.py --quick --meta-batch 4   # ms per episode when 4 episodes share a meta-update
 
 "ours" is keras_metalstm's MetaTrainer.train_step; "baseline" is the straightforward TensorFlow version of
 the same step (coordinates-first (P, 4) LSTM inputs, the loss copied to every coordinate, per-gate slices
@@ -30,7 +31,7 @@ SETTINGS = {
 VARIANTS = ("ours", "ours+xla", "baseline")
 
 
-def build(setting):
+def build(setting, meta_batch=1):
     import keras
     import numpy as np
     import tensorflow as tf
@@ -43,17 +44,31 @@ def build(setting):
     meta = km.MetaLearner(learner, inner_steps=setting["inner_steps"])
     rng = np.random.default_rng(0)
     k_shot = setting["k_shot"]
+    batch = int(meta_batch)
+    shape = setting["image_shape"]
     episodes = {
-        "support_images": tf.constant(rng.random((1, n_way * k_shot, *setting["image_shape"]), dtype=np.float32)),
-        "support_labels": tf.constant(np.repeat(np.arange(n_way), k_shot)[None].astype(np.int32)),
-        "query_images": tf.constant(rng.random((1, n_way * query, *setting["image_shape"]), dtype=np.float32)),
-        "query_labels": tf.constant(np.repeat(np.arange(n_way), query)[None].astype(np.int32)),
+        "support_images": tf.constant(rng.random((batch, n_way * k_shot, *shape), dtype=np.float32)),
+        "support_labels": tf.constant(np.tile(np.repeat(np.arange(n_way), k_shot), (batch, 1)).astype(np.int32)),
+        "query_images": tf.constant(rng.random((batch, n_way * query, *shape), dtype=np.float32)),
+        "query_labels": tf.constant(np.tile(np.repeat(np.arange(n_way), query), (batch, 1)).astype(np.int32)),
     }
     return meta, episodes
 
 
 def baseline_meta_gradients(meta, episodes):
-    """The same first-order meta-gradient, written the straightforward way (coordinates first)."""
+    """The same first-order meta-gradient, written the straightforward way: coordinates first, one episode
+    after the other, mean query loss over the meta-batch."""
+    import tensorflow as tf
+
+    batch = episodes["support_images"].shape[0]
+    with tf.GradientTape() as tape:
+        query_loss = tf.add_n(
+            [baseline_query_loss(meta, {key: value[index] for key, value in episodes.items()}) for index in range(batch)]
+        ) / batch
+    return query_loss, tape.gradient(query_loss, meta.trainable_variables)
+
+
+def baseline_query_loss(meta, episode):
     import tensorflow as tf
 
     from keras_metalstm.learner_function import cross_entropy
@@ -61,37 +76,33 @@ def baseline_meta_gradients(meta, episodes):
 
     learner = meta._learner_function
     lstm, cell, units = meta.coordinate_lstm, meta.cell, meta.hidden_units
-    support, labels = episodes["support_images"][0], episodes["support_labels"][0]
-    with tf.GradientTape() as tape:
-        theta = tf.identity(meta.theta0)
-        coordinates = theta.shape[0]
-        hidden = cell_state = tf.zeros((coordinates, units))
-        f_logit = i_logit = tf.zeros((coordinates,))
-        state = learner.initial_state()
-        for _ in range(meta.inner_steps):
-            loss, gradient, state = learner.loss_and_gradient(tf.stop_gradient(theta), state, support, labels)
-            inputs = tf.concat(
-                [tf.broadcast_to(preprocess(loss)[None], (coordinates, 2)), preprocess(gradient)], axis=1
-            )
-            gates = inputs @ lstm.kernel + hidden @ lstm.recurrent_kernel + lstm.bias
-            gate_i, gate_f, gate_c, gate_o = tf.split(gates, 4, axis=1)
-            cell_state = tf.sigmoid(gate_f) * cell_state + tf.sigmoid(gate_i) * tf.tanh(gate_c)
-            hidden = tf.sigmoid(gate_o) * tf.tanh(cell_state)
-            f_logit = tf.concat([hidden, theta[:, None], f_logit[:, None]], 1) @ cell.W_f + cell.b_f
-            i_logit = tf.concat([hidden, theta[:, None], i_logit[:, None]], 1) @ cell.W_i + cell.b_i
-            f_logit, i_logit = f_logit[:, 0], i_logit[:, 0]
-            theta = tf.sigmoid(f_logit) * theta - tf.sigmoid(i_logit) * gradient
-        logits, _ = learner(theta, state, episodes["query_images"][0], training=True)
-        query_loss = cross_entropy(episodes["query_labels"][0], logits)
-    return query_loss, tape.gradient(query_loss, meta.trainable_variables)
+    support, labels = episode["support_images"], episode["support_labels"]
+    theta = tf.identity(meta.theta0)
+    coordinates = theta.shape[0]
+    hidden = cell_state = tf.zeros((coordinates, units))
+    f_logit = i_logit = tf.zeros((coordinates,))
+    state = learner.initial_state()
+    for _ in range(meta.inner_steps):
+        loss, gradient, state = learner.loss_and_gradient(tf.stop_gradient(theta), state, support, labels)
+        inputs = tf.concat([tf.broadcast_to(preprocess(loss)[None], (coordinates, 2)), preprocess(gradient)], axis=1)
+        gates = inputs @ lstm.kernel + hidden @ lstm.recurrent_kernel + lstm.bias
+        gate_i, gate_f, gate_c, gate_o = tf.split(gates, 4, axis=1)
+        cell_state = tf.sigmoid(gate_f) * cell_state + tf.sigmoid(gate_i) * tf.tanh(gate_c)
+        hidden = tf.sigmoid(gate_o) * tf.tanh(cell_state)
+        f_logit = tf.concat([hidden, theta[:, None], f_logit[:, None]], 1) @ cell.W_f + cell.b_f
+        i_logit = tf.concat([hidden, theta[:, None], i_logit[:, None]], 1) @ cell.W_i + cell.b_i
+        f_logit, i_logit = f_logit[:, 0], i_logit[:, 0]
+        theta = tf.sigmoid(f_logit) * theta - tf.sigmoid(i_logit) * gradient
+    logits, _ = learner(theta, state, episode["query_images"], training=True)
+    return cross_entropy(episode["query_labels"], logits)
 
 
-def measure(setting_name, variant, steps):
+def measure(setting_name, variant, steps, meta_batch=1):
     import tensorflow as tf
 
     import keras_metalstm as km
 
-    meta, episodes = build(SETTINGS[setting_name])
+    meta, episodes = build(SETTINGS[setting_name], meta_batch)
     if variant == "baseline":
         optimizer = km.meta_optimizer()
 
@@ -113,7 +124,7 @@ def measure(setting_name, variant, steps):
         float(step(episodes)["loss"])
         times.append((time.perf_counter() - start) * 1000)
     return {
-        "ms": statistics.median(times),
+        "ms": statistics.median(times) / meta_batch,
         "compile_s": compile_seconds,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "parameters": meta.num_parameters,
@@ -195,12 +206,15 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median)")
     parser.add_argument("--quick", action="store_true", help="28x28 1-shot only")
     parser.add_argument("--profile", action="store_true", help="time the parts of a 28x28 1-shot step")
+    parser.add_argument(
+        "--meta-batch", type=int, default=1, help="episodes per meta-update; times are per episode (default 1)"
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        print(json.dumps(measure(args.child[0], args.child[1], args.steps)))
+        print(json.dumps(measure(args.child[0], args.child[1], args.steps, args.meta_batch)))
         return
     if args.child_profile:
         print(json.dumps(profile(args.steps)))
@@ -213,13 +227,16 @@ def main():
         return
 
     names = ["28x28x1 1-shot T=12"] if args.quick else list(SETTINGS)
-    print(f"ms per 5-way meta-training episode (conv4, 15 queries/class, median of {args.steps}), "
-          f"{os.cpu_count()} CPU cores")
+    print(f"ms per 5-way meta-training episode (conv4, 15 queries/class, meta-batch {args.meta_batch}, median of "
+          f"{args.steps} meta-updates), {os.cpu_count()} CPU cores")
     header = f"{'setting':<22}" + "".join(f"{v:>12}" for v in VARIANTS)
     header += f"{'xla/plain':>11}{'base/ours':>11}{'peak MB':>9}{'compile s':>11}"
     print(header)
     for name in names:
-        results = {variant: run_child(["--child", name, variant, "--steps", str(args.steps)]) for variant in VARIANTS}
+        results = {
+            variant: run_child(["--child", name, variant, "--steps", str(args.steps), "--meta-batch", str(args.meta_batch)])
+            for variant in VARIANTS
+        }
         ours, xla, baseline = (results[v]["ms"] for v in VARIANTS)
         print(
             f"{name:<22}" + "".join(f"{results[v]['ms']:12.1f}" for v in VARIANTS)
