@@ -247,7 +247,7 @@ class TrainingRun:
 
     Args:
         config: the RunConfig (with resume=True, the stored config is used and `config` may only change
-            non-shape settings such as `episodes`, intervals or `xla`).
+            non-shape settings such as `episodes`, `learning_rate`, intervals or `xla`).
         run_dir: the run directory (created by the chief).
         resume: continue the run stored in `run_dir` (a missing or empty directory starts a new run).
         deterministic: enable TensorFlow op determinism, process-wide (bitwise-reproducible runs; the command line
