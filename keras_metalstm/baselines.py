@@ -235,6 +235,12 @@ def _episode_arrays(batch):
 
 
 # -------------------------------------------------------------------------------------------- run cache
+def baseline_cache_paths(run_dir):
+    """(pretrained.keras, baselines.json) in RUN_DIR/baselines/: the pre-trained classifier and its settings."""
+    cache = Path(run_dir) / "baselines"
+    return cache / "pretrained.keras", cache / "baselines.json"
+
+
 def cached_pretrained_classifier(run_dir, config, splits, pretrain: PretrainConfig | None = None, log=print):
     """The classifier pre-trained on the run's meta-train classes, trained once and cached in
     RUN_DIR/baselines/ (pretrained.keras, and its settings in baselines.json).
@@ -245,9 +251,8 @@ def cached_pretrained_classifier(run_dir, config, splits, pretrain: PretrainConf
     import keras
 
     pretrain = pretrain or PretrainConfig(seed=config.seed)
-    cache = Path(run_dir) / "baselines"
-    cache.mkdir(parents=True, exist_ok=True)
-    model_path, info_path = cache / "pretrained.keras", cache / "baselines.json"
+    model_path, info_path = baseline_cache_paths(run_dir)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     if info.get("pretrain") == asdict(pretrain) and model_path.is_file():
         return keras.models.load_model(str(model_path)), info
@@ -257,7 +262,7 @@ def cached_pretrained_classifier(run_dir, config, splits, pretrain: PretrainConf
         f"({splits.train.num_images} images, {pretrain.epochs} epochs) ..."
     )
     model, train_accuracy = pretrain_classifier(splits.train, config.image_shape, config.filters, pretrain, verbose=0)
-    tmp = cache / f".tmp-{os.getpid()}-pretrained.keras"
+    tmp = model_path.with_name(f".tmp-{os.getpid()}-pretrained.keras")
     model.save(str(tmp))
     os.replace(tmp, model_path)
     # Fine-tune choices made for another pre-trained network are dropped with it.
@@ -285,7 +290,7 @@ def prepare_baselines(
     from keras_metalstm.training import eval_batch_size
 
     model, info = cached_pretrained_classifier(run_dir, config, splits, pretrain, log)
-    info_path = Path(run_dir) / "baselines" / "baselines.json"
+    info_path = baseline_cache_paths(run_dir)[1]
     baselines = Baselines(model, config.n_way)
     key = f"finetune_{config.n_way}way_{config.k_shot}shot_q{config.query}_val{val_episodes}"
     choice = info.get(key)

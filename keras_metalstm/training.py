@@ -315,7 +315,7 @@ class TrainingRun:
             # Every worker must reach the agreement, whatever failed before it.
             failure = None
             try:
-                splits = self._start()
+                splits = self._start(strategy)
             except Exception as error:
                 failure = error
             if not all_workers_ok(strategy, failure is None):
@@ -325,10 +325,8 @@ class TrainingRun:
                 )
             return self._run(callbacks, self.config, splits, strategy)
 
-    def _start(self):
+    def _start(self, strategy):
         """Check the run directory and the data, then (chief) write config.yaml; returns the data splits."""
-        import tensorflow as tf
-
         config = self._prepare_config(self.config)
         splits = load_splits(config)
         image_shape = list(splits.image_shape)
@@ -340,7 +338,7 @@ class TrainingRun:
         self.config = config.replace(image_shape=image_shape)
         # Check the episode shape fits the data before anything is written.
         km_data_check(splits, self.config)
-        _check_theta0_source(self.config, tf.distribute.get_strategy())
+        _check_theta0_source(self.config, strategy)
         if self.chief:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.config.save(self.run_dir / CONFIG_FILE_NAME)
@@ -520,13 +518,16 @@ class TrainingRun:
         callbacks.on_end(result)
         return result
 
-    # --- state file ------------------------------------------------------------------------------------
     def _theta0_source(self, config, splits, callbacks):
         """The trained classifier theta_0 starts from: config.pretrained_model, or one pre-trained on the meta-train
         classes and cached in RUN_DIR/baselines/ (where `metalstm evaluate --baselines` finds it)."""
         if config.pretrained_model:
-            return load_pretrained_model(config.pretrained_model)
-        from keras_metalstm.baselines import PretrainConfig, cached_pretrained_classifier
+            return _load_pretrained_model(config.pretrained_model)
+        from keras_metalstm.baselines import (
+            PretrainConfig,
+            baseline_cache_paths,
+            cached_pretrained_classifier,
+        )
 
         model, info = cached_pretrained_classifier(
             self.run_dir,
@@ -537,11 +538,12 @@ class TrainingRun:
         )
         callbacks.on_message(
             f"theta_0 starts from the classifier pre-trained on the meta-train classes "
-            f"({self.run_dir / 'baselines' / 'pretrained.keras'}, training accuracy "
+            f"({baseline_cache_paths(self.run_dir)[0]}, training accuracy "
             f"{100 * info['pretrain_train_accuracy']:.1f}%)"
         )
         return model
 
+    # --- state file ------------------------------------------------------------------------------------
     def _read_state(self) -> dict:
         path = self.run_dir / STATE_FILE
         try:
@@ -581,13 +583,11 @@ def train(
     return TrainingRun(config, run_dir, resume=resume, deterministic=deterministic).run(callbacks)
 
 
-def load_pretrained_model(path):
-    """A .keras model to start theta_0 from, or a TrainingError saying why it cannot be used."""
+def _load_pretrained_model(path):
+    """The .keras model theta_0 starts from (its existence is checked by _check_theta0_source), or a TrainingError
+    saying why it cannot be loaded."""
     import keras
 
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"pretrained model {path} does not exist; pass a .keras file saved by Keras 3")
     try:
         return keras.models.load_model(str(path), compile=False)
     except Exception as error:  # noqa: BLE001 - any loading failure becomes one clear message
