@@ -19,6 +19,8 @@ setup(
     package_data={
         "keras_metalstm.data": ["fontglot-28.npz", "FONTGLOT.md"],
         "keras_metalstm.export": ["SERVING.md"],
+        # The fused CPU kernel's source, compiled on first use (keras_metalstm/ops/fused_coordinate_lstm.py).
+        "keras_metalstm.ops": ["*.cc"],
     },
     install_requires=[
         "tensorflow>=2.16",

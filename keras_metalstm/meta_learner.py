@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction
+from keras_metalstm.ops import fused_coordinate_lstm
 from keras_metalstm.preprocessing import preprocess
 
 EPISODE_KEYS = ("support_images", "support_labels", "query_images", "query_labels")
@@ -185,12 +186,13 @@ class MetaLearner(keras.Model):
             gradient = tf.stack(gradients)  # (episodes, coordinates)
             # Features first: (2, episodes, coordinates) for the gradient; the loss is one value per episode,
             # preprocessed once and shared by all of that episode's coordinates.
-            hidden, lstm_state = self.coordinate_lstm(
+            hidden, lstm_state, hidden_terms = self.coordinate_lstm.step_with_readout(
                 preprocess(gradient, self.p, axis=0),
                 lstm_state,
                 shared_inputs=preprocess(tf.stack(losses), self.p, axis=0),
+                readout_kernel=self.cell.hidden_kernel(),
             )
-            theta, gate_logits = self.cell(hidden, theta, gradient, gate_logits)
+            theta, gate_logits = self.cell(hidden, theta, gradient, gate_logits, hidden_terms=hidden_terms)
         return theta, states
 
     def query_logits(self, theta, states, query_images, mode):
@@ -266,8 +268,13 @@ class MetaLearner(keras.Model):
         if not jit_compile:
             return self.meta_gradients
         if True not in self._compiled_gradients:
-            self._compiled_gradients[True] = tf.function(self.meta_gradients, jit_compile=True)
+            self._compiled_gradients[True] = tf.function(self._meta_gradients_without_custom_ops, jit_compile=True)
         return self._compiled_gradients[True]
+
+    def _meta_gradients_without_custom_ops(self, episodes):
+        # XLA cannot compile the fused CPU kernel: trace the stock TensorFlow ops instead.
+        with fused_coordinate_lstm.disabled():
+            return self.meta_gradients(episodes)
 
     def train_step(self, episodes):
         loss, accuracy = self.meta_train_step(episodes, self.optimizer, clip_norm=self._fit_clip_norm)
@@ -358,6 +365,15 @@ class MetaLearner(keras.Model):
         return adapted
 
     # ------------------------------------------------------------------------------------ serialisation
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        children = super()._trackable_children(save_type, **kwargs)
+        if save_type == "savedmodel":
+            # Execution caches, not part of a model (as Keras leaves out its train_function): they may also
+            # hold the fused CPU kernel, which TensorFlow Serving does not have.
+            children.pop("_compiled_adapt", None)
+            children.pop("_compiled_gradients", None)
+        return children
+
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -6,11 +6,14 @@ them, and each coordinate carries its own (h, c) state across the inner steps of
 Layout: features come FIRST and the coordinates last, e.g. inputs (input_dim, episodes, coordinates) and
 states (units, episodes, coordinates). With ~30k coordinates and 20 units this step is the meta-learner's
 hot loop; features-first makes the per-gate slices contiguous blocks and turns the gate products into one
-(4 * units, features) x (features, coordinates) matrix product.
+(4 * units, features) x (features, coordinates) matrix product. On CPU-only machines the step runs as one
+fused kernel (keras_metalstm/ops), with these ops as the fallback and the reference it is tested against.
 """
 
 import keras
 import tensorflow as tf
+
+from keras_metalstm.ops import fused_coordinate_lstm
 
 
 # SPEC, "Initialisation (official code)": every meta-parameter starts in U(-0.01, 0.01); Keras' LSTM
@@ -65,7 +68,36 @@ class CoordinateLSTM(keras.layers.Layer):
         Returns:
             (h, (h, c)).
         """
+        hidden, state, _ = self.step_with_readout(inputs, state, shared_inputs)
+        return hidden, state
+
+    def step_with_readout(self, inputs, state=None, shared_inputs=None, readout_kernel=None):
+        """One step, plus readout = readout_kernel^T . h: (R, *coordinate shape) for a (units, R) kernel.
+
+        The meta-learner cell multiplies h by its gate weights; done here, the fused kernel computes that
+        product (and its gradient) while h is still in the cache. Without a readout_kernel, readout is None.
+        """
         own_kernel = self.kernel[self.shared_input_dim :]
+        fused_step = fused_coordinate_lstm.coordinate_step() if inputs.shape.rank == 3 else None
+        if fused_step is not None:
+            if state is None:
+                zeros = tf.zeros(tf.concat([[self.units], tf.shape(inputs)[1:]], axis=0), inputs.dtype)
+                state = (zeros, zeros)
+            kernel = tf.zeros((self.units, 0), inputs.dtype) if readout_kernel is None else readout_kernel
+            gate_bias = self._episode_gate_bias(tf.shape(inputs)[1], shared_inputs)
+            hidden, cell, readout = fused_step(
+                inputs, *state, own_kernel, self.recurrent_kernel, gate_bias, kernel
+            )
+            return hidden, (hidden, cell), None if readout_kernel is None else readout
+        hidden, state = self._stock_step(inputs, state, shared_inputs, own_kernel)
+        if readout_kernel is None:
+            return hidden, state, None
+        readout = tf.matmul(readout_kernel, tf.reshape(hidden, [self.units, -1]), transpose_a=True)
+        readout = tf.reshape(readout, tf.concat([tf.shape(readout_kernel)[1:], tf.shape(hidden)[1:]], axis=0))
+        return hidden, state, readout
+
+    def _stock_step(self, inputs, state, shared_inputs, own_kernel):
+        """The step in stock TensorFlow ops: any input rank, any device, XLA; the fused kernel's reference."""
         coordinate_shape = tf.shape(inputs)[1:]
         flat_inputs = tf.reshape(inputs, [tf.shape(inputs)[0], -1])
         if state is None:
@@ -91,6 +123,13 @@ class CoordinateLSTM(keras.layers.Layer):
             new_cell = new_cell + tf.sigmoid(forget_gate) * cell
         hidden = tf.sigmoid(output_gate) * tf.tanh(new_cell)
         return hidden, (hidden, new_cell)
+
+    def _episode_gate_bias(self, episodes, shared_inputs):
+        """(4 * units, episodes): the bias plus each episode's shared-feature contribution (fused kernel)."""
+        bias = tf.tile(self.bias[:, tf.newaxis], [1, episodes])
+        if self.shared_input_dim:
+            bias = bias + tf.matmul(self.kernel[: self.shared_input_dim], shared_inputs, transpose_a=True)
+        return bias
 
     def get_config(self):
         config = super().get_config()

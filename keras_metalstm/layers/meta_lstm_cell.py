@@ -37,7 +37,12 @@ class MetaLSTMCell(keras.layers.Layer):
         )
         self.built = True
 
-    def call(self, hidden, theta, grad, previous_logits=None):
+    def hidden_kernel(self):
+        """(hidden_units, 2): the weights of h_t in the f and i gates, side by side."""
+        units = self.hidden_units
+        return tf.concat([self.W_f[:units], self.W_i[:units]], axis=1)
+
+    def call(self, hidden, theta, grad, previous_logits=None, hidden_terms=None):
         """One update of the learner's parameters, for coordinates of any shape S.
 
         Args:
@@ -46,17 +51,21 @@ class MetaLSTMCell(keras.layers.Layer):
             grad: S, the raw learner gradient at theta_{t-1}.
             previous_logits: (f_logit_{t-1}, i_logit_{t-1}), each of shape S; None is the zero feedback
                 every episode starts from.
+            hidden_terms: (2, *S), hidden_kernel()^T . hidden if already computed (CoordinateLSTM's
+                step_with_readout does it in its fused kernel); None computes it here.
 
         Returns:
             (theta_t, (f_logit_t, i_logit_t)).
         """
         units = self.hidden_units
-        # Both gates read the same hidden state: one (2, H) x (H, coordinates) product serves both.
-        hidden_weights = tf.concat([self.W_f[:units], self.W_i[:units]], axis=1)
-        hidden_terms = tf.matmul(hidden_weights, tf.reshape(hidden, [units, -1]), transpose_a=True)
-        hidden_terms = tf.reshape(hidden_terms, tf.concat([[2], tf.shape(theta)], axis=0))
-        f_logit = hidden_terms[0] + theta * self.W_f[units, 0] + self.b_f
-        i_logit = hidden_terms[1] + theta * self.W_i[units, 0] + self.b_i
+        if hidden_terms is None:
+            # Both gates read the same hidden state: one (2, H) x (H, coordinates) product serves both.
+            hidden_terms = tf.matmul(self.hidden_kernel(), tf.reshape(hidden, [units, -1]), transpose_a=True)
+            hidden_terms = tf.reshape(hidden_terms, tf.concat([[2], tf.shape(theta)], axis=0))
+        # unstack, not two slices: its gradient is one stack instead of two full-size padded slices.
+        f_terms, i_terms = tf.unstack(hidden_terms, num=2)
+        f_logit = f_terms + theta * self.W_f[units, 0] + self.b_f
+        i_logit = i_terms + theta * self.W_i[units, 0] + self.b_i
         if previous_logits is not None:
             f_previous, i_previous = previous_logits
             f_logit = f_logit + f_previous * self.W_f[units + 1, 0]

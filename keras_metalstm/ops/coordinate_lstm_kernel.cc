@@ -1,0 +1,486 @@
+// A fused CPU kernel for one step of the coordinate-wise LSTM (layer 1 of the meta-learner), forward and
+// backward.
+//
+// Why: the step runs over every learner coordinate (~28k for conv4) at every inner step. Written with stock
+// TensorFlow ops it is a (4U x K) x (K x coordinates) product followed by a dozen element-wise ops, each of
+// which streams a 4U x coordinates tensor through memory; its gradient twice as many. Here a block of
+// coordinates is carried through the whole step while it sits in the L1 cache, so the memory traffic is just
+// the inputs and outputs.
+//
+// Equations, gate order and layout are those of CoordinateLSTM (keras_metalstm/layers/coordinate_lstm.py),
+// features first:
+//   inputs (KX, E, C), hidden and cell (U, E, C), input_kernel (KX, 4U), recurrent_kernel (U, 4U),
+//   gate_bias (4U, E) (the layer's bias plus the episode's shared-input contribution).
+//   gates = [inputs; hidden]^T . [input_kernel; recurrent_kernel] + gate_bias, split into i, f, g, o;
+//   cell' = sigmoid(f) * cell + sigmoid(i) * tanh(g);  hidden' = sigmoid(o) * tanh(cell').
+// It also returns readout (R, E, C) = readout_kernel^T . hidden' for a readout_kernel (U, R): the
+// meta-learner cell's products of h_t with its gate weights, which as a separate (2 x U) x (U x C) product
+// cost more than the whole fused step.
+// The backward op recomputes the gates instead of storing them (four times the size of the state).
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace keras_metalstm {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Status;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+using ::tensorflow::errors::InvalidArgument;
+using ::tensorflow::shape_inference::InferenceContext;
+
+constexpr int kBlock = 64;  // coordinates carried through a step together (~20 KB of gates: L1-resident)
+
+REGISTER_OP("MetaLstmCoordinateStep")
+    .Input("inputs: float")
+    .Input("hidden: float")
+    .Input("cell: float")
+    .Input("input_kernel: float")
+    .Input("recurrent_kernel: float")
+    .Input("gate_bias: float")
+    .Input("readout_kernel: float")
+    .Output("new_hidden: float")
+    .Output("new_cell: float")
+    .Output("readout: float")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(1));
+      c->set_output(1, c->input(2));
+      c->set_output(2, c->MakeShape({c->Dim(c->input(6), 1), c->Dim(c->input(1), 1), c->Dim(c->input(1), 2)}));
+      return Status();
+    });
+
+REGISTER_OP("MetaLstmCoordinateStepGrad")
+    .Input("inputs: float")
+    .Input("hidden: float")
+    .Input("cell: float")
+    .Input("input_kernel: float")
+    .Input("recurrent_kernel: float")
+    .Input("gate_bias: float")
+    .Input("readout_kernel: float")
+    .Input("new_hidden_grad: float")
+    .Input("new_cell_grad: float")
+    .Input("readout_grad: float")
+    .Output("inputs_grad: float")
+    .Output("hidden_grad: float")
+    .Output("cell_grad: float")
+    .Output("input_kernel_grad: float")
+    .Output("recurrent_kernel_grad: float")
+    .Output("gate_bias_grad: float")
+    .Output("readout_kernel_grad: float")
+    .SetShapeFn([](InferenceContext* c) {
+      for (int i = 0; i < 7; ++i) c->set_output(i, c->input(i));
+      return Status();
+    });
+
+namespace {
+
+// Eight float lanes (one AVX register; the compiler splits it where the CPU has narrower vectors). The
+// matrix products below are written on these so that the accumulators stay in registers.
+typedef float Vec __attribute__((vector_size(32)));
+constexpr int kLanes = 8;
+constexpr int kVectors = kBlock / kLanes;
+
+typedef int IntVec __attribute__((vector_size(32)));
+
+// exp on eight lanes, inlined (a library call per vector costs more than the arithmetic): Cody-Waite range
+// reduction x = n ln2 + r, then the Cephes polynomial for e^r on |r| <= ln2 / 2 (relative error ~1e-7).
+inline Vec Exp(Vec x) {
+  x = x < -87.0f ? Vec{} - 87.0f : x;
+  x = x > 88.0f ? Vec{} + 88.0f : x;
+  // Round x / ln2 to the nearest integer: adding 1.5 * 2^23 pushes the fraction out of the mantissa.
+  const Vec shifted = x * 1.44269504f + 12582912.0f;
+  const Vec n = shifted - 12582912.0f;
+  const Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  Vec p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const IntVec exponent = (reinterpret_cast<const IntVec&>(shifted) - 0x4B400000 + 127) << 23;
+  return p * reinterpret_cast<const Vec&>(exponent);
+}
+
+inline Vec Sigmoid(Vec x) { return 1.0f / (1.0f + Exp(-x)); }
+inline Vec Tanh(Vec x) { return 2.0f / (1.0f + Exp(-2.0f * x)) - 1.0f; }
+
+struct Dims {
+  int features;         // KX: per-coordinate input features
+  int units;            // U
+  int episodes;         // E
+  int64_t coordinates;  // C
+  int readouts;         // R
+  int gates() const { return 4 * units; }
+  int stacked() const { return features + units; }
+  int64_t blocks_per_episode() const { return (coordinates + kBlock - 1) / kBlock; }
+  int64_t row_stride() const { return static_cast<int64_t>(episodes) * coordinates; }
+};
+
+// Checks the shapes of the six forward inputs and returns their sizes.
+Status ReadDims(OpKernelContext* context, Dims* dims) {
+  const Tensor& inputs = context->input(0);
+  const Tensor& hidden = context->input(1);
+  const Tensor& cell = context->input(2);
+  const Tensor& input_kernel = context->input(3);
+  const Tensor& recurrent_kernel = context->input(4);
+  const Tensor& gate_bias = context->input(5);
+  const Tensor& readout_kernel = context->input(6);
+  if (inputs.dims() != 3 || hidden.dims() != 3) {
+    return InvalidArgument("inputs and hidden must have rank 3 (features, episodes, coordinates), got ",
+                           inputs.shape().DebugString(), " and ", hidden.shape().DebugString());
+  }
+  dims->features = static_cast<int>(inputs.dim_size(0));
+  dims->units = static_cast<int>(hidden.dim_size(0));
+  dims->episodes = static_cast<int>(inputs.dim_size(1));
+  dims->coordinates = inputs.dim_size(2);
+  if (readout_kernel.dims() != 2 || readout_kernel.dim_size(0) != dims->units) {
+    return InvalidArgument("readout_kernel must have shape (units, readouts) = (", dims->units,
+                           ", R), got ", readout_kernel.shape().DebugString());
+  }
+  dims->readouts = static_cast<int>(readout_kernel.dim_size(1));
+  const int gates = dims->gates();
+  if (hidden.dim_size(1) != dims->episodes || hidden.dim_size(2) != dims->coordinates ||
+      cell.shape() != hidden.shape()) {
+    return InvalidArgument("hidden and cell must both have shape (units, ", dims->episodes, ", ",
+                           dims->coordinates, "), got ", hidden.shape().DebugString(), " and ",
+                           cell.shape().DebugString());
+  }
+  if (input_kernel.shape() != TensorShape({dims->features, gates}) ||
+      recurrent_kernel.shape() != TensorShape({dims->units, gates}) ||
+      gate_bias.shape() != TensorShape({gates, dims->episodes})) {
+    return InvalidArgument("kernel shapes do not match: input_kernel ", input_kernel.shape().DebugString(),
+                           ", recurrent_kernel ", recurrent_kernel.shape().DebugString(), ", gate_bias ",
+                           gate_bias.shape().DebugString(), " for ", dims->features, " features and ",
+                           dims->units, " units");
+  }
+  return Status();
+}
+
+// Where a block of coordinates lives: episode e, coordinates [start, start + count).
+struct Block {
+  int episode;
+  int64_t offset;  // e * C + start, the block's first element in every (features, E, C) row
+  int count;
+};
+
+Block BlockAt(const Dims& dims, int64_t index) {
+  const int episode = static_cast<int>(index / dims.blocks_per_episode());
+  const int64_t start = (index % dims.blocks_per_episode()) * kBlock;
+  return {episode, episode * dims.coordinates + start,
+          static_cast<int>(std::min<int64_t>(kBlock, dims.coordinates - start))};
+}
+
+// Copies row r of a (rows, E, C) tensor's block into `target` (kBlock floats), zero-padded.
+void Gather(const Dims& dims, const float* tensor, int row, const Block& block, float* target) {
+  const float* source = tensor + row * dims.row_stride() + block.offset;
+  std::copy(source, source + block.count, target);
+  std::fill(target + block.count, target + kBlock, 0.0f);
+}
+
+void Scatter(const Dims& dims, const float* source, int row, const Block& block, float* tensor) {
+  std::copy(source, source + block.count, tensor + row * dims.row_stride() + block.offset);
+}
+
+// Per-thread scratch memory of one block, all of it kBlock-wide rows.
+struct Scratch {
+  explicit Scratch(const Dims& dims)
+      : stacked(dims.stacked() * kVectors), activations(dims.gates() * kVectors),
+        gate_grads(dims.gates() * kVectors), cell(dims.units * kVectors), hidden_grad(dims.units * kVectors),
+        cell_grad(dims.units * kVectors) {}
+  static float* Row(std::vector<Vec>& rows, int row) { return reinterpret_cast<float*>(&rows[row * kVectors]); }
+  static Vec* Vectors(std::vector<Vec>& rows, int row) { return &rows[row * kVectors]; }
+  std::vector<Vec> stacked, activations, gate_grads, cell, hidden_grad, cell_grad;
+};
+
+// The forward pass of one block up to the activated gates (i, f, g, o as sigmoid, sigmoid, tanh, sigmoid),
+// which land in scratch.activations; scratch.stacked holds [inputs; hidden] and scratch.cell the old cell.
+struct BlockForward {
+  const Dims& dims;
+  const float* inputs;
+  const float* hidden;
+  const float* cell;
+  const float* kernel;     // (stacked, gates): input_kernel rows then recurrent_kernel rows
+  const float* gate_bias;  // (gates, episodes)
+
+  void Run(const Block& block, Scratch* scratch) const {
+    for (int k = 0; k < dims.features; ++k) Gather(dims, inputs, k, block, Scratch::Row(scratch->stacked, k));
+    for (int u = 0; u < dims.units; ++u) {
+      Gather(dims, hidden, u, block, Scratch::Row(scratch->stacked, dims.features + u));
+      Gather(dims, cell, u, block, Scratch::Row(scratch->cell, u));
+    }
+    const int gates = dims.gates();
+    const Vec* stacked = scratch->stacked.data();
+    Vec* activations = scratch->activations.data();
+    // kVectors (8) independent accumulator chains per gate keep both FMA units busy.
+    for (int g = 0; g < gates; ++g) {
+      Vec accumulator[kVectors];
+      for (int v = 0; v < kVectors; ++v) accumulator[v] = Vec{} + gate_bias[g * dims.episodes + block.episode];
+      for (int k = 0; k < dims.stacked(); ++k) {
+        const float weight = kernel[k * gates + g];
+        for (int v = 0; v < kVectors; ++v) accumulator[v] += weight * stacked[k * kVectors + v];
+      }
+      for (int v = 0; v < kVectors; ++v) activations[g * kVectors + v] = accumulator[v];
+    }
+    const int gate_size = dims.units * kVectors;  // i, f, g, o: sigmoid, sigmoid, tanh, sigmoid
+    for (int i = 0; i < 2 * gate_size; ++i) activations[i] = Sigmoid(activations[i]);
+    for (int i = 2 * gate_size; i < 3 * gate_size; ++i) activations[i] = Tanh(activations[i]);
+    for (int i = 3 * gate_size; i < 4 * gate_size; ++i) activations[i] = Sigmoid(activations[i]);
+  }
+};
+
+// Concatenates input_kernel and recurrent_kernel row-wise: the stacked kernel of [inputs; hidden].
+std::vector<float> StackedKernel(const Dims& dims, const Tensor& input_kernel, const Tensor& recurrent_kernel) {
+  std::vector<float> kernel(static_cast<size_t>(dims.stacked()) * dims.gates());
+  const auto input_values = input_kernel.flat<float>();
+  const auto recurrent_values = recurrent_kernel.flat<float>();
+  std::copy(input_values.data(), input_values.data() + input_values.size(), kernel.begin());
+  std::copy(recurrent_values.data(), recurrent_values.data() + recurrent_values.size(),
+            kernel.begin() + input_values.size());
+  return kernel;
+}
+
+// Runs work(shard, first_block, end_block) over the E * blocks_per_episode blocks on TensorFlow's CPU
+// threads, in at most `max_shards` contiguous shards.
+template <typename Work>
+void ForEachShard(OpKernelContext* context, const Dims& dims, int max_shards, Work work) {
+  const int64_t total = dims.episodes * dims.blocks_per_episode();
+  const int shards = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_shards, total)));
+  auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
+  pool->ParallelFor(shards, /*cost_per_unit=*/1 << 20, [&](int64_t first_shard, int64_t end_shard) {
+    for (int64_t shard = first_shard; shard < end_shard; ++shard) {
+      work(static_cast<int>(shard), total * shard / shards, total * (shard + 1) / shards);
+    }
+  });
+}
+
+int MaxShards(OpKernelContext* context) {
+  return 4 * context->device()->tensorflow_cpu_worker_threads()->num_threads;
+}
+
+BlockForward MakeForward(OpKernelContext* context, const Dims& dims, const std::vector<float>& kernel) {
+  return {dims,
+          context->input(0).flat<float>().data(),
+          context->input(1).flat<float>().data(),
+          context->input(2).flat<float>().data(),
+          kernel.data(),
+          context->input(5).flat<float>().data()};
+}
+
+class CoordinateStepOp : public OpKernel {
+ public:
+  explicit CoordinateStepOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    Dims dims;
+    OP_REQUIRES_OK(context, ReadDims(context, &dims));
+    Tensor* new_hidden = nullptr;
+    Tensor* new_cell = nullptr;
+    Tensor* readout = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, context->input(1).shape(), &new_hidden));
+    OP_REQUIRES_OK(context, context->allocate_output(1, context->input(2).shape(), &new_cell));
+    OP_REQUIRES_OK(context, context->allocate_output(
+                                2, TensorShape({dims.readouts, dims.episodes, dims.coordinates}), &readout));
+    const std::vector<float> kernel = StackedKernel(dims, context->input(3), context->input(4));
+    const BlockForward forward = MakeForward(context, dims, kernel);
+    const float* readout_kernel = context->input(6).flat<float>().data();
+    float* hidden_out = new_hidden->flat<float>().data();
+    float* cell_out = new_cell->flat<float>().data();
+    float* readout_out = readout->flat<float>().data();
+    const int units = dims.units;
+
+    ForEachShard(context, dims, MaxShards(context), [&](int, int64_t first, int64_t end) {
+      Scratch scratch(dims);
+      Vec cell_row[kVectors], hidden_row[kVectors];
+      std::vector<Vec> readout_rows(dims.readouts * kVectors);
+      for (int64_t index = first; index < end; ++index) {
+        const Block block = BlockAt(dims, index);
+        forward.Run(block, &scratch);
+        std::fill(readout_rows.begin(), readout_rows.end(), Vec{});
+        for (int u = 0; u < units; ++u) {
+          const Vec* input_gate = Scratch::Vectors(scratch.activations, u);
+          const Vec* forget_gate = Scratch::Vectors(scratch.activations, units + u);
+          const Vec* candidate = Scratch::Vectors(scratch.activations, 2 * units + u);
+          const Vec* output_gate = Scratch::Vectors(scratch.activations, 3 * units + u);
+          const Vec* previous = Scratch::Vectors(scratch.cell, u);
+          for (int v = 0; v < kVectors; ++v) {
+            cell_row[v] = forget_gate[v] * previous[v] + input_gate[v] * candidate[v];
+            hidden_row[v] = output_gate[v] * Tanh(cell_row[v]);
+          }
+          for (int r = 0; r < dims.readouts; ++r) {
+            const float weight = readout_kernel[u * dims.readouts + r];
+            for (int v = 0; v < kVectors; ++v) readout_rows[r * kVectors + v] += weight * hidden_row[v];
+          }
+          Scatter(dims, reinterpret_cast<const float*>(cell_row), u, block, cell_out);
+          Scatter(dims, reinterpret_cast<const float*>(hidden_row), u, block, hidden_out);
+        }
+        for (int r = 0; r < dims.readouts; ++r) {
+          Scatter(dims, reinterpret_cast<const float*>(&readout_rows[r * kVectors]), r, block, readout_out);
+        }
+      }
+    });
+  }
+};
+
+class CoordinateStepGradOp : public OpKernel {
+ public:
+  explicit CoordinateStepGradOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    Dims dims;
+    OP_REQUIRES_OK(context, ReadDims(context, &dims));
+    const Tensor& hidden_grad_in = context->input(7);
+    const Tensor& cell_grad_in = context->input(8);
+    const Tensor& readout_grad_in = context->input(9);
+    OP_REQUIRES(context,
+                hidden_grad_in.shape() == context->input(1).shape() &&
+                    cell_grad_in.shape() == context->input(2).shape() &&
+                    readout_grad_in.shape() == TensorShape({dims.readouts, dims.episodes, dims.coordinates}),
+                InvalidArgument("the gradients of the outputs must have the outputs' shapes"));
+    Tensor* outputs[7];
+    for (int i = 0; i < 7; ++i) {
+      OP_REQUIRES_OK(context, context->allocate_output(i, context->input(i).shape(), &outputs[i]));
+    }
+    const std::vector<float> kernel = StackedKernel(dims, context->input(3), context->input(4));
+    const BlockForward forward = MakeForward(context, dims, kernel);
+    const float* hidden_grad = hidden_grad_in.flat<float>().data();
+    const float* cell_grad = cell_grad_in.flat<float>().data();
+    const float* readout_grad = readout_grad_in.flat<float>().data();
+    const float* readout_kernel = context->input(6).flat<float>().data();
+    float* inputs_grad = outputs[0]->flat<float>().data();
+    float* previous_hidden_grad = outputs[1]->flat<float>().data();
+    float* previous_cell_grad = outputs[2]->flat<float>().data();
+    const int units = dims.units;
+    const int gates = dims.gates();
+    const int stacked_rows = dims.stacked();
+
+    // Kernel and bias gradients are sums over coordinates: each shard sums into its own buffer, one vector
+    // of lanes per entry (so the inner loops stay vectorised), reduced once at the end.
+    const int max_shards = MaxShards(context);
+    const size_t kernel_partial_size = static_cast<size_t>(stacked_rows) * gates;
+    const size_t bias_partial_size = static_cast<size_t>(gates) * dims.episodes;
+    std::vector<Vec> kernel_partials(max_shards * kernel_partial_size, Vec{});
+    std::vector<Vec> bias_partials(max_shards * bias_partial_size, Vec{});
+    const size_t readout_partial_size = static_cast<size_t>(units) * dims.readouts;
+    std::vector<Vec> readout_partials(max_shards * readout_partial_size, Vec{});
+
+    ForEachShard(context, dims, max_shards, [&](int shard, int64_t first, int64_t end) {
+      Scratch scratch(dims);
+      Vec* kernel_partial = kernel_partials.data() + shard * kernel_partial_size;
+      Vec* bias_partial = bias_partials.data() + shard * bias_partial_size;
+      Vec* readout_partial = readout_partials.data() + shard * readout_partial_size;
+      std::vector<Vec> readout_rows(dims.readouts * kVectors);
+      Vec previous_row[kVectors];
+      for (int64_t index = first; index < end; ++index) {
+        const Block block = BlockAt(dims, index);
+        forward.Run(block, &scratch);
+        for (int r = 0; r < dims.readouts; ++r) {
+          Gather(dims, readout_grad, r, block, reinterpret_cast<float*>(&readout_rows[r * kVectors]));
+        }
+        for (int u = 0; u < units; ++u) {
+          // Zero-padded, so padding lanes get zero gate gradients and add nothing to the sums.
+          Gather(dims, hidden_grad, u, block, Scratch::Row(scratch.hidden_grad, u));
+          Gather(dims, cell_grad, u, block, Scratch::Row(scratch.cell_grad, u));
+          const Vec* d_hidden = Scratch::Vectors(scratch.hidden_grad, u);
+          const Vec* d_cell = Scratch::Vectors(scratch.cell_grad, u);
+          const Vec* input_gate = Scratch::Vectors(scratch.activations, u);
+          const Vec* forget_gate = Scratch::Vectors(scratch.activations, units + u);
+          const Vec* candidate = Scratch::Vectors(scratch.activations, 2 * units + u);
+          const Vec* output_gate = Scratch::Vectors(scratch.activations, 3 * units + u);
+          const Vec* previous = Scratch::Vectors(scratch.cell, u);
+          Vec* input_grad = Scratch::Vectors(scratch.gate_grads, u);
+          Vec* forget_grad = Scratch::Vectors(scratch.gate_grads, units + u);
+          Vec* candidate_grad = Scratch::Vectors(scratch.gate_grads, 2 * units + u);
+          Vec* output_grad = Scratch::Vectors(scratch.gate_grads, 3 * units + u);
+          for (int v = 0; v < kVectors; ++v) {
+            const Vec squashed = Tanh(forget_gate[v] * previous[v] + input_gate[v] * candidate[v]);
+            // h' reaches the loss directly and through the readout.
+            Vec total_hidden_grad = d_hidden[v];
+            for (int r = 0; r < dims.readouts; ++r) {
+              total_hidden_grad += readout_kernel[u * dims.readouts + r] * readout_rows[r * kVectors + v];
+              readout_partial[u * dims.readouts + r] += output_gate[v] * squashed * readout_rows[r * kVectors + v];
+            }
+            const Vec total_cell_grad =
+                d_cell[v] + total_hidden_grad * output_gate[v] * (1.0f - squashed * squashed);
+            previous_row[v] = total_cell_grad * forget_gate[v];
+            input_grad[v] = total_cell_grad * candidate[v] * input_gate[v] * (1.0f - input_gate[v]);
+            forget_grad[v] = total_cell_grad * previous[v] * forget_gate[v] * (1.0f - forget_gate[v]);
+            candidate_grad[v] = total_cell_grad * input_gate[v] * (1.0f - candidate[v] * candidate[v]);
+            output_grad[v] = total_hidden_grad * squashed * output_gate[v] * (1.0f - output_gate[v]);
+          }
+          Scatter(dims, reinterpret_cast<const float*>(previous_row), u, block, previous_cell_grad);
+        }
+        const Vec* gate_grads = scratch.gate_grads.data();
+        const Vec* stacked = scratch.stacked.data();
+        for (int k = 0; k < stacked_rows; ++k) {
+          // Gradient of the stacked [inputs; hidden] row k: kernel[k] . gate_grads.
+          Vec accumulator[kVectors] = {};
+          for (int g = 0; g < gates; ++g) {
+            const float weight = kernel[k * gates + g];
+            for (int v = 0; v < kVectors; ++v) accumulator[v] += weight * gate_grads[g * kVectors + v];
+          }
+          const float* values = reinterpret_cast<const float*>(accumulator);
+          if (k < dims.features) {
+            Scatter(dims, values, k, block, inputs_grad);
+          } else {
+            Scatter(dims, values, k - dims.features, block, previous_hidden_grad);
+          }
+          // Kernel gradient row k: stacked[k] . gate_grads^T, kept per lane.
+          Vec row[kVectors];
+          for (int v = 0; v < kVectors; ++v) row[v] = stacked[k * kVectors + v];
+          Vec* partial = kernel_partial + k * gates;
+          for (int g = 0; g < gates; ++g) {
+            Vec sum = row[0] * gate_grads[g * kVectors];
+            for (int v = 1; v < kVectors; ++v) sum += row[v] * gate_grads[g * kVectors + v];
+            partial[g] += sum;
+          }
+        }
+        for (int g = 0; g < gates; ++g) {
+          Vec sum = gate_grads[g * kVectors];
+          for (int v = 1; v < kVectors; ++v) sum += gate_grads[g * kVectors + v];
+          bias_partial[g * dims.episodes + block.episode] += sum;
+        }
+      }
+    });
+
+    const auto reduce = [max_shards](const std::vector<Vec>& partials, size_t size, size_t index) {
+      Vec total = {};
+      for (int shard = 0; shard < max_shards; ++shard) total += partials[shard * size + index];
+      float sum = 0.0f;
+      for (int lane = 0; lane < kLanes; ++lane) sum += total[lane];
+      return sum;
+    };
+    float* kernel_grad_input = outputs[3]->flat<float>().data();
+    float* kernel_grad_recurrent = outputs[4]->flat<float>().data();
+    float* bias_grad = outputs[5]->flat<float>().data();
+    const size_t input_size = static_cast<size_t>(dims.features) * gates;
+    for (size_t i = 0; i < kernel_partial_size; ++i) {
+      const float total = reduce(kernel_partials, kernel_partial_size, i);
+      if (i < input_size) {
+        kernel_grad_input[i] = total;
+      } else {
+        kernel_grad_recurrent[i - input_size] = total;
+      }
+    }
+    for (size_t i = 0; i < bias_partial_size; ++i) bias_grad[i] = reduce(bias_partials, bias_partial_size, i);
+    float* readout_kernel_grad = outputs[6]->flat<float>().data();
+    for (size_t i = 0; i < readout_partial_size; ++i) {
+      readout_kernel_grad[i] = reduce(readout_partials, readout_partial_size, i);
+    }
+  }
+};
+
+}  // namespace
+
+REGISTER_KERNEL_BUILDER(Name("MetaLstmCoordinateStep").Device(::tensorflow::DEVICE_CPU), CoordinateStepOp);
+REGISTER_KERNEL_BUILDER(Name("MetaLstmCoordinateStepGrad").Device(::tensorflow::DEVICE_CPU),
+                        CoordinateStepGradOp);
+
+}  // namespace keras_metalstm

@@ -1,0 +1,169 @@
+"""The fused CPU kernel of the coordinate-wise LSTM step: building it, loading it, and when to use it.
+
+The kernel (coordinate_lstm_kernel.cc beside this file) computes the same step as CoordinateLSTM's stock
+TensorFlow ops, forward and backward, carrying a block of coordinates through the whole step while it sits in
+the cache. It is compiled on first use against the installed TensorFlow with the machine's C++ compiler and
+cached (the source, TensorFlow version and flags name the file), so nothing is compiled at install time.
+
+It is used only where it can run: on CPU-only machines, outside XLA-compiled functions. On GPU/TPU machines,
+under `jit_compile`, with KERAS_METALSTM_FUSED_KERNELS=0, or when no compiler is available, the layer runs
+the stock TensorFlow ops, the code the tests compare the kernel against.
+"""
+
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import tensorflow as tf
+
+SOURCE = Path(__file__).with_name("coordinate_lstm_kernel.cc")
+ENVIRONMENT_SWITCH = "KERAS_METALSTM_FUSED_KERNELS"
+CACHE_ENVIRONMENT = "KERAS_METALSTM_CACHE"
+COMPILER_ENVIRONMENT = "CXX"
+# -march=native: the library is built on, and cached for, the machine that runs it.
+OPTIMISATION_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-w"]
+
+_lock = threading.Lock()
+_library = None
+_load_attempted = False
+_state = threading.local()
+
+
+def cache_directory():
+    """Where compiled kernels are kept: $KERAS_METALSTM_CACHE, else $XDG_CACHE_HOME (or ~/.cache)/keras_metalstm."""
+    if os.environ.get(CACHE_ENVIRONMENT):
+        return Path(os.environ[CACHE_ENVIRONMENT])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "keras_metalstm"
+
+
+def _build_command(compiler, output):
+    return [
+        compiler,
+        *OPTIMISATION_FLAGS,
+        *tf.sysconfig.get_compile_flags(),
+        str(SOURCE),
+        "-o",
+        str(output),
+        *tf.sysconfig.get_link_flags(),
+    ]
+
+
+def _cpu_identity():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith(("flags", "model name"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def library_path(compiler=None):
+    """The cached library's path for this source, TensorFlow version, compiler and flags."""
+    compiler = compiler or os.environ.get(COMPILER_ENVIRONMENT, "g++")
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join(_build_command(compiler, "out")).encode())
+    key.update(tf.__version__.encode())
+    # -march=native code may not run on another CPU sharing this cache (a network home directory).
+    key.update(_cpu_identity().encode())
+    return cache_directory() / f"coordinate_lstm-{key.hexdigest()[:16]}.so"
+
+
+def build(compiler=None):
+    """Compiles the kernel into the cache (if it is not there yet) and returns the library's path.
+
+    Raises:
+        RuntimeError: no compiler, or the compilation failed; the message says which and how to proceed.
+    """
+    compiler = compiler or os.environ.get(COMPILER_ENVIRONMENT, "g++")
+    target = library_path(compiler)
+    if target.exists():
+        return target
+    if shutil.which(compiler) is None:
+        raise RuntimeError(
+            f"no C++ compiler {compiler!r} found (set {COMPILER_ENVIRONMENT} to one, e.g. g++)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name and rename: a concurrent or interrupted build never leaves a broken file.
+    handle, partial = tempfile.mkstemp(suffix=".so.partial", dir=target.parent)
+    os.close(handle)
+    try:
+        result = subprocess.run(_build_command(compiler, partial), capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target
+
+
+def load():
+    """The loaded kernel library, or None where it cannot be used (see the module docstring).
+
+    The first call may compile the kernel (~15 s); a failure is reported once as a warning.
+    """
+    global _library, _load_attempted
+    with _lock:
+        if _load_attempted:
+            return _library
+        _load_attempted = True
+        if os.environ.get(ENVIRONMENT_SWITCH, "1") == "0":
+            return None
+        if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+            return None
+        try:
+            _library = tf.load_op_library(str(build()))
+        except (RuntimeError, OSError, tf.errors.NotFoundError) as error:
+            warnings.warn(
+                f"keras_metalstm: the fused CPU kernel is unavailable ({error}); using stock TensorFlow ops, "
+                f"which give the same results more slowly. Set {ENVIRONMENT_SWITCH}=0 to silence this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            _library = None
+        return _library
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this context (while tracing), CoordinateLSTM uses stock TensorFlow ops: for XLA, which cannot
+    compile a custom op, and for comparing the two."""
+    previous = getattr(_state, "disabled", False)
+    _state.disabled = True
+    try:
+        yield
+    finally:
+        _state.disabled = previous
+
+
+def coordinate_step():
+    """The fused step op, or None if the stock ops must be used here."""
+    if getattr(_state, "disabled", False):
+        return None
+    library = load()
+    return None if library is None else library.meta_lstm_coordinate_step
+
+
+def _register_gradient():
+    @tf.RegisterGradient("MetaLstmCoordinateStep")
+    def _coordinate_step_gradient(op, *output_grads):
+        library = load()
+        if library is None:  # a graph saved where the kernel existed, differentiated where it does not
+            raise RuntimeError("the fused coordinate-LSTM kernel is needed to differentiate this graph")
+        # An unused output (the last step's cell, an empty readout) arrives as None.
+        output_grads = [
+            tf.zeros_like(output) if grad is None else grad
+            for output, grad in zip(op.outputs, output_grads, strict=True)
+        ]
+        return library.meta_lstm_coordinate_step_grad(*op.inputs, *output_grads)
+
+
+_register_gradient()

@@ -1,0 +1,226 @@
+"""The fused CPU kernel of the coordinate-wise LSTM step against NumPy and against the stock TensorFlow ops
+(themselves checked against Keras' LSTMCell in test_layers.py), its fallbacks, and that it never leaks into
+XLA or exported SavedModels."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_metalstm as km
+from keras_metalstm.ops import fused_coordinate_lstm
+
+pytestmark = pytest.mark.skipif(
+    fused_coordinate_lstm.load() is None, reason="no C++ compiler here: the fused kernel falls back to stock ops"
+)
+
+UNITS = 20
+
+
+def numpy_sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def numpy_step(inputs, hidden, cell, input_kernel, recurrent_kernel, gate_bias, readout_kernel):
+    """One coordinate-wise LSTM step per (episode, coordinate), written out with NumPy in float64."""
+    _, episodes, coordinates = inputs.shape
+    new_hidden, new_cell = np.zeros(hidden.shape), np.zeros(cell.shape)
+    for episode in range(episodes):
+        for coordinate in range(coordinates):
+            stacked = np.concatenate([inputs[:, episode, coordinate], hidden[:, episode, coordinate]])
+            gates = stacked @ np.concatenate([input_kernel, recurrent_kernel]) + gate_bias[:, episode]
+            i, f, g, o = np.split(gates, 4)
+            c = numpy_sigmoid(f) * cell[:, episode, coordinate] + numpy_sigmoid(i) * np.tanh(g)
+            new_cell[:, episode, coordinate] = c
+            new_hidden[:, episode, coordinate] = numpy_sigmoid(o) * np.tanh(c)
+    readout = np.einsum("ur,uec->rec", readout_kernel, new_hidden)
+    return new_hidden, new_cell, readout
+
+
+def random_step_inputs(rng, episodes, coordinates, readouts=2):
+    def normal(*shape, scale=1.0):
+        return tf.constant(rng.normal(size=shape, scale=scale), tf.float32)
+
+    return [
+        normal(2, episodes, coordinates, scale=2.0),  # inputs (preprocessed gradients are in [-1, 1] and beyond)
+        normal(UNITS, episodes, coordinates, scale=0.5),  # hidden
+        normal(UNITS, episodes, coordinates),  # cell
+        normal(2, 4 * UNITS, scale=0.5),  # input_kernel
+        normal(UNITS, 4 * UNITS, scale=0.3),  # recurrent_kernel
+        normal(4 * UNITS, episodes),  # gate_bias
+        normal(UNITS, readouts),  # readout_kernel
+    ]
+
+
+def stock_step(inputs, hidden, cell, input_kernel, recurrent_kernel, gate_bias, readout_kernel):
+    """The same step written with stock TensorFlow ops, differentiated by TensorFlow."""
+    stacked = tf.reshape(tf.concat([inputs, hidden], axis=0), [2 + UNITS, -1])
+    gates = tf.matmul(tf.concat([input_kernel, recurrent_kernel], axis=0), stacked, transpose_a=True)
+    gates = tf.reshape(gates, [4 * UNITS, *inputs.shape[1:]]) + gate_bias[:, :, tf.newaxis]
+    i, f, g, o = tf.split(gates, 4)
+    new_cell = tf.sigmoid(f) * cell + tf.sigmoid(i) * tf.tanh(g)
+    new_hidden = tf.sigmoid(o) * tf.tanh(new_cell)
+    return new_hidden, new_cell, tf.einsum("ur,uec->rec", readout_kernel, new_hidden)
+
+
+@pytest.mark.parametrize("episodes, coordinates", [(1, 64), (2, 1001), (3, 5)])
+def test_fused_step_matches_numpy(episodes, coordinates):
+    """Coordinates that are not a multiple of the kernel's block of 64 included."""
+    arguments = random_step_inputs(np.random.default_rng(coordinates), episodes, coordinates)
+    step = fused_coordinate_lstm.load().meta_lstm_coordinate_step
+    outputs = step(*arguments)
+    expected = numpy_step(*[argument.numpy().astype(np.float64) for argument in arguments])
+    for output, reference in zip(outputs, expected, strict=True):
+        np.testing.assert_allclose(output.numpy(), reference, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("readouts", [2, 0])
+def test_fused_step_gradients_match_stock_ops(readouts):
+    rng = np.random.default_rng(7)
+    arguments = random_step_inputs(rng, episodes=2, coordinates=333, readouts=readouts)
+    output_weights = [
+        tf.constant(rng.normal(size=shape), tf.float32) for shape in [(UNITS, 2, 333), (UNITS, 2, 333), (readouts, 2, 333)]
+    ]
+    step = fused_coordinate_lstm.load().meta_lstm_coordinate_step
+
+    def gradients(function):
+        with tf.GradientTape() as tape:
+            tape.watch(arguments)
+            outputs = function(*arguments)
+            objective = tf.add_n([tf.reduce_sum(o * w) for o, w in zip(outputs, output_weights, strict=True)])
+        return tape.gradient(objective, arguments)
+
+    for fused, stock in zip(gradients(step), gradients(stock_step), strict=True):
+        scale = np.abs(stock.numpy()).max(initial=0.0) + 1e-12
+        np.testing.assert_allclose(fused.numpy() / scale, stock.numpy() / scale, atol=2e-6)
+
+
+def test_fused_step_gradients_match_finite_differences():
+    """An independent check of the backward kernel on the recurrent kernel, in float64 arithmetic."""
+    rng = np.random.default_rng(3)
+    arguments = random_step_inputs(rng, episodes=1, coordinates=70)
+    step = fused_coordinate_lstm.load().meta_lstm_coordinate_step
+    weights = rng.normal(size=(UNITS, 1, 70))
+
+    with tf.GradientTape() as tape:
+        tape.watch(arguments[4])
+        objective = tf.reduce_sum(step(*arguments)[0] * weights)
+    gradient = tape.gradient(objective, arguments[4]).numpy()
+
+    as_float64 = [argument.numpy().astype(np.float64) for argument in arguments]
+    for row, column in [(0, 0), (3, 25), (19, 79), (7, 50)]:
+        delta = 1e-5
+        plus, minus = [array.copy() for array in as_float64], [array.copy() for array in as_float64]
+        plus[4][row, column] += delta
+        minus[4][row, column] -= delta
+        numeric = (np.sum(numpy_step(*plus)[0] * weights) - np.sum(numpy_step(*minus)[0] * weights)) / (2 * delta)
+        assert gradient[row, column] == pytest.approx(numeric, rel=1e-3, abs=1e-4)
+
+
+def test_fused_kernel_rejects_mismatched_shapes_with_a_message():
+    arguments = random_step_inputs(np.random.default_rng(0), episodes=1, coordinates=10)
+    arguments[4] = tf.zeros((UNITS, 4 * UNITS + 1))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="kernel shapes do not match"):
+        fused_coordinate_lstm.load().meta_lstm_coordinate_step(*arguments)
+
+
+def small_meta_learner():
+    keras.utils.set_random_seed(0)
+    learner = km.learners.conv4(input_shape=(28, 28, 1), num_classes=5, filters=8)
+    meta = km.MetaLearner(learner, inner_steps=3)
+    rng = np.random.default_rng(0)
+    episodes = {
+        "support_images": tf.constant(rng.random((2, 5, 28, 28, 1)), tf.float32),
+        "support_labels": tf.constant(np.tile(np.arange(5), (2, 1)), tf.int32),
+        "query_images": tf.constant(rng.random((2, 15, 28, 28, 1)), tf.float32),
+        "query_labels": tf.constant(np.tile(np.repeat(np.arange(5), 3), (2, 1)), tf.int32),
+    }
+    return meta, episodes
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_meta_gradients_are_the_same_with_and_without_the_fused_kernel(first_order):
+    meta, episodes = small_meta_learner()
+    meta.first_order = first_order
+    fused_loss, _, fused_gradients = tf.function(meta.meta_gradients)(episodes)
+    with fused_coordinate_lstm.disabled():
+        stock_loss, _, stock_gradients = tf.function(meta.meta_gradients)(episodes)
+    assert float(fused_loss) == pytest.approx(float(stock_loss), rel=1e-5)
+    for variable, fused, stock in zip(meta.trainable_variables, fused_gradients, stock_gradients, strict=True):
+        difference = np.linalg.norm(fused.numpy() - stock.numpy())
+        assert difference <= 1e-4 * np.linalg.norm(stock.numpy()) + 1e-9, variable.path
+
+
+def graph_op_types(concrete_function):
+    types = {op.type for op in concrete_function.graph.get_operations()}
+    for function in concrete_function.graph._functions.values():
+        types |= {node.op for node in function.definition.node_def}
+    return types
+
+
+def test_the_fused_kernel_is_used_on_cpu_but_not_under_xla():
+    meta, episodes = small_meta_learner()
+    plain = tf.function(meta.meta_gradients).get_concrete_function(episodes)
+    assert "MetaLstmCoordinateStep" in graph_op_types(plain)
+    compiled = meta._gradient_function(jit_compile=True).get_concrete_function(episodes)
+    assert "MetaLstmCoordinateStep" not in graph_op_types(compiled)
+
+
+def test_exported_adapt_in_serving_savedmodel_has_no_custom_op(tmp_path):
+    from keras_metalstm.export.savedmodel import AdaptInServingModule, write_savedmodel
+
+    meta, episodes = small_meta_learner()
+    meta.adapt(episodes["support_images"][0], episodes["support_labels"][0])  # compiled with the kernel
+    tf.function(meta.meta_gradients)(episodes)
+    module = AdaptInServingModule(meta)
+    assert "MetaLstmCoordinateStep" not in graph_op_types(module.adapt_and_predict.get_concrete_function())
+    write_savedmodel(module, tmp_path / "meta", {"kind": "meta_learner"})
+    saved = b"".join(path.read_bytes() for path in (tmp_path / "meta").rglob("*.pb"))
+    assert b"MetaLstmCoordinateStep" not in saved
+
+
+def run_python(code, tmp_path, **environment):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_METALSTM_CACHE=str(tmp_path / "cache"), **environment)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False, timeout=300)
+
+
+FALLBACK_SCRIPT = """
+import numpy as np, tensorflow as tf, keras_metalstm as km
+from keras_metalstm.ops import fused_coordinate_lstm
+layer = km.CoordinateLSTM(4, input_dim=2)
+hidden, _ = layer(tf.ones((2, 1, 10)))
+print("fused", fused_coordinate_lstm.load() is not None, "hidden", hidden.shape)
+"""
+
+
+def test_without_a_compiler_the_layer_warns_once_and_uses_stock_ops(tmp_path):
+    result = run_python(FALLBACK_SCRIPT, tmp_path, CXX="no-such-compiler-here")
+    assert result.returncode == 0, result.stderr
+    assert "fused False hidden (4, 1, 10)" in result.stdout
+    assert result.stderr.count("fused CPU kernel is unavailable") == 1
+    assert "no C++ compiler 'no-such-compiler-here' found" in result.stderr
+
+
+def test_the_environment_switch_turns_the_kernel_off_silently(tmp_path):
+    result = run_python(FALLBACK_SCRIPT, tmp_path, KERAS_METALSTM_FUSED_KERNELS="0")
+    assert result.returncode == 0, result.stderr
+    assert "fused False" in result.stdout
+    assert "unavailable" not in result.stderr
+
+
+def test_a_failed_build_raises_a_clear_error_and_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_METALSTM_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="compiling coordinate_lstm_kernel.cc failed"):
+        fused_coordinate_lstm.build(compiler="false")  # exists, always fails
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_build_is_cached_by_source_tensorflow_and_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_METALSTM_CACHE", str(tmp_path))
+    path = fused_coordinate_lstm.library_path("g++")
+    assert path.parent == tmp_path
+    assert path != fused_coordinate_lstm.library_path("clang++")
