@@ -183,9 +183,39 @@ def test_exported_adapt_in_serving_savedmodel_has_no_custom_op(tmp_path):
     assert b"MetaLstmCoordinateStep" not in saved
 
 
-def run_python(code, tmp_path, **environment):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_METALSTM_CACHE=str(tmp_path / "cache"), **environment)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False, timeout=300)
+def run_python(code, tmp_path, own_cache=True, **environment):
+    """Runs `code` as a script file (AutoGraph needs the source of the functions it converts)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **environment)
+    if own_cache:
+        env["KERAS_METALSTM_CACHE"] = str(tmp_path / "cache")
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, check=False, timeout=300)
+
+
+FIRST_USE_IN_A_TF_FUNCTION = """
+import tensorflow as tf, keras_metalstm as km
+from keras_metalstm.ops import fused_coordinate_lstm
+layer = km.CoordinateLSTM(4, input_dim=4, shared_input_dim=2)
+
+@tf.function  # AutoGraph converts what the loop body calls, as in MetaLearner.inner_loop
+def gradient_norm():
+    with tf.GradientTape() as tape:
+        state = None
+        for _ in range(2):
+            hidden, state, _ = layer.step_with_readout(tf.ones((2, 1, 10)), state, shared_inputs=tf.ones((2, 1)))
+        loss = tf.reduce_sum(hidden)
+    return tf.linalg.global_norm(tape.gradient(loss, layer.trainable_variables))
+
+print("norm", float(gradient_norm()) > 0, "fused", fused_coordinate_lstm.load() is not None)
+"""
+
+
+def test_the_kernel_first_used_inside_a_tf_function_is_differentiable(tmp_path):
+    """A fresh process whose first use of the kernel is inside a tf.function (AutoGraph once broke this)."""
+    result = run_python(FIRST_USE_IN_A_TF_FUNCTION, tmp_path, own_cache=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "norm True fused True" in result.stdout
 
 
 FALLBACK_SCRIPT = """

@@ -105,6 +105,9 @@ def build(compiler=None):
     return target
 
 
+# Not converted by AutoGraph when called from a tf.function: converted, its module-level state would not be
+# updated (the library loaded once, then seen as missing).
+@tf.autograph.experimental.do_not_convert
 def load():
     """The loaded kernel library, or None where it cannot be used (see the module docstring).
 
@@ -144,6 +147,7 @@ def disabled():
         _state.disabled = previous
 
 
+@tf.autograph.experimental.do_not_convert
 def coordinate_step():
     """The fused step op, or None if the stock ops must be used here."""
     if getattr(_state, "disabled", False):
