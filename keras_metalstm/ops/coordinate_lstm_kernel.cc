@@ -181,6 +181,9 @@ Block BlockAt(const Dims& dims, int64_t index) {
 // Copies row r of a (rows, E, C) tensor's block into `target` (kBlock floats), zero-padded.
 void Gather(const Dims& dims, const float* tensor, int row, const Block& block, float* target) {
   const float* source = tensor + row * dims.row_stride() + block.offset;
+  // A block reads ~40 rows far apart, more streams than the hardware prefetcher follows: ask for the next
+  // block's part of this row now, so it is in the cache when that block starts.
+  for (int line = 0; line < kBlock; line += 16) __builtin_prefetch(source + kBlock + line);
   std::copy(source, source + block.count, target);
   std::fill(target + block.count, target + kBlock, 0.0f);
 }
