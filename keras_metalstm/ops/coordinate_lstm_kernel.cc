@@ -19,7 +19,6 @@
 // The backward op recomputes the gates instead of storing them (four times the size of the state).
 
 #include <algorithm>
-#include <cmath>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"

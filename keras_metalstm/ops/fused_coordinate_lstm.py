@@ -137,8 +137,9 @@ def load():
 
 @contextlib.contextmanager
 def disabled():
-    """Within this context (while tracing), CoordinateLSTM uses stock TensorFlow ops: for XLA, which cannot
-    compile a custom op, and for comparing the two."""
+    """Within this context, in this thread, functions traced use stock TensorFlow ops instead of the kernel, for
+    XLA, which cannot compile a custom op, for exports, and for comparing the two. (Thread-local because
+    MirroredStrategy traces each replica in its own thread, and each sets it for itself.)"""
     previous = getattr(_state, "disabled", False)
     _state.disabled = True
     try:
