@@ -110,13 +110,9 @@ class CoordinateLSTM(keras.layers.Layer):
             gates = tf.matmul(weights, stacked, transpose_a=True)
         gates = tf.reshape(gates, tf.concat([[4 * self.units], coordinate_shape], axis=0))
         rank = inputs.shape.rank
-        gate_bias = tf.reshape(self.bias, [4 * self.units] + [1] * (rank - 1))
-        if self.shared_input_dim:
-            # The shared features' contribution: computed once per episode, broadcast over its coordinates.
-            shared_kernel = self.kernel[: self.shared_input_dim]
-            shared_gates = tf.matmul(shared_kernel, shared_inputs, transpose_a=True)
-            gate_bias = gate_bias + tf.reshape(shared_gates, [4 * self.units, -1] + [1] * (rank - 2))
-        gates = gates + gate_bias
+        episodes = tf.shape(inputs)[1] if rank >= 3 else 1
+        gate_bias = self._episode_gate_bias(episodes, shared_inputs)
+        gates = gates + tf.reshape(gate_bias, [4 * self.units, -1] + [1] * (rank - 2))
         input_gate, forget_gate, candidate, output_gate = tf.split(gates, 4, axis=0)
         new_cell = tf.sigmoid(input_gate) * tf.tanh(candidate)
         if cell is not None:
@@ -125,7 +121,8 @@ class CoordinateLSTM(keras.layers.Layer):
         return hidden, (hidden, new_cell)
 
     def _episode_gate_bias(self, episodes, shared_inputs):
-        """(4 * units, episodes): the bias plus each episode's shared-feature contribution (fused kernel)."""
+        """(4 * units, episodes): the bias plus each episode's shared-feature contribution, computed once per
+        episode and added to all of its coordinates like a bias."""
         bias = tf.tile(self.bias[:, tf.newaxis], [1, episodes])
         if self.shared_input_dim:
             bias = bias + tf.matmul(self.kernel[: self.shared_input_dim], shared_inputs, transpose_a=True)
