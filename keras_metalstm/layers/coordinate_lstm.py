@@ -16,6 +16,16 @@ import tensorflow as tf
 from keras_metalstm.ops import fused_coordinate_lstm
 
 
+def hidden_readout(readout_kernel, hidden):
+    """readout_kernel^T . hidden per coordinate: (R, *S) for a (units, R) kernel and hidden (units, *S).
+
+    The meta-learner cell's products of h_t with its gate weights, in stock TensorFlow ops (the fused kernel
+    computes them itself).
+    """
+    readout = tf.matmul(readout_kernel, tf.reshape(hidden, [tf.shape(hidden)[0], -1]), transpose_a=True)
+    return tf.reshape(readout, tf.concat([tf.shape(readout_kernel)[1:], tf.shape(hidden)[1:]], axis=0))
+
+
 # SPEC, "Initialisation (official code)": every meta-parameter starts in U(-0.01, 0.01); Keras' LSTM
 # defaults (glorot / orthogonal kernels, unit forget bias) are a known way to break the meta-learner.
 def _small_uniform():
@@ -90,10 +100,7 @@ class CoordinateLSTM(keras.layers.Layer):
             )
             return hidden, (hidden, cell), None if readout_kernel is None else readout
         hidden, state = self._stock_step(inputs, state, shared_inputs, own_kernel)
-        if readout_kernel is None:
-            return hidden, state, None
-        readout = tf.matmul(readout_kernel, tf.reshape(hidden, [self.units, -1]), transpose_a=True)
-        readout = tf.reshape(readout, tf.concat([tf.shape(readout_kernel)[1:], tf.shape(hidden)[1:]], axis=0))
+        readout = None if readout_kernel is None else hidden_readout(readout_kernel, hidden)
         return hidden, state, readout
 
     def _stock_step(self, inputs, state, shared_inputs, own_kernel):

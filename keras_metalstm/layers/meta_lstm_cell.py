@@ -11,6 +11,8 @@ f = 1 and i = alpha the update is plain gradient descent with step alpha.
 import keras
 import tensorflow as tf
 
+from keras_metalstm.layers.coordinate_lstm import hidden_readout
+
 
 @keras.saving.register_keras_serializable(package="keras_metalstm")
 class MetaLSTMCell(keras.layers.Layer):
@@ -60,8 +62,7 @@ class MetaLSTMCell(keras.layers.Layer):
         units = self.hidden_units
         if hidden_terms is None:
             # Both gates read the same hidden state: one (2, H) x (H, coordinates) product serves both.
-            hidden_terms = tf.matmul(self.hidden_kernel(), tf.reshape(hidden, [units, -1]), transpose_a=True)
-            hidden_terms = tf.reshape(hidden_terms, tf.concat([[2], tf.shape(theta)], axis=0))
+            hidden_terms = hidden_readout(self.hidden_kernel(), hidden)
         # unstack, not two slices: its gradient is one stack instead of two full-size padded slices.
         f_terms, i_terms = tf.unstack(hidden_terms, num=2)
         f_logit = f_terms + theta * self.W_f[units, 0] + self.b_f
