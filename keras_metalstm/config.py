@@ -63,6 +63,10 @@ class RunConfig:
     meta_batch: int = 1
     episodes: int = 5000
     learning_rate: float = 1e-3
+    # "constant" (the paper) or "cosine": from learning_rate down to final_learning_rate (default learning_rate
+    # / 100) over the run's `episodes`, as a function of the optimizer's update count (so exact on resume).
+    lr_schedule: str = "constant"
+    final_learning_rate: float | None = None
     clip_norm: float = 0.25
     xla: bool = False
     seed: int = 0
@@ -103,6 +107,16 @@ class RunConfig:
                 )
         if float(self.learning_rate) <= 0 or float(self.clip_norm) <= 0:
             raise ConfigError("learning_rate and clip_norm must be positive")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.final_learning_rate is not None:
+            if self.lr_schedule != "cosine":
+                raise ConfigError("final_learning_rate is only used with lr_schedule 'cosine': set both or neither")
+            if not 0 <= float(self.final_learning_rate) <= float(self.learning_rate):
+                raise ConfigError(
+                    f"final_learning_rate must lie in [0, learning_rate = {self.learning_rate}], got "
+                    f"{self.final_learning_rate}"
+                )
         if self.theta0_init not in ("scratch", "pretrained"):
             raise ConfigError(f"theta0_init must be 'scratch' or 'pretrained', got {self.theta0_init!r}")
         if int(self.pretrain_epochs) < 1:
@@ -224,7 +238,7 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         if name in _FLOAT_FIELDS:
             return float(value)
-        if name == "bn_momentum":
+        if name in ("bn_momentum", "final_learning_rate"):
             if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
                 return None
             return float(value)
@@ -232,7 +246,7 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 value = json.loads(value) if value.strip().startswith("[") else value.split("x")
             return [int(v) for v in value]
-        if name in ("dataset", "learner", "theta0_init"):
+        if name in ("dataset", "learner", "theta0_init", "lr_schedule"):
             return str(value).strip().lower()
         return value if not isinstance(value, Path) else str(value)
     except (TypeError, ValueError):

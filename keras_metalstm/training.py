@@ -110,6 +110,22 @@ def build_meta_learner(config: RunConfig):
     )
 
 
+def learning_rate_schedule(config: RunConfig):
+    """The meta-optimiser's step for `config`: the constant `learning_rate`, or a cosine decay from it to
+    `final_learning_rate` (default learning_rate / 100) over the run's meta-updates (episodes / meta_batch)."""
+    if config.lr_schedule == "constant":
+        return float(config.learning_rate)
+    import keras
+
+    final = config.final_learning_rate
+    final = float(config.learning_rate) / 100 if final is None else float(final)
+    return keras.optimizers.schedules.CosineDecay(
+        float(config.learning_rate),
+        decay_steps=config.episodes // config.meta_batch,
+        alpha=final / float(config.learning_rate),
+    )
+
+
 def _checkpoint(meta, optimizer=None, episode=None, best_accuracy=None, best_episode=None):
     import tensorflow as tf
 
@@ -356,7 +372,7 @@ class TrainingRun:
             meta = build_meta_learner(config)
             trainer = km.MetaTrainer(
                 meta,
-                learning_rate=config.learning_rate,
+                learning_rate=learning_rate_schedule(config),
                 clip_norm=config.clip_norm,
                 jit_compile=config.xla,
                 strategy=strategy,
@@ -370,8 +386,10 @@ class TrainingRun:
         pretrain_seconds = 0.0
         if latest:
             restore_checkpoint(checkpoint, latest)
-            # The optimizer's learning rate is a checkpointed variable: a resumed run uses the configured one.
-            trainer.optimizer.learning_rate = config.learning_rate
+            if config.lr_schedule == "constant":
+                # A constant rate is a checkpointed variable: a resumed run uses the configured one. A schedule is
+                # a function of the restored update count, so it continues exactly.
+                trainer.optimizer.learning_rate = config.learning_rate
         elif config.theta0_init == "pretrained":
             pretrain_start = time.time()
             try:
@@ -448,6 +466,7 @@ class TrainingRun:
                             "episode": current,
                             "loss": float(np.mean(window_loss)),
                             "accuracy": float(np.mean(window_acc)),
+                            "learning_rate": float(trainer.optimizer.learning_rate),
                             "seconds": round(seconds(), 3),
                         }
                         record(
@@ -706,7 +725,7 @@ class MetricsLog:
         self._write_csv()
 
     def _write_csv(self):
-        keys = ["kind", "episode", "loss", "accuracy", "ci95", "best", "seconds"]
+        keys = ["kind", "episode", "loss", "accuracy", "learning_rate", "ci95", "best", "seconds"]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
