@@ -9,10 +9,18 @@ import signal
 
 import numpy as np
 import pytest
-from cli_helpers import make_image_folder
+from cli_helpers import TINY_FLAGS, make_image_folder
+from click.testing import CliRunner
+from keras_metalstm.cli.main import main
 
 from keras_metalstm.config import ConfigError, RunConfig
-from keras_metalstm.training import Callback, learning_rate_schedule, load_meta_learner, train
+from keras_metalstm.training import (
+    Callback,
+    learning_rate_schedule,
+    load_meta_learner,
+    load_run_config,
+    train,
+)
 
 EPISODES = 20
 SETTINGS = dict(dataset="folder", n_way=2, k_shot=1, query=2, inner_steps=2, hidden_units=4, filters=4,
@@ -85,3 +93,13 @@ def test_cosine_run_logs_the_decaying_step_and_resumes_exactly(tmp_path, data_di
     _, meta_resumed = load_meta_learner(tmp_path / "stopped", "latest")
     for a, b in zip(meta_full.weights, meta_resumed.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_the_command_line_flags_reach_the_run(tmp_path, data_dir):
+    args = ["train", "--dataset", "folder", "--data-dir", data_dir, "--run-dir", tmp_path / "run", *TINY_FLAGS,
+            "--episodes", "4", "--lr-schedule", "cosine", "--learning-rate", "0.02", "--final-learning-rate", "0.002"]
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    config = load_run_config(tmp_path / "run")
+    assert (config.lr_schedule, config.learning_rate, config.final_learning_rate) == ("cosine", 0.02, 0.002)
+    np.testing.assert_allclose(train_rows(tmp_path / "run")[-1]["learning_rate"], 0.002, rtol=1e-5)
