@@ -61,6 +61,13 @@ def training_options(function):
             help="First-order meta-gradient (default) or second order.",
         ),
         click.option(
+            "--train-query-mode",
+            type=click.Choice(("train", "test"), case_sensitive=False),
+            default=None,
+            help="Batch-norm statistics of the query pass while meta-training: the query batch's own (train, the "
+            "paper) or those gathered from the support set, as at meta-test time (test).",
+        ),
+        click.option(
             "--checkpoint-every", type=int, default=None, help="Episodes between checkpoints (500)."
         ),
         click.option("--validate-every", type=int, default=None, help="Episodes between validations (500)."),
@@ -108,6 +115,7 @@ CONFIG_KEYS = (
     "filters",
     "rotations",
     "first_order",
+    "train_query_mode",
     "checkpoint_every",
     "validate_every",
     "val_episodes",

@@ -64,9 +64,13 @@ def _cpu_identity():
         return platform.processor()
 
 
+def _compiler(compiler=None):
+    return compiler or os.environ.get(COMPILER_ENVIRONMENT, "g++")
+
+
 def library_path(compiler=None):
     """The cached library's path for this source, TensorFlow version, compiler and flags."""
-    compiler = compiler or os.environ.get(COMPILER_ENVIRONMENT, "g++")
+    compiler = _compiler(compiler)
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
     key.update(" ".join(_build_command(compiler, "out")).encode())
@@ -82,7 +86,7 @@ def build(compiler=None):
     Raises:
         RuntimeError: no compiler, or the compilation failed; the message says which and how to proceed.
     """
-    compiler = compiler or os.environ.get(COMPILER_ENVIRONMENT, "g++")
+    compiler = _compiler(compiler)
     target = library_path(compiler)
     if target.exists():
         return target
