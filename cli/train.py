@@ -14,15 +14,15 @@ from keras_metalstm.cli.common import (
 DATASETS = ("fontglot", "omniglot", "miniimagenet", "folder")
 
 
+def choice_option(flag, choices, help):
+    """An optional flag taking one of `choices` (any case; None when not given, so lower layers can fill it)."""
+    return click.option(flag, type=click.Choice(choices, case_sensitive=False), default=None, help=help)
+
+
 def training_options(function):
     """The run-configuration flags (shared with quickstart where they make sense)."""
     options = [
-        click.option(
-            "--dataset",
-            type=click.Choice(DATASETS, case_sensitive=False),
-            default=None,
-            help="Data set (default fontglot, built in).",
-        ),
+        choice_option("--dataset", DATASETS, "Data set (default fontglot, built in)."),
         click.option(
             "--data-dir",
             type=click.Path(resolve_path=True),
@@ -36,11 +36,10 @@ def training_options(function):
         click.option("--meta-batch", type=int, default=None, help="Episodes per meta-update (default 1)."),
         click.option("--episodes", type=int, default=None, help="Total training episodes (default 5000)."),
         click.option("--learning-rate", type=float, default=None, help="Adam step (default 1e-3)."),
-        click.option(
+        choice_option(
             "--lr-schedule",
-            type=click.Choice(("constant", "cosine"), case_sensitive=False),
-            default=None,
-            help="constant (default, the paper) or cosine decay over --episodes to --final-learning-rate.",
+            ("constant", "cosine"),
+            "constant (default, the paper) or cosine decay over --episodes to --final-learning-rate.",
         ),
         click.option(
             "--final-learning-rate",
@@ -60,11 +59,10 @@ def training_options(function):
             default=None,
             help="First-order meta-gradient (default) or second order.",
         ),
-        click.option(
+        choice_option(
             "--train-query-mode",
-            type=click.Choice(("train", "test"), case_sensitive=False),
-            default=None,
-            help="Batch-norm statistics of the query pass while meta-training: the query batch's own (train, the "
+            ("train", "test"),
+            "Batch-norm statistics of the query pass while meta-training: the query batch's own (train, the "
             "paper) or those gathered from the support set, as at meta-test time (test).",
         ),
         click.option(
@@ -74,11 +72,10 @@ def training_options(function):
         click.option("--val-episodes", type=int, default=None, help="Validation episodes (100)."),
         click.option("--log-every", type=int, default=None, help="Episodes between metric rows (50)."),
         click.option("--keep-checkpoints", type=int, default=None, help="Checkpoints kept (3)."),
-        click.option(
+        choice_option(
             "--theta0-init",
-            type=click.Choice(("scratch", "pretrained"), case_sensitive=False),
-            default=None,
-            help="theta_0 from a fresh learner (scratch, the paper) or from a classifier pre-trained on the "
+            ("scratch", "pretrained"),
+            "theta_0 from a fresh learner (scratch, the paper) or from a classifier pre-trained on the "
             "meta-train classes (pretrained; cached in RUN_DIR/baselines, reused by evaluate --baselines).",
         ),
         click.option(
