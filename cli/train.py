@@ -59,12 +59,6 @@ def training_options(function):
             default=None,
             help="First-order meta-gradient (default) or second order.",
         ),
-        choice_option(
-            "--train-query-mode",
-            ("train", "test"),
-            "Batch-norm statistics of the query pass while meta-training: the query batch's own (train, the "
-            "paper) or those gathered from the support set, as at meta-test time (test).",
-        ),
         click.option(
             "--checkpoint-every", type=int, default=None, help="Episodes between checkpoints (500)."
         ),
@@ -112,7 +106,6 @@ CONFIG_KEYS = (
     "filters",
     "rotations",
     "first_order",
-    "train_query_mode",
     "checkpoint_every",
     "validate_every",
     "val_episodes",

@@ -60,9 +60,6 @@ class RunConfig:
     first_order: bool = True
     bn_momentum: float | None = 0.1
     divide_grad_by_batch: bool = False
-    # Batch-norm statistics of the query pass while meta-training: "train" (the paper) the query batch's own,
-    # "test" those gathered from the support set, as at meta-test time (MetaLearner's train_query_mode).
-    train_query_mode: str = "train"
     meta_batch: int = 1
     episodes: int = 5000
     learning_rate: float = 1e-3
@@ -110,8 +107,6 @@ class RunConfig:
                 )
         if float(self.learning_rate) <= 0 or float(self.clip_norm) <= 0:
             raise ConfigError("learning_rate and clip_norm must be positive")
-        if self.train_query_mode not in ("train", "test"):
-            raise ConfigError(f"train_query_mode must be 'train' or 'test', got {self.train_query_mode!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.final_learning_rate is not None:
@@ -251,7 +246,7 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 value = json.loads(value) if value.strip().startswith("[") else value.split("x")
             return [int(v) for v in value]
-        if name in ("dataset", "learner", "theta0_init", "lr_schedule", "train_query_mode"):
+        if name in ("dataset", "learner", "theta0_init", "lr_schedule"):
             return str(value).strip().lower()
         return value if not isinstance(value, Path) else str(value)
     except (TypeError, ValueError):

@@ -51,10 +51,6 @@ class MetaLearner(keras.Model):
             momentum 0.9. None keeps each layer's own momentum.
         divide_grad_by_batch: divide the learner's gradient by the support batch size once more, as the authors'
             code does (a quirk; off by default).
-        train_query_mode: how the query pass normalises while meta-TRAINING: "train" (SPEC, the paper) with
-            the query batch's own statistics; "test" with the statistics gathered from the support batches,
-            exactly as at meta-test time ("train as you test": with one or five support images those
-            statistics differ from the query batch's). Meta-testing always uses "test".
     """
 
     def __init__(
@@ -66,13 +62,11 @@ class MetaLearner(keras.Model):
         first_order=True,
         bn_momentum=0.1,
         divide_grad_by_batch=False,
-        train_query_mode="train",
         **kwargs,
     ):
         super().__init__(**kwargs)
         if int(inner_steps) < 1:
             raise ValueError(f"inner_steps must be at least 1, got {inner_steps}.")
-        _check_mode(train_query_mode)
         # A plain (untracked) object: the learner's own variables are not meta-parameters and must not be
         # trained, saved or restored as part of the meta-learner.
         self._learner_function = LearnerFunction(learner, bn_momentum=bn_momentum)
@@ -82,7 +76,6 @@ class MetaLearner(keras.Model):
         self.first_order = bool(first_order)
         self.bn_momentum = bn_momentum
         self.divide_grad_by_batch = bool(divide_grad_by_batch)
-        self.train_query_mode = train_query_mode
 
         self.coordinate_lstm = CoordinateLSTM(
             self.hidden_units, input_dim=4, shared_input_dim=2, name="coordinate_lstm"
@@ -247,7 +240,7 @@ class MetaLearner(keras.Model):
         """
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
-            losses, accuracies = self.episode_metrics(episodes, mode=self.train_query_mode)
+            losses, accuracies = self.episode_metrics(episodes, mode="train")
             scaled_loss = tf.reduce_sum(losses) / (losses.shape[0] * replicas)
         gradients = tape.gradient(scaled_loss, self.trainable_variables)
         # With a single inner step the recurrent kernel is never used: its gradient is zero, not missing.
@@ -392,7 +385,6 @@ class MetaLearner(keras.Model):
                 "first_order": self.first_order,
                 "bn_momentum": self.bn_momentum,
                 "divide_grad_by_batch": self.divide_grad_by_batch,
-                "train_query_mode": self.train_query_mode,
             }
         )
         return config

@@ -107,7 +107,6 @@ def build_meta_learner(config: RunConfig):
         first_order=config.first_order,
         bn_momentum=config.bn_momentum,
         divide_grad_by_batch=config.divide_grad_by_batch,
-        train_query_mode=config.train_query_mode,
     )
 
 

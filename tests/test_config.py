@@ -57,9 +57,3 @@ def test_theta0_initialisation_settings_are_checked():
     with pytest.raises(ConfigError, match="only used with theta0_init 'pretrained'"):
         RunConfig(pretrained_model="classifier.keras")
 
-
-def test_train_query_mode_is_checked():
-    assert RunConfig().train_query_mode == "train"  # the paper: the query batch's own statistics
-    assert RunConfig.from_dict({"train_query_mode": "TEST"}).train_query_mode == "test"
-    with pytest.raises(ConfigError, match="train_query_mode"):
-        RunConfig(train_query_mode="support")

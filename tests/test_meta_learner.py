@@ -201,28 +201,6 @@ def test_test_mode_statistics_come_from_this_episodes_support_set_only():
     np.testing.assert_allclose(bn1.moving_variance.numpy(), 0.1 + 0.9 * batch_var, rtol=1e-4, atol=1e-6)
 
 
-def test_train_query_mode_test_meta_trains_on_the_meta_test_protocol():
-    meta = make_meta(inner_steps=2, train_query_mode="test")
-    episodes = as_tensors(random_episodes(batch=2, seed=17))
-    loss, _, gradients = meta.meta_gradients(episodes)
-    # Independently: the query loss of the meta-test protocol (support statistics) and its tape gradient.
-    with tf.GradientTape() as tape:
-        logits = meta(episodes, mode="test")
-        expected = tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=episodes["query_labels"], logits=logits)
-        )
-    expected_gradients = tape.gradient(expected, meta.trainable_variables)
-    np.testing.assert_allclose(loss.numpy(), expected.numpy(), rtol=1e-6)
-    for gradient, reference in zip(gradients, expected_gradients, strict=True):
-        np.testing.assert_allclose(gradient.numpy(), reference.numpy(), rtol=1e-5, atol=1e-7)
-
-    paper = twin(meta, train_query_mode="train")
-    assert not np.isclose(paper.meta_gradients(episodes)[0].numpy(), loss.numpy(), rtol=1e-4)
-    assert twin(meta).train_query_mode == "test"
-    with pytest.raises(ValueError, match="mode must be 'train' or 'test'"):
-        make_meta(train_query_mode="support")
-
-
 def test_learner_variables_are_bit_identical_after_adapt_and_train_step():
     meta = make_meta(inner_steps=2)
     before = learner_snapshot(meta.learner)

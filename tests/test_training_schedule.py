@@ -97,11 +97,9 @@ def test_cosine_run_logs_the_decaying_step_and_resumes_exactly(tmp_path, data_di
 
 def test_the_command_line_flags_reach_the_run(tmp_path, data_dir):
     args = ["train", "--dataset", "folder", "--data-dir", data_dir, "--run-dir", tmp_path / "run", *TINY_FLAGS,
-            "--episodes", "4", "--lr-schedule", "cosine", "--learning-rate", "0.02", "--final-learning-rate", "0.002",
-            "--train-query-mode", "test"]
+            "--episodes", "4", "--lr-schedule", "cosine", "--learning-rate", "0.02", "--final-learning-rate", "0.002"]
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     config = load_run_config(tmp_path / "run")
     assert (config.lr_schedule, config.learning_rate, config.final_learning_rate) == ("cosine", 0.02, 0.002)
     np.testing.assert_allclose(train_rows(tmp_path / "run")[-1]["learning_rate"], 0.002, rtol=1e-5)
-    assert load_meta_learner(tmp_path / "run", "latest")[1].train_query_mode == "test"
