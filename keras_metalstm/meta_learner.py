@@ -112,11 +112,13 @@ class MetaLearner(keras.Model):
         the meta-train classes) instead of a freshly initialised learner.
 
         Weights are matched by position in `trainable_variables`. Only the output layer's weights may differ in
-        shape (many classes vs N): they keep their current value. Only theta_0 changes: the learner model itself
-        is not modified.
+        shape (many classes vs N): that layer starts at zero, a new N-way layer as in the fine-tune baseline.
+        An episode's labels are an arbitrary permutation of its classes, and a zero layer treats them alike;
+        with a random one the untrained meta-learner scored 69% instead of 95% on fontglot 5-way 1-shot.
+        Only theta_0 changes: the learner model itself is not modified.
 
         Returns:
-            The paths of the learner weights that kept their value.
+            The paths of the learner weights that start at zero.
         """
         learner_variables = self.learner.trainable_variables
         source_variables = source.trainable_variables
@@ -127,13 +129,13 @@ class MetaLearner(keras.Model):
                 "(only the output layer's size may differ)."
             )
         output_weights = {id(variable) for variable in _output_layer_weights(self.learner)}
-        values, kept = [], []
+        values, zeroed = [], []
         for mine, theirs in zip(learner_variables, source_variables, strict=True):
             if tuple(mine.shape) == tuple(theirs.shape):
                 values.append(theirs.value)
             elif id(mine) in output_weights:
-                values.append(mine.value)
-                kept.append(mine.path)
+                values.append(keras.ops.zeros(mine.shape, mine.dtype))
+                zeroed.append(mine.path)
             else:
                 raise ValueError(
                     f"Cannot initialise theta_0 from {source.name!r}: its weight {theirs.path!r} has shape "
@@ -141,7 +143,7 @@ class MetaLearner(keras.Model):
                     "layer may differ: use a model of the learner's architecture."
                 )
         self.theta0.assign(self._learner_function.flatten(values))
-        return kept
+        return zeroed
 
     # ----------------------------------------------------------------------------------------- inner loop
     def inner_loop(self, support_images, support_labels, inner_steps=None):

@@ -396,18 +396,19 @@ def test_theta0_can_start_from_a_pretrained_classifier_with_another_output_size(
     keras.utils.set_random_seed(7)
     pretrained = km.learners.conv4(input_shape=(28, 28, 1), num_classes=40, filters=8, name="pretrained")
 
-    kept = meta.initialize_theta0_from(pretrained)
+    zeroed = meta.initialize_theta0_from(pretrained)
 
-    # Independent flattening: every body weight comes from the pretrained model, the 5-way head stays fresh.
+    # Independent flattening: every body weight comes from the pretrained model, the new 5-way head is zero.
     sizes = [int(np.prod(v.shape)) for v in meta.learner.trainable_variables]
     pieces = np.split(meta.theta0.numpy(), np.cumsum(sizes)[:-1])
-    fresh_pieces = np.split(fresh_theta0, np.cumsum(sizes)[:-1])
     for index, (piece, source) in enumerate(zip(pieces, pretrained.trainable_variables, strict=True)):
         if index < len(pieces) - 2:
             np.testing.assert_array_equal(piece, source.numpy().ravel())
         else:
-            np.testing.assert_array_equal(piece, fresh_pieces[index])
-    assert kept == [v.path for v in meta.learner.trainable_variables[-2:]]
+            np.testing.assert_array_equal(piece, np.zeros_like(piece))
+    head_kernel_before = np.split(fresh_theta0, np.cumsum(sizes)[:-1])[-2]
+    assert np.count_nonzero(head_kernel_before) == head_kernel_before.size  # the fresh head was not zero
+    assert zeroed == [v.path for v in meta.learner.trainable_variables[-2:]]
     for old, new in zip(before, learner_snapshot(meta.learner), strict=True):
         np.testing.assert_array_equal(old, new)
 
