@@ -466,7 +466,7 @@ class TrainingRun:
                             "episode": current,
                             "loss": float(np.mean(window_loss)),
                             "accuracy": float(np.mean(window_acc)),
-                            "learning_rate": float(trainer.optimizer.learning_rate),
+                            "learning_rate": float(tf.convert_to_tensor(trainer.optimizer.learning_rate)),
                             "seconds": round(seconds(), 3),
                         }
                         record(
