@@ -17,8 +17,8 @@ from typing import Any
 ENV_PREFIX = "METALSTM_"
 CONFIG_FILE_NAME = "config.yaml"
 
-# Fields that define the shape of the meta-learner or of its episodes: a checkpoint is only valid for a run with
-# the same values, so `--resume` refuses to change them.
+# Fields that define the shape of the meta-learner, of its episodes or of its checkpoint: a checkpoint is only
+# valid for a run with the same values, so `--resume` refuses to change them.
 SHAPE_FIELDS = (
     "dataset",
     "n_way",
@@ -35,6 +35,8 @@ SHAPE_FIELDS = (
     "meta_batch",
     "seed",
     "rotations",
+    # The optimizer checkpoints its variables by position, and a constant step is one of them, a schedule not.
+    "lr_schedule",
 )
 
 

@@ -310,7 +310,7 @@ class TrainingRun:
                     for k, a, b in ((k, *v) for k, v in differences.items())
                 )
                 raise RunDirError(
-                    f"cannot resume {run_dir} with a different learner or episode shape ({listed}); "
+                    f"cannot resume {run_dir} with a different learner, episode shape or step schedule ({listed}); "
                     "use another --run-dir for a new run"
                 )
             if config.data_dir is None:

@@ -103,3 +103,17 @@ def test_the_command_line_flags_reach_the_run(tmp_path, data_dir):
     config = load_run_config(tmp_path / "run")
     assert (config.lr_schedule, config.learning_rate, config.final_learning_rate) == ("cosine", 0.02, 0.002)
     np.testing.assert_allclose(train_rows(tmp_path / "run")[-1]["learning_rate"], 0.002, rtol=1e-5)
+
+
+def test_resuming_with_another_schedule_is_refused(tmp_path, data_dir):
+    # The optimizer's checkpoint holds a constant step as a variable and a schedule not: switching on resume would
+    # restore variables into the wrong slots.
+    args = ["train", "--dataset", "folder", "--data-dir", data_dir, "--run-dir", tmp_path / "run", *TINY_FLAGS,
+            "--episodes", "2", "--lr-schedule", "cosine"]
+    assert CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False).exit_code == 0
+    resumed = CliRunner().invoke(
+        main, [str(a) for a in [*args[:-1], "constant", "--episodes", "4", "--resume"]], catch_exceptions=False
+    )
+    assert resumed.exit_code != 0
+    assert "lr_schedule: run has 'cosine', requested 'constant'" in resumed.output
+    assert "Traceback" not in resumed.output
