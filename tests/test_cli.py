@@ -98,7 +98,7 @@ def test_resume_with_another_episode_shape_is_refused(trained, data_dir):
     before = snapshot(run_dir)
     result = run_cli(train_args(data_dir, run_dir, "--episodes", "10", "--k-shot", "2", "--resume"))
     assert result.exit_code != 0
-    assert "different learner or episode shape" in result.output and "k_shot" in result.output
+    assert "different learner, episode shape or step schedule" in result.output and "k_shot" in result.output
     assert snapshot(run_dir) == before
 
 
