@@ -218,6 +218,7 @@ def _coerce_all(values: dict[str, Any]) -> dict[str, Any]:
 _BOOL_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("bool",)}
 _INT_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("int",)}
 _FLOAT_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("float",)}
+_OPTIONAL_FLOAT_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("float | None",)}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -240,7 +241,7 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         if name in _FLOAT_FIELDS:
             return float(value)
-        if name in ("bn_momentum", "final_learning_rate"):
+        if name in _OPTIONAL_FLOAT_FIELDS:
             if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
                 return None
             return float(value)
