@@ -117,12 +117,10 @@ def learning_rate_schedule(config: RunConfig):
         return float(config.learning_rate)
     import keras
 
-    final = config.final_learning_rate
-    final = float(config.learning_rate) / 100 if final is None else float(final)
+    initial = float(config.learning_rate)
+    final = initial / 100 if config.final_learning_rate is None else float(config.final_learning_rate)
     return keras.optimizers.schedules.CosineDecay(
-        float(config.learning_rate),
-        decay_steps=config.episodes // config.meta_batch,
-        alpha=final / float(config.learning_rate),
+        initial, decay_steps=config.episodes // config.meta_batch, alpha=final / initial
     )
 
 
