@@ -3,6 +3,7 @@
 XLA or exported SavedModels."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,8 +15,10 @@ import tensorflow as tf
 import keras_metalstm as km
 from keras_metalstm.ops import fused_coordinate_lstm
 
+# Skipped only without a compiler: where one exists the kernel must build, or these tests fail.
 pytestmark = pytest.mark.skipif(
-    fused_coordinate_lstm.load() is None, reason="no C++ compiler here: the fused kernel falls back to stock ops"
+    shutil.which(os.environ.get("CXX", "g++")) is None,
+    reason="no C++ compiler here: the fused kernel falls back to stock ops",
 )
 
 UNITS = 20
@@ -247,6 +250,36 @@ def test_a_failed_build_raises_a_clear_error_and_leaves_no_file(tmp_path, monkey
     with pytest.raises(RuntimeError, match="compiling coordinate_lstm_kernel.cc failed"):
         fused_coordinate_lstm.build(compiler="false")  # exists, always fails
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_kernel_builds_and_loads_with_this_machines_compiler():
+    assert fused_coordinate_lstm.load() is not None
+
+
+# Rejects one flag, as a compiler too old for -mno-avx512fp16 does; otherwise writes its command line as the
+# "library".
+COMPILER_REJECTING_A_FLAG = """#!/bin/sh
+arguments="$*"
+for argument in "$@"; do
+  if [ "$argument" = "{flag}" ]; then echo "unrecognized command-line option '{flag}'" >&2; exit 1; fi
+done
+while [ "$1" != "-o" ]; do shift; done
+echo "$arguments" > "$2"
+"""
+
+
+@pytest.mark.parametrize("rejected_flag", ["-mno-avx512fp16", "-march=native"])
+def test_the_build_falls_back_to_architecture_flags_the_compiler_accepts(tmp_path, monkeypatch, rejected_flag):
+    monkeypatch.setenv("KERAS_METALSTM_CACHE", str(tmp_path / "cache"))
+    compiler = tmp_path / "old-c++"
+    compiler.write_text(COMPILER_REJECTING_A_FLAG.format(flag=rejected_flag))
+    compiler.chmod(0o755)
+    built = fused_coordinate_lstm.build(compiler=str(compiler))
+    assert built.exists()
+    command = built.read_text().split()
+    assert rejected_flag not in command
+    assert str(fused_coordinate_lstm.SOURCE) in command
+    assert [path.name for path in built.parent.iterdir()] == [built.name]  # no partial file left
 
 
 def test_the_build_is_cached_by_source_tensorflow_and_compiler(tmp_path, monkeypatch):

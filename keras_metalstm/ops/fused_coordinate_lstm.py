@@ -27,8 +27,11 @@ SOURCE = Path(__file__).with_name("coordinate_lstm_kernel.cc")
 ENVIRONMENT_SWITCH = "KERAS_METALSTM_FUSED_KERNELS"
 CACHE_ENVIRONMENT = "KERAS_METALSTM_CACHE"
 COMPILER_ENVIRONMENT = "CXX"
-# -march=native: the library is built on, and cached for, the machine that runs it.
-OPTIMISATION_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-w"]
+OPTIMISATION_FLAGS = ["-O3", "-fPIC", "-shared", "-w"]
+# Tried in order, the first that compiles wins. -march=native: the library is built on, and cached for, the
+# machine that runs it. -mno-avx512fp16: with AVX512-FP16 enabled (Sapphire Rapids and later), the Eigen headers
+# TensorFlow ships do not compile with GCC 12; a compiler too old to know the flag moves on to the next choice.
+ARCHITECTURE_FLAG_CHOICES = (["-march=native", "-mno-avx512fp16"], ["-march=native"], [])
 
 _lock = threading.Lock()
 _library = None
@@ -44,10 +47,11 @@ def cache_directory():
     return Path(base) / "keras_metalstm"
 
 
-def _build_command(compiler, output):
+def _build_command(compiler, output, architecture_flags):
     return [
         compiler,
         *OPTIMISATION_FLAGS,
+        *architecture_flags,
         *tf.sysconfig.get_compile_flags(),
         str(SOURCE),
         "-o",
@@ -73,7 +77,8 @@ def library_path(compiler=None):
     compiler = _compiler(compiler)
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
-    key.update(" ".join(_build_command(compiler, "out")).encode())
+    for architecture_flags in ARCHITECTURE_FLAG_CHOICES:
+        key.update(" ".join(_build_command(compiler, "out", architecture_flags)).encode())
     key.update(tf.__version__.encode())
     # -march=native code may not run on another CPU sharing this cache (a network home directory).
     key.update(_cpu_identity().encode())
@@ -99,14 +104,19 @@ def build(compiler=None):
     handle, partial = tempfile.mkstemp(suffix=".so.partial", dir=target.parent)
     os.close(handle)
     try:
-        result = subprocess.run(_build_command(compiler, partial), capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
-        os.replace(partial, target)
+        failures = []
+        for architecture_flags in ARCHITECTURE_FLAG_CHOICES:
+            command = _build_command(compiler, partial, architecture_flags)
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode == 0:
+                os.replace(partial, target)
+                return target
+            failures.append(result.stderr)
+        # The first attempt's errors: the build as intended, before any fallback.
+        raise RuntimeError(f"compiling {SOURCE.name} failed:\n{failures[0][-2000:]}")
     finally:
         if os.path.exists(partial):
             os.remove(partial)
-    return target
 
 
 # Not converted by AutoGraph when called from a tf.function: converted, its module-level state would not be
