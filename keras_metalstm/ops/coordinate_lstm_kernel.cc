@@ -369,6 +369,31 @@ class CoordinateStepOp : public OpKernel {
   }
 };
 
+// Rows first_row .. first_row + kRows - 1 of the gradient of the stacked [inputs; hidden] block,
+// kernel[row] . gate_grads, scattered into inputs_grad or hidden_grad. A fixed number of rows keeps the
+// accumulators in registers; each gate-gradient vector is loaded once for all of them.
+template <int kRows>
+void StackedRowsGrad(const Dims& dims, const float* kernel, const Vec* gate_grads, int first_row,
+                     const Block& block, float* inputs_grad, float* hidden_grad) {
+  const int gates = dims.gates();
+  Vec accumulator[kRows][kVectors] = {};
+  for (int g = 0; g < gates; ++g) {
+    for (int j = 0; j < kRows; ++j) {
+      const float weight = kernel[(first_row + j) * gates + g];
+      for (int v = 0; v < kVectors; ++v) accumulator[j][v] += weight * gate_grads[g * kVectors + v];
+    }
+  }
+  for (int j = 0; j < kRows; ++j) {
+    const int row = first_row + j;
+    const float* values = reinterpret_cast<const float*>(accumulator[j]);
+    if (row < dims.features) {
+      Scatter(dims, values, row, block, inputs_grad);
+    } else {
+      Scatter(dims, values, row - dims.features, block, hidden_grad);
+    }
+  }
+}
+
 class CoordinateStepGradOp : public OpKernel {
  public:
   explicit CoordinateStepGradOp(OpKernelConstruction* context) : OpKernel(context) {}
@@ -459,25 +484,14 @@ class CoordinateStepGradOp : public OpKernel {
         }
         const Vec* gate_grads = scratch.gate_grads.data();
         const Vec* stacked = scratch.stacked.data();
-        for (int k = 0; k < stacked_rows; k += kRowsPerPass) {
-          // Rows k, k+1, ... of the stacked [inputs; hidden] gradient, kernel[k] . gate_grads, together: eight
-          // accumulator chains, each gate-gradient vector loaded once for all of them.
-          const int rows = std::min(kRowsPerPass, stacked_rows - k);
-          Vec accumulator[kRowsPerPass][kVectors] = {};
-          for (int g = 0; g < gates; ++g) {
-            for (int j = 0; j < rows; ++j) {
-              const float weight = kernel[(k + j) * gates + g];
-              for (int v = 0; v < kVectors; ++v) accumulator[j][v] += weight * gate_grads[g * kVectors + v];
-            }
-          }
-          for (int j = 0; j < rows; ++j) {
-            const float* values = reinterpret_cast<const float*>(accumulator[j]);
-            if (k + j < dims.features) {
-              Scatter(dims, values, k + j, block, inputs_grad);
-            } else {
-              Scatter(dims, values, k + j - dims.features, block, previous_hidden_grad);
-            }
-          }
+        // Rows of the stacked [inputs; hidden] gradient, kRowsPerPass at a time, then any last row alone.
+        int k = 0;
+        for (; k + kRowsPerPass <= stacked_rows; k += kRowsPerPass) {
+          StackedRowsGrad<kRowsPerPass>(dims, kernel.data(), gate_grads, k, block, inputs_grad,
+                                        previous_hidden_grad);
+        }
+        for (; k < stacked_rows; ++k) {
+          StackedRowsGrad<1>(dims, kernel.data(), gate_grads, k, block, inputs_grad, previous_hidden_grad);
         }
         for (int k = 0; k < stacked_rows; ++k) {
           // Kernel gradient row k: stacked[k] . gate_grads^T, kept per lane; two partial sums halve the chain.
