@@ -6,6 +6,7 @@ all are measured in one invocation, so the printed ratios compare like with like
 
     python benchmarks/meta_step.py                 # the four SPEC settings, ours (plain, XLA) and baseline
     python benchmarks/meta_step.py --quick         # 28x28 1-shot only
+    python benchmarks/meta_step.py --quick --rounds 5   # a noisy machine: the median of 5 interleaved rounds
     python benchmarks/meta_step.py --profile       # where the time goes (28x28, 1-shot, T=12)
     python benchmarks/meta_step.py --quick --meta-batch 4   # ms per episode when 4 episodes share a meta-update
 
@@ -220,10 +221,46 @@ def run_child(arguments, script=__file__):
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
+def measure_round(name, args, with_pytorch):
+    """Every column of one setting once, each in its own process."""
+    results = {
+        variant: run_child(["--child", name, variant, "--steps", str(args.steps), "--meta-batch", str(args.meta_batch)])
+        for variant in VARIANTS
+    }
+    if with_pytorch:
+        setting = SETTINGS[name]
+        shape = [str(size) for size in setting["image_shape"]]
+        results["pytorch"] = run_child(
+            ["--steps", str(args.steps), "--image-shape", *shape, "--k-shot", str(setting["k_shot"]),
+             "--inner-steps", str(setting["inner_steps"])],
+            script=str(Path(__file__).with_name("pytorch_reference.py")),
+        )
+    return results
+
+
+def median_over_rounds(rounds):
+    """Per column, the median over rounds of every number it reports (PyTorch's reports fewer); the fused
+    kernel counts as used only if every round used it."""
+    results = {
+        column: {
+            key: statistics.median(one_round[column][key] for one_round in rounds)
+            for key, value in measured.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        for column, measured in rounds[0].items()
+    }
+    results["ours"]["fused_kernel"] = all(one_round["ours"]["fused_kernel"] for one_round in rounds)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median)")
     parser.add_argument("--quick", action="store_true", help="28x28 1-shot only")
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="measure every column this many times, interleaved, and report the median (a noisy machine)",
+    )
     parser.add_argument("--profile", action="store_true", help="time the parts of a 28x28 1-shot step")
     parser.add_argument(
         "--meta-batch", type=int, default=1, help="episodes per meta-update; times are per episode (default 1)"
@@ -248,31 +285,26 @@ def main():
     names = ["28x28x1 1-shot T=12"] if args.quick else list(SETTINGS)
     with_pytorch = importlib.util.find_spec("torch") is not None and args.meta_batch == 1
     print(f"ms per 5-way meta-training episode (conv4, 15 queries/class, meta-batch {args.meta_batch}, median of "
-          f"{args.steps} meta-updates), {os.cpu_count()} CPU cores")
+          f"{args.steps} meta-updates" + (f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
+          + f"), {os.cpu_count()} CPU cores")
     columns = [*VARIANTS, "pytorch"] if with_pytorch else list(VARIANTS)
     header = f"{'setting':<22}" + "".join(f"{v:>11}" for v in columns)
     header += f"{'stock/ours':>11}{'xla/ours':>9}{'base/ours':>10}"
     header += f"{'torch/ours':>11}" if with_pytorch else ""
     print(header + f"{'peak MB':>9}{'compile s':>10}")
     for name in names:
-        results = {
-            variant: run_child(["--child", name, variant, "--steps", str(args.steps), "--meta-batch", str(args.meta_batch)])
-            for variant in VARIANTS
-        }
-        if with_pytorch:
-            setting = SETTINGS[name]
-            shape = [str(size) for size in setting["image_shape"]]
-            results["pytorch"] = run_child(
-                ["--steps", str(args.steps), "--image-shape", *shape, "--k-shot", str(setting["k_shot"]),
-                 "--inner-steps", str(setting["inner_steps"])],
-                script=str(Path(__file__).with_name("pytorch_reference.py")),
-            )
+        rounds = [measure_round(name, args, with_pytorch) for _ in range(args.rounds)]
+        results = median_over_rounds(rounds)
         ours = results["ours"]["ms"]
         line = f"{name:<22}" + "".join(f"{results[v]['ms']:11.1f}" for v in columns)
         line += f"{results['stock ops']['ms'] / ours:11.2f}{results['ours+xla']['ms'] / ours:9.2f}"
         line += f"{results['baseline']['ms'] / ours:10.2f}"
         line += f"{results['pytorch']['ms'] / ours:11.2f}" if with_pytorch else ""
         print(line + f"{results['ours']['peak_mb']:9.0f}{results['ours+xla']['compile_s']:10.1f}")
+        if args.rounds > 1:
+            print(f"{'':<22}ours per round: " + ", ".join(f"{r['ours']['ms']:.1f}" for r in rounds) + " ms" + (
+                "; torch/ours per round: " + ", ".join(f"{r['pytorch']['ms'] / r['ours']['ms']:.2f}" for r in rounds)
+                if with_pytorch else ""))
     if not results["ours"]["fused_kernel"]:
         print("Note: the fused CPU kernel was not available, 'ours' ran on stock TensorFlow ops.")
     if not with_pytorch:

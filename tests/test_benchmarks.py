@@ -29,3 +29,20 @@ def test_baseline_step_computes_the_same_meta_gradient_on_a_meta_batch():
     for variable, mine, theirs, scale in zip(meta.trainable_variables, ours, base, first_episode, strict=True):
         assert float(tf.norm(mine)) > 0, variable.path
         assert float(tf.norm(mine - theirs)) <= 1e-3 * float(tf.norm(scale)), variable.path
+
+
+def test_rounds_are_summarised_by_their_median_per_column():
+    benchmark = load_benchmark()
+
+    def one_round(ours_ms, torch_ms, fused=True):
+        return {
+            "ours": {"ms": ours_ms, "peak_mb": 900.0, "compile_s": 20.0, "parameters": 28485, "fused_kernel": fused},
+            "pytorch": {"ms": torch_ms},
+        }
+
+    summary = benchmark.median_over_rounds([one_round(150, 400), one_round(190, 470), one_round(140, 380)])
+    assert summary["ours"]["ms"] == 150 and summary["pytorch"]["ms"] == 400
+    assert summary["ours"]["fused_kernel"] is True
+    assert set(summary["pytorch"]) == {"ms"}
+    mixed = benchmark.median_over_rounds([one_round(150, 400), one_round(150, 400, fused=False)])
+    assert mixed["ours"]["fused_kernel"] is False
