@@ -98,6 +98,7 @@ constexpr int kVectors = kBlock / kLanes;
 // Output rows computed together by the block products (gates forward, stacked rows backward): eight
 // accumulator chains in all, enough to keep both FMA units busy, each operand vector loaded once for all rows.
 constexpr int kRowsPerPass = 8 / kVectors;
+static_assert(kRowsPerPass == 1 || kRowsPerPass == 2, "the 4U gates must split into passes of kRowsPerPass");
 
 // exp on a vector of lanes, inlined (a library call per vector costs more than the arithmetic): Cody-Waite range
 // reduction x = n ln2 + r, then the Cephes polynomial for e^r on |r| <= ln2 / 2 (relative error ~1e-7).
