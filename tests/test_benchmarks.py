@@ -46,3 +46,6 @@ def test_rounds_are_summarised_by_their_median_per_column():
     assert set(summary["pytorch"]) == {"ms"}
     mixed = benchmark.median_over_rounds([one_round(150, 400), one_round(150, 400, fused=False)])
     assert mixed["ours"]["fused_kernel"] is False
+    assert benchmark.per_round_summary([one_round(150, 300), one_round(200, 500)]) == (
+        "ours per round: 150.0, 200.0 ms; torch/ours per round: 2.00, 2.50"
+    )
