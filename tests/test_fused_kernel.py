@@ -44,15 +44,15 @@ def numpy_step(inputs, hidden, cell, input_kernel, recurrent_kernel, gate_bias, 
     return new_hidden, new_cell, readout
 
 
-def random_step_inputs(rng, episodes, coordinates, readouts=2):
+def random_step_inputs(rng, episodes, coordinates, readouts=2, features=2):
     def normal(*shape, scale=1.0):
         return tf.constant(rng.normal(size=shape, scale=scale), tf.float32)
 
     return [
-        normal(2, episodes, coordinates, scale=2.0),  # inputs (preprocessed gradients are in [-1, 1] and beyond)
+        normal(features, episodes, coordinates, scale=2.0),  # inputs (preprocessed gradients: [-1, 1] and beyond)
         normal(UNITS, episodes, coordinates, scale=0.5),  # hidden
         normal(UNITS, episodes, coordinates),  # cell
-        normal(2, 4 * UNITS, scale=0.5),  # input_kernel
+        normal(features, 4 * UNITS, scale=0.5),  # input_kernel
         normal(UNITS, 4 * UNITS, scale=0.3),  # recurrent_kernel
         normal(4 * UNITS, episodes),  # gate_bias
         normal(UNITS, readouts),  # readout_kernel
@@ -61,7 +61,7 @@ def random_step_inputs(rng, episodes, coordinates, readouts=2):
 
 def stock_step(inputs, hidden, cell, input_kernel, recurrent_kernel, gate_bias, readout_kernel):
     """The same step written with stock TensorFlow ops, differentiated by TensorFlow."""
-    stacked = tf.reshape(tf.concat([inputs, hidden], axis=0), [2 + UNITS, -1])
+    stacked = tf.reshape(tf.concat([inputs, hidden], axis=0), [inputs.shape[0] + UNITS, -1])
     gates = tf.matmul(tf.concat([input_kernel, recurrent_kernel], axis=0), stacked, transpose_a=True)
     gates = tf.reshape(gates, [4 * UNITS, *inputs.shape[1:]]) + gate_bias[:, :, tf.newaxis]
     i, f, g, o = tf.split(gates, 4)
@@ -81,10 +81,11 @@ def test_fused_step_matches_numpy(episodes, coordinates):
         np.testing.assert_allclose(output.numpy(), reference, rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("readouts", [2, 0])
-def test_fused_step_gradients_match_stock_ops(readouts):
+# 3 features: an odd number of stacked rows, so the backward's row pairs end with a row alone.
+@pytest.mark.parametrize("readouts, features", [(2, 2), (0, 2), (2, 3)])
+def test_fused_step_gradients_match_stock_ops(readouts, features):
     rng = np.random.default_rng(7)
-    arguments = random_step_inputs(rng, episodes=2, coordinates=333, readouts=readouts)
+    arguments = random_step_inputs(rng, episodes=2, coordinates=333, readouts=readouts, features=features)
     output_weights = [
         tf.constant(rng.normal(size=shape), tf.float32) for shape in [(UNITS, 2, 333), (UNITS, 2, 333), (readouts, 2, 333)]
     ]
