@@ -104,16 +104,15 @@ def build(compiler=None):
     handle, partial = tempfile.mkstemp(suffix=".so.partial", dir=target.parent)
     os.close(handle)
     try:
-        failures = []
+        first_errors = None  # reported if all fail: the build as intended, before any fallback
         for architecture_flags in ARCHITECTURE_FLAG_CHOICES:
             command = _build_command(compiler, partial, architecture_flags)
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode == 0:
                 os.replace(partial, target)
                 return target
-            failures.append(result.stderr)
-        # The first attempt's errors: the build as intended, before any fallback.
-        raise RuntimeError(f"compiling {SOURCE.name} failed:\n{failures[0][-2000:]}")
+            first_errors = result.stderr if first_errors is None else first_errors
+        raise RuntimeError(f"compiling {SOURCE.name} failed:\n{first_errors[-2000:]}")
     finally:
         if os.path.exists(partial):
             os.remove(partial)
