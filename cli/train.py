@@ -59,6 +59,13 @@ def training_options(function):
             default=None,
             help="First-order meta-gradient (default) or second order.",
         ),
+        choice_option(
+            "--query-statistics",
+            ("query", "support"),
+            "Batch-norm statistics of the query pass: query (default, the authors' code: the query batch's own "
+            "in training, the inner loop's running support statistics in testing) or support (the support "
+            "batch's under the adapted weights, in training and testing alike).",
+        ),
         click.option(
             "--checkpoint-every", type=int, default=None, help="Episodes between checkpoints (500)."
         ),
@@ -106,6 +113,7 @@ CONFIG_KEYS = (
     "filters",
     "rotations",
     "first_order",
+    "query_statistics",
     "checkpoint_every",
     "validate_every",
     "val_episodes",

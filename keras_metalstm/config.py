@@ -32,6 +32,7 @@ SHAPE_FIELDS = (
     "first_order",
     "bn_momentum",
     "divide_grad_by_batch",
+    "query_statistics",
     "meta_batch",
     "seed",
     "rotations",
@@ -62,6 +63,8 @@ class RunConfig:
     first_order: bool = True
     bn_momentum: float | None = 0.1
     divide_grad_by_batch: bool = False
+    # Batch-norm statistics of the query pass: "query" (the authors' code) or "support" (MetaLearner docs).
+    query_statistics: str = "query"
     meta_batch: int = 1
     episodes: int = 5000
     learning_rate: float = 1e-3
@@ -119,6 +122,8 @@ class RunConfig:
                     f"final_learning_rate must lie in [0, learning_rate = {self.learning_rate}], got "
                     f"{self.final_learning_rate}"
                 )
+        if self.query_statistics not in ("query", "support"):
+            raise ConfigError(f"query_statistics must be 'query' or 'support', got {self.query_statistics!r}")
         if self.theta0_init not in ("scratch", "pretrained"):
             raise ConfigError(f"theta0_init must be 'scratch' or 'pretrained', got {self.theta0_init!r}")
         if int(self.pretrain_epochs) < 1:
@@ -249,7 +254,7 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 value = json.loads(value) if value.strip().startswith("[") else value.split("x")
             return [int(v) for v in value]
-        if name in ("dataset", "learner", "theta0_init", "lr_schedule"):
+        if name in ("dataset", "learner", "theta0_init", "lr_schedule", "query_statistics"):
             return str(value).strip().lower()
         return value if not isinstance(value, Path) else str(value)
     except (TypeError, ValueError):

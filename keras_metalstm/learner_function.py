@@ -21,6 +21,25 @@ def _batchnorm_layers(model):
     return [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
 
 
+def _twice_differentiable_moments(layer):
+    """`layer._moments` with a variance whose derivatives are exact at every order.
+
+    keras.ops.moments is tf.nn.moments on TensorFlow, which centres the variance on stop_gradient(mean): exact
+    first derivatives, but the second derivatives that the second-order meta-gradient takes through every
+    support pass miss a term. Masked and synchronised statistics keep Keras' own code.
+    """
+    keras_moments = layer._moments
+
+    def moments(inputs, mask):
+        if mask is not None or layer.synchronized:
+            return keras_moments(inputs, mask)
+        axes = layer._reduction_axes
+        centred = inputs - keras.ops.mean(inputs, axis=axes, keepdims=True)
+        return keras.ops.mean(inputs, axis=axes), keras.ops.mean(keras.ops.square(centred), axis=axes)
+
+    return moments
+
+
 class LearnerFunction:
     """A Keras learner seen as `logits, state = f(theta, state, images, training)`.
 
@@ -80,35 +99,44 @@ class LearnerFunction:
         return list(self._reset_values)
 
     @contextlib.contextmanager
-    def _momentum_override(self):
-        # The momentum is read as a Python number while the call is traced, so overriding it for the duration
-        # of the call changes the traced update without touching any variable of the user's learner.
-        if self.bn_momentum is None:
-            yield
-            return
+    def _batchnorm_overrides(self, momentum):
+        # Both are read while the call is traced, so overriding them for the duration of the call changes the
+        # traced computation without touching any variable of the user's learner.
         saved = [layer.momentum for layer in self._batchnorm]
         try:
             for layer in self._batchnorm:
-                layer.momentum = self.bn_momentum
+                if momentum is not None:
+                    layer.momentum = momentum
+                layer._moments = _twice_differentiable_moments(layer)
             yield
         finally:
-            for layer, momentum in zip(self._batchnorm, saved, strict=True):
-                layer.momentum = momentum
+            for layer, saved_momentum in zip(self._batchnorm, saved, strict=True):
+                layer.momentum = saved_momentum
+                del layer._moments
 
-    def __call__(self, theta, state, images, training):
+    def __call__(self, theta, state, images, training, momentum=None):
         """Logits of the learner with parameters `theta` and non-trainable `state` on `images`.
 
         With training=True batch-norm layers normalise with the batch's statistics and the returned state holds
-        their updated moving statistics; with training=False they normalise with the moving statistics in
-        `state`.
+        their updated moving statistics (momentum: this call's Keras-convention momentum, default the
+        function's `bn_momentum`); with training=False they normalise with the moving statistics in `state`.
         """
         # Like `stateless_call`, but through `__call__`, which hands `training` to every nested layer even when
         # a user's subclassed `call` has no `training` argument of its own.
         variables = self.learner.trainable_variables + self.learner.non_trainable_variables
         mapping = list(zip(variables, self.unflatten(theta) + list(state), strict=True))
-        with self._momentum_override(), keras.StatelessScope(state_mapping=mapping) as scope:
+        momentum = self.bn_momentum if momentum is None else momentum
+        with self._batchnorm_overrides(momentum), keras.StatelessScope(state_mapping=mapping) as scope:
             logits = self.learner(images, training=training)
         return logits, [scope.get_current_value(variable) for variable in self.learner.non_trainable_variables]
+
+    def batch_statistics(self, theta, images):
+        """The state whose batch-norm statistics are exactly those of `images` under `theta` (biased moments,
+        as a training-mode call normalises with), differentiable w.r.t. theta; the rest of the state as
+        `initial_state`. Running the learner in inference mode with this state normalises any batch the way
+        a training-mode call normalises `images`."""
+        _, state = self(theta, self.initial_state(), images, training=True, momentum=0.0)
+        return state
 
     def loss_and_gradient(self, theta, state, images, labels, divide_by_batch=False):
         """Mean cross-entropy on (images, labels), its gradient w.r.t. theta, and the updated state.

@@ -18,6 +18,9 @@ EPISODE_KEYS = ("support_images", "support_labels", "query_images", "query_label
 MODES = ("train", "test")
 
 
+QUERY_STATISTICS = ("query", "support")
+
+
 def _check_mode(mode):
     if mode not in MODES:
         raise ValueError(f"mode must be 'train' or 'test', got {mode!r}.")
@@ -51,6 +54,12 @@ class MetaLearner(keras.Model):
             momentum 0.9. None keeps each layer's own momentum.
         divide_grad_by_batch: divide the learner's gradient by the support batch size once more, as the authors'
             code does (a quirk; off by default).
+        query_statistics: which batch-norm statistics normalise the query pass. "query" (the authors' code):
+            at meta-training the query batch's own; at meta-test the running statistics gathered from the
+            support batches during the inner loop, i.e. at theta_0..theta_{T-1}, never at the theta_T the query
+            pass uses. "support": the statistics of the support batch under theta_T (one more support forward
+            pass after the last update), at meta-training and at meta-test alike, with the meta-gradient flowing
+            through them; nothing is computed from the query batch, and training matches testing.
     """
 
     def __init__(
@@ -62,11 +71,16 @@ class MetaLearner(keras.Model):
         first_order=True,
         bn_momentum=0.1,
         divide_grad_by_batch=False,
+        query_statistics="query",
         **kwargs,
     ):
         super().__init__(**kwargs)
         if int(inner_steps) < 1:
             raise ValueError(f"inner_steps must be at least 1, got {inner_steps}.")
+        if query_statistics not in QUERY_STATISTICS:
+            raise ValueError(
+                f"query_statistics must be one of {QUERY_STATISTICS}, got {query_statistics!r}."
+            )
         # A plain (untracked) object: the learner's own variables are not meta-parameters and must not be
         # trained, saved or restored as part of the meta-learner.
         self._learner_function = LearnerFunction(learner, bn_momentum=bn_momentum)
@@ -76,6 +90,7 @@ class MetaLearner(keras.Model):
         self.first_order = bool(first_order)
         self.bn_momentum = bn_momentum
         self.divide_grad_by_batch = bool(divide_grad_by_batch)
+        self.query_statistics = query_statistics
 
         self.coordinate_lstm = CoordinateLSTM(
             self.hidden_units, input_dim=4, shared_input_dim=2, name="coordinate_lstm"
@@ -156,8 +171,9 @@ class MetaLearner(keras.Model):
 
         Returns:
             theta: (B, num_parameters), theta_T of each episode (differentiable w.r.t. the meta-parameters).
-            states: per episode, the learner's non-trainable state after the inner loop (the batch-norm
-                statistics gathered from that episode's support batches).
+            states: per episode, the learner's non-trainable state after the inner loop: the batch-norm
+                statistics gathered from that episode's support batches, or with query_statistics="support"
+                those of its support batch under theta_T.
         """
         learner = self._learner_function
         steps = self.inner_steps if inner_steps is None else int(inner_steps)
@@ -195,6 +211,8 @@ class MetaLearner(keras.Model):
                 readout_kernel=self.cell.hidden_kernel(),
             )
             theta, gate_logits = self.cell(hidden, theta, gradient, gate_logits, hidden_terms=hidden_terms)
+        if self.query_statistics == "support":
+            states = [learner.batch_statistics(theta[episode], support_images[episode]) for episode in range(episodes)]
         return theta, states
 
     def query_logits(self, theta, states, query_images, mode):
@@ -202,11 +220,13 @@ class MetaLearner(keras.Model):
 
         mode="train" normalises with the query batch's own statistics (meta-training); mode="test" with the
         statistics gathered from the episode's support batches (meta-testing, no information shared between
-        query images).
+        query images). With query_statistics="support" both modes normalise with the support batch's statistics
+        under theta_T (the `states` of `inner_loop`).
         """
         _check_mode(mode)
+        query_batch_statistics = mode == "train" and self.query_statistics == "query"
         logits = [
-            self._learner_function(theta[episode], states[episode], query_images[episode], mode == "train")[0]
+            self._learner_function(theta[episode], states[episode], query_images[episode], query_batch_statistics)[0]
             for episode in range(len(states))
         ]
         return tf.stack(logits)
@@ -387,6 +407,7 @@ class MetaLearner(keras.Model):
                 "first_order": self.first_order,
                 "bn_momentum": self.bn_momentum,
                 "divide_grad_by_batch": self.divide_grad_by_batch,
+                "query_statistics": self.query_statistics,
             }
         )
         return config

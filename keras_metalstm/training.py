@@ -107,6 +107,7 @@ def build_meta_learner(config: RunConfig):
         first_order=config.first_order,
         bn_momentum=config.bn_momentum,
         divide_grad_by_batch=config.divide_grad_by_batch,
+        query_statistics=config.query_statistics,
     )
 
 

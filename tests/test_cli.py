@@ -102,6 +102,20 @@ def test_resume_with_another_episode_shape_is_refused(trained, data_dir):
     assert snapshot(run_dir) == before
 
 
+def test_query_statistics_flag_reaches_the_saved_meta_learner_and_cannot_change_on_resume(tmp_path, data_dir):
+    import keras
+
+    run_dir = tmp_path / "run"
+    result = run_cli(train_args(data_dir, run_dir, "--episodes", "2", "--query-statistics", "support"))
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["query_statistics"] == "support"
+    assert keras.models.load_model(run_dir / "best.keras").query_statistics == "support"
+    before = snapshot(run_dir)
+    result = run_cli(train_args(data_dir, run_dir, "--episodes", "4", "--query-statistics", "query", "--resume"))
+    assert result.exit_code != 0 and "query_statistics" in result.output
+    assert snapshot(run_dir) == before
+
+
 def test_resume_continues_from_the_last_checkpoint(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     assert run_cli(train_args(data_dir, run_dir, "--episodes", "4", "--checkpoint-every", "2")).exit_code == 0

@@ -57,3 +57,10 @@ def test_theta0_initialisation_settings_are_checked():
     with pytest.raises(ConfigError, match="only used with theta0_init 'pretrained'"):
         RunConfig(pretrained_model="classifier.keras")
 
+
+
+def test_query_statistics_setting_is_checked_and_read_from_the_environment():
+    assert RunConfig().query_statistics == "query"
+    assert RunConfig.from_dict(env_overrides({"METALSTM_QUERY_STATISTICS": "Support"})).query_statistics == "support"
+    with pytest.raises(ConfigError, match="query_statistics must be 'query' or 'support'"):
+        RunConfig(query_statistics="transductive")
