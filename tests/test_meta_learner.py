@@ -214,15 +214,17 @@ def test_learner_variables_are_bit_identical_after_adapt_and_train_step():
         np.testing.assert_array_equal(original, now)
 
 
-def test_xla_and_non_xla_train_steps_agree():
-    meta = make_meta(inner_steps=2)
+@pytest.mark.parametrize("query_statistics", ["query", "support"])
+def test_xla_and_non_xla_train_steps_agree(query_statistics):
+    meta = make_meta(inner_steps=2, query_statistics=query_statistics)
     compiled = twin(meta)
     episodes = as_tensors(random_episodes(batch=2, seed=10))
     plain_loss, _, plain_grads = meta.meta_gradients(episodes)
     xla_loss, _, xla_grads = compiled._gradient_function(jit_compile=True)(episodes)
     np.testing.assert_allclose(xla_loss.numpy(), plain_loss.numpy(), rtol=1e-4)
     for variable, plain, xla in zip(meta.trainable_variables, plain_grads, xla_grads, strict=True):
-        assert float(tf.norm(xla - plain) / tf.norm(plain)) <= 1e-4, variable.path
+        # Relative, with a floor for gradients that are themselves ~1e-5 (float32 rounding, not a difference).
+        assert float(tf.norm(xla - plain)) <= 1e-4 * float(tf.norm(plain)) + 1e-8, variable.path
 
     plain_metrics = km.MetaTrainer(meta, jit_compile=False).train_step(episodes)
     xla_metrics = km.MetaTrainer(compiled, jit_compile=True).train_step(episodes)
