@@ -421,3 +421,22 @@ def test_read_images_converts_files_by_the_training_rule_and_checks_npy(encoded_
     ]
     with pytest.raises(export.ExportError, match="bad.npy.*uint8"):
         export.read_images([tmp_path / "bad.npy"], SHAPE)
+
+
+def test_adapt_in_serving_follows_the_meta_learners_query_statistics(support_dir, queries, tmp_path):
+    """With query_statistics="support" the adapt-in-serving SavedModel normalises with the support statistics
+    under theta_T, as `adapt` does; the authors' running statistics would give other logits."""
+    import tensorflow as tf
+
+    meta = make_meta()
+    support_meta = km.MetaLearner.from_config({**meta.get_config(), "query_statistics": "support"})
+    support_meta.set_weights(meta.get_weights())
+    images, labels, _ = export.load_support_folder(support_dir, SHAPE)
+    signature = tf.saved_model.load(str(export.export_meta(support_meta, tmp_path / "meta").path)).signatures[
+        "adapt_and_predict"
+    ]
+    served = signature(
+        support_images=tf.constant(images), support_labels=tf.constant(labels), query_images=tf.constant(queries)
+    )["logits"].numpy()
+    np.testing.assert_allclose(served, support_meta.adapt(images, labels)(queries).numpy(), atol=1e-4)
+    assert not np.allclose(served, meta.adapt(images, labels)(queries).numpy(), atol=1e-3)

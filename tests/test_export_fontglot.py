@@ -72,12 +72,15 @@ def check_exports_match_evaluate(meta, split, episodes, tmp_path, seed=11):
     return scores
 
 
-def test_exports_of_fontglot_adaptations_score_what_evaluate_said(test_split, tmp_path):
+@pytest.mark.parametrize("query_statistics", ["query", "support"])
+def test_exports_of_fontglot_adaptations_score_what_evaluate_said(test_split, tmp_path, query_statistics):
     import keras
 
     keras.utils.set_random_seed(0)
     meta = km.MetaLearner(
-        km.learners.conv4(input_shape=(28, 28, 1), num_classes=N_WAY, filters=8), inner_steps=3
+        km.learners.conv4(input_shape=(28, 28, 1), num_classes=N_WAY, filters=8),
+        inner_steps=3,
+        query_statistics=query_statistics,
     )
     check_exports_match_evaluate(meta, test_split, episodes=2, tmp_path=tmp_path)
 
