@@ -65,6 +65,7 @@ class LearnerFunction:
         self.sizes = [math.prod(shape) for shape in self.shapes]
         self.num_parameters = sum(self.sizes)
         self._batchnorm = _batchnorm_layers(learner)
+        self._exact_moments = [_twice_differentiable_moments(layer) for layer in self._batchnorm]
         self._reset_values = self._episode_reset_values()
 
     def _episode_reset_values(self):
@@ -104,10 +105,10 @@ class LearnerFunction:
         # traced computation without touching any variable of the user's learner.
         saved = [layer.momentum for layer in self._batchnorm]
         try:
-            for layer in self._batchnorm:
+            for layer, exact_moments in zip(self._batchnorm, self._exact_moments, strict=True):
                 if momentum is not None:
                     layer.momentum = momentum
-                layer._moments = _twice_differentiable_moments(layer)
+                layer._moments = exact_moments
             yield
         finally:
             for layer, saved_momentum in zip(self._batchnorm, saved, strict=True):

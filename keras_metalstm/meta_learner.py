@@ -16,8 +16,6 @@ from keras_metalstm.preprocessing import preprocess
 
 EPISODE_KEYS = ("support_images", "support_labels", "query_images", "query_labels")
 MODES = ("train", "test")
-
-
 QUERY_STATISTICS = ("query", "support")
 
 

@@ -19,6 +19,13 @@ def random_episodes(batch=1, n_way=5, k_shot=1, query=3, image_shape=(28, 28, 1)
     }
 
 
+def as_tensors(episodes):
+    """The same episode batch as TensorFlow constants."""
+    import tensorflow as tf
+
+    return {key: tf.constant(value) for key, value in episodes.items()}
+
+
 @pytest.fixture
 def episodes_factory():
     return random_episodes

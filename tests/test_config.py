@@ -58,7 +58,6 @@ def test_theta0_initialisation_settings_are_checked():
         RunConfig(pretrained_model="classifier.keras")
 
 
-
 def test_query_statistics_setting_is_checked_and_read_from_the_environment():
     assert RunConfig().query_statistics == "query"
     assert RunConfig.from_dict(env_overrides({"METALSTM_QUERY_STATISTICS": "Support"})).query_statistics == "support"

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import random_episodes
+from conftest import as_tensors, random_episodes
 
 import keras_metalstm as km
 from keras_metalstm.learner_function import cross_entropy
@@ -25,10 +25,6 @@ def twin(meta, **overrides):
     copy = km.MetaLearner.from_config(config)
     copy.set_weights(meta.get_weights())
     return copy
-
-
-def as_tensors(episodes):
-    return {key: tf.constant(value) for key, value in episodes.items()}
 
 
 def learner_snapshot(learner):

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import random_episodes
+from conftest import as_tensors, random_episodes
 
 import keras_metalstm as km
 from keras_metalstm.learner_function import LearnerFunction, cross_entropy
@@ -36,10 +36,6 @@ def numpy_forward_with_support_moments(theta, support_images, query_images):
     query_hidden = query_images.reshape(len(query_images), -1) @ kernel + bias
     normalised = gamma * (query_hidden - mean) / np.sqrt(variance + BN_EPSILON) + beta
     return np.maximum(normalised, 0.0) @ out_kernel + out_bias
-
-
-def as_tensors(episodes):
-    return {key: tf.constant(value) for key, value in episodes.items()}
 
 
 def support_meta(learner=None, inner_steps=2, **options):
