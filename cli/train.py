@@ -48,6 +48,13 @@ def training_options(function):
             help="With --lr-schedule cosine: the step at the last episode (default learning rate / 100).",
         ),
         click.option("--clip-norm", type=float, default=None, help="Global-norm clip (default 0.25)."),
+        click.option(
+            "--theta0-lr-scale",
+            type=float,
+            default=None,
+            help="theta_0's Adam step as a multiple of the update rule's (default 1; 0 freezes theta_0; e.g. 0.1 "
+            "with --theta0-init pretrained).",
+        ),
         click.option("--xla/--no-xla", default=None, help="Compile the meta-gradient with XLA."),
         click.option("--seed", type=int, default=None, help="Seed of the episodes and the initial weights."),
         click.option("--hidden-units", type=int, default=None, help="Coordinate LSTM units (default 20)."),
@@ -65,6 +72,11 @@ def training_options(function):
             "Batch-norm statistics of the query pass: query (default, the authors' code: the query batch's own "
             "in training, the inner loop's running support statistics in testing) or support (the support "
             "batch's under the adapted weights, in training and testing alike).",
+        ),
+        click.option(
+            "--learn-logit-scale/--no-learn-logit-scale",
+            default=None,
+            help="Learn a scale of the query logits in the meta-loss (default off; predictions do not change).",
         ),
         click.option(
             "--checkpoint-every", type=int, default=None, help="Episodes between checkpoints (500)."
@@ -107,6 +119,7 @@ CONFIG_KEYS = (
     "lr_schedule",
     "final_learning_rate",
     "clip_norm",
+    "theta0_lr_scale",
     "xla",
     "seed",
     "hidden_units",
@@ -114,6 +127,7 @@ CONFIG_KEYS = (
     "rotations",
     "first_order",
     "query_statistics",
+    "learn_logit_scale",
     "checkpoint_every",
     "validate_every",
     "val_episodes",

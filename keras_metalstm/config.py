@@ -33,6 +33,7 @@ SHAPE_FIELDS = (
     "bn_momentum",
     "divide_grad_by_batch",
     "query_statistics",
+    "learn_logit_scale",
     "meta_batch",
     "seed",
     "rotations",
@@ -65,6 +66,8 @@ class RunConfig:
     divide_grad_by_batch: bool = False
     # Batch-norm statistics of the query pass: "query" (the authors' code) or "support" (MetaLearner docs).
     query_statistics: str = "query"
+    # A learned scale of the query logits in the meta-loss (MetaLearner docs).
+    learn_logit_scale: bool = False
     meta_batch: int = 1
     episodes: int = 5000
     learning_rate: float = 1e-3
@@ -73,6 +76,8 @@ class RunConfig:
     lr_schedule: str = "constant"
     final_learning_rate: float | None = None
     clip_norm: float = 0.25
+    # theta_0's Adam step relative to the update rule's (0 freezes theta_0; below 1 suits a pre-trained theta_0).
+    theta0_lr_scale: float = 1.0
     xla: bool = False
     seed: int = 0
     checkpoint_every: int = 500
@@ -112,6 +117,8 @@ class RunConfig:
                 )
         if float(self.learning_rate) <= 0 or float(self.clip_norm) <= 0:
             raise ConfigError("learning_rate and clip_norm must be positive")
+        if not float(self.theta0_lr_scale) >= 0:
+            raise ConfigError(f"theta0_lr_scale must be >= 0, got {self.theta0_lr_scale}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.final_learning_rate is not None:

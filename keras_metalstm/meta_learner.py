@@ -17,6 +17,9 @@ from keras_metalstm.preprocessing import preprocess
 EPISODE_KEYS = ("support_images", "support_labels", "query_images", "query_labels")
 MODES = ("train", "test")
 QUERY_STATISTICS = ("query", "support")
+# The learned logit scale is exp(LOGIT_SCALE_GAIN * weight). Adam moves a weight by about its learning rate per
+# update; at meta-learning rates (1e-4..1e-3) a plain log-scale would need ~10^4 updates to change by a factor e.
+LOGIT_SCALE_GAIN = 100.0
 
 
 def _check_mode(mode):
@@ -58,6 +61,10 @@ class MetaLearner(keras.Model):
             pass uses. "support": the statistics of the support batch under theta_T (one more support forward
             pass after the last update), at meta-training and at meta-test alike, with the meta-gradient flowing
             through them; nothing is computed from the query batch, and training matches testing.
+        learn_logit_scale: multiply the query logits by a learned scalar in the meta-loss (a temperature of the
+            meta-objective; not in the paper). Without it the cross-entropy can only grow more confident through
+            larger learned steps, and from a pre-trained theta_0 those steps trade accuracy for confidence. The
+            scale changes no prediction: accuracies, `adapt` and exports use the learner's own logits.
     """
 
     def __init__(
@@ -70,6 +77,7 @@ class MetaLearner(keras.Model):
         bn_momentum=0.1,
         divide_grad_by_batch=False,
         query_statistics="query",
+        learn_logit_scale=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -89,6 +97,7 @@ class MetaLearner(keras.Model):
         self.bn_momentum = bn_momentum
         self.divide_grad_by_batch = bool(divide_grad_by_batch)
         self.query_statistics = query_statistics
+        self.learn_logit_scale = bool(learn_logit_scale)
 
         self.coordinate_lstm = CoordinateLSTM(
             self.hidden_units, input_dim=4, shared_input_dim=2, name="coordinate_lstm"
@@ -99,6 +108,10 @@ class MetaLearner(keras.Model):
         )
         # theta_0 starts as a freshly initialised learner's weights (the authors' code).
         self.theta0.assign(self._learner_function.initial_theta())
+        # Only created when learned, so checkpoints and .keras files of meta-learners without it stay loadable.
+        self.logit_scale_exponent = (
+            self.add_weight(shape=(), initializer="zeros", name="logit_scale_exponent") if self.learn_logit_scale else None
+        )
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
         self._compiled_gradients = {}
@@ -115,6 +128,13 @@ class MetaLearner(keras.Model):
     def num_parameters(self):
         """Length of theta: the learner's trainable weights, all of them."""
         return self._learner_function.num_parameters
+
+    @property
+    def logit_scale(self):
+        """The factor of the query logits in the meta-loss (1 unless learn_logit_scale)."""
+        if self.logit_scale_exponent is None:
+            return tf.constant(1.0)
+        return tf.exp(LOGIT_SCALE_GAIN * self.logit_scale_exponent)
 
     @property
     def metrics(self):
@@ -243,11 +263,11 @@ class MetaLearner(keras.Model):
 
     # ------------------------------------------------------------------------------------- meta-training
     def episode_metrics(self, episodes, mode):
-        """Per-episode query loss and accuracy, each of shape (B,)."""
+        """Per-episode query loss (of the logits times `logit_scale`) and accuracy, each of shape (B,)."""
         logits = self(episodes, mode=mode)
         labels = tf.cast(episodes["query_labels"], tf.int32)
         losses = tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits), axis=-1
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits * self.logit_scale), axis=-1
         )
         correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels), logits.dtype)
         return losses, tf.reduce_mean(correct, axis=-1)
@@ -406,6 +426,7 @@ class MetaLearner(keras.Model):
                 "bn_momentum": self.bn_momentum,
                 "divide_grad_by_batch": self.divide_grad_by_batch,
                 "query_statistics": self.query_statistics,
+                "learn_logit_scale": self.learn_logit_scale,
             }
         )
         return config

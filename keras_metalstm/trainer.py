@@ -3,12 +3,19 @@
 import keras
 import tensorflow as tf
 
+from keras_metalstm.optimizers import MultiplierAdam
 
-def meta_optimizer(learning_rate=1e-3):
-    """The paper's meta-optimiser, Adam. The meta-gradient's global-norm clip is applied by the step itself
-    (`MetaLearner.meta_train_step`), to the gradient summed over replicas: Keras' `global_clipnorm` would clip
-    each replica's part before the all-reduce, a different update whenever the clip is active."""
-    return keras.optimizers.Adam(learning_rate=learning_rate)
+
+def meta_optimizer(learning_rate=1e-3, theta0_learning_rate_scale=1.0):
+    """The paper's meta-optimiser, Adam, with theta_0's step `theta0_learning_rate_scale` times the update rule's
+    (1: plain Adam; below 1 keeps a pre-trained theta_0 close to where it started while the LSTM learns its steps).
+
+    The meta-gradient's global-norm clip is applied by the step itself (`MetaLearner.meta_train_step`), to the
+    gradient summed over replicas: Keras' `global_clipnorm` would clip each replica's part before the all-reduce,
+    a different update whenever the clip is active."""
+    if float(theta0_learning_rate_scale) == 1.0:
+        return keras.optimizers.Adam(learning_rate=learning_rate)
+    return MultiplierAdam(learning_rate=learning_rate, learning_rate_multipliers={"theta0": theta0_learning_rate_scale})
 
 
 class MetaTrainer:

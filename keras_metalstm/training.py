@@ -108,6 +108,7 @@ def build_meta_learner(config: RunConfig):
         bn_momentum=config.bn_momentum,
         divide_grad_by_batch=config.divide_grad_by_batch,
         query_statistics=config.query_statistics,
+        learn_logit_scale=config.learn_logit_scale,
     )
 
 
@@ -371,7 +372,7 @@ class TrainingRun:
             meta = build_meta_learner(config)
             trainer = km.MetaTrainer(
                 meta,
-                learning_rate=learning_rate_schedule(config),
+                optimizer=km.meta_optimizer(learning_rate_schedule(config), config.theta0_lr_scale),
                 clip_norm=config.clip_norm,
                 jit_compile=config.xla,
                 strategy=strategy,

@@ -102,17 +102,26 @@ def test_resume_with_another_episode_shape_is_refused(trained, data_dir):
     assert snapshot(run_dir) == before
 
 
-def test_query_statistics_flag_reaches_the_saved_meta_learner_and_cannot_change_on_resume(tmp_path, data_dir):
+@pytest.mark.parametrize(
+    ("flag", "key", "value", "other_flag"),
+    [
+        (["--query-statistics", "support"], "query_statistics", "support", ["--query-statistics", "query"]),
+        (["--learn-logit-scale"], "learn_logit_scale", True, ["--no-learn-logit-scale"]),
+    ],
+)
+def test_meta_learner_flags_reach_the_saved_meta_learner_and_cannot_change_on_resume(
+    tmp_path, data_dir, flag, key, value, other_flag
+):
     import keras
 
     run_dir = tmp_path / "run"
-    result = run_cli(train_args(data_dir, run_dir, "--episodes", "2", "--query-statistics", "support"))
+    result = run_cli(train_args(data_dir, run_dir, "--episodes", "2", *flag))
     assert result.exit_code == 0, result.output
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["query_statistics"] == "support"
-    assert keras.models.load_model(run_dir / "best.keras").query_statistics == "support"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())[key] == value
+    assert getattr(keras.models.load_model(run_dir / "best.keras"), key) == value
     before = snapshot(run_dir)
-    result = run_cli(train_args(data_dir, run_dir, "--episodes", "4", "--query-statistics", "query", "--resume"))
-    assert result.exit_code != 0 and "query_statistics" in result.output
+    result = run_cli(train_args(data_dir, run_dir, "--episodes", "4", *other_flag, "--resume"))
+    assert result.exit_code != 0 and key in result.output
     assert snapshot(run_dir) == before
 
 

@@ -63,3 +63,12 @@ def test_query_statistics_setting_is_checked_and_read_from_the_environment():
     assert RunConfig.from_dict(env_overrides({"METALSTM_QUERY_STATISTICS": "Support"})).query_statistics == "support"
     with pytest.raises(ConfigError, match="query_statistics must be 'query' or 'support'"):
         RunConfig(query_statistics="transductive")
+
+
+def test_theta0_lr_scale_and_logit_scale_settings_are_checked_and_read_from_the_environment():
+    assert RunConfig().theta0_lr_scale == 1.0 and RunConfig().learn_logit_scale is False
+    overrides = env_overrides({"METALSTM_THETA0_LR_SCALE": "0.1", "METALSTM_LEARN_LOGIT_SCALE": "true"})
+    config = RunConfig.from_dict(overrides)
+    assert config.theta0_lr_scale == 0.1 and config.learn_logit_scale is True
+    with pytest.raises(ConfigError, match="theta0_lr_scale must be >= 0"):
+        RunConfig(theta0_lr_scale=-0.5)

@@ -91,3 +91,33 @@ def test_unusable_pretrained_models_are_refused_with_a_message(tmp_path, data_di
 
     without_init = run_cli(train_args(data_dir, tmp_path / "c", "--pretrained-model", tmp_path / "wider.keras"))
     assert without_init.exit_code != 0 and "only used with theta0_init 'pretrained'" in without_init.output
+
+
+def test_theta0_lr_scale_zero_keeps_the_pretrained_theta0_while_the_update_rule_learns(tmp_path, data_dir):
+    keras.utils.set_random_seed(3)
+    classifier = km.learners.conv4(input_shape=(28, 28, 1), num_classes=9, filters=4)
+    path = tmp_path / "classifier.keras"
+    classifier.save(path)
+    pretrained = ["--theta0-init", "pretrained", "--pretrained-model", path, "--learning-rate", "1e-2"]
+
+    frozen_dir = tmp_path / "frozen"
+    result = run_cli(train_args(data_dir, frozen_dir, *pretrained, "--theta0-lr-scale", "0"))
+    assert result.exit_code == 0, result.output
+    assert load_run_config(frozen_dir).theta0_lr_scale == 0.0
+    _, frozen = load_meta_learner(frozen_dir, "latest")
+    for piece, weight in zip(body_of_theta0(frozen_dir), classifier.trainable_variables, strict=False):
+        np.testing.assert_array_equal(piece, weight.numpy().ravel())
+
+    moving_dir = tmp_path / "moving"
+    assert run_cli(train_args(data_dir, moving_dir, *pretrained)).exit_code == 0
+    _, moving = load_meta_learner(moving_dir, "latest")
+    assert not np.allclose(body_of_theta0(moving_dir)[0], classifier.trainable_variables[0].numpy().ravel(), atol=1e-3)
+    # ... while the update rule learned: its weights moved away from where a run with a 1e-9 step leaves them.
+    still_dir = tmp_path / "still"
+    assert run_cli(train_args(data_dir, still_dir, *pretrained[:4])).exit_code == 0
+    _, still = load_meta_learner(still_dir, "latest")
+    for learned, initial in zip(frozen.cell.trainable_variables, still.cell.trainable_variables, strict=True):
+        assert np.abs(learned.numpy() - initial.numpy()).max() > 1e-4
+
+    negative = run_cli(train_args(data_dir, tmp_path / "negative", "--theta0-lr-scale", "-1"))
+    assert negative.exit_code != 0 and "theta0_lr_scale must be >= 0" in negative.output
