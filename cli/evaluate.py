@@ -69,6 +69,7 @@ def run_evaluation(
         json.dumps(
             {
                 "results": report.results,
+                "paired_differences": report.paired_differences,
                 "n_way": report.n_way,
                 "k_shot": report.k_shot,
                 "inner_steps": report.inner_steps,
@@ -200,6 +201,8 @@ def evaluate(
         f"({report.details['test_classes']} classes), T = {report.inner_steps}, seed {seed}:"
     )
     click.echo(report.table())
+    if report.paired_differences:
+        click.echo(report.differences_text())
     click.echo(
         f"evaluated {run_dir} ({checkpoint} checkpoint) on {episodes} episodes in "
         f"{duration(report.seconds)}; report saved to {path}"

@@ -58,6 +58,28 @@ class EvaluationReport:
     def table(self) -> str:
         return format_table({self.column: self.results})
 
+    @property
+    def paired_differences(self) -> dict:
+        """Meta-LSTM minus each baseline, episode by episode: {baseline: {"mean", "ci95", "episodes"}} in
+        percentage points. All methods scored the same episodes, so the interval of the per-episode difference
+        leaves out what the episodes' varying difficulty adds to each method's own interval."""
+        if "meta_lstm" not in self.accuracies:
+            return {}
+        meta = np.asarray(self.accuracies["meta_lstm"], np.float64)
+        return {
+            method: summarise(meta - np.asarray(self.accuracies[method], np.float64))
+            for method in TABLE_ORDER
+            if method != "meta_lstm" and method in self.accuracies
+        }
+
+    def differences_text(self) -> str:
+        """One line per baseline: "Meta-Learner LSTM - Baseline fine-tune: +0.63 +- 0.30 points (paired, ...)"."""
+        return "\n".join(
+            f"{METHOD_LABELS['meta_lstm']} - {METHOD_LABELS[method]}: {value['mean']:+.2f} +- {value['ci95']:.2f} "
+            f"points (paired over the same {value['episodes']} episodes)"
+            for method, value in self.paired_differences.items()
+        )
+
 
 def format_table(columns: dict[str, dict]) -> str:
     """A table shaped like the paper's Table 1: one row per method, one column per setting ("5-way 1-shot"),

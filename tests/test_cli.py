@@ -267,6 +267,13 @@ def test_evaluate_with_baselines_prints_table_1_on_the_same_episodes(trained, mo
     for method, values in report.accuracies.items():
         assert report.results[method]["mean"] == pytest.approx(100 * np.mean(values))
         assert f"{report.results[method]['mean']:.2f}" in row[evaluation.METHOD_LABELS[method]]
+    # the paired differences are printed and saved with the report
+    saved = json.loads(next((run_dir / "evaluation").glob("*baselines.json")).read_text())
+    for method in ("finetune", "nearest_neighbour"):
+        difference = report.paired_differences[method]
+        assert saved["paired_differences"][method] == pytest.approx(difference)
+        label = evaluation.METHOD_LABELS[method]
+        assert f"Meta-Learner LSTM - {label}: {difference['mean']:+.2f} +- {difference['ci95']:.2f}" in result.output
 
 
 def test_cross_domain_evaluation_converts_the_images(trained, tmp_path):

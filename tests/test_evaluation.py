@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from keras_metalstm.evaluation import format_table, summarise
+from keras_metalstm.evaluation import EvaluationReport, format_table, summarise
 from keras_metalstm.training import eval_batch_size, mean_ci95
 
 
@@ -48,3 +48,26 @@ def test_table_is_shaped_like_table_1():
 
 def test_eval_batch_size_divides():
     assert eval_batch_size(600) == 5 and eval_batch_size(7) == 1 and eval_batch_size(4) == 4
+
+
+def test_paired_differences_are_episode_by_episode_and_narrower_than_the_unpaired_intervals():
+    rng = np.random.default_rng(1)
+    difficulty = rng.uniform(0.6, 1.0, size=600)  # shared by all methods on an episode
+    accuracies = {
+        "meta_lstm": np.clip(difficulty + 0.02 + rng.normal(0, 0.01, 600), 0, 1),
+        "finetune": np.clip(difficulty + rng.normal(0, 0.01, 600), 0, 1),
+    }
+    report = EvaluationReport({m: summarise(v) for m, v in accuracies.items()}, 5, 1, 12, "x", "test", 0, 1.0,
+                              accuracies=accuracies)
+    difference = report.paired_differences["finetune"]
+    direct = accuracies["meta_lstm"] - accuracies["finetune"]
+    assert difference["mean"] == pytest.approx(100 * direct.mean())
+    assert difference["ci95"] == pytest.approx(100 * 1.96 * direct.std() / math.sqrt(600))
+    assert difference["ci95"] < report.results["finetune"]["ci95"] / 5
+    assert set(report.paired_differences) == {"finetune"}  # only the baselines that were scored
+    assert report.differences_text() == (
+        f"Meta-Learner LSTM - Baseline fine-tune: {difference['mean']:+.2f} +- {difference['ci95']:.2f} points "
+        "(paired over the same 600 episodes)"
+    )
+    alone = EvaluationReport({}, 5, 1, 12, "x", "test", 0, 1.0, accuracies={"meta_lstm": accuracies["meta_lstm"]})
+    assert alone.paired_differences == {} and alone.differences_text() == ""
