@@ -210,9 +210,11 @@ def test_learner_variables_are_bit_identical_after_adapt_and_train_step():
         np.testing.assert_array_equal(original, now)
 
 
-@pytest.mark.parametrize("query_statistics", ["query", "support"])
-def test_xla_and_non_xla_train_steps_agree(query_statistics):
-    meta = make_meta(inner_steps=2, query_statistics=query_statistics)
+@pytest.mark.parametrize(
+    "options", [{"query_statistics": "query"}, {"query_statistics": "support"}, {"learn_logit_scale": True}]
+)
+def test_xla_and_non_xla_train_steps_agree(options):
+    meta = make_meta(inner_steps=2, **options)
     compiled = twin(meta)
     episodes = as_tensors(random_episodes(batch=2, seed=10))
     plain_loss, _, plain_grads = meta.meta_gradients(episodes)
