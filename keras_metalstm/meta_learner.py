@@ -109,9 +109,9 @@ class MetaLearner(keras.Model):
         # theta_0 starts as a freshly initialised learner's weights (the authors' code).
         self.theta0.assign(self._learner_function.initial_theta())
         # Only created when learned, so checkpoints and .keras files of meta-learners without it stay loadable.
-        self.logit_scale_exponent = (
-            self.add_weight(shape=(), initializer="zeros", name="logit_scale_exponent") if self.learn_logit_scale else None
-        )
+        self.logit_scale_exponent = None
+        if self.learn_logit_scale:
+            self.logit_scale_exponent = self.add_weight(shape=(), initializer="zeros", name="logit_scale_exponent")
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
         self._compiled_gradients = {}
@@ -266,8 +266,9 @@ class MetaLearner(keras.Model):
         """Per-episode query loss (of the logits times `logit_scale`) and accuracy, each of shape (B,)."""
         logits = self(episodes, mode=mode)
         labels = tf.cast(episodes["query_labels"], tf.int32)
+        scaled_logits = logits * tf.cast(self.logit_scale, logits.dtype)
         losses = tf.reduce_mean(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits * self.logit_scale), axis=-1
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=scaled_logits), axis=-1
         )
         correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels), logits.dtype)
         return losses, tf.reduce_mean(correct, axis=-1)
