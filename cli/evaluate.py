@@ -201,8 +201,9 @@ def evaluate(
         f"({report.details['test_classes']} classes), T = {report.inner_steps}, seed {seed}:"
     )
     click.echo(report.table())
-    if report.paired_differences:
-        click.echo(report.differences_text())
+    differences = report.differences_text()
+    if differences:
+        click.echo(differences)
     click.echo(
         f"evaluated {run_dir} ({checkpoint} checkpoint) on {episodes} episodes in "
         f"{duration(report.seconds)}; report saved to {path}"

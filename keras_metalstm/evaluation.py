@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ class EvaluationReport:
     def table(self) -> str:
         return format_table({self.column: self.results})
 
-    @property
+    @cached_property
     def paired_differences(self) -> dict:
         """Meta-LSTM minus each baseline, episode by episode: {baseline: {"mean", "ci95", "episodes"}} in
         percentage points. All methods scored the same episodes, so the interval of the per-episode difference
