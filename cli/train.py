@@ -58,7 +58,20 @@ def training_options(function):
         click.option("--xla/--no-xla", default=None, help="Compile the meta-gradient with XLA."),
         click.option("--seed", type=int, default=None, help="Seed of the episodes and the initial weights."),
         click.option("--hidden-units", type=int, default=None, help="Coordinate LSTM units (default 20)."),
-        click.option("--filters", type=int, default=None, help="conv4 filters (default 32)."),
+        click.option(
+            "--learner",
+            default=None,
+            help="The learner the meta-learner adapts: conv4 (default, the paper's), resnet12, a saved Keras model "
+            "PATH.keras (its architecture; its weights are theta_0's start with --theta0-init pretrained), or "
+            "package.module:function, a factory function(input_shape, num_classes) -> keras.Model importable "
+            "from the current directory or PYTHONPATH. It must map (H, W, C) images in [0, 1] to N logits.",
+        ),
+        click.option(
+            "--filters",
+            type=int,
+            default=None,
+            help="Width of a built-in learner: conv4's filters, resnet12's first block (default 32).",
+        ),
         click.option("--rotations/--no-rotations", default=None, help="Add rotated classes (x4)."),
         click.option(
             "--first-order/--second-order",
@@ -123,6 +136,7 @@ CONFIG_KEYS = (
     "xla",
     "seed",
     "hidden_units",
+    "learner",
     "filters",
     "rotations",
     "first_order",

@@ -1,7 +1,8 @@
 """The paper's two baselines (Ravi & Larochelle 2017, Table 1), built from the meta-learner's own learner architecture.
 
-1. Pre-training: the learner architecture (conv4 with one output per class) is trained as an ordinary classifier
-   on ALL images of ALL meta-train classes (Adam, cross-entropy, a fixed number of epochs, seeded).
+1. Pre-training: the run's learner architecture (conv4, or the user's model, with one output per class) is trained
+   as an ordinary classifier on ALL images of ALL meta-train classes (Adam, cross-entropy, a fixed number of
+   epochs, seeded). Its output layer must be a Dense layer (the fine-tune baseline replaces it).
 2. Baseline fine-tune: per test episode, the pre-trained network's output layer is replaced by a fresh N-way one
    (zero-initialised, so every episode starts from the same weights and nothing depends on a random draw) and the
    WHOLE network is trained with plain full-batch gradient descent on the episode's support set; batch-norm
@@ -9,7 +10,8 @@
    queries. The learning rate and the number of steps are chosen on validation-class episodes (grid
    `FINETUNE_LEARNING_RATES` x `FINETUNE_STEPS`, best mean query accuracy).
 3. Baseline nearest neighbour: 1-NN (Euclidean distance) on the pre-trained network's penultimate features (the
-   flattened output of the last conv block); each query gets the label of its nearest support image.
+   input of its output layer: conv4's flattened last conv block); each query gets the label of its nearest
+   support image.
 
 `Baselines.episode_accuracies(batch)` scores both on exactly the episodes it is given, so the evaluation feeds the
 meta-learner and the baselines the same batches.
@@ -27,7 +29,6 @@ import numpy as np
 
 FINETUNE_LEARNING_RATES = (0.003, 0.01, 0.03, 0.1)
 FINETUNE_STEPS = (5, 10, 25, 50, 100)
-FEATURE_LAYER = "flatten"
 
 
 @dataclass
@@ -47,25 +48,18 @@ class FinetuneChoice:
     grid: dict  # "lr=..,steps=.." -> mean validation accuracy
 
 
-def pretrain_classifier(
-    train_dataset, image_shape, filters=32, config: PretrainConfig | None = None, verbose=0
-):
-    """conv4 trained as a (num meta-train classes)-way classifier on every meta-train image; returns
-    (model, final training accuracy)."""
+def pretrain_classifier(train_dataset, learner, config: PretrainConfig | None = None, verbose=0):
+    """A freshly initialised model of `learner`'s architecture, with one output per meta-train class, trained as a
+    classifier on every meta-train image; returns (model, final training accuracy)."""
     import keras
     import tensorflow as tf
 
-    import keras_metalstm as km
+    from keras_metalstm.learner_spec import fresh_copy
 
     config = config or PretrainConfig()
     keras.utils.set_random_seed(int(config.seed))
     labels = np.repeat(np.arange(train_dataset.num_classes, dtype=np.int32), train_dataset.class_sizes)
-    model = km.learners.conv4(
-        input_shape=tuple(image_shape),
-        num_classes=train_dataset.num_classes,
-        filters=filters,
-        name="pretrained_conv4",
-    )
+    model = fresh_copy(learner, num_classes=train_dataset.num_classes)
     data = (
         tf.data.Dataset.from_tensor_slices((train_dataset.images, labels))
         .shuffle(len(labels), seed=int(config.seed), reshuffle_each_iteration=True)
@@ -78,23 +72,38 @@ def pretrain_classifier(
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    history = model.fit(data, epochs=int(config.epochs), verbose=verbose)
+    # shuffle=False: the data set shuffles itself (Keras would warn that it ignores the flag).
+    history = model.fit(data, epochs=int(config.epochs), verbose=verbose, shuffle=False)
     return model, float(history.history["accuracy"][-1])
 
 
+def output_layer(model):
+    """The layer whose output is the model's output (a functional or Sequential model)."""
+    return model.outputs[0]._keras_history.operation
+
+
 def feature_model(pretrained):
-    """The pre-trained network up to its penultimate features (the layer named FEATURE_LAYER)."""
+    """The pre-trained network up to its penultimate features (the input of its output layer)."""
     import keras
 
-    return keras.Model(pretrained.inputs, pretrained.get_layer(FEATURE_LAYER).output, name="features")
+    return keras.Model(pretrained.inputs, output_layer(pretrained).input, name="features")
 
 
 class Baselines:
     """Fine-tune and nearest-neighbour baselines on top of one pre-trained classifier."""
 
     def __init__(self, pretrained, n_way: int):
+        import keras
         import tensorflow as tf
 
+        head = output_layer(pretrained)
+        if not (isinstance(head, keras.layers.Dense) and head.use_bias and head.activation.__name__ == "linear"):
+            from keras_metalstm.learner_spec import LearnerError
+
+            raise LearnerError(
+                f"the baselines replace the learner's output layer by a new N-way Dense layer with a bias and no "
+                f"activation; this learner ends in {type(head).__name__} {head.name!r}"
+            )
         self.pretrained = pretrained
         self.n_way = int(n_way)
         self.features = feature_model(pretrained)
@@ -241,9 +250,11 @@ def baseline_cache_paths(run_dir):
     return cache / "pretrained.keras", cache / "baselines.json"
 
 
-def cached_pretrained_classifier(run_dir, config, splits, pretrain: PretrainConfig | None = None, log=print):
-    """The classifier pre-trained on the run's meta-train classes, trained once and cached in
-    RUN_DIR/baselines/ (pretrained.keras, and its settings in baselines.json).
+def cached_pretrained_classifier(
+    run_dir, config, splits, learner, pretrain: PretrainConfig | None = None, log=print
+):
+    """The run's learner architecture (a model of it: `learner`) pre-trained on the run's meta-train classes,
+    trained once and cached in RUN_DIR/baselines/ (pretrained.keras, and its settings in baselines.json).
 
     Shared by the baselines and by meta-training runs whose theta_0 starts from it, so both use one network.
     Returns (model, info) where info is the content of baselines.json.
@@ -258,10 +269,10 @@ def cached_pretrained_classifier(run_dir, config, splits, pretrain: PretrainConf
         return keras.models.load_model(str(model_path)), info
     t0 = time.time()
     log(
-        f"pre-training the {config.learner} classifier on {splits.train.num_classes} meta-train classes "
+        f"pre-training the {learner.name} classifier on {splits.train.num_classes} meta-train classes "
         f"({splits.train.num_images} images, {pretrain.epochs} epochs) ..."
     )
-    model, train_accuracy = pretrain_classifier(splits.train, config.image_shape, config.filters, pretrain, verbose=0)
+    model, train_accuracy = pretrain_classifier(splits.train, learner, pretrain, verbose=0)
     tmp = model_path.with_name(f".tmp-{os.getpid()}-pretrained.keras")
     model.save(str(tmp))
     os.replace(tmp, model_path)
@@ -279,17 +290,19 @@ def prepare_baselines(
     run_dir,
     config,
     splits,
+    learner,
     pretrain: PretrainConfig | None = None,
     val_episodes=100,
     progress=None,
     log=print,
 ) -> tuple[Baselines, dict]:
-    """Baselines for a training run: the pre-trained classifier (`cached_pretrained_classifier`) and the
+    """Baselines for a training run whose learner is (a model of the architecture of) `learner`: the pre-trained
+    classifier (`cached_pretrained_classifier`) and the
     fine-tune choice are computed once and cached in RUN_DIR/baselines/."""
     from keras_metalstm.data import episode_dataset
     from keras_metalstm.training import eval_batch_size
 
-    model, info = cached_pretrained_classifier(run_dir, config, splits, pretrain, log)
+    model, info = cached_pretrained_classifier(run_dir, config, splits, learner, pretrain, log)
     info_path = baseline_cache_paths(run_dir)[1]
     baselines = Baselines(model, config.n_way)
     key = f"finetune_{config.n_way}way_{config.k_shot}shot_q{config.query}_val{val_episodes}"

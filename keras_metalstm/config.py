@@ -46,6 +46,32 @@ class ConfigError(ValueError):
     """An invalid or inconsistent run configuration (bad value, unknown key, unreadable file)."""
 
 
+# `--learner`: one of these names, a saved model PATH.keras, or a factory package.module:function
+# (keras_metalstm.learner_spec builds, checks and stores the learner).
+BUILT_IN_LEARNERS = ("conv4", "resnet12")
+
+
+def normalise_learner_spec(spec) -> str:
+    """The canonical form of a learner setting (a `.keras` path made absolute); ConfigError if it is none of the
+    three forms."""
+    text = str(spec).strip()
+    if text.lower() in BUILT_IN_LEARNERS:
+        return text.lower()
+    if text.endswith(".keras"):
+        return os.path.abspath(os.path.expanduser(text))
+    module, _, function = text.partition(":")
+    if function and _is_dotted_name(module) and function.isidentifier():
+        return text
+    raise ConfigError(
+        f"unknown learner {text!r}: use a built-in ({', '.join(BUILT_IN_LEARNERS)}), a saved model "
+        "(PATH.keras) or a factory (package.module:function, called as function(input_shape, num_classes))"
+    )
+
+
+def _is_dotted_name(name: str) -> bool:
+    return bool(name) and all(part.isidentifier() for part in name.split("."))
+
+
 @dataclass
 class RunConfig:
     """Settings of one meta-training run (the defaults are the paper's 5-way 1-shot setting on fontglot)."""
@@ -137,8 +163,7 @@ class RunConfig:
             raise ConfigError(f"pretrain_epochs must be at least 1, got {self.pretrain_epochs}")
         if self.pretrained_model and self.theta0_init != "pretrained":
             raise ConfigError("pretrained_model is only used with theta0_init 'pretrained': set both or neither")
-        if self.learner not in ("conv4",):
-            raise ConfigError(f"unknown learner {self.learner!r}; the command line offers 'conv4'")
+        self.learner = normalise_learner_spec(self.learner)
         return self
 
     # ------------------------------------------------------------------------------------ conversions
@@ -261,7 +286,7 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 value = json.loads(value) if value.strip().startswith("[") else value.split("x")
             return [int(v) for v in value]
-        if name in ("dataset", "learner", "theta0_init", "lr_schedule", "query_statistics"):
+        if name in ("dataset", "theta0_init", "lr_schedule", "query_statistics"):
             return str(value).strip().lower()
         return value if not isinstance(value, Path) else str(value)
     except (TypeError, ValueError):

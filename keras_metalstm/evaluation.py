@@ -197,7 +197,7 @@ def evaluate_run(
     baseline = None
     if baselines:
         baseline, info = prepare_baselines_for(
-            run_dir, config, load_splits(config), pretrain, finetune_val_episodes, log
+            run_dir, config, load_splits(config), meta.learner, pretrain, finetune_val_episodes, log
         )
         details["baselines"] = info
     batch = eval_batch_size(int(episodes))
@@ -237,9 +237,9 @@ def evaluate_run(
     )
 
 
-def prepare_baselines_for(run_dir, config, splits, pretrain, val_episodes, log):
+def prepare_baselines_for(run_dir, config, splits, learner, pretrain, val_episodes, log):
     from keras_metalstm.baselines import prepare_baselines
 
     return prepare_baselines(
-        Path(run_dir), config, splits, pretrain=pretrain, val_episodes=val_episodes, log=log
+        Path(run_dir), config, splits, learner, pretrain=pretrain, val_episodes=val_episodes, log=log
     )

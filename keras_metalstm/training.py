@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keras_metalstm.config import CONFIG_FILE_NAME, ConfigError, RunConfig, atomic_write_text
+from keras_metalstm.learner_spec import ARCHITECTURE_FILE
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -88,18 +89,24 @@ def load_splits(config: RunConfig):
     return load_dataset(config.dataset, config.data_dir, **options)
 
 
-def build_meta_learner(config: RunConfig):
-    """A fresh MetaLearner of the configured shape (learner seeded by config.seed)."""
+def build_meta_learner(config: RunConfig, architecture: dict | None = None):
+    """A fresh MetaLearner of the configured shape (learner seeded by config.seed) around `architecture`, the
+    learner's Keras config (`learner_spec.architecture_config`); None builds the run's built-in learner (runs
+    written before learner.json existed are conv4 runs)."""
     import keras
 
     import keras_metalstm as km
+    from keras_metalstm.learner_spec import build_learner, learner_kind, model_from_architecture
 
     if config.image_shape is None:
         raise ConfigError("image_shape is unknown: load the data set first (train() fills it in)")
     keras.utils.set_random_seed(int(config.seed))
-    learner = km.learners.conv4(
-        input_shape=tuple(config.image_shape), num_classes=config.n_way, filters=config.filters
-    )
+    if architecture is not None:
+        learner = model_from_architecture(architecture, tuple(config.image_shape))
+    elif learner_kind(config.learner) == "built-in":
+        learner = build_learner(config.learner, config.image_shape, config.n_way, config.filters)
+    else:
+        raise RunDirError(f"the run's learner {config.learner!r} needs its stored architecture ({ARCHITECTURE_FILE})")
     return km.MetaLearner(
         learner,
         inner_steps=config.inner_steps,
@@ -111,6 +118,29 @@ def build_meta_learner(config: RunConfig):
         learn_logit_scale=config.learn_logit_scale,
     )
 
+
+def learner_architecture(config: RunConfig, run_dir=None) -> dict | None:
+    """The learner architecture of a run: RUN_DIR/learner.json when the run has one, else (a new run) the
+    learner of `config.learner` built and checked on the episode shape (LearnerError saying what is wrong)."""
+    import keras
+
+    from keras_metalstm.learner_spec import (
+        architecture_config,
+        build_learner,
+        check_learner,
+        model_from_architecture,
+        read_architecture,
+    )
+
+    stored = read_architecture(run_dir) if run_dir is not None else None
+    if stored is not None:
+        return stored
+    keras.utils.set_random_seed(int(config.seed))
+    learner = build_learner(config.learner, config.image_shape, config.n_way, config.filters)
+    check_learner(learner, config.image_shape, config.n_way, batch=config.n_way * config.k_shot)
+    architecture = architecture_config(learner)
+    model_from_architecture(architecture, tuple(config.image_shape))  # what evaluate and resume will load
+    return architecture
 
 def learning_rate_schedule(config: RunConfig):
     """The meta-optimiser's step for `config`: the constant `learning_rate`, or a cosine decay from it to
@@ -176,8 +206,10 @@ def load_meta_learner(run_dir: str | os.PathLike, which: str = "best"):
     checkpoint when no validation ran) or "latest"."""
     import tensorflow as tf
 
+    from keras_metalstm.learner_spec import read_architecture
+
     config = load_run_config(run_dir)
-    meta = build_meta_learner(config)
+    meta = build_meta_learner(config, read_architecture(run_dir))
     run_dir = Path(run_dir)
     path = None
     if which == "best":
@@ -355,9 +387,14 @@ class TrainingRun:
         # Check the episode shape fits the data before anything is written.
         km_data_check(splits, self.config)
         _check_theta0_source(self.config, strategy)
+        self.architecture = learner_architecture(self.config, self.run_dir)
         if self.chief:
+            from keras_metalstm.learner_spec import save_architecture
+
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.config.save(self.run_dir / CONFIG_FILE_NAME)
+            if not (self.run_dir / ARCHITECTURE_FILE).is_file():
+                save_architecture(self.architecture, self.run_dir)
         return splits
 
     def _run(self, callbacks, config, splits, strategy):
@@ -369,7 +406,7 @@ class TrainingRun:
 
         chief = self.chief
         with strategy.scope():
-            meta = build_meta_learner(config)
+            meta = build_meta_learner(config, self.architecture)
             trainer = km.MetaTrainer(
                 meta,
                 optimizer=km.meta_optimizer(learning_rate_schedule(config), config.theta0_lr_scale),
@@ -393,7 +430,7 @@ class TrainingRun:
         elif config.theta0_init == "pretrained":
             pretrain_start = time.time()
             try:
-                meta.initialize_theta0_from(self._theta0_source(config, splits, callbacks))
+                meta.initialize_theta0_from(self._theta0_source(config, splits, meta.learner, callbacks))
             except ValueError as error:  # a model of another architecture
                 raise TrainingError(str(error)) from None
             pretrain_seconds = time.time() - pretrain_start
@@ -537,11 +574,16 @@ class TrainingRun:
         callbacks.on_end(result)
         return result
 
-    def _theta0_source(self, config, splits, callbacks):
-        """The trained classifier theta_0 starts from: config.pretrained_model, or one pre-trained on the meta-train
-        classes and cached in RUN_DIR/baselines/ (where `metalstm evaluate --baselines` finds it)."""
+    def _theta0_source(self, config, splits, learner, callbacks):
+        """The trained classifier theta_0 starts from: config.pretrained_model, the saved model a `.keras` learner
+        was given as, or the learner's architecture pre-trained on the meta-train classes and cached in
+        RUN_DIR/baselines/ (where `metalstm evaluate --baselines` finds it)."""
+        from keras_metalstm.learner_spec import learner_kind, load_learner_file
+
         if config.pretrained_model:
-            return _load_pretrained_model(config.pretrained_model)
+            return load_learner_file(config.pretrained_model)
+        if learner_kind(config.learner) == "file":
+            return load_learner_file(config.learner)
         from keras_metalstm.baselines import (
             PretrainConfig,
             baseline_cache_paths,
@@ -552,6 +594,7 @@ class TrainingRun:
             self.run_dir,
             config,
             splits,
+            learner,
             PretrainConfig(epochs=config.pretrain_epochs, seed=config.seed),
             log=callbacks.on_message,
         )
@@ -602,20 +645,11 @@ def train(
     return TrainingRun(config, run_dir, resume=resume, deterministic=deterministic).run(callbacks)
 
 
-def _load_pretrained_model(path):
-    """The .keras model theta_0 starts from (its existence is checked by _check_theta0_source), or a TrainingError
-    saying why it cannot be loaded."""
-    import keras
-
-    try:
-        return keras.models.load_model(str(path), compile=False)
-    except Exception as error:  # noqa: BLE001 - any loading failure becomes one clear message
-        raise TrainingError(f"cannot load pretrained model {path}: {error}") from None
-
-
 def _check_theta0_source(config: RunConfig, strategy) -> None:
     """Fail before anything is written when theta_0's starting point cannot be had."""
     import tensorflow as tf
+
+    from keras_metalstm.learner_spec import learner_kind
 
     if config.theta0_init != "pretrained":
         return
@@ -625,7 +659,7 @@ def _check_theta0_source(config: RunConfig, strategy) -> None:
                 f"pretrained model {config.pretrained_model} does not exist; pass a .keras classifier of the "
                 "learner's architecture"
             )
-    elif isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    elif learner_kind(config.learner) != "file" and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         raise TrainingError(
             "theta0_init 'pretrained' under a multi-worker strategy needs --pretrained-model (a file every worker "
             "reads): pre-train it once in a single-process run, e.g. `metalstm evaluate RUN --baselines` leaves "

@@ -1,0 +1,140 @@
+"""The learner as a run setting: parsing the spec, the built-in resnet12, architecture round trips, resizing the
+output layer for the baselines, and the penultimate features the nearest-neighbour baseline uses."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import as_tensors, random_episodes
+
+import keras_metalstm as km
+from keras_metalstm.baselines import feature_model
+from keras_metalstm.config import ConfigError, RunConfig, normalise_learner_spec
+from keras_metalstm.learner_spec import (
+    LearnerError,
+    architecture_config,
+    check_learner,
+    fresh_copy,
+    model_from_architecture,
+)
+
+
+def test_learner_specs_are_normalised_or_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert normalise_learner_spec("ResNet12") == "resnet12"
+    assert normalise_learner_spec(" conv4 ") == "conv4"
+    assert normalise_learner_spec("models/net.keras") == str(tmp_path / "models" / "net.keras")
+    assert normalise_learner_spec("my_pkg.models:Build_Net") == "my_pkg.models:Build_Net"  # case kept
+    for bad in ("conv5", "module:", ":function", "my module:f", "pkg.:f", "m:f-g", "net.h5"):
+        with pytest.raises(ConfigError, match="unknown learner"):
+            normalise_learner_spec(bad)
+    assert RunConfig(learner="pkg.mod:fn").learner == "pkg.mod:fn"
+    with pytest.raises(ConfigError, match="unknown learner"):
+        RunConfig(learner="vgg")
+
+
+def trainable_size(model):
+    return sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+
+
+def test_resnet12_widths_and_parameter_counts_are_as_documented():
+    standard = km.learners.resnet12(input_shape=(84, 84, 3), num_classes=5, filters=64)
+    widths = [layer.filters for layer in standard.layers if layer.name.endswith("_conv1")]
+    assert widths == [64, 160, 320, 640]
+    assert trainable_size(standard) == 12_427_525
+    assert trainable_size(km.learners.resnet12(input_shape=(84, 84, 3), num_classes=5, filters=16)) == 779_461
+    assert trainable_size(km.learners.conv4(input_shape=(84, 84, 3), num_classes=5)) == 32_901
+    assert trainable_size(km.learners.conv4(input_shape=(28, 28, 1), num_classes=5)) == 28_485
+    adds = [layer for layer in standard.layers if isinstance(layer, keras.layers.Add)]
+    assert len(adds) == 4  # four residual blocks
+
+
+def test_resnet12_meta_gradient_reaches_every_meta_parameter():
+    keras.utils.set_random_seed(1)
+    learner = km.learners.resnet12(input_shape=(28, 28, 1), num_classes=5, filters=2)
+    meta = km.MetaLearner(learner, inner_steps=2, hidden_units=4)
+    _, _, gradients = meta.meta_gradients(as_tensors(random_episodes(batch=1, seed=4)))
+    assert len(gradients) == 8
+    for variable, gradient in zip(meta.trainable_variables, gradients, strict=True):
+        assert float(tf.norm(gradient)) > 0.0, variable.path
+    theta0_gradient = gradients[0].numpy()
+    assert theta0_gradient.shape == (trainable_size(learner),)
+    # every learner weight of theta_0 gets a gradient: each conv, BN and the head take part in the query loss
+    sizes = [int(np.prod(v.shape)) for v in learner.trainable_variables]
+    for variable, piece in zip(learner.trainable_variables, np.split(theta0_gradient, np.cumsum(sizes)[:-1]),
+                               strict=True):
+        assert np.any(piece != 0.0), variable.path
+
+
+def functional_learner(num_classes=5):
+    images = keras.Input((28, 28, 1))
+    features = keras.layers.Conv2D(3, 3, strides=2, name="conv")(images)
+    features = keras.layers.Flatten(name="flat")(features)
+    return keras.Model(images, keras.layers.Dense(num_classes, name="head")(features), name="mine")
+
+
+def sequential_learner(num_classes=5):
+    return keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(6),
+                             keras.layers.Dense(num_classes)])
+
+
+@pytest.mark.parametrize("build", [functional_learner, sequential_learner])
+def test_fresh_copy_changes_only_the_number_of_classes_and_reinitialises(build):
+    keras.utils.set_random_seed(2)
+    learner = build()
+    copy = fresh_copy(learner, num_classes=11)
+    assert copy.output_shape == (None, 11)
+    shapes = [tuple(v.shape) for v in learner.trainable_variables]
+    copied = [tuple(v.shape) for v in copy.trainable_variables]
+    assert copied[:-2] == shapes[:-2] and copied[-2] == (shapes[-2][0], 11) and copied[-1] == (11,)
+    assert not np.allclose(copy.trainable_variables[0].numpy(), learner.trainable_variables[0].numpy())
+    assert learner.output_shape == (None, 5)  # the original is untouched
+
+
+def test_fresh_copy_of_a_model_whose_head_cannot_be_resized_is_refused():
+    images = keras.Input((28, 28, 1))
+    logits = keras.layers.Conv2D(5, 28, name="conv_head")(images)
+    learner = keras.Model(images, keras.layers.Flatten()(logits))
+    with pytest.raises(LearnerError, match="cannot change the learner's number of classes"):
+        fresh_copy(learner, num_classes=9)
+
+
+def test_architecture_round_trip_is_repeatable_and_safe():
+    learner = functional_learner()
+    architecture = architecture_config(learner)
+    first = model_from_architecture(architecture, (28, 28, 1))
+    second = model_from_architecture(architecture, (28, 28, 1))  # the stored config is not consumed
+    assert first.name == second.name == "mine"
+    assert [layer.get_config() for layer in first.layers] == [layer.get_config() for layer in learner.layers]
+    images = keras.Input((28, 28, 1))
+    risky = keras.Model(images, keras.layers.Dense(5)(keras.layers.Lambda(lambda x: x)(
+        keras.layers.Flatten()(images))))
+    with pytest.raises(LearnerError, match="Lambda layers cannot be loaded safely"):
+        model_from_architecture(architecture_config(risky))
+
+
+def test_check_learner_accepts_a_subclassed_model_that_was_never_called():
+    @keras.saving.register_keras_serializable(package="tests_spec")
+    class Small(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.flat = keras.layers.Flatten()
+            self.head = keras.layers.Dense(3)
+
+        def call(self, images):
+            return self.head(self.flat(images))
+
+    check_learner(Small(), (28, 28, 1), 3)  # builds it by calling it; raises nothing
+    with pytest.raises(LearnerError, match="needs one tensor of 4 logits"):
+        check_learner(Small(), (28, 28, 1), 4)
+
+
+def test_nearest_neighbour_features_are_the_input_of_the_output_layer():
+    keras.utils.set_random_seed(3)
+    learner = km.learners.conv4(input_shape=(28, 28, 1), num_classes=5, filters=4)
+    images = np.random.default_rng(0).random((3, 28, 28, 1), dtype=np.float32)
+    flatten = keras.Model(learner.inputs, learner.get_layer("flatten").output)
+    np.testing.assert_array_equal(feature_model(learner)(images).numpy(), flatten(images).numpy())
+    mine = functional_learner()
+    expected = keras.Model(mine.inputs, mine.get_layer("flat").output)(images).numpy()
+    np.testing.assert_array_equal(feature_model(mine)(images).numpy(), expected)
