@@ -11,7 +11,7 @@ setup(
     ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib (TOML configs) is in the standard library from 3.11
     packages=find_packages(include=["keras_metalstm", "keras_metalstm.*"]) + ["keras_metalstm.cli"],
     # The command-line code lives in the top-level cli/ folder of the checkout but is installed inside our
     # own namespace, never as a top-level `cli` module in site-packages.

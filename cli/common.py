@@ -27,12 +27,24 @@ def user_errors():
     """Turn the library's expected errors into a clear message and a non-zero exit (no traceback)."""
     from keras_metalstm.config import ConfigError
     from keras_metalstm.data import DataError
-    from keras_metalstm.training import TrainingError
+    from keras_metalstm.export.errors import ExportError
+    from keras_metalstm.runs import TrainingError
 
     try:
         yield
-    except (ConfigError, DataError, TrainingError) as error:
+    except (ConfigError, DataError, ExportError, TrainingError) as error:
         raise click.ClickException(str(error)) from None
+    except OSError as error:
+        raise click.ClickException(os_error_message(error)) from None
+
+
+def os_error_message(error: OSError) -> str:
+    """One line for a file-system failure (read-only directory, full disk, missing permission...)."""
+    where = f" {error.filename}" if error.filename else ""
+    return (
+        f"cannot write or read{where}: {error.strerror or error}. Check that the path is writable and the disk "
+        "has space; files written before were kept"
+    )
 
 
 def duration(seconds: float) -> str:

@@ -38,7 +38,7 @@ def run_evaluation(
     from keras_metalstm.baselines import PretrainConfig
     from keras_metalstm.config import atomic_write_text
     from keras_metalstm.evaluation import evaluate_run
-    from keras_metalstm.training import load_run_config
+    from keras_metalstm.runs import load_run_config
 
     config = load_run_config(run_dir)
     pretrain = PretrainConfig(epochs=pretrain_epochs, seed=config.seed)

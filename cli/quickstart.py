@@ -22,26 +22,6 @@ QUICKSTART = {
 }
 
 
-def export_step(run_dir: Path, out: Path, log) -> str | None:
-    """The export hook: keras_metalstm.export.quickstart_export(run_dir, out_dir) when the export package offers
-    it, else its export_meta (adapt-in-serving SavedModel). Returns a description of what was written, or None."""
-    try:
-        import keras_metalstm.export as export
-    except ImportError:
-        return None
-    hook = getattr(export, "quickstart_export", None)
-    if hook is not None:
-        return str(hook(run_dir, out / "export"))
-    export_meta = getattr(export, "export_meta", None)
-    if export_meta is None:
-        return None
-    from keras_metalstm.training import load_meta_learner
-
-    _, meta = load_meta_learner(run_dir)
-    result = export_meta(meta, out / "export")
-    return f"adapt-in-serving SavedModel in {getattr(result, 'path', None) or (out / 'export')}"
-
-
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.option(
     "--out",
@@ -64,9 +44,10 @@ def quickstart(out, episodes, eval_episodes, pretrain_epochs, resume, do_export,
     """Meta-train 5-way 1-shot on fontglot for a few minutes, evaluate beside both baselines, export."""
     quiet_tensorflow()
     from keras_metalstm.cli.evaluate import run_evaluation
-    from keras_metalstm.cli.train import run_training, summary_line
+    from keras_metalstm.cli.train import interrupted_exit_code, run_training, summary_line
 
     from keras_metalstm.config import RunConfig
+    from keras_metalstm.runs import run_exists
 
     timer = Timer()
     out = Path(out)
@@ -83,10 +64,10 @@ def quickstart(out, episodes, eval_episodes, pretrain_epochs, resume, do_export,
             )
         config = RunConfig.from_dict({**QUICKSTART, "episodes": episodes})
         click.echo(f"1/3 meta-training 5-way 1-shot on fontglot for {episodes} episodes -> {run_dir}")
-        result = run_training(config, run_dir, resume=resume, progress=progress)
+        result = run_training(config, run_dir, resume=resume and run_exists(run_dir), progress=progress)
         click.echo(summary_line(result))
         if result.status != "finished":
-            raise SystemExit(130)
+            raise SystemExit(interrupted_exit_code(result))
         click.echo(f"2/3 evaluating on {eval_episodes} test episodes with both baselines")
         report, path = run_evaluation(
             run_dir, eval_episodes, True, None, None, "test", 1000, "best", pretrain_epochs, 50, progress, log
@@ -95,13 +76,15 @@ def quickstart(out, episodes, eval_episodes, pretrain_epochs, resume, do_export,
         exported = None
         if do_export:
             click.echo("3/3 export")
+            from keras_metalstm.export import quickstart_export
+
             try:
-                exported = export_step(run_dir, out, log)
+                exported = quickstart_export(run_dir, out / "export")
             except ValueError as error:  # ExportError and friends: the run is kept, say what failed
                 raise click.ClickException(
                     f"export failed (the run and its evaluation are kept): {error}"
                 ) from None
-            click.echo(exported or "export skipped: the export package is not installed")
+            click.echo(exported)
     click.echo(
         f"quickstart done in {duration(timer.seconds)}: run {run_dir} (checkpoints, metrics.jsonl, "
         f"curves.png), evaluation {path}" + (f", export {exported}" if exported else "")

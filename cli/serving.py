@@ -6,37 +6,12 @@ commands.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from pathlib import Path
 
 import click
-
-
-@contextlib.contextmanager
-def _user_errors():
-    """The library's expected errors -> a clear message and exit code 1, no traceback."""
-    from keras_metalstm.data import DataError
-    from keras_metalstm.export import ExportError
-
-    expected = [DataError, ExportError]
-    try:
-        from keras_metalstm.config import ConfigError
-        from keras_metalstm.training import TrainingError
-
-        expected += [ConfigError, TrainingError]
-    except ImportError:
-        pass
-    try:
-        yield
-    except tuple(expected) as error:
-        raise click.ClickException(str(error)) from None
-
-
-def _quiet():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from keras_metalstm.cli.common import quiet_tensorflow, user_errors
 
 
 @click.command()
@@ -61,9 +36,9 @@ def adapt(run_dir, support_dir, out, inner_steps, force):
     input shape by the training conversion rule. The result is one .keras file holding the adapted weights,
     the support set's batch-norm statistics, the class names and the input spec.
     """
-    _quiet()
+    quiet_tensorflow()
     started = time.perf_counter()
-    with _user_errors():
+    with user_errors():
         from keras_metalstm import export
 
         if Path(out).suffix != ".keras":
@@ -117,9 +92,9 @@ def export_command(model, format_, out, version, opset, force, no_verify):
     Writes OUT/<version>/ (TensorFlow Serving's layout) via a temporary folder, after checking that the export
     reproduces the Keras model's logits (within 1e-4) at batch 1 and 64.
     """
-    _quiet()
+    quiet_tensorflow()
     started = time.perf_counter()
-    with _user_errors():
+    with user_errors():
         from keras_metalstm import export
 
         out = out or str(Path("saved_models") / Path(model).name.removesuffix(".keras"))
@@ -150,9 +125,9 @@ def predict(model, images, as_json):
     version), an .onnx file or an adapted .keras file. IMAGES are PNG/JPEG files (converted to the model's
     input shape by the training rule) or .npy arrays already float32 in [0, 1] at that shape.
     """
-    _quiet()
+    quiet_tensorflow()
     started = time.perf_counter()
-    with _user_errors():
+    with user_errors():
         from keras_metalstm import export
 
         predictor = export.load_predictor(model)

@@ -74,6 +74,13 @@ def training_options(function):
         ),
         click.option("--rotations/--no-rotations", default=None, help="Add rotated classes (x4)."),
         click.option(
+            "--image-shape",
+            default=None,
+            metavar="H,W,C",
+            help="Convert every image to this shape (e.g. 84,84,3) by the package's rule: grey<->RGB, alpha "
+            "dropped, antialiased bilinear resize; needed for an image folder of mixed sizes or modes.",
+        ),
+        click.option(
             "--first-order/--second-order",
             "first_order",
             default=None,
@@ -139,6 +146,7 @@ CONFIG_KEYS = (
     "learner",
     "filters",
     "rotations",
+    "image_shape",
     "first_order",
     "query_statistics",
     "learn_logit_scale",
@@ -156,7 +164,7 @@ CONFIG_KEYS = (
 def resolve_config(run_dir, resume, config_file, flags):
     """The RunConfig of `train`: defaults (or the stored run's config when resuming) < file < env < flags."""
     from keras_metalstm.config import RunConfig
-    from keras_metalstm.training import load_run_config, run_exists
+    from keras_metalstm.runs import load_run_config, run_exists
 
     base = RunConfig().to_dict()
     if resume and run_exists(run_dir):
@@ -307,4 +315,11 @@ def train(run_dir, resume, config_file, deterministic, progress, strategy_name, 
     click.echo(summary_line(result))
     if result.status == "interrupted":
         click.echo(f"interrupted; continue with: metalstm train --run-dir {run_dir} --resume", err=True)
-        raise SystemExit(130)
+        raise SystemExit(interrupted_exit_code(result))
+
+
+def interrupted_exit_code(result) -> int:
+    """128 + the signal that stopped the run, the shell's convention (130 for Ctrl-C, 143 for SIGTERM)."""
+    import signal
+
+    return 128 + int(result.signal or signal.SIGINT)

@@ -300,7 +300,7 @@ def prepare_baselines(
     classifier (`cached_pretrained_classifier`) and the
     fine-tune choice are computed once and cached in RUN_DIR/baselines/."""
     from keras_metalstm.data import episode_dataset
-    from keras_metalstm.training import eval_batch_size
+    from keras_metalstm.statistics import eval_batch_size
 
     model, info = cached_pretrained_classifier(run_dir, config, splits, learner, pretrain, log)
     info_path = baseline_cache_paths(run_dir)[1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -16,6 +17,9 @@ from typing import Any
 
 ENV_PREFIX = "METALSTM_"
 CONFIG_FILE_NAME = "config.yaml"
+# METALSTM_* variables that are not run settings (read by the commands or the tests); any other METALSTM_* name
+# that is not a setting is a misspelling, refused rather than silently ignored.
+OTHER_ENVIRONMENT = ("RUN_DIR", "EVAL_EPISODES", "EVAL_BASELINES", "EVAL_SEED", "DOCKER_SMOKE")
 
 # Fields that define the shape of the meta-learner, of its episodes or of its checkpoint: a checkpoint is only
 # valid for a run with the same values, so `--resume` refuses to change them.
@@ -123,7 +127,18 @@ class RunConfig:
 
     # ------------------------------------------------------------------------------------------ checks
     def validate(self) -> RunConfig:
-        for name in ("n_way", "k_shot", "query", "inner_steps", "hidden_units", "filters", "meta_batch"):
+        for name in sorted(_FLOAT_FIELDS | _OPTIONAL_FLOAT_FIELDS):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(float(value)):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
+        if int(self.n_way) < 2:
+            raise ConfigError(
+                f"n_way must be at least 2, got {self.n_way}: a 1-way episode is always classified right, so its "
+                "accuracy says nothing"
+            )
+        if self.bn_momentum is not None and not 0.0 <= float(self.bn_momentum) <= 1.0:
+            raise ConfigError(f"bn_momentum must lie in [0, 1], got {self.bn_momentum}")
+        for name in ("k_shot", "query", "inner_steps", "hidden_units", "filters", "meta_batch"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("episodes", "checkpoint_every", "validate_every", "log_every", "keep_checkpoints"):
@@ -229,11 +244,15 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
     environ = os.environ if environ is None else environ
     out = {}
     for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX):
+        if not key.startswith(ENV_PREFIX) or key[len(ENV_PREFIX) :] in OTHER_ENVIRONMENT:
             continue
         name = key[len(ENV_PREFIX) :].lower()
-        if name in FIELD_NAMES:
-            out[name] = _coerce(name, value)
+        if name not in FIELD_NAMES:
+            raise ConfigError(
+                f"environment variable {key} is not a setting; unset it or use one of "
+                f"{', '.join(ENV_PREFIX + n.upper() for n in FIELD_NAMES)}"
+            )
+        out[name] = _coerce(name, value)
     return out
 
 
@@ -256,6 +275,7 @@ _BOOL_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("bool",)}
 _INT_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("int",)}
 _FLOAT_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("float",)}
 _OPTIONAL_FLOAT_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("float | None",)}
+_TEXT_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("str", "str | None")}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -284,11 +304,21 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
         if name == "image_shape":
             if isinstance(value, str):
-                value = json.loads(value) if value.strip().startswith("[") else value.split("x")
-            return [int(v) for v in value]
+                text = value.strip()
+                value = json.loads(text) if text.startswith("[") else text.replace("x", ",").split(",")
+            shape = [int(v) for v in value]
+            if len(shape) != 3 or min(shape) < 1 or shape[2] not in (1, 3):
+                raise ConfigError(f"image_shape must be H,W,C with C = 1 or 3 (e.g. 84,84,3), got {value!r}")
+            return shape
+        if name in _TEXT_FIELDS and not isinstance(value, (str, Path)):
+            raise ConfigError(
+                f"setting {name!r} takes text (a name or a path), got {type(value).__name__} {value!r}"
+            )
         if name in ("dataset", "theta0_init", "lr_schedule", "query_statistics"):
             return str(value).strip().lower()
         return value if not isinstance(value, Path) else str(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"invalid value {value!r} for setting {name!r}") from None
 

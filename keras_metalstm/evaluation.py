@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_metalstm.training import mean_ci95
+from keras_metalstm.statistics import eval_batch_size, mean_ci95
 
 METHODS = ("meta_lstm", "finetune", "nearest_neighbour")
 METHOD_LABELS = {
@@ -104,8 +104,8 @@ def evaluation_dataset(config, dataset: str | None = None, data_dir=None, split:
     """The class-indexed data set to evaluate on: the run's own test classes by default, or `split` of another
     data set (`split="all"`: all its classes), converted to the run's image shape by the package's conversion
     rule (keras_metalstm.data.CONVERSION_RULE) when its images differ."""
-    from keras_metalstm.data import DataError, load_dataset
-    from keras_metalstm.training import load_splits
+    from keras_metalstm.data import DataError, convert_dataset, load_dataset
+    from keras_metalstm.runs import load_splits
 
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -125,40 +125,22 @@ def evaluation_dataset(config, dataset: str | None = None, data_dir=None, split:
         raise DataError(f"the {split} split of {dataset or config.dataset} has no classes")
     data = parts[0] if len(parts) == 1 else _concatenate(parts, f"{dataset}/all")
     if data.image_shape != target:
-        data = _convert(data, target)
+        data = convert_dataset(data, target)
     return data
 
 
 def _concatenate(parts, name):
-    from keras_metalstm.data import ClassIndexedDataset
+    from keras_metalstm.data import ClassIndexedDataset, convert_dataset
 
     shapes = {p.image_shape for p in parts}
     if len(shapes) > 1:
-        parts = [_convert(p, parts[0].image_shape) for p in parts]
+        parts = [convert_dataset(p, parts[0].image_shape) for p in parts]
     return ClassIndexedDataset(
         np.concatenate([p.images for p in parts]),
         np.concatenate([p.class_sizes for p in parts]),
         [n for p in parts for n in p.class_names],
         name=name,
     )
-
-
-def _convert(data, target, chunk=2048):
-    """`data` with every image converted to `target` (H, W, C) by convert_images, stored as uint8 again."""
-    from keras_metalstm.data import ClassIndexedDataset, convert_images
-    from keras_metalstm.data.images import to_uint8
-
-    images = (
-        np.concatenate(
-            [
-                to_uint8(convert_images(data.images[i : i + chunk], target)).numpy()
-                for i in range(0, max(data.num_images, 1), chunk)
-            ]
-        )
-        if data.num_images
-        else np.zeros((0, *target), np.uint8)
-    )
-    return ClassIndexedDataset(images, data.class_sizes, data.class_names, name=f"{data.name} as {target}")
 
 
 # -------------------------------------------------------------------------------------------- evaluate
@@ -184,7 +166,7 @@ def evaluate_run(
     """
     import keras_metalstm as km
     from keras_metalstm.data import DataError, episode_dataset
-    from keras_metalstm.training import eval_batch_size, load_meta_learner, load_splits
+    from keras_metalstm.runs import load_meta_learner, load_splits
 
     if int(episodes) < 1:
         raise DataError(f"--episodes must be at least 1, got {episodes}")
@@ -235,6 +217,27 @@ def evaluate_run(
         details=details,
         accuracies=accuracies,
     )
+
+
+def evaluate_episodes(trainer, dataset, config, episodes: int, seed: int, progress=None):
+    """Per-episode test-mode query accuracies of the meta-learner on `episodes` episodes of `dataset`."""
+    import tensorflow as tf
+
+    from keras_metalstm.data import episode_dataset
+
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    batch = eval_batch_size(episodes)
+    if batch % replicas:  # each replica evaluates batch/R episodes (MetaTrainer.evaluate_step)
+        batch = replicas * eval_batch_size(episodes // replicas) if episodes % replicas == 0 else batch
+    stream = episode_dataset(
+        dataset, config.n_way, config.k_shot, config.query, batch_size=batch, seed=seed, num_episodes=episodes
+    )
+    out = []
+    for episodes_batch in stream:
+        out.append(trainer.evaluate_step(episodes_batch)["accuracy"].numpy())
+        if progress is not None:
+            progress(batch)
+    return np.concatenate(out)
 
 
 def prepare_baselines_for(run_dir, config, splits, learner, pretrain, val_episodes, log):

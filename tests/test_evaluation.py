@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from keras_metalstm.evaluation import EvaluationReport, format_table, summarise
-from keras_metalstm.training import eval_batch_size, mean_ci95
+from keras_metalstm.statistics import eval_batch_size, mean_ci95
 
 
 def test_ci95_matches_a_direct_numpy_computation():

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from keras_metalstm.cli.main import main
 
 import keras_metalstm as km
-from keras_metalstm.training import load_meta_learner, load_run_config
+from keras_metalstm.runs import load_meta_learner, load_run_config
 
 FACTORIES = '''
 import keras

@@ -69,9 +69,15 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
     assert killed.returncode == -signal.SIGKILL
     state = json.loads((tmp_path / "killed" / "state.json").read_text())
     assert state["status"] == "running" and state["episode"] < episodes  # really killed mid-run
+    # state.json describes the newest checkpoint, with the seconds trained until then
+    assert (tmp_path / "killed" / "checkpoints" / f"ckpt-{state['episode']}.index").is_file()
+    assert state["seconds"] > 0 and state["pid"] == killed.pid
     resumed = subprocess.run(train_command(data_dir, tmp_path / "killed", episodes, "--resume"), env=ENV,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
+    assert f"process {killed.pid} is gone" in resumed.stderr  # the crash is named, not taken for a live run
+    final = json.loads((tmp_path / "killed" / "state.json").read_text())
+    assert final["status"] == "finished" and final["seconds"] > state["seconds"]
     assert full.wait(timeout=600) == 0, full.stderr.read()
 
     path_full, values_full = checkpoint_values(tmp_path / "full")
@@ -87,6 +93,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
     rows = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     train_episodes = [r["episode"] for r in rows if r["kind"] == "train"]
     assert train_episodes == sorted(set(train_episodes)) and train_episodes[-1] == episodes
+    seconds = [r["seconds"] for r in rows]
+    assert seconds == sorted(seconds)  # the resumed session's times continue the killed one's
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, data_dir):
@@ -96,7 +104,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, data_dir):
     wait_for_checkpoint(process, run_dir)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    assert process.returncode == 128 + signal.SIGTERM, stderr
     state = json.loads((run_dir / "state.json").read_text())
     assert state["status"] == "interrupted"
     import tensorflow as tf

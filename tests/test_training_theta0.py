@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from keras_metalstm.cli.main import main
 
 import keras_metalstm as km
-from keras_metalstm.training import load_meta_learner, load_run_config
+from keras_metalstm.runs import load_meta_learner, load_run_config
 
 # Adam moves every weight by about the learning rate per step: with 1e-9, theta_0 after two meta-updates is its
 # starting point to float precision.

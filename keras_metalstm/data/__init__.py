@@ -25,6 +25,7 @@ from keras_metalstm.data.fontglot import (
 )
 from keras_metalstm.data.images import (
     CONVERSION_RULE,
+    convert_dataset,
     convert_images,
     decode_image_bytes,
     decode_image_files,
@@ -44,6 +45,7 @@ __all__ = [
     "DataError",
     "DatasetSplits",
     "EpisodeSampler",
+    "convert_dataset",
     "convert_images",
     "dataset_options",
     "decode_image_bytes",

@@ -158,7 +158,8 @@ def _check_episode_size(dataset: ClassIndexedDataset, n_way, k_shot, q_query) ->
         others = f" ({len(short) - 1} other class(es) too)" if len(short) > 1 else ""
         raise DataError(
             f"class {dataset.class_names[i]!r} of {dataset.name} has {sizes[i]} images but {k}-shot episodes "
-            f"with {q} queries need K+Q = {k + q} distinct images per class{others}; lower k_shot/q_query or "
-            f"drop such classes with dataset.with_min_images({k + q})"
+            f"with {q} queries need K+Q = {k + q} distinct images per class{others}; lower the shots or queries "
+            f"(--k-shot, --query), or give every class at least {k + q} images (or drop the smaller classes: "
+            f"dataset.with_min_images({k + q}) in the library)"
         )
     return n, k, q

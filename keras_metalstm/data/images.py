@@ -198,7 +198,7 @@ def decode_image_files(
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise DataError(
             f"{len(bad)} unreadable image file(s){more}: "
-            + "; ".join(reasons)
+            + "; ".join(reasons).rstrip(".")
             + ". Replace or delete them (PNG, JPEG, GIF and BMP are read)."
         )
     if refuse_mixed:
@@ -208,8 +208,9 @@ def decode_image_files(
             i = differs[0]
             raise DataError(
                 f"images have mixed shapes: {names[0]} is {_fmt(target_shape)} but {names[i]} is "
-                f"{_fmt(native[i])} ({len(differs)} file(s) differ from the first). Pass an image shape "
-                f"(H, W, C) to convert every image by the rule: {CONVERSION_RULE}."
+                f"{_fmt(native[i])} ({len(differs)} file(s) differ from the first). Give an image shape to "
+                f"convert every image (metalstm train --image-shape H,W,C; image_shape=(H, W, C) in the "
+                f"library) by the rule: {CONVERSION_RULE}."
             )
     return images, native
 
@@ -230,3 +231,21 @@ def _canonical_shape(shape) -> tuple[int, int, int]:
 
 def _fmt(shape) -> str:
     return "x".join(str(int(v)) for v in shape)
+
+
+def convert_dataset(data, target_shape: Sequence[int], chunk: int = 2048):
+    """A ClassIndexedDataset with every image of `data` converted to `target_shape` (H, W, C) by
+    :func:`convert_images` and stored as uint8 again (chunked: a large set never sits in memory as floats)."""
+    from keras_metalstm.data.dataset import ClassIndexedDataset
+
+    target = check_image_shape(target_shape)
+    if data.num_images:
+        images = np.concatenate(
+            [
+                to_uint8(convert_images(data.images[i : i + chunk], target)).numpy()
+                for i in range(0, data.num_images, chunk)
+            ]
+        )
+    else:
+        images = np.zeros((0, *target), np.uint8)
+    return ClassIndexedDataset(images, data.class_sizes, data.class_names, name=f"{data.name} as {target}")

@@ -14,6 +14,7 @@ before dividing by 255 -- exactly how the episode pipeline prepares training dat
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import keras
@@ -193,6 +194,11 @@ def _load_keras(path):
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"model file {path} not found.")
+    if not zipfile.is_zipfile(path):
+        raise ExportError(
+            f"{path} is not a Keras model file (a .keras file is a zip archive; this one is truncated or of "
+            "another format): save it again with model.save()"
+        )
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as error:  # noqa: BLE001 - keras raises many types for a bad file
@@ -202,7 +208,7 @@ def _load_keras(path):
 def load_meta_learner(source):
     """A MetaLearner from a `.keras` file or a training run folder.
 
-    For a run folder, the training run loader (`keras_metalstm.training.load_meta_learner`: best checkpoint,
+    For a run folder, the run directory's loader (`keras_metalstm.runs.load_meta_learner`: best checkpoint,
     else the latest) is used; a folder without a run config falls back to its `.keras` file (best first).
     """
     from keras_metalstm.meta_learner import MetaLearner
@@ -221,17 +227,11 @@ def load_meta_learner(source):
 
 
 def _load_run(run_dir):
-    from keras_metalstm.meta_learner import MetaLearner
+    from keras_metalstm.config import CONFIG_FILE_NAME
+    from keras_metalstm.runs import load_meta_learner as load_run
 
-    try:  # the training run loader: (config, meta-learner) from the best (or latest) checkpoint
-        from keras_metalstm.training import load_meta_learner as load_run
-    except ImportError:
-        load_run = None
-    if load_run is not None and (Path(run_dir) / "config.yaml").is_file():
-        loaded = load_run(run_dir)
-        if isinstance(loaded, (tuple, list)):
-            return next(item for item in loaded if isinstance(item, MetaLearner))
-        return loaded
+    if (Path(run_dir) / CONFIG_FILE_NAME).is_file():  # the best (or latest) checkpoint of a training run
+        return load_run(run_dir)[1]
     candidates = sorted(
         Path(run_dir).rglob("*.keras"),
         key=lambda p: ("best" not in p.name, -os.path.getmtime(p)),

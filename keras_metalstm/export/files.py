@@ -7,12 +7,14 @@ target is only replaced when the caller passes ``force=True``.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 from keras_metalstm.export.errors import ExportError
+from keras_metalstm.processes import process_alive
 
 
 def check_target(target: str | os.PathLike, force: bool) -> Path:
@@ -28,6 +30,27 @@ def check_target(target: str | os.PathLike, force: bool) -> Path:
 def temporary_sibling(target: Path, suffix: str = "") -> Path:
     """A hidden, unique path in the target's folder (same file system, so the final rename is atomic)."""
     return target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
+
+
+_TEMPORARY_NAME = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}(\..*)?$")
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries `temporary_sibling` left in `folder` by writers that died (kill -9, power loss): those
+    whose process no longer runs on this machine. Returns what was removed."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = _TEMPORARY_NAME.match(path.name)
+        if match is None or process_alive(int(match.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def replace(tmp: Path, target: Path) -> None:
@@ -50,6 +73,7 @@ def atomic_path(target: str | os.PathLike, force: bool = False, directory: bool 
     """
     target = check_target(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent)
     tmp = temporary_sibling(target, suffix)
     if directory:
         tmp.mkdir()

@@ -96,7 +96,13 @@ class SavedModelPredictor(Predictor):
         from keras_metalstm.export.savedmodel import read_metadata
 
         self.path = Path(path)
-        loaded = tf.saved_model.load(str(self.path))
+        try:
+            loaded = tf.saved_model.load(str(self.path))
+        except Exception as error:  # noqa: BLE001 - a truncated or corrupt saved_model.pb, missing variables ...
+            raise ExportError(
+                f"cannot load the SavedModel {self.path}: {_first_line(error)}. The export is damaged: export it "
+                "again (metalstm export)"
+            ) from None
         if "serving_default" not in loaded.signatures:
             raise ExportError(
                 f"{self.path} has no serving_default signature (signatures: {list(loaded.signatures)}): "
@@ -130,7 +136,13 @@ class OnnxPredictor(Predictor):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # noqa: BLE001 - onnxruntime's InvalidProtobuf, Fail ... for a bad file
+            raise ExportError(
+                f"cannot load the ONNX model {self.path}: {_first_line(error)}. The file is damaged or not an "
+                "ONNX model: export it again (metalstm export --format onnx)"
+            ) from None
         inputs = self.session.get_inputs()
         if [i.name for i in inputs] != ["images"]:
             raise ExportError(
@@ -247,3 +259,8 @@ def prediction_records(names, outputs):
             }
         )
     return records
+
+
+def _first_line(error) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:300]

@@ -1,0 +1,249 @@
+"""The run directory of a meta-training run: its configuration, learner, checkpoints, state file and best model.
+
+A run directory holds:
+
+    config.yaml            the run's full RunConfig (written before training starts)
+    learner.json           the learner's architecture as its Keras config (keras_metalstm.learner_spec)
+    checkpoints/           tf.train.CheckpointManager: meta-learner, optimizer state, episode counter, best
+                           validation accuracy, the metrics window in progress (the latest `keep_checkpoints`)
+    best/                  the checkpoint with the best validation accuracy so far
+    best.keras             the best meta-learner as one Keras file (written when training finishes)
+    metrics.jsonl/.csv     the metrics log (keras_metalstm.metrics_log); curves.png drawn from it
+    state.json             status, episode, best validation, training seconds of all sessions, the writing process
+    baselines/             the classifier pre-trained on the meta-train classes, shared with the baselines
+    tensorboard/           event files, when the tensorboard package is installed
+
+Everything that opens a run directory (training, evaluation, the export commands) comes through here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from keras_metalstm.config import CONFIG_FILE_NAME, ConfigError, RunConfig, atomic_write_text
+from keras_metalstm.learner_spec import ARCHITECTURE_FILE
+from keras_metalstm.processes import process_alive
+
+CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"
+STATE_FILE = "state.json"
+BEST_MODEL_FILE = "best.keras"
+
+
+class TrainingError(RuntimeError):
+    """A training run cannot start or continue (base class of the errors below)."""
+
+
+class RunDirError(TrainingError):
+    """The run directory holds another run, holds no run to resume, or its run has a different shape."""
+
+
+class CheckpointMismatchError(TrainingError):
+    """A checkpoint does not fit the meta-learner built from the configuration (different learner/episode shape)."""
+
+
+# ------------------------------------------------------------------------------------------- what is there
+def run_exists(run_dir) -> bool:
+    run_dir = Path(run_dir)
+    return (run_dir / CONFIG_FILE_NAME).is_file() or (run_dir / CHECKPOINT_DIR).is_dir()
+
+
+def latest_checkpoint(run_dir, which: str = CHECKPOINT_DIR) -> str | None:
+    import tensorflow as tf
+
+    return tf.train.latest_checkpoint(str(Path(run_dir) / which))
+
+
+def load_run_config(run_dir) -> RunConfig:
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE_NAME
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} does not exist")
+    if not path.is_file():
+        raise RunDirError(
+            f"{run_dir} holds no training run (no {CONFIG_FILE_NAME}); train one with `metalstm train`"
+        )
+    return RunConfig.load(path)
+
+
+def load_splits(config: RunConfig):
+    """The data set's (train, val, test) splits for `config`, images converted to `config.image_shape` when it is
+    set (raises keras_metalstm.data.DataError)."""
+    from keras_metalstm.data import DatasetSplits, convert_dataset, dataset_options, load_dataset
+
+    options = {}
+    if config.rotations:
+        options["rotations"] = True
+    target = tuple(config.image_shape) if config.image_shape is not None else None
+    if target is not None and "image_shape" in dataset_options(config.dataset):
+        options["image_shape"] = target  # an image folder converts while decoding: its images may be of mixed sizes
+    splits = load_dataset(config.dataset, config.data_dir, **options)
+    if target is not None and tuple(splits.image_shape) != target:
+        splits = DatasetSplits(*(convert_dataset(part, target) for part in splits))
+    return splits
+
+
+# ------------------------------------------------------------------------------------------ the meta-learner
+def build_meta_learner(config: RunConfig, architecture: dict | None = None):
+    """A fresh MetaLearner of the configured shape (learner seeded by config.seed) around `architecture`, the
+    learner's Keras config (`learner_spec.architecture_config`); None builds the run's built-in learner (runs
+    written before learner.json existed are conv4 runs)."""
+    import keras
+
+    import keras_metalstm as km
+    from keras_metalstm.learner_spec import build_learner, learner_kind, model_from_architecture
+
+    if config.image_shape is None:
+        raise ConfigError("image_shape is unknown: load the data set first (train() fills it in)")
+    keras.utils.set_random_seed(int(config.seed))
+    if architecture is not None:
+        learner = model_from_architecture(architecture, tuple(config.image_shape))
+    elif learner_kind(config.learner) == "built-in":
+        learner = build_learner(config.learner, config.image_shape, config.n_way, config.filters)
+    else:
+        raise RunDirError(f"the run's learner {config.learner!r} needs its stored architecture ({ARCHITECTURE_FILE})")
+    return km.MetaLearner(
+        learner,
+        inner_steps=config.inner_steps,
+        hidden_units=config.hidden_units,
+        first_order=config.first_order,
+        bn_momentum=config.bn_momentum,
+        divide_grad_by_batch=config.divide_grad_by_batch,
+        query_statistics=config.query_statistics,
+        learn_logit_scale=config.learn_logit_scale,
+    )
+
+
+def learner_architecture(config: RunConfig, run_dir=None) -> dict:
+    """The learner architecture of a run: RUN_DIR/learner.json when the run has one, else (a new run) the
+    learner of `config.learner` built and checked on the episode shape (LearnerError saying what is wrong)."""
+    import keras
+
+    from keras_metalstm.learner_spec import (
+        architecture_config,
+        build_learner,
+        check_learner,
+        model_from_architecture,
+        read_architecture,
+    )
+
+    stored = read_architecture(run_dir) if run_dir is not None else None
+    if stored is not None:
+        return stored
+    keras.utils.set_random_seed(int(config.seed))
+    learner = build_learner(config.learner, config.image_shape, config.n_way, config.filters)
+    check_learner(learner, config.image_shape, config.n_way, batch=config.n_way * config.k_shot)
+    architecture = architecture_config(learner)
+    model_from_architecture(architecture, tuple(config.image_shape))  # what evaluate and resume will load
+    return architecture
+
+
+def checkpoint_object(meta, optimizer=None, progress=None):
+    """The tf.train.Checkpoint of a run: the meta-learner, and while training its optimizer and the progress
+    variables ({"episode": ..., "best_accuracy": ..., ...})."""
+    import tensorflow as tf
+
+    objects = {"meta": meta}
+    if optimizer is not None:
+        objects["optimizer"] = optimizer
+    objects.update(progress or {})
+    return tf.train.Checkpoint(**objects)
+
+
+def restore_checkpoint(checkpoint, path, what="checkpoint"):
+    """Restore `checkpoint` from `path`, turning shape/structure mismatches into CheckpointMismatchError."""
+    try:
+        status = checkpoint.read(str(path))
+        status.assert_existing_objects_matched()
+        status.expect_partial()
+    except (ValueError, AssertionError) as error:
+        raise CheckpointMismatchError(
+            f"the {what} at {path} does not fit this meta-learner (different learner shape, image shape, "
+            f"N-way or hidden units?): {str(error).splitlines()[0][:300]}"
+        ) from None
+    except Exception as error:  # noqa: BLE001 - NotFoundError, DataLossError ... one clear message
+        raise CheckpointMismatchError(
+            f"cannot read the {what} at {path}: {str(error).splitlines()[0][:300]}"
+        ) from None
+
+
+def load_meta_learner(run_dir, which: str = "best"):
+    """(config, meta-learner) of a run directory; `which` = "best" (best validation, falling back to the latest
+    checkpoint when no validation ran) or "latest"."""
+    from keras_metalstm.learner_spec import read_architecture
+
+    config = load_run_config(run_dir)
+    meta = build_meta_learner(config, read_architecture(run_dir))
+    path = latest_checkpoint(run_dir, BEST_DIR) if which == "best" else None
+    path = path or latest_checkpoint(run_dir)
+    if path is None:
+        raise RunDirError(f"{run_dir} holds no checkpoint yet (training never reached its first checkpoint)")
+    restore_checkpoint(checkpoint_object(meta), path)
+    return config, meta
+
+
+def save_best_model(run_dir: Path, meta, best_checkpoint: str | None, write: bool = True) -> None:
+    """Write best.keras: the meta-learner of `best_checkpoint` (the best validation), or `meta` itself when no
+    validation ran.
+
+    Every worker of a cluster calls this: with a best checkpoint (the same on every worker) the best meta-learner
+    is built anew, and creating variables is a collective under a multi-worker strategy. Only `write` (the chief,
+    whose best/ holds the best checkpoint of every session) restores and saves it.
+    """
+    best = type(meta).from_config(meta.get_config()) if best_checkpoint else meta
+    if not write:
+        return
+    if best_checkpoint:
+        restore_checkpoint(checkpoint_object(best), best_checkpoint, "best checkpoint")
+    target = Path(run_dir) / BEST_MODEL_FILE
+    tmp = Path(run_dir) / f".tmp-{os.getpid()}-{BEST_MODEL_FILE}"
+    best.save(str(tmp))
+    os.replace(tmp, target)
+
+
+# ---------------------------------------------------------------------------------------------- state.json
+def read_state(run_dir) -> dict:
+    try:
+        return json.loads((Path(run_dir) / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def write_state(
+    run_dir, status: str, episode: int, episodes: int, best_accuracy, best_episode, seconds, window=None
+) -> None:
+    """state.json, atomically: the status (running, finished, interrupted, diverged, failed: <reason>), where the
+    run is, the training seconds of all sessions, the metrics row in progress (`window`: loss sum, accuracy sum,
+    episodes) and which process wrote it (so that a later session can tell a crash from a run still going)."""
+    atomic_write_text(
+        Path(run_dir) / STATE_FILE,
+        json.dumps(
+            {
+                "status": status,
+                "episode": int(episode),
+                "episodes": int(episodes),
+                "best_val_accuracy": best_accuracy,
+                "best_episode": best_episode,
+                "seconds": round(float(seconds), 3),
+                "window": list(window or [0.0, 0.0, 0]),
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+            indent=2,
+        )
+        + "\n",
+    )
+
+
+def crashed(state: dict) -> bool:
+    """True when `state` says "running" but the process that wrote it, on this host, is gone (kill -9, power
+    loss). A state written on another host cannot be checked and is taken as it says."""
+    if state.get("status") != "running" or state.get("host") != socket.gethostname():
+        return False
+    pid = state.get("pid")
+    return isinstance(pid, int) and not process_alive(pid)

@@ -1,0 +1,247 @@
+"""Every failure is one clear line and a true record: I/O errors, interrupted and failed runs, bad settings.
+
+Each test asserts the exit code, that the message names the problem, that no traceback is printed, and what is
+on disk afterwards. A read-only directory and a full disk are simulated by making the write raise the real
+OSError / ResourceExhaustedError (the tests run as root, whom permissions do not stop).
+"""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from cli_helpers import TINY_FLAGS, make_image_folder
+from click.testing import CliRunner
+from keras_metalstm.cli.main import main
+from PIL import Image
+
+
+def invoke(args, env=None):
+    """CliRunner with exceptions caught: a clean failure is a SystemExit, anything else is a bug."""
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def assert_clean_failure(result, *fragments, code=1):
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # not an uncaught exception
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+def train_args(data_dir, run_dir, *extra):
+    return ["train", "--dataset", "folder", "--data-dir", data_dir, "--run-dir", run_dir, *TINY_FLAGS,
+            "--no-deterministic", *extra]
+
+
+def state(run_dir):
+    return json.loads((run_dir / "state.json").read_text())
+
+
+def dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data") / "folder")
+
+
+# ------------------------------------------------------------------------------------------- bad settings
+@pytest.mark.parametrize("flags,message", [
+    (["--learning-rate", "nan"], "learning_rate must be a finite number, got nan"),
+    (["--learning-rate", "inf"], "learning_rate must be a finite number, got inf"),
+    (["--clip-norm", "nan"], "clip_norm must be a finite number, got nan"),
+    (["--n-way", "1"], "n_way must be at least 2"),
+    (["--image-shape", "28,28"], "image_shape must be H,W,C"),
+])
+def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, data_dir, flags, message):
+    run_dir = tmp_path / "run"
+    assert_clean_failure(invoke(train_args(data_dir, run_dir, *flags)), message)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("text,message", [
+    ("learning_rate: .nan\n", "learning_rate must be a finite number"),
+    ("data_dir: [1, 2]\n", "setting 'data_dir' takes text (a name or a path), got list [1, 2]"),
+])
+def test_bad_values_in_a_config_file(tmp_path, data_dir, text, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"dataset: folder\nepisodes: 2\n{text}")
+    result = invoke(["train", "--run-dir", tmp_path / "run", "--config", config, *TINY_FLAGS])
+    assert_clean_failure(result, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_misspelled_environment_variable_is_refused(tmp_path, data_dir):
+    result = invoke(train_args(data_dir, tmp_path / "run"), env={"METALSTM_K_SHOTS": "5"})
+    assert_clean_failure(result, "environment variable METALSTM_K_SHOTS is not a setting", "METALSTM_K_SHOT")
+
+
+def test_resume_of_a_missing_run_is_refused(tmp_path, data_dir):
+    result = invoke(train_args(data_dir, tmp_path / "misspelled", "--resume"))
+    assert_clean_failure(result, "holds no training run to resume")
+    assert not (tmp_path / "misspelled").exists()
+
+
+def test_resume_with_fewer_episodes_than_done_is_refused_and_changes_nothing(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    assert invoke(train_args(data_dir, run_dir, "--episodes", "6", "--checkpoint-every", "2")).exit_code == 0
+    before = (run_dir / "config.yaml").read_text()
+    result = invoke(train_args(data_dir, run_dir, "--resume", "--episodes", "4"))
+    assert_clean_failure(result, "already at episode 6", "--episodes above 6")
+    assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_a_test_split_too_small_for_the_episodes_is_found_at_start(tmp_path):
+    from keras_metalstm.data import load_dataset
+
+    data_dir = make_image_folder(tmp_path / "data", num_classes=12, per_class=5)
+    small = load_dataset("folder", data_dir).test.class_names[0]
+    for image in sorted((data_dir / small).glob("*.png"))[2:]:
+        image.unlink()  # 2 images left: 1 support + 2 queries do not fit
+    result = invoke(train_args(data_dir, tmp_path / "run", "--query", "2"))
+    assert_clean_failure(result, f"class {small!r}", "has 2 images", "--k-shot, --query")
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------- I/O failures
+def test_a_read_only_run_directory_is_one_clear_line(tmp_path, data_dir, monkeypatch):
+    import keras_metalstm.config as config_module
+
+    def read_only(path, text):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(config_module, "atomic_write_text", read_only)
+    result = invoke(train_args(data_dir, tmp_path / "run", "--episodes", "2"))
+    assert_clean_failure(result, "Read-only file system", str(tmp_path / "run" / "config.yaml"))
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_says_failed(tmp_path, data_dir, monkeypatch):
+    import tensorflow as tf
+
+    run_dir = tmp_path / "run"
+    real_save = tf.train.CheckpointManager.save
+
+    def save(manager, checkpoint_number=None, **kwargs):
+        if checkpoint_number == 4 and "checkpoints" in manager.directory:
+            raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+        return real_save(manager, checkpoint_number=checkpoint_number, **kwargs)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
+    result = invoke(train_args(data_dir, run_dir, "--episodes", "6", "--checkpoint-every", "2",
+                               "--validate-every", "6"))
+    assert_clean_failure(result, "cannot save the checkpoint of episode 4", "No space left on device", "ckpt-2")
+    record = state(run_dir)
+    assert record["status"].startswith("failed: ") and "No space left" in record["status"]
+    assert record["episode"] == 4
+    assert tf.train.latest_checkpoint(str(run_dir / "checkpoints")).endswith("ckpt-2")
+    monkeypatch.undo()
+    resumed = invoke(train_args(data_dir, run_dir, "--resume", "--episodes", "6"))
+    assert resumed.exit_code == 0, resumed.output
+    assert state(run_dir)["status"] == "finished"
+
+
+def test_corrupt_exports_given_to_predict(tmp_path):
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8), mode="L").save(image)
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(os.urandom(300))
+    assert_clean_failure(invoke(["predict", onnx, image]), "cannot load the ONNX model", "export it again")
+    version = tmp_path / "saved" / "1"
+    version.mkdir(parents=True)
+    (version / "saved_model.pb").write_bytes(b"\x08\x01\x12" + os.urandom(40))
+    assert_clean_failure(invoke(["predict", version, image]), "cannot load the SavedModel", "export it again")
+    keras_file = tmp_path / "task.keras"
+    keras_file.write_bytes(os.urandom(500))
+    assert_clean_failure(invoke(["predict", keras_file, image]), "is not a Keras model file")
+
+
+# --------------------------------------------------------------------------------------- interrupted runs
+def test_ctrl_c_twice_during_validation_is_recorded_as_interrupted(tmp_path, data_dir, monkeypatch):
+    import keras_metalstm.evaluation as evaluation
+
+    def second_ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(evaluation, "evaluate_episodes", second_ctrl_c)
+    result = invoke(train_args(data_dir, run_dir, "--episodes", "8", "--checkpoint-every", "2",
+                               "--validate-every", "4"))
+    assert result.exit_code != 0
+    record = state(run_dir)
+    assert record["status"] == "interrupted" and record["episode"] == 4
+
+
+def test_a_start_interrupted_before_the_first_checkpoint_can_be_started_again(tmp_path, data_dir, monkeypatch):
+    import keras_metalstm.baselines as baselines
+
+    def ctrl_c_while_pretraining(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(baselines, "cached_pretrained_classifier", ctrl_c_while_pretraining)
+    first = invoke(train_args(data_dir, run_dir, "--episodes", "2", "--theta0-init", "pretrained"))
+    assert first.exit_code != 0 and (run_dir / "config.yaml").is_file()
+    monkeypatch.undo()
+    again = invoke(train_args(data_dir, run_dir, "--episodes", "2", "--checkpoint-every", "2"))
+    assert again.exit_code == 0, again.output
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["theta0_init"] == "scratch"
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_with_its_exit_code_and_the_resumed_log_equals_an_uninterrupted_one(
+        tmp_path, data_dir, monkeypatch, signum, code):
+    from keras_metalstm.cli.train import ProgressBar
+
+    flags = ["--episodes", "8", "--log-every", "4", "--checkpoint-every", "8", "--validate-every", "8"]
+    assert invoke(train_args(data_dir, tmp_path / "full", *flags)).exit_code == 0
+    real_step = ProgressBar.on_step
+
+    def signal_at_episode_3(bar, episode, loss, accuracy):
+        real_step(bar, episode, loss, accuracy)
+        if episode == 3:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(ProgressBar, "on_step", signal_at_episode_3)
+    stopped = invoke(train_args(data_dir, tmp_path / "stopped", *flags))
+    assert stopped.exit_code == code, stopped.output
+    assert state(tmp_path / "stopped")["status"] == "interrupted"
+    monkeypatch.undo()
+    resumed = invoke(train_args(data_dir, tmp_path / "stopped", "--resume", *flags))
+    assert resumed.exit_code == 0, resumed.output
+
+    def train_rows(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["episode"], r["loss"], r["accuracy"]) for r in rows if r["kind"] == "train"]
+
+    full, stopped_rows = train_rows(tmp_path / "full"), train_rows(tmp_path / "stopped")
+    assert [r[0] for r in stopped_rows] == [r[0] for r in full] == [4, 8]
+    # episode 4's row averages episodes 1-4, three of them from before the stop
+    np.testing.assert_allclose(np.array(stopped_rows)[:, 1:], np.array(full)[:, 1:], rtol=1e-4, atol=1e-6)
+
+
+def test_stale_export_temporaries_of_a_killed_export_are_removed_by_the_next_export(tmp_path):
+    import keras
+
+    import keras_metalstm as km
+    from keras_metalstm import export
+
+    keras.utils.set_random_seed(0)
+    learner = km.learners.conv4(input_shape=(28, 28, 1), num_classes=2, filters=2)
+    adapted = export.AdaptedLearner(learner, ["a", "b"])
+    models = tmp_path / "models"
+    stale = models / f".1.tmp-{dead_pid()}-0123abcd"  # what kill -9 during an export leaves
+    (stale / "variables").mkdir(parents=True)
+    alive = models / f".2.tmp-{os.getpid()}-89abcdef"  # a concurrent export of this process: kept
+    alive.mkdir()
+    result = export.export_adapted(adapted, models, format="savedmodel")
+    assert result.path == models / "1" and (models / "1" / "saved_model.pb").is_file()
+    assert not stale.exists() and alive.exists()
