@@ -441,18 +441,27 @@ class StepCurveBaseline(Baseline):
 
     def step_curve(self, episode, learning_rate, steps=None, **head):
         """Query accuracy of `episode` after each number of steps in `steps` (default: the grid's)."""
-        import tensorflow as tf
-
         support_images, support_labels, query_images, query_labels = episode
         support, query = self.prepare(support_images), self.prepare(query_images)
-        head = {name: tf.constant(float(value), tf.float32) for name, value in head.items()}
-        rate = tf.constant(float(learning_rate), tf.float32)
         params, done, out = self.initial_params(), 0, []
         for target in steps or self.steps:
-            params = self._steps_fn(params, support, support_labels, rate, tf.constant(target - done), head)
+            params = self.train(params, support, support_labels, learning_rate, target - done, **head)
             done = target
-            out.append(float(accuracy(self.logits(params, query, **head), query_labels)))
+            out.append(float(accuracy(self.logits(params, query, **_constants(head)), query_labels)))
         return out
+
+    def train(self, params, support, support_labels, learning_rate, steps, **head):
+        """`params` after `steps` full-batch gradient steps on the prepared support inputs."""
+        import tensorflow as tf
+
+        return self._steps_fn(
+            params,
+            support,
+            support_labels,
+            tf.constant(float(learning_rate), tf.float32),
+            tf.constant(int(steps)),
+            _constants(head),
+        )
 
     def accuracy(self, episode) -> float:
         settings = dict(self.chosen())
@@ -470,6 +479,13 @@ class StepCurveBaseline(Baseline):
             gradients = tape.gradient(loss, params)
             params = [p - learning_rate * g for p, g in zip(params, gradients, strict=True)]
         return params
+
+
+def _constants(settings: dict) -> dict:
+    """Float32 tensors of a grid point's values: one trace of a tf.function serves every grid point."""
+    import tensorflow as tf
+
+    return {name: tf.constant(float(value), tf.float32) for name, value in settings.items()}
 
 
 class FullBatchFinetune(StepCurveBaseline):
