@@ -11,7 +11,7 @@ from keras_metalstm.cli.common import CONTEXT_SETTINGS, duration, quiet_tensorfl
 
 from keras_metalstm.baselines import DEFAULT_PROTOCOLS, PROTOCOLS
 
-DATASETS = ("fontglot", "omniglot", "miniimagenet", "folder")
+DATASETS = ("fontglot", "omniglot", "miniimagenet", "folder", "fashion_mnist")
 
 
 def evaluation_file_name(report) -> str:
@@ -204,7 +204,7 @@ def evaluate(
             raise click.ClickException(f"--dataset {dataset} needs --data-dir PATH")
         if data_dir is not None and dataset is None:
             raise click.ClickException(
-                "--data-dir needs --dataset (fontglot, omniglot, miniimagenet, folder)"
+                f"--data-dir needs --dataset ({', '.join(DATASETS)})"
             )
         if (baseline_protocols or baseline_plus) and not baselines:
             flag = "--baseline-protocol" if baseline_protocols else "--baseline-plus"
