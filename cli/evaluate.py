@@ -25,8 +25,6 @@ def run_evaluation(
     run_dir,
     episodes,
     baselines,
-    baseline_protocols,
-    baseline_plus,
     dataset,
     data_dir,
     split,
@@ -36,6 +34,8 @@ def run_evaluation(
     finetune_val_episodes,
     progress,
     log,
+    baseline_protocols=DEFAULT_PROTOCOLS,
+    baseline_plus=False,
 ):
     """Evaluate and save the report as RUN_DIR/evaluation/<...>.json; returns (report, path)."""
     from pathlib import Path
@@ -213,8 +213,6 @@ def evaluate(
             run_dir,
             episodes,
             baselines,
-            tuple(dict.fromkeys(baseline_protocols)) or DEFAULT_PROTOCOLS,
-            baseline_plus,
             dataset,
             data_dir,
             split,
@@ -224,6 +222,8 @@ def evaluate(
             finetune_val_episodes,
             progress,
             log,
+            baseline_protocols=tuple(dict.fromkeys(baseline_protocols)) or DEFAULT_PROTOCOLS,
+            baseline_plus=baseline_plus,
         )
     if as_json:
         click.echo(report.to_json())

@@ -147,12 +147,14 @@ def cosine_classifier_logits(features, weights, scale):
 
 
 def mean_cross_entropy(labels, logits):
+    """The batch mean of the softmax cross-entropy (Torch's nn.CrossEntropyCriterion with sizeAverage)."""
     import tensorflow as tf
 
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
 
 
-def accuracy(logits, labels):
+def logits_accuracy(logits, labels):
+    """The fraction of rows whose highest logit is at their label."""
     import tensorflow as tf
 
     predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
@@ -412,10 +414,10 @@ class AuthorsFinetune(Baseline):
         )
 
     def grid_accuracies(self, episode):
-        return [float(accuracy(self.query_logits(episode, **point), episode[3])) for point in self.grid]
+        return [float(logits_accuracy(self.query_logits(episode, **point), episode[3])) for point in self.grid]
 
     def accuracy(self, episode) -> float:
-        return float(accuracy(self.query_logits(episode, **self.chosen()), episode[3]))
+        return float(logits_accuracy(self.query_logits(episode, **self.chosen()), episode[3]))
 
 
 class StepCurveBaseline(Baseline):
@@ -447,7 +449,7 @@ class StepCurveBaseline(Baseline):
         for target in steps or self.steps:
             params = self.train(params, support, support_labels, learning_rate, target - done, **head)
             done = target
-            out.append(float(accuracy(self.logits(params, query, **_constants(head)), query_labels)))
+            out.append(float(logits_accuracy(self.logits(params, query, **_constants(head)), query_labels)))
         return out
 
     def train(self, params, support, support_labels, learning_rate, steps, **head):
