@@ -286,9 +286,9 @@ class PretrainedFeatures:
         self.body = [tf.convert_to_tensor(v.value) for v in model.trainable_variables]
         self.state = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
         if batchnorm_momentum is not None:
-            # A copy of the structure (the weights are passed to every call), whose batch-norm layers average
-            # at the given rate; the pre-trained network itself is left as it is.
-            model = keras.models.clone_model(model)
+            # A copy of the structure, nested models included (the weights are passed to every call), whose
+            # batch-norm layers average at the given rate; the pre-trained network's own layers are left as they are.
+            model = keras.models.clone_model(model, recursive=True)
             for layer in model._flatten_layers():
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.momentum = float(batchnorm_momentum)
