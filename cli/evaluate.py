@@ -1,4 +1,5 @@
-"""`metalstm evaluate RUN_DIR`: test-episode accuracy with 95% intervals, optionally beside the paper's baselines."""
+"""`metalstm evaluate RUN_DIR`: test-episode accuracy with 95% intervals, optionally beside the baselines (as the
+paper's authors ran them, as this package ran them before, and Baseline++)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import sys
 import click
 from keras_metalstm.cli.common import CONTEXT_SETTINGS, duration, quiet_tensorflow, user_errors
 
-DATASETS = ("fontglot", "omniglot", "miniimagenet", "folder")
+from keras_metalstm.baselines import DEFAULT_PROTOCOLS, PROTOCOLS
+
+DATASETS = ("fontglot", "omniglot", "miniimagenet", "folder", "fashion_mnist")
 
 
-def evaluation_file_name(report, baselines) -> str:
-    suffix = "-baselines" if baselines else ""
+def evaluation_file_name(report) -> str:
+    """<dataset>-<split>-<N>way<K>shot-<E>ep[-baselines-<protocols>].json: one file per set of compared methods."""
+    protocols = report.details.get("baselines", {}).get("protocols")
+    suffix = f"-baselines-{'-'.join(protocols)}" if protocols else ""
     return f"{report.dataset}-{report.split}-{report.n_way}way{report.k_shot}shot-{report.details['episodes']}ep{suffix}.json"
 
 
@@ -29,6 +34,8 @@ def run_evaluation(
     finetune_val_episodes,
     progress,
     log,
+    baseline_protocols=DEFAULT_PROTOCOLS,
+    baseline_plus=False,
 ):
     """Evaluate and save the report as RUN_DIR/evaluation/<...>.json; returns (report, path)."""
     from pathlib import Path
@@ -50,6 +57,8 @@ def run_evaluation(
             run_dir,
             episodes=episodes,
             baselines=baselines,
+            baseline_protocols=baseline_protocols,
+            baseline_plus=baseline_plus,
             dataset=dataset,
             data_dir=data_dir,
             split=split,
@@ -63,12 +72,12 @@ def run_evaluation(
     finally:
         bar.close()
     report.details["episodes"] = episodes
-    path = Path(run_dir) / "evaluation" / evaluation_file_name(report, baselines)
+    path = Path(run_dir) / "evaluation" / evaluation_file_name(report)
     atomic_write_text(
         path,
         json.dumps(
             {
-                "results": report.results,
+                "results": report.rows(),
                 "paired_differences": report.paired_differences,
                 "n_way": report.n_way,
                 "k_shot": report.k_shot,
@@ -100,7 +109,23 @@ def run_evaluation(
     "--baselines",
     is_flag=True,
     envvar="METALSTM_EVAL_BASELINES",
-    help="Add the paper's fine-tune and nearest-neighbour baselines on the same episodes.",
+    help="Add the baselines on the same episodes: by default the paper's fine-tune, nearest neighbour and pixel "
+    "nearest neighbour as the authors ran them (see --baseline-protocol, docs/baselines.md).",
+)
+@click.option(
+    "--baseline-protocol",
+    "baseline_protocols",
+    type=click.Choice(PROTOCOLS),
+    multiple=True,
+    help="With --baselines: whose baselines, repeatable. authors (default): the authors' code (cosine 1-NN, "
+    "15 SGD updates with a learning rate and decay chosen on validation, pixel 1-NN); ours: Euclidean 1-NN and "
+    "full-batch fine-tune from a zero output layer with frozen batch norm.",
+)
+@click.option(
+    "--baseline-plus",
+    is_flag=True,
+    help="With --baselines: add Baseline++ (Chen et al. 2019), a cosine classifier on the frozen pre-trained "
+    "features; learning rate, steps and scale chosen on validation episodes.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table.")
 @click.option(
@@ -144,13 +169,15 @@ def run_evaluation(
     type=int,
     default=100,
     show_default=True,
-    help="Baselines: validation episodes used to choose the fine-tune learning rate and steps.",
+    help="Baselines: validation episodes used to choose the fine-tune and Baseline++ settings.",
 )
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def evaluate(
     run_dir,
     episodes,
     baselines,
+    baseline_protocols,
+    baseline_plus,
     as_json,
     dataset,
     data_dir,
@@ -177,8 +204,11 @@ def evaluate(
             raise click.ClickException(f"--dataset {dataset} needs --data-dir PATH")
         if data_dir is not None and dataset is None:
             raise click.ClickException(
-                "--data-dir needs --dataset (fontglot, omniglot, miniimagenet, folder)"
+                f"--data-dir needs --dataset ({', '.join(DATASETS)})"
             )
+        if (baseline_protocols or baseline_plus) and not baselines:
+            flag = "--baseline-protocol" if baseline_protocols else "--baseline-plus"
+            raise click.ClickException(f"{flag} needs --baselines")
         report, path = run_evaluation(
             run_dir,
             episodes,
@@ -192,6 +222,8 @@ def evaluate(
             finetune_val_episodes,
             progress,
             log,
+            baseline_protocols=tuple(dict.fromkeys(baseline_protocols)) or DEFAULT_PROTOCOLS,
+            baseline_plus=baseline_plus,
         )
     if as_json:
         click.echo(report.to_json())

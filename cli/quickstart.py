@@ -41,7 +41,7 @@ QUICKSTART = {
 @click.option("--export/--no-export", "do_export", default=True, show_default=True, help="Export at the end.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
 def quickstart(out, episodes, eval_episodes, pretrain_epochs, resume, do_export, progress):
-    """Meta-train 5-way 1-shot on fontglot for a few minutes, evaluate beside both baselines, export."""
+    """Meta-train 5-way 1-shot on fontglot for a few minutes, evaluate beside the authors' baselines, export."""
     quiet_tensorflow()
     from keras_metalstm.cli.evaluate import run_evaluation
     from keras_metalstm.cli.train import interrupted_exit_code, run_training, summary_line
@@ -68,7 +68,7 @@ def quickstart(out, episodes, eval_episodes, pretrain_epochs, resume, do_export,
         click.echo(summary_line(result))
         if result.status != "finished":
             raise SystemExit(interrupted_exit_code(result))
-        click.echo(f"2/3 evaluating on {eval_episodes} test episodes with both baselines")
+        click.echo(f"2/3 evaluating on {eval_episodes} test episodes with the authors' baselines")
         report, path = run_evaluation(
             run_dir, eval_episodes, True, None, None, "test", 1000, "best", pretrain_epochs, 50, progress, log
         )

@@ -1,20 +1,34 @@
-"""The paper's two baselines (Ravi & Larochelle 2017, Table 1), built from the meta-learner's own learner architecture.
+"""The baselines of the paper's Table 1 (Ravi & Larochelle 2017), as the authors ran them or as this package did,
+and Baseline++ (Chen et al. 2019), all built from the meta-learner's own learner architecture.
 
-1. Pre-training: the run's learner architecture (conv4, or the user's model, with one output per class) is trained
-   as an ordinary classifier on ALL images of ALL meta-train classes (Adam, cross-entropy, a fixed number of
-   epochs, seeded). Its output layer must be a Dense layer (the fine-tune baseline replaces it).
-2. Baseline fine-tune: per test episode, the pre-trained network's output layer is replaced by a fresh N-way one
-   (zero-initialised, so every episode starts from the same weights and nothing depends on a random draw) and the
-   WHOLE network is trained with plain full-batch gradient descent on the episode's support set; batch-norm
-   layers use the pre-training statistics (inference mode), so a query prediction never depends on the other
-   queries. The learning rate and the number of steps are chosen on validation-class episodes (grid
-   `FINETUNE_LEARNING_RATES` x `FINETUNE_STEPS`, best mean query accuracy).
-3. Baseline nearest neighbour: 1-NN (Euclidean distance) on the pre-trained network's penultimate features (the
-   input of its output layer: conv4's flattened last conv block); each query gets the label of its nearest
-   support image.
+Every baseline but the pixel nearest neighbour starts from one pre-trained network: the run's learner architecture
+(conv4, or the user's model, with one output per class) trained as an ordinary classifier on ALL images of ALL
+meta-train classes (Adam, cross-entropy, a fixed number of epochs, seeded; `pretrain_classifier`). Its output
+layer must be a Dense layer with a bias and no activation (the fine-tunes replace it); its penultimate features are
+the input of that layer (conv4: the flattened last conv block).
 
-`Baselines.episode_accuracies(batch)` scores both on exactly the episodes it is given, so the evaluation feeds the
-meta-learner and the baselines the same batches.
+Protocol "authors" (twitter/meta-learning-lstm, model/baselines/*.lua; docs/baselines.md has the details):
+  finetune_authors           the output layer replaced by a new N-way one drawn as Torch's nn.Linear draws it,
+                             then 15 plain SGD updates of the WHOLE network on the support set with
+                             lr / (1 + update * decay) (Torch's optim.sgd), batch norm in training mode (support
+                             statistics, running averages moved at Torch's momentum 0.1), queries in inference
+                             mode; the learning rate x decay chosen on validation episodes.
+  nearest_neighbour_authors  1-NN by cosine similarity on the penultimate features (inference mode).
+  pixel_nearest_neighbour    1-NN by cosine similarity on the flattened pixels in [0, 1] (no network).
+Protocol "ours" (this package before issue 20):
+  finetune                   a zero-initialised N-way output layer, full-batch gradient descent on the whole
+                             network with frozen (pre-training) batch-norm statistics; learning rate x steps chosen
+                             on validation episodes.
+  nearest_neighbour          1-NN by Euclidean distance on the penultimate features.
+Protocol "chen2019":
+  baseline_plus              Baseline++: a cosine-similarity classifier (scale * cos(feature, w_class)) trained by
+                             full-batch gradient descent on the frozen features of the support set; learning rate,
+                             steps and scale chosen on validation episodes.
+
+A baseline scores one episode, a (support_images, support_labels, query_images, query_labels) tuple of tensors cut
+from the episode batch dicts (`episodes_of`); `Baselines.episode_accuracies(batch)` scores all of them on exactly
+the batches the meta-learner sees. Validation choices (`choose_on_validation`) and the pre-trained network are
+cached in RUN_DIR/baselines/.
 """
 
 from __future__ import annotations
@@ -27,8 +41,33 @@ from pathlib import Path
 
 import numpy as np
 
+PROTOCOLS = ("authors", "ours")
+DEFAULT_PROTOCOLS = ("authors",)
+# The report key of every baseline -> the protocol that produced it.
+BASELINE_PROTOCOLS = {
+    "finetune_authors": "authors",
+    "nearest_neighbour_authors": "authors",
+    "pixel_nearest_neighbour": "authors",
+    "finetune": "ours",
+    "nearest_neighbour": "ours",
+    "baseline_plus": "chen2019",
+}
+
+# Grids of config/baselines/train-pre-trained-SGD.lua (the authors' fine-tune).
+AUTHORS_LEARNING_RATES = (0.5, 0.1, 0.01, 0.001, 0.0001, 0.00001)
+AUTHORS_LEARNING_RATE_DECAYS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 0.0)
+AUTHORS_UPDATES = 15
+# Torch's nn.SpatialBatchNormalization momentum 0.1 (running = 0.9 running + 0.1 batch) in Keras' convention.
+TORCH_BATCHNORM_MOMENTUM = 0.9
+
+# This package's own fine-tune grid.
 FINETUNE_LEARNING_RATES = (0.003, 0.01, 0.03, 0.1)
 FINETUNE_STEPS = (5, 10, 25, 50, 100)
+
+# Baseline++ grid (Chen et al. 2019 train the head for 100 epochs of SGD; here full-batch steps on the grid).
+BASELINE_PLUS_LEARNING_RATES = (0.001, 0.01, 0.1, 1.0)
+BASELINE_PLUS_STEPS = (10, 25, 50, 100)
+BASELINE_PLUS_SCALES = (2.0, 5.0, 10.0, 20.0)
 
 
 @dataclass
@@ -40,14 +79,143 @@ class PretrainConfig:
 
 
 @dataclass
-class FinetuneChoice:
-    learning_rate: float
-    steps: int
+class ValidationChoice:
+    settings: dict  # the chosen grid point, e.g. {"learning_rate": 0.1, "decay": 0.001}
     val_accuracy: float
     val_episodes: int
-    grid: dict  # "lr=..,steps=.." -> mean validation accuracy
+    grid: dict  # setting_label(point) -> mean validation query accuracy, in grid order
 
 
+# ------------------------------------------------------------------------------------------ pure functions
+def cosine_similarities(queries, supports):
+    """(Q, S) cosine similarities between the rows of `queries` (Q, D) and `supports` (S, D); a zero row has
+    similarity 0 with everything (as with Torch's nn.CosineDistance, whose norms get an epsilon)."""
+    import tensorflow as tf
+
+    return tf.math.l2_normalize(queries, axis=-1) @ tf.transpose(tf.math.l2_normalize(supports, axis=-1))
+
+
+def squared_euclidean_distances(queries, supports):
+    """(Q, S) squared Euclidean distances between the rows of `queries` and `supports`."""
+    import tensorflow as tf
+
+    return (
+        tf.reduce_sum(queries**2, -1, keepdims=True)
+        - 2.0 * queries @ tf.transpose(supports)
+        + tf.reduce_sum(supports**2, -1)[tf.newaxis]
+    )
+
+
+def nearest_neighbour_predictions(support_features, support_labels, query_features, metric: str):
+    """The label of each query's nearest support example: highest cosine similarity (`metric="cosine"`) or
+    smallest Euclidean distance (`"euclidean"`); ties go to the first support example."""
+    import tensorflow as tf
+
+    if metric == "cosine":
+        nearest = tf.argmax(
+            cosine_similarities(query_features, support_features), axis=-1, output_type=tf.int32
+        )
+    elif metric == "euclidean":
+        nearest = tf.argmin(
+            squared_euclidean_distances(query_features, support_features), axis=-1, output_type=tf.int32
+        )
+    else:
+        raise ValueError(f"unknown nearest-neighbour metric {metric!r}; use 'cosine' or 'euclidean'")
+    return tf.gather(support_labels, nearest)
+
+
+def torch_sgd_learning_rate(learning_rate, decay, update):
+    """The learning rate of Torch's optim.sgd at its `update`-th call (0 first): lr / (1 + update * decay)."""
+    return learning_rate / (1.0 + update * decay)
+
+
+def torch_linear_init(in_features: int, out_features: int, seed: int):
+    """(kernel (in, out), bias (out,)) float32 drawn as Torch's nn.Linear:reset() draws them: every entry uniform
+    in [-1/sqrt(in), 1/sqrt(in)]; seeded, so a run's baselines always start from the same layer."""
+    bound = 1.0 / np.sqrt(in_features)
+    rng = np.random.default_rng(seed)
+    kernel = rng.uniform(-bound, bound, size=(in_features, out_features)).astype(np.float32)
+    bias = rng.uniform(-bound, bound, size=(out_features,)).astype(np.float32)
+    return kernel, bias
+
+
+def cosine_classifier_logits(features, weights, scale):
+    """Baseline++'s logits: scale * cos(feature, w_c) for every class column w_c of `weights` (D, N)."""
+    import tensorflow as tf
+
+    return scale * (tf.math.l2_normalize(features, axis=-1) @ tf.math.l2_normalize(weights, axis=0))
+
+
+def mean_cross_entropy(labels, logits):
+    """The batch mean of the softmax cross-entropy (Torch's nn.CrossEntropyCriterion with sizeAverage)."""
+    import tensorflow as tf
+
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+def logits_accuracy(logits, labels):
+    """The fraction of rows whose highest logit is at their label."""
+    import tensorflow as tf
+
+    predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return tf.reduce_mean(tf.cast(tf.equal(predictions, labels), tf.float32))
+
+
+def setting_label(settings: dict) -> str:
+    """A grid point as a key of ValidationChoice.grid: "learning_rate=0.1,decay=0.001"."""
+    return ",".join(f"{name}={value:g}" for name, value in settings.items())
+
+
+def grid_points(**axes) -> list[dict]:
+    """Every combination of the axes' values, the first axis varying slowest (the authors' loop order)."""
+    points = [{}]
+    for name, values in axes.items():
+        points = [{**point, name: value} for point in points for value in values]
+    return points
+
+
+def choose_on_validation(episodes, grid, score, progress=None) -> ValidationChoice:
+    """The grid point with the best mean query accuracy over `episodes`.
+
+    `score(episode)` returns one accuracy per point of `grid`, in its order (so a baseline can share work between
+    points, e.g. score several step counts on one run). Ties go to the earlier point, as the authors' strict
+    `>` comparison does.
+    """
+    scores = []
+    for episode in episodes:
+        values = list(score(episode))
+        if len(values) != len(grid):
+            raise ValueError(f"score returned {len(values)} accuracies for a grid of {len(grid)} points")
+        scores.append(values)
+        if progress is not None:
+            progress(1)
+    if not scores:
+        raise ValueError("no validation episodes to choose the baseline's settings on")
+    means = np.mean(np.asarray(scores, np.float64), axis=0)
+    best = int(np.argmax(means))  # the first maximum
+    return ValidationChoice(
+        settings=dict(grid[best]),
+        val_accuracy=float(means[best]),
+        val_episodes=len(scores),
+        grid={setting_label(point): float(mean) for point, mean in zip(grid, means, strict=True)},
+    )
+
+
+def episodes_of(batch):
+    """Split a batch dict of B episodes into B (support_x, support_y, query_x, query_y) tuples of tensors."""
+    count = int(batch["support_images"].shape[0])
+    return [
+        (
+            batch["support_images"][i],
+            batch["support_labels"][i],
+            batch["query_images"][i],
+            batch["query_labels"][i],
+        )
+        for i in range(count)
+    ]
+
+
+# ----------------------------------------------------------------------------------------- pre-training
 def pretrain_classifier(train_dataset, learner, config: PretrainConfig | None = None, verbose=0):
     """A freshly initialised model of `learner`'s architecture, with one output per meta-train class, trained as a
     classifier on every meta-train image; returns (model, final training accuracy)."""
@@ -89,158 +257,338 @@ def feature_model(pretrained):
     return keras.Model(pretrained.inputs, output_layer(pretrained).input, name="features")
 
 
-class Baselines:
-    """Fine-tune and nearest-neighbour baselines on top of one pre-trained classifier."""
+def check_output_layer(pretrained) -> None:
+    """LearnerError unless the network ends in a Dense layer with a bias and no activation (the layer the
+    fine-tunes replace)."""
+    import keras
 
-    def __init__(self, pretrained, n_way: int):
+    head = output_layer(pretrained)
+    if not (isinstance(head, keras.layers.Dense) and head.use_bias and head.activation.__name__ == "linear"):
+        from keras_metalstm.learner_spec import LearnerError
+
+        raise LearnerError(
+            f"the baselines replace the learner's output layer by a new N-way Dense layer with a bias and no "
+            f"activation; this learner ends in {type(head).__name__} {head.name!r}"
+        )
+
+
+class PretrainedFeatures:
+    """The pre-trained network's penultimate features as a pure function of (weights, state, images)."""
+
+    def __init__(self, pretrained, batchnorm_momentum: float | None = None):
+        """`batchnorm_momentum` (Keras' convention) replaces the momentum of every batch-norm layer in training-
+        mode calls: the authors' Torch network averaged its running statistics at its own rate."""
         import keras
         import tensorflow as tf
 
-        head = output_layer(pretrained)
-        if not (isinstance(head, keras.layers.Dense) and head.use_bias and head.activation.__name__ == "linear"):
-            from keras_metalstm.learner_spec import LearnerError
+        check_output_layer(pretrained)
+        model = feature_model(pretrained)
+        self.body = [tf.convert_to_tensor(v.value) for v in model.trainable_variables]
+        self.state = [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables]
+        if batchnorm_momentum is not None:
+            # A copy of the structure, nested models included (the weights are passed to every call), whose
+            # batch-norm layers average at the given rate; the pre-trained network's own layers are left as they are.
+            model = keras.models.clone_model(model, recursive=True)
+            for layer in model._flatten_layers():
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.momentum = float(batchnorm_momentum)
+        self.model = model
+        self.dim = int(model.output.shape[-1])
 
-            raise LearnerError(
-                f"the baselines replace the learner's output layer by a new N-way Dense layer with a bias and no "
-                f"activation; this learner ends in {type(head).__name__} {head.name!r}"
-            )
-        self.pretrained = pretrained
-        self.n_way = int(n_way)
-        self.features = feature_model(pretrained)
-        self.feature_dim = int(self.features.output.shape[-1])
-        self._body_values = [tf.convert_to_tensor(v.value) for v in self.features.trainable_variables]
-        self._state_values = [tf.convert_to_tensor(v.value) for v in self.features.non_trainable_variables]
-        self._steps_fn = tf.function(self._steps, reduce_retracing=True)
+    def __call__(self, images, body=None, state=None, training=False):
+        """(features, new state): `training=True` runs batch norm on the batch's statistics and moves the
+        running averages."""
+        body = self.body if body is None else body
+        state = self.state if state is None else state
+        return self.model.stateless_call(body, state, images, training=training)
+
+
+# -------------------------------------------------------------------------------------------- baselines
+class Baseline:
+    """What every baseline has: its report `key`, its `protocol`, the `grid` of settings chosen on validation
+    episodes (empty: nothing to choose) and the chosen `settings`."""
+
+    key: str
+    grid: tuple | list = ()
+    settings: dict | None = None
+
+    @property
+    def protocol(self) -> str:
+        return BASELINE_PROTOCOLS[self.key]
+
+    def chosen(self) -> dict:
+        if self.settings is None:
+            raise RuntimeError(f"choose the settings of {self.key} on validation episodes first")
+        return self.settings
+
+
+class NearestNeighbour(Baseline):
+    """1-NN on the penultimate features (`features` given) or on the flattened pixels (`features=None`)."""
+
+    def __init__(self, key, metric, features: PretrainedFeatures | None = None):
+        import tensorflow as tf
+
+        self.key, self.metric, self.features = key, metric, features
         self._accuracy_fn = tf.function(self._accuracy, reduce_retracing=True)
-        self._nn_fn = tf.function(self._nearest_neighbour, reduce_retracing=True)
-        self.learning_rate = None
-        self.steps = None
 
-    # ----------------------------------------------------------------------------------------- fine-tune
-    def _logits(self, params, images):
+    def _embed(self, images):
+        import tensorflow as tf
+
+        if self.features is None:
+            return tf.reshape(images, (tf.shape(images)[0], -1))
+        return self.features(images)[0]
+
+    def predictions(self, support_images, support_labels, query_images):
+        return nearest_neighbour_predictions(
+            self._embed(support_images), support_labels, self._embed(query_images), self.metric
+        )
+
+    def _accuracy(self, support_images, support_labels, query_images, query_labels):
+        import tensorflow as tf
+
+        predictions = self.predictions(support_images, support_labels, query_images)
+        return tf.reduce_mean(tf.cast(tf.equal(predictions, query_labels), tf.float32))
+
+    def accuracy(self, episode) -> float:
+        return float(self._accuracy_fn(*episode))
+
+
+class AuthorsFinetune(Baseline):
+    """The authors' pre-trained-SGD baseline (model/baselines/pre-trained-SGD.lua): a new Torch-initialised output
+    layer, `updates` SGD updates of the whole network with Torch's learning-rate decay, batch norm in training mode
+    during the updates and in inference mode (the moved running averages) for the queries.
+
+    `features` should average its batch-norm statistics at Torch's rate (TORCH_BATCHNORM_MOMENTUM)."""
+
+    key = "finetune_authors"
+
+    def __init__(
+        self,
+        features: PretrainedFeatures,
+        n_way,
+        seed=0,
+        learning_rates=AUTHORS_LEARNING_RATES,
+        decays=AUTHORS_LEARNING_RATE_DECAYS,
+        updates=AUTHORS_UPDATES,
+    ):
+        import tensorflow as tf
+
+        self.features = features
+        # One draw for every episode, as the authors clone one network with one new layer for all episodes.
+        self.head = [tf.constant(v) for v in torch_linear_init(features.dim, int(n_way), seed)]
+        self.updates = int(updates)
+        self.grid = grid_points(learning_rate=learning_rates, decay=decays)
+        self._logits_fn = tf.function(self._query_logits, reduce_retracing=True)
+
+    def _logits(self, params, state, images, training):
         body, (kernel, bias) = params[:-2], params[-2:]
-        features, _ = self.features.stateless_call(body, self._state_values, images, training=False)
-        return features @ kernel + bias
+        features, state = self.features(images, body, state, training=training)
+        return features @ kernel + bias, state
 
-    def _steps(self, params, images, labels, learning_rate, num_steps):
+    def _query_logits(self, support_images, support_labels, query_images, learning_rate, decay):
+        import tensorflow as tf
+
+        params, state = [*self.features.body, *self.head], list(self.features.state)
+        for update in tf.range(self.updates):
+            with tf.GradientTape() as tape:
+                tape.watch(params)
+                logits, new_state = self._logits(params, state, support_images, training=True)
+                loss = mean_cross_entropy(support_labels, logits)
+            gradients = tape.gradient(loss, params)
+            rate = torch_sgd_learning_rate(learning_rate, decay, tf.cast(update, tf.float32))
+            params = [p - rate * g for p, g in zip(params, gradients, strict=True)]
+            state = new_state
+        return self._logits(params, state, query_images, training=False)[0]
+
+    def query_logits(self, episode, learning_rate, decay):
+        """The query logits of `episode` after the fine-tune with this learning rate and decay."""
+        import tensorflow as tf
+
+        support_images, support_labels, query_images, _ = episode
+        return self._logits_fn(
+            support_images,
+            support_labels,
+            query_images,
+            tf.constant(float(learning_rate), tf.float32),
+            tf.constant(float(decay), tf.float32),
+        )
+
+    def grid_accuracies(self, episode):
+        return [float(logits_accuracy(self.query_logits(episode, **point), episode[3])) for point in self.grid]
+
+    def accuracy(self, episode) -> float:
+        return float(logits_accuracy(self.query_logits(episode, **self.chosen()), episode[3]))
+
+
+class StepCurveBaseline(Baseline):
+    """A baseline trained by plain full-batch gradient descent from `initial_params()`, whose grid is learning
+    rate x head settings x steps: one run per (learning rate, head settings) scores every step count of
+    `self.steps` (increasing) on the way. Subclasses define `prepare` (the inputs the steps see), `initial_params`
+    and `logits(params, inputs, **head)`."""
+
+    def __init__(self, features: PretrainedFeatures, learning_rates, steps, **head_axes):
+        import tensorflow as tf
+
+        self.features = features
+        self.settings_grid = grid_points(learning_rate=learning_rates, **head_axes)
+        self.steps = tuple(int(s) for s in steps)
+        self._steps_fn = tf.function(self._steps, reduce_retracing=True)
+
+    @property
+    def grid(self):
+        return [{**setting, "steps": steps} for setting in self.settings_grid for steps in self.steps]
+
+    def grid_accuracies(self, episode):
+        return [value for setting in self.settings_grid for value in self.step_curve(episode, **setting)]
+
+    def step_curve(self, episode, learning_rate, steps=None, **head):
+        """Query accuracy of `episode` after each number of steps in `steps` (default: the grid's)."""
+        support_images, support_labels, query_images, query_labels = episode
+        support, query = self.prepare(support_images), self.prepare(query_images)
+        params, done, out = self.initial_params(), 0, []
+        for target in steps or self.steps:
+            params = self.train(params, support, support_labels, learning_rate, target - done, **head)
+            done = target
+            out.append(float(logits_accuracy(self.logits(params, query, **_constants(head)), query_labels)))
+        return out
+
+    def train(self, params, support, support_labels, learning_rate, steps, **head):
+        """`params` after `steps` full-batch gradient steps on the prepared support inputs."""
+        import tensorflow as tf
+
+        return self._steps_fn(
+            params,
+            support,
+            support_labels,
+            tf.constant(float(learning_rate), tf.float32),
+            tf.constant(int(steps)),
+            _constants(head),
+        )
+
+    def accuracy(self, episode) -> float:
+        settings = dict(self.chosen())
+        steps = int(settings.pop("steps"))
+        return self.step_curve(episode, steps=(steps,), **settings)[0]
+
+    def _steps(self, params, support, labels, learning_rate, num_steps, head):
         import tensorflow as tf
 
         params = list(params)
         for _ in tf.range(num_steps):
             with tf.GradientTape() as tape:
                 tape.watch(params)
-                loss = tf.reduce_mean(
-                    tf.nn.sparse_softmax_cross_entropy_with_logits(
-                        labels=labels, logits=self._logits(params, images)
-                    )
-                )
+                loss = mean_cross_entropy(labels, self.logits(params, support, **head))
             gradients = tape.gradient(loss, params)
             params = [p - learning_rate * g for p, g in zip(params, gradients, strict=True)]
         return params
 
-    def _accuracy(self, params, images, labels):
-        import tensorflow as tf
 
-        predictions = tf.argmax(self._logits(list(params), images), axis=-1, output_type=tf.int32)
-        return tf.reduce_mean(tf.cast(tf.equal(predictions, labels), tf.float32))
+def _constants(settings: dict) -> dict:
+    """Float32 tensors of a grid point's values: one trace of a tf.function serves every grid point."""
+    import tensorflow as tf
 
-    def _initial_params(self):
-        import tensorflow as tf
+    return {name: tf.constant(float(value), tf.float32) for name, value in settings.items()}
 
-        return [*self._body_values, tf.zeros((self.feature_dim, self.n_way)), tf.zeros((self.n_way,))]
 
-    def finetune_curve(
-        self, support_images, support_labels, query_images, query_labels, learning_rate, steps=FINETUNE_STEPS
+class FullBatchFinetune(StepCurveBaseline):
+    """This package's fine-tune: a zero-initialised output layer (every episode starts from the same weights) and
+    full-batch gradient descent on the whole network with the pre-training batch-norm statistics, so a query
+    prediction never depends on the other queries."""
+
+    key = "finetune"
+
+    def __init__(
+        self,
+        features: PretrainedFeatures,
+        n_way,
+        learning_rates=FINETUNE_LEARNING_RATES,
+        steps=FINETUNE_STEPS,
     ):
-        """Query accuracy of one episode after each number of fine-tuning steps in `steps` (increasing)."""
+        super().__init__(features, learning_rates, steps)
+        self.n_way = int(n_way)
+
+    def prepare(self, images):
+        return images  # the whole network is trained: the steps see the images
+
+    def initial_params(self):
         import tensorflow as tf
 
-        params = self._initial_params()
-        done, out = 0, []
-        lr = tf.constant(float(learning_rate), tf.float32)
-        for target in steps:
-            params = self._steps_fn(params, support_images, support_labels, lr, tf.constant(target - done))
-            done = target
-            out.append(float(self._accuracy_fn(params, query_images, query_labels)))
-        return out
+        return [*self.features.body, tf.zeros((self.features.dim, self.n_way)), tf.zeros((self.n_way,))]
 
-    def finetune_accuracy(self, support_images, support_labels, query_images, query_labels):
-        if self.learning_rate is None:
-            raise RuntimeError("choose the fine-tuning learning rate and steps first (select_finetune)")
-        return self.finetune_curve(
-            support_images, support_labels, query_images, query_labels, self.learning_rate, (self.steps,)
-        )[0]
+    def logits(self, params, images):
+        body, (kernel, bias) = params[:-2], params[-2:]
+        return self.features(images, body)[0] @ kernel + bias
 
-    def select_finetune(
-        self, episode_batches, learning_rates=FINETUNE_LEARNING_RATES, steps=FINETUNE_STEPS, progress=None
-    ) -> FinetuneChoice:
-        """Pick (learning rate, steps) with the best mean query accuracy on `episode_batches` (validation-class
-        episodes); sets them on this object and returns the choice with the whole grid."""
-        scores = {lr: [] for lr in learning_rates}
-        count = 0
-        for batch in episode_batches:
-            arrays = _episode_arrays(batch)
-            for support_x, support_y, query_x, query_y in arrays:
-                count += 1
-                for lr in learning_rates:
-                    scores[lr].append(self.finetune_curve(support_x, support_y, query_x, query_y, lr, steps))
-                if progress is not None:
-                    progress(1)
-        grid = {}
-        best = None
-        for lr in learning_rates:
-            means = np.mean(np.asarray(scores[lr]), axis=0)
-            for n, mean in zip(steps, means, strict=True):
-                grid[f"lr={lr:g},steps={n}"] = float(mean)
-                if best is None or mean > best[2]:
-                    best = (lr, n, float(mean))
-        self.learning_rate, self.steps = best[0], best[1]
-        return FinetuneChoice(best[0], int(best[1]), best[2], count, grid)
 
-    # ------------------------------------------------------------------------------- nearest neighbour
-    def _nearest_neighbour(self, support_images, support_labels, query_images, query_labels):
+class BaselinePlus(StepCurveBaseline):
+    """Baseline++ (Chen et al. 2019): a cosine-similarity classifier scale * cos(f, w_c) trained on the frozen
+    features of the support set, from class vectors drawn as Torch's nn.Linear draws its weights."""
+
+    key = "baseline_plus"
+
+    def __init__(
+        self,
+        features: PretrainedFeatures,
+        n_way,
+        seed=0,
+        learning_rates=BASELINE_PLUS_LEARNING_RATES,
+        steps=BASELINE_PLUS_STEPS,
+        scales=BASELINE_PLUS_SCALES,
+    ):
         import tensorflow as tf
 
-        support, _ = self.features.stateless_call(
-            self._body_values, self._state_values, support_images, training=False
-        )
-        query, _ = self.features.stateless_call(
-            self._body_values, self._state_values, query_images, training=False
-        )
-        distances = (
-            tf.reduce_sum(query**2, -1, keepdims=True)
-            - 2.0 * query @ tf.transpose(support)
-            + tf.reduce_sum(support**2, -1)[tf.newaxis]
-        )
-        nearest = tf.argmin(distances, axis=-1, output_type=tf.int32)
-        predictions = tf.gather(support_labels, nearest)
-        return tf.reduce_mean(tf.cast(tf.equal(predictions, query_labels), tf.float32))
+        super().__init__(features, learning_rates, steps, scale=scales)
+        self.weights = tf.constant(torch_linear_init(features.dim, int(n_way), seed)[0])
+        self._features_fn = tf.function(lambda images: features(images)[0], reduce_retracing=True)
 
-    def nearest_neighbour_accuracy(self, support_images, support_labels, query_images, query_labels):
-        return float(self._nn_fn(support_images, support_labels, query_images, query_labels))
+    def prepare(self, images):
+        return self._features_fn(images)  # frozen features: computed once per episode
 
-    # ------------------------------------------------------------------------------------------ batches
+    def initial_params(self):
+        return [self.weights]
+
+    def logits(self, params, features, scale):
+        return cosine_classifier_logits(features, params[0], scale)
+
+
+class Baselines:
+    """The baselines of one evaluation, keyed by their report key."""
+
+    def __init__(self, methods):
+        self.methods = {method.key: method for method in methods}
+
     def episode_accuracies(self, batch) -> dict[str, np.ndarray]:
-        """{"finetune": (B,), "nearest_neighbour": (B,)} query accuracies of the episodes of `batch`."""
-        finetune, nearest = [], []
-        for episode in _episode_arrays(batch):
-            finetune.append(self.finetune_accuracy(*episode))
-            nearest.append(self.nearest_neighbour_accuracy(*episode))
-        return {"finetune": np.asarray(finetune), "nearest_neighbour": np.asarray(nearest)}
+        """{key: (B,)} query accuracies of the episodes of `batch`, for every baseline."""
+        episodes = episodes_of(batch)
+        return {
+            key: np.asarray([method.accuracy(episode) for episode in episodes])
+            for key, method in self.methods.items()
+        }
 
 
-def _episode_arrays(batch):
-    """Split a batch dict of B episodes into B (support_x, support_y, query_x, query_y) tuples of tensors."""
-    count = int(batch["support_images"].shape[0])
-    return [
-        (
-            batch["support_images"][i],
-            batch["support_labels"][i],
-            batch["query_images"][i],
-            batch["query_labels"][i],
-        )
-        for i in range(count)
-    ]
+def build_baselines(pretrained, n_way, protocols=DEFAULT_PROTOCOLS, baseline_plus=False, seed=0) -> Baselines:
+    """The baselines of `protocols` ("authors", "ours") and, with `baseline_plus`, Baseline++, on top of the
+    pre-trained classifier `pretrained`; `seed` draws the new layers of the authors' fine-tune and Baseline++."""
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown or not protocols:
+        raise ValueError(f"unknown baseline protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}")
+    features = PretrainedFeatures(pretrained)
+    methods = []
+    if "authors" in protocols:
+        torch_features = PretrainedFeatures(pretrained, batchnorm_momentum=TORCH_BATCHNORM_MOMENTUM)
+        methods += [
+            AuthorsFinetune(torch_features, n_way, seed=seed),
+            NearestNeighbour("nearest_neighbour_authors", "cosine", features),
+            NearestNeighbour("pixel_nearest_neighbour", "cosine"),
+        ]
+    if "ours" in protocols:
+        methods += [
+            FullBatchFinetune(features, n_way),
+            NearestNeighbour("nearest_neighbour", "euclidean", features),
+        ]
+    if baseline_plus:
+        methods.append(BaselinePlus(features, n_way, seed=seed))
+    return Baselines(methods)
 
 
 # -------------------------------------------------------------------------------------------- run cache
@@ -276,7 +624,7 @@ def cached_pretrained_classifier(
     tmp = model_path.with_name(f".tmp-{os.getpid()}-pretrained.keras")
     model.save(str(tmp))
     os.replace(tmp, model_path)
-    # Fine-tune choices made for another pre-trained network are dropped with it.
+    # Validation choices made for another pre-trained network are dropped with it.
     info = {
         "pretrain": asdict(pretrain),
         "pretrain_train_accuracy": train_accuracy,
@@ -286,6 +634,15 @@ def cached_pretrained_classifier(
     return model, info
 
 
+def choice_cache_key(method, config, val_episodes) -> str:
+    """The key of a baseline's validation choice in baselines.json: the protocol and the baseline's key first, so
+    protocols never share an entry, then everything the choice depends on besides the pre-trained network."""
+    return (
+        f"{method.protocol}/{method.key}_{config.n_way}way_{config.k_shot}shot_q{config.query}_val{val_episodes}"
+        f"_seed{config.seed}"
+    )
+
+
 def prepare_baselines(
     run_dir,
     config,
@@ -293,40 +650,46 @@ def prepare_baselines(
     learner,
     pretrain: PretrainConfig | None = None,
     val_episodes=100,
+    protocols=DEFAULT_PROTOCOLS,
+    baseline_plus=False,
     progress=None,
     log=print,
 ) -> tuple[Baselines, dict]:
-    """Baselines for a training run whose learner is (a model of the architecture of) `learner`: the pre-trained
-    classifier (`cached_pretrained_classifier`) and the
-    fine-tune choice are computed once and cached in RUN_DIR/baselines/."""
+    """The baselines of `protocols` (and Baseline++) for a training run whose learner is (a model of the
+    architecture of) `learner`: the pre-trained classifier (`cached_pretrained_classifier`) and every validation
+    choice are computed once and cached in RUN_DIR/baselines/. Returns (baselines, details for the report)."""
     from keras_metalstm.data import episode_dataset
     from keras_metalstm.statistics import eval_batch_size
 
     model, info = cached_pretrained_classifier(run_dir, config, splits, learner, pretrain, log)
     info_path = baseline_cache_paths(run_dir)[1]
-    baselines = Baselines(model, config.n_way)
-    key = f"finetune_{config.n_way}way_{config.k_shot}shot_q{config.query}_val{val_episodes}"
-    choice = info.get(key)
-    if choice is None:
-        log(f"choosing the fine-tune learning rate and steps on {val_episodes} validation episodes ...")
-        batches = episode_dataset(
-            splits.val,
-            config.n_way,
-            config.k_shot,
-            config.query,
-            batch_size=eval_batch_size(val_episodes),
-            seed=config.seed + 2,
-            num_episodes=val_episodes,
-        )
-        choice = asdict(baselines.select_finetune(batches, progress=progress))
-        info[key] = choice
+    baselines = build_baselines(model, config.n_way, protocols, baseline_plus, seed=config.seed)
+    choosing = {m.key: m for m in baselines.methods.values() if m.grid}
+    keys = {name: choice_cache_key(m, config, val_episodes) for name, m in choosing.items()}
+    missing = [name for name in choosing if keys[name] not in info]
+    if missing:
+        log(f"choosing the settings of {', '.join(missing)} on {val_episodes} validation episodes ...")
+        for name in missing:
+            # The same seeded validation episodes for every baseline, drawn anew rather than held in memory.
+            batches = episode_dataset(
+                splits.val,
+                config.n_way,
+                config.k_shot,
+                config.query,
+                batch_size=eval_batch_size(val_episodes),
+                seed=config.seed + 2,
+                num_episodes=val_episodes,
+            )
+            episodes = (episode for batch in batches for episode in episodes_of(batch))
+            info[keys[name]] = asdict(
+                choose_on_validation(episodes, choosing[name].grid, choosing[name].grid_accuracies, progress)
+            )
         _write_json(info_path, info)
-    baselines.learning_rate, baselines.steps = choice["learning_rate"], choice["steps"]
-    return baselines, {
-        "pretrain_train_accuracy": info.get("pretrain_train_accuracy"),
-        **info["pretrain"],
-        "finetune": choice,
-    }
+    for name, method in choosing.items():
+        method.settings = info[keys[name]]["settings"]
+    details = {"pretrain_train_accuracy": info.get("pretrain_train_accuracy"), **info["pretrain"]}
+    details.update({name: info[keys[name]] for name in choosing})
+    return baselines, details
 
 
 def _write_json(path, data):

@@ -1,4 +1,4 @@
-"""Evaluation of a training run: E test episodes, mean accuracy and 95% interval, the paper's baselines, Table 1.
+"""Evaluation of a training run: E test episodes, mean accuracy and 95% interval, the baselines, Table 1.
 
 The 95% interval is 1.96 * std / sqrt(E) over the E per-episode query accuracies, with std the POPULATION
 standard deviation (numpy's default, ddof=0; the sample std, ddof=1, differs by a factor sqrt(E/(E-1)), 1.0008
@@ -17,15 +17,33 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_metalstm.baselines import BASELINE_PROTOCOLS, DEFAULT_PROTOCOLS
 from keras_metalstm.statistics import eval_batch_size, mean_ci95
 
-METHODS = ("meta_lstm", "finetune", "nearest_neighbour")
-METHOD_LABELS = {
+METHOD_NAMES = {
+    "finetune_authors": "Baseline fine-tune",
+    "nearest_neighbour_authors": "Baseline nearest neighbour",
+    "pixel_nearest_neighbour": "Baseline pixel nearest neighbour",
     "finetune": "Baseline fine-tune",
     "nearest_neighbour": "Baseline nearest neighbour",
+    "baseline_plus": "Baseline++",
     "meta_lstm": "Meta-Learner LSTM",
 }
-TABLE_ORDER = ("finetune", "nearest_neighbour", "meta_lstm")  # the paper's row order
+# A baseline's label names the protocol that produced it: "Baseline fine-tune (authors)".
+METHOD_LABELS = {
+    method: f"{name} ({BASELINE_PROTOCOLS[method]})" if method in BASELINE_PROTOCOLS else name
+    for method, name in METHOD_NAMES.items()
+}
+# The paper's row order (baselines, then the meta-learner), each protocol's rows together.
+TABLE_ORDER = (
+    "finetune_authors",
+    "nearest_neighbour_authors",
+    "pixel_nearest_neighbour",
+    "finetune",
+    "nearest_neighbour",
+    "baseline_plus",
+    "meta_lstm",
+)
 SPLITS = ("train", "val", "test", "all")
 DEFAULT_TEST_SEED = 1000
 
@@ -53,8 +71,21 @@ class EvaluationReport:
     def column(self) -> str:
         return f"{self.n_way}-way {self.k_shot}-shot"
 
+    def rows(self) -> dict:
+        """The results, each baseline's row with its "protocol" and its "paired_difference" (Meta-LSTM minus
+        it, as in `paired_differences`): what `--json` prints and the saved report keeps as "results"."""
+        rows = {}
+        for method, summary in self.results.items():
+            row = dict(summary)
+            if method in BASELINE_PROTOCOLS:
+                row["protocol"] = BASELINE_PROTOCOLS[method]
+                if method in self.paired_differences:
+                    row["paired_difference"] = self.paired_differences[method]
+            rows[method] = row
+        return rows
+
     def to_json(self) -> str:
-        return json.dumps(self.results)
+        return json.dumps(self.rows())
 
     def table(self) -> str:
         return format_table({self.column: self.results})
@@ -148,6 +179,8 @@ def evaluate_run(
     run_dir,
     episodes: int = 600,
     baselines: bool = False,
+    baseline_protocols=DEFAULT_PROTOCOLS,
+    baseline_plus: bool = False,
     dataset: str | None = None,
     data_dir=None,
     split: str = "test",
@@ -159,12 +192,14 @@ def evaluate_run(
     log=None,
     on_batch=None,
 ) -> EvaluationReport:
-    """Evaluate the meta-learner of `run_dir` (and with `baselines`, the two baselines) on `episodes` episodes.
+    """Evaluate the meta-learner of `run_dir` on `episodes` episodes, with `baselines` beside it the baselines of
+    `baseline_protocols` ("authors", "ours"; keras_metalstm.baselines) and with `baseline_plus` Baseline++.
 
     `progress(n)` is called after every n episodes, `log(message)` for stage messages, `on_batch(method, batch)`
     with every batch each method scores (a hook to check that all methods see the same episodes).
     """
     import keras_metalstm as km
+    from keras_metalstm.baselines import prepare_baselines
     from keras_metalstm.data import DataError, episode_dataset
     from keras_metalstm.runs import load_meta_learner, load_splits
 
@@ -176,12 +211,21 @@ def evaluate_run(
     data = evaluation_dataset(config, dataset, data_dir, split)
     trainer = km.MetaTrainer(meta)
     details = {"checkpoint": which, "test_classes": data.num_classes, "data": data.name}
-    baseline = None
+    compared = None
     if baselines:
-        baseline, info = prepare_baselines_for(
-            run_dir, config, load_splits(config), meta.learner, pretrain, finetune_val_episodes, log
+        compared, info = prepare_baselines(
+            Path(run_dir),
+            config,
+            load_splits(config),
+            meta.learner,
+            pretrain=pretrain,
+            val_episodes=finetune_val_episodes,
+            protocols=tuple(baseline_protocols),
+            baseline_plus=baseline_plus,
+            log=log,
         )
-        details["baselines"] = info
+        protocols = list(dict.fromkeys(method.protocol for method in compared.methods.values()))
+        details["baselines"] = {"protocols": protocols, **info}
     batch = eval_batch_size(int(episodes))
     stream = episode_dataset(
         data,
@@ -192,15 +236,15 @@ def evaluate_run(
         seed=seed,
         num_episodes=int(episodes),
     )
-    accuracies = {m: [] for m in (METHODS if baselines else METHODS[:1])}
+    accuracies = {m: [] for m in ("meta_lstm", *(compared.methods if compared else ()))}
     for episodes_batch in stream:
         if on_batch is not None:
             on_batch("meta_lstm", episodes_batch)
         accuracies["meta_lstm"].append(trainer.evaluate_step(episodes_batch)["accuracy"].numpy())
-        if baseline is not None:
+        if compared is not None:
             if on_batch is not None:
                 on_batch("baselines", episodes_batch)
-            for method, values in baseline.episode_accuracies(episodes_batch).items():
+            for method, values in compared.episode_accuracies(episodes_batch).items():
                 accuracies[method].append(values)
         if progress is not None:
             progress(batch)
@@ -239,10 +283,3 @@ def evaluate_episodes(trainer, dataset, config, episodes: int, seed: int, progre
             progress(batch)
     return np.concatenate(out)
 
-
-def prepare_baselines_for(run_dir, config, splits, learner, pretrain, val_episodes, log):
-    from keras_metalstm.baselines import prepare_baselines
-
-    return prepare_baselines(
-        Path(run_dir), config, splits, learner, pretrain=pretrain, val_episodes=val_episodes, log=log
-    )

@@ -243,13 +243,18 @@ def test_evaluate_with_baselines_prints_table_1_on_the_same_episodes(trained, mo
                       "--finetune-val-episodes", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    row = {name: next(line for line in lines if line.startswith(f"| {name}"))
-           for name in ("Baseline fine-tune", "Baseline nearest neighbour", "Meta-Learner LSTM")}
+    # by default the authors' protocol, each row labelled with it
+    authors = ("finetune_authors", "nearest_neighbour_authors", "pixel_nearest_neighbour")
+    row = {method: next(line for line in lines if line.startswith(f"| {evaluation.METHOD_LABELS[method]} "))
+           for method in (*authors, "meta_lstm")}
+    assert row["finetune_authors"].startswith("| Baseline fine-tune (authors)")
+    assert row["pixel_nearest_neighbour"].startswith("| Baseline pixel nearest neighbour (authors)")
     assert all("+-" in line for line in row.values())
     assert "2-way 1-shot" in result.output and "4 episodes" in result.output
     info = json.loads((run_dir / "baselines" / "baselines.json").read_text())
-    chosen = info["finetune_2way_1shot_q2_val2"]
+    chosen = info["authors/finetune_authors_2way_1shot_q2_val2_seed0"]
     assert chosen["val_accuracy"] == max(chosen["grid"].values())  # best on the validation classes
+    assert len(chosen["grid"]) == 42 and set(chosen["settings"]) == {"learning_rate", "decay"}
 
     # the baselines saw exactly the meta-learner's batches ...
     assert len(seen["meta_lstm"]) == len(seen["baselines"]) > 0
@@ -262,18 +267,57 @@ def test_evaluate_with_baselines_prints_table_1_on_the_same_episodes(trained, mo
                                          seed=1000)))
     np.testing.assert_array_equal(seen["meta_lstm"][0]["support_images"], expected["support_images"].numpy())
     report = reports[0]
-    assert {m: r["episodes"] for m, r in report.results.items()} == {
-        "meta_lstm": 4, "finetune": 4, "nearest_neighbour": 4}
+    assert {m: r["episodes"] for m, r in report.results.items()} == {"meta_lstm": 4, **dict.fromkeys(authors, 4)}
     for method, values in report.accuracies.items():
         assert report.results[method]["mean"] == pytest.approx(100 * np.mean(values))
-        assert f"{report.results[method]['mean']:.2f}" in row[evaluation.METHOD_LABELS[method]]
-    # the paired differences are printed and saved with the report
-    saved = json.loads(next((run_dir / "evaluation").glob("*baselines.json")).read_text())
-    for method in ("finetune", "nearest_neighbour"):
+        assert f"{report.results[method]['mean']:.2f}" in row[method]
+    # the paired differences are printed and saved with the report, each row with its protocol
+    saved = json.loads((run_dir / "evaluation" / "folder-test-2way1shot-4ep-baselines-authors.json").read_text())
+    assert saved["details"]["baselines"]["protocols"] == ["authors"]
+    for method in authors:
         difference = report.paired_differences[method]
         assert saved["paired_differences"][method] == pytest.approx(difference)
+        assert saved["results"][method]["protocol"] == "authors"
+        assert saved["results"][method]["paired_difference"] == pytest.approx(difference)
         label = evaluation.METHOD_LABELS[method]
         assert f"Meta-Learner LSTM - {label}: {difference['mean']:+.2f} +- {difference['ci95']:.2f}" in result.output
+
+
+def test_evaluate_baselines_of_both_protocols_and_baseline_plus_in_json(trained):
+    run_dir, _ = trained
+    result = run_cli(["evaluate", run_dir, "--episodes", "2", "--baselines", "--baseline-protocol", "ours",
+                      "--baseline-protocol", "authors", "--baseline-plus", "--pretrain-epochs", "1",
+                      "--finetune-val-episodes", "2", "--json", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    protocols = {"finetune": "ours", "nearest_neighbour": "ours", "finetune_authors": "authors",
+                 "nearest_neighbour_authors": "authors", "pixel_nearest_neighbour": "authors",
+                 "baseline_plus": "chen2019"}
+    assert set(rows) == {"meta_lstm", *protocols}
+    assert "protocol" not in rows["meta_lstm"] and rows["meta_lstm"]["episodes"] == 2
+    for method, protocol in protocols.items():
+        row = rows[method]
+        assert row["protocol"] == protocol and row["episodes"] == 2
+        difference = row["paired_difference"]
+        assert difference["episodes"] == 2
+        # paired over the same episodes: the mean difference is the difference of the means
+        assert difference["mean"] == pytest.approx(rows["meta_lstm"]["mean"] - row["mean"])
+    info = json.loads((run_dir / "baselines" / "baselines.json").read_text())
+    ours = info["ours/finetune_2way_1shot_q2_val2_seed0"]
+    assert set(ours["settings"]) == {"learning_rate", "steps"} and len(ours["grid"]) == 20
+    plus = info["chen2019/baseline_plus_2way_1shot_q2_val2_seed0"]
+    assert set(plus["settings"]) == {"learning_rate", "scale", "steps"} and len(plus["grid"]) == 64
+    assert plus["val_accuracy"] == max(plus["grid"].values())
+    saved = run_dir / "evaluation" / "folder-test-2way1shot-2ep-baselines-authors-ours-chen2019.json"
+    assert json.loads(saved.read_text())["results"] == rows
+
+
+@pytest.mark.parametrize("flag", [["--baseline-plus"], ["--baseline-protocol", "ours"]])
+def test_baselines_options_need_baselines(trained, flag):
+    run_dir, _ = trained
+    result = run_cli(["evaluate", run_dir, "--episodes", "2", *flag, "--no-progress"])
+    assert result.exit_code != 0 and f"{flag[0]} needs --baselines" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_cross_domain_evaluation_converts_the_images(trained, tmp_path):

@@ -6,7 +6,7 @@ from keras_metalstm.data import DATASET_NAMES, DataError, dataset_options, load_
 
 
 def test_names_and_options():
-    assert DATASET_NAMES == ("fontglot", "omniglot", "miniimagenet", "folder")
+    assert DATASET_NAMES == ("fontglot", "omniglot", "miniimagenet", "folder", "fashion_mnist")
     assert dataset_options("fontglot")["rotations"] is False
     assert dataset_options("omniglot")["split"] == 1200 and dataset_options("omniglot")["rotations"] is True
     assert "root" not in dataset_options("folder") and "image_shape" in dataset_options("folder")

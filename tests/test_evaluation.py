@@ -39,9 +39,9 @@ def test_table_is_shaped_like_table_1():
     table = format_table({"5-way 1-shot": one, "5-way 5-shot": {"meta_lstm": one["meta_lstm"]}})
     lines = table.splitlines()
     assert "5-way 1-shot" in lines[0] and "5-way 5-shot" in lines[0]
-    # the paper's row order: fine-tune, nearest neighbour, meta-learner
+    # the paper's row order: fine-tune, nearest neighbour, meta-learner; a baseline's label names its protocol
     assert [line.split("|")[1].strip() for line in lines[2:]] == [
-        "Baseline fine-tune", "Baseline nearest neighbour", "Meta-Learner LSTM"]
+        "Baseline fine-tune (ours)", "Baseline nearest neighbour (ours)", "Meta-Learner LSTM"]
     assert "49.79 +- 0.79%" in lines[2] and "60.60 +- 0.71%" in lines[4]
     assert lines[2].split("|")[3].strip() == "-"  # missing cell
 
@@ -66,8 +66,25 @@ def test_paired_differences_are_episode_by_episode_and_narrower_than_the_unpaire
     assert difference["ci95"] < report.results["finetune"]["ci95"] / 5
     assert set(report.paired_differences) == {"finetune"}  # only the baselines that were scored
     assert report.differences_text() == (
-        f"Meta-Learner LSTM - Baseline fine-tune: {difference['mean']:+.2f} +- {difference['ci95']:.2f} points "
+        f"Meta-Learner LSTM - Baseline fine-tune (ours): {difference['mean']:+.2f} +- {difference['ci95']:.2f} points "
         "(paired over the same 600 episodes)"
     )
     alone = EvaluationReport({}, 5, 1, 12, "x", "test", 0, 1.0, accuracies={"meta_lstm": accuracies["meta_lstm"]})
     assert alone.paired_differences == {} and alone.differences_text() == ""
+
+
+def test_rows_name_each_baselines_protocol_and_its_paired_difference():
+    import json
+
+    accuracies = {"meta_lstm": np.array([1.0, 0.5]), "finetune_authors": np.array([0.5, 0.5]),
+                  "baseline_plus": np.array([1.0, 0.0])}
+    report = EvaluationReport({m: summarise(v) for m, v in accuracies.items()}, 5, 1, 12, "x", "test", 0, 1.0,
+                              accuracies=accuracies)
+    rows = report.rows()
+    assert rows["meta_lstm"] == summarise(accuracies["meta_lstm"])  # the meta-learner's row as before
+    assert rows["finetune_authors"]["protocol"] == "authors" and rows["baseline_plus"]["protocol"] == "chen2019"
+    assert rows["finetune_authors"]["paired_difference"] == report.paired_differences["finetune_authors"]
+    assert rows["baseline_plus"]["paired_difference"]["mean"] == pytest.approx(25.0)
+    assert json.loads(report.to_json()) == rows
+    labels = [line.split("|")[1].strip() for line in report.table().splitlines()[2:]]
+    assert labels == ["Baseline fine-tune (authors)", "Baseline++ (chen2019)", "Meta-Learner LSTM"]

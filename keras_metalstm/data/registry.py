@@ -1,6 +1,6 @@
 """``load_dataset(name, data_dir, **options)``: one entry point from a data-set name to its three splits.
 
-Used by the command line (``--dataset fontglot|omniglot|miniimagenet|folder --data-dir PATH``).
+Used by the command line (``--dataset fontglot|omniglot|miniimagenet|folder|fashion_mnist --data-dir PATH``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import os
 
 from keras_metalstm.data.dataset import DatasetSplits
 from keras_metalstm.data.errors import DataError
+from keras_metalstm.data.fashion_mnist import load_fashion_mnist
 from keras_metalstm.data.folder import image_folder_splits
 from keras_metalstm.data.fontglot import fontglot_splits
 from keras_metalstm.data.miniimagenet import load_miniimagenet
@@ -20,14 +21,23 @@ _LOADERS = {
     "omniglot": omniglot_splits,
     "miniimagenet": load_miniimagenet,
     "folder": image_folder_splits,
+    "fashion_mnist": load_fashion_mnist,
 }
 _ALIASES = {
     "mini-imagenet": "miniimagenet",
     "mini_imagenet": "miniimagenet",
     "image-folder": "folder",
     "imagefolder": "folder",
+    "fashion-mnist": "fashion_mnist",
+    "fashionmnist": "fashion_mnist",
 }
-_DIR_ARGUMENT = {"fontglot": "data_dir", "omniglot": "data_dir", "miniimagenet": "data_dir", "folder": "root"}
+_DIR_ARGUMENT = {
+    "fontglot": "data_dir",
+    "omniglot": "data_dir",
+    "miniimagenet": "data_dir",
+    "folder": "root",
+    "fashion_mnist": "data_dir",
+}
 DATASET_NAMES = tuple(_LOADERS)
 
 
@@ -41,11 +51,13 @@ def dataset_options(name: str) -> dict[str, object]:
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options) -> DatasetSplits:
-    """Load data set ``name`` (fontglot, omniglot, miniimagenet, folder) as class-disjoint (train, val, test).
+    """Load data set ``name`` (fontglot, omniglot, miniimagenet, folder, fashion_mnist) as class-disjoint
+    (train, val, test).
 
     ``data_dir`` is optional for fontglot (packaged) and required for the others. ``options`` go to the loader:
     fontglot: rotations, seed, fractions; omniglot: split, num_val, rotations, seed, split_file, image_size,
-    invert; miniimagenet: image_size, images_dir; folder: image_shape, fractions, seed, split_file, rotations.
+    invert; miniimagenet: image_size, images_dir; folder: image_shape, fractions, seed, split_file, rotations;
+    fashion_mnist: files (every class in the test split: a cross-domain evaluation set).
     """
     name = _canonical(name)
     accepted = dataset_options(name)
