@@ -9,6 +9,12 @@ all are measured in one invocation, so the printed ratios compare like with like
     python benchmarks/meta_step.py --quick --rounds 5   # a noisy machine: the median of 5 interleaved rounds
     python benchmarks/meta_step.py --profile       # where the time goes (28x28, 1-shot, T=12)
     python benchmarks/meta_step.py --quick --meta-batch 4   # ms per episode when 4 episodes share a meta-update
+    python benchmarks/meta_step.py --compile-scaling  # first-call seconds and graph ops vs T and meta-batch B
+
+--compile-scaling prints, for T = 12, 24 and meta-batches B = 1, 8 (28x28 1-shot), the first-call seconds (trace,
+compile and one step) of the training step and of the test-mode step, plain and XLA, the number of ops in the
+traced training graph (loop and gradient bodies included), and the steady ms per episode at B = 1, 4, 8: how
+tracing and compiling scale with T and B.
 
 "ours" is keras_metalstm's MetaTrainer.train_step as users get it (on a CPU-only machine: the fused
 coordinate-LSTM kernel); "stock ops" the same step with the kernel switched off (what runs on GPU/TPU and
@@ -36,6 +42,7 @@ SETTINGS = {
     "84x84x3 1-shot T=12": dict(image_shape=(84, 84, 3), k_shot=1, inner_steps=12),
     "84x84x3 5-shot T=8": dict(image_shape=(84, 84, 3), k_shot=5, inner_steps=8),
 }
+SCALING_SETTING = "28x28x1 1-shot T=12"  # --compile-scaling replaces its T
 VARIANTS = ("ours", "stock ops", "ours+xla", "baseline")
 
 
@@ -149,6 +156,90 @@ def _measure(setting_name, variant, steps, meta_batch):
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "parameters": meta.num_parameters,
     }
+
+
+def graph_op_count(concrete_function):
+    """Ops in a traced function's graph, the bodies of the functions it calls (loops, XLA clusters,
+    gradients) included: what tracing builds and XLA compiles."""
+    graph = concrete_function.graph.as_graph_def()
+    return len(graph.node) + sum(len(function.node_def) for function in graph.library.function)
+
+
+def test_mode_step(meta, jit_compile):
+    """The test-mode (evaluation) step: every episode's query loss and accuracy after the inner loop."""
+    import tensorflow as tf
+
+    from keras_metalstm.ops import fused_coordinate_lstm
+
+    if not jit_compile:
+        return tf.function(lambda episodes: meta.episode_metrics(episodes, "test"))
+
+    def without_custom_ops(episodes):
+        with fused_coordinate_lstm.disabled():  # XLA cannot compile the fused CPU kernel
+            return meta.episode_metrics(episodes, "test")
+
+    return tf.function(without_custom_ops, jit_compile=True)
+
+
+def seconds_of_first_call(function, episodes):
+    import tensorflow as tf
+
+    start = time.perf_counter()
+    tf.nest.flatten(function(episodes))[0].numpy()  # waits for the step to finish
+    return time.perf_counter() - start
+
+
+def measure_compile_scaling(inner_steps, meta_batch, jit_compile, steps):
+    """First-call seconds of the training and test-mode steps, the training graph's op count and (steps > 0)
+    the steady ms per episode of the training step, for one T, B and plain/XLA."""
+    import keras_metalstm as km
+
+    meta, episodes = build(dict(SETTINGS[SCALING_SETTING], inner_steps=inner_steps), meta_batch)
+    trainer = km.MetaTrainer(meta, jit_compile=jit_compile)
+    result = {"train_first_s": seconds_of_first_call(trainer.train_step, episodes)}
+    result["train_ops"] = graph_op_count(trainer._train_function.get_concrete_function(episodes))
+    if steps:
+        for _ in range(2):
+            float(trainer.train_step(episodes)["loss"])
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            float(trainer.train_step(episodes)["loss"])
+            times.append((time.perf_counter() - start) * 1000)
+        result["train_ms_per_episode"] = statistics.median(times) / meta_batch
+    result["test_first_s"] = seconds_of_first_call(test_mode_step(meta, jit_compile), episodes)
+    return result
+
+
+def compile_scaling_rows(inner_steps_list, meta_batches, steady_meta_batches, steps):
+    """The children to run: (T, B) for every T and B, plus the steady-state B at the first T, each plain and XLA;
+    steady times are measured at the first T only."""
+    first = inner_steps_list[0]
+    pairs = [(t, b) for t in inner_steps_list for b in meta_batches]
+    pairs += [(first, b) for b in steady_meta_batches if (first, b) not in pairs]
+    return [(t, b, xla, steps if t == first and b in steady_meta_batches else 0) for t, b in pairs for xla in (False, True)]
+
+
+def compile_scaling(args):
+    rows = compile_scaling_rows(args.scaling_inner_steps, args.scaling_meta_batches, args.scaling_steady_meta_batches,
+                                args.steps)
+    print(f"28x28x1 5-way 1-shot, conv4 (32 filters), 15 queries/class, {os.cpu_count()} CPU cores; each cell in its "
+          "own process.\nFirst call = trace + compile + one step, seconds; ops = training graph with function "
+          "bodies; steady = median ms per episode over " f"{args.steps} meta-updates.")
+    print(f"{'T':>4}{'B':>4}{'train s':>9}{'train s xla':>12}{'test s':>8}{'test s xla':>11}{'ops':>8}{'ops xla':>9}"
+          f"{'steady ms/ep':>13}{'steady xla':>11}")
+    results = {}
+    for inner_steps, meta_batch, xla, steps in rows:
+        results[inner_steps, meta_batch, xla] = run_child(
+            ["--child-compile", str(inner_steps), str(meta_batch), "xla" if xla else "plain", "--steps", str(steps)]
+        )
+        if xla:
+            plain, compiled = results[inner_steps, meta_batch, False], results[inner_steps, meta_batch, True]
+            steady = (f"{plain['train_ms_per_episode']:13.1f}{compiled['train_ms_per_episode']:11.1f}"
+                      if "train_ms_per_episode" in plain else "")
+            print(f"{inner_steps:4d}{meta_batch:4d}{plain['train_first_s']:9.1f}{compiled['train_first_s']:12.1f}"
+                  f"{plain['test_first_s']:8.1f}{compiled['test_first_s']:11.1f}{plain['train_ops']:8d}"
+                  f"{compiled['train_ops']:9d}{steady}", flush=True)
 
 
 def profile(steps):
@@ -274,7 +365,18 @@ def main():
     parser.add_argument(
         "--meta-batch", type=int, default=1, help="episodes per meta-update; times are per episode (default 1)"
     )
+    parser.add_argument(
+        "--compile-scaling", action="store_true",
+        help="first-call (trace + compile) seconds, graph ops and steady ms per episode against T and meta-batch",
+    )
+    parser.add_argument("--scaling-inner-steps", type=int, nargs="+", default=[12, 24], help="T values to scale over")
+    parser.add_argument("--scaling-meta-batches", type=int, nargs="+", default=[1, 8], help="B values to scale over")
+    parser.add_argument(
+        "--scaling-steady-meta-batches", type=int, nargs="+", default=[1, 4, 8],
+        help="B values whose steady ms per episode is measured (at the first T)",
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child-compile", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--child-profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1:
@@ -285,6 +387,13 @@ def main():
         return
     if args.child_profile:
         print(json.dumps(profile(args.steps)))
+        return
+    if args.child_compile:
+        inner_steps, meta_batch, variant = args.child_compile
+        print(json.dumps(measure_compile_scaling(int(inner_steps), int(meta_batch), variant == "xla", args.steps)))
+        return
+    if args.compile_scaling:
+        compile_scaling(args)
         return
     if args.profile:
         parts = run_child(["--child-profile", "--steps", str(args.steps)])

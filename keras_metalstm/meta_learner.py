@@ -3,7 +3,9 @@
 `MetaLearner` owns the meta-parameters: the learned initial parameter vector `theta0`, the coordinate-wise
 LSTM (layer 1) and the meta-learner cell (layer 2). Given a batch of episodes it runs the inner loop (SPEC
 steps 1-4) on each episode's support set, starting from theta0, and classifies the query set with the adapted
-parameters theta_T (step 5). The same step function serves `MetaTrainer` and Keras' own `fit`.
+parameters theta_T (step 5), with the T steps and the B episodes as loops in the graph rather than unrolled, so
+tracing and XLA compilation do not grow with T or B. The same step function serves `MetaTrainer` and Keras' own
+`fit`.
 """
 
 import keras
@@ -182,56 +184,86 @@ class MetaLearner(keras.Model):
     def inner_loop(self, support_images, support_labels, inner_steps=None):
         """Adapts theta0 to B episodes' support sets.
 
+        The T steps are one `tf.while_loop` and, within a step, the B episodes' learner passes one `tf.map_fn`,
+        so a traced (or XLA-compiled) graph holds one copy of the learner's forward and backward pass whatever
+        T and B are. Every episode starts from the zero LSTM state and zero gate feedback.
+
         Args:
             support_images: (B, N*K, H, W, C).
             support_labels: (B, N*K) integer labels.
-            inner_steps: T (default: the meta-learner's own).
+            inner_steps: T, a Python int (default: the meta-learner's own).
 
         Returns:
             theta: (B, num_parameters), theta_T of each episode (differentiable w.r.t. the meta-parameters).
-            states: per episode, the learner's non-trainable state after the inner loop: the batch-norm
-                statistics gathered from that episode's support batches, or with query_statistics="support"
-                those of its support batch under theta_T.
+            states: the learner's non-trainable state after the inner loop, one tensor per non-trainable
+                variable with the episodes stacked on its first axis: the batch-norm statistics gathered from
+                each episode's support batches, or with query_statistics="support" those of its support batch
+                under theta_T.
         """
         learner = self._learner_function
         steps = self.inner_steps if inner_steps is None else int(inner_steps)
         episodes = _static_batch_size(support_images, "support_images")
 
         theta = tf.tile(self.theta0[tf.newaxis], [episodes, 1])
-        lstm_state = None  # zero state, zero gate feedback: every episode starts afresh
-        gate_logits = None
-        states = [learner.initial_state() for _ in range(episodes)]
+        # Zero state and zero feedback equal the "no previous step" of the first update exactly (x + 0 * w == x),
+        # and give the loop variables the fixed shapes a compiled loop needs.
+        zero_state = tf.zeros((self.hidden_units, *theta.shape), theta.dtype)
+        zero_logits = tf.zeros_like(theta)
+        initial = (0, theta, (zero_state, zero_state), (zero_logits, zero_logits), _stacked_state(learner, episodes))
 
-        for _ in range(steps):
-            losses, gradients = [], []
-            for episode in range(episodes):
-                episode_theta = theta[episode]
-                if self.first_order:
-                    # The loss and gradient are constants for the meta-gradient; theta itself stays
-                    # differentiable through the cell update below.
-                    episode_theta = tf.stop_gradient(episode_theta)
-                loss, gradient, states[episode] = learner.loss_and_gradient(
-                    episode_theta,
-                    states[episode],
-                    support_images[episode],
-                    support_labels[episode],
-                    divide_by_batch=self.divide_grad_by_batch,
-                )
-                losses.append(loss)
-                gradients.append(gradient)
-            gradient = tf.stack(gradients)  # (episodes, coordinates)
+        def update(step, theta, lstm_state, gate_logits, states):
+            losses, gradient, states = self._support_passes(theta, states, support_images, support_labels)
             # Features first: (2, episodes, coordinates) for the gradient; the loss is one value per episode,
             # preprocessed once and shared by all of that episode's coordinates.
             hidden, lstm_state, hidden_terms = self.coordinate_lstm.step_with_readout(
                 preprocess(gradient, self.p, axis=0),
                 lstm_state,
-                shared_inputs=preprocess(tf.stack(losses), self.p, axis=0),
+                shared_inputs=preprocess(losses, self.p, axis=0),
                 readout_kernel=self.cell.hidden_kernel(),
             )
             theta, gate_logits = self.cell(hidden, theta, gradient, gate_logits, hidden_terms=hidden_terms)
+            return step + 1, theta, lstm_state, gate_logits, states
+
+        # maximum_iterations: a static trip count, which XLA needs to differentiate the loop.
+        _, theta, _, _, states = tf.while_loop(
+            lambda step, *_: step < steps, update, initial, maximum_iterations=steps
+        )
         if self.query_statistics == "support":
-            states = [learner.batch_statistics(theta[episode], support_images[episode]) for episode in range(episodes)]
+            states = tf.map_fn(
+                lambda episode: learner.batch_statistics(*episode),
+                (theta, support_images),
+                fn_output_signature=_state_signature(learner),
+            )
         return theta, states
+
+    def _support_passes(self, theta, states, support_images, support_labels):
+        """Every episode's support loss (B,), gradient (B, P) at its own theta and updated state, one episode
+        after the other in a tf.map_fn (the learner may be any Keras model: a per-episode call is the one
+        evaluation that works for all of them)."""
+        learner = self._learner_function
+
+        def support_pass(episode):
+            episode_theta, state, images, labels = episode
+            loss, gradient, state = learner.loss_and_gradient(
+                episode_theta, state, images, labels, divide_by_batch=self.divide_grad_by_batch
+            )
+            return tf.cast(loss, episode_theta.dtype), gradient, state
+
+        results = tf.map_fn(
+            support_pass,
+            (theta, states, support_images, support_labels),
+            fn_output_signature=(
+                tf.TensorSpec((), theta.dtype),
+                tf.TensorSpec(theta.shape[1:], theta.dtype),
+                _state_signature(learner),
+            ),
+        )
+        if self.first_order:
+            # The loss and gradient are constants for the meta-gradient (theta itself stays differentiable
+            # through the cell update), and so is the state computed with them. Cut here, at the loop's
+            # outputs, the loop's gradient never differentiates the support passes.
+            results = tf.nest.map_structure(tf.stop_gradient, results)
+        return results
 
     def query_logits(self, theta, states, query_images, mode):
         """Logits of each episode's adapted learner on its query images: (B, N*Q, num_classes).
@@ -239,15 +271,18 @@ class MetaLearner(keras.Model):
         mode="train" normalises with the query batch's own statistics (meta-training); mode="test" with the
         statistics gathered from the episode's support batches (meta-testing, no information shared between
         query images). With query_statistics="support" both modes normalise with the support batch's statistics
-        under theta_T (the `states` of `inner_loop`).
+        under theta_T (the `states` of `inner_loop`). Like the inner loop, one tf.map_fn over the episodes.
         """
         _check_mode(mode)
         query_batch_statistics = mode == "train" and self.query_statistics == "query"
-        logits = [
-            self._learner_function(theta[episode], states[episode], query_images[episode], query_batch_statistics)[0]
-            for episode in range(len(states))
-        ]
-        return tf.stack(logits)
+
+        def query_pass(episode):
+            episode_theta, state, images = episode
+            logits, _ = self._learner_function(episode_theta, state, images, query_batch_statistics)
+            # The loop's output dtype must be known before tracing: the logits in theta's.
+            return tf.cast(logits, episode_theta.dtype)
+
+        return tf.map_fn(query_pass, (theta, states, query_images), fn_output_signature=theta.dtype)
 
     def call(self, episodes, training=False, mode=None):
         """Query logits (B, N*Q, num_classes) of a batch of episodes after the inner loop.
@@ -370,7 +405,7 @@ class MetaLearner(keras.Model):
 
     def _adapt_one(self, support_images, support_labels, inner_steps):
         theta, states = self.inner_loop(support_images[tf.newaxis], support_labels[tf.newaxis], inner_steps)
-        return theta[0], states[0]
+        return theta[0], [value[0] for value in states]
 
     def _check_support(self, support_images, support_labels):
         support_images = tf.convert_to_tensor(support_images, dtype=self.theta0.dtype)
@@ -437,6 +472,16 @@ class MetaLearner(keras.Model):
         config = dict(config)
         config["learner"] = keras.saving.deserialize_keras_object(config["learner"], custom_objects=custom_objects)
         return cls(**config)
+
+
+def _stacked_state(learner, episodes):
+    """The learner's initial non-trainable state for each of `episodes` episodes, stacked on a first axis."""
+    return [tf.tile(value[tf.newaxis], [episodes] + [1] * value.shape.rank) for value in learner.initial_state()]
+
+
+def _state_signature(learner):
+    """The TensorSpec of one episode's non-trainable state, as a per-episode tf.map_fn returns it."""
+    return [tf.TensorSpec(value.shape, value.dtype) for value in learner.initial_state()]
 
 
 def _output_layer_weights(model):

@@ -49,3 +49,25 @@ def test_rounds_are_summarised_by_their_median_per_column():
     assert benchmark.per_round_summary([one_round(150, 300), one_round(200, 500)]) == (
         "ours per round: 150.0, 200.0 ms; torch/ours per round: 2.00, 2.50"
     )
+
+
+def test_compile_scaling_runs_every_t_and_b_plain_and_xla_and_times_steady_steps_at_the_first_t_only():
+    benchmark = load_benchmark()
+    rows = benchmark.compile_scaling_rows([12, 24], [1, 8], [1, 4, 8], steps=3)
+    assert [(t, b) for t, b, _, _ in rows[::2]] == [(12, 1), (12, 8), (24, 1), (24, 8), (12, 4)]
+    assert [xla for _, _, xla, _ in rows] == [False, True] * 5
+    assert {(t, b): steps for t, b, _, steps in rows} == {(12, 1): 3, (12, 8): 3, (24, 1): 0, (24, 8): 0, (12, 4): 3}
+
+
+def test_graph_op_count_includes_loop_bodies_and_not_their_trip_count():
+    benchmark = load_benchmark()
+
+    def loop(iterations):
+        def body(step, total):
+            return step + 1, total + tf.sin(tf.cast(step, tf.float32))
+
+        return tf.function(lambda: tf.while_loop(lambda step, _: step < iterations, body, (0, 0.0))[1])
+
+    counts = [benchmark.graph_op_count(loop(n).get_concrete_function()) for n in (2, 20)]
+    top_level = len(loop(2).get_concrete_function().graph.as_graph_def().node)
+    assert counts[0] == counts[1] > top_level

@@ -130,10 +130,12 @@ class CoordinateLSTM(keras.layers.Layer):
     def _episode_gate_bias(self, episodes, shared_inputs):
         """(4 * units, episodes): the bias plus each episode's shared-feature contribution, computed once per
         episode and added to all of its coordinates like a bias."""
-        bias = tf.tile(self.bias[:, tf.newaxis], [1, episodes])
+        bias = self.bias[:, tf.newaxis]
         if self.shared_input_dim:
-            bias = bias + tf.matmul(self.kernel[: self.shared_input_dim], shared_inputs, transpose_a=True)
-        return bias
+            # Broadcast, not tiled: in the gradient of a compiled loop a tile's multiples are a runtime value,
+            # which XLA refuses as a shape.
+            return bias + tf.matmul(self.kernel[: self.shared_input_dim], shared_inputs, transpose_a=True)
+        return tf.tile(bias, [1, episodes])
 
     def get_config(self):
         config = super().get_config()

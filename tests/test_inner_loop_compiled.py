@@ -1,0 +1,146 @@
+"""The inner loop as compiled loops: B episodes together equal one at a time, XLA equals plain, the traced graph
+does not grow with T or B, and the whole training step compiles with XLA as a TPUStrategy would compile it."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import as_tensors, random_episodes
+
+import keras_metalstm as km
+from keras_metalstm.ops import fused_coordinate_lstm
+
+
+def conv4_learner():
+    keras.utils.set_random_seed(0)
+    return km.learners.conv4(input_shape=(28, 28, 1), num_classes=5, filters=4)
+
+
+def dropout_skip_learner():
+    """Functional, with a skip connection and dropout (whose seed is per-episode non-trainable state)."""
+    keras.utils.set_random_seed(1)
+    images = keras.Input((28, 28, 1))
+    features = keras.layers.Conv2D(4, 3, strides=2, activation="relu")(images)
+    skip = keras.layers.Conv2D(4, 1, padding="same")(features)
+    features = keras.layers.Add()([skip, keras.layers.Conv2D(4, 3, padding="same", activation="relu")(features)])
+    features = keras.layers.Dropout(0.3)(keras.layers.GlobalAveragePooling2D()(features))
+    return keras.Model(images, keras.layers.Dense(5)(features))
+
+
+def group_norm_learner():
+    keras.utils.set_random_seed(2)
+    images = keras.Input((28, 28, 1))
+    features = keras.layers.Conv2D(4, 3, strides=2)(images)
+    features = keras.layers.ReLU()(keras.layers.GroupNormalization(groups=2)(features))
+    return keras.Model(images, keras.layers.Dense(5)(keras.layers.GlobalAveragePooling2D()(features)))
+
+
+def dense_batchnorm_learner():
+    keras.utils.set_random_seed(3)
+    images = keras.Input((28, 28, 1))
+    features = keras.layers.BatchNormalization()(keras.layers.Dense(6)(keras.layers.Flatten()(images)))
+    return keras.Model(images, keras.layers.Dense(5)(keras.layers.ReLU()(features)))
+
+
+LEARNERS = {
+    "conv4": conv4_learner,
+    "dropout_skip": dropout_skip_learner,
+    "group_norm": group_norm_learner,
+    "dense_batchnorm": dense_batchnorm_learner,
+}
+
+
+def twin(meta):
+    copy = km.MetaLearner.from_config(meta.get_config())
+    copy.set_weights(meta.get_weights())
+    return copy
+
+
+def episode(episodes, index):
+    return {key: value[index : index + 1] for key, value in episodes.items()}
+
+
+def graph_op_count(concrete_function):
+    """Ops of a traced function, the bodies of its loops and gradients (the function library) included."""
+    graph = concrete_function.graph.as_graph_def()
+    return len(graph.node) + sum(len(function.node_def) for function in graph.library.function)
+
+
+@pytest.mark.parametrize(
+    "learner_name, options",
+    [("conv4", {}), ("dropout_skip", {"first_order": False, "query_statistics": "support"})],
+)
+def test_episodes_together_equal_the_same_episodes_one_at_a_time(learner_name, options):
+    meta = km.MetaLearner(LEARNERS[learner_name](), inner_steps=3, **options)
+    episodes = as_tensors(random_episodes(batch=3, query=2, seed=4))
+
+    @tf.function
+    def outcomes(batch):
+        theta, states = meta.inner_loop(batch["support_images"], batch["support_labels"])
+        # Test mode reads every episode's own batch-norm statistics from the inner loop.
+        test_logits = meta.query_logits(theta, states, batch["query_images"], "test")
+        loss, _, gradients = meta.meta_gradients(batch)
+        return theta, test_logits, loss, gradients
+
+    theta, test_logits, loss, gradients = outcomes(episodes)
+    singles = [outcomes(episode(episodes, index)) for index in range(3)]
+    assert not np.allclose(singles[0][0].numpy(), singles[1][0].numpy(), atol=1e-4)  # the episodes differ
+    np.testing.assert_allclose(theta.numpy(), np.concatenate([one[0] for one in singles]), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(test_logits.numpy(), np.concatenate([one[1] for one in singles]), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(loss.numpy(), np.mean([one[2] for one in singles]), rtol=1e-6)
+    # meta_gradients averages over the meta-batch.
+    for index, variable in enumerate(meta.trainable_variables):
+        expected = np.mean([one[3][index].numpy() for one in singles], axis=0)
+        np.testing.assert_allclose(gradients[index].numpy(), expected, rtol=1e-5, atol=1e-5, err_msg=variable.path)
+
+
+def test_xla_and_plain_second_order_meta_gradients_agree():
+    meta = km.MetaLearner(
+        dense_batchnorm_learner(), inner_steps=3, first_order=False, query_statistics="support"
+    )
+    compiled = twin(meta)
+    episodes = as_tensors(random_episodes(batch=2, query=2, seed=5))
+    plain_loss, _, plain_gradients = tf.function(meta.meta_gradients)(episodes)
+    xla_loss, _, xla_gradients = compiled._gradient_function(jit_compile=True)(episodes)
+    np.testing.assert_allclose(xla_loss.numpy(), plain_loss.numpy(), rtol=1e-5)
+    for variable, plain, xla in zip(meta.trainable_variables, plain_gradients, xla_gradients, strict=True):
+        assert float(tf.norm(plain)) > 0, variable.path
+        assert float(tf.norm(xla - plain)) <= 1e-4 * float(tf.norm(plain)) + 1e-8, variable.path
+
+
+@pytest.mark.parametrize("options", [{}, {"first_order": False, "query_statistics": "support"}])
+def test_the_traced_training_graph_does_not_grow_with_inner_steps_or_episodes(options):
+    def ops(inner_steps, batch):
+        meta = km.MetaLearner(conv4_learner(), inner_steps=inner_steps, **options)
+        episodes = as_tensors(random_episodes(batch=batch, query=2, seed=6))
+        return graph_op_count(tf.function(meta.meta_gradients).get_concrete_function(episodes))
+
+    reference = ops(2, 1)
+    assert ops(6, 1) <= 1.2 * reference
+    assert ops(2, 4) <= 1.2 * reference
+
+
+@pytest.mark.parametrize("learner_name", ["conv4", "group_norm"])
+def test_the_whole_training_step_compiles_with_xla_and_makes_the_plain_update(learner_name):
+    """Inner loop, meta-gradient, clip and Adam update in ONE XLA computation, as a TPUStrategy compiles a
+    replica's step; the update equals the plain step's."""
+    meta = km.MetaLearner(LEARNERS[learner_name](), inner_steps=2)
+    compiled = twin(meta)
+    episodes = as_tensors(random_episodes(batch=2, query=2, seed=7))
+    optimizer = km.meta_optimizer()
+    optimizer.build(compiled.trainable_variables)
+
+    @tf.function(jit_compile=True)
+    def xla_step(batch):
+        with fused_coordinate_lstm.disabled():  # XLA cannot compile the fused CPU kernel
+            return compiled.meta_train_step(batch, optimizer, clip_norm=0.25)
+
+    theta0_before = compiled.theta0.numpy().copy()
+    xla_loss, _ = xla_step(episodes)
+    plain = km.MetaTrainer(meta, clip_norm=0.25).train_step(episodes)
+    np.testing.assert_allclose(xla_loss.numpy(), plain["loss"].numpy(), rtol=1e-5)
+    assert int(optimizer.iterations.numpy()) == 1
+    assert not np.allclose(compiled.theta0.numpy(), theta0_before, atol=1e-4)  # the update was applied
+    for reference, variable in zip(meta.trainable_variables, compiled.trainable_variables, strict=True):
+        # Adam's first step is ~lr * sign(g): compare whole tensors, not coordinates whose gradient is ~0.
+        assert float(tf.norm(reference - variable) / tf.norm(reference)) <= 1e-4, variable.path
