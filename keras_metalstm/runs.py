@@ -186,23 +186,35 @@ def load_meta_learner(run_dir, which: str = "best"):
     return config, meta
 
 
-def save_best_model(run_dir: Path, meta, best_checkpoint: str | None, write: bool = True) -> None:
-    """Write best.keras: the meta-learner of `best_checkpoint` (the best validation), or `meta` itself when no
-    validation ran.
+def save_best_model(run_dir: Path, meta, validated: bool, best_checkpoint: str | None, write: bool = True) -> None:
+    """Write best.keras: with `validated`, the meta-learner of `best_checkpoint` (the best validation), else `meta`
+    itself (no validation ran).
 
-    Every worker of a cluster calls this: with a best checkpoint (the same on every worker) the best meta-learner
-    is built anew, and creating variables is a collective under a multi-worker strategy. Only `write` (the chief,
+    Every worker of a cluster calls this: with `validated` (the same on every worker) the best meta-learner is
+    built anew, and creating variables is a collective under a multi-worker strategy. Only `write` (the chief,
     whose best/ holds the best checkpoint of every session) restores and saves it.
     """
-    best = type(meta).from_config(meta.get_config()) if best_checkpoint else meta
+    best = type(meta).from_config(meta.get_config()) if validated else meta
     if not write:
         return
-    if best_checkpoint:
+    if validated:
         restore_checkpoint(checkpoint_object(best), best_checkpoint, "best checkpoint")
     target = Path(run_dir) / BEST_MODEL_FILE
     tmp = Path(run_dir) / f".tmp-{os.getpid()}-{BEST_MODEL_FILE}"
     best.save(str(tmp))
     os.replace(tmp, target)
+
+
+def start_failed(run_dir) -> bool:
+    """True for a run directory set up by a start that never reached its first checkpoint (it failed or was
+    interrupted): state.json says so, or says "starting" and the process that wrote it is gone."""
+    if latest_checkpoint(run_dir):
+        return False
+    state = read_state(run_dir)
+    status = str(state.get("status", ""))
+    if status == "starting":
+        return state.get("host") == socket.gethostname() and not process_alive(state.get("pid", -1))
+    return status == "interrupted" or status.startswith("failed")
 
 
 # ---------------------------------------------------------------------------------------------- state.json

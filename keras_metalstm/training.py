@@ -48,6 +48,7 @@ from keras_metalstm.runs import (
     restore_checkpoint,
     run_exists,
     save_best_model,
+    start_failed,
     write_state,
 )
 
@@ -189,6 +190,7 @@ class TrainingRun:
         self.task = None
         self.started = False  # the directory holds a run that reached its first checkpoint
         self.architecture = None
+        self.test_split_problem = None
 
     # --- run directory handling ----------------------------------------------------------------------
     def _prepare_config(self, config: RunConfig) -> RunConfig:
@@ -212,7 +214,7 @@ class TrainingRun:
                 f"--resume: {run_dir} holds no training run to resume (no {CONFIG_FILE_NAME}); check the path, or "
                 "leave out --resume to start a new run there"
             )
-        if self.started and not self.resume:
+        if exists and not self.resume and not start_failed(run_dir):
             raise RunDirError(
                 f"{run_dir} already holds a training run; pass --resume to continue it, or choose another "
                 "--run-dir (nothing was overwritten)"
@@ -282,6 +284,7 @@ class TrainingRun:
         self.config = config.replace(image_shape=image_shape)
         # Check the episode shape fits the data before anything is written.
         check_episode_shapes(splits, self.config)
+        self.test_split_problem = test_split_problem(splits, self.config)
         _check_theta0_source(self.config, strategy)
         # A run that reached a checkpoint keeps its stored learner; a new one builds and checks config.learner.
         stored = self.run_dir if self.started else None
@@ -293,6 +296,8 @@ class TrainingRun:
             self.config.save(self.run_dir / CONFIG_FILE_NAME)
             if not self.started or not (self.run_dir / ARCHITECTURE_FILE).is_file():
                 save_architecture(self.architecture, self.run_dir)
+            if not self.started:  # until the first checkpoint, a failed start leaves a directory to start again
+                write_state(self.run_dir, "starting", 0, self.config.episodes, None, None, 0.0)
         return splits
 
     def _theta0_source(self, config, splits, learner, callbacks):
@@ -415,6 +420,8 @@ class _Session:
     def train(self) -> TrainingResult:
         self._clock = (0.0, time.time())
         try:
+            if self.run.test_split_problem:
+                self.callbacks.on_message(self.run.test_split_problem)
             self._clock = (self._restore_or_initialise(), time.time())
             self._began = True
             start = int(self.episode.numpy())
@@ -425,8 +432,8 @@ class _Session:
             self._loop(start)
             if self.status == "running":
                 self.status = "finished"
-                best = self.best_manager.latest_checkpoint if float(self.best_accuracy.numpy()) >= 0 else None
-                save_best_model(self.run_dir, self.meta, best, write=self.chief)
+                validated = float(self.best_accuracy.numpy()) >= 0  # the same on every worker
+                save_best_model(self.run_dir, self.meta, validated, self.best_manager.latest_checkpoint, self.chief)
         except KeyboardInterrupt:
             self.status = "interrupted"
             raise
@@ -572,7 +579,7 @@ class _Session:
         if self.log is not None:
             self.log.close()
         with contextlib.suppress(OSError):  # a full or read-only disk must not hide the error that ended the run
-            if self._began:
+            if self._began or not self.run.started:  # a started run's state is kept when its restore failed
                 self._write_state()
             write_curves(self.run_dir)
 
@@ -628,15 +635,25 @@ def _check_theta0_source(config: RunConfig, strategy) -> None:
 
 
 def check_episode_shapes(splits, config: RunConfig) -> None:
-    """Raise DataError now if a split cannot give the configured episodes (instead of mid-training, or at
-    evaluation time for the test split)."""
+    """Raise DataError now if the training or validation split cannot give the configured episodes (instead of
+    mid-training)."""
     from keras_metalstm.data import EpisodeSampler
 
     EpisodeSampler(splits.train, config.n_way, config.k_shot, config.query)
     if config.val_episodes:
         EpisodeSampler(splits.val, config.n_way, config.k_shot, config.query)
-    if splits.test.num_classes:
+
+
+def test_split_problem(splits, config: RunConfig) -> str | None:
+    """Why the test split cannot give the configured episodes (said at the start of training, since only
+    `metalstm evaluate` needs it), or None."""
+    from keras_metalstm.data import DataError, EpisodeSampler
+
+    try:
         EpisodeSampler(splits.test, config.n_way, config.k_shot, config.query)
+    except DataError as error:
+        return f"note: `metalstm evaluate` will not find test episodes in this data: {error}"
+    return None
 
 
 def _tensorboard_writer(run_dir: Path):

@@ -335,13 +335,12 @@ def test_conversion_to_the_runs_image_shape_follows_the_rule():
     import tensorflow as tf
 
     from keras_metalstm.config import RunConfig
-    from keras_metalstm.data import ClassIndexedDataset, convert_images
-    from keras_metalstm.evaluation import _convert
+    from keras_metalstm.data import ClassIndexedDataset, convert_dataset, convert_images
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(4, 36, 36, 3), dtype=np.uint8)
     data = ClassIndexedDataset(images, [2, 2], ["a", "b"], name="rgb")
-    converted = _convert(data, (28, 28, 1))
+    converted = convert_dataset(data, (28, 28, 1))
     assert converted.image_shape == (28, 28, 1) and converted.class_names == ("a", "b")
     expected = tf.cast(tf.round(convert_images(images, (28, 28, 1)) * 255), tf.uint8).numpy()
     np.testing.assert_array_equal(converted.images, expected)

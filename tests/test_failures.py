@@ -100,16 +100,17 @@ def test_resume_with_fewer_episodes_than_done_is_refused_and_changes_nothing(tmp
     assert (run_dir / "config.yaml").read_text() == before
 
 
-def test_a_test_split_too_small_for_the_episodes_is_found_at_start(tmp_path):
+def test_a_test_split_too_small_for_the_episodes_is_said_at_the_start_of_training(tmp_path):
     from keras_metalstm.data import load_dataset
 
     data_dir = make_image_folder(tmp_path / "data", num_classes=12, per_class=5)
     small = load_dataset("folder", data_dir).test.class_names[0]
     for image in sorted((data_dir / small).glob("*.png"))[2:]:
         image.unlink()  # 2 images left: 1 support + 2 queries do not fit
-    result = invoke(train_args(data_dir, tmp_path / "run", "--query", "2"))
-    assert_clean_failure(result, f"class {small!r}", "has 2 images", "--k-shot, --query")
-    assert not (tmp_path / "run").exists()
+    result = invoke(train_args(data_dir, tmp_path / "run", "--query", "2", "--episodes", "2"))
+    assert result.exit_code == 0, result.output  # training does not need the test split ...
+    for fragment in ("will not find test episodes", f"class {small!r}", "has 2 images", "--k-shot, --query"):
+        assert fragment in result.output  # ... but the user hears of it now, not at evaluation time
 
 
 # ------------------------------------------------------------------------------------------- I/O failures
@@ -245,3 +246,26 @@ def test_stale_export_temporaries_of_a_killed_export_are_removed_by_the_next_exp
     result = export.export_adapted(adapted, models, format="savedmodel")
     assert result.path == models / "1" and (models / "1" / "saved_model.pb").is_file()
     assert not stale.exists() and alive.exists()
+
+
+def test_a_folder_of_mixed_sizes_and_modes_trains_with_image_shape(tmp_path):
+    data_dir = make_image_folder(tmp_path / "data", num_classes=12, per_class=5)
+    for folder in sorted(data_dir.iterdir())[::2]:  # every other class as 32x32 RGB
+        for image in folder.glob("*.png"):
+            with Image.open(image) as grey:
+                grey.convert("RGB").resize((32, 32)).save(image)
+    refused = invoke(train_args(data_dir, tmp_path / "refused", "--episodes", "2"))
+    assert_clean_failure(refused, "mixed shapes", "--image-shape H,W,C")
+    assert not (tmp_path / "refused").exists()
+    trained = invoke(train_args(data_dir, tmp_path / "run", "--episodes", "2", "--image-shape", "28,28,1"))
+    assert trained.exit_code == 0, trained.output
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["image_shape"] == [28, 28, 1]
+
+
+def test_an_unreadable_image_is_named_in_one_sentence(tmp_path):
+    data_dir = make_image_folder(tmp_path / "data", num_classes=12, per_class=5)
+    broken = next((data_dir / "class_03").glob("*.png"))
+    broken.write_bytes(b"not an image")
+    result = invoke(train_args(data_dir, tmp_path / "run", "--episodes", "2"))
+    assert_clean_failure(result, "unreadable image file(s)", broken.name, "Replace or delete them")
+    assert ".." not in result.output.replace(str(tmp_path), "")

@@ -64,6 +64,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
     killed = subprocess.Popen(train_command(data_dir, tmp_path / "killed", episodes), env=ENV,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_checkpoint(killed, tmp_path / "killed")
+    deadline = time.time() + 120  # state.json follows each checkpoint: kill once it describes one
+    while json.loads((tmp_path / "killed" / "state.json").read_text())["episode"] == 0 and time.time() < deadline:
+        time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)
     killed.wait(timeout=60)
     assert killed.returncode == -signal.SIGKILL
