@@ -325,6 +325,8 @@ class MetaLearner(keras.Model):
             return self.meta_gradients(episodes)
 
     def train_step(self, episodes):
+        """Keras' `fit` step. It may trace the fused kernel (`_fit_kernel_scope`): a function of your own that you
+        mean to save should call `meta_train_step`, which traces stock ops."""
         with self._fit_kernel_scope():
             loss, accuracy = self.meta_train_step(episodes, self.optimizer, clip_norm=self._fit_clip_norm)
         self.loss_tracker.update_state(loss)
