@@ -100,11 +100,15 @@ constexpr int kVectors = kBlock / kLanes;
 constexpr int kRowsPerPass = 8 / kVectors;
 static_assert(kRowsPerPass == 1 || kRowsPerPass == 2, "the 4U gates must split into passes of kRowsPerPass");
 
-// exp on a vector of lanes, inlined (a library call per vector costs more than the arithmetic): Cody-Waite range
-// reduction x = n ln2 + r, then the Cephes polynomial for e^r on |r| <= ln2 / 2 (relative error ~1e-7).
-inline Vec Exp(Vec x) {
-  x = x < -87.0f ? Vec{} - 87.0f : x;
-  x = x > 88.0f ? Vec{} + 88.0f : x;
+// e^x as 2^n * (1 + q), inlined (a library call per vector costs more than the arithmetic): Cody-Waite range
+// reduction x = n ln2 + r, then the Cephes polynomial for q = e^r - 1 on |r| <= ln2 / 2 (relative error ~1e-7).
+// Exp and ExpMinusOne put the parts together; x must lie in [-87, 88].
+struct ExpParts {
+  Vec scale;  // 2^n
+  Vec q;      // e^r - 1
+};
+
+inline ExpParts SplitExp(Vec x) {
   // Round x / ln2 to the nearest integer: adding 1.5 * 2^23 pushes the fraction out of the mantissa.
   const Vec shifted = x * 1.44269504f + 12582912.0f;
   const Vec n = shifted - 12582912.0f;
@@ -114,9 +118,22 @@ inline Vec Exp(Vec x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
   const IntVec exponent = (reinterpret_cast<const IntVec&>(shifted) - 0x4B400000 + 127) << 23;
-  return p * reinterpret_cast<const Vec&>(exponent);
+  return {reinterpret_cast<const Vec&>(exponent), p * r * r + r};
+}
+
+inline Vec Exp(Vec x) {
+  x = x < -87.0f ? Vec{} - 87.0f : x;
+  x = x > 88.0f ? Vec{} + 88.0f : x;
+  const ExpParts parts = SplitExp(x);
+  return (parts.q + 1.0f) * parts.scale;
+}
+
+// e^x - 1 without the cancellation of Exp(x) - 1 near 0: where |x| < ln2 / 2, n = 0 and it is q itself, whose
+// relative error does not grow as x shrinks; elsewhere |e^x - 1| > 0.29 and nothing cancels.
+inline Vec ExpMinusOne(Vec x) {
+  const ExpParts parts = SplitExp(x);
+  return parts.q * parts.scale + (parts.scale - 1.0f);
 }
 
 // 1 / x from the hardware's approximate reciprocal and one Newton step (relative error ~1e-7 or better):
@@ -136,21 +153,16 @@ inline Vec Reciprocal(Vec x) {
 // 1 + e^-x is ~2 and nothing cancels.
 inline Vec Sigmoid(Vec x) { return Reciprocal(1.0f + Exp(-x)); }
 
-// tanh with a small relative error at every magnitude (~3e-7; measured against float64 in the tests).
-// 2 / (1 + e^-2x) - 1 subtracts two numbers near 1 when x is small: its absolute error stays ~1e-7, so at
-// |x| = 1e-6 its relative error is ~10%, and pre-activations and cell states that small do occur. Below
-// |x| = 0.625 the odd polynomial x + x^3 P(x^2) is used instead; P is a minimax fit of (tanh(x) - x) / x^3 on
-// [0, 0.625] in relative error (4e-9 before float rounding), so tanh(x) == x wherever x^2 vanishes against 1.
-constexpr float kTanhPolynomialBound = 0.625f;
+// tanh(x) = (e^2x - 1) / (e^2x + 1) with e^2x - 1 from ExpMinusOne: a small relative error at every magnitude
+// (~3e-7, measured against float64 in the tests). The former 2 / (1 + e^-2x) - 1 subtracted two numbers near 1,
+// with an absolute error of ~1e-7 whatever x, so at |x| = 1e-6 its relative error was ~10%; pre-activations and
+// cell states that small do occur. Beyond |x| = 10 tanh is +-1 in float (and e^2x would leave the reciprocal's
+// range).
 inline Vec Tanh(Vec x) {
-  const Vec z = x * x;
-  Vec p = -5.704986397e-3f * z + 2.063908614e-2f;
-  p = p * z - 5.373971537e-2f;
-  p = p * z + 1.333144158e-1f;
-  p = p * z - 3.333328068e-1f;
-  const Vec small = x + x * z * p;
-  const Vec large = 2.0f * Reciprocal(1.0f + Exp(-2.0f * x)) - 1.0f;
-  return z < kTanhPolynomialBound * kTanhPolynomialBound ? small : large;
+  x = x < -10.0f ? Vec{} - 10.0f : x;
+  x = x > 10.0f ? Vec{} + 10.0f : x;
+  const Vec e = ExpMinusOne(2.0f * x);
+  return e * Reciprocal(e + 2.0f);
 }
 
 struct Dims {
@@ -309,11 +321,12 @@ std::vector<float> StackedKernel(const Dims& dims, const Tensor& input_kernel, c
 // The blocks are cut into shards by the size of the problem alone, never by the number of threads: the
 // kernel and bias gradients are sums over coordinates, each shard sums its own blocks in order and the shards'
 // sums are added in shard order, so the results are bitwise the same with any number of threads (a resumed
-// run continues exactly on a machine with another core count). kMaxShards bounds the per-shard partial sums
-// and is enough to keep 64 threads busy; kMinBlocksPerShard keeps a shard's fixed cost (its scratch memory and
-// partial sums) small against its work.
+// run continues exactly on a machine with another core count). kMaxShards bounds the memory of the shards'
+// sums and keeps up to 64 threads busy; kMinBlocksPerShard (2,048 coordinates) keeps a shard's fixed cost (its
+// scratch memory, zeroing and adding up the lanes of its partial sums) small against its work: a 28k-coordinate
+// episode is cut into 14 shards.
 constexpr int64_t kMaxShards = 64;
-constexpr int64_t kMinBlocksPerShard = 8;
+constexpr int64_t kMinBlocksPerShard = 32;
 
 int64_t TotalBlocks(const Dims& dims) { return dims.episodes * dims.blocks_per_episode(); }
 
