@@ -13,7 +13,7 @@ enters `enabled()` only in its own training and evaluation steps (`MetaTrainer`,
 that are never saved. So a tf.function a user writes around the meta-learner (`meta(...)`, `inner_loop`,
 `meta_gradients`, `meta_train_step`), and every SavedModel or ONNX export, holds stock ops only and loads
 where this library is absent (TensorFlow Serving). Even within `enabled()`, stock ops run for float64 and
-other non-float32 inputs, under XLA (`jit_compile`, which sets `disabled()`), on GPU/TPU machines, with
+other non-float32 inputs, within `disabled()` (MetaTrainer's XLA-compiled part), on GPU/TPU machines, with
 KERAS_METALSTM_FUSED_KERNELS=0, and when no compiler is available; they are the reference the kernel is
 tested against.
 """
