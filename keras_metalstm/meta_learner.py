@@ -6,7 +6,14 @@ steps 1-4) on each episode's support set, starting from theta0, and classifies t
 parameters theta_T (step 5), with the T steps and the B episodes as loops in the graph rather than unrolled, so
 tracing and XLA compilation do not grow with T or B. The same step function serves `MetaTrainer` and Keras' own
 `fit`.
+
+The fused CPU kernel of the coordinate-wise LSTM (keras_metalstm/ops) runs only in the steps Keras' `fit` and
+`evaluate` trace (without `jit_compile`) and in `adapt`'s own compiled function, none of which is ever saved;
+`call`, `inner_loop`, `meta_gradients` and `meta_train_step` traced anywhere else use stock TensorFlow ops, so
+any function a user saves around them loads without this library.
 """
+
+import contextlib
 
 import keras
 import tensorflow as tf
@@ -353,16 +360,26 @@ class MetaLearner(keras.Model):
             return self.meta_gradients(episodes)
 
     def train_step(self, episodes):
-        loss, accuracy = self.meta_train_step(episodes, self.optimizer, clip_norm=self._fit_clip_norm)
+        """Keras' `fit` step. It may trace the fused kernel (`_fit_kernel_scope`): a function of your own that you
+        mean to save should call `meta_train_step`, which traces stock ops."""
+        with self._fit_kernel_scope():
+            loss, accuracy = self.meta_train_step(episodes, self.optimizer, clip_norm=self._fit_clip_norm)
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(accuracy)
         return {metric.name: metric.result() for metric in self.metrics}
 
     def test_step(self, episodes):
-        losses, accuracies = self.episode_metrics(episodes, mode="test")
+        with self._fit_kernel_scope():
+            losses, accuracies = self.episode_metrics(episodes, mode="test")
         self.loss_tracker.update_state(tf.reduce_mean(losses))
         self.accuracy_tracker.update_state(tf.reduce_mean(accuracies))
         return {metric.name: metric.result() for metric in self.metrics}
+
+    def _fit_kernel_scope(self):
+        """Where Keras' fit/evaluate trace train_step/test_step (inside each replica's thread; Keras leaves these
+        functions out of SavedModels): the fused kernel, unless Keras compiles the step with XLA, which cannot
+        compile a custom op."""
+        return contextlib.nullcontext() if self.jit_compile else fused_coordinate_lstm.enabled()
 
     def compile(self, optimizer=None, clip_norm=0.25, **kwargs):
         """Like keras.Model.compile, for `fit`: the default optimizer is the paper's Adam(1e-3), and `clip_norm`
@@ -404,7 +421,9 @@ class MetaLearner(keras.Model):
         return self._materialise(theta, state)
 
     def _adapt_one(self, support_images, support_labels, inner_steps):
-        theta, states = self.inner_loop(support_images[tf.newaxis], support_labels[tf.newaxis], inner_steps)
+        # Traced only into _compiled_adapt, a cache left out of SavedModels: the fused kernel may run here.
+        with fused_coordinate_lstm.enabled():
+            theta, states = self.inner_loop(support_images[tf.newaxis], support_labels[tf.newaxis], inner_steps)
         return theta[0], [value[0] for value in states]
 
     def _check_support(self, support_images, support_labels):

@@ -1,8 +1,13 @@
-"""Meta-training driver: a compiled (optionally XLA) episodic step that runs under any tf.distribute strategy."""
+"""Meta-training driver: a compiled (optionally XLA) episodic step that runs under any tf.distribute strategy.
+
+Its step functions are the library's own, never saved: without XLA they trace the fused CPU kernel of the
+coordinate-wise LSTM where it can run (keras_metalstm/ops/fused_coordinate_lstm.py).
+"""
 
 import keras
 import tensorflow as tf
 
+from keras_metalstm.ops import fused_coordinate_lstm
 from keras_metalstm.optimizers import MultiplierAdam
 
 
@@ -49,10 +54,17 @@ class MetaTrainer:
         self._train_function = tf.function(self._distributed_train_step)
         self._evaluate_function = tf.function(self._distributed_evaluate_step)
 
+    # Each replica function enters fused_coordinate_lstm.enabled() itself: MirroredStrategy traces the replicas
+    # in threads of their own, and the context is thread-local. (With jit_compile the XLA part disables it.)
     def _replica_train_step(self, episodes):
-        return self.meta.meta_train_step(
-            episodes, self.optimizer, clip_norm=self.clip_norm, jit_compile=self.jit_compile
-        )
+        with fused_coordinate_lstm.enabled():
+            return self.meta.meta_train_step(
+                episodes, self.optimizer, clip_norm=self.clip_norm, jit_compile=self.jit_compile
+            )
+
+    def _replica_evaluate_step(self, episodes):
+        with fused_coordinate_lstm.enabled():
+            return self.meta.episode_metrics(episodes, "test")
 
     def _distributed_train_step(self, episodes):
         loss, accuracy = self.strategy.run(self._replica_train_step, args=(episodes,))
@@ -63,7 +75,7 @@ class MetaTrainer:
         }
 
     def _distributed_evaluate_step(self, episodes):
-        losses, accuracies = self.strategy.run(self.meta.episode_metrics, args=(episodes, "test"))
+        losses, accuracies = self.strategy.run(self._replica_evaluate_step, args=(episodes,))
         return {
             "loss": self.strategy.gather(losses, axis=0),
             "accuracy": self.strategy.gather(accuracies, axis=0),

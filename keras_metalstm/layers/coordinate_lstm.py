@@ -6,8 +6,10 @@ them, and each coordinate carries its own (h, c) state across the inner steps of
 Layout: features come FIRST and the coordinates last, e.g. inputs (input_dim, episodes, coordinates) and
 states (units, episodes, coordinates). With ~30k coordinates and 20 units this step is the meta-learner's
 hot loop; features-first makes the per-gate slices contiguous blocks and turns the gate products into one
-(4 * units, features) x (features, coordinates) matrix product. On CPU-only machines the step runs as one
-fused kernel (keras_metalstm/ops), with these ops as the fallback and the reference it is tested against.
+(4 * units, features) x (features, coordinates) matrix product. In the library's own training and evaluation
+steps on CPU-only machines, float32 and without XLA, the step runs as one fused kernel (keras_metalstm/ops);
+everywhere else, including any function a user traces or saves, it runs these stock ops, the reference the
+kernel is tested against.
 """
 
 import keras
@@ -88,7 +90,7 @@ class CoordinateLSTM(keras.layers.Layer):
         product (and its gradient) while h is still in the cache. Without a readout_kernel, readout is None.
         """
         own_kernel = self.kernel[self.shared_input_dim :]
-        fused_step = fused_coordinate_lstm.coordinate_step() if inputs.shape.rank == 3 else None
+        fused_step = fused_coordinate_lstm.coordinate_step(inputs.dtype) if inputs.shape.rank == 3 else None
         if fused_step is not None:
             if state is None:
                 zeros = tf.zeros(tf.concat([[self.units], tf.shape(inputs)[1:]], axis=0), inputs.dtype)

@@ -1,13 +1,21 @@
-"""The fused CPU kernel of the coordinate-wise LSTM step: building it, loading it, and when to use it.
+"""The fused CPU kernel of the coordinate-wise LSTM step: building it, loading it, and where it is used.
 
 The kernel (coordinate_lstm_kernel.cc beside this file) computes the same step as CoordinateLSTM's stock
 TensorFlow ops, forward and backward, carrying a block of coordinates through the whole step while it sits in
 the cache. It is compiled on first use against the installed TensorFlow with the machine's C++ compiler and
-cached (the source, TensorFlow version and flags name the file), so nothing is compiled at install time.
+cached (the source, TensorFlow version and flags name the file), so nothing is compiled at install time. Its
+results do not depend on the number of threads (the work is split by the problem's size alone), and its
+activations keep a small relative error down to tiny pre-activations.
 
-It is used only where it can run: on CPU-only machines, outside XLA-compiled functions. On GPU/TPU machines,
-under `jit_compile`, with KERAS_METALSTM_FUSED_KERNELS=0, or when no compiler is available, the layer runs
-the stock TensorFlow ops, the code the tests compare the kernel against.
+The kernel is opt-in: a function traced within `enabled()` uses it, every other traces stock ops. The library
+enters `enabled()` only in its own training and evaluation steps (`MetaTrainer`, `MetaLearner.train_step` and
+`test_step` under `fit`/`evaluate` without `jit_compile`) and its own cache of `MetaLearner.adapt`, functions
+that are never saved. So a tf.function a user writes around the meta-learner (`meta(...)`, `inner_loop`,
+`meta_gradients`, `meta_train_step`), and every SavedModel or ONNX export, holds stock ops only and loads
+where this library is absent (TensorFlow Serving). Even within `enabled()`, stock ops run for float64 and
+other non-float32 inputs, within `disabled()` (MetaTrainer's XLA-compiled part), on GPU/TPU machines, with
+KERAS_METALSTM_FUSED_KERNELS=0, and when no compiler is available; they are the reference the kernel is
+tested against.
 """
 
 import contextlib
@@ -149,10 +157,25 @@ def load():
 
 
 @contextlib.contextmanager
+def enabled():
+    """Within this context, in this thread, functions traced use the kernel where it can run (float32, CPU).
+
+    For the library's own step functions only, which are never saved: a graph traced here holds a custom op
+    that loads only where this library is installed. Thread-local because MirroredStrategy traces each
+    replica in its own thread: a step function enters it inside the replica function it runs.
+    """
+    previous = getattr(_state, "enabled", False)
+    _state.enabled = True
+    try:
+        yield
+    finally:
+        _state.enabled = previous
+
+
+@contextlib.contextmanager
 def disabled():
-    """Within this context, in this thread, functions traced use stock TensorFlow ops instead of the kernel, for
-    XLA, which cannot compile a custom op, for exports, and for comparing the two. (Thread-local because
-    MirroredStrategy traces each replica in its own thread, and each sets it for itself.)"""
+    """Within this context, in this thread, functions traced use stock TensorFlow ops, even within `enabled()`:
+    for XLA, which cannot compile a custom op, and for comparing the two. (Thread-local, as `enabled()`.)"""
     previous = getattr(_state, "disabled", False)
     _state.disabled = True
     try:
@@ -162,9 +185,11 @@ def disabled():
 
 
 @tf.autograph.experimental.do_not_convert
-def coordinate_step():
-    """The fused step op, or None if the stock ops must be used here."""
-    if getattr(_state, "disabled", False):
+def coordinate_step(dtype):
+    """The fused step op for inputs of `dtype`, or None if the stock ops must be used here."""
+    if tf.as_dtype(dtype) != tf.float32:  # the kernel is float32 only
+        return None
+    if not getattr(_state, "enabled", False) or getattr(_state, "disabled", False):
         return None
     library = load()
     return None if library is None else library.meta_lstm_coordinate_step
