@@ -156,7 +156,6 @@ def load():
         return _library
 
 
-@contextlib.contextmanager
 def enabled():
     """Within this context, in this thread, functions traced use the kernel where it can run (float32, CPU).
 
@@ -164,24 +163,23 @@ def enabled():
     that loads only where this library is installed. Thread-local because MirroredStrategy traces each
     replica in its own thread: a step function enters it inside the replica function it runs.
     """
-    previous = getattr(_state, "enabled", False)
-    _state.enabled = True
-    try:
-        yield
-    finally:
-        _state.enabled = previous
+    return _thread_flag("enabled")
 
 
-@contextlib.contextmanager
 def disabled():
     """Within this context, in this thread, functions traced use stock TensorFlow ops, even within `enabled()`:
     for XLA, which cannot compile a custom op, and for comparing the two. (Thread-local, as `enabled()`.)"""
-    previous = getattr(_state, "disabled", False)
-    _state.disabled = True
+    return _thread_flag("disabled")
+
+
+@contextlib.contextmanager
+def _thread_flag(name):
+    previous = getattr(_state, name, False)
+    setattr(_state, name, True)
     try:
         yield
     finally:
-        _state.disabled = previous
+        setattr(_state, name, previous)
 
 
 @tf.autograph.experimental.do_not_convert
