@@ -50,6 +50,12 @@ class ConfigError(ValueError):
     """An invalid or inconsistent run configuration (bad value, unknown key, unreadable file)."""
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message (at most `limit` characters), for one-line user messages."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
+
 # `--learner`: one of these names, a saved model PATH.keras, or a factory package.module:function
 # (keras_metalstm.learner_spec builds, checks and stores the learner).
 BUILT_IN_LEARNERS = ("conv4", "resnet12")

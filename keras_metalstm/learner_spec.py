@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from keras_metalstm.config import BUILT_IN_LEARNERS, ConfigError, atomic_write_text
+from keras_metalstm.config import BUILT_IN_LEARNERS, ConfigError, atomic_write_text, first_line
 
 ARCHITECTURE_FILE = "learner.json"
 
@@ -73,7 +73,7 @@ def load_learner_file(path):
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # noqa: BLE001 - keras raises many types for a bad file
-        raise LearnerError(f"cannot load the learner file {path}: {_first_line(error)}") from None
+        raise LearnerError(f"cannot load the learner file {path}: {first_line(error)}") from None
 
 
 def _call_factory(spec: str, image_shape, n_way: int):
@@ -85,7 +85,7 @@ def _call_factory(spec: str, image_shape, n_way: int):
         module = importlib.import_module(module_name)
     except Exception as error:  # noqa: BLE001 - ImportError, or an error raised by the module itself
         raise LearnerError(
-            f"cannot import {module_name!r} for --learner {spec}: {_first_line(error)}. The module must be "
+            f"cannot import {module_name!r} for --learner {spec}: {first_line(error)}. The module must be "
             "importable from the current directory or PYTHONPATH"
         ) from None
     factory = getattr(module, function_name, None)
@@ -96,7 +96,7 @@ def _call_factory(spec: str, image_shape, n_way: int):
     except Exception as error:  # noqa: BLE001 - the user's code: report it, do not crash
         raise LearnerError(
             f"the learner factory {spec} failed when called as {function_name}({image_shape}, {n_way}): "
-            f"{type(error).__name__}: {_first_line(error)}"
+            f"{type(error).__name__}: {first_line(error)}"
         ) from None
     return model
 
@@ -154,7 +154,7 @@ def model_from_architecture(config: dict, image_shape=None):
         model = keras.saving.deserialize_keras_object(copy.deepcopy(config), safe_mode=True)
     except Exception as error:  # noqa: BLE001 - unknown class, refused lambda, bad config ...
         raise LearnerError(
-            f"cannot rebuild the learner from its Keras config: {_first_line(error)}. A custom layer or model "
+            f"cannot rebuild the learner from its Keras config: {first_line(error)}. A custom layer or model "
             "class must be registered with @keras.saving.register_keras_serializable() and imported before "
             "loading; Lambda layers cannot be loaded safely (write a small layer class instead)"
         ) from None
@@ -212,7 +212,7 @@ def check_learner(learner, image_shape, n_way: int, batch: int = 5) -> None:
         outputs = learner(images, training=False)
     except Exception as error:  # noqa: BLE001 - anything the user's model raises
         raise LearnerError(
-            f"the learner fails on a batch of {batch} images of shape {image_shape}: {_first_line(error)}"
+            f"the learner fails on a batch of {batch} images of shape {image_shape}: {first_line(error)}"
         ) from None
     if not learner.trainable_variables:
         raise LearnerError("the learner has no trainable weights: the meta-learner has nothing to adapt")
@@ -243,7 +243,7 @@ def check_learner(learner, image_shape, n_way: int, batch: int = 5) -> None:
     except Exception as error:  # noqa: BLE001 - anything the user's model raises when run statelessly
         raise LearnerError(
             "the learner cannot run as a function of its weights, as the meta-learner runs it (a "
-            f"keras.StatelessScope in a tf.function): {_first_line(error)}. Keep every piece of state in weights "
+            f"keras.StatelessScope in a tf.function): {first_line(error)}. Keep every piece of state in weights "
             "created in build() with add_weight"
         ) from None
     if not np.all(np.isfinite(gradient.numpy())) or not np.isfinite(float(loss)):
@@ -285,8 +285,3 @@ def _check_variables_are_keras(learner) -> None:
                     f"layer {layer.name!r} holds a tf.Variable ({name!r}), which the meta-learner cannot run "
                     "statelessly: create it with self.add_weight(...) in build()"
                 )
-
-
-def _first_line(error) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:300]

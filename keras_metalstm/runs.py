@@ -24,7 +24,7 @@ import socket
 import time
 from pathlib import Path
 
-from keras_metalstm.config import CONFIG_FILE_NAME, ConfigError, RunConfig, atomic_write_text
+from keras_metalstm.config import CONFIG_FILE_NAME, ConfigError, RunConfig, atomic_write_text, first_line
 from keras_metalstm.learner_spec import ARCHITECTURE_FILE
 from keras_metalstm.processes import process_alive
 
@@ -163,11 +163,11 @@ def restore_checkpoint(checkpoint, path, what="checkpoint"):
     except (ValueError, AssertionError) as error:
         raise CheckpointMismatchError(
             f"the {what} at {path} does not fit this meta-learner (different learner shape, image shape, "
-            f"N-way or hidden units?): {str(error).splitlines()[0][:300]}"
+            f"N-way or hidden units?): {first_line(error)}"
         ) from None
     except Exception as error:  # noqa: BLE001 - NotFoundError, DataLossError ... one clear message
         raise CheckpointMismatchError(
-            f"cannot read the {what} at {path}: {str(error).splitlines()[0][:300]}"
+            f"cannot read the {what} at {path}: {first_line(error)}"
         ) from None
 
 

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keras_metalstm.config import CONFIG_FILE_NAME, RunConfig
+from keras_metalstm.config import CONFIG_FILE_NAME, RunConfig, first_line
 from keras_metalstm.learner_spec import ARCHITECTURE_FILE
 from keras_metalstm.metrics_log import MetricsLog, read_metrics, write_curves
 from keras_metalstm.runs import (
@@ -441,7 +441,7 @@ class _Session:
             self.status = "diverged"
             raise
         except Exception as error:
-            self.status = f"failed: {type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+            self.status = f"failed: {type(error).__name__}: {first_line(error, 200)}"
             raise
         finally:
             self._close()
@@ -540,7 +540,7 @@ class _Session:
             kept = latest_checkpoint(self.run_dir)
             raise TrainingError(
                 f"cannot save the checkpoint of episode {episode} in {self.output_dir / CHECKPOINT_DIR}: "
-                f"{str(error).strip().splitlines()[0][:200]}. The last checkpoint is kept "
+                f"{first_line(error, 200)}. The last checkpoint is kept "
                 f"({kept or 'none yet'}); free space or fix the directory, then --resume"
             ) from None
         self._write_state()  # after the checkpoint: state.json describes the newest checkpoint

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_metalstm.config import first_line
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.files import versions
 
@@ -100,7 +101,7 @@ class SavedModelPredictor(Predictor):
             loaded = tf.saved_model.load(str(self.path))
         except Exception as error:  # noqa: BLE001 - a truncated or corrupt saved_model.pb, missing variables ...
             raise ExportError(
-                f"cannot load the SavedModel {self.path}: {_first_line(error)}. The export is damaged: export it "
+                f"cannot load the SavedModel {self.path}: {first_line(error)}. The export is damaged: export it "
                 "again (metalstm export)"
             ) from None
         if "serving_default" not in loaded.signatures:
@@ -140,7 +141,7 @@ class OnnxPredictor(Predictor):
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # noqa: BLE001 - onnxruntime's InvalidProtobuf, Fail ... for a bad file
             raise ExportError(
-                f"cannot load the ONNX model {self.path}: {_first_line(error)}. The file is damaged or not an "
+                f"cannot load the ONNX model {self.path}: {first_line(error)}. The file is damaged or not an "
                 "ONNX model: export it again (metalstm export --format onnx)"
             ) from None
         inputs = self.session.get_inputs()
@@ -259,8 +260,3 @@ def prediction_records(names, outputs):
             }
         )
     return records
-
-
-def _first_line(error) -> str:
-    lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:300]
