@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import sys
+import tempfile
 import time
 
 import click
@@ -63,8 +67,48 @@ class Timer:
         return time.time() - self.start
 
 
-def quiet_tensorflow():
-    """Silence TensorFlow's C++ start-up chatter (set before TensorFlow is imported)."""
-    import os
+# What TensorFlow writes to the process's stderr on every machine without a GPU, before its own logging is set
+# up (TF_CPP_MIN_LOG_LEVEL does not reach these lines): nothing a user can act on.
+START_UP_NOISE = re.compile(
+    r"absl::InitializeLog|cudart_stub\.cc|cuInit|oneDNN custom operations|Unable to register cu\w+ factory"
+    r"|computation placer already registered|This TensorFlow binary is optimized|rebuild TensorFlow with"
+)
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+def quiet_tensorflow():
+    """Import TensorFlow without its start-up chatter: C++ logs below warnings are off, and the lines it writes
+    while loading and finding no GPU are dropped (any other line it writes then is passed on). A user-set
+    TF_CPP_MIN_LOG_LEVEL, `metalstm --verbose` or METALSTM_VERBOSE=1 leaves everything as TensorFlow does it."""
+    if os.environ.get("METALSTM_VERBOSE", "") not in ("", "0") or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if "tensorflow" in sys.modules:
+        return
+    with _stderr_without(START_UP_NOISE):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # the CUDA probe ("failed call to cuInit") happens here, filtered
+    # Python-side deprecation and retracing notices of TensorFlow/absl: the CLI's own messages say what matters.
+    tf.get_logger().setLevel("ERROR")
+
+
+@contextlib.contextmanager
+def _stderr_without(noise: re.Pattern):
+    """Capture file descriptor 2 (C++ writes there directly, past sys.stderr) and replay the lines that do not
+    match `noise`, also when the block raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [
+                line
+                for line in captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+                if not noise.search(line)
+            ]
+            sys.stderr.write("".join(kept))

@@ -6,13 +6,21 @@ so `metalstm --help` answers at once.
 
 from __future__ import annotations
 
+import os
+
 import click
 from keras_metalstm.cli.common import CONTEXT_SETTINGS
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="keras-metalstm", prog_name="metalstm")
-def main():
+@click.option(
+    "--verbose",
+    is_flag=True,
+    envvar="METALSTM_VERBOSE",
+    help="Show TensorFlow's start-up and C++ log lines (hidden by default unless TF_CPP_MIN_LOG_LEVEL is set).",
+)
+def main(verbose):
     """Few-shot learning with the LSTM meta-learner (Ravi & Larochelle, ICLR 2017).
 
     \b
@@ -23,6 +31,9 @@ def main():
     Options also come from --config FILE (YAML or TOML) and METALSTM_* environment variables
     (e.g. METALSTM_K_SHOT=5); command-line flags win.
     """
+    if verbose:
+        # Read by quiet_tensorflow() when a command imports TensorFlow.
+        os.environ["METALSTM_VERBOSE"] = "1"
 
 
 def _register():

@@ -9,7 +9,9 @@ The meta-learner and the baselines are scored on the very same episode batches (
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -64,6 +66,7 @@ class EvaluationReport:
     split: str
     seed: int
     seconds: float
+    data_dir: str | None = None  # the directory the episodes came from (None: the built-in fontglot)
     details: dict = field(default_factory=dict)
     accuracies: dict = field(default_factory=dict, repr=False)  # method -> per-episode accuracies
 
@@ -113,6 +116,43 @@ class EvaluationReport:
         )
 
 
+def report_file_name(report: EvaluationReport) -> str:
+    """<data source>-<split>-<N>way<K>shot-<E>ep[-baselines-<protocols>].json, one file per data source and set
+    of compared methods. The data source is the data set's name and, for data read from a directory, the
+    directory's name and a digest of its absolute path: evaluating one run on two folders keeps both reports."""
+    source = report.dataset
+    if report.data_dir:
+        folder = Path(report.data_dir)
+        readable = re.sub(r"[^A-Za-z0-9_.]+", "_", folder.name)[:40] or "root"
+        source += f"-{readable}-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
+    protocols = report.details.get("baselines", {}).get("protocols")
+    suffix = f"-baselines-{'-'.join(protocols)}" if protocols else ""
+    return f"{source}-{report.split}-{report.n_way}way{report.k_shot}shot-{len(report.accuracies['meta_lstm'])}ep{suffix}.json"
+
+
+def save_report(report: EvaluationReport, run_dir) -> Path:
+    """Writes the report as RUN_DIR/evaluation/<report_file_name> (atomically) and returns its path."""
+    from keras_metalstm.config import atomic_write_text
+
+    path = Path(run_dir) / "evaluation" / report_file_name(report)
+    content = {
+        "results": report.rows(),
+        "paired_differences": report.paired_differences,
+        "n_way": report.n_way,
+        "k_shot": report.k_shot,
+        "inner_steps": report.inner_steps,
+        "dataset": report.dataset,
+        "data_dir": report.data_dir,
+        "split": report.split,
+        "seed": report.seed,
+        "episodes": len(report.accuracies["meta_lstm"]),
+        "seconds": round(report.seconds, 1),
+        "details": report.details,
+    }
+    atomic_write_text(path, json.dumps(content, indent=2) + "\n")
+    return path
+
+
 def format_table(columns: dict[str, dict]) -> str:
     """A table shaped like the paper's Table 1: one row per method, one column per setting ("5-way 1-shot"),
     cells "mean +- ci95%"."""
@@ -158,6 +198,12 @@ def evaluation_dataset(config, dataset: str | None = None, data_dir=None, split:
     if data.image_shape != target:
         data = convert_dataset(data, target)
     return data
+
+
+def _data_source_dir(config, dataset, data_dir) -> str | None:
+    """The absolute directory the evaluation episodes were read from: --data-dir, else the run's own."""
+    chosen = data_dir if dataset is not None else config.data_dir
+    return str(Path(chosen).resolve()) if chosen else None
 
 
 def _concatenate(parts, name):
@@ -258,6 +304,7 @@ def evaluate_run(
         split=split,
         seed=seed,
         seconds=time.time() - t0,
+        data_dir=_data_source_dir(config, dataset, data_dir),
         details=details,
         accuracies=accuracies,
     )

@@ -221,7 +221,7 @@ def test_evaluate_json_output(trained):
     assert saved and json.loads(saved[0].read_text())["results"]["meta_lstm"]["episodes"] == 6
 
 
-def test_evaluate_with_baselines_prints_table_1_on_the_same_episodes(trained, monkeypatch):
+def test_evaluate_with_baselines_prints_table_1_on_the_same_episodes(trained, data_dir, monkeypatch):
     import keras_metalstm.evaluation as evaluation
     from keras_metalstm.data import episode_dataset
     from keras_metalstm.runs import load_run_config
@@ -272,7 +272,8 @@ def test_evaluate_with_baselines_prints_table_1_on_the_same_episodes(trained, mo
         assert report.results[method]["mean"] == pytest.approx(100 * np.mean(values))
         assert f"{report.results[method]['mean']:.2f}" in row[method]
     # the paired differences are printed and saved with the report, each row with its protocol
-    saved = json.loads((run_dir / "evaluation" / "folder-test-2way1shot-4ep-baselines-authors.json").read_text())
+    saved = json.loads((run_dir / "evaluation" / f"{source_name(data_dir)}-test-2way1shot-4ep-baselines-authors.json")
+                       .read_text())
     assert saved["details"]["baselines"]["protocols"] == ["authors"]
     for method in authors:
         difference = report.paired_differences[method]
@@ -283,7 +284,7 @@ def test_evaluate_with_baselines_prints_table_1_on_the_same_episodes(trained, mo
         assert f"Meta-Learner LSTM - {label}: {difference['mean']:+.2f} +- {difference['ci95']:.2f}" in result.output
 
 
-def test_evaluate_baselines_of_both_protocols_and_baseline_plus_in_json(trained):
+def test_evaluate_baselines_of_both_protocols_and_baseline_plus_in_json(trained, data_dir):
     run_dir, _ = trained
     result = run_cli(["evaluate", run_dir, "--episodes", "2", "--baselines", "--baseline-protocol", "ours",
                       "--baseline-protocol", "authors", "--baseline-plus", "--pretrain-epochs", "1",
@@ -308,7 +309,7 @@ def test_evaluate_baselines_of_both_protocols_and_baseline_plus_in_json(trained)
     plus = info["chen2019/baseline_plus_2way_1shot_q2_val2_seed0"]
     assert set(plus["settings"]) == {"learning_rate", "scale", "steps"} and len(plus["grid"]) == 64
     assert plus["val_accuracy"] == max(plus["grid"].values())
-    saved = run_dir / "evaluation" / "folder-test-2way1shot-2ep-baselines-authors-ours-chen2019.json"
+    saved = run_dir / "evaluation" / f"{source_name(data_dir)}-test-2way1shot-2ep-baselines-authors-ours-chen2019.json"
     assert json.loads(saved.read_text())["results"] == rows
 
 
@@ -320,15 +321,28 @@ def test_baselines_options_need_baselines(trained, flag):
     assert "Traceback" not in result.output
 
 
-def test_cross_domain_evaluation_converts_the_images(trained, tmp_path):
+def test_cross_domain_evaluation_converts_the_images_and_keeps_one_report_per_folder(trained, tmp_path):
     run_dir, _ = trained
-    other = make_image_folder(tmp_path / "rgb", num_classes=3, per_class=4, size=(36, 36), mode="RGB", seed=5)
-    result = run_cli(["evaluate", run_dir, "--dataset", "folder", "--data-dir", other, "--split", "all",
-                      "--episodes", "2", "--json", "--no-progress"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["meta_lstm"]["episodes"] == 2
-    saved = json.loads((run_dir / "evaluation" / "folder-all-2way1shot-2ep.json").read_text())
-    assert saved["details"]["test_classes"] == 3 and saved["details"]["data"] == "folder/all"
+    folders = [make_image_folder(tmp_path / name / "rgb", num_classes=3, per_class=4, size=(36, 36), mode="RGB",
+                                 seed=seed) for name, seed in (("first", 5), ("second", 6))]
+    for folder in folders:
+        result = run_cli(["evaluate", run_dir, "--dataset", "folder", "--data-dir", folder, "--split", "all",
+                          "--episodes", "2", "--json", "--no-progress"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["meta_lstm"]["episodes"] == 2
+    # two folders of the same name: two reports, each naming its own data source
+    for folder in folders:
+        saved = json.loads((run_dir / "evaluation" / f"{source_name(folder)}-all-2way1shot-2ep.json").read_text())
+        assert saved["details"]["test_classes"] == 3 and saved["details"]["data"] == "folder/all"
+        assert (saved["dataset"], saved["data_dir"], saved["split"]) == ("folder", str(folder.resolve()), "all")
+
+
+def source_name(folder):
+    """The data-source part of a report's file name, computed here from the documented rule."""
+    import hashlib
+
+    folder = folder.resolve()
+    return f"folder-{folder.name}-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
 
 
 def test_conversion_to_the_runs_image_shape_follows_the_rule():

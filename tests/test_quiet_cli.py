@@ -1,0 +1,77 @@
+"""The command line is quiet by default: no TensorFlow start-up line on a CPU-only machine, other stderr kept."""
+
+import os
+import re
+import subprocess
+import sys
+
+from cli_helpers import TINY_FLAGS, make_image_folder
+
+# Any line of TensorFlow's C++ logging ("I0000 00:00:... file.cc:31] ...", "2025-09-17 ...: I external/...")
+# or of the messages a CPU-only machine prints at start-up.
+TENSORFLOW_LOG_LINE = re.compile(
+    r"^[IWEF]\d{4} \d\d:\d\d:|^\d{4}-\d\d-\d\d [\d:.]+: [IWEF] |cuInit|cudart|oneDNN|absl::InitializeLog"
+)
+
+
+def quiet_environment(**extra):
+    """The user's environment as a fresh shell has it: none of the variables that change the logging."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "METALSTM_VERBOSE")}
+    return {**env, **extra}
+
+
+def test_train_prints_no_tensorflow_start_up_line(tmp_path):
+    data_dir = make_image_folder(tmp_path / "data", num_classes=8, per_class=3)
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_metalstm.cli.main", "train", "--dataset", "folder", "--data-dir",
+         str(data_dir), "--run-dir", str(run_dir), *TINY_FLAGS, "--episodes", "2", "--val-episodes", "0",
+         "--checkpoint-every", "2"],
+        capture_output=True, text=True, env=quiet_environment(), timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    output = (result.stdout + result.stderr).splitlines()
+    assert [line for line in output if TENSORFLOW_LOG_LINE.search(line)] == []
+    assert any(line.startswith("finished: 2 episodes") for line in output), output  # the summary line is there
+    assert (run_dir / "state.json").exists()
+
+    helped = subprocess.run([sys.executable, "-m", "keras_metalstm.cli.main", "quickstart", "--help"],
+                            capture_output=True, text=True, env=quiet_environment(), timeout=120)
+    assert helped.returncode == 0 and "--episodes" in helped.stdout
+    assert not [line for line in (helped.stdout + helped.stderr).splitlines() if TENSORFLOW_LOG_LINE.search(line)]
+
+
+def test_start_up_filter_drops_only_the_noise_and_replays_the_rest(tmp_path):
+    # A child process whose "TensorFlow import" writes to file descriptor 2 directly, as C++ code does.
+    script = (
+        "import os, sys\n"
+        "from keras_metalstm.cli.common import START_UP_NOISE, _stderr_without\n"
+        "with _stderr_without(START_UP_NOISE):\n"
+        "    os.write(2, b'I0000 00:00:1.5 1 cudart_stub.cc:31] Could not find cuda drivers on your machine\\n')\n"
+        "    os.write(2, b'a real problem the user must see\\n')\n"
+        "    os.write(2, b'E0000 00:00:1.6 1 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)\\n')\n"
+        "os.write(2, b'after the import\\n')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["a real problem the user must see", "after the import"]
+
+
+def test_verbose_and_a_user_set_log_level_leave_tensorflow_alone():
+    script = (
+        "import os, sys\n"
+        "from keras_metalstm.cli import common\n"
+        "common.quiet_tensorflow()\n"
+        "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'), 'tensorflow' in sys.modules)\n"
+    )
+    runs = {
+        "verbose": quiet_environment(METALSTM_VERBOSE="1"),
+        "user level": quiet_environment(TF_CPP_MIN_LOG_LEVEL="0"),
+    }
+    printed = {
+        name: subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                             timeout=120).stdout.split()
+        for name, env in runs.items()
+    }
+    # neither sets a level nor imports TensorFlow under the filter (the default's effect: the first test)
+    assert printed == {"verbose": ["None", "False"], "user level": ["0", "False"]}
