@@ -161,12 +161,13 @@ CONFIG_KEYS = (
 )
 
 
-def resolve_config(run_dir, resume, config_file, flags):
-    """The RunConfig of `train`: defaults (or the stored run's config when resuming) < file < env < flags."""
-    from keras_metalstm.config import RunConfig
+def resolve_config(run_dir, resume, config_file, flags, recipe="paper"):
+    """The RunConfig of `train`: the recipe's settings (or the stored run's config when resuming) < file < env <
+    flags."""
+    from keras_metalstm.config import RunConfig, recipe_config
     from keras_metalstm.runs import load_run_config, run_exists
 
-    base = RunConfig().to_dict()
+    base = recipe_config(recipe).to_dict()
     if resume and run_exists(run_dir):
         base = load_run_config(run_dir).to_dict()
     return RunConfig.from_dict(layered_config(base, config_file, flags))
@@ -280,6 +281,15 @@ def summary_line(result) -> str:
 )
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @click.option(
+    "--recipe",
+    type=click.Choice(("paper", "ours")),
+    default=None,
+    help="Starting settings of a new run (flags and --config win). paper (default): theta_0 from scratch, "
+    "first order, the query's batch statistics, Adam 1e-3. ours: the README's results: theta_0 from the "
+    "pre-trained classifier, a learned logit scale, the support's batch statistics, second order, cosine "
+    "1e-4 -> 1e-6.",
+)
+@click.option(
     "--strategy",
     "strategy_name",
     type=click.Choice(["default", "mirrored", "multiworker", "tpu"]),
@@ -289,7 +299,7 @@ def summary_line(result) -> str:
     "TF_CONFIG).",
 )
 @click.option("--tpu", default=None, help="TPU name or grpc:// address (with --strategy tpu).")
-def train(run_dir, resume, config_file, deterministic, progress, strategy_name, tpu, **flags):
+def train(run_dir, resume, config_file, deterministic, progress, recipe, strategy_name, tpu, **flags):
     """Meta-train the LSTM meta-learner; checkpoints, validation, metrics and curves go to --run-dir.
 
     A run stopped with Ctrl-C/SIGTERM saves a checkpoint; `--resume` continues it (also after kill -9, from
@@ -298,6 +308,8 @@ def train(run_dir, resume, config_file, deterministic, progress, strategy_name, 
     quiet_tensorflow()
     if tpu and strategy_name != "tpu":
         raise click.UsageError("--tpu needs --strategy tpu")
+    if recipe and resume:
+        raise click.UsageError("--recipe sets up a new run; a resumed run keeps its stored settings")
     with user_errors():
         import os
 
@@ -306,7 +318,7 @@ def train(run_dir, resume, config_file, deterministic, progress, strategy_name, 
         strategy = make_strategy(strategy_name, tpu)  # first TensorFlow work: multiworker must come first
 
         run_dir = run_dir or os.environ.get("METALSTM_RUN_DIR")
-        config = resolve_config(run_dir or "", resume and run_dir is not None, config_file, flags)
+        config = resolve_config(run_dir or "", resume and run_dir is not None, config_file, flags, recipe or "paper")
         run_dir = run_dir or default_run_dir(config)
         if resume:
             config = resolve_config(run_dir, True, config_file, flags)

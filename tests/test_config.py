@@ -72,3 +72,35 @@ def test_theta0_lr_scale_and_logit_scale_settings_are_checked_and_read_from_the_
     assert config.theta0_lr_scale == 0.1 and config.learn_logit_scale is True
     with pytest.raises(ConfigError, match="theta0_lr_scale must be >= 0"):
         RunConfig(theta0_lr_scale=-0.5)
+
+
+def test_recipes_are_starting_points_under_the_file_the_environment_and_the_flags(tmp_path, monkeypatch):
+    from keras_metalstm.cli.train import resolve_config
+
+    from keras_metalstm.config import RECIPES, ConfigError, RunConfig, recipe_config
+
+    assert recipe_config("paper") == RunConfig()  # the paper's recipe is the defaults
+    ours = recipe_config("ours")
+    assert (ours.theta0_init, ours.learn_logit_scale, ours.query_statistics, ours.first_order) == (
+        "pretrained", True, "support", False)
+    assert (ours.lr_schedule, ours.learning_rate, ours.final_learning_rate) == ("cosine", 1e-4, 1e-6)
+    with pytest.raises(ConfigError, match="unknown recipe 'fast'.*paper, ours"):
+        recipe_config("fast")
+
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("final_learning_rate: 2.0e-6\n")
+    monkeypatch.setenv("METALSTM_QUERY_STATISTICS", "query")
+    config = resolve_config(tmp_path / "new", False, str(config_file), {"learning_rate": 3e-4, "episodes": None},
+                            "ours")
+    assert (config.learning_rate, config.final_learning_rate, config.query_statistics) == (3e-4, 2e-6, "query")
+    assert config.theta0_init == "pretrained" and config.first_order is False  # the rest of the recipe
+    assert set(RECIPES) == {"paper", "ours"}
+
+
+def test_a_recipe_is_refused_on_resume(tmp_path):
+    from click.testing import CliRunner
+    from keras_metalstm.cli.main import main
+
+    result = CliRunner().invoke(main, ["train", "--run-dir", str(tmp_path / "r"), "--resume", "--recipe", "ours"])
+    assert result.exit_code == 2 and "--recipe sets up a new run" in result.output
+    assert not (tmp_path / "r").exists()

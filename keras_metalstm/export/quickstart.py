@@ -2,7 +2,7 @@
 
 Writes, under ``out_dir``: ``support/<class>/*.png`` and ``query/<class>/*.png`` (one meta-test episode as image
 folders, as a user would have them), ``adapted.keras`` (`metalstm adapt`), ``saved_models/task/<v>/``
-(SavedModel + ONNX when tf2onnx is installed, parity-checked) and ``saved_models/metalstm/<v>/`` (the
+(SavedModel + ONNX, parity-checked) and ``saved_models/metalstm/<v>/`` (the
 adapt-in-serving SavedModel); then predicts the query files with the exported model and reports the accuracy.
 """
 
@@ -57,22 +57,15 @@ def quickstart_export(run_dir, out_dir):
     support, query = write_task_folders(split, out_dir, config.n_way, config.k_shot, config.query)
     adapted = adapt_folder(meta, support, info={"run": str(run_dir)})
     save_adapted(adapted, out_dir / "adapted.keras", force=True)
-    try:
-        import onnxruntime  # noqa: F401
-        import tf2onnx  # noqa: F401
-
-        format = "both"
-    except ImportError:
-        format = "savedmodel"
-    result = export_adapted(adapted, out_dir / "saved_models" / "task", format=format)
+    result = export_adapted(adapted, out_dir / "saved_models" / "task", format="both")
     meta_result = export_meta(meta, out_dir / "saved_models" / "metalstm")
     files = sorted(query.glob("*/*.png"))
-    predictor = load_predictor(result.path / "model.onnx" if format == "both" else result.path)
+    predictor = load_predictor(result.path / "model.onnx")
     images, _ = read_images(files, predictor.image_shape)
     predicted = predictor.predict(images)["class_names"]
     accuracy = float(np.mean([name == path.parent.name for name, path in zip(predicted, files, strict=True)]))
     return (
-        f"{out_dir / 'adapted.keras'} (adapted on {support}), {format} export {result.path} "
+        f"{out_dir / 'adapted.keras'} (adapted on {support}), SavedModel + ONNX export {result.path} "
         f"({'parity OK' if result.parity.ok else 'parity FAILED'}; {predictor.kind} accuracy on the "
         f"{len(files)} query images {accuracy:.1%}), adapt-in-serving SavedModel {meta_result.path}"
     )
