@@ -216,9 +216,10 @@ def episodes_of(batch):
 
 
 # ----------------------------------------------------------------------------------------- pre-training
-def pretrain_classifier(train_dataset, learner, config: PretrainConfig | None = None, verbose=0):
+def pretrain_classifier(train_dataset, learner, config: PretrainConfig | None = None, verbose=0, on_epoch=None):
     """A freshly initialised model of `learner`'s architecture, with one output per meta-train class, trained as a
-    classifier on every meta-train image; returns (model, final training accuracy)."""
+    classifier on every meta-train image; returns (model, final training accuracy). `on_epoch(epoch, accuracy)`
+    is called after every epoch (from 1)."""
     import keras
     import tensorflow as tf
 
@@ -241,7 +242,12 @@ def pretrain_classifier(train_dataset, learner, config: PretrainConfig | None = 
         metrics=["accuracy"],
     )
     # shuffle=False: the data set shuffles itself (Keras would warn that it ignores the flag).
-    history = model.fit(data, epochs=int(config.epochs), verbose=verbose, shuffle=False)
+    callbacks = []
+    if on_epoch is not None:
+        callbacks.append(
+            keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, logs["accuracy"]))
+        )
+    history = model.fit(data, epochs=int(config.epochs), verbose=verbose, shuffle=False, callbacks=callbacks)
     return model, float(history.history["accuracy"][-1])
 
 
@@ -620,7 +626,15 @@ def cached_pretrained_classifier(
         f"pre-training the {learner.name} classifier on {splits.train.num_classes} meta-train classes "
         f"({splits.train.num_images} images, {pretrain.epochs} epochs) ..."
     )
-    model, train_accuracy = pretrain_classifier(splits.train, learner, pretrain, verbose=0)
+    model, train_accuracy = pretrain_classifier(
+        splits.train,
+        learner,
+        pretrain,
+        on_epoch=lambda epoch, accuracy: log(
+            f"  epoch {epoch}/{pretrain.epochs}: training accuracy {100 * accuracy:.1f}% "
+            f"({time.time() - t0:.0f}s)"
+        ),
+    )
     tmp = model_path.with_name(f".tmp-{os.getpid()}-pretrained.keras")
     model.save(str(tmp))
     os.replace(tmp, model_path)
@@ -670,6 +684,7 @@ def prepare_baselines(
     if missing:
         log(f"choosing the settings of {', '.join(missing)} on {val_episodes} validation episodes ...")
         for name in missing:
+            started = time.time()
             # The same seeded validation episodes for every baseline, drawn anew rather than held in memory.
             batches = episode_dataset(
                 splits.val,
@@ -681,8 +696,11 @@ def prepare_baselines(
                 num_episodes=val_episodes,
             )
             episodes = (episode for batch in batches for episode in episodes_of(batch))
-            info[keys[name]] = asdict(
-                choose_on_validation(episodes, choosing[name].grid, choosing[name].grid_accuracies, progress)
+            choice = choose_on_validation(episodes, choosing[name].grid, choosing[name].grid_accuracies, progress)
+            info[keys[name]] = asdict(choice)
+            log(
+                f"  {name}: {setting_label(choice.settings)} of {len(choosing[name].grid)} settings, validation "
+                f"accuracy {100 * choice.val_accuracy:.1f}% ({time.time() - started:.0f}s)"
             )
         _write_json(info_path, info)
     for name, method in choosing.items():

@@ -1,6 +1,8 @@
 """`metalstm train --theta0-init pretrained`: theta_0 starts from a classifier pre-trained on the meta-train classes
 (cached in the run directory and reused by the baselines) or from a given .keras classifier."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -42,6 +44,7 @@ def test_pretrained_theta0_is_pretrained_in_the_run_and_reused_by_the_baselines(
     result = run_cli(train_args(data_dir, run_dir, "--theta0-init", "pretrained", "--pretrain-epochs", "1"))
     assert result.exit_code == 0, result.output
     assert "pre-training the conv4 classifier" in result.output
+    assert re.search(r"epoch 1/1: training accuracy \d+\.\d%", result.output)  # a line per pre-training epoch
     assert load_run_config(run_dir).theta0_init == "pretrained"
     pretrained = keras.models.load_model(run_dir / "baselines" / "pretrained.keras")
     for piece, weight in zip(body_of_theta0(run_dir), pretrained.trainable_variables, strict=False):
@@ -51,6 +54,9 @@ def test_pretrained_theta0_is_pretrained_in_the_run_and_reused_by_the_baselines(
                           "--finetune-val-episodes", "2", "--no-progress"])
     assert evaluation.exit_code == 0, evaluation.output
     assert "pre-training" not in evaluation.output  # the run's classifier is the baselines' classifier
+    # each baseline's validation choice is reported as it is made
+    assert re.search(r"finetune_authors: learning_rate=[\d.e-]+,decay=[\d.e-]+ of 42 settings, validation accuracy",
+                     evaluation.output)
 
 
 def test_theta0_from_a_given_classifier_file(tmp_path, data_dir):
