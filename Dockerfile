@@ -19,7 +19,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_INDEX_URL=${PIP_INDEX_URL}
 WORKDIR /src
 RUN python3 -m venv /opt/metalstm
-COPY setup.py pyproject.toml README.md ./
+COPY setup.py pyproject.toml README.md LICENSE NOTICE ./
 COPY keras_metalstm ./keras_metalstm
 COPY cli ./cli
 # A regular (non-editable) install of the checkout; then drop the packaging tools from the environment.

