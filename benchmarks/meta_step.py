@@ -1,10 +1,10 @@
 """Speed of one meta-training episode (ms): ours with the fused CPU kernel, with stock TensorFlow ops and with
-XLA, against a straightforward TensorFlow version and the issue's PyTorch reference, all measured here.
+XLA, against a straightforward TensorFlow version and a PyTorch reference port, all measured here.
 
 Each configuration runs in its own process (so peak memory is its own and XLA state does not leak) and
 all are measured in one invocation, so the printed ratios compare like with like on this machine:
 
-    python benchmarks/meta_step.py                 # the four SPEC settings, ours (plain, XLA) and baseline
+    python benchmarks/meta_step.py                 # the four standard settings, ours (plain, XLA) and baseline
     python benchmarks/meta_step.py --quick         # 28x28 1-shot only
     python benchmarks/meta_step.py --quick --rounds 5   # a noisy machine: the median of 5 interleaved rounds
     python benchmarks/meta_step.py --profile       # where the time goes (28x28, 1-shot, T=12)
@@ -20,8 +20,8 @@ tracing and compiling scale with T and B.
 coordinate-LSTM kernel); "stock ops" the same step with the kernel switched off (what runs on GPU/TPU and
 under XLA); "ours+xla" with jit_compile. "baseline" is the straightforward TensorFlow version of the same step
 (coordinates-first (P, 4) LSTM inputs, the loss copied to every coordinate, per-gate slices along the last
-axis), sharing the learner code. "pytorch" is benchmarks/pytorch_reference.py, the issue's reference
-re-measured in the same run (only when PyTorch is installed; it is not a dependency). The requirement is
+axis), sharing the learner code. "pytorch" is benchmarks/pytorch_reference.py, a PyTorch port of the
+same step re-measured in the same run (only when PyTorch is installed; it is not a dependency). The requirement is
 pytorch / ours >= 2.
 """
 
@@ -426,9 +426,9 @@ def main():
     if not results["ours"]["fused_kernel"]:
         print("Note: the fused CPU kernel was not available, 'ours' ran on stock TensorFlow ops.")
     if not with_pytorch:
-        print("PyTorch is not installed: the pytorch column is missing (pip install torch, a CPU build). The issue "
-              "measured the PyTorch port at ~400 ms (1-shot T=12, 28x28) and ~320 ms (5-shot T=8) on its 2-core machine.")
-    print("Required: torch/ours >= 2 (the issue: <= 150 ms against ~400 ms); goal 5.")
+        print("PyTorch is not installed: the pytorch column is missing (pip install torch, a CPU build). A PyTorch "
+              "port was measured at ~400 ms (1-shot T=12, 28x28) and ~320 ms (5-shot T=8) on a 2-core machine.")
+    print("Target: pytorch/ours >= 2 (<= 150 ms against ~400 ms); goal 5.")
 
 
 if __name__ == "__main__":

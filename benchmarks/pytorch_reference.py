@@ -34,7 +34,7 @@ def conv4(nn, channels, image_size, n_way, filters=32):
 
 
 def preprocess(torch, values, p=10.0):
-    """SPEC step 2 on a 1-D tensor: (n,) -> (n, 2)."""
+    """The coordinate-wise preprocessing on a 1-D tensor: (n,) -> (n, 2)."""
     magnitude = values.abs()
     large = magnitude >= math.exp(-p)
     first = torch.where(large, torch.log(magnitude.clamp_min(1e-38)) / p, torch.full_like(values, -1.0))

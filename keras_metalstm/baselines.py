@@ -15,7 +15,7 @@ Protocol "authors" (twitter/meta-learning-lstm, model/baselines/*.lua; docs/base
                              mode; the learning rate x decay chosen on validation episodes.
   nearest_neighbour_authors  1-NN by cosine similarity on the penultimate features (inference mode).
   pixel_nearest_neighbour    1-NN by cosine similarity on the flattened pixels in [0, 1] (no network).
-Protocol "ours" (this package before issue 20):
+Protocol "ours" (this package's earlier protocol):
   finetune                   a zero-initialised N-way output layer, full-batch gradient descent on the whole
                              network with frozen (pre-training) batch-norm statistics; learning rate x steps chosen
                              on validation episodes.

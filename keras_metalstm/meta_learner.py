@@ -1,9 +1,9 @@
 """The LSTM meta-learner of Ravi & Larochelle (ICLR 2017) as a Keras model that adapts any Keras learner.
 
 `MetaLearner` owns the meta-parameters: the learned initial parameter vector `theta0`, the coordinate-wise
-LSTM (layer 1) and the meta-learner cell (layer 2). Given a batch of episodes it runs the inner loop (SPEC
-steps 1-4) on each episode's support set, starting from theta0, and classifies the query set with the adapted
-parameters theta_T (step 5), with the T steps and the B episodes as loops in the graph rather than unrolled, so
+LSTM (layer 1) and the meta-learner cell (layer 2). Given a batch of episodes it runs the inner loop
+(learner gradient, preprocessing, coordinate LSTM, cell update) on each episode's support set, starting from
+theta0, and classifies the query set with the adapted parameters theta_T, with the T steps and the B episodes as loops in the graph rather than unrolled, so
 tracing and XLA compilation do not grow with T or B. The same step function serves `MetaTrainer` and Keras' own
 `fit`.
 

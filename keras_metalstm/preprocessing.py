@@ -1,4 +1,5 @@
-"""Coordinate-wise preprocessing of gradients and losses (Andrychowicz et al. 2016), SPEC step 2.
+"""Coordinate-wise preprocessing of gradients and losses (Andrychowicz et al. 2016): the
+meta-learner's inputs.
 
 Each value x becomes two numbers: (log|x| / p, sign x) when |x| > exp(-p), else (-1, exp(p) * x). The log
 term carries the magnitude on a scale the LSTM can read, the second term the sign (or, for tiny values, a

@@ -13,7 +13,7 @@ def numpy_sigmoid(x):
 
 
 def numpy_cell(hidden, theta, grad, f_prev, i_prev, W_f, W_i, b_f, b_i):
-    """SPEC step 4, written out per coordinate."""
+    """The cell update of the paper's equation 2, written out per coordinate."""
     theta_new, f_new, i_new = [], [], []
     for k in range(theta.shape[0]):
         f_logit = np.concatenate([hidden[k], [theta[k], f_prev[k]]]) @ W_f[:, 0] + b_f

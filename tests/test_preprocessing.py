@@ -1,4 +1,4 @@
-"""preprocess() against a NumPy transcription of SPEC step 2."""
+"""preprocess() against a NumPy transcription of Andrychowicz et al.'s preprocessing."""
 
 import math
 

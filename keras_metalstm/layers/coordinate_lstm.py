@@ -28,7 +28,7 @@ def hidden_readout(readout_kernel, hidden):
     return tf.reshape(readout, tf.concat([tf.shape(readout_kernel)[1:], tf.shape(hidden)[1:]], axis=0))
 
 
-# SPEC, "Initialisation (official code)": every meta-parameter starts in U(-0.01, 0.01); Keras' LSTM
+# The authors' code starts every meta-parameter in U(-0.01, 0.01); Keras' LSTM
 # defaults (glorot / orthogonal kernels, unit forget bias) are a known way to break the meta-learner.
 def _small_uniform():
     return keras.initializers.RandomUniform(-0.01, 0.01)

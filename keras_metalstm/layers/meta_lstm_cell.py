@@ -1,4 +1,5 @@
-"""Layer 2 of the meta-learner: the cell whose state is the learner's parameter vector (SPEC step 4).
+"""Layer 2 of the meta-learner: the cell whose state is the learner's parameter vector
+(the paper's equation 2, its gates as in Section 3.2).
 
     f_logit_t = [h_t, theta_{t-1}, f_logit_{t-1}] . W_f + b_f
     i_logit_t = [h_t, theta_{t-1}, i_logit_{t-1}] . W_i + b_i
