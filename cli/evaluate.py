@@ -3,7 +3,6 @@ paper's authors ran them, as this package ran them before, and Baseline++)."""
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
@@ -12,13 +11,6 @@ from keras_metalstm.cli.common import CONTEXT_SETTINGS, duration, quiet_tensorfl
 from keras_metalstm.baselines import DEFAULT_PROTOCOLS, PROTOCOLS
 
 DATASETS = ("fontglot", "omniglot", "miniimagenet", "folder", "fashion_mnist")
-
-
-def evaluation_file_name(report) -> str:
-    """<dataset>-<split>-<N>way<K>shot-<E>ep[-baselines-<protocols>].json: one file per set of compared methods."""
-    protocols = report.details.get("baselines", {}).get("protocols")
-    suffix = f"-baselines-{'-'.join(protocols)}" if protocols else ""
-    return f"{report.dataset}-{report.split}-{report.n_way}way{report.k_shot}shot-{report.details['episodes']}ep{suffix}.json"
 
 
 def run_evaluation(
@@ -37,14 +29,11 @@ def run_evaluation(
     baseline_protocols=DEFAULT_PROTOCOLS,
     baseline_plus=False,
 ):
-    """Evaluate and save the report as RUN_DIR/evaluation/<...>.json; returns (report, path)."""
-    from pathlib import Path
-
+    """Evaluate and save the report as RUN_DIR/evaluation/<...>.json (`save_report`); returns (report, path)."""
     from tqdm import tqdm
 
     from keras_metalstm.baselines import PretrainConfig
-    from keras_metalstm.config import atomic_write_text
-    from keras_metalstm.evaluation import evaluate_run
+    from keras_metalstm.evaluation import evaluate_run, save_report
     from keras_metalstm.runs import load_run_config
 
     config = load_run_config(run_dir)
@@ -71,27 +60,7 @@ def run_evaluation(
         )
     finally:
         bar.close()
-    report.details["episodes"] = episodes
-    path = Path(run_dir) / "evaluation" / evaluation_file_name(report)
-    atomic_write_text(
-        path,
-        json.dumps(
-            {
-                "results": report.rows(),
-                "paired_differences": report.paired_differences,
-                "n_way": report.n_way,
-                "k_shot": report.k_shot,
-                "inner_steps": report.inner_steps,
-                "dataset": report.dataset,
-                "split": report.split,
-                "seed": report.seed,
-                "seconds": round(report.seconds, 1),
-                "details": report.details,
-            },
-            indent=2,
-        )
-        + "\n",
-    )
+    path = save_report(report, run_dir)
     return report, path
 
 

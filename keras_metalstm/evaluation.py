@@ -46,6 +46,8 @@ TABLE_ORDER = (
 )
 SPLITS = ("train", "val", "test", "all")
 DEFAULT_TEST_SEED = 1000
+# `metalstm evaluate` saves every report as RUN_DIR/evaluation/<report_file_name>.
+EVALUATION_DIR = "evaluation"
 
 
 def summarise(accuracies) -> dict:
@@ -86,6 +88,21 @@ class EvaluationReport:
 
     def to_json(self) -> str:
         return json.dumps(self.rows())
+
+    def to_dict(self) -> dict:
+        """The saved report (`save_report`): the rows, the paired differences and the evaluation's settings."""
+        return {
+            "results": self.rows(),
+            "paired_differences": self.paired_differences,
+            "n_way": self.n_way,
+            "k_shot": self.k_shot,
+            "inner_steps": self.inner_steps,
+            "dataset": self.dataset,
+            "split": self.split,
+            "seed": self.seed,
+            "seconds": round(self.seconds, 1),
+            "details": self.details,
+        }
 
     def table(self) -> str:
         return format_table({self.column: self.results})
@@ -128,6 +145,23 @@ def format_table(columns: dict[str, dict]) -> str:
             cells.append((f"{value['mean']:.2f} +- {value['ci95']:.2f}%" if value else "-").center(15))
         lines.append(f"| {METHOD_LABELS[method].ljust(width)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def report_file_name(report: EvaluationReport) -> str:
+    """<dataset>-<split>-<N>way<K>shot-<E>ep[-baselines-<protocols>].json: one file per set of compared methods."""
+    protocols = report.details.get("baselines", {}).get("protocols")
+    suffix = f"-baselines-{'-'.join(protocols)}" if protocols else ""
+    episodes = report.details["episodes"]
+    return f"{report.dataset}-{report.split}-{report.n_way}way{report.k_shot}shot-{episodes}ep{suffix}.json"
+
+
+def save_report(report: EvaluationReport, run_dir) -> Path:
+    """Write the report as RUN_DIR/evaluation/<report_file_name> (atomically); returns its path."""
+    from keras_metalstm.config import atomic_write_text
+
+    path = Path(run_dir) / EVALUATION_DIR / report_file_name(report)
+    atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------------------------- evaluation data
@@ -210,7 +244,7 @@ def evaluate_run(
     config, meta = load_meta_learner(run_dir, which=which)
     data = evaluation_dataset(config, dataset, data_dir, split)
     trainer = km.MetaTrainer(meta)
-    details = {"checkpoint": which, "test_classes": data.num_classes, "data": data.name}
+    details = {"checkpoint": which, "test_classes": data.num_classes, "data": data.name, "episodes": int(episodes)}
     compared = None
     if baselines:
         compared, info = prepare_baselines(
