@@ -1,4 +1,4 @@
-"""Packaging for keras-metalstm: the library, its click CLI and the built-in fontglot data set."""
+"""Packaging for keras-metalstm: the library, its click CLI, the built-in fontglot data set and the presets."""
 
 from setuptools import find_packages, setup
 
@@ -17,6 +17,8 @@ setup(
     # own namespace, never as a top-level `cli` module in site-packages.
     package_dir={"keras_metalstm.cli": "cli"},
     package_data={
+        # The ready-made meta-learners: preset_files/<name>/<file> (keras_metalstm/presets.py).
+        "keras_metalstm": ["preset_files/*/*"],
         "keras_metalstm.data": ["fontglot-28.npz", "FONTGLOT.md"],
         "keras_metalstm.export": ["SERVING.md"],
         # The fused CPU kernel's source, compiled on first use (keras_metalstm/ops/fused_coordinate_lstm.py).

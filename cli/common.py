@@ -32,11 +32,12 @@ def user_errors():
     from keras_metalstm.config import ConfigError
     from keras_metalstm.data import DataError
     from keras_metalstm.export.errors import ExportError
+    from keras_metalstm.presets import PresetError
     from keras_metalstm.runs import TrainingError
 
     try:
         yield
-    except (ConfigError, DataError, ExportError, TrainingError) as error:
+    except (ConfigError, DataError, ExportError, PresetError, TrainingError) as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:
         raise click.ClickException(os_error_message(error)) from None

@@ -15,7 +15,7 @@ from keras_metalstm.cli.common import quiet_tensorflow, user_errors
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(exists=True))
+@click.argument("source", metavar="NAME_OR_RUN_DIR")
 @click.option(
     "--support",
     "support_dir",
@@ -28,18 +28,20 @@ from keras_metalstm.cli.common import quiet_tensorflow, user_errors
 )
 @click.option("--inner-steps", type=int, default=None, help="Inner-loop updates T (default: the run's own).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
-def adapt(run_dir, support_dir, out, inner_steps, force):
+def adapt(source, support_dir, out, inner_steps, force):
     """Adapt a trained meta-learner to a new task given by a few labelled images.
 
-    RUN_DIR is a `metalstm train` run folder (its best checkpoint) or a meta-learner .keras file. The support
-    folder must hold exactly N class folders for an N-way meta-learner. Images are converted to the learner's
-    input shape by the training conversion rule. The result is one .keras file holding the adapted weights,
-    the support set's batch-norm statistics, the class names and the input spec.
+    NAME_OR_RUN_DIR is a ready-made meta-learner's name (a preset, e.g. fontglot_5way_1shot), a `metalstm
+    train` run folder (its best checkpoint) or a meta-learner .keras file; an existing path wins over a preset
+    of the same name. The support folder must hold exactly N class folders for an N-way meta-learner. Images
+    are converted to the learner's input shape by the training conversion rule. The result is one .keras file
+    holding the adapted weights, the support set's batch-norm statistics, the class names and the input spec.
     """
     quiet_tensorflow()
     started = time.perf_counter()
     with user_errors():
         from keras_metalstm import export
+        from keras_metalstm.presets import load_path_or_preset
 
         if Path(out).suffix != ".keras":
             raise export.ExportError(f"--out must be a .keras file, got {out}: e.g. --out task.keras")
@@ -47,8 +49,8 @@ def adapt(run_dir, support_dir, out, inner_steps, force):
             raise export.ExportError(
                 f"{out} already exists; pass --force to overwrite it or choose another --out."
             )
-        meta = export.load_meta_learner(run_dir)
-        adapted = export.adapt_folder(meta, support_dir, inner_steps=inner_steps, info={"run": str(run_dir)})
+        meta, provenance = load_path_or_preset(source, export.load_meta_learner)
+        adapted = export.adapt_folder(meta, support_dir, inner_steps=inner_steps, info=provenance)
         export.save_adapted(adapted, out, force=force)
     shots = adapted.info["shots_per_class"]
     click.echo(
@@ -58,7 +60,7 @@ def adapt(run_dir, support_dir, out, inner_steps, force):
 
 
 @click.command(name="export")
-@click.argument("model", type=click.Path(exists=True))
+@click.argument("model")
 @click.option(
     "--format",
     "format_",
@@ -85,9 +87,9 @@ def export_command(model, format_, out, version, opset, force, no_verify):
     MODEL = adapted .keras file (`metalstm adapt`): SavedModel signatures serving_default (input `images`
       float32 (batch, H, W, C) in [0, 1], outputs logits, probabilities, class_ids, class_names) and
       predict_encoded (input `image_bytes`: PNG/JPEG files); ONNX model.onnx with the same input/outputs.
-    MODEL = run folder or meta-learner .keras file: SavedModel signature adapt_and_predict (support_images,
-      support_labels, query_images -> logits, probabilities, class_ids). SavedModel only: ONNX has no
-      gradient ops.
+    MODEL = run folder, meta-learner .keras file or preset name (a ready-made meta-learner; an existing path
+      wins): SavedModel signature adapt_and_predict (support_images, support_labels, query_images -> logits,
+      probabilities, class_ids). SavedModel only: ONNX has no gradient ops.
 
     Writes OUT/<version>/ (TensorFlow Serving's layout) via a temporary folder, after checking that the export
     reproduces the Keras model's logits (within 1e-4) at batch 1 and 64.
@@ -96,9 +98,10 @@ def export_command(model, format_, out, version, opset, force, no_verify):
     started = time.perf_counter()
     with user_errors():
         from keras_metalstm import export
+        from keras_metalstm.presets import load_path_or_preset
 
         out = out or str(Path("saved_models") / Path(model).name.removesuffix(".keras"))
-        loaded = export.load_exportable(model)
+        loaded, _ = load_path_or_preset(model, export.load_exportable)
         if isinstance(loaded, export.AdaptedLearner):
             result = export.export_adapted(
                 loaded, out, format=format_, version=version, force=force, opset=opset, verify=not no_verify

@@ -16,10 +16,11 @@ _NAMES = {
     "LearnerFunction": "keras_metalstm.learner_function",
     "MetaLearner": "keras_metalstm.meta_learner",
     "MetaTrainer": "keras_metalstm.trainer",
+    "list_presets": "keras_metalstm.presets",
     "meta_optimizer": "keras_metalstm.trainer",
     "preprocess": "keras_metalstm.preprocessing",
 }
-_SUBMODULES = ("data", "export", "learners", "layers")
+_SUBMODULES = ("data", "export", "learners", "layers", "presets")
 
 __all__ = sorted([*_NAMES, *_SUBMODULES])
 

@@ -52,6 +52,17 @@ BASELINE_PROTOCOLS = {
     "nearest_neighbour": "ours",
     "baseline_plus": "chen2019",
 }
+# One line per protocol, for reports that name the protocol behind each number (docs/baselines.md: every detail).
+PROTOCOL_SUMMARIES = {
+    "authors": "as the paper's authors ran them (twitter/meta-learning-lstm): a new output layer and the whole "
+    "pre-trained network fine-tuned by 15 SGD updates, learning rate and decay chosen on validation episodes; "
+    "1-NN by cosine similarity on the pre-trained network's penultimate features and on the pixels",
+    "ours": "this package's earlier variants: a zero-initialised output layer, the whole network fine-tuned by "
+    "full-batch gradient descent with frozen batch-norm statistics, learning rate and steps chosen on "
+    "validation episodes; 1-NN by Euclidean distance on the penultimate features",
+    "chen2019": "Baseline++ (Chen et al. 2019): a cosine classifier trained on the frozen penultimate features, "
+    "learning rate, steps and scale chosen on validation episodes",
+}
 
 # Grids of config/baselines/train-pre-trained-SGD.lua (the authors' fine-tune).
 AUTHORS_LEARNING_RATES = (0.5, 0.1, 0.01, 0.001, 0.0001, 0.00001)

@@ -48,6 +48,8 @@ TABLE_ORDER = (
 )
 SPLITS = ("train", "val", "test", "all")
 DEFAULT_TEST_SEED = 1000
+# `metalstm evaluate` saves every report as RUN_DIR/evaluation/<report_file_name>.
+EVALUATION_DIR = "evaluation"
 
 
 def summarise(accuracies) -> dict:
@@ -71,6 +73,10 @@ class EvaluationReport:
     accuracies: dict = field(default_factory=dict, repr=False)  # method -> per-episode accuracies
 
     @property
+    def episodes(self) -> int:
+        return int(np.size(self.accuracies["meta_lstm"]))
+
+    @property
     def column(self) -> str:
         return f"{self.n_way}-way {self.k_shot}-shot"
 
@@ -89,6 +95,23 @@ class EvaluationReport:
 
     def to_json(self) -> str:
         return json.dumps(self.rows())
+
+    def to_dict(self) -> dict:
+        """The saved report (`save_report`): the rows, the paired differences and the evaluation's settings."""
+        return {
+            "results": self.rows(),
+            "paired_differences": self.paired_differences,
+            "n_way": self.n_way,
+            "k_shot": self.k_shot,
+            "inner_steps": self.inner_steps,
+            "dataset": self.dataset,
+            "data_dir": self.data_dir,
+            "split": self.split,
+            "seed": self.seed,
+            "episodes": self.episodes,
+            "seconds": round(self.seconds, 1),
+            "details": self.details,
+        }
 
     def table(self) -> str:
         return format_table({self.column: self.results})
@@ -127,29 +150,15 @@ def report_file_name(report: EvaluationReport) -> str:
         source += f"-{readable}-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
     protocols = report.details.get("baselines", {}).get("protocols")
     suffix = f"-baselines-{'-'.join(protocols)}" if protocols else ""
-    return f"{source}-{report.split}-{report.n_way}way{report.k_shot}shot-{len(report.accuracies['meta_lstm'])}ep{suffix}.json"
+    return f"{source}-{report.split}-{report.n_way}way{report.k_shot}shot-{report.episodes}ep{suffix}.json"
 
 
 def save_report(report: EvaluationReport, run_dir) -> Path:
     """Writes the report as RUN_DIR/evaluation/<report_file_name> (atomically) and returns its path."""
     from keras_metalstm.config import atomic_write_text
 
-    path = Path(run_dir) / "evaluation" / report_file_name(report)
-    content = {
-        "results": report.rows(),
-        "paired_differences": report.paired_differences,
-        "n_way": report.n_way,
-        "k_shot": report.k_shot,
-        "inner_steps": report.inner_steps,
-        "dataset": report.dataset,
-        "data_dir": report.data_dir,
-        "split": report.split,
-        "seed": report.seed,
-        "episodes": len(report.accuracies["meta_lstm"]),
-        "seconds": round(report.seconds, 1),
-        "details": report.details,
-    }
-    atomic_write_text(path, json.dumps(content, indent=2) + "\n")
+    path = Path(run_dir) / EVALUATION_DIR / report_file_name(report)
+    atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")
     return path
 
 
@@ -256,7 +265,7 @@ def evaluate_run(
     config, meta = load_meta_learner(run_dir, which=which)
     data = evaluation_dataset(config, dataset, data_dir, split)
     trainer = km.MetaTrainer(meta)
-    details = {"checkpoint": which, "test_classes": data.num_classes, "data": data.name}
+    details = {"checkpoint": which, "test_classes": data.num_classes, "data": data.name, "episodes": int(episodes)}
     compared = None
     if baselines:
         compared, info = prepare_baselines(

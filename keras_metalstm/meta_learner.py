@@ -492,6 +492,15 @@ class MetaLearner(keras.Model):
         config["learner"] = keras.saving.deserialize_keras_object(config["learner"], custom_objects=custom_objects)
         return cls(**config)
 
+    @classmethod
+    def from_preset(cls, name):
+        """A ready-made meta-learner shipped with the package, by name (`keras_metalstm.list_presets()`), or a
+        preset folder's path; read from local files only. Its MODEL_CARD.md (data, recipe, measured accuracy)
+        is in `keras_metalstm.presets.preset_dir(name)`."""
+        from keras_metalstm.presets import load_preset  # presets sit above the meta-learner
+
+        return load_preset(name)
+
 
 def _stacked_state(learner, episodes):
     """The learner's initial non-trainable state for each of `episodes` episodes, stacked on a first axis."""
