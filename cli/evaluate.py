@@ -29,11 +29,13 @@ def run_evaluation(
     baseline_protocols=DEFAULT_PROTOCOLS,
     baseline_plus=False,
 ):
-    """Evaluate and save the report as RUN_DIR/evaluation/<...>.json; returns (report, path)."""
+    """Evaluate and save the report as RUN_DIR/evaluation/<...>.json, and redraw the run's curves.png (it shows
+    the baselines of the saved reports); returns (report, path)."""
     from tqdm import tqdm
 
     from keras_metalstm.baselines import PretrainConfig
     from keras_metalstm.evaluation import evaluate_run, save_report
+    from keras_metalstm.metrics_log import write_curves
     from keras_metalstm.runs import load_run_config
 
     config = load_run_config(run_dir)
@@ -60,7 +62,9 @@ def run_evaluation(
         )
     finally:
         bar.close()
-    return report, save_report(report, run_dir)
+    path = save_report(report, run_dir)
+    write_curves(run_dir)
+    return report, path
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
