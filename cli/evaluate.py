@@ -6,7 +6,14 @@ from __future__ import annotations
 import sys
 
 import click
-from keras_metalstm.cli.common import CONTEXT_SETTINGS, duration, quiet_tensorflow, user_errors
+from keras_metalstm.cli.common import (
+    CHECKPOINT_OPTION,
+    CONTEXT_SETTINGS,
+    SEED_OPTION,
+    duration,
+    quiet_tensorflow,
+    user_errors,
+)
 
 from keras_metalstm.baselines import DEFAULT_PROTOCOLS, PROTOCOLS
 
@@ -114,21 +121,8 @@ def run_evaluation(
     show_default=True,
     help="Classes to draw test episodes from (all: every class of --dataset).",
 )
-@click.option(
-    "--seed",
-    type=int,
-    default=1000,
-    show_default=True,
-    envvar="METALSTM_EVAL_SEED",
-    help="Seed of the test episodes.",
-)
-@click.option(
-    "--checkpoint",
-    type=click.Choice(("best", "latest")),
-    default="best",
-    show_default=True,
-    help="Best-validation or latest checkpoint.",
-)
+@SEED_OPTION
+@CHECKPOINT_OPTION
 @click.option(
     "--pretrain-epochs",
     type=int,

@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 
 import click
-from keras_metalstm.cli.common import CONTEXT_SETTINGS, Timer, duration, quiet_tensorflow, user_errors
+from keras_metalstm.cli.common import (
+    CHECKPOINT_OPTION,
+    CONTEXT_SETTINGS,
+    SEED_OPTION,
+    Timer,
+    duration,
+    quiet_tensorflow,
+    user_errors,
+)
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -21,16 +29,8 @@ from keras_metalstm.cli.common import CONTEXT_SETTINGS, Timer, duration, quiet_t
     show_default=True,
     help="Classes the episodes come from.",
 )
-@click.option(
-    "--seed", type=int, default=1000, show_default=True, help="Seed of the episodes (evaluate's, by default)."
-)
-@click.option(
-    "--checkpoint",
-    type=click.Choice(("best", "latest")),
-    default="best",
-    show_default=True,
-    help="Best-validation or latest checkpoint.",
-)
+@SEED_OPTION
+@CHECKPOINT_OPTION
 @click.option(
     "--out",
     type=click.Path(file_okay=False),

@@ -26,8 +26,8 @@ def main(verbose):
     \b
     metalstm train --dataset fontglot --run-dir runs/demo     meta-train with checkpoints
     metalstm evaluate runs/demo --baselines                   600 test episodes, 95% intervals
-    metalstm inspect runs/demo                                the learned gates, beside plain SGD
     metalstm quickstart                                       both, on the built-in data
+    metalstm inspect runs/demo                                what the meta-learner learned
 
     Options also come from --config FILE (YAML or TOML) and METALSTM_* environment variables
     (e.g. METALSTM_K_SHOT=5); command-line flags win.

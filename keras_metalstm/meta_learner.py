@@ -245,7 +245,8 @@ class MetaLearner(keras.Model):
         return theta, (zero_state, zero_state), (zero_logits, zero_logits), initial_states
 
     def _inner_step(self, theta, lstm_state, gate_logits, states, support_images, support_labels):
-        """One inner step (SPEC steps 1-4) of B episodes: the carry of `_initial_carry` after one more update."""
+        """One inner step of B episodes (support gradient and loss, their preprocessing, the coordinate LSTM, the
+        cell's update of theta): the carry of `_initial_carry` after one more update."""
         losses, gradient, states = self._support_passes(theta, states, support_images, support_labels)
         # Features first: (2, episodes, coordinates) for the gradient; the loss is one value per episode,
         # preprocessed once and shared by all of that episode's coordinates.

@@ -98,16 +98,18 @@ def test_saved_baselines_come_from_the_runs_own_data_and_the_most_episodes(tmp_p
     reports = tmp_path / "evaluation"
     reports.mkdir()
 
-    def report(name, dataset, split, episodes, finetune):
+    def report(name, dataset, split, episodes, finetune, data_dir=None):
         results = {
             "meta_lstm": {"mean": 95.0, "ci95": 1.0, "episodes": episodes},
             "finetune_authors": {"mean": finetune, "ci95": 1.0, "episodes": episodes, "protocol": "authors"},
         }
-        (reports / name).write_text(json.dumps({"results": results, "dataset": dataset, "split": split}))
+        content = {"results": results, "dataset": dataset, "data_dir": data_dir, "split": split}
+        (reports / name).write_text(json.dumps(content))
 
     report("long.json", "fontglot", "test", 600, 91.5)
     report("short.json", "fontglot", "test", 100, 80.0)
     report("cross.json", "omniglot", "test", 1000, 50.0)
+    report("folder.json", "fontglot", "test", 1000, 30.0, data_dir=str(tmp_path / "my_fonts"))
     report("all.json", "fontglot", "all", 2000, 40.0)
     (reports / "broken.json").write_text("{")
     assert saved_baselines(tmp_path) == [
