@@ -222,7 +222,7 @@ def _concatenate(parts, name):
     )
 
 
-def test_episodes(data, config, episodes: int, seed: int, batch_size: int):
+def evaluation_episodes(data, config, episodes: int, seed: int, batch_size: int):
     """The stream of `episodes` test episodes of `data` in the run's episode shape, `batch_size` per batch.
     Episode i is the same whatever the batch size, so every command scoring a run with one seed sees the same
     first episodes."""
@@ -261,18 +261,19 @@ def saved_baselines(run_dir) -> list[dict]:
     for path in reports:
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            rows = {method: (float(row["mean"]), int(row["episodes"])) for method, row in report["results"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not a report this package wrote
             continue
         if (report.get("dataset"), report.get("data_dir")) != own_data or report.get("split") not in ("test", "val"):
             continue
-        for method, row in report.get("results", {}).items():
-            if method in BASELINE_PROTOCOLS and row.get("episodes", 0) >= best.get(method, {}).get("episodes", 0):
+        for method, (mean, episodes) in rows.items():
+            if method in BASELINE_PROTOCOLS and episodes >= best.get(method, {}).get("episodes", 0):
                 best[method] = {
                     "method": method,
                     "label": METHOD_LABELS[method],
-                    "accuracy": row["mean"] / 100.0,
+                    "accuracy": mean / 100.0,
                     "split": report["split"],
-                    "episodes": row["episodes"],
+                    "episodes": episodes,
                 }
     return [best[method] for method in TABLE_ORDER if method in best]
 
@@ -328,7 +329,7 @@ def evaluate_run(
         protocols = list(dict.fromkeys(method.protocol for method in compared.methods.values()))
         details["baselines"] = {"protocols": protocols, **info}
     batch = eval_batch_size(episodes)
-    stream = test_episodes(data, config, episodes, seed, batch)
+    stream = evaluation_episodes(data, config, episodes, seed, batch)
     accuracies = {m: [] for m in ("meta_lstm", *(compared.methods if compared else ()))}
     for episodes_batch in stream:
         if on_batch is not None:
@@ -365,7 +366,7 @@ def evaluate_episodes(trainer, dataset, config, episodes: int, seed: int, progre
     batch = eval_batch_size(episodes)
     if batch % replicas:  # each replica evaluates batch/R episodes (MetaTrainer.evaluate_step)
         batch = replicas * eval_batch_size(episodes // replicas) if episodes % replicas == 0 else batch
-    stream = test_episodes(dataset, config, episodes, seed, batch)
+    stream = evaluation_episodes(dataset, config, episodes, seed, batch)
     out = []
     for episodes_batch in stream:
         out.append(trainer.evaluate_step(episodes_batch)["accuracy"].numpy())

@@ -78,7 +78,7 @@ class Inspection:
             rate_text = f"learning rate median {_number(rate[0])} at step 1"
             forget_text = f"forget gate median {_gate(forget[0])}"
             if steps > 1:
-                rate_text += f", {_trend(rate[0], rate[-1])} to {_number(rate[-1])} at step {steps}"
+                rate_text += f", {_trend(rate[0], rate[-1])} {_number(rate[-1])} at step {steps}"
                 forget_text += f" to {_gate(forget[-1])}"
             sentences.append(
                 f"layer {layer['name']}: {rate_text}; {forget_text}; theta_T - theta_0 has norm "
@@ -145,7 +145,7 @@ def inspect_run(
     called after every episode."""
     import tensorflow as tf
 
-    from keras_metalstm.evaluation import check_episode_count, evaluation_dataset, test_episodes
+    from keras_metalstm.evaluation import check_episode_count, evaluation_dataset, evaluation_episodes
     from keras_metalstm.runs import load_meta_learner
 
     episodes = check_episode_count(episodes)
@@ -156,7 +156,7 @@ def inspect_run(
     statistics = {by: [] for by in GROUPINGS}
     meta_curves = {"loss": [], "accuracy": []}
     sgd_curves = {rate: {"loss": [], "accuracy": []} for rate in learning_rates}
-    for batch in test_episodes(data, config, episodes, seed, batch_size=1):
+    for batch in evaluation_episodes(data, config, episodes, seed, batch_size=1):
         images, labels = batch["support_images"][0], batch["support_labels"][0]
         trace = meta.trace(images, labels)
         for by in GROUPINGS:
@@ -281,6 +281,7 @@ def _gate(value) -> str:
 
 
 def _trend(first, last) -> str:
+    """How a value went from `first` to `last`, as the words before `last`: more than 5% up or down, or not."""
     if last > 1.05 * first:
-        return "rising"
-    return "falling" if last < 0.95 * first else "steady"
+        return "rising to"
+    return "falling to" if last < 0.95 * first else "steady at"

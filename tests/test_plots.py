@@ -112,6 +112,8 @@ def test_saved_baselines_come_from_the_runs_own_data_and_the_most_episodes(tmp_p
     report("folder.json", "fontglot", "test", 1000, 30.0, data_dir=str(tmp_path / "my_fonts"))
     report("all.json", "fontglot", "all", 2000, 40.0)
     (reports / "broken.json").write_text("{")
+    incomplete = {"results": {"finetune_authors": {"mean": 99.0}}, "dataset": "fontglot", "split": "test"}
+    (reports / "incomplete.json").write_text(json.dumps(incomplete))
     assert saved_baselines(tmp_path) == [
         {
             "method": "finetune_authors",
