@@ -12,6 +12,23 @@ import time
 import click
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+# Options of the commands that score a run's meta-learner on test episodes (evaluate, inspect): the same seed
+# gives the same episodes to both.
+SEED_OPTION = click.option(
+    "--seed",
+    type=int,
+    default=1000,
+    show_default=True,
+    envvar="METALSTM_EVAL_SEED",
+    help="Seed of the test episodes.",
+)
+CHECKPOINT_OPTION = click.option(
+    "--checkpoint",
+    type=click.Choice(("best", "latest")),
+    default="best",
+    show_default=True,
+    help="Best-validation or latest checkpoint.",
+)
 
 
 def layered_config(base: dict, config_file: str | None, flags: dict) -> dict:

@@ -6,7 +6,14 @@ from __future__ import annotations
 import sys
 
 import click
-from keras_metalstm.cli.common import CONTEXT_SETTINGS, duration, quiet_tensorflow, user_errors
+from keras_metalstm.cli.common import (
+    CHECKPOINT_OPTION,
+    CONTEXT_SETTINGS,
+    SEED_OPTION,
+    duration,
+    quiet_tensorflow,
+    user_errors,
+)
 
 from keras_metalstm.baselines import DEFAULT_PROTOCOLS, PROTOCOLS
 
@@ -29,11 +36,13 @@ def run_evaluation(
     baseline_protocols=DEFAULT_PROTOCOLS,
     baseline_plus=False,
 ):
-    """Evaluate and save the report as RUN_DIR/evaluation/<...>.json; returns (report, path)."""
+    """Evaluate and save the report as RUN_DIR/evaluation/<...>.json, and redraw the run's curves.png (it shows
+    the baselines of the saved reports); returns (report, path)."""
     from tqdm import tqdm
 
     from keras_metalstm.baselines import PretrainConfig
     from keras_metalstm.evaluation import evaluate_run, save_report
+    from keras_metalstm.metrics_log import write_curves
     from keras_metalstm.runs import load_run_config
 
     config = load_run_config(run_dir)
@@ -60,7 +69,9 @@ def run_evaluation(
         )
     finally:
         bar.close()
-    return report, save_report(report, run_dir)
+    path = save_report(report, run_dir)
+    write_curves(run_dir)
+    return report, path
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -110,21 +121,8 @@ def run_evaluation(
     show_default=True,
     help="Classes to draw test episodes from (all: every class of --dataset).",
 )
-@click.option(
-    "--seed",
-    type=int,
-    default=1000,
-    show_default=True,
-    envvar="METALSTM_EVAL_SEED",
-    help="Seed of the test episodes.",
-)
-@click.option(
-    "--checkpoint",
-    type=click.Choice(("best", "latest")),
-    default="best",
-    show_default=True,
-    help="Best-validation or latest checkpoint.",
-)
+@SEED_OPTION
+@CHECKPOINT_OPTION
 @click.option(
     "--pretrain-epochs",
     type=int,

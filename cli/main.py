@@ -1,4 +1,4 @@
-"""`metalstm`: the command line of keras-metalstm (train, evaluate, quickstart, and the export commands).
+"""`metalstm`: the command line of keras-metalstm (train, evaluate, inspect, quickstart, and the export commands).
 
 Only parsing, calling the library and printing happen here; TensorFlow is imported lazily inside the commands,
 so `metalstm --help` answers at once.
@@ -27,6 +27,7 @@ def main(verbose):
     metalstm train --dataset fontglot --run-dir runs/demo     meta-train with checkpoints
     metalstm evaluate runs/demo --baselines                   600 test episodes, 95% intervals
     metalstm quickstart                                       both, on the built-in data
+    metalstm inspect runs/demo                                what the meta-learner learned
 
     Options also come from --config FILE (YAML or TOML) and METALSTM_* environment variables
     (e.g. METALSTM_K_SHOT=5); command-line flags win.
@@ -38,11 +39,12 @@ def main(verbose):
 
 def _register():
     from keras_metalstm.cli.evaluate import evaluate
+    from keras_metalstm.cli.inspect import inspect
     from keras_metalstm.cli.quickstart import quickstart
     from keras_metalstm.cli.serving import adapt, export, predict
     from keras_metalstm.cli.train import train
 
-    for command in (train, evaluate, quickstart, adapt, export, predict):
+    for command in (train, evaluate, inspect, quickstart, adapt, export, predict):
         main.add_command(command)
 
 

@@ -229,6 +229,62 @@ def _concatenate(parts, name):
     )
 
 
+def evaluation_episodes(data, config, episodes: int, seed: int, batch_size: int):
+    """The stream of `episodes` test episodes of `data` in the run's episode shape, `batch_size` per batch.
+    Episode i is the same whatever the batch size, so every command scoring a run with one seed sees the same
+    first episodes."""
+    from keras_metalstm.data import episode_dataset
+
+    return episode_dataset(
+        data, config.n_way, config.k_shot, config.query, batch_size=batch_size, seed=seed, num_episodes=episodes
+    )
+
+
+def check_episode_count(episodes) -> int:
+    """`episodes` as an int, or DataError when it is not at least 1."""
+    from keras_metalstm.data import DataError
+
+    if int(episodes) < 1:
+        raise DataError(f"--episodes must be at least 1, got {episodes}")
+    return int(episodes)
+
+
+def saved_baselines(run_dir) -> list[dict]:
+    """The baselines' accuracies in the run's saved evaluation reports on its own data (data set and directory)
+    and its test or validation classes: one {"method", "label", "accuracy" (a fraction), "split", "episodes"}
+    per baseline, from the report that scored it on the most episodes (the newest among equals). Empty when no
+    report holds a baseline."""
+    from keras_metalstm.config import ConfigError
+    from keras_metalstm.runs import TrainingError, load_run_config
+
+    run_dir = Path(run_dir)
+    try:
+        config = load_run_config(run_dir)
+    except (ConfigError, TrainingError):  # no (readable) run: nothing to compare with
+        return []
+    own_data = (config.dataset, _data_source_dir(config, None, None))
+    best = {}
+    reports = sorted((run_dir / EVALUATION_DIR).glob("*.json"), key=lambda path: path.stat().st_mtime)
+    for path in reports:
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+            rows = {method: (float(row["mean"]), int(row["episodes"])) for method, row in report["results"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not a report this package wrote
+            continue
+        if (report.get("dataset"), report.get("data_dir")) != own_data or report.get("split") not in ("test", "val"):
+            continue
+        for method, (mean, episodes) in rows.items():
+            if method in BASELINE_PROTOCOLS and episodes >= best.get(method, {}).get("episodes", 0):
+                best[method] = {
+                    "method": method,
+                    "label": METHOD_LABELS[method],
+                    "accuracy": mean / 100.0,
+                    "split": report["split"],
+                    "episodes": episodes,
+                }
+    return [best[method] for method in TABLE_ORDER if method in best]
+
+
 # -------------------------------------------------------------------------------------------- evaluate
 def evaluate_run(
     run_dir,
@@ -255,11 +311,9 @@ def evaluate_run(
     """
     import keras_metalstm as km
     from keras_metalstm.baselines import prepare_baselines
-    from keras_metalstm.data import DataError, episode_dataset
     from keras_metalstm.runs import load_meta_learner, load_splits
 
-    if int(episodes) < 1:
-        raise DataError(f"--episodes must be at least 1, got {episodes}")
+    episodes = check_episode_count(episodes)
     log = log or (lambda message: None)
     t0 = time.time()
     config, meta = load_meta_learner(run_dir, which=which)
@@ -281,16 +335,8 @@ def evaluate_run(
         )
         protocols = list(dict.fromkeys(method.protocol for method in compared.methods.values()))
         details["baselines"] = {"protocols": protocols, **info}
-    batch = eval_batch_size(int(episodes))
-    stream = episode_dataset(
-        data,
-        config.n_way,
-        config.k_shot,
-        config.query,
-        batch_size=batch,
-        seed=seed,
-        num_episodes=int(episodes),
-    )
+    batch = eval_batch_size(episodes)
+    stream = evaluation_episodes(data, config, episodes, seed, batch)
     accuracies = {m: [] for m in ("meta_lstm", *(compared.methods if compared else ()))}
     for episodes_batch in stream:
         if on_batch is not None:
@@ -323,15 +369,11 @@ def evaluate_episodes(trainer, dataset, config, episodes: int, seed: int, progre
     """Per-episode test-mode query accuracies of the meta-learner on `episodes` episodes of `dataset`."""
     import tensorflow as tf
 
-    from keras_metalstm.data import episode_dataset
-
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     batch = eval_batch_size(episodes)
     if batch % replicas:  # each replica evaluates batch/R episodes (MetaTrainer.evaluate_step)
         batch = replicas * eval_batch_size(episodes // replicas) if episodes % replicas == 0 else batch
-    stream = episode_dataset(
-        dataset, config.n_way, config.k_shot, config.query, batch_size=batch, seed=seed, num_episodes=episodes
-    )
+    stream = evaluation_episodes(dataset, config, episodes, seed, batch)
     out = []
     for episodes_batch in stream:
         out.append(trainer.evaluate_step(episodes_batch)["accuracy"].numpy())

@@ -139,6 +139,12 @@ class LearnerFunction:
         _, state = self(theta, self.initial_state(), images, training=True, momentum=0.0)
         return state
 
+    def loss_and_accuracy(self, theta, images, labels):
+        """Mean cross-entropy and accuracy on (images, labels) with parameters `theta`, normalised as the inner
+        loop's support passes are (training mode: batch-norm layers use the batch's own statistics)."""
+        logits, _ = self(theta, self.initial_state(), images, training=True)
+        return cross_entropy(labels, logits), accuracy(labels, logits)
+
     def loss_and_gradient(self, theta, state, images, labels, divide_by_batch=False):
         """Mean cross-entropy on (images, labels), its gradient w.r.t. theta, and the updated state.
 
@@ -153,6 +159,12 @@ class LearnerFunction:
         if divide_by_batch:
             gradient = gradient / tf.cast(tf.shape(images)[0], gradient.dtype)
         return loss, gradient, state
+
+
+def accuracy(labels, logits):
+    """Fraction of the examples whose largest logit is their label (over the last axis of `labels`)."""
+    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.cast(labels, tf.int32))
+    return tf.reduce_mean(tf.cast(correct, logits.dtype), axis=-1)
 
 
 def cross_entropy(labels, logits):

@@ -18,8 +18,9 @@ import contextlib
 import keras
 import tensorflow as tf
 
+from keras_metalstm.inner_loop_trace import InnerLoopTrace
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
-from keras_metalstm.learner_function import LearnerFunction
+from keras_metalstm.learner_function import LearnerFunction, accuracy
 from keras_metalstm.ops import fused_coordinate_lstm
 from keras_metalstm.preprocessing import preprocess
 
@@ -126,12 +127,18 @@ class MetaLearner(keras.Model):
         self._compiled_gradients = {}
         self._fit_clip_norm = None
         self._compiled_adapt = None
+        self._compiled_trace = None
         self.built = True
 
     @property
     def learner(self):
         """The learner model whose parameters are adapted (never modified)."""
         return self._learner_function.learner
+
+    @property
+    def learner_function(self):
+        """The learner as a function of a flat parameter vector theta (a LearnerFunction)."""
+        return self._learner_function
 
     @property
     def num_parameters(self):
@@ -211,29 +218,12 @@ class MetaLearner(keras.Model):
         steps = self.inner_steps if inner_steps is None else int(inner_steps)
         episodes = _static_batch_size(support_images, "support_images")
 
-        theta = tf.tile(self.theta0[tf.newaxis], [episodes, 1])
-        # Zero state and zero feedback equal the "no previous step" of the first update exactly (x + 0 * w == x),
-        # and give the loop variables the fixed shapes a compiled loop needs.
-        zero_state = tf.zeros((self.hidden_units, *theta.shape), theta.dtype)
-        zero_logits = tf.zeros_like(theta)
-        initial = (0, theta, (zero_state, zero_state), (zero_logits, zero_logits), _stacked_state(learner, episodes))
-
-        def update(step, theta, lstm_state, gate_logits, states):
-            losses, gradient, states = self._support_passes(theta, states, support_images, support_labels)
-            # Features first: (2, episodes, coordinates) for the gradient; the loss is one value per episode,
-            # preprocessed once and shared by all of that episode's coordinates.
-            hidden, lstm_state, hidden_terms = self.coordinate_lstm.step_with_readout(
-                preprocess(gradient, self.p, axis=0),
-                lstm_state,
-                shared_inputs=preprocess(losses, self.p, axis=0),
-                readout_kernel=self.cell.hidden_kernel(),
-            )
-            theta, gate_logits = self.cell(hidden, theta, gradient, gate_logits, hidden_terms=hidden_terms)
-            return step + 1, theta, lstm_state, gate_logits, states
+        def update(step, *carry):
+            return step + 1, *self._inner_step(*carry, support_images, support_labels)
 
         # maximum_iterations: a static trip count, which XLA needs to differentiate the loop.
         _, theta, _, _, states = tf.while_loop(
-            lambda step, *_: step < steps, update, initial, maximum_iterations=steps
+            lambda step, *_: step < steps, update, (0, *self._initial_carry(episodes)), maximum_iterations=steps
         )
         if self.query_statistics == "support":
             states = tf.map_fn(
@@ -242,6 +232,32 @@ class MetaLearner(keras.Model):
                 fn_output_signature=_state_signature(learner),
             )
         return theta, states
+
+    def _initial_carry(self, episodes):
+        """What the inner loop carries from step to step, as each of `episodes` episodes starts: theta_0, the zero
+        LSTM state (h, c), the zero gate feedback (f_logit, i_logit) and the learner's initial state."""
+        theta = tf.tile(self.theta0[tf.newaxis], [episodes, 1])
+        # Zero state and zero feedback equal the "no previous step" of the first update exactly (x + 0 * w == x),
+        # and give the loop variables the fixed shapes a compiled loop needs.
+        zero_state = tf.zeros((self.hidden_units, *theta.shape), theta.dtype)
+        zero_logits = tf.zeros_like(theta)
+        initial_states = _stacked_state(self._learner_function, episodes)
+        return theta, (zero_state, zero_state), (zero_logits, zero_logits), initial_states
+
+    def _inner_step(self, theta, lstm_state, gate_logits, states, support_images, support_labels):
+        """One inner step of B episodes (support gradient and loss, their preprocessing, the coordinate LSTM, the
+        cell's update of theta): the carry of `_initial_carry` after one more update."""
+        losses, gradient, states = self._support_passes(theta, states, support_images, support_labels)
+        # Features first: (2, episodes, coordinates) for the gradient; the loss is one value per episode,
+        # preprocessed once and shared by all of that episode's coordinates.
+        hidden, lstm_state, hidden_terms = self.coordinate_lstm.step_with_readout(
+            preprocess(gradient, self.p, axis=0),
+            lstm_state,
+            shared_inputs=preprocess(losses, self.p, axis=0),
+            readout_kernel=self.cell.hidden_kernel(),
+        )
+        theta, gate_logits = self.cell(hidden, theta, gradient, gate_logits, hidden_terms=hidden_terms)
+        return theta, lstm_state, gate_logits, states
 
     def _support_passes(self, theta, states, support_images, support_labels):
         """Every episode's support loss (B,), gradient (B, P) at its own theta and updated state, one episode
@@ -312,8 +328,7 @@ class MetaLearner(keras.Model):
         losses = tf.reduce_mean(
             tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=scaled_logits), axis=-1
         )
-        correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), labels), logits.dtype)
-        return losses, tf.reduce_mean(correct, axis=-1)
+        return losses, accuracy(labels, logits)
 
     def meta_gradients(self, episodes):
         """Mean query loss and accuracy of a batch of episodes, and the meta-gradient of the loss.
@@ -426,6 +441,83 @@ class MetaLearner(keras.Model):
             theta, states = self.inner_loop(support_images[tf.newaxis], support_labels[tf.newaxis], inner_steps)
         return theta[0], [value[0] for value in states]
 
+    def trace(self, support_images, support_labels, inner_steps=None):
+        """Adapts the learner to one task as `adapt` does and records what the meta-learner did at each step.
+
+        Args:
+            support_images, support_labels, inner_steps: as for `adapt`.
+
+        Returns:
+            An InnerLoopTrace (keras_metalstm.inner_loop_trace): for t = 1..T the input gate i_t (the learned
+            learning rate) and forget gate f_t of every coordinate of theta, post-sigmoid; the learner's support
+            loss and accuracy at theta_0..theta_T (training mode, as the inner loop computes them); per learner
+            variable the norms of theta_t - theta_0 and of the update theta_t - theta_{t-1}; and summaries of
+            these per variable and per layer.
+
+        The gates are computed with the stock TensorFlow ops of the cell, never the fused kernel, so they are
+        exactly the cell's own values. The traced function holds one inner step in a loop, as `inner_loop` does.
+        """
+        support_images, support_labels = self._check_support(support_images, support_labels)
+        steps = self.inner_steps if inner_steps is None else int(inner_steps)
+        if self._compiled_trace is None:
+            self._compiled_trace = tf.function(self._trace_one, reduce_retracing=True)
+        records = self._compiled_trace(support_images, support_labels, steps)
+        return InnerLoopTrace(
+            variables=[variable.path for variable in self.learner.trainable_variables],
+            sizes=list(self._learner_function.sizes),
+            **{name: value.numpy() for name, value in records.items()},
+        )
+
+    def _trace_one(self, support_images, support_labels, inner_steps):
+        learner = self._learner_function
+        images, labels = support_images[tf.newaxis], support_labels[tf.newaxis]
+        variable_of_coordinate = tf.repeat(tf.range(len(learner.sizes)), learner.sizes)
+
+        def variable_norms(difference):
+            squares = tf.math.unsorted_segment_sum(
+                tf.square(difference[0]), variable_of_coordinate, len(learner.sizes)
+            )
+            return tf.sqrt(squares)
+
+        def support_metrics(theta):
+            loss, correct = learner.loss_and_accuracy(theta[0], support_images, support_labels)
+            return tf.cast(loss, theta.dtype), tf.cast(correct, theta.dtype)
+
+        theta0, *carry = self._initial_carry(1)
+
+        def record_step(step, theta, lstm_state, gate_logits, states, records):
+            new_theta, lstm_state, gate_logits, states = self._inner_step(
+                theta, lstm_state, gate_logits, states, images, labels
+            )
+            forget_logits, input_logits = gate_logits
+            loss, correct = support_metrics(new_theta)
+            values = {
+                "input_gates": tf.sigmoid(input_logits[0]),
+                "forget_gates": tf.sigmoid(forget_logits[0]),
+                "support_loss": loss,
+                "support_accuracy": correct,
+                "distances": variable_norms(new_theta - theta0),
+                "update_norms": variable_norms(new_theta - theta),
+            }
+            records = {name: records[name].write(step, value) for name, value in values.items()}
+            return step + 1, new_theta, lstm_state, gate_logits, states, records
+
+        records = {name: tf.TensorArray(theta0.dtype, size=inner_steps) for name in InnerLoopTrace.STEP_RECORDS}
+        # Stock ops even where a caller has enabled the fused kernel: its activations round differently.
+        with fused_coordinate_lstm.disabled():
+            *_, records = tf.while_loop(
+                lambda step, *_: step < inner_steps,
+                record_step,
+                (0, theta0, *carry, records),
+                maximum_iterations=inner_steps,
+            )
+            start_loss, start_accuracy = support_metrics(theta0)
+        stacked = {name: record.stack() for name, record in records.items()}
+        # The support metrics of theta_0 come first: index t holds those of theta_t.
+        stacked["support_loss"] = tf.concat([[start_loss], stacked["support_loss"]], axis=0)
+        stacked["support_accuracy"] = tf.concat([[start_accuracy], stacked["support_accuracy"]], axis=0)
+        return stacked
+
     def _check_support(self, support_images, support_labels):
         support_images = tf.convert_to_tensor(support_images, dtype=self.theta0.dtype)
         support_labels = tf.convert_to_tensor(support_labels)
@@ -466,6 +558,7 @@ class MetaLearner(keras.Model):
             # Execution caches, not part of a model (as Keras leaves out its train_function): they may also
             # hold the fused CPU kernel, which TensorFlow Serving does not have.
             children.pop("_compiled_adapt", None)
+            children.pop("_compiled_trace", None)
             children.pop("_compiled_gradients", None)
         return children
 

@@ -62,9 +62,12 @@ def read_metrics(run_dir) -> list[dict]:
 
 
 def write_curves(run_dir) -> Path | None:
+    """Draw curves.png from the run's metrics log, with the baselines its saved evaluations scored (None when the
+    run has logged nothing yet)."""
+    from keras_metalstm.evaluation import saved_baselines
     from keras_metalstm.plots import plot_training_curves
 
     rows = read_metrics(run_dir)
     if not rows:
         return None
-    return plot_training_curves(rows, Path(run_dir) / CURVES_FILE)
+    return plot_training_curves(rows, Path(run_dir) / CURVES_FILE, baselines=saved_baselines(run_dir))
