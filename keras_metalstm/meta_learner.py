@@ -225,7 +225,9 @@ class MetaLearner(keras.Model):
         _, theta, _, _, states = tf.while_loop(
             lambda step, *_: step < steps, update, (0, *self._initial_carry(episodes)), maximum_iterations=steps
         )
-        if self.query_statistics == "support":
+        # A learner without batch statistics (GroupNormalization, LayerNormalization, none) has no state to
+        # recompute: "support" is then the same protocol as "query", so a recipe can name it for any learner.
+        if self.query_statistics == "support" and states:
             states = tf.map_fn(
                 lambda episode: learner.batch_statistics(*episode),
                 (theta, support_images),

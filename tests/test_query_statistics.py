@@ -102,6 +102,31 @@ def test_a_query_image_does_not_depend_on_the_other_query_images_even_in_train_m
     np.testing.assert_allclose(meta(halved, mode="train").numpy()[0], full[0, :5], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("normalization", ["group", "none"])
+def test_a_learner_without_batch_statistics_takes_support_statistics_as_the_query_protocol(normalization):
+    """GroupNormalization or no normalisation: nothing to recompute, so "support" trains and predicts exactly as
+    "query" (the recipe that names it runs with any learner), in a compiled meta-training step too."""
+
+    def learner():
+        keras.utils.set_random_seed(5)
+        images = keras.Input((28, 28, 1))
+        hidden = keras.layers.Conv2D(4, 3, strides=4)(images)
+        if normalization == "group":
+            hidden = keras.layers.GroupNormalization(groups=2)(hidden)
+        logits = keras.layers.Dense(5)(keras.layers.Flatten()(keras.layers.ReLU()(hidden)))
+        return keras.Model(images, logits)
+
+    episodes = as_tensors(random_episodes(query=3, seed=6))
+    results = {}
+    for protocol in ("query", "support"):
+        meta = km.MetaLearner(learner(), inner_steps=2, query_statistics=protocol, first_order=False)
+        optimizer = keras.optimizers.Adam(1e-3)
+        loss, _ = meta.meta_train_step(episodes, optimizer)
+        results[protocol] = (meta(episodes, mode="test").numpy(), float(loss))
+    np.testing.assert_allclose(results["support"][0], results["query"][0], rtol=1e-6, atol=1e-6)
+    assert results["support"][1] == pytest.approx(results["query"][1], rel=1e-6)
+
+
 def test_the_gradient_flows_through_the_support_statistics():
     """d(query loss)/d(theta) with the statistics a function of theta, against central finite differences;
     the same gradient with the statistics held constant is measurably different."""
