@@ -30,6 +30,15 @@ RECIPE_LINES = {
 }
 
 
+def quickstart_config(recipe: str, episodes: int, pretrain_epochs: int):
+    """The quickstart's RunConfig: `recipe` at the QUICKSTART size, validated and checkpointed three times."""
+    from keras_metalstm.config import recipe_config
+
+    settings = {**QUICKSTART, "episodes": episodes, "pretrain_epochs": pretrain_epochs}
+    settings["checkpoint_every"] = settings["validate_every"] = max(1, episodes // 3)
+    return recipe_config(recipe, **settings)
+
+
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.option(
     "--out",
@@ -66,7 +75,6 @@ def quickstart(out, recipe, episodes, eval_episodes, pretrain_epochs, resume, do
     from keras_metalstm.cli.evaluate import run_evaluation
     from keras_metalstm.cli.train import interrupted_exit_code, run_training, summary_line
 
-    from keras_metalstm.config import recipe_config
     from keras_metalstm.runs import run_exists
 
     timer = Timer()
@@ -83,14 +91,7 @@ def quickstart(out, recipe, episodes, eval_episodes, pretrain_epochs, resume, do
                 f"{out} is not empty (a previous quickstart?); pass --resume to continue it or choose --out "
                 "(nothing was overwritten)"
             )
-        config = recipe_config(
-            recipe,
-            **QUICKSTART,
-            episodes=episodes,
-            pretrain_epochs=pretrain_epochs,
-            checkpoint_every=max(1, episodes // 3),
-            validate_every=max(1, episodes // 3),
-        )
+        config = quickstart_config(recipe, episodes, pretrain_epochs)
         click.echo(RECIPE_LINES[recipe])
         click.echo(f"1/{steps} meta-training 5-way 1-shot on fontglot for {episodes} episodes -> {run_dir}")
         result = run_training(config, run_dir, resume=resume and run_exists(run_dir), progress=progress)

@@ -393,6 +393,20 @@ def test_quickstart_refuses_a_non_empty_output(tmp_path):
     assert result.exit_code != 0 and "not empty" in result.output
 
 
+@pytest.mark.parametrize("recipe", ["ours", "paper"])
+def test_quickstart_runs_the_named_recipe_at_its_size(recipe):
+    """The configuration `metalstm quickstart` trains (the end-to-end run is a slow test): the recipe's settings,
+    the quickstart's task and size, and --episodes / --pretrain-epochs on top."""
+    from keras_metalstm.cli.quickstart import QUICKSTART, quickstart_config
+    from keras_metalstm.config import RECIPES, RunConfig
+
+    config = quickstart_config(recipe, episodes=90, pretrain_epochs=2)
+    expected = {**QUICKSTART, **RECIPES[recipe], "episodes": 90, "pretrain_epochs": 2}
+    expected["checkpoint_every"] = expected["validate_every"] = 30
+    assert config == RunConfig.from_dict(expected)
+    assert config.theta0_init == ("pretrained" if recipe == "ours" else "scratch")
+
+
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
     result = run_cli(["quickstart", "--out", tmp_path / "qs", "--episodes", "20", "--eval-episodes", "10",
