@@ -398,6 +398,7 @@ def test_quickstart_runs_the_named_recipe_at_its_size(recipe):
     """The configuration `metalstm quickstart` trains (the end-to-end run is a slow test): the recipe's settings,
     the quickstart's task and size, and --episodes / --pretrain-epochs on top."""
     from keras_metalstm.cli.quickstart import QUICKSTART, quickstart_config
+
     from keras_metalstm.config import RECIPES, RunConfig
 
     config = quickstart_config(recipe, episodes=90, pretrain_epochs=2)

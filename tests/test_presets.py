@@ -208,9 +208,11 @@ def test_an_unknown_name_is_one_clear_line_naming_both_possibilities(preset_root
         result = run(*args, env=env)
         assert result.exit_code == 1 and "Traceback" not in result.output
         (line,) = result.output.strip().splitlines()
-        assert "neither an existing path nor a preset name" in line and f"available presets: {NAME}" in line
+        # every preset on the search path is named: the temporary one and those shipped in the package
+        available = ", ".join(sorted({NAME, *os.listdir(presets.PACKAGE_PRESETS)}))
+        assert "neither an existing path nor a preset name" in line and f"available presets: {available}" in line
     monkeypatch.setenv(presets.PRESET_PATH_ENV, str(preset_root))
-    with pytest.raises(presets.PresetError, match=f"unknown preset 'nope'; available presets: {NAME}"):
+    with pytest.raises(presets.PresetError, match=f"unknown preset 'nope'; available presets: {available}"):
         km.MetaLearner.from_preset("nope")
 
 
