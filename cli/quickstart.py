@@ -16,8 +16,6 @@ QUICKSTART = {
     "inner_steps": 12,
     "meta_batch": 1,
     "episodes": 150,
-    "checkpoint_every": 100,
-    "validate_every": 100,
     "val_episodes": 30,
     "log_every": 20,
     "pretrain_epochs": 3,

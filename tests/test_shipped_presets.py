@@ -17,6 +17,8 @@ from keras_metalstm.data import episode_dataset, load_dataset  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SHIPPED = {"fontglot_5way_1shot": 1, "fontglot_5way_5shot": 5}
+# Least query accuracy on fresh test episodes, well below what each card reports (96.6 / 98.9 %).
+AT_LEAST = {"fontglot_5way_1shot": 0.85, "fontglot_5way_5shot": 0.93}
 # The README's results table: its first column names a report's method, its columns the 1-shot and 5-shot presets.
 TABLE_ROWS = {
     "Baseline pixel nearest neighbour (authors)": "pixel_nearest_neighbour",
@@ -77,8 +79,8 @@ def test_the_readme_results_table_is_the_presets_reports():
         assert re.sub(r"\s*\(.*\)", "", cell) == expected, name
 
 
-@pytest.mark.parametrize(("name", "k_shot", "at_least"), [("fontglot_5way_1shot", 1, 0.85), ("fontglot_5way_5shot", 5, 0.93)])
-def test_a_shipped_preset_is_accurate_on_new_fontglot_tasks(name, k_shot, at_least):
+@pytest.mark.parametrize(("name", "k_shot"), SHIPPED.items())
+def test_a_shipped_preset_is_accurate_on_new_fontglot_tasks(name, k_shot):
     """10 test episodes (unseen classes, a seed the reports did not use): the preset's query accuracy is near
     the accuracy its card reports (96-98 %), where chance is 20 %."""
     meta = km.MetaLearner.from_preset(name)
@@ -86,4 +88,4 @@ def test_a_shipped_preset_is_accurate_on_new_fontglot_tasks(name, k_shot, at_lea
     episodes = next(iter(episode_dataset(splits.test, 5, k_shot, 15, batch_size=10, seed=77, num_episodes=10)))
     predictions = np.argmax(meta(episodes, mode="test").numpy(), axis=-1)
     accuracy = float(np.mean(predictions == episodes["query_labels"].numpy()))
-    assert accuracy >= at_least, accuracy
+    assert accuracy >= AT_LEAST[name], accuracy
