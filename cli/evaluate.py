@@ -16,6 +16,7 @@ from keras_metalstm.cli.common import (
 )
 
 from keras_metalstm.baselines import DEFAULT_PROTOCOLS, PROTOCOLS
+from keras_metalstm.config import QUERY_STATISTICS
 
 DATASETS = ("fontglot", "omniglot", "miniimagenet", "folder", "fashion_mnist")
 
@@ -35,6 +36,8 @@ def run_evaluation(
     log,
     baseline_protocols=DEFAULT_PROTOCOLS,
     baseline_plus=False,
+    inner_steps=None,
+    query_statistics=None,
 ):
     """Evaluate and save the report as RUN_DIR/evaluation/<...>.json, and redraw the run's curves.png (it shows
     the baselines of the saved reports); returns (report, path)."""
@@ -66,6 +69,8 @@ def run_evaluation(
             finetune_val_episodes=finetune_val_episodes,
             progress=bar.update,
             log=log,
+            inner_steps=inner_steps,
+            query_statistics=query_statistics,
         )
     finally:
         bar.close()
@@ -137,6 +142,19 @@ def run_evaluation(
     show_default=True,
     help="Baselines: validation episodes used to choose the fine-tune and Baseline++ settings.",
 )
+@click.option(
+    "--inner-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Test-time ablation: adapt with this many inner steps instead of the run's T.",
+)
+@click.option(
+    "--query-statistics",
+    type=click.Choice(QUERY_STATISTICS),
+    default=None,
+    help="Test-time ablation: normalise the queries with these batch-norm statistics instead of the run's "
+    "(query: the running averages gathered on the support set; support: the support batch's under theta_T).",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def evaluate(
     run_dir,
@@ -152,9 +170,11 @@ def evaluate(
     checkpoint,
     pretrain_epochs,
     finetune_val_episodes,
+    inner_steps,
+    query_statistics,
     progress,
 ):
-    """Evaluate the meta-learner of RUN_DIR on E test episodes (same inner steps T as training).
+    """Evaluate the meta-learner of RUN_DIR on E test episodes (the inner steps T of training unless changed).
 
     Reports mean accuracy and the 95% interval 1.96 * std / sqrt(E) (population std), in percent. With
     --dataset/--data-dir, the test episodes come from another data set (its test split, or all its classes
@@ -190,6 +210,8 @@ def evaluate(
             log,
             baseline_protocols=tuple(dict.fromkeys(baseline_protocols)) or DEFAULT_PROTOCOLS,
             baseline_plus=baseline_plus,
+            inner_steps=inner_steps,
+            query_statistics=query_statistics,
         )
     if as_json:
         click.echo(report.to_json())

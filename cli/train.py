@@ -11,6 +11,8 @@ from keras_metalstm.cli.common import (
     user_errors,
 )
 
+from keras_metalstm.config import QUERY_STATISTICS
+
 DATASETS = ("fontglot", "omniglot", "miniimagenet", "folder")
 
 
@@ -88,7 +90,7 @@ def training_options(function):
         ),
         choice_option(
             "--query-statistics",
-            ("query", "support"),
+            QUERY_STATISTICS,
             "Batch-norm statistics of the query pass: query (default, the authors' code: the query batch's own "
             "in training, the inner loop's running support statistics in testing) or support (the support "
             "batch's under the adapted weights, in training and testing alike).",

@@ -396,6 +396,7 @@ class AuthorsFinetune(Baseline):
         self.updates = int(updates)
         self.grid = grid_points(learning_rate=learning_rates, decay=decays)
         self._logits_fn = tf.function(self._query_logits, reduce_retracing=True)
+        self._grid_logits_fn = tf.function(self._grid_query_logits, reduce_retracing=True)
 
     def _logits(self, params, state, images, training):
         body, (kernel, bias) = params[:-2], params[-2:]
@@ -417,6 +418,20 @@ class AuthorsFinetune(Baseline):
             state = new_state
         return self._logits(params, state, query_images, training=False)[0]
 
+    def _grid_query_logits(self, support_images, support_labels, query_images):
+        import tensorflow as tf
+
+        rates = tf.constant([point["learning_rate"] for point in self.grid], tf.float32)
+        decays = tf.constant([point["decay"] for point in self.grid], tf.float32)
+        # One graph for the whole grid: the settings' fine-tunes are independent, so the executor overlaps their
+        # small ops (a 1-shot update is too small to keep two cores busy on its own).
+        return tf.map_fn(
+            lambda setting: self._query_logits(support_images, support_labels, query_images, *setting),
+            (rates, decays),
+            fn_output_signature=tf.float32,
+            parallel_iterations=10,
+        )
+
     def query_logits(self, episode, learning_rate, decay):
         """The query logits of `episode` after the fine-tune with this learning rate and decay."""
         import tensorflow as tf
@@ -431,7 +446,9 @@ class AuthorsFinetune(Baseline):
         )
 
     def grid_accuracies(self, episode):
-        return [float(logits_accuracy(self.query_logits(episode, **point), episode[3])) for point in self.grid]
+        support_images, support_labels, query_images, query_labels = episode
+        logits = self._grid_logits_fn(support_images, support_labels, query_images)
+        return [float(logits_accuracy(setting_logits, query_labels)) for setting_logits in logits]
 
     def accuracy(self, episode) -> float:
         return float(logits_accuracy(self.query_logits(episode, **self.chosen()), episode[3]))
@@ -709,11 +726,12 @@ def prepare_baselines(
             episodes = (episode for batch in batches for episode in episodes_of(batch))
             choice = choose_on_validation(episodes, choosing[name].grid, choosing[name].grid_accuracies, progress)
             info[keys[name]] = asdict(choice)
+            # Saved at once: a choice can take many minutes, and an interrupted evaluation keeps what it finished.
+            _write_json(info_path, info)
             log(
                 f"  {name}: {setting_label(choice.settings)} of {len(choosing[name].grid)} settings, validation "
                 f"accuracy {100 * choice.val_accuracy:.1f}% ({time.time() - started:.0f}s)"
             )
-        _write_json(info_path, info)
     for name, method in choosing.items():
         method.settings = info[keys[name]]["settings"]
     details = {"pretrain_train_accuracy": info.get("pretrain_train_accuracy"), **info["pretrain"]}

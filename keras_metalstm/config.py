@@ -15,6 +15,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+# The batch-norm statistics a meta-learner's query pass can use (MetaLearner's query_statistics).
+QUERY_STATISTICS = ("query", "support")
+
 ENV_PREFIX = "METALSTM_"
 CONFIG_FILE_NAME = "config.yaml"
 # METALSTM_* variables that are not run settings (read by the commands or the tests); any other METALSTM_* name
@@ -176,7 +179,7 @@ class RunConfig:
                     f"final_learning_rate must lie in [0, learning_rate = {self.learning_rate}], got "
                     f"{self.final_learning_rate}"
                 )
-        if self.query_statistics not in ("query", "support"):
+        if self.query_statistics not in QUERY_STATISTICS:
             raise ConfigError(f"query_statistics must be 'query' or 'support', got {self.query_statistics!r}")
         if self.theta0_init not in ("scratch", "pretrained"):
             raise ConfigError(f"theta0_init must be 'scratch' or 'pretrained', got {self.theta0_init!r}")

@@ -150,6 +150,11 @@ def report_file_name(report: EvaluationReport) -> str:
         source += f"-{readable}-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
     protocols = report.details.get("baselines", {}).get("protocols")
     suffix = f"-baselines-{'-'.join(protocols)}" if protocols else ""
+    changed = report.details.get("test_time", {})
+    if "inner_steps" in changed:
+        suffix += f"-T{changed['inner_steps']}"
+    if "query_statistics" in changed:
+        suffix += f"-{changed['query_statistics']}-statistics"
     return f"{source}-{report.split}-{report.n_way}way{report.k_shot}shot-{report.episodes}ep{suffix}.json"
 
 
@@ -286,6 +291,24 @@ def saved_baselines(run_dir) -> list[dict]:
 
 
 # -------------------------------------------------------------------------------------------- evaluate
+def change_at_test_time(meta, inner_steps: int | None = None, query_statistics: str | None = None) -> dict:
+    """Changes a trained meta-learner's inner steps T or query batch-norm statistics for its evaluation (an
+    ablation: what adaptation at test time contributes); None keeps the trained value. Returns the changes made,
+    {} when both equal the trained values."""
+    from keras_metalstm.config import QUERY_STATISTICS
+
+    changes = {}
+    if inner_steps is not None and int(inner_steps) != meta.inner_steps:
+        if int(inner_steps) < 1:
+            raise ValueError(f"inner steps must be at least 1 (got {inner_steps})")
+        changes["inner_steps"] = meta.inner_steps = int(inner_steps)
+    if query_statistics is not None and query_statistics != meta.query_statistics:
+        if query_statistics not in QUERY_STATISTICS:
+            raise ValueError(f"query statistics must be one of {', '.join(QUERY_STATISTICS)} (got {query_statistics!r})")
+        changes["query_statistics"] = meta.query_statistics = query_statistics
+    return changes
+
+
 def evaluate_run(
     run_dir,
     episodes: int = 600,
@@ -302,9 +325,12 @@ def evaluate_run(
     progress=None,
     log=None,
     on_batch=None,
+    inner_steps: int | None = None,
+    query_statistics: str | None = None,
 ) -> EvaluationReport:
     """Evaluate the meta-learner of `run_dir` on `episodes` episodes, with `baselines` beside it the baselines of
-    `baseline_protocols` ("authors", "ours"; keras_metalstm.baselines) and with `baseline_plus` Baseline++.
+    `baseline_protocols` ("authors", "ours"; keras_metalstm.baselines) and with `baseline_plus` Baseline++;
+    `inner_steps` and `query_statistics` change the meta-learner at test time (`change_at_test_time`).
 
     `progress(n)` is called after every n episodes, `log(message)` for stage messages, `on_batch(method, batch)`
     with every batch each method scores (a hook to check that all methods see the same episodes).
@@ -317,9 +343,12 @@ def evaluate_run(
     log = log or (lambda message: None)
     t0 = time.time()
     config, meta = load_meta_learner(run_dir, which=which)
+    changes = change_at_test_time(meta, inner_steps, query_statistics)
     data = evaluation_dataset(config, dataset, data_dir, split)
     trainer = km.MetaTrainer(meta)
     details = {"checkpoint": which, "test_classes": data.num_classes, "data": data.name, "episodes": int(episodes)}
+    if changes:
+        details["test_time"] = changes
     compared = None
     if baselines:
         compared, info = prepare_baselines(
@@ -354,7 +383,7 @@ def evaluate_run(
         results={m: summarise(v) for m, v in accuracies.items()},
         n_way=config.n_way,
         k_shot=config.k_shot,
-        inner_steps=config.inner_steps,
+        inner_steps=meta.inner_steps,
         dataset=dataset or config.dataset,
         split=split,
         seed=seed,

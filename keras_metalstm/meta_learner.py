@@ -18,6 +18,7 @@ import contextlib
 import keras
 import tensorflow as tf
 
+from keras_metalstm.config import QUERY_STATISTICS
 from keras_metalstm.inner_loop_trace import InnerLoopTrace
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy
@@ -26,7 +27,6 @@ from keras_metalstm.preprocessing import preprocess
 
 EPISODE_KEYS = ("support_images", "support_labels", "query_images", "query_labels")
 MODES = ("train", "test")
-QUERY_STATISTICS = ("query", "support")
 # The learned logit scale is exp(LOGIT_SCALE_GAIN * weight). Adam moves a weight by about its learning rate per
 # update; at meta-learning rates (1e-4..1e-3) a plain log-scale would need ~10^4 updates to change by a factor e.
 LOGIT_SCALE_GAIN = 100.0

@@ -173,6 +173,19 @@ def test_authors_grid_is_their_configs():
     assert baseline.grid[:2] == [{"learning_rate": 0.5, "decay": 1.0}, {"learning_rate": 0.5, "decay": 0.1}]
 
 
+def test_authors_grid_scored_in_one_call_equals_each_setting_on_its_own():
+    baseline = bl.AuthorsFinetune(
+        bl.PretrainedFeatures(dense_learner(), batchnorm_momentum=bl.TORCH_BATCHNORM_MOMENTUM),
+        N_WAY,
+        learning_rates=(0.5, 0.01),
+        decays=(1.0, 0.0),
+    )
+    ep = episode()
+    one_by_one = [np.mean(baseline.query_logits(ep, **p).numpy().argmax(1) == ep[3].numpy()) for p in baseline.grid]
+    assert len(set(one_by_one)) > 1  # the settings do differ, so a mix-up would show
+    np.testing.assert_allclose(baseline.grid_accuracies(ep), one_by_one, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------------------- validation choice
 def test_validation_choice_picks_the_grid_point_with_the_best_mean():
     grid = bl.grid_points(learning_rate=(0.1, 0.01), decay=(1.0, 0.0))

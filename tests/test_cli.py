@@ -313,6 +313,65 @@ def test_evaluate_baselines_of_both_protocols_and_baseline_plus_in_json(trained,
     assert json.loads(saved.read_text())["results"] == rows
 
 
+def test_test_time_inner_steps_and_query_statistics_equal_a_meta_learner_built_with_them(trained, data_dir):
+    """`evaluate --inner-steps/--query-statistics` (ablations) score what a meta-learner built with those settings
+    and the run's weights scores, and their reports are saved beside the unchanged one."""
+    import dataclasses
+
+    from keras_metalstm import MetaTrainer, evaluation
+    from keras_metalstm.data import episode_dataset
+    from keras_metalstm.learner_spec import read_architecture
+    from keras_metalstm.runs import (
+        build_meta_learner,
+        checkpoint_object,
+        latest_checkpoint,
+        load_run_config,
+        restore_checkpoint,
+    )
+
+    run_dir, _ = trained
+    config = load_run_config(run_dir)
+    assert config.inner_steps != 1 and config.query_statistics == "query"
+    episodes = next(iter(episode_dataset(evaluation.evaluation_dataset(config), 2, 1, 2, batch_size=4, seed=1000)))
+    for flags, changed in (([], {}), (["--inner-steps", "1"], {"inner_steps": 1}),
+                           (["--query-statistics", "support"], {"query_statistics": "support"})):
+        result = run_cli(["evaluate", run_dir, "--episodes", "4", "--json", "--no-progress", *flags])
+        assert result.exit_code == 0, result.output
+        suffix = "".join(f"-T{v}" if k == "inner_steps" else f"-{v}-statistics" for k, v in changed.items())
+        saved = json.loads((run_dir / "evaluation" / f"{source_name(data_dir)}-test-2way1shot-4ep{suffix}.json")
+                           .read_text())
+        assert saved["details"].get("test_time", {}) == changed
+        assert saved["inner_steps"] == changed.get("inner_steps", config.inner_steps)
+        # the same checkpoint, in a meta-learner built with the changed settings
+        meta = build_meta_learner(dataclasses.replace(config, **changed), read_architecture(run_dir))
+        restore_checkpoint(checkpoint_object(meta), latest_checkpoint(run_dir, "best") or latest_checkpoint(run_dir))
+        expected = MetaTrainer(meta).evaluate_step(episodes)["accuracy"].numpy()
+        assert saved["results"]["meta_lstm"]["mean"] == pytest.approx(100 * np.mean(expected), abs=1e-4)
+
+
+def test_an_interrupted_evaluation_keeps_the_baseline_settings_it_had_chosen(trained, monkeypatch):
+    """Choosing a baseline's settings can take many minutes: each choice is saved as soon as it is made."""
+    from keras_metalstm import baselines
+
+    run_dir, _ = trained
+    args = ["evaluate", run_dir, "--episodes", "2", "--baselines", "--baseline-protocol", "authors",
+            "--baseline-protocol", "ours", "--baseline-plus", "--pretrain-epochs", "1", "--finetune-val-episodes",
+            "3", "--no-progress"]
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(baselines.BaselinePlus, "grid_accuracies", ctrl_c)  # chosen last
+    assert run_cli(args).exit_code != 0
+    info = json.loads((run_dir / "baselines" / "baselines.json").read_text())
+    chosen = {key.split("/")[0] for key in info if key.endswith("_val3_seed0")}
+    assert chosen == {"authors", "ours"}
+    monkeypatch.undo()
+    again = run_cli(args)
+    assert again.exit_code == 0, again.output
+    assert "choosing the settings of baseline_plus on 3 validation episodes" in again.output
+
+
 @pytest.mark.parametrize("flag", [["--baseline-plus"], ["--baseline-protocol", "ours"]])
 def test_baselines_options_need_baselines(trained, flag):
     run_dir, _ = trained
@@ -401,9 +460,10 @@ def test_quickstart_runs_the_named_recipe_at_its_size(recipe):
 
     from keras_metalstm.config import RECIPES, RunConfig
 
-    config = quickstart_config(recipe, episodes=90, pretrain_epochs=2)
-    expected = {**QUICKSTART, **RECIPES[recipe], "episodes": 90, "pretrain_epochs": 2}
-    expected["checkpoint_every"] = expected["validate_every"] = 30
+    config = quickstart_config(recipe, episodes=100, pretrain_epochs=2)
+    expected = {**QUICKSTART, **RECIPES[recipe], "episodes": 100, "pretrain_epochs": 2}
+    # validated at 34, 68 and 100, where training validates anyway (not a fourth time at 99)
+    expected["checkpoint_every"] = expected["validate_every"] = 34
     assert config == RunConfig.from_dict(expected)
     assert config.theta0_init == ("pretrained" if recipe == "ours" else "scratch")
 
