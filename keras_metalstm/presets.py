@@ -203,9 +203,14 @@ _TASK_KEYS = ("dataset", "split", "n_way", "k_shot", "inner_steps")
 
 
 def _quotable(saved: dict, config) -> bool:
-    """True for a saved report of the run's meta-learner on the test classes of its own data set."""
+    """True for a saved report of the run's meta-learner, as trained (no test-time ablation), on the test classes
+    of its own data set."""
     expected = {**{key: getattr(config, key, None) for key in _TASK_KEYS}, "split": "test"}
-    return {key: saved.get(key) for key in _TASK_KEYS} == expected and "meta_lstm" in saved.get("results", {})
+    return (
+        {key: saved.get(key) for key in _TASK_KEYS} == expected
+        and "meta_lstm" in saved.get("results", {})
+        and not saved.get("details", {}).get("test_time")
+    )
 
 
 def read_report(path, config) -> dict:

@@ -136,6 +136,19 @@ def test_the_card_names_each_baselines_protocol_and_its_paired_difference(run_di
     )
 
 
+def test_the_quoted_report_is_never_a_test_time_ablation(run_dir, tmp_path):
+    from keras_metalstm.runs import load_run_config
+
+    evaluated = tmp_path / "run" / "evaluation"
+    evaluated.mkdir(parents=True)
+    report = report_of(run_dir)
+    (evaluated / "as-trained.json").write_text(json.dumps(report))
+    ablation = {**report, "details": {**report["details"], "test_time": {"query_statistics": "support"}}}
+    ablation["results"] = {"meta_lstm": {**report["results"]["meta_lstm"], "episodes": 600}}  # more episodes
+    (evaluated / "ablation.json").write_text(json.dumps(ablation))
+    assert presets.choose_report(tmp_path / "run", load_run_config(run_dir)).name == "as-trained.json"
+
+
 def test_save_preset_refuses_bad_names_existing_presets_unevaluated_and_running_runs(run_dir, preset_root, tmp_path):
     from keras_metalstm.export import ExportError
     from keras_metalstm.runs import write_state
