@@ -38,13 +38,14 @@ def main(verbose):
 
 
 def _register():
+    from keras_metalstm.cli.compare import compare
     from keras_metalstm.cli.evaluate import evaluate
     from keras_metalstm.cli.inspect import inspect
     from keras_metalstm.cli.quickstart import quickstart
     from keras_metalstm.cli.serving import adapt, export, predict
     from keras_metalstm.cli.train import train
 
-    for command in (train, evaluate, inspect, quickstart, adapt, export, predict):
+    for command in (train, evaluate, compare, inspect, quickstart, adapt, export, predict):
         main.add_command(command)
 
 

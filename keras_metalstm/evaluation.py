@@ -111,6 +111,11 @@ class EvaluationReport:
             "episodes": self.episodes,
             "seconds": round(self.seconds, 1),
             "details": self.details,
+            # Per episode, in episode order: two reports on the same episodes can then be compared paired
+            # (`compare_reports`), e.g. an ablation against the run as trained.
+            "episode_accuracies": {
+                method: [round(float(value), 6) for value in values] for method, values in self.accuracies.items()
+            },
         }
 
     def table(self) -> str:
@@ -137,6 +142,32 @@ class EvaluationReport:
             f"points (paired over the same {value['episodes']} episodes)"
             for method, value in self.paired_differences.items()
         )
+
+
+# What makes two saved reports score the same episodes (episodes are a function of these and the seed).
+SAME_EPISODES_KEYS = ("dataset", "data_dir", "split", "seed", "n_way", "k_shot", "episodes")
+
+
+def compare_reports(first: dict, second: dict, method: str = "meta_lstm", second_method: str | None = None) -> dict:
+    """`method` of the saved report `first` minus `second_method` (default: the same method) of `second`, paired
+    episode by episode: {"mean", "ci95", "episodes"} in percentage points. Both reports must have scored the same
+    episodes (SAME_EPISODES_KEYS) and saved their per-episode accuracies."""
+    second_method = second_method or method
+    differing = [key for key in SAME_EPISODES_KEYS if first.get(key) != second.get(key)]
+    if differing:
+        details = ", ".join(f"{key} {first.get(key)!r} vs {second.get(key)!r}" for key in differing)
+        raise ValueError(f"the two reports did not score the same episodes ({details}): evaluate both with the same "
+                         "--dataset, --data-dir, --split, --seed and --episodes")
+    values = []
+    for report, name, which in ((first, method, "first"), (second, second_method, "second")):
+        saved = report.get("episode_accuracies")
+        if saved is None:
+            raise ValueError(f"the {which} report has no per-episode accuracies (saved before they were): "
+                             "evaluate its run again to compare it")
+        if name not in saved:
+            raise ValueError(f"the {which} report has no {name!r} (it has {', '.join(saved)})")
+        values.append(np.asarray(saved[name], np.float64))
+    return summarise(values[0] - values[1])
 
 
 def report_file_name(report: EvaluationReport) -> str:

@@ -347,6 +347,17 @@ def test_test_time_inner_steps_and_query_statistics_equal_a_meta_learner_built_w
         restore_checkpoint(checkpoint_object(meta), latest_checkpoint(run_dir, "best") or latest_checkpoint(run_dir))
         expected = MetaTrainer(meta).evaluate_step(episodes)["accuracy"].numpy()
         assert saved["results"]["meta_lstm"]["mean"] == pytest.approx(100 * np.mean(expected), abs=1e-4)
+        np.testing.assert_allclose(saved["episode_accuracies"]["meta_lstm"], expected, atol=1e-6)
+    # an ablation against the run as trained, paired episode by episode
+    as_trained, ablation = (run_dir / "evaluation" / f"{source_name(data_dir)}-test-2way1shot-4ep{suffix}.json"
+                            for suffix in ("", "-T1"))
+    compared = run_cli(["compare", ablation, as_trained])
+    assert compared.exit_code == 0, compared.output
+    difference = evaluation.compare_reports(*(json.loads(path.read_text()) for path in (ablation, as_trained)))
+    assert f"{difference['mean']:+.2f} +- {difference['ci95']:.2f} points (paired over the same 4 episodes)" in (
+        compared.output)
+    refused = run_cli(["compare", ablation, run_dir / "config.yaml"])
+    assert refused.exit_code != 0 and "is not an evaluation report" in refused.output
 
 
 def test_an_interrupted_evaluation_keeps_the_baseline_settings_it_had_chosen(trained, monkeypatch):

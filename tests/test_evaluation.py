@@ -1,11 +1,12 @@
 """The 95% interval formula, the percent summary and the Table 1 layout."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 
-from keras_metalstm.evaluation import EvaluationReport, format_table, summarise
+from keras_metalstm.evaluation import EvaluationReport, compare_reports, format_table, summarise
 from keras_metalstm.statistics import eval_batch_size, mean_ci95
 
 
@@ -88,3 +89,39 @@ def test_rows_name_each_baselines_protocol_and_its_paired_difference():
     assert json.loads(report.to_json()) == rows
     labels = [line.split("|")[1].strip() for line in report.table().splitlines()[2:]]
     assert labels == ["Baseline fine-tune (authors)", "Baseline++ (chen2019)", "Meta-Learner LSTM"]
+
+
+def saved_report(accuracies, seed=1000, **details):
+    report = EvaluationReport({m: summarise(v) for m, v in accuracies.items()}, 5, 1, 12, "fontglot", "test",
+                              seed, 1.0, details=details, accuracies=accuracies)
+    return json.loads(json.dumps(report.to_dict()))  # as read back from the file
+
+
+def test_two_saved_reports_compare_episode_by_episode():
+    rng = np.random.default_rng(3)
+    as_trained = rng.integers(0, 76, 600) / 75
+    ablation = np.clip(as_trained - rng.integers(0, 3, 600) / 75, 0, 1)
+    first = saved_report({"meta_lstm": as_trained, "finetune": rng.random(600)})
+    second = saved_report({"meta_lstm": ablation}, test_time={"inner_steps": 6})
+    difference = compare_reports(first, second)
+    delta = 100 * (as_trained - ablation)
+    assert difference["episodes"] == 600
+    assert difference["mean"] == pytest.approx(delta.mean(), abs=1e-4)
+    assert difference["ci95"] == pytest.approx(1.96 * delta.std() / math.sqrt(600), abs=1e-4)
+    # far narrower than the unpaired intervals: the episodes' shared difficulty cancels
+    assert difference["ci95"] < 0.5 * first["results"]["meta_lstm"]["ci95"]
+    other = compare_reports(first, second, method="finetune", second_method="meta_lstm")
+    assert other["mean"] == pytest.approx(100 * np.mean(first["episode_accuracies"]["finetune"]) - 100 * ablation.mean(),
+                                          abs=1e-4)
+
+
+def test_reports_on_different_episodes_or_without_them_are_refused_with_the_fix():
+    accuracies = {"meta_lstm": np.full(600, 0.5)}
+    with pytest.raises(ValueError, match=r"did not score the same episodes \(seed 1000 vs 7\).*--seed"):
+        compare_reports(saved_report(accuracies), saved_report(accuracies, seed=7))
+    old = saved_report(accuracies)
+    del old["episode_accuracies"]
+    with pytest.raises(ValueError, match="first report has no per-episode accuracies.*evaluate its run again"):
+        compare_reports(old, saved_report(accuracies))
+    with pytest.raises(ValueError, match="second report has no 'finetune'"):
+        compare_reports(saved_report(accuracies), saved_report(accuracies), second_method="finetune")
