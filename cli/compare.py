@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import click
-from keras_metalstm.cli.common import CONTEXT_SETTINGS, user_errors
+from keras_metalstm.cli.common import CONTEXT_SETTINGS, quiet_tensorflow, user_errors
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -18,6 +18,7 @@ def compare(first, second, method, second_method):
     """FIRST's --method minus SECOND's, episode by episode: two `metalstm evaluate` reports (RUN_DIR/evaluation/
     *.json) on the same episodes, e.g. a test-time ablation (--inner-steps, --query-statistics) against the run
     as trained, or two runs."""
+    quiet_tensorflow()  # the package imports TensorFlow
     from keras_metalstm.evaluation import compare_reports
 
     with user_errors():

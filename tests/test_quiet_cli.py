@@ -41,6 +41,27 @@ def test_train_prints_no_tensorflow_start_up_line(tmp_path):
     assert not [line for line in (helped.stdout + helped.stderr).splitlines() if TENSORFLOW_LOG_LINE.search(line)]
 
 
+def test_compare_prints_its_line_and_no_tensorflow_start_up_line(tmp_path):
+    import json
+
+    import numpy as np
+
+    from keras_metalstm.evaluation import EvaluationReport, summarise
+
+    paths = []
+    for name, value in (("a", 0.8), ("b", 0.5)):
+        accuracies = {"meta_lstm": np.full(10, value)}
+        report = EvaluationReport({"meta_lstm": summarise(accuracies["meta_lstm"])}, 5, 1, 12, "fontglot", "test",
+                                  1000, 1.0, accuracies=accuracies)
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report.to_dict()))
+    result = subprocess.run([sys.executable, "-m", "keras_metalstm.cli.main", "compare", *map(str, paths)],
+                            capture_output=True, text=True, env=quiet_environment(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "+30.00 +- 0.00 points (paired over the same 10 episodes)" in result.stdout
+    assert not [line for line in (result.stdout + result.stderr).splitlines() if TENSORFLOW_LOG_LINE.search(line)]
+
+
 def test_start_up_filter_drops_only_the_noise_and_replays_the_rest(tmp_path):
     # A child process whose "TensorFlow import" writes to file descriptor 2 directly, as C++ code does.
     script = (
