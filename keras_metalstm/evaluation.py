@@ -2,8 +2,8 @@
 
 The 95% interval is 1.96 * std / sqrt(E) over the E per-episode query accuracies, with std the POPULATION
 standard deviation (numpy's default, ddof=0; the sample std, ddof=1, differs by a factor sqrt(E/(E-1)), 1.0008
-for E=600). The meta-learner is evaluated with the SAME inner steps T as in training (the run's config), in test
-mode (batch-norm statistics from each episode's support set), from the best-validation checkpoint.
+for E=600). The meta-learner is evaluated with the inner steps T of training (the run's config) unless a
+test-time ablation changes them, in test mode, from the best-validation checkpoint.
 The meta-learner and the baselines are scored on the very same episode batches (one pass over the stream).
 """
 

@@ -416,7 +416,8 @@ class MetaLearner(keras.Model):
         Args:
             support_images: (N*K, H, W, C) images of the task, on the scale used for meta-training.
             support_labels: (N*K,) integer labels in 0..N-1.
-            inner_steps: T (default: the meta-learner's own; testing with another T than training hurts).
+            inner_steps: T (default: the meta-learner's own). For the shipped presets twice the trained T
+                changed nothing in-domain and gained 0.4-1.2 points on another domain (docs/results.md).
             mode: "test" (the only mode a standalone model can represent): the returned model's batch-norm
                 layers use the statistics gathered from this support set, so its predictions on a query image
                 do not depend on the other images in the batch.
