@@ -326,17 +326,17 @@ def change_at_test_time(meta, inner_steps: int | None = None, query_statistics: 
     """Changes a trained meta-learner's inner steps T or query batch-norm statistics for its evaluation (an
     ablation: what adaptation at test time contributes); None keeps the trained value. Returns the changes made,
     {} when both equal the trained values."""
-    from keras_metalstm.config import QUERY_STATISTICS
+    from keras_metalstm.meta_learner import check_adaptation_settings
 
     changes = {}
     if inner_steps is not None and int(inner_steps) != meta.inner_steps:
-        if int(inner_steps) < 1:
-            raise ValueError(f"inner steps must be at least 1 (got {inner_steps})")
-        changes["inner_steps"] = meta.inner_steps = int(inner_steps)
+        changes["inner_steps"] = int(inner_steps)
     if query_statistics is not None and query_statistics != meta.query_statistics:
-        if query_statistics not in QUERY_STATISTICS:
-            raise ValueError(f"query statistics must be one of {', '.join(QUERY_STATISTICS)} (got {query_statistics!r})")
-        changes["query_statistics"] = meta.query_statistics = query_statistics
+        changes["query_statistics"] = query_statistics
+    check_adaptation_settings(changes.get("inner_steps", meta.inner_steps),
+                              changes.get("query_statistics", meta.query_statistics))
+    for name, value in changes.items():
+        setattr(meta, name, value)
     return changes
 
 

@@ -32,6 +32,15 @@ MODES = ("train", "test")
 LOGIT_SCALE_GAIN = 100.0
 
 
+def check_adaptation_settings(inner_steps, query_statistics) -> None:
+    """Raises ValueError unless `inner_steps` T >= 1 and `query_statistics` is one of QUERY_STATISTICS: what a
+    meta-learner is built with, or changed to for an evaluation."""
+    if int(inner_steps) < 1:
+        raise ValueError(f"inner_steps must be at least 1, got {inner_steps}.")
+    if query_statistics not in QUERY_STATISTICS:
+        raise ValueError(f"query_statistics must be one of {QUERY_STATISTICS}, got {query_statistics!r}.")
+
+
 def _check_mode(mode):
     if mode not in MODES:
         raise ValueError(f"mode must be 'train' or 'test', got {mode!r}.")
@@ -91,12 +100,7 @@ class MetaLearner(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if int(inner_steps) < 1:
-            raise ValueError(f"inner_steps must be at least 1, got {inner_steps}.")
-        if query_statistics not in QUERY_STATISTICS:
-            raise ValueError(
-                f"query_statistics must be one of {QUERY_STATISTICS}, got {query_statistics!r}."
-            )
+        check_adaptation_settings(inner_steps, query_statistics)
         # A plain (untracked) object: the learner's own variables are not meta-parameters and must not be
         # trained, saved or restored as part of the meta-learner.
         self._learner_function = LearnerFunction(learner, bn_momentum=bn_momentum)
