@@ -13,8 +13,9 @@ all are measured in one invocation, so the printed ratios compare like with like
 
 --compile-scaling prints, for T = 12, 24 and meta-batches B = 1, 8 (28x28 1-shot), the first-call seconds (trace,
 compile and one step) of the training step and of the test-mode step, plain and XLA, the number of ops in the
-traced training graph (loop and gradient bodies included), and the steady ms per episode at B = 1, 4, 8: how
-tracing and compiling scale with T and B.
+traced training graph (loop and gradient bodies included), and the steady ms per episode at B = 1, 4, 8 (XLA with
+the episodes batched, as MetaLearner does under XLA, and with the per-episode loop): how tracing and compiling
+scale with T and B.
 
 "ours" is keras_metalstm's MetaTrainer.train_step as users get it (on a CPU-only machine: the fused
 coordinate-LSTM kernel); "stock ops" the same step with the kernel switched off (what runs on GPU/TPU and
@@ -46,7 +47,7 @@ SCALING_SETTING = "28x28x1 1-shot T=12"  # --compile-scaling replaces its T
 VARIANTS = ("ours", "stock ops", "ours+xla", "baseline")
 
 
-def build(setting, meta_batch=1):
+def build(setting, meta_batch=1, episode_batching="auto"):
     import keras
     import numpy as np
     import tensorflow as tf
@@ -56,7 +57,7 @@ def build(setting, meta_batch=1):
     keras.utils.set_random_seed(0)
     n_way, query = 5, 15
     learner = km.learners.conv4(input_shape=setting["image_shape"], num_classes=n_way)
-    meta = km.MetaLearner(learner, inner_steps=setting["inner_steps"])
+    meta = km.MetaLearner(learner, inner_steps=setting["inner_steps"], episode_batching=episode_batching)
     rng = np.random.default_rng(0)
     k_shot = setting["k_shot"]
     batch = int(meta_batch)
@@ -189,12 +190,19 @@ def seconds_of_first_call(function, episodes):
     return time.perf_counter() - start
 
 
-def measure_compile_scaling(inner_steps, meta_batch, jit_compile, steps):
+# --compile-scaling's variants: the plain step; XLA, where the episodes of a meta-batch are batched (one learner
+# evaluation per layer for all of them, MetaLearner's episode_batching="auto"); XLA with the per-episode loop.
+COMPILE_VARIANTS = ("plain", "xla", "xla-per-episode")
+
+
+def measure_compile_scaling(inner_steps, meta_batch, variant, steps):
     """First-call seconds of the training and test-mode steps, the training graph's op count and (steps > 0)
-    the steady ms per episode of the training step, for one T, B and plain/XLA."""
+    the steady ms per episode of the training step, for one T, B and variant (COMPILE_VARIANTS)."""
     import keras_metalstm as km
 
-    meta, episodes = build(dict(SETTINGS[SCALING_SETTING], inner_steps=inner_steps), meta_batch)
+    batching = "per_episode" if variant == "xla-per-episode" else "auto"
+    meta, episodes = build(dict(SETTINGS[SCALING_SETTING], inner_steps=inner_steps), meta_batch, batching)
+    jit_compile = variant != "plain"
     trainer = km.MetaTrainer(meta, jit_compile=jit_compile)
     result = {"train_first_s": seconds_of_first_call(trainer.train_step, episodes)}
     result["train_ops"] = graph_op_count(trainer._train_function.get_concrete_function(episodes))
@@ -212,12 +220,17 @@ def measure_compile_scaling(inner_steps, meta_batch, jit_compile, steps):
 
 
 def compile_scaling_rows(inner_steps_list, meta_batches, steady_meta_batches, steps):
-    """The children to run: (T, B) for every T and B, plus the steady-state B at the first T, each plain and XLA;
-    steady times are measured at the first T only."""
+    """The children to run, one printed line each: (T, B, steady steps, variants) for every T and B, plus the
+    steady-state B at the first T. Every line runs plain and XLA; steady times are measured at the first T only,
+    where XLA with the per-episode loop runs too (for the steady time it gives up by not batching)."""
     first = inner_steps_list[0]
     pairs = [(t, b) for t in inner_steps_list for b in meta_batches]
     pairs += [(first, b) for b in steady_meta_batches if (first, b) not in pairs]
-    return [(t, b, xla, steps if t == first and b in steady_meta_batches else 0) for t, b in pairs for xla in (False, True)]
+    rows = []
+    for t, b in pairs:
+        steady = t == first and b in steady_meta_batches
+        rows.append((t, b, steps if steady else 0, COMPILE_VARIANTS if steady else COMPILE_VARIANTS[:2]))
+    return rows
 
 
 def compile_scaling(args):
@@ -225,21 +238,26 @@ def compile_scaling(args):
                                 args.steps)
     print(f"28x28x1 5-way 1-shot, conv4 (32 filters), 15 queries/class, {os.cpu_count()} CPU cores; each cell in its "
           "own process.\nFirst call = trace + compile + one step, seconds; ops = training graph with function "
-          "bodies; steady = median ms per episode over " f"{args.steps} meta-updates.")
+          "bodies; steady = median ms per episode over " f"{args.steps} meta-updates; xla batches the episodes, "
+          "xla per-ep runs them one after the other.")
     print(f"{'T':>4}{'B':>4}{'train s':>9}{'train s xla':>12}{'test s':>8}{'test s xla':>11}{'ops':>8}{'ops xla':>9}"
-          f"{'steady ms/ep':>13}{'steady xla':>11}")
-    results = {}
-    for inner_steps, meta_batch, xla, steps in rows:
-        results[inner_steps, meta_batch, xla] = run_child(
-            ["--child-compile", str(inner_steps), str(meta_batch), "xla" if xla else "plain", "--steps", str(steps)]
-        )
-        if xla:
-            plain, compiled = results[inner_steps, meta_batch, False], results[inner_steps, meta_batch, True]
+          f"{'steady ms/ep':>13}{'steady xla':>11}{'xla per-ep':>11}{'xla/plain':>10}")
+    for inner_steps, meta_batch, steps, variants in rows:
+        results = {
+            variant: run_child(
+                ["--child-compile", str(inner_steps), str(meta_batch), variant, "--steps", str(steps)]
+            )
+            for variant in variants
+        }
+        plain, compiled = results["plain"], results["xla"]
+        steady = ""
+        if steps:
             steady = (f"{plain['train_ms_per_episode']:13.1f}{compiled['train_ms_per_episode']:11.1f}"
-                      if "train_ms_per_episode" in plain else "")
-            print(f"{inner_steps:4d}{meta_batch:4d}{plain['train_first_s']:9.1f}{compiled['train_first_s']:12.1f}"
-                  f"{plain['test_first_s']:8.1f}{compiled['test_first_s']:11.1f}{plain['train_ops']:8d}"
-                  f"{compiled['train_ops']:9d}{steady}", flush=True)
+                      f"{results['xla-per-episode']['train_ms_per_episode']:11.1f}"
+                      f"{compiled['train_ms_per_episode'] / plain['train_ms_per_episode']:10.2f}")
+        print(f"{inner_steps:4d}{meta_batch:4d}{plain['train_first_s']:9.1f}{compiled['train_first_s']:12.1f}"
+              f"{plain['test_first_s']:8.1f}{compiled['test_first_s']:11.1f}{plain['train_ops']:8d}"
+              f"{compiled['train_ops']:9d}{steady}", flush=True)
 
 
 def profile(steps):
@@ -390,7 +408,7 @@ def main():
         return
     if args.child_compile:
         inner_steps, meta_batch, variant = args.child_compile
-        print(json.dumps(measure_compile_scaling(int(inner_steps), int(meta_batch), variant == "xla", args.steps)))
+        print(json.dumps(measure_compile_scaling(int(inner_steps), int(meta_batch), variant, args.steps)))
         return
     if args.compile_scaling:
         compile_scaling(args)

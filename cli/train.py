@@ -11,7 +11,7 @@ from keras_metalstm.cli.common import (
     user_errors,
 )
 
-from keras_metalstm.config import QUERY_STATISTICS
+from keras_metalstm.config import EPISODE_BATCHING, QUERY_STATISTICS
 
 DATASETS = ("fontglot", "omniglot", "miniimagenet", "folder")
 
@@ -100,6 +100,12 @@ def training_options(function):
             default=None,
             help="Learn a scale of the query logits in the meta-loss (default off; predictions do not change).",
         ),
+        choice_option(
+            "--episode-batching",
+            EPISODE_BATCHING,
+            "How the learner runs for a meta-batch's episodes: auto (default: all at once on GPU/TPU and with "
+            "--xla, one after the other on a CPU), batched, or per_episode. Results are the same.",
+        ),
         click.option(
             "--checkpoint-every", type=int, default=None, help="Episodes between checkpoints (500)."
         ),
@@ -152,6 +158,7 @@ CONFIG_KEYS = (
     "first_order",
     "query_statistics",
     "learn_logit_scale",
+    "episode_batching",
     "checkpoint_every",
     "validate_every",
     "val_episodes",

@@ -17,6 +17,8 @@ from typing import Any
 
 # The batch-norm statistics a meta-learner's query pass can use (MetaLearner's query_statistics).
 QUERY_STATISTICS = ("query", "support")
+# How a meta-learner evaluates the learner for the episodes of a meta-batch (MetaLearner's episode_batching).
+EPISODE_BATCHING = ("auto", "batched", "per_episode")
 
 ENV_PREFIX = "METALSTM_"
 CONFIG_FILE_NAME = "config.yaml"
@@ -107,6 +109,9 @@ class RunConfig:
     query_statistics: str = "query"
     # A learned scale of the query logits in the meta-loss (MetaLearner docs).
     learn_logit_scale: bool = False
+    # How the learner runs for a meta-batch's episodes (MetaLearner docs): "auto" batches them on GPU/TPU and
+    # under XLA. The results do not depend on it, so a resumed run may change it.
+    episode_batching: str = "auto"
     meta_batch: int = 1
     episodes: int = 5000
     learning_rate: float = 1e-3
@@ -181,6 +186,8 @@ class RunConfig:
                 )
         if self.query_statistics not in QUERY_STATISTICS:
             raise ConfigError(f"query_statistics must be 'query' or 'support', got {self.query_statistics!r}")
+        if self.episode_batching not in EPISODE_BATCHING:
+            raise ConfigError(f"episode_batching must be one of {EPISODE_BATCHING}, got {self.episode_batching!r}")
         if self.theta0_init not in ("scratch", "pretrained"):
             raise ConfigError(f"theta0_init must be 'scratch' or 'pretrained', got {self.theta0_init!r}")
         if int(self.pretrain_epochs) < 1:

@@ -157,7 +157,7 @@ class LearnerFunction:
             loss = cross_entropy(labels, logits)
         gradient = tape.gradient(loss, theta)
         if divide_by_batch:
-            gradient = gradient / tf.cast(tf.shape(images)[0], gradient.dtype)
+            gradient = gradient / tf.cast(tf.shape(labels)[-1], gradient.dtype)
         return loss, gradient, state
 
 
@@ -168,7 +168,8 @@ def accuracy(labels, logits):
 
 
 def cross_entropy(labels, logits):
-    """Mean sparse categorical cross-entropy on logits."""
+    """Mean sparse categorical cross-entropy on logits (over the last axis of `labels`: one value per episode
+    for a batch of episodes)."""
     return tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(labels, tf.int32), logits=logits)
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(labels, tf.int32), logits=logits), axis=-1
     )

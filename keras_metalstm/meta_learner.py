@@ -14,11 +14,13 @@ any function a user saves around them loads without this library.
 """
 
 import contextlib
+import warnings
 
 import keras
 import tensorflow as tf
 
-from keras_metalstm.config import QUERY_STATISTICS
+from keras_metalstm.batched_learner import BatchedLearnerFunction, accelerator_present, in_xla_context
+from keras_metalstm.config import EPISODE_BATCHING, QUERY_STATISTICS
 from keras_metalstm.inner_loop_trace import InnerLoopTrace
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy
@@ -39,6 +41,11 @@ def check_adaptation_settings(inner_steps, query_statistics) -> None:
         raise ValueError(f"inner_steps must be at least 1, got {inner_steps}.")
     if query_statistics not in QUERY_STATISTICS:
         raise ValueError(f"query_statistics must be one of {QUERY_STATISTICS}, got {query_statistics!r}.")
+
+
+def _check_episode_batching(episode_batching):
+    if episode_batching not in EPISODE_BATCHING:
+        raise ValueError(f"episode_batching must be one of {EPISODE_BATCHING}, got {episode_batching!r}.")
 
 
 def _check_mode(mode):
@@ -84,6 +91,13 @@ class MetaLearner(keras.Model):
             meta-objective; not in the paper). Without it the cross-entropy can only grow more confident through
             larger learned steps, and from a pre-trained theta_0 those steps trade accuracy for confidence. The
             scale changes no prediction: accuracies, `adapt` and exports use the learner's own logits.
+        episode_batching: how the learner runs for the B episodes of a meta-batch. "batched": one evaluation
+            per layer for all B, each episode with its own parameters (keras_metalstm.batched_learner), what
+            lets a GPU/TPU run them in parallel; "per_episode": a tf.map_fn over the episodes, one after the
+            other, for any learner. "auto" (default): batched where it pays and works, on a GPU/TPU and in
+            XLA-compiled steps, per episode on a CPU outside XLA (TensorFlow has no CPU gradient of the grouped
+            convolutions batching uses). A learner with layers that cannot be batched (named in a warning,
+            once) runs per episode. Both give the same results.
     """
 
     def __init__(
@@ -97,13 +111,23 @@ class MetaLearner(keras.Model):
         divide_grad_by_batch=False,
         query_statistics="query",
         learn_logit_scale=False,
+        episode_batching="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
         check_adaptation_settings(inner_steps, query_statistics)
+        _check_episode_batching(episode_batching)
         # A plain (untracked) object: the learner's own variables are not meta-parameters and must not be
         # trained, saved or restored as part of the meta-learner.
         self._learner_function = LearnerFunction(learner, bn_momentum=bn_momentum)
+        self.episode_batching = episode_batching
+        try:
+            self._batched_function = BatchedLearnerFunction(learner, bn_momentum=bn_momentum)
+            self._not_batched_because = None
+        except ValueError as error:
+            self._batched_function = None
+            self._not_batched_because = str(error)
+        self._fallback_reported = False
         self.inner_steps = int(inner_steps)
         self.hidden_units = int(hidden_units)
         self.p = float(p)
@@ -231,13 +255,34 @@ class MetaLearner(keras.Model):
         )
         # A learner without batch statistics (GroupNormalization, LayerNormalization, none) has no state to
         # recompute: "support" is then the same protocol as "query", so a recipe can name it for any learner.
-        if self.query_statistics == "support" and states:
+        if self.query_statistics == "support" and states and self._batches_episodes():
+            states = self._batched_function.batch_statistics(theta, support_images)
+        elif self.query_statistics == "support" and states:
             states = tf.map_fn(
                 lambda episode: learner.batch_statistics(*episode),
                 (theta, support_images),
                 fn_output_signature=_state_signature(learner),
             )
         return theta, states
+
+    def _batches_episodes(self):
+        """Whether the function being traced evaluates the learner once for all episodes (episode_batching)."""
+        if self.episode_batching == "per_episode":
+            return False
+        wanted = self.episode_batching == "batched" or accelerator_present() or in_xla_context()
+        if wanted and self._batched_function is None:
+            if not self._fallback_reported:
+                self._fallback_reported = True
+                warnings.warn(
+                    f"keras_metalstm: {self._not_batched_because}. The episodes of a meta-batch run one after "
+                    "the other (episode_batching='per_episode'); the results are the same.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return False
+        if self.episode_batching == "batched":
+            self._batched_function.check_differentiable()
+        return wanted
 
     def _initial_carry(self, episodes):
         """What the inner loop carries from step to step, as each of `episodes` episodes starts: theta_0, the zero
@@ -270,6 +315,12 @@ class MetaLearner(keras.Model):
         after the other in a tf.map_fn (the learner may be any Keras model: a per-episode call is the one
         evaluation that works for all of them)."""
         learner = self._learner_function
+        if self._batches_episodes():
+            losses, gradient, states = self._batched_function.loss_and_gradient(
+                theta, states, support_images, support_labels, divide_by_batch=self.divide_grad_by_batch
+            )
+            results = (tf.cast(losses, theta.dtype), gradient, states)
+            return tf.nest.map_structure(tf.stop_gradient, results) if self.first_order else results
 
         def support_pass(episode):
             episode_theta, state, images, labels = episode
@@ -304,6 +355,9 @@ class MetaLearner(keras.Model):
         """
         _check_mode(mode)
         query_batch_statistics = mode == "train" and self.query_statistics == "query"
+        if self._batches_episodes():
+            logits, _ = self._batched_function(theta, states, query_images, query_batch_statistics)
+            return tf.cast(logits, theta.dtype)
 
         def query_pass(episode):
             episode_theta, state, images = episode
@@ -582,6 +636,7 @@ class MetaLearner(keras.Model):
                 "divide_grad_by_batch": self.divide_grad_by_batch,
                 "query_statistics": self.query_statistics,
                 "learn_logit_scale": self.learn_logit_scale,
+                "episode_batching": self.episode_batching,
             }
         )
         return config

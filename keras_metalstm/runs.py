@@ -115,6 +115,7 @@ def build_meta_learner(config: RunConfig, architecture: dict | None = None):
         divide_grad_by_batch=config.divide_grad_by_batch,
         query_statistics=config.query_statistics,
         learn_logit_scale=config.learn_logit_scale,
+        episode_batching=config.episode_batching,
     )
 
 

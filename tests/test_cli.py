@@ -125,6 +125,18 @@ def test_meta_learner_flags_reach_the_saved_meta_learner_and_cannot_change_on_re
     assert snapshot(run_dir) == before
 
 
+def test_episode_batching_reaches_the_saved_meta_learner_and_may_change_on_resume(tmp_path, data_dir):
+    import keras
+
+    run_dir = tmp_path / "run"
+    result = run_cli(train_args(data_dir, run_dir, "--episodes", "2", "--episode-batching", "per_episode"))
+    assert result.exit_code == 0, result.output
+    assert keras.models.load_model(run_dir / "best.keras").episode_batching == "per_episode"
+    result = run_cli(train_args(data_dir, run_dir, "--episodes", "4", "--episode-batching", "auto", "--resume"))
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["episode_batching"] == "auto"
+
+
 def test_resume_continues_from_the_last_checkpoint(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     assert run_cli(train_args(data_dir, run_dir, "--episodes", "4", "--checkpoint-every", "2")).exit_code == 0

@@ -2,7 +2,7 @@
 
 import pytest
 
-from keras_metalstm.config import ConfigError, RunConfig, env_overrides, read_config_file
+from keras_metalstm.config import SHAPE_FIELDS, ConfigError, RunConfig, env_overrides, read_config_file
 
 
 def test_defaults_are_the_papers_1_shot_setting():
@@ -63,6 +63,13 @@ def test_query_statistics_setting_is_checked_and_read_from_the_environment():
     assert RunConfig.from_dict(env_overrides({"METALSTM_QUERY_STATISTICS": "Support"})).query_statistics == "support"
     with pytest.raises(ConfigError, match="query_statistics must be 'query' or 'support'"):
         RunConfig(query_statistics="transductive")
+
+
+def test_episode_batching_setting_is_checked_and_not_part_of_a_run_s_shape():
+    assert RunConfig().episode_batching == "auto"
+    assert "episode_batching" not in SHAPE_FIELDS  # the results do not depend on it: a resumed run may change it
+    with pytest.raises(ConfigError, match="episode_batching must be one of"):
+        RunConfig(episode_batching="parallel")
 
 
 def test_theta0_lr_scale_and_logit_scale_settings_are_checked_and_read_from_the_environment():

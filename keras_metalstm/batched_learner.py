@@ -1,0 +1,348 @@
+"""Runs a Keras learner on B episodes' parameter vectors at once: one evaluation per layer for all episodes.
+
+`LearnerFunction` evaluates the learner with one parameter vector; the meta-learner maps it over the B episodes
+of a meta-batch, one after the other. `BatchedLearnerFunction` evaluates each layer once for all B episodes,
+each with its own parameters and batch-norm state, which is what lets a GPU or TPU run the episodes of a
+meta-batch side by side:
+
+- activations are episode-major, (B, N, ...) for N examples per episode;
+- Conv2D runs as one grouped convolution: the episodes stacked along the channels, (N, H, W, B*C), convolved
+  with the episodes' filters stacked along the output channels, (kh, kw, C, B*F), in B groups;
+- Dense is a batched matrix product; BatchNormalization takes each episode's batch moments and moving
+  statistics; GroupNormalization and LayerNormalization (over the channels) normalise every example as the
+  layer does and apply each episode's scale and offset;
+- layers without weights that act on each example alone (activations, pooling, flatten, reshape, padding,
+  merges such as Add or Concatenate) run on the B*N examples as one batch.
+
+Functional and Sequential models (nested ones included) of these layers are supported; `unsupported_layers`
+names anything else, and the meta-learner then maps the per-episode function instead. TensorFlow has no CPU
+gradient of grouped convolutions outside XLA, so on a CPU-only machine a convolutional learner is batched only
+in XLA-compiled functions.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
+
+from keras_metalstm.learner_function import LearnerFunction
+
+NORMALISATIONS_OF_EACH_EXAMPLE = (keras.layers.GroupNormalization, keras.layers.LayerNormalization)
+# Layers without weights whose output for an example depends on that example alone.
+EXAMPLE_WISE = (
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+    keras.layers.Softmax,
+    keras.layers.MaxPooling1D,
+    keras.layers.MaxPooling2D,
+    keras.layers.MaxPooling3D,
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.AveragePooling3D,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.GlobalMaxPooling3D,
+    keras.layers.Flatten,
+    keras.layers.Reshape,
+    keras.layers.Permute,
+    keras.layers.ZeroPadding1D,
+    keras.layers.ZeroPadding2D,
+    keras.layers.Cropping1D,
+    keras.layers.Cropping2D,
+    keras.layers.UpSampling2D,
+    keras.layers.Rescaling,
+    keras.layers.Identity,
+    keras.layers.Add,
+    keras.layers.Subtract,
+    keras.layers.Multiply,
+    keras.layers.Average,
+    keras.layers.Maximum,
+    keras.layers.Minimum,
+    keras.layers.Concatenate,
+)
+
+
+def unsupported_layers(model):
+    """Why `model` cannot be batched: a list of "path: reason" strings, empty when it can."""
+    if not isinstance(model, keras.Model) or not _is_graph_model(model):
+        return [f"{model.name}: a subclassed model (only functional and Sequential models have a layer graph)"]
+    problems = []
+    for layer in _graph_layers(model):
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, keras.Model):
+            problems.extend(unsupported_layers(layer))
+            continue
+        reason = _unsupported_reason(layer)
+        if reason:
+            problems.append(f"{layer.path}: {reason}")
+    return problems
+
+
+def _is_graph_model(model):
+    return isinstance(model, keras.Sequential) or hasattr(model, "_run_through_graph")
+
+
+def _graph_layers(model):
+    if isinstance(model, keras.Sequential):
+        return model.layers
+    return model.operations
+
+
+def _input_rank(layer):
+    shape = getattr(layer, "_build_shapes_dict", {}).get("input_shape")
+    return None if shape is None else len(shape)
+
+
+def _channels_last(axis, rank):
+    axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
+    return axes in ([-1], [rank - 1] if rank else [-1])
+
+
+def _unsupported_reason(layer):
+    if layer.compute_dtype != layer.variable_dtype:
+        return f"mixed precision ({layer.dtype_policy.name})"
+    if type(layer) is keras.layers.Conv2D:
+        if layer.data_format != "channels_last":
+            return "channels_first data format"
+        if layer.groups != 1:
+            return "grouped convolution"
+        return None
+    if type(layer) is keras.layers.Dense:
+        return "LoRA or quantised weights" if layer.lora_enabled or layer.quantization_mode else None
+    if type(layer) is keras.layers.BatchNormalization:
+        if layer.renorm or layer.synchronized:
+            return "batch renormalisation or synchronised statistics"
+        return None if _channels_last(layer.axis, _input_rank(layer)) else "normalises an axis other than the last"
+    if type(layer) in NORMALISATIONS_OF_EACH_EXAMPLE:
+        if getattr(layer, "rms_scaling", False):
+            return "rms_scaling"
+        return None if _channels_last(layer.axis, _input_rank(layer)) else "normalises an axis other than the last"
+    if type(layer) in EXAMPLE_WISE:
+        return None if not layer.weights else "has weights"
+    return f"{type(layer).__name__} layers are not batched"
+
+
+def in_xla_context():
+    """Whether the function being traced is compiled by XLA (tf.function(jit_compile=True), TPUs)."""
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def accelerator_present():
+    """Whether TensorFlow sees a GPU or TPU."""
+    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+
+def transpose(tensor, permutation):
+    """tf.transpose with a gradient (of any order) that is a transpose by a constant permutation. tf.transpose's own
+    gradient computes the inverse permutation at run time, and inside the gradient of a compiled loop (the
+    second-order meta-gradient) XLA then refuses it as a shape that is not a compile-time constant."""
+    inverse = [int(axis) for axis in np.argsort(permutation)]
+
+    @tf.custom_gradient
+    def transposed(value):
+        return tf.transpose(value, permutation), lambda upstream: transpose(upstream, inverse)
+
+    return transposed(tensor)
+
+
+class BatchedLearnerFunction(LearnerFunction):
+    """A Keras learner seen as `logits, states = f(theta, states, images, training)` for B episodes at once.
+
+    theta is (B, num_parameters), each state tensor and the logits carry the episodes on their first axis, and
+    images are (B, N, ...). Episode b's results equal those of `LearnerFunction` with theta[b], its state and
+    images[b]; so do `loss_and_gradient` (losses (B,), gradients (B, num_parameters)) and `batch_statistics`.
+
+    Raises:
+        ValueError: the learner has layers that cannot be batched (`unsupported_layers` says which).
+    """
+
+    def __init__(self, learner, bn_momentum=None):
+        super().__init__(learner, bn_momentum=bn_momentum)
+        problems = unsupported_layers(learner)
+        if problems:
+            raise ValueError("This learner cannot be evaluated for a batch of episodes at once: " + "; ".join(problems))
+        self._has_convolutions = any(
+            type(layer) is keras.layers.Conv2D for layer in learner._flatten_layers(include_self=False)
+        )
+
+    def initial_state(self, episodes=None):
+        """The non-trainable state every episode starts from, for `episodes` episodes stacked on a first axis
+        (None: one episode's, unstacked, as LearnerFunction gives it)."""
+        state = super().initial_state()
+        if episodes is None:
+            return state
+        return [tf.tile(value[tf.newaxis], [episodes] + [1] * value.shape.rank) for value in state]
+
+    def check_differentiable(self):
+        """Raises ValueError where the function being traced cannot be differentiated: a convolutional learner
+        on a CPU-only machine outside XLA (TensorFlow has no CPU gradient of grouped convolutions)."""
+        if self._has_convolutions and not accelerator_present() and not in_xla_context():
+            raise ValueError(
+                "A convolutional learner is batched over episodes with grouped convolutions, which TensorFlow "
+                "cannot differentiate on a CPU outside XLA: compile the step with XLA (jit_compile=True, "
+                "metalstm train --xla), run on a GPU/TPU, or use episode_batching='per_episode' (or 'auto')."
+            )
+
+    def loss_and_gradient(self, theta, state, images, labels, divide_by_batch=False):
+        self.check_differentiable()
+        return super().loss_and_gradient(theta, state, images, labels, divide_by_batch=divide_by_batch)
+
+    def __call__(self, theta, state, images, training, momentum=None):
+        episodes = theta.shape[0]
+        pieces = tf.split(theta, self.sizes, axis=1)
+        values = {
+            id(variable): tf.reshape(piece, (episodes, *shape))
+            for variable, piece, shape in zip(self.learner.trainable_variables, pieces, self.shapes, strict=True)
+        }
+        values.update(
+            {id(variable): value for variable, value in zip(self.learner.non_trainable_variables, state, strict=True)}
+        )
+        momentum = self.bn_momentum if momentum is None else momentum
+        run = _Run(values, episodes, training, momentum)
+        logits = run.model(self.learner, images)
+        new_state = [values[id(variable)] for variable in self.learner.non_trainable_variables]
+        return logits, new_state
+
+    def batch_statistics(self, theta, images):
+        _, state = self(theta, self.initial_state(theta.shape[0]), images, training=True, momentum=0.0)
+        return state
+
+
+class _Run:
+    """One batched evaluation: the episodes' variable values (updated in place for moving statistics), the
+    number of episodes, the training flag and the batch-norm momentum override."""
+
+    def __init__(self, values, episodes, training, momentum):
+        self.values = values
+        self.episodes = episodes
+        self.training = training
+        self.momentum = momentum
+
+    def value(self, variable, dtype):
+        return tf.cast(self.values[id(variable)], dtype)
+
+    def model(self, model, inputs):
+        if isinstance(model, keras.Sequential) and model._functional is None:
+            for layer in model.layers:
+                inputs = self.layer(layer, inputs)
+            return inputs
+        graph = model._functional if isinstance(model, keras.Sequential) else model
+        return graph._run_through_graph(inputs, operation_fn=lambda layer: lambda *args, **_: self.layer(layer, *args))
+
+    def layer(self, layer, inputs):
+        if isinstance(layer, keras.Model):
+            return self.model(layer, inputs)
+        if type(layer) is keras.layers.Conv2D:
+            return self.conv2d(layer, inputs)
+        if type(layer) is keras.layers.Dense:
+            return self.dense(layer, inputs)
+        if type(layer) is keras.layers.BatchNormalization:
+            return self.batch_normalization(layer, inputs)
+        if type(layer) in NORMALISATIONS_OF_EACH_EXAMPLE:
+            return self.normalisation_of_each_example(layer, inputs)
+        return self.example_wise(layer, inputs)
+
+    def _examples(self, tensor):
+        """(B, N, ...) -> (B*N, ...)."""
+        return tf.reshape(tensor, [-1, *tensor.shape[2:]])
+
+    def _episodes(self, tensor):
+        """(B*N, ...) -> (B, N, ...)."""
+        return tf.reshape(tensor, [self.episodes, -1, *tensor.shape[1:]])
+
+    def example_wise(self, layer, inputs):
+        merged = [self._examples(tensor) for tensor in inputs] if isinstance(inputs, list) else self._examples(inputs)
+        return self._episodes(layer(merged))
+
+    def conv2d(self, layer, inputs):
+        dtype = layer.compute_dtype
+        inputs = tf.cast(inputs, dtype)
+        kernel = self.value(layer.kernel, dtype)  # (B, kh, kw, C, F)
+        episodes, examples, height, width, channels = inputs.shape
+        kernel_height, kernel_width, _, filters = kernel.shape[1:]
+        # Episodes stacked along the channels; the filters along the output channels: B groups.
+        stacked = tf.reshape(transpose(inputs, [1, 2, 3, 0, 4]), [examples, height, width, episodes * channels])
+        stacked_filters = tf.reshape(
+            transpose(kernel, [1, 2, 3, 0, 4]), [kernel_height, kernel_width, channels, episodes * filters]
+        )
+        outputs = tf.nn.convolution(
+            stacked,
+            stacked_filters,
+            strides=layer.strides,
+            padding=layer.padding.upper(),
+            dilations=layer.dilation_rate,
+        )
+        out_height, out_width = outputs.shape[1:3]
+        outputs = transpose(tf.reshape(outputs, [examples, out_height, out_width, episodes, filters]), [3, 0, 1, 2, 4])
+        if layer.use_bias:
+            outputs = outputs + self.value(layer.bias, dtype)[:, tf.newaxis, tf.newaxis, tf.newaxis, :]
+        return layer.activation(outputs)
+
+    def dense(self, layer, inputs):
+        dtype = layer.compute_dtype
+        kernel = self.value(layer.kernel, dtype)  # (B, D, K)
+        # A batched matmul over (B, examples, D), not an einsum: the second derivative of an einsum in a compiled
+        # loop asks XLA for a shape it only knows at run time.
+        flat = tf.reshape(tf.cast(inputs, dtype), [self.episodes, -1, inputs.shape[-1]])
+        outputs = tf.reshape(tf.matmul(flat, kernel), [self.episodes, *inputs.shape[1:-1], kernel.shape[-1]])
+        if layer.use_bias:
+            bias = self.value(layer.bias, dtype)
+            outputs = outputs + tf.reshape(bias, [self.episodes] + [1] * (outputs.shape.rank - 2) + [bias.shape[-1]])
+        return layer.activation(outputs)
+
+    def _per_channel(self, vector, rank):
+        """(B, C) -> (B, 1, ..., 1, C), broadcastable against (B, N, ..., C) of `rank`."""
+        return tf.reshape(vector, [self.episodes] + [1] * (rank - 2) + [vector.shape[-1]])
+
+    def batch_normalization(self, layer, inputs):
+        # As keras.layers.BatchNormalization (channels last), the moments of each episode's batch; a frozen layer
+        # (trainable=False) normalises with its moving statistics even in training, as Keras does.
+        compute_dtype = tf.as_dtype(keras.backend.result_type(inputs.dtype, "float32"))
+        inputs = tf.cast(inputs, compute_dtype)
+        rank = inputs.shape.rank
+        moving_mean = self.value(layer.moving_mean, compute_dtype)
+        moving_variance = self.value(layer.moving_variance, compute_dtype)
+        if self.training and layer.trainable:
+            axes = list(range(1, rank - 1))
+            mean = tf.reduce_mean(inputs, axis=axes)
+            centred = inputs - self._per_channel(mean, rank)
+            # No stop_gradient on the mean (tf.nn.moments has one): second derivatives exact, as LearnerFunction.
+            variance = tf.reduce_mean(tf.square(centred), axis=axes)
+            momentum = layer.momentum if self.momentum is None else self.momentum
+            self.values[id(layer.moving_mean)] = moving_mean * momentum + mean * (1.0 - momentum)
+            self.values[id(layer.moving_variance)] = moving_variance * momentum + variance * (1.0 - momentum)
+        else:
+            mean, variance = moving_mean, moving_variance
+        outputs = tf.nn.batch_normalization(
+            inputs,
+            self._per_channel(mean, rank),
+            self._per_channel(variance, rank),
+            offset=self._per_channel(self.value(layer.beta, compute_dtype), rank) if layer.center else None,
+            scale=self._per_channel(self.value(layer.gamma, compute_dtype), rank) if layer.scale else None,
+            variance_epsilon=layer.epsilon,
+        )
+        return tf.cast(outputs, layer.compute_dtype)
+
+    def normalisation_of_each_example(self, layer, inputs):
+        # Each example is normalised on its own: the layer itself does that for all B*N examples with unit scale
+        # and zero offset, then each episode's scale and offset apply.
+        identity = []
+        if layer.scale:
+            identity.append((layer.gamma, tf.ones(layer.gamma.shape, layer.gamma.dtype)))
+        if layer.center:
+            identity.append((layer.beta, tf.zeros(layer.beta.shape, layer.beta.dtype)))
+        with keras.StatelessScope(state_mapping=identity):
+            outputs = self._episodes(layer(self._examples(inputs)))
+        rank = outputs.shape.rank
+        if layer.scale:
+            outputs = outputs * self._per_channel(self.value(layer.gamma, outputs.dtype), rank)
+        if layer.center:
+            outputs = outputs + self._per_channel(self.value(layer.beta, outputs.dtype), rank)
+        return outputs
+
