@@ -27,17 +27,13 @@ Protocol "chen2019":
 
 A baseline scores one episode, a (support_images, support_labels, query_images, query_labels) tuple of tensors cut
 from the episode batch dicts (`episodes_of`); `Baselines.episode_accuracies(batch)` scores all of them on exactly
-the batches the meta-learner sees. Validation choices (`choose_on_validation`) and the pre-trained network are
-cached in RUN_DIR/baselines/.
+the batches the meta-learner sees. A run's pre-trained network and validation choices are cached in
+RUN_DIR/baselines/ by keras_metalstm.baseline_cache.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -623,123 +619,3 @@ def build_baselines(pretrained, n_way, protocols=DEFAULT_PROTOCOLS, baseline_plu
     if baseline_plus:
         methods.append(BaselinePlus(features, n_way, seed=seed))
     return Baselines(methods)
-
-
-# -------------------------------------------------------------------------------------------- run cache
-def baseline_cache_paths(run_dir):
-    """(pretrained.keras, baselines.json) in RUN_DIR/baselines/: the pre-trained classifier and its settings."""
-    cache = Path(run_dir) / "baselines"
-    return cache / "pretrained.keras", cache / "baselines.json"
-
-
-def cached_pretrained_classifier(
-    run_dir, config, splits, learner, pretrain: PretrainConfig | None = None, log=print
-):
-    """The run's learner architecture (a model of it: `learner`) pre-trained on the run's meta-train classes,
-    trained once and cached in RUN_DIR/baselines/ (pretrained.keras, and its settings in baselines.json).
-
-    Shared by the baselines and by meta-training runs whose theta_0 starts from it, so both use one network.
-    Returns (model, info) where info is the content of baselines.json.
-    """
-    import keras
-
-    pretrain = pretrain or PretrainConfig(seed=config.seed)
-    model_path, info_path = baseline_cache_paths(run_dir)
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    if info.get("pretrain") == asdict(pretrain) and model_path.is_file():
-        return keras.models.load_model(str(model_path)), info
-    t0 = time.time()
-    log(
-        f"pre-training the {learner.name} classifier on {splits.train.num_classes} meta-train classes "
-        f"({splits.train.num_images} images, {pretrain.epochs} epochs) ..."
-    )
-    model, train_accuracy = pretrain_classifier(
-        splits.train,
-        learner,
-        pretrain,
-        on_epoch=lambda epoch, accuracy: log(
-            f"  epoch {epoch}/{pretrain.epochs}: training accuracy {100 * accuracy:.1f}% "
-            f"({time.time() - t0:.0f}s)"
-        ),
-    )
-    tmp = model_path.with_name(f".tmp-{os.getpid()}-pretrained.keras")
-    model.save(str(tmp))
-    os.replace(tmp, model_path)
-    # Validation choices made for another pre-trained network are dropped with it.
-    info = {
-        "pretrain": asdict(pretrain),
-        "pretrain_train_accuracy": train_accuracy,
-        "pretrain_seconds": round(time.time() - t0, 1),
-    }
-    _write_json(info_path, info)
-    return model, info
-
-
-def choice_cache_key(method, config, val_episodes) -> str:
-    """The key of a baseline's validation choice in baselines.json: the protocol and the baseline's key first, so
-    protocols never share an entry, then everything the choice depends on besides the pre-trained network."""
-    return (
-        f"{method.protocol}/{method.key}_{config.n_way}way_{config.k_shot}shot_q{config.query}_val{val_episodes}"
-        f"_seed{config.seed}"
-    )
-
-
-def prepare_baselines(
-    run_dir,
-    config,
-    splits,
-    learner,
-    pretrain: PretrainConfig | None = None,
-    val_episodes=100,
-    protocols=DEFAULT_PROTOCOLS,
-    baseline_plus=False,
-    progress=None,
-    log=print,
-) -> tuple[Baselines, dict]:
-    """The baselines of `protocols` (and Baseline++) for a training run whose learner is (a model of the
-    architecture of) `learner`: the pre-trained classifier (`cached_pretrained_classifier`) and every validation
-    choice are computed once and cached in RUN_DIR/baselines/. Returns (baselines, details for the report)."""
-    from keras_metalstm.data import episode_dataset
-    from keras_metalstm.statistics import eval_batch_size
-
-    model, info = cached_pretrained_classifier(run_dir, config, splits, learner, pretrain, log)
-    info_path = baseline_cache_paths(run_dir)[1]
-    baselines = build_baselines(model, config.n_way, protocols, baseline_plus, seed=config.seed)
-    choosing = {m.key: m for m in baselines.methods.values() if m.grid}
-    keys = {name: choice_cache_key(m, config, val_episodes) for name, m in choosing.items()}
-    missing = [name for name in choosing if keys[name] not in info]
-    if missing:
-        log(f"choosing the settings of {', '.join(missing)} on {val_episodes} validation episodes ...")
-        for name in missing:
-            started = time.time()
-            # The same seeded validation episodes for every baseline, drawn anew rather than held in memory.
-            batches = episode_dataset(
-                splits.val,
-                config.n_way,
-                config.k_shot,
-                config.query,
-                batch_size=eval_batch_size(val_episodes),
-                seed=config.seed + 2,
-                num_episodes=val_episodes,
-            )
-            episodes = (episode for batch in batches for episode in episodes_of(batch))
-            choice = choose_on_validation(episodes, choosing[name].grid, choosing[name].grid_accuracies, progress)
-            info[keys[name]] = asdict(choice)
-            # Saved at once: a choice can take many minutes, and an interrupted evaluation keeps what it finished.
-            _write_json(info_path, info)
-            log(
-                f"  {name}: {setting_label(choice.settings)} of {len(choosing[name].grid)} settings, validation "
-                f"accuracy {100 * choice.val_accuracy:.1f}% ({time.time() - started:.0f}s)"
-            )
-    for name, method in choosing.items():
-        method.settings = info[keys[name]]["settings"]
-    details = {"pretrain_train_accuracy": info.get("pretrain_train_accuracy"), **info["pretrain"]}
-    details.update({name: info[keys[name]] for name in choosing})
-    return baselines, details
-
-
-def _write_json(path, data):
-    from keras_metalstm.config import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

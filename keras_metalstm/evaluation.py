@@ -367,7 +367,7 @@ def evaluate_run(
     with every batch each method scores (a hook to check that all methods see the same episodes).
     """
     import keras_metalstm as km
-    from keras_metalstm.baselines import prepare_baselines
+    from keras_metalstm.baseline_cache import prepare_baselines
     from keras_metalstm.runs import load_meta_learner, load_splits
 
     episodes = check_episode_count(episodes)

@@ -310,11 +310,8 @@ class TrainingRun:
             return load_learner_file(config.pretrained_model)
         if learner_kind(config.learner) == "file":
             return load_learner_file(config.learner)
-        from keras_metalstm.baselines import (
-            PretrainConfig,
-            baseline_cache_paths,
-            cached_pretrained_classifier,
-        )
+        from keras_metalstm.baseline_cache import baseline_cache_paths, cached_pretrained_classifier
+        from keras_metalstm.baselines import PretrainConfig
 
         model, info = cached_pretrained_classifier(
             self.run_dir,

@@ -182,13 +182,13 @@ def test_ctrl_c_twice_during_validation_is_recorded_as_interrupted(tmp_path, dat
 
 
 def test_a_start_interrupted_before_the_first_checkpoint_can_be_started_again(tmp_path, data_dir, monkeypatch):
-    import keras_metalstm.baselines as baselines
+    import keras_metalstm.baseline_cache as baseline_cache
 
     def ctrl_c_while_pretraining(*args, **kwargs):
         raise KeyboardInterrupt
 
     run_dir = tmp_path / "run"
-    monkeypatch.setattr(baselines, "cached_pretrained_classifier", ctrl_c_while_pretraining)
+    monkeypatch.setattr(baseline_cache, "cached_pretrained_classifier", ctrl_c_while_pretraining)
     first = invoke(train_args(data_dir, run_dir, "--episodes", "2", "--theta0-init", "pretrained"))
     assert first.exit_code != 0 and (run_dir / "config.yaml").is_file()
     monkeypatch.undo()
