@@ -103,8 +103,8 @@ def training_options(function):
         choice_option(
             "--episode-batching",
             EPISODE_BATCHING,
-            "How the learner runs for a meta-batch's episodes: auto (default: all at once on GPU/TPU and with "
-            "--xla, one after the other on a CPU), batched, or per_episode. Results are the same.",
+            "How the learner runs for a meta-batch's episodes: auto (default: all at once on a GPU/TPU, one after "
+            "the other on a CPU), batched (on a CPU only with --xla), or per_episode. Results are the same.",
         ),
         click.option(
             "--checkpoint-every", type=int, default=None, help="Episodes between checkpoints (500)."

@@ -109,8 +109,8 @@ class RunConfig:
     query_statistics: str = "query"
     # A learned scale of the query logits in the meta-loss (MetaLearner docs).
     learn_logit_scale: bool = False
-    # How the learner runs for a meta-batch's episodes (MetaLearner docs): "auto" batches them on GPU/TPU and
-    # under XLA. The results do not depend on it, so a resumed run may change it.
+    # How the learner runs for a meta-batch's episodes (MetaLearner docs): "auto" batches them on a GPU/TPU.
+    # The results do not depend on it, so a resumed run may change it.
     episode_batching: str = "auto"
     meta_batch: int = 1
     episodes: int = 5000

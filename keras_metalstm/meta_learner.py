@@ -19,7 +19,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from keras_metalstm.batched_learner import BatchedLearnerFunction, accelerator_present, in_xla_context
+from keras_metalstm.batched_learner import BatchedLearnerFunction, accelerator_present
 from keras_metalstm.config import EPISODE_BATCHING, QUERY_STATISTICS
 from keras_metalstm.inner_loop_trace import InnerLoopTrace
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
@@ -94,10 +94,10 @@ class MetaLearner(keras.Model):
         episode_batching: how the learner runs for the B episodes of a meta-batch. "batched": one evaluation
             per layer for all B, each episode with its own parameters (keras_metalstm.batched_learner), what
             lets a GPU/TPU run them in parallel; "per_episode": a tf.map_fn over the episodes, one after the
-            other, for any learner. "auto" (default): batched where it pays and works, on a GPU/TPU and in
-            XLA-compiled steps, per episode on a CPU outside XLA (TensorFlow has no CPU gradient of the grouped
-            convolutions batching uses). A learner with layers that cannot be batched (named in a warning,
-            once) runs per episode. Both give the same results.
+            other, for any learner. "auto" (default): batched on a GPU/TPU, per episode on a CPU (TensorFlow has
+            no CPU gradient of the grouped convolutions batching uses outside XLA, and under XLA they were
+            slower there). A learner with layers that cannot be batched (named in a warning, once) runs per
+            episode. Both give the same results.
     """
 
     def __init__(
@@ -269,7 +269,7 @@ class MetaLearner(keras.Model):
         """Whether the function being traced evaluates the learner once for all episodes (episode_batching)."""
         if self.episode_batching == "per_episode":
             return False
-        wanted = self.episode_batching == "batched" or accelerator_present() or in_xla_context()
+        wanted = self.episode_batching == "batched" or accelerator_present()
         if wanted and self._batched_function is None:
             if not self._fallback_reported:
                 self._fallback_reported = True

@@ -50,8 +50,8 @@ LEARNERS = {
 }
 
 
-def twin(meta):
-    copy = km.MetaLearner.from_config(meta.get_config())
+def twin(meta, **changes):
+    copy = km.MetaLearner.from_config({**meta.get_config(), **changes})
     copy.set_weights(meta.get_weights())
     return copy
 
@@ -123,9 +123,9 @@ def test_the_traced_training_graph_does_not_grow_with_inner_steps_or_episodes(op
 @pytest.mark.parametrize("learner_name", ["conv4", "group_norm"])
 def test_the_whole_training_step_compiles_with_xla_and_makes_the_plain_update(learner_name):
     """Inner loop, meta-gradient, clip and Adam update in ONE XLA computation, as a TPUStrategy compiles a
-    replica's step; the update equals the plain step's."""
+    replica's step (the episodes batched, as on a TPU); the update equals the plain per-episode step's."""
     meta = km.MetaLearner(LEARNERS[learner_name](), inner_steps=2)
-    compiled = twin(meta)
+    compiled = twin(meta, episode_batching="batched")
     episodes = as_tensors(random_episodes(batch=2, query=2, seed=7))
     optimizer = km.meta_optimizer()
     optimizer.build(compiled.trainable_variables)
