@@ -226,8 +226,8 @@ class MetaLearner(keras.Model):
     def inner_loop(self, support_images, support_labels, inner_steps=None):
         """Adapts theta0 to B episodes' support sets.
 
-        The T steps are one `tf.while_loop` and, within a step, the B episodes' learner passes one `tf.map_fn`,
-        so a traced (or XLA-compiled) graph holds one copy of the learner's forward and backward pass whatever
+        The T steps are one `tf.while_loop` and, within a step, the B episodes' learner passes one `tf.map_fn`
+        (or one batched evaluation, `episode_batching`), so a traced (or XLA-compiled) graph holds one copy of the learner's forward and backward pass whatever
         T and B are. Every episode starts from the zero LSTM state and zero gate feedback.
 
         Args:
@@ -311,9 +311,9 @@ class MetaLearner(keras.Model):
         return theta, lstm_state, gate_logits, states
 
     def _support_passes(self, theta, states, support_images, support_labels):
-        """Every episode's support loss (B,), gradient (B, P) at its own theta and updated state, one episode
-        after the other in a tf.map_fn (the learner may be any Keras model: a per-episode call is the one
-        evaluation that works for all of them)."""
+        """Every episode's support loss (B,), gradient (B, P) at its own theta and updated state: all episodes in
+        one batched evaluation where `episode_batching` chooses it, else one after the other in a tf.map_fn (the
+        learner may be any Keras model: a per-episode call is the one evaluation that works for all of them)."""
         learner = self._learner_function
         if self._batches_episodes():
             losses, gradient, states = self._batched_function.loss_and_gradient(
