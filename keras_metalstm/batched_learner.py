@@ -171,14 +171,6 @@ class BatchedLearnerFunction(LearnerFunction):
             type(layer) is keras.layers.Conv2D for layer in learner._flatten_layers(include_self=False)
         )
 
-    def initial_state(self, episodes=None):
-        """The non-trainable state every episode starts from, for `episodes` episodes stacked on a first axis
-        (None: one episode's, unstacked, as LearnerFunction gives it)."""
-        state = super().initial_state()
-        if episodes is None:
-            return state
-        return [tf.tile(value[tf.newaxis], [episodes] + [1] * value.shape.rank) for value in state]
-
     def check_differentiable(self):
         """Raises ValueError where the function being traced cannot be differentiated: a convolutional learner
         on a CPU-only machine outside XLA (TensorFlow has no CPU gradient of grouped convolutions)."""
@@ -210,7 +202,7 @@ class BatchedLearnerFunction(LearnerFunction):
         return logits, new_state
 
     def batch_statistics(self, theta, images):
-        _, state = self(theta, self.initial_state(theta.shape[0]), images, training=True, momentum=0.0)
+        _, state = self(theta, self.stacked_initial_state(theta.shape[0]), images, training=True, momentum=0.0)
         return state
 
 

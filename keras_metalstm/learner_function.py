@@ -99,6 +99,10 @@ class LearnerFunction:
         """The non-trainable state every episode starts from (batch-norm statistics reset)."""
         return list(self._reset_values)
 
+    def stacked_initial_state(self, episodes):
+        """`initial_state` for `episodes` episodes, stacked on a first axis."""
+        return [tf.tile(value[tf.newaxis], [episodes] + [1] * value.shape.rank) for value in self._reset_values]
+
     @contextlib.contextmanager
     def _batchnorm_overrides(self, momentum):
         # Both are read while the call is traced, so overriding them for the duration of the call changes the

@@ -292,7 +292,7 @@ class MetaLearner(keras.Model):
         # and give the loop variables the fixed shapes a compiled loop needs.
         zero_state = tf.zeros((self.hidden_units, *theta.shape), theta.dtype)
         zero_logits = tf.zeros_like(theta)
-        initial_states = _stacked_state(self._learner_function, episodes)
+        initial_states = self._learner_function.stacked_initial_state(episodes)
         return theta, (zero_state, zero_state), (zero_logits, zero_logits), initial_states
 
     def _inner_step(self, theta, lstm_state, gate_logits, states, support_images, support_labels):
@@ -655,11 +655,6 @@ class MetaLearner(keras.Model):
         from keras_metalstm.presets import load_preset  # presets sit above the meta-learner
 
         return load_preset(name)
-
-
-def _stacked_state(learner, episodes):
-    """The learner's initial non-trainable state for each of `episodes` episodes, stacked on a first axis."""
-    return [tf.tile(value[tf.newaxis], [episodes] + [1] * value.shape.rank) for value in learner.initial_state()]
 
 
 def _state_signature(learner):

@@ -72,7 +72,7 @@ def random_batch(seed):
 
 def started_states(batched, theta, images):
     """States that differ per episode: each episode's statistics after one training pass."""
-    _, states = batched(theta, batched.initial_state(EPISODES), images, training=True)
+    _, states = batched(theta, batched.stacked_initial_state(EPISODES), images, training=True)
     return states
 
 
@@ -101,7 +101,7 @@ def test_batched_support_losses_and_gradients_equal_each_episode_on_its_own(buil
     single, batched = LearnerFunction(learner, bn_momentum=0.1), BatchedLearnerFunction(learner, bn_momentum=0.1)
     theta = perturbed_thetas(single, seed=6)
     images, labels = random_batch(seed=7)
-    states = batched.initial_state(EPISODES)
+    states = batched.stacked_initial_state(EPISODES)
     losses, gradients, _ = tf.function(batched.loss_and_gradient, jit_compile=True)(theta, states, images, labels)
     assert losses.shape == (EPISODES,) and gradients.shape == theta.shape
     for index in range(EPISODES):
