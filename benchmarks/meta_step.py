@@ -8,6 +8,7 @@ all are measured in one invocation, so the printed ratios compare like with like
     python benchmarks/meta_step.py --quick         # 28x28 1-shot only
     python benchmarks/meta_step.py --quick --rounds 5   # a noisy machine: the median of 5 interleaved rounds
     python benchmarks/meta_step.py --profile       # where the time goes (28x28, 1-shot, T=12)
+    python benchmarks/meta_step.py --profile --profile-setting "84x84x3 5-shot T=8"
     python benchmarks/meta_step.py --quick --meta-batch 4   # ms per episode when 4 episodes share a meta-update
     python benchmarks/meta_step.py --compile-scaling  # first-call seconds and graph ops vs T and meta-batch B
 
@@ -260,11 +261,13 @@ def compile_scaling(args):
               f"{compiled['train_ops']:9d}{steady}", flush=True)
 
 
-def profile(steps):
-    """Times the parts of a 28x28 1-shot T=12 step separately, each compiled on its own."""
+def profile(setting_name, steps):
+    """Times the parts of a step separately, each compiled on its own, and the whole step's CPU time by op type."""
     import tensorflow as tf
 
-    meta, episodes = build(SETTINGS["28x28x1 1-shot T=12"])
+    import keras_metalstm as km
+
+    meta, episodes = build(SETTINGS[setting_name])
     learner = meta._learner_function
     support, labels = episodes["support_images"][0], episodes["support_labels"][0]
     theta = meta.theta0.value
@@ -303,10 +306,11 @@ def profile(steps):
         return meta.meta_gradients(episodes)[0]
 
     parts = {}
+    support_images = episodes["support_images"].shape[1]
     for name, function in [
-        ("12 support passes (loss + gradient, 5 images)", support_passes),
+        (f"{meta.inner_steps} support passes (loss + gradient, {support_images} images)", support_passes),
         ("query pass (forward + backward, 75 images)", query_pass),
-        ("meta-learner layers, 12 steps (forward + backward)", meta_learner_layers),
+        (f"meta-learner layers, {meta.inner_steps} steps (forward + backward)", meta_learner_layers),
         ("whole meta-gradient", full_step),
     ]:
         compiled = tf.function(function)
@@ -317,7 +321,40 @@ def profile(steps):
             float(compiled())
             times.append((time.perf_counter() - start) * 1000)
         parts[name] = statistics.median(times)
-    return parts
+    train_step = km.MetaTrainer(meta).train_step
+    return {"parts": parts, "op_types": cpu_ms_by_op_type(train_step, episodes, steps)}
+
+
+# Profiler events that contain the ops' own events (executor and thread-pool wrappers), not ops.
+CONTAINER_EVENTS = {"Process", "ParallelFor", "ExecutorDoneCallback"}
+
+
+def cpu_ms_by_op_type(step, episodes, steps):
+    """CPU ms per step spent in each op type (summed over TensorFlow's threads), from the TensorFlow profiler."""
+    import collections
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    for _ in range(2):
+        float(step(episodes)["loss"])
+    with tempfile.TemporaryDirectory() as log_directory:
+        tf.profiler.experimental.start(log_directory)
+        for _ in range(steps):
+            float(step(episodes)["loss"])
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        space.ParseFromString(next(Path(log_directory).rglob("*.xplane.pb")).read_bytes())
+    totals = collections.Counter()
+    for plane in (plane for plane in space.planes if plane.name == "/host:CPU"):
+        names = {key: metadata.name for key, metadata in plane.event_metadata.items()}
+        for line in (line for line in plane.lines if line.name.startswith("tf_Compute")):
+            for event in line.events:
+                op_type = names[event.metadata_id].rsplit(":", 1)[-1]
+                if op_type not in CONTAINER_EVENTS:
+                    totals[op_type] += event.duration_ps / 1e9 / steps
+    return dict(totals.most_common())
 
 
 def run_child(arguments, script=__file__):
@@ -379,7 +416,10 @@ def main():
         "--rounds", type=int, default=1,
         help="measure every column this many times, interleaved, and report the median (a noisy machine)",
     )
-    parser.add_argument("--profile", action="store_true", help="time the parts of a 28x28 1-shot step")
+    parser.add_argument("--profile", action="store_true", help="time the parts of a step and its op types")
+    parser.add_argument(
+        "--profile-setting", choices=list(SETTINGS), default="28x28x1 1-shot T=12", help="the setting --profile runs"
+    )
     parser.add_argument(
         "--meta-batch", type=int, default=1, help="episodes per meta-update; times are per episode (default 1)"
     )
@@ -395,7 +435,7 @@ def main():
     )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-compile", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--child-profile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-profile", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
@@ -404,7 +444,7 @@ def main():
         print(json.dumps(measure(args.child[0], args.child[1], args.steps, args.meta_batch)))
         return
     if args.child_profile:
-        print(json.dumps(profile(args.steps)))
+        print(json.dumps(profile(args.child_profile, args.steps)))
         return
     if args.child_compile:
         inner_steps, meta_batch, variant = args.child_compile
@@ -414,10 +454,15 @@ def main():
         compile_scaling(args)
         return
     if args.profile:
-        parts = run_child(["--child-profile", "--steps", str(args.steps)])
-        print("28x28x1 5-way 1-shot T=12, conv4 (28,485 parameters), median ms of each part compiled alone:")
-        for name, ms in parts.items():
+        setting = args.profile_setting
+        result = run_child(["--child-profile", setting, "--steps", str(args.steps)])
+        print(f"{setting}, 5-way, conv4, median ms of each part compiled alone:")
+        for name, ms in result["parts"].items():
             print(f"  {name:<55} {ms:8.1f} ms")
+        total = sum(result["op_types"].values())
+        print(f"The whole training step ('ours'): CPU ms per step by op type, summed over threads ({total:.0f} in all):")
+        for op_type, ms in list(result["op_types"].items())[:15]:
+            print(f"  {op_type:<55} {ms:8.1f} ms {100 * ms / total:5.1f} %")
         return
 
     names = ["28x28x1 1-shot T=12"] if args.quick else list(SETTINGS)

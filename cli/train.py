@@ -57,7 +57,11 @@ def training_options(function):
             help="theta_0's Adam step as a multiple of the update rule's (default 1; 0 freezes theta_0; e.g. 0.1 "
             "with --theta0-init pretrained).",
         ),
-        click.option("--xla/--no-xla", default=None, help="Compile the meta-gradient with XLA."),
+        click.option(
+            "--xla/--no-xla",
+            default=None,
+            help="Compile the meta-gradient with XLA: for GPU/TPU (on a CPU it is 3-50x slower than without).",
+        ),
         click.option("--seed", type=int, default=None, help="Seed of the episodes and the initial weights."),
         click.option("--hidden-units", type=int, default=None, help="Coordinate LSTM units (default 20)."),
         click.option(

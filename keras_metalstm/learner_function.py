@@ -14,6 +14,8 @@ import math
 import keras
 import tensorflow as tf
 
+from keras_metalstm.fused_batch_norm import batch_normalization_training
+
 
 def _batchnorm_layers(model):
     # `_flatten_layers` is the one walk Keras itself uses to reach every nested layer, subclassed and
@@ -38,6 +40,40 @@ def _twice_differentiable_moments(layer):
         return keras.ops.mean(inputs, axis=axes), keras.ops.mean(keras.ops.square(centred), axis=axes)
 
     return moments
+
+
+def _fused_training_call(layer):
+    """`layer.call` with a training-mode normalisation of float32 channels-last inputs as TensorFlow's fused op
+    (`batch_normalization_training`: exact at every order, like the moments above, in a fraction of the passes
+    over the activations); every other case (inference mode, masks, renormalisation, synchronised statistics,
+    float64) runs Keras' own call. None for a subclass with a `call` of its own, which is left alone."""
+    if type(layer).call is not keras.layers.BatchNormalization.call or layer.renorm or layer.synchronized:
+        return None
+    keras_call = layer.call
+
+    def call(inputs, training=None, mask=None):
+        inputs = tf.convert_to_tensor(inputs)
+        compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
+        fused = (
+            training
+            and layer.trainable
+            and mask is None
+            and compute_dtype == "float32"
+            and layer.axis in (-1, inputs.shape.rank - 1)
+        )
+        if not fused:
+            return keras_call(inputs, training=training, mask=mask)
+        channels = inputs.shape[-1]
+        gamma = layer.gamma if layer.scale else tf.ones((channels,))
+        beta = layer.beta if layer.center else tf.zeros((channels,))
+        outputs, mean, variance = batch_normalization_training(
+            tf.cast(inputs, "float32"), tf.cast(gamma, "float32"), tf.cast(beta, "float32"), layer.epsilon
+        )
+        for moving, batch_value in ((layer.moving_mean, mean), (layer.moving_variance, variance)):
+            moving.assign(tf.cast(moving, "float32") * layer.momentum + batch_value * (1.0 - layer.momentum))
+        return tf.cast(outputs, layer.compute_dtype)
+
+    return call
 
 
 class LearnerFunction:
@@ -66,6 +102,7 @@ class LearnerFunction:
         self.num_parameters = sum(self.sizes)
         self._batchnorm = _batchnorm_layers(learner)
         self._exact_moments = [_twice_differentiable_moments(layer) for layer in self._batchnorm]
+        self._fused_calls = [_fused_training_call(layer) for layer in self._batchnorm]
         self._reset_values = self._episode_reset_values()
 
     def _episode_reset_values(self):
@@ -109,15 +146,21 @@ class LearnerFunction:
         # traced computation without touching any variable of the user's learner.
         saved = [layer.momentum for layer in self._batchnorm]
         try:
-            for layer, exact_moments in zip(self._batchnorm, self._exact_moments, strict=True):
+            for layer, exact_moments, fused_call in zip(
+                self._batchnorm, self._exact_moments, self._fused_calls, strict=True
+            ):
                 if momentum is not None:
                     layer.momentum = momentum
                 layer._moments = exact_moments
+                if fused_call is not None:
+                    layer.call = fused_call
             yield
         finally:
-            for layer, saved_momentum in zip(self._batchnorm, saved, strict=True):
+            for layer, saved_momentum, fused_call in zip(self._batchnorm, saved, self._fused_calls, strict=True):
                 layer.momentum = saved_momentum
                 del layer._moments
+                if fused_call is not None:
+                    del layer.call
 
     def __call__(self, theta, state, images, training, momentum=None):
         """Logits of the learner with parameters `theta` and non-trainable `state` on `images`.

@@ -78,3 +78,18 @@ def test_graph_op_count_includes_loop_bodies_and_not_their_trip_count():
     counts = [benchmark.graph_op_count(loop(n).get_concrete_function()) for n in (2, 20)]
     top_level = len(loop(2).get_concrete_function().graph.as_graph_def().node)
     assert counts[0] == counts[1] > top_level
+
+
+def test_the_op_type_profile_names_what_a_step_runs_and_no_wrapper_events():
+    benchmark = load_benchmark()
+    matrix = tf.random.normal((384, 384))
+
+    @tf.function
+    def step(inputs):
+        return {"loss": tf.reduce_sum(tf.matmul(inputs, inputs))}
+
+    profile = benchmark.cpu_ms_by_op_type(step, matrix, steps=3)
+    assert any("MatMul" in op_type for op_type in profile), profile
+    assert not set(profile) & benchmark.CONTAINER_EVENTS
+    assert all(ms >= 0 for ms in profile.values())
+    assert list(profile.values()) == sorted(profile.values(), reverse=True)

@@ -115,9 +115,10 @@ def test_the_traced_training_graph_does_not_grow_with_inner_steps_or_episodes(op
         episodes = as_tensors(random_episodes(batch=batch, query=2, seed=6))
         return graph_op_count(tf.function(meta.meta_gradients).get_concrete_function(episodes))
 
-    reference = ops(2, 1)
-    assert ops(6, 1) <= 1.2 * reference
-    assert ops(2, 4) <= 1.2 * reference
+    # A single episode skips the loop over episodes (a smaller graph); from two episodes on, one loop.
+    assert ops(6, 1) <= 1.2 * ops(2, 1) <= 1.2 * ops(2, 2)
+    assert ops(6, 2) <= 1.2 * ops(2, 2)
+    assert ops(2, 8) <= 1.2 * ops(2, 2)
 
 
 @pytest.mark.parametrize("learner_name", ["conv4", "group_norm"])

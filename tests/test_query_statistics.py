@@ -4,6 +4,8 @@ Checked against a NumPy forward pass, finite differences (the statistics carry t
 "query" protocol it replaces.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
@@ -160,10 +162,10 @@ def test_the_gradient_flows_through_the_support_statistics():
     assert np.linalg.norm(gradient - gradient_constant_statistics) > 0.1 * np.linalg.norm(gradient)
 
 
-@pytest.fixture
-def float64_learners():
-    """Learners and meta-learner in float64 (stock ops: the fused kernel is float32), so that central finite
-    differences are exact to many digits."""
+@contextlib.contextmanager
+def float64_policy():
+    """Learners and meta-learner built within are float64 (stock ops: the fused kernel and the fused batch
+    normalisation are float32), so that central finite differences are exact to many digits."""
     from keras_metalstm.ops import fused_coordinate_lstm
 
     floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
@@ -175,6 +177,12 @@ def float64_learners():
     finally:
         keras.config.set_floatx(floatx)
         keras.config.set_dtype_policy(policy)
+
+
+@pytest.fixture
+def float64_learners():
+    with float64_policy():
+        yield
 
 
 @pytest.mark.parametrize("query_statistics", ["query", "support"])
@@ -209,6 +217,31 @@ def test_second_order_meta_gradient_matches_finite_differences_of_the_meta_loss(
         finite_difference = (meta_loss(start + offset) - meta_loss(start - offset)) / (2 * step)
         np.testing.assert_allclose(theta0_gradient[coordinate], finite_difference, rtol=1e-5, atol=1e-8)
     meta.theta0.assign(start)
+
+
+def test_the_float32_second_order_meta_gradient_through_fused_batch_norm_equals_the_float64_one():
+    """float32 batch normalisation runs on TensorFlow's fused ops with derivatives of our own; float64 runs
+    Keras' ops (exact: the finite-difference test above). Second order through the support statistics, the
+    two meta-gradients agree to float32 precision."""
+    options = dict(inner_steps=2, first_order=False, query_statistics="support")
+    meta = km.MetaLearner(dense_batchnorm_learner(), **options)
+    episodes = random_episodes(query=4, seed=6)
+    single = {key: tf.constant(value) for key, value in episodes.items()}
+    with float64_policy():
+        reference = km.MetaLearner(dense_batchnorm_learner(), **options)
+        reference.set_weights([weight.astype(np.float64) for weight in meta.get_weights()])
+        double = {key: tf.constant(value.astype(np.float64) if value.dtype == np.float32 else value)
+                  for key, value in episodes.items()}
+        _, _, expected = tf.function(reference.meta_gradients)(double)
+    meta_gradients = tf.function(meta.meta_gradients)
+    graph = meta_gradients.get_concrete_function(single).graph.as_graph_def()
+    functions = [graph.node, *(function.node_def for function in graph.library.function)]
+    assert "FusedBatchNormV3" in {node.op for nodes in functions for node in nodes}
+    _, _, gradients = meta_gradients(single)
+    for variable, ours, exact in zip(meta.trainable_variables, gradients, expected, strict=True):
+        assert float(tf.norm(exact)) > 0, variable.path
+        error = float(tf.norm(tf.cast(ours, tf.float64) - exact))
+        assert error <= 1e-4 * float(tf.norm(exact)), variable.path
 
 
 def test_the_option_survives_get_config_and_bad_values_are_refused():
