@@ -44,8 +44,8 @@ def _twice_differentiable_moments(layer):
 
 def _fused_training_call(layer):
     """`layer.call` with a training-mode normalisation of float32 channels-last inputs as TensorFlow's fused op
-    (`batch_normalization_training`: exact at every order, like the moments above, in a fraction of the passes
-    over the activations); every other case (inference mode, masks, renormalisation, synchronised statistics,
+    (`batch_normalization_training`: first and second derivatives exact, like the moments above, in a fraction of
+    the passes over the activations); every other case (inference mode, masks, renormalisation, synchronised statistics,
     float64) runs Keras' own call. None for a subclass with a `call` of its own, which is left alone."""
     if type(layer).call is not keras.layers.BatchNormalization.call or layer.renorm or layer.synchronized:
         return None
