@@ -7,6 +7,7 @@ all are measured in one invocation, so the printed ratios compare like with like
     python benchmarks/meta_step.py                 # the four standard settings, ours (plain, XLA) and baseline
     python benchmarks/meta_step.py --quick         # 28x28 1-shot only
     python benchmarks/meta_step.py --quick --rounds 5   # a noisy machine: the median of 5 interleaved rounds
+    python benchmarks/meta_step.py --settings "84x84x3 1-shot T=12" --rounds 3   # chosen settings only
     python benchmarks/meta_step.py --profile       # where the time goes (28x28, 1-shot, T=12)
     python benchmarks/meta_step.py --profile --profile-setting "84x84x3 5-shot T=8"
     python benchmarks/meta_step.py --quick --meta-batch 4   # ms per episode when 4 episodes share a meta-update
@@ -414,6 +415,9 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median)")
     parser.add_argument("--quick", action="store_true", help="28x28 1-shot only")
     parser.add_argument(
+        "--settings", nargs="+", choices=list(SETTINGS), default=None, help="measure these settings only"
+    )
+    parser.add_argument(
         "--rounds", type=int, default=1,
         help="measure every column this many times, interleaved, and report the median (a noisy machine)",
     )
@@ -466,7 +470,7 @@ def main():
             print(f"  {op_type:<55} {ms:8.1f} ms {100 * ms / total:5.1f} %")
         return
 
-    names = ["28x28x1 1-shot T=12"] if args.quick else list(SETTINGS)
+    names = ["28x28x1 1-shot T=12"] if args.quick else args.settings or list(SETTINGS)
     with_pytorch = importlib.util.find_spec("torch") is not None and args.meta_batch == 1
     print(f"ms per 5-way meta-training episode (conv4, 15 queries/class, meta-batch {args.meta_batch}, median of "
           f"{args.steps} meta-updates" + (f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else "")

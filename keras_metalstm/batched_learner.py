@@ -9,7 +9,7 @@ meta-batch side by side:
 - Conv2D runs as one grouped convolution: the episodes stacked along the channels, (N, H, W, B*C), convolved
   with the episodes' filters stacked along the output channels, (kh, kw, C, B*F), in B groups;
 - Dense is a batched matrix product; BatchNormalization takes each episode's batch moments and moving
-  statistics; GroupNormalization and LayerNormalization (over the channels) normalise every example as the
+  statistics (in training mode on TensorFlow's fused op, the episodes side by side along the channels); GroupNormalization and LayerNormalization (over the channels) normalise every example as the
   layer does and apply each episode's scale and offset;
 - layers without weights that act on each example alone (activations, pooling, flatten, reshape, padding,
   merges such as Add or Concatenate) run on the B*N examples as one batch.
@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
+from keras_metalstm.fused_batch_norm import batch_normalization_training
 from keras_metalstm.learner_function import LearnerFunction
 
 NORMALISATIONS_OF_EACH_EXAMPLE = (keras.layers.GroupNormalization, keras.layers.LayerNormalization)
@@ -300,6 +301,8 @@ class _Run:
         rank = inputs.shape.rank
         moving_mean = self.value(layer.moving_mean, compute_dtype)
         moving_variance = self.value(layer.moving_variance, compute_dtype)
+        if self.training and layer.trainable and compute_dtype == tf.float32:
+            return tf.cast(self._fused_batch_normalization(layer, inputs), layer.compute_dtype)
         if self.training and layer.trainable:
             axes = list(range(1, rank - 1))
             mean = tf.reduce_mean(inputs, axis=axes)
@@ -320,6 +323,28 @@ class _Run:
             variance_epsilon=layer.epsilon,
         )
         return tf.cast(outputs, layer.compute_dtype)
+
+    def _fused_batch_normalization(self, layer, inputs):
+        """Training-mode batch norm of float32 (B, N, ..., C) inputs on TensorFlow's fused ops: with the episodes
+        side by side along the channels, (N, ..., B*C), the op's per-channel moments are each episode's."""
+        rank = inputs.shape.rank
+        episodes, channels = self.episodes, inputs.shape[-1]
+        examples_first = [*range(1, rank - 1), 0, rank - 1]  # (N, ..., B, C)
+        stacked = transpose(inputs, examples_first)
+        stacked_shape = stacked.shape
+        stacked = tf.reshape(stacked, [*stacked_shape[:-2], episodes * channels])
+        gamma = self.value(layer.gamma, tf.float32) if layer.scale else tf.ones((episodes, channels))
+        beta = self.value(layer.beta, tf.float32) if layer.center else tf.zeros((episodes, channels))
+        outputs, mean, variance = batch_normalization_training(
+            stacked, tf.reshape(gamma, [-1]), tf.reshape(beta, [-1]), layer.epsilon
+        )
+        momentum = layer.momentum if self.momentum is None else self.momentum
+        for moving, batch_value in ((layer.moving_mean, mean), (layer.moving_variance, variance)):
+            previous = self.value(moving, tf.float32)
+            self.values[id(moving)] = previous * momentum + tf.reshape(batch_value, [episodes, channels]) * (
+                1.0 - momentum
+            )
+        return transpose(tf.reshape(outputs, stacked_shape), [rank - 2, *range(rank - 2), rank - 1])
 
     def normalisation_of_each_example(self, layer, inputs):
         # Each example is normalised on its own: the layer itself does that for all B*N examples with unit scale

@@ -112,6 +112,23 @@ def test_batched_support_losses_and_gradients_equal_each_episode_on_its_own(buil
         assert float(tf.norm(gradients[index] - gradient)) <= 1e-4 * float(tf.norm(gradient)), index
 
 
+@pytest.mark.parametrize("build", [conv4, nested_sequential], ids=["conv4", "nested_sequential"])
+def test_training_batch_norm_runs_all_episodes_through_one_fused_op_per_layer(build):
+    """The episodes side by side along the channels, so the equality tests above check the fused op's moments."""
+    batched = BatchedLearnerFunction(build())
+    theta = perturbed_thetas(batched, seed=10)
+    images, _ = random_batch(seed=11)
+    states = batched.stacked_initial_state(EPISODES)
+
+    def op_types(training):
+        call = tf.function(lambda: batched(theta, states, images, training=training)[0])
+        return [operation.type for operation in call.get_concrete_function().graph.get_operations()]
+
+    layers = len(batched._batchnorm)
+    assert op_types(training=True).count("FusedBatchNormV3") == layers > 0
+    assert "FusedBatchNormV3" not in op_types(training=False)
+
+
 def test_batch_statistics_equal_each_episode_on_its_own():
     learner = conv4()
     single, batched = LearnerFunction(learner), BatchedLearnerFunction(learner)
