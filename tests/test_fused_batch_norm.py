@@ -161,3 +161,20 @@ def test_what_the_fused_op_cannot_do_runs_keras_own_call(dtype, options):
     assert "FusedBatchNormV3" not in traced_op_types(lambda: learner_function(theta, state, images, training=True))
     logits, _ = learner_function(theta, state, images, training=True)
     np.testing.assert_allclose(logits.numpy(), learner(images, training=True).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_statistics", [False, True])
+def test_the_statistics_term_is_traced_only_when_the_statistics_are_used(use_statistics):
+    """Unused statistics (a discarded moving average) reach the backward pass as constant zeros: their closed-form
+    term, two more passes over the activations, is left out of the graph; used, it is there."""
+    case = tensors(random_case((4, 5, 5, 3)), tf.float32)
+
+    @tf.function
+    def gradient():
+        with tf.GradientTape() as tape:
+            tape.watch(case["inputs"])
+            value = objective(fused_batch_norm, case, use_statistics)
+        return tape.gradient(value, case["inputs"])
+
+    op_types = [operation.type for operation in gradient.get_concrete_function().graph.get_operations()]
+    assert ("Mean" in op_types) == use_statistics
