@@ -9,8 +9,9 @@ meta-batch side by side:
 - Conv2D runs as one grouped convolution: the episodes stacked along the channels, (N, H, W, B*C), convolved
   with the episodes' filters stacked along the output channels, (kh, kw, C, B*F), in B groups;
 - Dense is a batched matrix product; BatchNormalization takes each episode's batch moments and moving
-  statistics (in training mode on TensorFlow's fused op, the episodes side by side along the channels); GroupNormalization and LayerNormalization (over the channels) normalise every example as the
-  layer does and apply each episode's scale and offset;
+  statistics (in training mode on TensorFlow's fused op, the episodes side by side along the channels);
+  GroupNormalization and LayerNormalization (over the channels) normalise every example as the layer does and
+  apply each episode's scale and offset;
 - layers without weights that act on each example alone (activations, pooling, flatten, reshape, padding,
   merges such as Add or Concatenate) run on the B*N examples as one batch.
 
@@ -298,53 +299,53 @@ class _Run:
         # (trainable=False) normalises with its moving statistics even in training, as Keras does.
         compute_dtype = tf.as_dtype(keras.backend.result_type(inputs.dtype, "float32"))
         inputs = tf.cast(inputs, compute_dtype)
-        rank = inputs.shape.rank
-        moving_mean = self.value(layer.moving_mean, compute_dtype)
-        moving_variance = self.value(layer.moving_variance, compute_dtype)
-        if self.training and layer.trainable and compute_dtype == tf.float32:
-            return tf.cast(self._fused_batch_normalization(layer, inputs), layer.compute_dtype)
-        if self.training and layer.trainable:
-            axes = list(range(1, rank - 1))
+        if not (self.training and layer.trainable):
+            mean, variance = (self.value(moving, compute_dtype) for moving in (layer.moving_mean, layer.moving_variance))
+            return tf.cast(self._normalise(layer, inputs, mean, variance), layer.compute_dtype)
+        if compute_dtype == tf.float32:
+            outputs, mean, variance = self._fused_batch_normalization(layer, inputs)
+        else:
+            axes = list(range(1, inputs.shape.rank - 1))
             mean = tf.reduce_mean(inputs, axis=axes)
-            centred = inputs - self._per_channel(mean, rank)
+            centred = inputs - self._per_channel(mean, inputs.shape.rank)
             # No stop_gradient on the mean (tf.nn.moments has one): second derivatives exact, as LearnerFunction.
             variance = tf.reduce_mean(tf.square(centred), axis=axes)
-            momentum = layer.momentum if self.momentum is None else self.momentum
-            self.values[id(layer.moving_mean)] = moving_mean * momentum + mean * (1.0 - momentum)
-            self.values[id(layer.moving_variance)] = moving_variance * momentum + variance * (1.0 - momentum)
-        else:
-            mean, variance = moving_mean, moving_variance
-        outputs = tf.nn.batch_normalization(
+            outputs = self._normalise(layer, inputs, mean, variance)
+        momentum = layer.momentum if self.momentum is None else self.momentum
+        for moving, batch_value in ((layer.moving_mean, mean), (layer.moving_variance, variance)):
+            self.values[id(moving)] = self.value(moving, compute_dtype) * momentum + batch_value * (1.0 - momentum)
+        return tf.cast(outputs, layer.compute_dtype)
+
+    def _normalise(self, layer, inputs, mean, variance):
+        """(B, N, ..., C) inputs normalised with each episode's (B, C) mean and variance, then scaled and shifted."""
+        rank, dtype = inputs.shape.rank, inputs.dtype
+        return tf.nn.batch_normalization(
             inputs,
             self._per_channel(mean, rank),
             self._per_channel(variance, rank),
-            offset=self._per_channel(self.value(layer.beta, compute_dtype), rank) if layer.center else None,
-            scale=self._per_channel(self.value(layer.gamma, compute_dtype), rank) if layer.scale else None,
+            offset=self._per_channel(self.value(layer.beta, dtype), rank) if layer.center else None,
+            scale=self._per_channel(self.value(layer.gamma, dtype), rank) if layer.scale else None,
             variance_epsilon=layer.epsilon,
         )
-        return tf.cast(outputs, layer.compute_dtype)
 
     def _fused_batch_normalization(self, layer, inputs):
-        """Training-mode batch norm of float32 (B, N, ..., C) inputs on TensorFlow's fused ops: with the episodes
-        side by side along the channels, (N, ..., B*C), the op's per-channel moments are each episode's."""
+        """Training-mode batch norm of float32 (B, N, ..., C) inputs on TensorFlow's fused ops, with the episodes
+        side by side along the channels, (N, ..., B*C), so that the op's per-channel moments are each episode's.
+        Returns the outputs and each episode's batch mean and biased variance, (B, C)."""
         rank = inputs.shape.rank
         episodes, channels = self.episodes, inputs.shape[-1]
-        examples_first = [*range(1, rank - 1), 0, rank - 1]  # (N, ..., B, C)
-        stacked = transpose(inputs, examples_first)
+        stacked = transpose(inputs, [*range(1, rank - 1), 0, rank - 1])  # (N, ..., B, C)
         stacked_shape = stacked.shape
-        stacked = tf.reshape(stacked, [*stacked_shape[:-2], episodes * channels])
         gamma = self.value(layer.gamma, tf.float32) if layer.scale else tf.ones((episodes, channels))
         beta = self.value(layer.beta, tf.float32) if layer.center else tf.zeros((episodes, channels))
         outputs, mean, variance = batch_normalization_training(
-            stacked, tf.reshape(gamma, [-1]), tf.reshape(beta, [-1]), layer.epsilon
+            tf.reshape(stacked, [*stacked_shape[:-2], episodes * channels]),
+            tf.reshape(gamma, [-1]),
+            tf.reshape(beta, [-1]),
+            layer.epsilon,
         )
-        momentum = layer.momentum if self.momentum is None else self.momentum
-        for moving, batch_value in ((layer.moving_mean, mean), (layer.moving_variance, variance)):
-            previous = self.value(moving, tf.float32)
-            self.values[id(moving)] = previous * momentum + tf.reshape(batch_value, [episodes, channels]) * (
-                1.0 - momentum
-            )
-        return transpose(tf.reshape(outputs, stacked_shape), [rank - 2, *range(rank - 2), rank - 1])
+        outputs = transpose(tf.reshape(outputs, stacked_shape), [rank - 2, *range(rank - 2), rank - 1])
+        return outputs, tf.reshape(mean, [episodes, channels]), tf.reshape(variance, [episodes, channels])
 
     def normalisation_of_each_example(self, layer, inputs):
         # Each example is normalised on its own: the layer itself does that for all B*N examples with unit scale

@@ -2,9 +2,9 @@
 
 Keras' BatchNormalization normalises with separate moment, subtract, scale and shift ops, each a pass over the
 activations, and its backward pass takes as many again: in a meta-training step on a CPU these elementwise passes
-cost more than the learner's convolutions (benchmarks/README.md: the fused ops halved the 84x84 5-shot step). TensorFlow's
-FusedBatchNormV3 computes the forward pass in one op and FusedBatchNormGradV3 the backward pass in one more (oneDNN
-on a CPU, cuDNN on a GPU, and XLA compiles both). Their registered gradient, though, ignores the gradients of the
+cost more than the learner's convolutions (benchmarks/README.md: the fused ops halved the 84x84 5-shot step).
+TensorFlow's FusedBatchNormV3 computes the forward pass in one op and FusedBatchNormGradV3 the backward pass in
+one more (oneDNN on a CPU, cuDNN on a GPU, and XLA compiles both). Their registered gradient, though, ignores the gradients of the
 batch mean and variance the op returns, which carry the meta-gradient when the query pass normalises with the
 support batch's statistics (query_statistics="support"). `batch_normalization_training` adds them in closed form,
 with plain ops, so the backward pass stays differentiable: FusedBatchNormGradV3's own registered gradient is
