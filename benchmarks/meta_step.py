@@ -8,8 +8,6 @@ all are measured in one invocation, so the printed ratios compare like with like
     python benchmarks/meta_step.py --quick         # 28x28 1-shot only
     python benchmarks/meta_step.py --quick --rounds 5   # a noisy machine: the median of 5 interleaved rounds
     python benchmarks/meta_step.py --settings "84x84x3 1-shot T=12" --rounds 3   # chosen settings only
-    python benchmarks/meta_step.py --profile       # where the time goes (28x28, 1-shot, T=12)
-    python benchmarks/meta_step.py --profile --profile-setting "84x84x3 5-shot T=8"
     python benchmarks/meta_step.py --quick --meta-batch 4   # ms per episode when 4 episodes share a meta-update
     python benchmarks/meta_step.py --compile-scaling  # first-call seconds and graph ops vs T and meta-batch B
 
@@ -262,103 +260,6 @@ def compile_scaling(args):
               f"{compiled['train_ops']:9d}{steady}", flush=True)
 
 
-def profile(setting_name, steps):
-    """Times the parts of a step separately, each compiled on its own, and the whole step's CPU time by op type."""
-    import tensorflow as tf
-
-    import keras_metalstm as km
-
-    meta, episodes = build(SETTINGS[setting_name])
-    learner = meta._learner_function
-    support, labels = episodes["support_images"][0], episodes["support_labels"][0]
-    theta = meta.theta0.value
-
-    def support_passes():
-        state, total = learner.initial_state(), 0.0
-        for step in range(meta.inner_steps):
-            loss, gradient, state = learner.loss_and_gradient(theta + 1e-3 * step, state, support, labels)
-            total += tf.reduce_sum(gradient)
-        return total
-
-    def query_pass():
-        with tf.GradientTape() as tape:
-            tape.watch(theta)
-            logits, _ = learner(theta, learner.initial_state(), episodes["query_images"][0], training=True)
-            loss = tf.reduce_mean(logits)
-        return tf.reduce_sum(tape.gradient(loss, theta))
-
-    gradients = tf.random.normal((meta.inner_steps, 1, meta.num_parameters)) * 1e-2
-    losses = tf.random.uniform((meta.inner_steps, 1))
-
-    def meta_learner_layers():
-        from keras_metalstm.preprocessing import preprocess
-
-        with tf.GradientTape() as tape:
-            state, logits, params = None, None, meta.theta0[None]
-            for step in range(meta.inner_steps):
-                hidden, state = meta.coordinate_lstm(
-                    preprocess(gradients[step], axis=0), state, shared_inputs=preprocess(losses[step], axis=0)
-                )
-                params, logits = meta.cell(hidden, params, gradients[step], logits)
-            total = tf.reduce_sum(params * params)
-        return tf.reduce_sum([tf.reduce_sum(g) for g in tape.gradient(total, meta.trainable_variables)])
-
-    def full_step():
-        # The gradients' norm, not the loss: a step that returns only the loss has its backward pass pruned.
-        return tf.linalg.global_norm(meta.meta_gradients(episodes)[2])
-
-    parts = {}
-    support_images = episodes["support_images"].shape[1]
-    for name, function in [
-        (f"{meta.inner_steps} support passes (loss + gradient, {support_images} images)", support_passes),
-        ("query pass (forward + backward, 75 images)", query_pass),
-        (f"meta-learner layers, {meta.inner_steps} steps (forward + backward)", meta_learner_layers),
-        ("whole meta-gradient", full_step),
-    ]:
-        compiled = tf.function(function)
-        float(compiled())
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            float(compiled())
-            times.append((time.perf_counter() - start) * 1000)
-        parts[name] = statistics.median(times)
-    train_step = km.MetaTrainer(meta).train_step
-    return {"parts": parts, "op_types": cpu_ms_by_op_type(train_step, episodes, steps)}
-
-
-# Profiler events that contain the ops' own events (executor and thread-pool wrappers), not ops.
-CONTAINER_EVENTS = {"Process", "ParallelFor", "ExecutorDoneCallback"}
-
-
-def cpu_ms_by_op_type(step, episodes, steps):
-    """CPU ms per step spent in each op type (summed over TensorFlow's threads), from the TensorFlow profiler."""
-    import collections
-    import tempfile
-
-    import tensorflow as tf
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
-    for _ in range(2):
-        float(step(episodes)["loss"])
-    with tempfile.TemporaryDirectory() as log_directory:
-        tf.profiler.experimental.start(log_directory)
-        for _ in range(steps):
-            float(step(episodes)["loss"])
-        tf.profiler.experimental.stop()
-        space = xplane_pb2.XSpace()
-        space.ParseFromString(next(Path(log_directory).rglob("*.xplane.pb")).read_bytes())
-    totals = collections.Counter()
-    for plane in (plane for plane in space.planes if plane.name == "/host:CPU"):
-        names = {key: metadata.name for key, metadata in plane.event_metadata.items()}
-        for line in (line for line in plane.lines if line.name.startswith("tf_Compute")):
-            for event in line.events:
-                op_type = names[event.metadata_id].rsplit(":", 1)[-1]
-                if op_type not in CONTAINER_EVENTS:
-                    totals[op_type] += event.duration_ps / 1e9 / steps
-    return dict(totals.most_common())
-
-
 def run_child(arguments, script=__file__):
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     output = subprocess.run(
@@ -421,10 +322,6 @@ def main():
         "--rounds", type=int, default=1,
         help="measure every column this many times, interleaved, and report the median (a noisy machine)",
     )
-    parser.add_argument("--profile", action="store_true", help="time the parts of a step and its op types")
-    parser.add_argument(
-        "--profile-setting", choices=list(SETTINGS), default="28x28x1 1-shot T=12", help="the setting --profile runs"
-    )
     parser.add_argument(
         "--meta-batch", type=int, default=1, help="episodes per meta-update; times are per episode (default 1)"
     )
@@ -440,7 +337,6 @@ def main():
     )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-compile", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--child-profile", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
@@ -448,26 +344,12 @@ def main():
     if args.child:
         print(json.dumps(measure(args.child[0], args.child[1], args.steps, args.meta_batch)))
         return
-    if args.child_profile:
-        print(json.dumps(profile(args.child_profile, args.steps)))
-        return
     if args.child_compile:
         inner_steps, meta_batch, variant = args.child_compile
         print(json.dumps(measure_compile_scaling(int(inner_steps), int(meta_batch), variant, args.steps)))
         return
     if args.compile_scaling:
         compile_scaling(args)
-        return
-    if args.profile:
-        setting = args.profile_setting
-        result = run_child(["--child-profile", setting, "--steps", str(args.steps)])
-        print(f"{setting}, 5-way, conv4, median ms of each part compiled alone:")
-        for name, ms in result["parts"].items():
-            print(f"  {name:<55} {ms:8.1f} ms")
-        total = sum(result["op_types"].values())
-        print(f"The whole training step ('ours'): CPU ms per step by op type, summed over threads ({total:.0f} in all):")
-        for op_type, ms in list(result["op_types"].items())[:15]:
-            print(f"  {op_type:<55} {ms:8.1f} ms {100 * ms / total:5.1f} %")
         return
 
     names = ["28x28x1 1-shot T=12"] if args.quick else args.settings or list(SETTINGS)
