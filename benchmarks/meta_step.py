@@ -170,16 +170,16 @@ def test_mode_step(meta, jit_compile):
     """The test-mode (evaluation) step: every episode's query loss and accuracy after the inner loop."""
     import tensorflow as tf
 
-    from keras_metalstm.ops import fused_coordinate_lstm
+    from keras_metalstm.xla_ops import traced_for_xla
 
     if not jit_compile:
         return tf.function(lambda episodes: meta.episode_metrics(episodes, "test"))
 
-    def without_custom_ops(episodes):
-        with fused_coordinate_lstm.disabled():  # XLA cannot compile the fused CPU kernel
+    def for_xla(episodes):
+        with traced_for_xla():
             return meta.episode_metrics(episodes, "test")
 
-    return tf.function(without_custom_ops, jit_compile=True)
+    return tf.function(for_xla, jit_compile=True)
 
 
 def seconds_of_first_call(function, episodes):

@@ -22,12 +22,12 @@ in XLA-compiled functions.
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
 from keras_metalstm.fused_batch_norm import batch_normalization_training
 from keras_metalstm.learner_function import LearnerFunction
+from keras_metalstm.xla_ops import accelerator_present, transpose
 
 NORMALISATIONS_OF_EACH_EXAMPLE = (keras.layers.GroupNormalization, keras.layers.LayerNormalization)
 # Layers without weights whose output for an example depends on that example alone.
@@ -133,24 +133,6 @@ def _unsupported_reason(layer):
 def in_xla_context():
     """Whether the function being traced is compiled by XLA (tf.function(jit_compile=True), TPUs)."""
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-
-
-def accelerator_present():
-    """Whether TensorFlow sees a GPU or TPU."""
-    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
-
-
-def transpose(tensor, permutation):
-    """tf.transpose with a gradient (of any order) that is a transpose by a constant permutation. tf.transpose's own
-    gradient computes the inverse permutation at run time, and inside the gradient of a compiled loop (the
-    second-order meta-gradient) XLA then refuses it as a shape that is not a compile-time constant."""
-    inverse = [int(axis) for axis in np.argsort(permutation)]
-
-    @tf.custom_gradient
-    def transposed(value):
-        return tf.transpose(value, permutation), lambda upstream: transpose(upstream, inverse)
-
-    return transposed(tensor)
 
 
 class BatchedLearnerFunction(LearnerFunction):

@@ -14,6 +14,7 @@ import math
 import keras
 import tensorflow as tf
 
+from keras_metalstm import xla_ops
 from keras_metalstm.fused_batch_norm import batch_normalization_training
 
 
@@ -76,6 +77,39 @@ def _fused_training_call(layer):
     return call
 
 
+def _xla_cpu_forms(model):
+    """(layer, attribute, replacement) for every layer of `model` that `xla_ops` has a CPU form of: the
+    `convolution_op` of stride-1 undilated ungrouped channels-last Conv2D layers with "same" or "valid" padding, the
+    `call` of channels-last MaxPooling2D layers over disjoint windows. Subclasses are left alone."""
+    forms = []
+    for layer in model._flatten_layers():
+        if (
+            type(layer) is keras.layers.Conv2D
+            and tuple(layer.strides) == (1, 1)
+            and tuple(layer.dilation_rate) == (1, 1)
+            and layer.groups == 1
+            and layer.data_format == "channels_last"
+        ):
+            padding = xla_ops.same_padding(layer.kernel_size) if layer.padding == "same" else ((0, 0), (0, 0))
+            forms.append((layer, "convolution_op", _cpu_convolution(padding)))
+        elif (
+            type(layer) is keras.layers.MaxPooling2D
+            and layer.data_format == "channels_last"
+            and layer.padding == "valid"
+            and tuple(layer.strides) == tuple(layer.pool_size)
+        ):
+            forms.append((layer, "call", _cpu_max_pool(tuple(layer.pool_size))))
+    return forms
+
+
+def _cpu_convolution(padding):
+    return lambda inputs, kernel: xla_ops.conv2d(inputs, kernel, padding)
+
+
+def _cpu_max_pool(pool_size):
+    return lambda inputs: xla_ops.max_pool(inputs, pool_size)
+
+
 class LearnerFunction:
     """A Keras learner seen as `logits, state = f(theta, state, images, training)`.
 
@@ -103,6 +137,7 @@ class LearnerFunction:
         self._batchnorm = _batchnorm_layers(learner)
         self._exact_moments = [_twice_differentiable_moments(layer) for layer in self._batchnorm]
         self._fused_calls = [_fused_training_call(layer) for layer in self._batchnorm]
+        self._xla_cpu_forms = _xla_cpu_forms(learner)
         self._reset_values = self._episode_reset_values()
 
     def _episode_reset_values(self):
@@ -141,11 +176,14 @@ class LearnerFunction:
         return [tf.tile(value[tf.newaxis], [episodes] + [1] * value.shape.rank) for value in self._reset_values]
 
     @contextlib.contextmanager
-    def _batchnorm_overrides(self, momentum):
-        # Both are read while the call is traced, so overriding them for the duration of the call changes the
+    def _layer_overrides(self, momentum):
+        # All are read while the call is traced, so overriding them for the duration of the call changes the
         # traced computation without touching any variable of the user's learner.
         saved = [layer.momentum for layer in self._batchnorm]
+        xla_cpu_forms = self._xla_cpu_forms if xla_ops.cpu_forms_active() else []
         try:
+            for layer, attribute, replacement in xla_cpu_forms:
+                setattr(layer, attribute, replacement)
             for layer, exact_moments, fused_call in zip(
                 self._batchnorm, self._exact_moments, self._fused_calls, strict=True
             ):
@@ -161,6 +199,8 @@ class LearnerFunction:
                 del layer._moments
                 if fused_call is not None:
                     del layer.call
+            for layer, attribute, _ in xla_cpu_forms:
+                delattr(layer, attribute)
 
     def __call__(self, theta, state, images, training, momentum=None):
         """Logits of the learner with parameters `theta` and non-trainable `state` on `images`.
@@ -174,7 +214,7 @@ class LearnerFunction:
         variables = self.learner.trainable_variables + self.learner.non_trainable_variables
         mapping = list(zip(variables, self.unflatten(theta) + list(state), strict=True))
         momentum = self.bn_momentum if momentum is None else momentum
-        with self._batchnorm_overrides(momentum), keras.StatelessScope(state_mapping=mapping) as scope:
+        with self._layer_overrides(momentum), keras.StatelessScope(state_mapping=mapping) as scope:
             logits = self.learner(images, training=training)
         return logits, [scope.get_current_value(variable) for variable in self.learner.non_trainable_variables]
 

@@ -13,19 +13,19 @@ The fused CPU kernel of the coordinate-wise LSTM (keras_metalstm/ops) runs only 
 any function a user saves around them loads without this library.
 """
 
-import contextlib
 import warnings
 
 import keras
 import tensorflow as tf
 
-from keras_metalstm.batched_learner import BatchedLearnerFunction, accelerator_present
+from keras_metalstm.batched_learner import BatchedLearnerFunction
 from keras_metalstm.config import EPISODE_BATCHING, QUERY_STATISTICS
 from keras_metalstm.inner_loop_trace import InnerLoopTrace
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy
 from keras_metalstm.ops import fused_coordinate_lstm
 from keras_metalstm.preprocessing import preprocess
+from keras_metalstm.xla_ops import accelerator_present, traced_for_xla
 
 EPISODE_KEYS = ("support_images", "support_labels", "query_images", "query_labels")
 MODES = ("train", "test")
@@ -422,12 +422,11 @@ class MetaLearner(keras.Model):
         if not jit_compile:
             return self.meta_gradients
         if True not in self._compiled_gradients:
-            self._compiled_gradients[True] = tf.function(self._meta_gradients_without_custom_ops, jit_compile=True)
+            self._compiled_gradients[True] = tf.function(self._meta_gradients_for_xla, jit_compile=True)
         return self._compiled_gradients[True]
 
-    def _meta_gradients_without_custom_ops(self, episodes):
-        # XLA cannot compile the fused CPU kernel: trace the stock TensorFlow ops instead.
-        with fused_coordinate_lstm.disabled():
+    def _meta_gradients_for_xla(self, episodes):
+        with traced_for_xla():
             return self.meta_gradients(episodes)
 
     def train_step(self, episodes):
@@ -448,9 +447,8 @@ class MetaLearner(keras.Model):
 
     def _fit_kernel_scope(self):
         """Where Keras' fit/evaluate trace train_step/test_step (inside each replica's thread; Keras leaves these
-        functions out of SavedModels): the fused kernel, unless Keras compiles the step with XLA, which cannot
-        compile a custom op."""
-        return contextlib.nullcontext() if self.jit_compile else fused_coordinate_lstm.enabled()
+        functions out of SavedModels): the fused kernel, unless Keras compiles the step with XLA."""
+        return traced_for_xla() if self.jit_compile else fused_coordinate_lstm.enabled()
 
     def compile(self, optimizer=None, clip_norm=0.25, **kwargs):
         """Like keras.Model.compile, for `fit`: the default optimizer is the paper's Adam(1e-3), and `clip_norm`

@@ -1,0 +1,128 @@
+"""Learner ops written for XLA: transposes whose gradients stay compile-time constants, and, for XLA on a CPU,
+convolutions and max pooling in the forms its CPU compiler runs on fast kernels.
+
+XLA's CPU compiler hands a convolution to its Eigen/oneDNN kernels only in the forward form (batch first, features
+last). Outside a loop it rewrites TensorFlow's backward convolutions into that form; inside one (the inner loop's
+`tf.while_loop`) it leaves them transposed and emits them as plain loops, about 100x slower (benchmarks/README.md).
+`conv2d` here computes both gradients as forward convolutions of transposed tensors, at every order of
+differentiation, so the CPU compiler takes its fast path whatever loop the convolution sits in. `max_pool` pools
+disjoint windows as a reduction over a reshape, whose gradient XLA fuses with its neighbours, instead of the
+select-and-scatter it otherwise compiles max-pool gradients into (6-8x slower than TensorFlow's own kernel).
+
+The CPU forms are used only inside `traced_for_xla()` on a machine without a GPU or TPU: the library traces the
+functions it compiles with XLA within it (`meta_train_step(..., jit_compile=True)`, `metalstm train --xla`, `fit`
+after `compile(jit_compile=True)`), and so can a function of your own that you compile with XLA. The GPU and TPU
+compilers map TensorFlow's own convolution gradients onto cuDNN and the TPU's convolution units; the rewrite is not
+for them, and outside XLA TensorFlow's oneDNN kernels are faster.
+"""
+
+import contextlib
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+from keras_metalstm.ops import fused_coordinate_lstm
+
+_state = threading.local()
+
+
+def accelerator_present():
+    """Whether TensorFlow sees a GPU or TPU."""
+    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+
+@contextlib.contextmanager
+def traced_for_xla():
+    """Trace a function that XLA compiles (tf.function(jit_compile=True)) within this: the coordinate LSTM as stock
+    TensorFlow ops (XLA cannot compile the fused CPU kernel) and, on a machine without a GPU or TPU, the learner's
+    convolutions and max pooling in the forms XLA's CPU compiler runs fast (`cpu_forms`)."""
+    with fused_coordinate_lstm.disabled(), contextlib.nullcontext() if accelerator_present() else cpu_forms():
+        yield
+
+
+def transpose(tensor, permutation):
+    """tf.transpose with a gradient (of any order) that is a transpose by a constant permutation. tf.transpose's own
+    gradient computes the inverse permutation at run time, and inside the gradient of a compiled loop (the
+    second-order meta-gradient) XLA then refuses it as a shape that is not a compile-time constant."""
+    inverse = [int(axis) for axis in np.argsort(permutation)]
+
+    @tf.custom_gradient
+    def transposed(value):
+        return tf.transpose(value, permutation), lambda upstream: transpose(upstream, inverse)
+
+    return transposed(tensor)
+
+
+@contextlib.contextmanager
+def cpu_forms():
+    """Within this context, in this thread, learner functions traced use `conv2d` and `max_pool` for the layers
+    they can stand in for (`LearnerFunction`). Thread-local: MirroredStrategy traces each replica in a thread."""
+    previous = cpu_forms_active()
+    _state.active = True
+    try:
+        yield
+    finally:
+        _state.active = previous
+
+
+def cpu_forms_active():
+    """Whether the function being traced is inside `cpu_forms()`."""
+    return getattr(_state, "active", False)
+
+
+def _pad_or_crop(images, padding):
+    """`images` (N, H, W, C) padded with zeros by the non-negative and cropped by the negative amounts of
+    `padding` ((top, bottom), (left, right))."""
+    (top, bottom), (left, right) = padding
+    padded = tf.pad(images, [[0, 0], [max(top, 0), max(bottom, 0)], [max(left, 0), max(right, 0)], [0, 0]])
+    height, width = padded.shape[1] - max(-bottom, 0), padded.shape[2] - max(-right, 0)
+    return padded[:, max(-top, 0) : height, max(-left, 0) : width]
+
+
+def conv2d(images, kernel, padding):
+    """A stride-1 2-D convolution (channels last, `kernel` (KH, KW, C, F)) with explicit `padding`
+    ((top, bottom), (left, right), negative to crop), whose gradients are forward convolutions again.
+
+    Input gradient: the upstream gradient convolved with the kernel flipped in space and with its channel axes
+    swapped. Kernel gradient: the images with their channels as the batch, convolved with the upstream gradient
+    as a (HO, WO, N, F) kernel, whose "images" axis plays the input channels. Both are `conv2d` themselves, so
+    second and higher derivatives take the same forms.
+    """
+    kernel_height, kernel_width = kernel.shape[0], kernel.shape[1]
+    (top, bottom), (left, right) = padding
+
+    @tf.custom_gradient
+    def convolve(images, kernel):
+        outputs = tf.nn.conv2d(_pad_or_crop(images, padding), kernel, strides=1, padding="VALID")
+
+        def gradient(upstream):
+            flipped = transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])
+            images_gradient = conv2d(
+                upstream,
+                flipped,
+                ((kernel_height - 1 - top, kernel_height - 1 - bottom), (kernel_width - 1 - left, kernel_width - 1 - right)),
+            )
+            kernel_gradient = conv2d(transpose(images, [3, 1, 2, 0]), transpose(upstream, [1, 2, 0, 3]), padding)
+            return images_gradient, transpose(kernel_gradient, [1, 2, 0, 3])
+
+        return outputs, gradient
+
+    return convolve(images, kernel)
+
+
+def same_padding(kernel_size):
+    """((top, bottom), (left, right)) of TensorFlow's "same" padding for a stride-1 undilated kernel: the smaller
+    half before."""
+    return tuple(((size - 1) // 2, size - 1 - (size - 1) // 2) for size in kernel_size)
+
+
+def max_pool(images, pool_size):
+    """Max pooling of `images` (N, H, W, C) over disjoint (pool_size) windows with "valid" padding, as a
+    reduction over a reshape: the same values as tf.nn.max_pool2d. Its gradient goes to the window's maximum
+    (shared equally by tied maxima, where TensorFlow's kernel picks one: both are gradients of the max)."""
+    pool_height, pool_width = pool_size
+    rows, columns = images.shape[1] // pool_height, images.shape[2] // pool_width
+    cropped = images[:, : rows * pool_height, : columns * pool_width]
+    windows = tf.reshape(cropped, [-1, rows, pool_height, columns, pool_width, images.shape[3]])
+    return tf.reduce_max(windows, axis=[2, 4])
