@@ -190,8 +190,9 @@ def seconds_of_first_call(function, episodes):
     return time.perf_counter() - start
 
 
-# --compile-scaling's variants: the plain step; XLA, where the episodes of a meta-batch are batched (one learner
-# evaluation per layer for all of them, MetaLearner's episode_batching="auto"); XLA with the per-episode loop.
+# --compile-scaling's variants: the plain step; XLA with the episodes of a meta-batch batched (one learner
+# evaluation per layer for all of them: episode_batching="batched", what "auto" picks on a GPU/TPU); XLA with the
+# per-episode loop ("auto" on a CPU).
 COMPILE_VARIANTS = ("plain", "xla", "xla-per-episode")
 
 
@@ -200,7 +201,7 @@ def measure_compile_scaling(inner_steps, meta_batch, variant, steps):
     the steady ms per episode of the training step, for one T, B and variant (COMPILE_VARIANTS)."""
     import keras_metalstm as km
 
-    batching = "per_episode" if variant == "xla-per-episode" else "auto"
+    batching = {"plain": "auto", "xla": "batched", "xla-per-episode": "per_episode"}[variant]
     meta, episodes = build(dict(SETTINGS[SCALING_SETTING], inner_steps=inner_steps), meta_batch, batching)
     jit_compile = variant != "plain"
     trainer = km.MetaTrainer(meta, jit_compile=jit_compile)
