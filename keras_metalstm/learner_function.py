@@ -9,6 +9,7 @@ statistics, dropout seeds) is passed in and returned explicitly; a fresh per-epi
 """
 
 import contextlib
+import functools
 import math
 
 import keras
@@ -91,23 +92,15 @@ def _xla_cpu_forms(model):
             and layer.data_format == "channels_last"
         ):
             padding = xla_ops.same_padding(layer.kernel_size) if layer.padding == "same" else ((0, 0), (0, 0))
-            forms.append((layer, "convolution_op", _cpu_convolution(padding)))
+            forms.append((layer, "convolution_op", functools.partial(xla_ops.conv2d, padding=padding)))
         elif (
             type(layer) is keras.layers.MaxPooling2D
             and layer.data_format == "channels_last"
             and layer.padding == "valid"
             and tuple(layer.strides) == tuple(layer.pool_size)
         ):
-            forms.append((layer, "call", _cpu_max_pool(tuple(layer.pool_size))))
+            forms.append((layer, "call", functools.partial(xla_ops.max_pool, pool_size=tuple(layer.pool_size))))
     return forms
-
-
-def _cpu_convolution(padding):
-    return lambda inputs, kernel: xla_ops.conv2d(inputs, kernel, padding)
-
-
-def _cpu_max_pool(pool_size):
-    return lambda inputs: xla_ops.max_pool(inputs, pool_size)
 
 
 class LearnerFunction:
@@ -135,8 +128,11 @@ class LearnerFunction:
         self.sizes = [math.prod(shape) for shape in self.shapes]
         self.num_parameters = sum(self.sizes)
         self._batchnorm = _batchnorm_layers(learner)
-        self._exact_moments = [_twice_differentiable_moments(layer) for layer in self._batchnorm]
-        self._fused_calls = [_fused_training_call(layer) for layer in self._batchnorm]
+        # (layer, attribute, replacement): set on the layers while the learner is traced (`_layer_overrides`).
+        self._overrides = [(layer, "_moments", _twice_differentiable_moments(layer)) for layer in self._batchnorm]
+        self._overrides += [
+            (layer, "call", call) for layer in self._batchnorm if (call := _fused_training_call(layer)) is not None
+        ]
         self._xla_cpu_forms = _xla_cpu_forms(learner)
         self._reset_values = self._episode_reset_values()
 
@@ -179,27 +175,19 @@ class LearnerFunction:
     def _layer_overrides(self, momentum):
         # All are read while the call is traced, so overriding them for the duration of the call changes the
         # traced computation without touching any variable of the user's learner.
-        saved = [layer.momentum for layer in self._batchnorm]
-        xla_cpu_forms = self._xla_cpu_forms if xla_ops.cpu_forms_active() else []
+        overrides = self._overrides + (self._xla_cpu_forms if xla_ops.cpu_forms_active() else [])
+        saved_momenta = [layer.momentum for layer in self._batchnorm]
         try:
-            for layer, attribute, replacement in xla_cpu_forms:
-                setattr(layer, attribute, replacement)
-            for layer, exact_moments, fused_call in zip(
-                self._batchnorm, self._exact_moments, self._fused_calls, strict=True
-            ):
-                if momentum is not None:
+            if momentum is not None:
+                for layer in self._batchnorm:
                     layer.momentum = momentum
-                layer._moments = exact_moments
-                if fused_call is not None:
-                    layer.call = fused_call
+            for layer, attribute, replacement in overrides:
+                setattr(layer, attribute, replacement)
             yield
         finally:
-            for layer, saved_momentum, fused_call in zip(self._batchnorm, saved, self._fused_calls, strict=True):
+            for layer, saved_momentum in zip(self._batchnorm, saved_momenta, strict=True):
                 layer.momentum = saved_momentum
-                del layer._moments
-                if fused_call is not None:
-                    del layer.call
-            for layer, attribute, _ in xla_cpu_forms:
+            for layer, attribute, _ in overrides:
                 delattr(layer, attribute)
 
     def __call__(self, theta, state, images, training, momentum=None):
