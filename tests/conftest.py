@@ -26,6 +26,14 @@ def as_tensors(episodes):
     return {key: tf.constant(value) for key, value in episodes.items()}
 
 
+def graph_op_types(concrete_function):
+    """The op types of a traced function's graph and of the functions it calls (loop bodies, gradients)."""
+    types = {op.type for op in concrete_function.graph.get_operations()}
+    for function in concrete_function.graph._functions.values():
+        types |= {node.op for node in function.definition.node_def}
+    return types
+
+
 @pytest.fixture
 def episodes_factory():
     return random_episodes

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import graph_op_types
 
 import keras_metalstm as km
 from keras_metalstm.ops import fused_coordinate_lstm
@@ -225,13 +226,6 @@ def test_meta_gradients_are_the_same_with_and_without_the_fused_kernel(first_ord
     for variable, fused, stock in zip(meta.trainable_variables, fused_gradients, stock_gradients, strict=True):
         difference = np.linalg.norm(fused.numpy() - stock.numpy())
         assert difference <= 1e-4 * np.linalg.norm(stock.numpy()) + 1e-9, variable.path
-
-
-def graph_op_types(concrete_function):
-    types = {op.type for op in concrete_function.graph.get_operations()}
-    for function in concrete_function.graph._functions.values():
-        types |= {node.op for node in function.definition.node_def}
-    return types
 
 
 def test_the_fused_kernel_is_used_on_cpu_but_not_under_xla_even_when_enabled():

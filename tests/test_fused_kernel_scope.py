@@ -14,8 +14,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import as_tensors, random_episodes
-from test_fused_kernel import graph_op_types
+from conftest import as_tensors, graph_op_types, random_episodes
 
 import keras_metalstm as km
 

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import as_tensors, random_episodes
+from conftest import as_tensors, graph_op_types, random_episodes
 
 import keras_metalstm as km
 from keras_metalstm import xla_ops
@@ -90,11 +90,7 @@ def conv4():
 
 
 def traced_op_types(function, *args):
-    graph = tf.function(function).get_concrete_function(*args).graph
-    types = {op.type for op in graph.get_operations()}
-    for library_function in graph._functions.values():
-        types |= {node.op for node in library_function.definition.node_def}
-    return types
+    return graph_op_types(tf.function(function).get_concrete_function(*args))
 
 
 def test_the_learner_function_uses_the_cpu_forms_only_inside_their_scope():
