@@ -208,3 +208,15 @@ def tf_config() -> dict:
     """The parsed TF_CONFIG environment variable ({} when unset)."""
     text = os.environ.get("TF_CONFIG", "")
     return json.loads(text) if text else {}
+
+
+def clip_by_global_norm_over_replicas(gradients, clip_norm):
+    """Scales this replica's gradients so that their SUM over replicas has global L2 norm at most `clip_norm`.
+
+    The optimizer all-reduces (sums) the replicas' gradients after this; scaling every replica's part by
+    min(1, clip_norm / ||sum||) makes that sum exactly tf.clip_by_global_norm(sum, clip_norm). Outside a
+    multi-replica strategy the all-reduce is the identity and this is plain global-norm clipping.
+    """
+    summed = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+    scale = clip_norm / tf.maximum(tf.linalg.global_norm(summed), clip_norm)
+    return [gradient * scale for gradient in gradients]

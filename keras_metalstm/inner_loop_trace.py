@@ -1,5 +1,5 @@
-"""What the meta-learner did to one task, step by step (`MetaLearner.trace`), and its summaries per learner
-variable and per learner layer.
+"""What the meta-learner did to one task, step by step (`MetaLearner.trace`): the records, the inner loop that
+writes them (`record_inner_loop`), and their summaries per learner variable and per learner layer.
 
 A trace holds, for the inner steps t = 1..T, the input gate i_t (the learned learning rate) and the forget gate
 f_t (the learned shrinkage) of every coordinate of theta, the learner's support loss and accuracy at
@@ -14,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import tensorflow as tf
+
+from keras_metalstm.ops import fused_coordinate_lstm
 
 # The percentiles of a group's coordinates that summaries report, by name.
 PERCENTILES = {"p10": 10.0, "median": 50.0, "p90": 90.0}
@@ -96,3 +99,57 @@ class InnerLoopTrace:
 def _combined_norm(norms: np.ndarray) -> np.ndarray:
     """The L2 norm of several variables together, from each one's norm: (T, k) -> (T,)."""
     return np.sqrt(np.sum(np.square(norms.astype(np.float64)), axis=1))
+
+
+def record_inner_loop(meta, support_images, support_labels, inner_steps):
+    """The records of an `InnerLoopTrace` of `meta` (a MetaLearner) adapting to one task: its inner loop
+    (`inner_loop`'s step, one `tf.while_loop`) run with the gates, support metrics and distances of each step
+    written down; tensors to trace into a tf.function."""
+    learner = meta._learner_function
+    images, labels = support_images[tf.newaxis], support_labels[tf.newaxis]
+    variable_of_coordinate = tf.repeat(tf.range(len(learner.sizes)), learner.sizes)
+
+    def variable_norms(difference):
+        squares = tf.math.unsorted_segment_sum(
+            tf.square(difference[0]), variable_of_coordinate, len(learner.sizes)
+        )
+        return tf.sqrt(squares)
+
+    def support_metrics(theta):
+        loss, correct = learner.loss_and_accuracy(theta[0], support_images, support_labels)
+        return tf.cast(loss, theta.dtype), tf.cast(correct, theta.dtype)
+
+    theta0, *carry = meta._initial_carry(1)
+
+    def record_step(step, theta, lstm_state, gate_logits, states, records):
+        new_theta, lstm_state, gate_logits, states = meta._inner_step(
+            theta, lstm_state, gate_logits, states, images, labels
+        )
+        forget_logits, input_logits = gate_logits
+        loss, correct = support_metrics(new_theta)
+        values = {
+            "input_gates": tf.sigmoid(input_logits[0]),
+            "forget_gates": tf.sigmoid(forget_logits[0]),
+            "support_loss": loss,
+            "support_accuracy": correct,
+            "distances": variable_norms(new_theta - theta0),
+            "update_norms": variable_norms(new_theta - theta),
+        }
+        records = {name: records[name].write(step, value) for name, value in values.items()}
+        return step + 1, new_theta, lstm_state, gate_logits, states, records
+
+    records = {name: tf.TensorArray(theta0.dtype, size=inner_steps) for name in InnerLoopTrace.STEP_RECORDS}
+    # Stock ops even where a caller has enabled the fused kernel: its activations round differently.
+    with fused_coordinate_lstm.disabled():
+        *_, records = tf.while_loop(
+            lambda step, *_: step < inner_steps,
+            record_step,
+            (0, theta0, *carry, records),
+            maximum_iterations=inner_steps,
+        )
+        start_loss, start_accuracy = support_metrics(theta0)
+    stacked = {name: record.stack() for name, record in records.items()}
+    # The support metrics of theta_0 come first: index t holds those of theta_t.
+    stacked["support_loss"] = tf.concat([[start_loss], stacked["support_loss"]], axis=0)
+    stacked["support_accuracy"] = tf.concat([[start_accuracy], stacked["support_accuracy"]], axis=0)
+    return stacked

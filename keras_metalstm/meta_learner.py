@@ -13,6 +13,7 @@ The fused CPU kernel of the coordinate-wise LSTM (keras_metalstm/ops) runs only 
 any function a user saves around them loads without this library.
 """
 
+import functools
 import warnings
 
 import keras
@@ -20,7 +21,8 @@ import tensorflow as tf
 
 from keras_metalstm.batched_learner import BatchedLearnerFunction
 from keras_metalstm.config import EPISODE_BATCHING, QUERY_STATISTICS
-from keras_metalstm.inner_loop_trace import InnerLoopTrace
+from keras_metalstm.distribute import clip_by_global_norm_over_replicas
+from keras_metalstm.inner_loop_trace import InnerLoopTrace, record_inner_loop
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy
 from keras_metalstm.ops import fused_coordinate_lstm
@@ -515,63 +517,13 @@ class MetaLearner(keras.Model):
         support_images, support_labels = self._check_support(support_images, support_labels)
         steps = self.inner_steps if inner_steps is None else int(inner_steps)
         if self._compiled_trace is None:
-            self._compiled_trace = tf.function(self._trace_one, reduce_retracing=True)
+            self._compiled_trace = tf.function(functools.partial(record_inner_loop, self), reduce_retracing=True)
         records = self._compiled_trace(support_images, support_labels, steps)
         return InnerLoopTrace(
             variables=[variable.path for variable in self.learner.trainable_variables],
             sizes=list(self._learner_function.sizes),
             **{name: value.numpy() for name, value in records.items()},
         )
-
-    def _trace_one(self, support_images, support_labels, inner_steps):
-        learner = self._learner_function
-        images, labels = support_images[tf.newaxis], support_labels[tf.newaxis]
-        variable_of_coordinate = tf.repeat(tf.range(len(learner.sizes)), learner.sizes)
-
-        def variable_norms(difference):
-            squares = tf.math.unsorted_segment_sum(
-                tf.square(difference[0]), variable_of_coordinate, len(learner.sizes)
-            )
-            return tf.sqrt(squares)
-
-        def support_metrics(theta):
-            loss, correct = learner.loss_and_accuracy(theta[0], support_images, support_labels)
-            return tf.cast(loss, theta.dtype), tf.cast(correct, theta.dtype)
-
-        theta0, *carry = self._initial_carry(1)
-
-        def record_step(step, theta, lstm_state, gate_logits, states, records):
-            new_theta, lstm_state, gate_logits, states = self._inner_step(
-                theta, lstm_state, gate_logits, states, images, labels
-            )
-            forget_logits, input_logits = gate_logits
-            loss, correct = support_metrics(new_theta)
-            values = {
-                "input_gates": tf.sigmoid(input_logits[0]),
-                "forget_gates": tf.sigmoid(forget_logits[0]),
-                "support_loss": loss,
-                "support_accuracy": correct,
-                "distances": variable_norms(new_theta - theta0),
-                "update_norms": variable_norms(new_theta - theta),
-            }
-            records = {name: records[name].write(step, value) for name, value in values.items()}
-            return step + 1, new_theta, lstm_state, gate_logits, states, records
-
-        records = {name: tf.TensorArray(theta0.dtype, size=inner_steps) for name in InnerLoopTrace.STEP_RECORDS}
-        # Stock ops even where a caller has enabled the fused kernel: its activations round differently.
-        with fused_coordinate_lstm.disabled():
-            *_, records = tf.while_loop(
-                lambda step, *_: step < inner_steps,
-                record_step,
-                (0, theta0, *carry, records),
-                maximum_iterations=inner_steps,
-            )
-            start_loss, start_accuracy = support_metrics(theta0)
-        stacked = {name: record.stack() for name, record in records.items()}
-        # The support metrics of theta_0 come first: index t holds those of theta_t.
-        stacked["support_loss"] = tf.concat([[start_loss], stacked["support_loss"]], axis=0)
-        stacked["support_accuracy"] = tf.concat([[start_accuracy], stacked["support_accuracy"]], axis=0)
-        return stacked
 
     def _check_support(self, support_images, support_labels):
         support_images = tf.convert_to_tensor(support_images, dtype=self.theta0.dtype)
@@ -674,15 +626,3 @@ def _output_layer_weights(model):
         if any(variable is last for variable in layer.trainable_variables):
             return layer.trainable_variables
     return [last]
-
-
-def clip_by_global_norm_over_replicas(gradients, clip_norm):
-    """Scales this replica's gradients so that their SUM over replicas has global L2 norm at most `clip_norm`.
-
-    The optimizer all-reduces (sums) the replicas' gradients after this; scaling every replica's part by
-    min(1, clip_norm / ||sum||) makes that sum exactly tf.clip_by_global_norm(sum, clip_norm). Outside a
-    multi-replica strategy the all-reduce is the identity and this is plain global-norm clipping.
-    """
-    summed = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, gradients)
-    scale = clip_norm / tf.maximum(tf.linalg.global_norm(summed), clip_norm)
-    return [gradient * scale for gradient in gradients]

@@ -378,7 +378,7 @@ def test_bad_input_gets_clear_errors():
 
 
 def test_clip_over_replicas_is_plain_global_norm_clipping_on_one_device():
-    from keras_metalstm.meta_learner import clip_by_global_norm_over_replicas
+    from keras_metalstm.distribute import clip_by_global_norm_over_replicas
 
     gradients = [tf.constant([3.0, 4.0]), tf.constant([[12.0]])]  # global norm 13
     clipped = clip_by_global_norm_over_replicas(gradients, 1.3)
