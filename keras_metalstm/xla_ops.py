@@ -8,6 +8,7 @@ last). Outside a loop it rewrites TensorFlow's backward convolutions into that f
 differentiation, so the CPU compiler takes its fast path whatever loop the convolution sits in. `max_pool` pools
 disjoint windows as a reduction over a reshape, whose gradient XLA fuses with its neighbours, instead of the
 select-and-scatter it otherwise compiles max-pool gradients into (6-8x slower than TensorFlow's own kernel).
+The coordinate LSTM has a CPU form too (its gate bias inside the matrix product, `CoordinateLSTM._stock_step`).
 
 The CPU forms are used only inside `traced_for_xla()` on a machine without a GPU or TPU: the library traces the
 functions it compiles with XLA within it (`meta_train_step(..., jit_compile=True)`, `metalstm train --xla`, `fit`
@@ -57,7 +58,7 @@ def transpose(tensor, permutation):
 @contextlib.contextmanager
 def cpu_forms():
     """Within this context, in this thread, learner functions traced use `conv2d` and `max_pool` for the layers
-    they can stand in for (`LearnerFunction`). Thread-local: MirroredStrategy traces each replica in a thread."""
+    they can stand in for (`LearnerFunction`), and the coordinate LSTM its CPU form. Thread-local: MirroredStrategy traces each replica in a thread."""
     previous = cpu_forms_active()
     _state.active = True
     try:

@@ -1,8 +1,11 @@
 """The CPU forms of the learner's convolutions and max pooling for XLA (keras_metalstm.xla_ops): the same values
 and derivatives (first and second order, against TensorFlow's own ops in float64), used by the learner function
 only inside `cpu_forms()`, and what they are for: every convolution of the compiled meta-gradient in the forward
-form XLA's CPU compiler runs on its fast kernels."""
+form XLA's CPU compiler runs on its fast kernels; and the coordinate LSTM's CPU form (its gate bias inside the
+matrix product): the same step and gradients, its gate gradients computed once."""
 
+import contextlib
+import functools
 import re
 
 import keras
@@ -160,3 +163,43 @@ def test_traced_for_xla_uses_the_cpu_forms_without_an_accelerator_and_never_the_
             assert not xla_ops.cpu_forms_active()
             assert fused_coordinate_lstm.coordinate_step(tf.float32) is None
     assert not xla_ops.cpu_forms_active()
+
+
+def coordinate_lstm_gradients(layer, inputs, hidden, cell, shared):
+    """h, c and the gradient of a scalar of them w.r.t. the inputs, the state and the layer's weights."""
+    with tf.GradientTape() as tape:
+        tape.watch([inputs, hidden, cell])
+        hidden_out, (_, cell_out) = layer(inputs, (hidden, cell), shared_inputs=shared)
+        loss = tf.reduce_sum(tf.sin(hidden_out)) + tf.reduce_sum(tf.square(cell_out))
+    return [hidden_out, cell_out, *tape.gradient(loss, [inputs, hidden, cell, *layer.trainable_variables])]
+
+
+def coordinate_lstm_arguments(coordinates):
+    """A CoordinateLSTM with the meta-learner's shapes (20 units, 2 own and 2 shared features), one episode."""
+    keras.utils.set_random_seed(1)
+    layer = km.layers.CoordinateLSTM(units=20, input_dim=4, shared_input_dim=2)
+    arguments = [tf.random.normal(shape) for shape in [(2, 1, coordinates), (20, 1, coordinates), (20, 1, coordinates)]]
+    return layer, [*arguments, tf.random.normal((2, 1))]
+
+
+def test_the_coordinate_lstms_cpu_form_gives_the_same_step_and_gradients():
+    layer, arguments = coordinate_lstm_arguments(coordinates=300)
+    stock = coordinate_lstm_gradients(layer, *arguments)
+    with xla_ops.cpu_forms():
+        form = coordinate_lstm_gradients(layer, *arguments)
+    for reference, ours in zip(stock, form, strict=True):
+        assert float(tf.norm(reference)) > 0
+        np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("forms, fusions", [(False, 2), (True, 1)])
+def test_xla_computes_the_coordinate_lstms_gate_gradients_once_in_its_cpu_form(forms, fusions):
+    """With the gate bias added after the product, XLA's CPU compiler fuses the gates' elementwise backward (the
+    sigmoid gradients) both into the bias gradient's reduction and into the product's operand: two computations.
+    The CPU form's bias row inside the product leaves the product as the only consumer."""
+    layer, arguments = coordinate_lstm_arguments(coordinates=500)
+    compiled = tf.function(functools.partial(coordinate_lstm_gradients, layer), jit_compile=True)
+    with xla_ops.cpu_forms() if forms else contextlib.nullcontext():
+        hlo = compiled.experimental_get_compiler_ir(*arguments)(stage="optimized_hlo")
+    computations = re.split(r"\n(?=\S)", hlo)
+    assert sum('op_type="SigmoidGrad"' in computation for computation in computations) == fusions

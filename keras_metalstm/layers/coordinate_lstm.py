@@ -15,6 +15,7 @@ kernel is tested against.
 import keras
 import tensorflow as tf
 
+from keras_metalstm import xla_ops
 from keras_metalstm.ops import fused_coordinate_lstm
 
 
@@ -108,20 +109,25 @@ class CoordinateLSTM(keras.layers.Layer):
     def _stock_step(self, inputs, state, shared_inputs, own_kernel):
         """The step in stock TensorFlow ops: any input rank, any device, XLA; the fused kernel's reference."""
         coordinate_shape = tf.shape(inputs)[1:]
-        flat_inputs = tf.reshape(inputs, [tf.shape(inputs)[0], -1])
-        if state is None:
-            gates = tf.matmul(own_kernel, flat_inputs, transpose_a=True)
-            cell = None
-        else:
-            hidden, cell = state
-            stacked = tf.concat([flat_inputs, tf.reshape(hidden, [self.units, -1])], axis=0)
-            weights = tf.concat([own_kernel, self.recurrent_kernel], axis=0)
-            gates = tf.matmul(weights, stacked, transpose_a=True)
-        gates = tf.reshape(gates, tf.concat([[4 * self.units], coordinate_shape], axis=0))
         rank = inputs.shape.rank
-        episodes = tf.shape(inputs)[1] if rank >= 3 else 1
-        gate_bias = self._episode_gate_bias(episodes, shared_inputs)
-        gates = gates + tf.reshape(gate_bias, [4 * self.units, -1] + [1] * (rank - 2))
+        gate_bias = self._episode_gate_bias(tf.shape(inputs)[1] if rank >= 3 else 1, shared_inputs)
+        rows, weights, cell = [tf.reshape(inputs, [tf.shape(inputs)[0], -1])], [own_kernel], None
+        if state is not None:
+            hidden, cell = state
+            rows.append(tf.reshape(hidden, [self.units, -1]))
+            weights.append(self.recurrent_kernel)
+        # For XLA on a CPU, one episode's gate bias enters the product as the weights of a row of ones. Added after
+        # it, the bias's gradient is a reduction of the gates' gradient beside the product's, and XLA's CPU compiler
+        # fuses the gates' whole elementwise backward into both, computing it twice (the 12 steps' forward and
+        # backward at 28x28: 176 ms added, 153 in the product; benchmarks/README.md).
+        bias_in_product = xla_ops.cpu_forms_active() and rank == 3 and inputs.shape[1] == 1
+        if bias_in_product:
+            rows.append(tf.ones_like(rows[0][:1]))
+            weights.append(tf.transpose(gate_bias))
+        gates = tf.matmul(tf.concat(weights, axis=0), tf.concat(rows, axis=0), transpose_a=True)
+        gates = tf.reshape(gates, tf.concat([[4 * self.units], coordinate_shape], axis=0))
+        if not bias_in_product:
+            gates = gates + tf.reshape(gate_bias, [4 * self.units, -1] + [1] * (rank - 2))
         input_gate, forget_gate, candidate, output_gate = tf.split(gates, 4, axis=0)
         new_cell = tf.sigmoid(input_gate) * tf.tanh(candidate)
         if cell is not None:
