@@ -47,8 +47,9 @@ def _twice_differentiable_moments(layer):
 def _fused_training_call(layer):
     """`layer.call` with a training-mode normalisation of float32 channels-last inputs as TensorFlow's fused op
     (`batch_normalization_training`: first and second derivatives exact, like the moments above, in a fraction of
-    the passes over the activations); every other case (inference mode, masks, renormalisation, synchronised statistics,
-    float64) runs Keras' own call. None for a subclass with a `call` of its own, which is left alone."""
+    the passes over the activations), or inside `xla_ops.cpu_forms()` as its XLA CPU form; every other case
+    (inference mode, masks, renormalisation, synchronised statistics, float64) runs Keras' own call. None for a
+    subclass with a `call` of its own, which is left alone."""
     if type(layer).call is not keras.layers.BatchNormalization.call or layer.renorm or layer.synchronized:
         return None
     keras_call = layer.call
@@ -68,7 +69,10 @@ def _fused_training_call(layer):
         channels = inputs.shape[-1]
         gamma = layer.gamma if layer.scale else tf.ones((channels,))
         beta = layer.beta if layer.center else tf.zeros((channels,))
-        outputs, mean, variance = batch_normalization_training(
+        normalise = batch_normalization_training
+        if xla_ops.cpu_forms_active():
+            normalise = xla_ops.batch_normalization_training
+        outputs, mean, variance = normalise(
             tf.cast(inputs, "float32"), tf.cast(gamma, "float32"), tf.cast(beta, "float32"), layer.epsilon
         )
         for moving, batch_value in ((layer.moving_mean, mean), (layer.moving_variance, variance)):
@@ -79,9 +83,10 @@ def _fused_training_call(layer):
 
 
 def _xla_cpu_forms(model):
-    """(layer, attribute, replacement) for every layer of `model` that `xla_ops` has a CPU form of: the
-    `convolution_op` of stride-1 undilated ungrouped channels-last Conv2D layers with "same" or "valid" padding, the
-    `call` of channels-last MaxPooling2D layers over disjoint windows. Subclasses are left alone."""
+    """(layer, attribute, replacement) for every layer of `model` that `xla_ops` has a CPU form of: the `call` of
+    stride-1 undilated ungrouped channels-last Conv2D layers with "same" or "valid" padding, and of channels-last
+    MaxPooling2D layers over disjoint windows. Subclasses are left alone. (Batch normalisation takes its CPU form in
+    `_fused_training_call`.)"""
     forms = []
     for layer in model._flatten_layers():
         if (
@@ -92,7 +97,7 @@ def _xla_cpu_forms(model):
             and layer.data_format == "channels_last"
         ):
             padding = xla_ops.same_padding(layer.kernel_size) if layer.padding == "same" else ((0, 0), (0, 0))
-            forms.append((layer, "convolution_op", functools.partial(xla_ops.conv2d, padding=padding)))
+            forms.append((layer, "call", functools.partial(xla_ops.conv2d_layer_call, layer, padding)))
         elif (
             type(layer) is keras.layers.MaxPooling2D
             and layer.data_format == "channels_last"

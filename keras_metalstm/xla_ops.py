@@ -8,7 +8,10 @@ last). Outside a loop it rewrites TensorFlow's backward convolutions into that f
 differentiation, so the CPU compiler takes its fast path whatever loop the convolution sits in. `max_pool` pools
 disjoint windows as a reduction over a reshape, whose gradient XLA fuses with its neighbours, instead of the
 select-and-scatter it otherwise compiles max-pool gradients into (6-8x slower than TensorFlow's own kernel).
-The coordinate LSTM has a CPU form too (its gate bias inside the matrix product, `CoordinateLSTM._stock_step`).
+Sums over the batch and spatial axes (batch-norm moments, bias gradients) are matrix products with a row of ones
+(`channel_sum`): XLA's CPU compiler splits a reduction over an axis longer than 32 into a windowed reduction that it
+emits as plain loops (a quarter of the 84x84 step's time). The coordinate LSTM has
+a CPU form too (its gate bias inside the matrix product, `CoordinateLSTM._stock_step`).
 
 The CPU forms are used only inside `traced_for_xla()` on a machine without a GPU or TPU: the library traces the
 functions it compiles with XLA within it (`meta_train_step(..., jit_compile=True)`, `metalstm train --xla`, `fit`
@@ -127,3 +130,55 @@ def max_pool(images, pool_size):
     cropped = images[:, : rows * pool_height, : columns * pool_width]
     windows = tf.reshape(cropped, [-1, rows, pool_height, columns, pool_width, images.shape[3]])
     return tf.reduce_max(windows, axis=[2, 4])
+
+
+def channel_sum(tensor):
+    """The sum of `tensor` (..., C) over every axis but the last, as a (1, M) x (M, C) matrix product with ones.
+    Its gradient is `broadcast_channels`, whose gradient is `channel_sum` again: every order of derivative takes
+    these forms.
+
+    A reduction over an axis longer than 32 is split by XLA's CPU compiler into a windowed reduction emitted as
+    plain loops; it merges sums of partial sums back into one such reduction, and fuses partial sums into a
+    following product as loops again (both measured slower than the product alone).
+    """
+    shape, channels = tf.shape(tensor), tensor.shape[-1]
+
+    @tf.custom_gradient
+    def summed(values):
+        rows = tf.reshape(values, [-1, channels])
+        total = tf.matmul(tf.ones([1, tf.shape(rows)[0]], values.dtype), rows)[0]
+        return total, lambda upstream: broadcast_channels(upstream, shape)
+
+    return summed(tensor)
+
+
+def broadcast_channels(values, shape):
+    """`values` (C,) broadcast to `shape` (..., C), with `channel_sum` as its gradient: the sums over the batch
+    that TensorFlow's broadcasting gradients would compute as reductions."""
+
+    @tf.custom_gradient
+    def broadcast(values):
+        return tf.broadcast_to(values, shape), channel_sum
+
+    return broadcast(values)
+
+
+def batch_normalization_training(inputs, gamma, beta, epsilon):
+    """Training-mode batch normalisation of channels-last `inputs` by their own batch moments, with every sum over
+    the batch a `channel_sum` (first and second derivatives exact). Returns the outputs, the batch mean and the
+    biased batch variance, as `keras_metalstm.fused_batch_norm.batch_normalization_training` does."""
+    shape = tf.shape(inputs)
+    count = tf.cast(tf.reduce_prod(shape[:-1]), inputs.dtype)
+    mean = channel_sum(inputs) / count
+    centred = inputs - broadcast_channels(mean, shape)
+    variance = channel_sum(tf.square(centred)) / count
+    scale = tf.math.rsqrt(variance + epsilon) * gamma
+    return centred * broadcast_channels(scale, shape) + broadcast_channels(beta, shape), mean, variance
+
+
+def conv2d_layer_call(layer, padding, inputs):
+    """A Keras Conv2D layer's call (convolution, bias, activation) with `conv2d` and `broadcast_channels`."""
+    outputs = conv2d(inputs, layer.kernel, padding)
+    if layer.use_bias:
+        outputs = outputs + broadcast_channels(layer.bias, tf.shape(outputs))
+    return outputs if layer.activation is None else layer.activation(outputs)

@@ -21,18 +21,25 @@ from keras_metalstm.learner_function import LearnerFunction
 IMAGE_SHAPE = (16, 16, 1)
 
 
-def values_and_two_derivatives(convolution, images, kernel):
-    """The outputs, the gradient of a scalar of them w.r.t. images and kernel, and the gradient of a scalar of
-    that gradient (second derivatives through the backward pass)."""
+def values_and_two_derivatives(function, *inputs):
+    """The outputs of function(*inputs), the gradient of a scalar of them w.r.t. every input, and the gradient of
+    a scalar of that gradient (second derivatives through the backward pass)."""
     with tf.GradientTape(persistent=True) as outer:
-        outer.watch([images, kernel])
+        outer.watch(inputs)
         with tf.GradientTape() as inner:
-            inner.watch([images, kernel])
-            outputs = convolution(images, kernel)
-            loss = tf.reduce_sum(tf.sin(outputs))
-        images_gradient, kernel_gradient = inner.gradient(loss, [images, kernel])
-        second = tf.reduce_sum(tf.square(images_gradient)) + tf.reduce_sum(tf.cos(kernel_gradient))
-    return [outputs, images_gradient, kernel_gradient, *outer.gradient(second, [images, kernel])]
+            inner.watch(inputs)
+            outputs = tf.nest.flatten(function(*inputs))
+            loss = tf.add_n([tf.reduce_sum(tf.sin(output)) for output in outputs])
+        first = inner.gradient(loss, inputs)
+        second = tf.add_n([tf.reduce_sum(tf.square(gradient) + tf.cos(gradient)) for gradient in first])
+    return [*outputs, *first, *outer.gradient(second, inputs)]
+
+
+def assert_same_values_and_derivatives(ours, reference):
+    assert len(ours) == len(reference)
+    for index, (expected, actual) in enumerate(zip(reference, ours, strict=True)):
+        assert float(tf.norm(expected)) > 0, index
+        np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=1e-10, atol=1e-10, err_msg=str(index))
 
 
 @pytest.mark.parametrize(
@@ -51,9 +58,7 @@ def test_conv2d_values_and_derivatives_equal_tensorflows(height, width, kernel_s
     pairs = xla_ops.same_padding(kernel_size) if padding == "SAME" else ((0, 0), (0, 0))
     expected = values_and_two_derivatives(lambda x, k: tf.nn.conv2d(x, k, 1, padding), images, kernel)
     actual = values_and_two_derivatives(lambda x, k: xla_ops.conv2d(x, k, pairs), images, kernel)
-    for name, reference, ours in zip(["outputs", "d/dx", "d/dk", "d2/dx", "d2/dk"], expected, actual, strict=True):
-        assert float(tf.norm(reference)) > 0, name
-        np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=1e-10, atol=1e-10, err_msg=name)
+    assert_same_values_and_derivatives(actual, expected)
 
 
 def test_conv2d_gradients_are_forward_convolutions():
@@ -87,9 +92,44 @@ def test_max_pool_equals_tensorflows_and_its_gradient_reaches_each_windows_maxim
     )
 
 
-def conv4():
+def test_channel_sum_and_broadcast_channels_equal_tensorflows_and_are_each_others_gradient():
+    rng = np.random.default_rng(2)
+    tensor, channels = tf.constant(rng.normal(size=(3, 5, 4, 6))), tf.constant(rng.normal(size=(6,)))
+    assert_same_values_and_derivatives(
+        values_and_two_derivatives(xla_ops.channel_sum, tensor),
+        values_and_two_derivatives(lambda values: tf.reduce_sum(values, [0, 1, 2]), tensor),
+    )
+    assert_same_values_and_derivatives(
+        values_and_two_derivatives(lambda values: xla_ops.broadcast_channels(values, tensor.shape), channels),
+        values_and_two_derivatives(lambda values: tf.broadcast_to(values, tensor.shape), channels),
+    )
+    graph = tf.function(lambda values: tf.gradients(xla_ops.channel_sum(values), values)).get_concrete_function(
+        tensor
+    )
+    assert "Sum" not in graph_op_types(graph)  # neither the sum nor its gradient is a reduction
+
+
+def test_the_batch_normalisation_form_equals_its_definition_with_two_derivatives():
+    rng = np.random.default_rng(3)
+    inputs = tf.constant(rng.normal(2.0, 3.0, size=(4, 3, 5, 6)))
+    gamma, beta = tf.constant(rng.normal(size=(6,))), tf.constant(rng.normal(size=(6,)))
+
+    def definition(inputs, gamma, beta):
+        mean = tf.reduce_mean(inputs, [0, 1, 2])
+        variance = tf.reduce_mean(tf.square(inputs - mean), [0, 1, 2])
+        return (inputs - mean) / tf.sqrt(variance + 1e-3) * gamma + beta, mean, variance
+
+    assert_same_values_and_derivatives(
+        values_and_two_derivatives(
+            lambda *tensors: xla_ops.batch_normalization_training(*tensors, 1e-3), inputs, gamma, beta
+        ),
+        values_and_two_derivatives(definition, inputs, gamma, beta),
+    )
+
+
+def conv4(input_shape=IMAGE_SHAPE):
     keras.utils.set_random_seed(0)
-    return km.learners.conv4(input_shape=IMAGE_SHAPE, num_classes=5, filters=4)
+    return km.learners.conv4(input_shape=input_shape, num_classes=5, filters=4)
 
 
 def traced_op_types(function, *args):
@@ -111,13 +151,32 @@ def test_the_learner_function_uses_the_cpu_forms_only_inside_their_scope():
     with xla_ops.cpu_forms():
         forms = traced_op_types(loss_and_gradient, theta)
         loss, gradient = tf.function(loss_and_gradient)(theta)
-    assert {"Conv2DBackpropFilter", "MaxPool", "MaxPoolGrad"} <= stock
-    assert not forms & {"Conv2DBackpropFilter", "Conv2DBackpropInput", "MaxPool", "MaxPoolGrad"}
+    replaced = {"Conv2DBackpropFilter", "MaxPool", "MaxPoolGrad", "FusedBatchNormV3", "FusedBatchNormGradV3"}
+    assert replaced <= stock
+    assert not forms & (replaced | {"Conv2DBackpropInput"})
     stock_loss, stock_gradient = tf.function(loss_and_gradient)(theta)
     np.testing.assert_allclose(loss.numpy(), stock_loss.numpy(), rtol=1e-6)
     assert float(tf.norm(gradient - stock_gradient)) <= 1e-5 * float(tf.norm(stock_gradient))
     # The layers are the user's again once the call is over.
     assert not any("convolution_op" in vars(layer) or "call" in vars(layer) for layer in learner._flatten_layers())
+
+
+def test_the_convolution_layers_form_keeps_their_bias_and_activation():
+    keras.utils.set_random_seed(5)
+    images = keras.Input(IMAGE_SHAPE)
+    features = keras.layers.Conv2D(3, 3, activation="relu")(images)
+    features = keras.layers.Conv2D(2, 2, padding="same", use_bias=False, activation="tanh")(features)
+    function = LearnerFunction(keras.Model(images, keras.layers.Dense(5)(keras.layers.Flatten()(features))))
+    theta = function.initial_theta() + tf.random.normal([function.num_parameters], stddev=0.1, seed=6)
+    inputs = tf.random.normal((3, *IMAGE_SHAPE), seed=7)
+
+    def logits(theta):
+        return function(theta, function.initial_state(), inputs, True)[0]
+
+    stock = logits(theta)
+    with xla_ops.cpu_forms():
+        assert "Relu" in traced_op_types(logits, theta)
+        np.testing.assert_allclose(tf.function(logits)(theta).numpy(), stock.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_layers_the_forms_do_not_cover_keep_keras_call():
@@ -203,3 +262,20 @@ def test_xla_computes_the_coordinate_lstms_gate_gradients_once_in_its_cpu_form(f
         hlo = compiled.experimental_get_compiler_ir(*arguments)(stage="optimized_hlo")
     computations = re.split(r"\n(?=\S)", hlo)
     assert sum('op_type="SigmoidGrad"' in computation for computation in computations) == fusions
+
+
+@pytest.mark.parametrize("forms", [False, True])
+def test_the_learners_sums_over_long_axes_compile_without_windowed_reductions(forms):
+    """XLA's CPU compiler splits a reduction over an axis longer than 32 (batch-norm moments and bias gradients
+    over 40x40 activations here) into a windowed reduction that it emits as plain loops; in the CPU forms every
+    such sum is a matrix product."""
+    function = LearnerFunction(conv4(input_shape=(40, 40, 1)))
+    images, labels = tf.random.normal((10, 40, 40, 1), seed=4), tf.constant([0, 1, 2, 3, 4] * 2)
+
+    def gradient(theta):
+        return function.loss_and_gradient(theta, function.initial_state(), images, labels)[1]
+
+    with xla_ops.cpu_forms() if forms else contextlib.nullcontext():
+        compiled = tf.function(gradient, jit_compile=True)
+        hlo = compiled.experimental_get_compiler_ir(function.initial_theta())(stage="optimized_hlo")
+    assert ("reduce-window(" in hlo) is not forms
