@@ -5,9 +5,11 @@ threads; oneDNN parallelises inside an op).
 
     python benchmarks/step_profile.py                                  # 28x28x1 5-way 1-shot, T = 12
     python benchmarks/step_profile.py --setting "84x84x3 5-shot T=8"   # any setting of meta_step.py
+    python benchmarks/step_profile.py --xla       # the XLA-compiled step, by HLO instruction kind
 """
 
 import argparse
+import re
 import statistics
 import time
 from pathlib import Path
@@ -82,11 +84,13 @@ def profile(setting_name, steps):
 
 # Profiler events that contain the ops' own events (executor and thread-pool wrappers), not ops.
 CONTAINER_EVENTS = {"Process", "ParallelFor", "ExecutorDoneCallback"}
+# Events beside the compiled instructions' on the threads that run an XLA cluster.
+XLA_RUNTIME_EVENTS = {"BlockUntilReady", "ExecutorDoneCallback"}
 
 
-def cpu_ms_by_op_type(step, episodes, steps):
-    """CPU ms per step spent in each op type (summed over TensorFlow's threads), from the TensorFlow profiler."""
-    import collections
+def profiled_events(step, episodes, steps):
+    """(line name, event name, ms per step) of every event the TensorFlow profiler records on the host CPU while
+    `step` runs `steps` times (after two warm-up calls)."""
     import tempfile
 
     import tensorflow as tf
@@ -101,30 +105,75 @@ def cpu_ms_by_op_type(step, episodes, steps):
         tf.profiler.experimental.stop()
         space = xplane_pb2.XSpace()
         space.ParseFromString(next(Path(log_directory).rglob("*.xplane.pb")).read_bytes())
-    totals = collections.Counter()
     for plane in (plane for plane in space.planes if plane.name == "/host:CPU"):
         names = {key: metadata.name for key, metadata in plane.event_metadata.items()}
-        for line in (line for line in plane.lines if line.name.startswith("tf_Compute")):
+        for line in plane.lines:
             for event in line.events:
-                op_type = names[event.metadata_id].rsplit(":", 1)[-1]
-                if op_type not in CONTAINER_EVENTS:
-                    totals[op_type] += event.duration_ps / 1e9 / steps
+                yield line.name, names[event.metadata_id], event.duration_ps / 1e9 / steps
+
+
+def sorted_totals(pairs):
+    """{key: summed ms}, largest first, of (key, ms) pairs."""
+    import collections
+
+    totals = collections.Counter()
+    for key, ms in pairs:
+        totals[key] += ms
     return dict(totals.most_common())
+
+
+def cpu_ms_by_op_type(step, episodes, steps):
+    """CPU ms per step spent in each op type (summed over TensorFlow's threads), from the TensorFlow profiler."""
+    return sorted_totals(
+        (op_type, ms)
+        for line, name, ms in profiled_events(step, episodes, steps)
+        if line.startswith("tf_Compute") and (op_type := name.rsplit(":", 1)[-1]) not in CONTAINER_EVENTS
+    )
+
+
+def xla_ms_by_instruction(step, episodes, steps):
+    """CPU ms per step in each kind of instruction of an XLA-compiled step, summed over threads: the optimised
+    HLO's instruction names without their numbers (`dot`, `multiply_reduce_fusion`; see them with
+    `XLA_FLAGS=--xla_dump_to=DIR`) as they run inside a TensorFlow function, like the compiled meta-gradient inside
+    the training step. TensorFlow ops ("name:Type") and runtime events ("A::B", XLA_RUNTIME_EVENTS) are left out."""
+    return sorted_totals(
+        (re.sub(r"\.\d+$", "", name), ms)
+        for line, name, ms in profiled_events(step, episodes, steps)
+        if line != "python" and ":" not in name and name not in XLA_RUNTIME_EVENTS
+    )
+
+
+def profile_xla(setting_name, steps):
+    """The XLA-compiled training step (`--xla`, with the CPU forms on a CPU-only machine) by instruction kind."""
+    import keras_metalstm as km
+
+    meta, episodes = build(SETTINGS[setting_name])
+    return xla_ms_by_instruction(km.MetaTrainer(meta, jit_compile=True).train_step, episodes, steps)
+
+
+def print_shares(title, totals, rows):
+    total = sum(totals.values())
+    print(f"{title} ({total:.0f} in all):")
+    for name, ms in list(totals.items())[:rows]:
+        print(f"  {name:<55} {ms:8.1f} ms {100 * ms / total:5.1f} %")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=list(SETTINGS), default="28x28x1 1-shot T=12", help="what to profile")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per part (median)")
+    parser.add_argument("--xla", action="store_true", help="profile the XLA-compiled step by HLO instruction kind")
     args = parser.parse_args()
+    if args.xla:
+        title = f"{args.setting}, the XLA-compiled training step: CPU ms per step by HLO instruction, summed over threads"
+        print_shares(title, profile_xla(args.setting, args.steps), rows=25)
+        return
     result = profile(args.setting, args.steps)
     print(f"{args.setting}, 5-way, conv4, median ms of each part compiled alone:")
     for name, ms in result["parts"].items():
         print(f"  {name:<55} {ms:8.1f} ms")
-    total = sum(result["op_types"].values())
-    print(f"The whole training step ('ours'): CPU ms per step by op type, summed over threads ({total:.0f} in all):")
-    for op_type, ms in list(result["op_types"].items())[:15]:
-        print(f"  {op_type:<55} {ms:8.1f} ms {100 * ms / total:5.1f} %")
+    title = "The whole training step ('ours'): CPU ms per step by op type, summed over threads"
+    print_shares(title, result["op_types"], rows=15)
 
 
 if __name__ == "__main__":

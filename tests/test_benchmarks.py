@@ -1,6 +1,7 @@
 """The speed benchmark compares like with like: its straightforward baseline computes our meta-gradient."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -94,4 +95,24 @@ def test_the_op_type_profile_names_what_a_step_runs_and_no_wrapper_events(monkey
     assert any("MatMul" in op_type for op_type in profile), profile
     assert not set(profile) & benchmark.CONTAINER_EVENTS
     assert all(ms >= 0 for ms in profile.values())
+    assert list(profile.values()) == sorted(profile.values(), reverse=True)
+
+
+def test_the_xla_profile_names_the_compiled_instructions_not_tensorflow_ops(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    benchmark = load_benchmark("step_profile")
+    matrix = tf.random.normal((384, 384))
+
+    @tf.function(jit_compile=True)
+    def product(inputs):
+        return tf.reduce_sum(tf.matmul(inputs, inputs))
+
+    @tf.function
+    def step(inputs):  # an XLA cluster inside a TensorFlow function, as in MetaTrainer(jit_compile=True)
+        return {"loss": product(inputs) + 1.0}
+
+    profile = benchmark.xla_ms_by_instruction(step, matrix, steps=3)
+    assert profile and sum(profile.values()) > 0
+    assert not [name for name in profile if ":" in name or re.search(r"\.\d+$", name)], profile
+    assert not set(profile) & benchmark.XLA_RUNTIME_EVENTS
     assert list(profile.values()) == sorted(profile.values(), reverse=True)
