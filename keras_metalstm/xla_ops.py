@@ -10,7 +10,7 @@ disjoint windows as a reduction over a reshape, whose gradient XLA fuses with it
 select-and-scatter it otherwise compiles max-pool gradients into (6-8x slower than TensorFlow's own kernel).
 Sums over the batch and spatial axes (batch-norm moments, bias gradients) are matrix products with a row of ones
 (`channel_sum`): XLA's CPU compiler splits a reduction over an axis longer than 32 into a windowed reduction that it
-emits as plain loops (a quarter of the 84x84 step's time). The coordinate LSTM has
+emits as plain loops (nearly a third of the 84x84 step's time). The coordinate LSTM has
 a CPU form too (its gate bias inside the matrix product, `CoordinateLSTM._stock_step`).
 
 The CPU forms are used only inside `traced_for_xla()` on a machine without a GPU or TPU: the library traces the
