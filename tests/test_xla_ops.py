@@ -233,30 +233,28 @@ def coordinate_lstm_gradients(layer, inputs, hidden, cell, shared):
     return [hidden_out, cell_out, *tape.gradient(loss, [inputs, hidden, cell, *layer.trainable_variables])]
 
 
-def coordinate_lstm_arguments(coordinates):
-    """A CoordinateLSTM with the meta-learner's shapes (20 units, 2 own and 2 shared features), one episode."""
+def coordinate_lstm_arguments(coordinates, episodes=1, dtype="float32"):
+    """A CoordinateLSTM with the meta-learner's shapes (20 units, 2 own and 2 shared features)."""
     keras.utils.set_random_seed(1)
-    layer = km.layers.CoordinateLSTM(units=20, input_dim=4, shared_input_dim=2)
-    arguments = [tf.random.normal(shape) for shape in [(2, 1, coordinates), (20, 1, coordinates), (20, 1, coordinates)]]
-    return layer, [*arguments, tf.random.normal((2, 1))]
+    layer = km.layers.CoordinateLSTM(units=20, input_dim=4, shared_input_dim=2, dtype=dtype)
+    shapes = [(2, episodes, coordinates), (20, episodes, coordinates), (20, episodes, coordinates), (2, episodes)]
+    return layer, [tf.random.normal(shape, dtype=dtype) for shape in shapes]
 
 
-def test_the_coordinate_lstms_cpu_form_gives_the_same_step_and_gradients():
-    layer, arguments = coordinate_lstm_arguments(coordinates=300)
+@pytest.mark.parametrize("episodes", [1, 3])
+def test_the_coordinate_lstms_cpu_form_gives_the_same_step_and_gradients(episodes):
+    layer, arguments = coordinate_lstm_arguments(coordinates=300, episodes=episodes, dtype="float64")
     stock = coordinate_lstm_gradients(layer, *arguments)
     with xla_ops.cpu_forms():
-        form = coordinate_lstm_gradients(layer, *arguments)
-    for reference, ours in zip(stock, form, strict=True):
-        assert float(tf.norm(reference)) > 0
-        np.testing.assert_allclose(ours.numpy(), reference.numpy(), rtol=1e-5, atol=1e-6)
+        assert_same_values_and_derivatives(coordinate_lstm_gradients(layer, *arguments), stock)
 
 
-@pytest.mark.parametrize("forms, fusions", [(False, 2), (True, 1)])
-def test_xla_computes_the_coordinate_lstms_gate_gradients_once_in_its_cpu_form(forms, fusions):
+@pytest.mark.parametrize("forms, fusions, episodes", [(False, 2, 1), (True, 1, 1), (True, 1, 4)])
+def test_xla_computes_the_coordinate_lstms_gate_gradients_once_in_its_cpu_form(forms, fusions, episodes):
     """With the gate bias added after the product, XLA's CPU compiler fuses the gates' elementwise backward (the
     sigmoid gradients) both into the bias gradient's reduction and into the product's operand: two computations.
-    The CPU form's bias row inside the product leaves the product as the only consumer."""
-    layer, arguments = coordinate_lstm_arguments(coordinates=500)
+    The CPU form's bias rows inside the product leave the product as the only consumer."""
+    layer, arguments = coordinate_lstm_arguments(coordinates=500, episodes=episodes)
     compiled = tf.function(functools.partial(coordinate_lstm_gradients, layer), jit_compile=True)
     with xla_ops.cpu_forms() if forms else contextlib.nullcontext():
         hlo = compiled.experimental_get_compiler_ir(*arguments)(stage="optimized_hlo")

@@ -29,6 +29,26 @@ def hidden_readout(readout_kernel, hidden):
     return tf.reshape(readout, tf.concat([tf.shape(readout_kernel)[1:], tf.shape(hidden)[1:]], axis=0))
 
 
+# Up to this many episodes the XLA CPU form carries the gate bias into the matrix product (`_episode_indicator_rows`):
+# the rows it adds, episodes x (episodes x coordinates), grow with the square of the episodes.
+MAX_EPISODES_WITH_BIAS_ROWS = 8
+
+
+def _episode_indicator_rows(inputs):
+    """For XLA on a CPU: (E, E * coordinates) rows, row e one on episode e's coordinates and zero elsewhere, for
+    inputs (features, E, coordinates) of up to MAX_EPISODES_WITH_BIAS_ROWS episodes with static shapes; else None.
+
+    With them the episodes' gate biases are weights of the gate product. Added after it, the bias's gradient is a
+    sum over coordinates of the gates' gradient, and XLA's CPU compiler fuses the gates' whole elementwise backward
+    into that sum and again into the product's operand, computing it twice (the 12 steps' forward and backward at
+    28x28: 176 ms added, 153 in the product; four episodes: 847 and 632 ms; benchmarks/README.md).
+    """
+    if inputs.shape.rank != 3 or None in inputs.shape[1:] or inputs.shape[1] > MAX_EPISODES_WITH_BIAS_ROWS:
+        return None
+    episodes, coordinates = inputs.shape[1], inputs.shape[2]
+    return tf.repeat(tf.eye(episodes, dtype=inputs.dtype), coordinates, axis=1)
+
+
 # The authors' code starts every meta-parameter in U(-0.01, 0.01); Keras' LSTM
 # defaults (glorot / orthogonal kernels, unit forget bias) are a known way to break the meta-learner.
 def _small_uniform():
@@ -116,17 +136,13 @@ class CoordinateLSTM(keras.layers.Layer):
             hidden, cell = state
             rows.append(tf.reshape(hidden, [self.units, -1]))
             weights.append(self.recurrent_kernel)
-        # For XLA on a CPU, one episode's gate bias enters the product as the weights of a row of ones. Added after
-        # it, the bias's gradient is a reduction of the gates' gradient beside the product's, and XLA's CPU compiler
-        # fuses the gates' whole elementwise backward into both, computing it twice (the 12 steps' forward and
-        # backward at 28x28: 176 ms added, 153 in the product; benchmarks/README.md).
-        bias_in_product = xla_ops.cpu_forms_active() and rank == 3 and inputs.shape[1] == 1
-        if bias_in_product:
-            rows.append(tf.ones_like(rows[0][:1]))
+        bias_rows = _episode_indicator_rows(inputs) if xla_ops.cpu_forms_active() else None
+        if bias_rows is not None:
+            rows.append(bias_rows)
             weights.append(tf.transpose(gate_bias))
         gates = tf.matmul(tf.concat(weights, axis=0), tf.concat(rows, axis=0), transpose_a=True)
         gates = tf.reshape(gates, tf.concat([[4 * self.units], coordinate_shape], axis=0))
-        if not bias_in_product:
+        if bias_rows is None:
             gates = gates + tf.reshape(gate_bias, [4 * self.units, -1] + [1] * (rank - 2))
         input_gate, forget_gate, candidate, output_gate = tf.split(gates, 4, axis=0)
         new_cell = tf.sigmoid(input_gate) * tf.tanh(candidate)
