@@ -52,6 +52,11 @@ from keras_metalstm.runs import (
     write_state,
 )
 
+XLA_ON_CPU_NOTE = (
+    "XLA compiles this run's step for a CPU (no GPU or TPU is visible): there it is slower than without XLA "
+    "(1.4-1.8x on a 2-core Xeon; the project's benchmarks/README.md). XLA is for GPU/TPU."
+)
+
 
 class DivergedError(TrainingError):
     """The meta-training loss became NaN or infinite; the last good checkpoint is kept."""
@@ -419,6 +424,11 @@ class _Session:
         try:
             if self.run.test_split_problem:
                 self.callbacks.on_message(self.run.test_split_problem)
+            if self.config.xla:
+                from keras_metalstm.xla_ops import accelerator_present
+
+                if not accelerator_present():
+                    self.callbacks.on_message(XLA_ON_CPU_NOTE)
             self._clock = (self._restore_or_initialise(), time.time())
             self._began = True
             start = int(self.episode.numpy())

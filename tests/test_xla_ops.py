@@ -12,11 +12,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from cli_helpers import make_image_folder
 from conftest import as_tensors, graph_op_types, random_episodes
 
 import keras_metalstm as km
 from keras_metalstm import xla_ops
+from keras_metalstm.config import RunConfig
 from keras_metalstm.learner_function import LearnerFunction
+from keras_metalstm.training import XLA_ON_CPU_NOTE, Callback, train
 
 IMAGE_SHAPE = (16, 16, 1)
 
@@ -277,3 +280,25 @@ def test_the_learners_sums_over_long_axes_compile_without_windowed_reductions(fo
         compiled = tf.function(gradient, jit_compile=True)
         hlo = compiled.experimental_get_compiler_ir(function.initial_theta())(stage="optimized_hlo")
     assert ("reduce-window(" in hlo) is not forms
+
+
+class Messages(Callback):
+    def __init__(self):
+        self.texts = []
+
+    def on_message(self, text):
+        self.texts.append(text)
+
+
+def test_a_run_compiled_with_xla_on_a_cpu_says_that_xla_is_slower_there(tmp_path):
+    config = RunConfig(
+        data_dir=str(make_image_folder(tmp_path / "data")), dataset="folder", n_way=2, k_shot=1, query=2,
+        inner_steps=2, hidden_units=4, filters=4, episodes=2, log_every=1, val_episodes=2, validate_every=2,
+        checkpoint_every=2, seed=1,
+    )
+    messages = {}
+    for xla in (False, True):
+        messages[xla] = Messages()
+        assert train(config.replace(xla=xla), tmp_path / f"run_{xla}", callbacks=messages[xla]).status == "finished"
+    assert XLA_ON_CPU_NOTE in messages[True].texts
+    assert XLA_ON_CPU_NOTE not in messages[False].texts
