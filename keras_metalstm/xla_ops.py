@@ -165,15 +165,44 @@ def broadcast_channels(values, shape):
 
 def batch_normalization_training(inputs, gamma, beta, epsilon):
     """Training-mode batch normalisation of channels-last `inputs` by their own batch moments, with every sum over
-    the batch a `channel_sum` (first and second derivatives exact). Returns the outputs, the batch mean and the
-    biased batch variance, as `keras_metalstm.fused_batch_norm.batch_normalization_training` does."""
+    the batch a `channel_sum` and the backward pass in closed form (two sums where differentiating the forward
+    pass takes three; first and second derivatives exact). Returns the outputs, the batch mean and the biased
+    batch variance, as `keras_metalstm.fused_batch_norm.batch_normalization_training` does."""
     shape = tf.shape(inputs)
     count = tf.cast(tf.reduce_prod(shape[:-1]), inputs.dtype)
-    mean = channel_sum(inputs) / count
-    centred = inputs - broadcast_channels(mean, shape)
-    variance = channel_sum(tf.square(centred)) / count
-    scale = tf.math.rsqrt(variance + epsilon) * gamma
-    return centred * broadcast_channels(scale, shape) + broadcast_channels(beta, shape), mean, variance
+
+    def moments(inputs):
+        mean = channel_sum(inputs) / count
+        centred = inputs - broadcast_channels(mean, shape)
+        variance = channel_sum(tf.square(centred)) / count
+        return mean, centred, variance
+
+    @tf.custom_gradient
+    def normalise(inputs, gamma, beta):
+        mean, centred, variance = moments(inputs)
+        outputs = centred * broadcast_channels(tf.math.rsqrt(variance + epsilon) * gamma, shape)
+        outputs += broadcast_channels(beta, shape)
+
+        def gradient(output_gradient, mean_gradient, variance_gradient):
+            # Recomputed from the inputs, not captured from the forward pass, so the outer tape of a second
+            # derivative sees how they depend on the inputs.
+            _, centred, variance = moments(inputs)
+            inverse_deviation = tf.math.rsqrt(variance + epsilon)
+            normalised = centred * broadcast_channels(inverse_deviation, shape)
+            beta_gradient = channel_sum(output_gradient)
+            gamma_gradient = channel_sum(output_gradient * normalised)
+            input_gradient = broadcast_channels(gamma * inverse_deviation, shape) * (
+                output_gradient
+                - broadcast_channels(beta_gradient / count, shape)
+                - normalised * broadcast_channels(gamma_gradient / count, shape)
+            )
+            input_gradient += broadcast_channels(mean_gradient / count, shape)
+            input_gradient += centred * broadcast_channels(2.0 * variance_gradient / count, shape)
+            return input_gradient, gamma_gradient, beta_gradient
+
+        return (outputs, mean, variance), gradient
+
+    return normalise(inputs, gamma, beta)
 
 
 def conv2d_layer_call(layer, padding, inputs):
