@@ -10,8 +10,9 @@ disjoint windows as a reduction over a reshape, whose gradient XLA fuses with it
 select-and-scatter it otherwise compiles max-pool gradients into (6-8x slower than TensorFlow's own kernel).
 Sums over the batch and spatial axes (batch-norm moments, bias gradients) are matrix products with a row of ones
 (`channel_sum`): XLA's CPU compiler splits a reduction over an axis longer than 32 into a windowed reduction that it
-emits as plain loops (nearly a third of the 84x84 step's time). The coordinate LSTM has
-a CPU form too (its gate bias inside the matrix product, `CoordinateLSTM._stock_step`).
+emits as plain loops (nearly a third of the 84x84 step's time). Batch normalisation, built on them, takes its
+backward pass in closed form. The coordinate LSTM has a CPU form too (the episodes' gate biases inside its matrix
+product, `keras_metalstm.layers.coordinate_lstm`).
 
 The CPU forms are used only inside `traced_for_xla()` on a machine without a GPU or TPU: the library traces the
 functions it compiles with XLA within it (`meta_train_step(..., jit_compile=True)`, `metalstm train --xla`, `fit`
@@ -60,8 +61,9 @@ def transpose(tensor, permutation):
 
 @contextlib.contextmanager
 def cpu_forms():
-    """Within this context, in this thread, learner functions traced use `conv2d` and `max_pool` for the layers
-    they can stand in for (`LearnerFunction`), and the coordinate LSTM its CPU form. Thread-local: MirroredStrategy traces each replica in a thread."""
+    """Within this context, in this thread, learner functions traced use the forms here for the layers they can
+    stand in for (`LearnerFunction`: convolutions, max pooling, batch normalisation), and the coordinate LSTM its
+    CPU form. Thread-local: MirroredStrategy traces each replica in a thread."""
     previous = cpu_forms_active()
     _state.active = True
     try:
