@@ -22,7 +22,7 @@ def _is_zero(tensor):
     return value is not None and not np.any(value)
 
 
-def _batch_size(inputs):
+def values_per_channel(inputs):
     """The number of values each channel's moments average over, as `inputs`' dtype."""
     return tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), inputs.dtype)
 
@@ -34,7 +34,7 @@ def _statistics_gradient(inputs, mean_gradient, variance_gradient):
         return None
     # The mean recomputed with plain ops, not taken from the fused op, whose gradient would ignore it.
     centred = inputs - tf.reduce_mean(inputs, list(range(inputs.shape.rank - 1)))
-    return (mean_gradient + 2.0 * variance_gradient * centred) / _batch_size(inputs)
+    return (mean_gradient + 2.0 * variance_gradient * centred) / values_per_channel(inputs)
 
 
 def batch_normalization_training(inputs, gamma, beta, epsilon):
@@ -61,7 +61,7 @@ def batch_normalization_training(inputs, gamma, beta, epsilon):
             x=images, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon, is_training=True
         )
         outputs, mean, corrected_variance = forward_outputs[:3]
-        count = _batch_size(images)
+        count = values_per_channel(images)
         # The op returns the Bessel-corrected variance (for moving averages); Keras averages the biased one.
         variance = corrected_variance * ((count - 1.0) / count)
 

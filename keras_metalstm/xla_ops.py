@@ -27,6 +27,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from keras_metalstm.fused_batch_norm import values_per_channel
 from keras_metalstm.ops import fused_coordinate_lstm
 
 _state = threading.local()
@@ -170,8 +171,7 @@ def batch_normalization_training(inputs, gamma, beta, epsilon):
     the batch a `channel_sum` and the backward pass in closed form (two sums where differentiating the forward
     pass takes three; first and second derivatives exact). Returns the outputs, the batch mean and the biased
     batch variance, as `keras_metalstm.fused_batch_norm.batch_normalization_training` does."""
-    shape = tf.shape(inputs)
-    count = tf.cast(tf.reduce_prod(shape[:-1]), inputs.dtype)
+    shape, count = tf.shape(inputs), values_per_channel(inputs)
 
     def moments(inputs):
         mean = channel_sum(inputs) / count
