@@ -1,12 +1,14 @@
 """Training-mode batch normalisation on TensorFlow's fused ops: values against NumPy, first and second derivatives
 (through the batch statistics too) against autodiff of the plain formula in float64, and the learner function
-using it where Keras' own call would give the same result, and only there."""
+using it where Keras' own call would give the same result, and only there; and its XLA CPU form
+(`xla_ops.batch_normalization_training`) against the same formula."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_metalstm import xla_ops
 from keras_metalstm.fused_batch_norm import batch_normalization_training
 from keras_metalstm.learner_function import LearnerFunction
 
@@ -105,6 +107,24 @@ def test_first_and_second_derivatives_equal_autodiff_of_the_plain_formula_in_flo
         scale = np.abs(plain.numpy()).max()
         assert scale > 0, name
         np.testing.assert_allclose(fused.numpy(), plain.numpy(), rtol=0, atol=5e-5 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("use_statistics", [True, False])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (10, 4)])
+def test_the_xla_cpu_form_equals_the_plain_formula_with_two_derivatives_in_float64(shape, use_statistics):
+    """`xla_ops.batch_normalization_training` (sums as products, the backward pass in closed form) in float64:
+    value, gradients and Hessian-vector products equal autodiff of the plain formula to rounding."""
+    case = tensors(random_case(shape, seed=3), tf.float64)
+
+    def xla_form(inputs, gamma, beta):
+        return xla_ops.batch_normalization_training(inputs, gamma, beta, EPSILON)
+
+    ours, reference = derivatives(xla_form, case, use_statistics), derivatives(plain_batch_norm, case, use_statistics)
+    np.testing.assert_allclose(ours[0].numpy(), reference[0].numpy(), rtol=1e-10)
+    for order, (our_values, plain_values) in enumerate(zip(ours[1:], reference[1:], strict=True), start=1):
+        for name, our_value, plain in zip(["inputs", "gamma", "beta"], our_values, plain_values, strict=True):
+            assert float(tf.norm(plain)) > 0, (order, name)
+            np.testing.assert_allclose(our_value.numpy(), plain.numpy(), rtol=1e-10, atol=1e-10, err_msg=f"{order} {name}")
 
 
 def test_tensorflows_registered_gradient_would_ignore_the_statistics():

@@ -112,24 +112,6 @@ def test_channel_sum_and_broadcast_channels_equal_tensorflows_and_are_each_other
     assert "Sum" not in graph_op_types(graph)  # neither the sum nor its gradient is a reduction
 
 
-def test_the_batch_normalisation_form_equals_its_definition_with_two_derivatives():
-    rng = np.random.default_rng(3)
-    inputs = tf.constant(rng.normal(2.0, 3.0, size=(4, 3, 5, 6)))
-    gamma, beta = tf.constant(rng.normal(size=(6,))), tf.constant(rng.normal(size=(6,)))
-
-    def definition(inputs, gamma, beta):
-        mean = tf.reduce_mean(inputs, [0, 1, 2])
-        variance = tf.reduce_mean(tf.square(inputs - mean), [0, 1, 2])
-        return (inputs - mean) / tf.sqrt(variance + 1e-3) * gamma + beta, mean, variance
-
-    assert_same_values_and_derivatives(
-        values_and_two_derivatives(
-            lambda *tensors: xla_ops.batch_normalization_training(*tensors, 1e-3), inputs, gamma, beta
-        ),
-        values_and_two_derivatives(definition, inputs, gamma, beta),
-    )
-
-
 def conv4(input_shape=IMAGE_SHAPE):
     keras.utils.set_random_seed(0)
     return km.learners.conv4(input_shape=input_shape, num_classes=5, filters=4)
