@@ -1,5 +1,5 @@
-"""The metrics log of a training run: metrics.jsonl (appended) and metrics.csv (rewritten atomically), and the
-training curves drawn from it."""
+"""The metrics log of a training run: metrics.jsonl (appended) and metrics.csv (rewritten atomically), the
+training curves drawn from it, and the same scalars for TensorBoard when it is installed."""
 
 from __future__ import annotations
 
@@ -71,3 +71,25 @@ def write_curves(run_dir) -> Path | None:
     if not rows:
         return None
     return plot_training_curves(rows, Path(run_dir) / CURVES_FILE, baselines=saved_baselines(run_dir))
+
+
+def tensorboard_writer(run_dir: Path):
+    """A summary writer for the run's tensorboard/ folder, or None when the tensorboard package is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    import tensorflow as tf
+
+    return tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+
+
+def write_scalars(writer, step, values):
+    """The {name: value} scalars at `step` into `writer` (nothing without one)."""
+    if writer is None:
+        return
+    import tensorflow as tf
+
+    with writer.as_default(step=step):
+        for name, value in values.items():
+            tf.summary.scalar(name, value)

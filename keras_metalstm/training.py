@@ -31,7 +31,14 @@ from pathlib import Path
 
 from keras_metalstm.config import CONFIG_FILE_NAME, RunConfig, first_line
 from keras_metalstm.learner_spec import ARCHITECTURE_FILE
-from keras_metalstm.metrics_log import MetricsLog, read_metrics, write_curves
+from keras_metalstm.metrics_log import (
+    MetricsLog,
+    read_metrics,
+    tensorboard_writer,
+    write_curves,
+    write_scalars,
+)
+from keras_metalstm.run_checks import check_episode_shapes, check_theta0_source, test_split_problem
 from keras_metalstm.runs import (
     BEST_DIR,
     CHECKPOINT_DIR,
@@ -290,7 +297,7 @@ class TrainingRun:
         # Check the episode shape fits the data before anything is written.
         check_episode_shapes(splits, self.config)
         self.test_split_problem = test_split_problem(splits, self.config)
-        _check_theta0_source(self.config, strategy)
+        check_theta0_source(self.config, strategy)
         # A run that reached a checkpoint keeps its stored learner; a new one builds and checks config.learner.
         stored = self.run_dir if self.started else None
         self.architecture = _outside_any_strategy(learner_architecture, self.config, stored)
@@ -411,7 +418,7 @@ class _Session:
     def _open_log(self, start):
         if self.chief:
             self.log = MetricsLog(self.run_dir, truncate_after=start)
-            self.writer = _tensorboard_writer(self.run_dir)
+            self.writer = tensorboard_writer(self.run_dir)
 
     # --- the loop -----------------------------------------------------------------------------------------
     def seconds(self) -> float:
@@ -556,7 +563,7 @@ class _Session:
     def _record(self, row, scalars) -> None:
         if self.chief:
             self.log.append(row)
-            _tb_scalars(self.writer, row["episode"], scalars)
+            write_scalars(self.writer, row["episode"], scalars)
 
     # --- the end ---------------------------------------------------------------------------------------------
     def _write_state(self) -> None:
@@ -617,67 +624,3 @@ def train(
 ) -> TrainingResult:
     """Meta-train `config` in `run_dir` (see TrainingRun)."""
     return TrainingRun(config, run_dir, resume=resume, deterministic=deterministic).run(callbacks)
-
-
-def _check_theta0_source(config: RunConfig, strategy) -> None:
-    """Fail before anything is written when theta_0's starting point cannot be had."""
-    import tensorflow as tf
-
-    from keras_metalstm.learner_spec import learner_kind
-
-    if config.theta0_init != "pretrained":
-        return
-    if config.pretrained_model:
-        if not Path(config.pretrained_model).is_file():
-            raise TrainingError(
-                f"pretrained model {config.pretrained_model} does not exist; pass a .keras classifier of the "
-                "learner's architecture"
-            )
-    elif learner_kind(config.learner) != "file" and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        raise TrainingError(
-            "theta0_init 'pretrained' under a multi-worker strategy needs --pretrained-model (a file every worker "
-            "reads): pre-train it once in a single-process run, e.g. `metalstm evaluate RUN --baselines` leaves "
-            "one in RUN/baselines/pretrained.keras"
-        )
-
-
-def check_episode_shapes(splits, config: RunConfig) -> None:
-    """Raise DataError now if the training or validation split cannot give the configured episodes (instead of
-    mid-training)."""
-    from keras_metalstm.data import EpisodeSampler
-
-    EpisodeSampler(splits.train, config.n_way, config.k_shot, config.query)
-    if config.val_episodes:
-        EpisodeSampler(splits.val, config.n_way, config.k_shot, config.query)
-
-
-def test_split_problem(splits, config: RunConfig) -> str | None:
-    """Why the test split cannot give the configured episodes (said at the start of training, since only
-    `metalstm evaluate` needs it), or None."""
-    from keras_metalstm.data import DataError, EpisodeSampler
-
-    try:
-        EpisodeSampler(splits.test, config.n_way, config.k_shot, config.query)
-    except DataError as error:
-        return f"note: `metalstm evaluate` will not find test episodes in this data: {error}"
-    return None
-
-
-def _tensorboard_writer(run_dir: Path):
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") is None:
-        return None
-    import tensorflow as tf
-
-    return tf.summary.create_file_writer(str(run_dir / "tensorboard"))
-
-
-def _tb_scalars(writer, step, values):
-    if writer is None:
-        return
-    import tensorflow as tf
-
-    with writer.as_default(step=step):
-        for name, value in values.items():
-            tf.summary.scalar(name, value)
