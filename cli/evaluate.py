@@ -43,9 +43,9 @@ def run_evaluation(
     the baselines of the saved reports); returns (report, path)."""
     from tqdm import tqdm
 
-    from keras_metalstm.baselines import PretrainConfig
     from keras_metalstm.evaluation import evaluate_run, save_report
     from keras_metalstm.metrics_log import write_curves
+    from keras_metalstm.pretraining import PretrainConfig
     from keras_metalstm.runs import load_run_config
 
     config = load_run_config(run_dir)

@@ -13,13 +13,12 @@ from pathlib import Path
 from keras_metalstm.baselines import (
     DEFAULT_PROTOCOLS,
     Baselines,
-    PretrainConfig,
     build_baselines,
     choose_on_validation,
     episodes_of,
-    pretrain_classifier,
     setting_label,
 )
+from keras_metalstm.pretraining import PretrainConfig, pretrain_classifier
 
 
 def baseline_cache_paths(run_dir):

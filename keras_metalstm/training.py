@@ -323,7 +323,7 @@ class TrainingRun:
         if learner_kind(config.learner) == "file":
             return load_learner_file(config.learner)
         from keras_metalstm.baseline_cache import baseline_cache_paths, cached_pretrained_classifier
-        from keras_metalstm.baselines import PretrainConfig
+        from keras_metalstm.pretraining import PretrainConfig
 
         model, info = cached_pretrained_classifier(
             self.run_dir,

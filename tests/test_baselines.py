@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from keras_metalstm import baselines as bl
+from keras_metalstm.pretraining import PretrainedFeatures
 
 N_WAY = 3
 
@@ -58,14 +59,14 @@ def one_hot(labels, n=N_WAY):
 def test_cosine_nearest_neighbour_on_the_penultimate_features_matches_numpy():
     model = dense_learner(hidden=6)
     support, support_labels, query, _ = episode(queries=10)
-    baseline = bl.NearestNeighbour("nearest_neighbour_authors", "cosine", bl.PretrainedFeatures(model))
+    baseline = bl.NearestNeighbour("nearest_neighbour_authors", "cosine", PretrainedFeatures(model))
     s, q = numpy_hidden(model, support), numpy_hidden(model, query)
     cosine = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (s / np.linalg.norm(s, axis=1, keepdims=True)).T
     expected = np.asarray(support_labels)[cosine.argmax(1)]
     euclidean = np.asarray(support_labels)[((q[:, None] - s[None]) ** 2).sum(-1).argmin(1)]
     assert not np.array_equal(expected, euclidean)  # the episode tells the two metrics apart
     np.testing.assert_array_equal(baseline.predictions(support, support_labels, query).numpy(), expected)
-    ours = bl.NearestNeighbour("nearest_neighbour", "euclidean", bl.PretrainedFeatures(model))
+    ours = bl.NearestNeighbour("nearest_neighbour", "euclidean", PretrainedFeatures(model))
     np.testing.assert_array_equal(ours.predictions(support, support_labels, query).numpy(), euclidean)
     assert (baseline.protocol, ours.protocol) == ("authors", "ours")
 
@@ -128,7 +129,7 @@ def numpy_authors_finetune(model, head, support, support_labels, query, learning
 def test_authors_finetune_is_15_sgd_updates_of_the_whole_network_with_decay():
     model = dense_learner()
     ep = episode()
-    features = bl.PretrainedFeatures(model, batchnorm_momentum=bl.TORCH_BATCHNORM_MOMENTUM)
+    features = PretrainedFeatures(model, batchnorm_momentum=bl.TORCH_BATCHNORM_MOMENTUM)
     baseline = bl.AuthorsFinetune(features, N_WAY, seed=5)
     head = bl.torch_linear_init(5, N_WAY, seed=5)
     for kernel, drawn in zip(head, baseline.head, strict=True):
@@ -147,7 +148,7 @@ def test_authors_finetune_is_15_sgd_updates_of_the_whole_network_with_decay():
 def test_authors_finetune_runs_batch_norm_in_training_mode_and_queries_on_the_moved_running_averages():
     model = dense_learner(batchnorm=True)
     ep = episode()
-    features = bl.PretrainedFeatures(model, batchnorm_momentum=bl.TORCH_BATCHNORM_MOMENTUM)
+    features = PretrainedFeatures(model, batchnorm_momentum=bl.TORCH_BATCHNORM_MOMENTUM)
     baseline = bl.AuthorsFinetune(features, N_WAY, seed=5)
     # learning rate 0: the weights stay, so only the 15 training-mode forward passes change the statistics
     got = baseline.query_logits(ep, learning_rate=0.0, decay=0.0).numpy()
@@ -166,7 +167,7 @@ def test_authors_finetune_runs_batch_norm_in_training_mode_and_queries_on_the_mo
 
 
 def test_authors_grid_is_their_configs():
-    baseline = bl.AuthorsFinetune(bl.PretrainedFeatures(dense_learner()), N_WAY)
+    baseline = bl.AuthorsFinetune(PretrainedFeatures(dense_learner()), N_WAY)
     assert baseline.updates == 15 and len(baseline.grid) == 6 * 7
     assert {p["learning_rate"] for p in baseline.grid} == {0.5, 0.1, 0.01, 0.001, 0.0001, 0.00001}
     assert {p["decay"] for p in baseline.grid} == {1, 0.1, 0.01, 0.001, 0.0001, 0.00001, 0}
@@ -175,7 +176,7 @@ def test_authors_grid_is_their_configs():
 
 def test_authors_grid_scored_in_one_call_equals_each_setting_on_its_own():
     baseline = bl.AuthorsFinetune(
-        bl.PretrainedFeatures(dense_learner(), batchnorm_momentum=bl.TORCH_BATCHNORM_MOMENTUM),
+        PretrainedFeatures(dense_learner(), batchnorm_momentum=bl.TORCH_BATCHNORM_MOMENTUM),
         N_WAY,
         learning_rates=(0.5, 0.01),
         decays=(1.0, 0.0),
@@ -206,7 +207,7 @@ def test_validation_choice_picks_the_grid_point_with_the_best_mean():
 
 
 def test_a_baseline_scores_only_after_its_settings_are_chosen():
-    baseline = bl.AuthorsFinetune(bl.PretrainedFeatures(dense_learner()), N_WAY)
+    baseline = bl.AuthorsFinetune(PretrainedFeatures(dense_learner()), N_WAY)
     with pytest.raises(RuntimeError, match="choose the settings of finetune_authors"):
         baseline.accuracy(episode())
     baseline.settings = {"learning_rate": 0.5, "decay": 0.0}
@@ -234,7 +235,7 @@ def numpy_cosine_classifier(weights, support, labels, query, learning_rate, step
 def test_baseline_plus_head_is_a_cosine_classifier_trained_on_the_frozen_features():
     model = dense_learner(hidden=6)
     ep = episode(queries=6)
-    baseline = bl.BaselinePlus(bl.PretrainedFeatures(model), N_WAY, seed=2, learning_rates=(0.5,), steps=(1, 4),
+    baseline = bl.BaselinePlus(PretrainedFeatures(model), N_WAY, seed=2, learning_rates=(0.5,), steps=(1, 4),
                                scales=(4.0,))
     start = bl.torch_linear_init(6, N_WAY, seed=2)[0]
     np.testing.assert_array_equal(baseline.initial_params()[0].numpy(), start)
@@ -253,7 +254,7 @@ def test_baseline_plus_head_is_a_cosine_classifier_trained_on_the_frozen_feature
                         == ep[3].numpy()) for n in (1, 4)]
     assert curve == pytest.approx(expected)
     assert baseline.protocol == "chen2019" and len(baseline.grid) == 2
-    assert {p["scale"] for p in bl.BaselinePlus(bl.PretrainedFeatures(model), N_WAY).grid} == {2, 5, 10, 20}
+    assert {p["scale"] for p in bl.BaselinePlus(PretrainedFeatures(model), N_WAY).grid} == {2, 5, 10, 20}
 
 
 # ----------------------------------------------------------------------------------------------- assembling

@@ -8,7 +8,6 @@ import tensorflow as tf
 from conftest import as_tensors, random_episodes
 
 import keras_metalstm as km
-from keras_metalstm.baselines import feature_model
 from keras_metalstm.config import ConfigError, RunConfig, normalise_learner_spec
 from keras_metalstm.learner_spec import (
     LearnerError,
@@ -17,6 +16,7 @@ from keras_metalstm.learner_spec import (
     fresh_copy,
     model_from_architecture,
 )
+from keras_metalstm.pretraining import feature_model
 
 
 def test_learner_specs_are_normalised_or_refused(tmp_path, monkeypatch):
