@@ -27,6 +27,7 @@ from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy
 from keras_metalstm.ops import fused_coordinate_lstm
 from keras_metalstm.preprocessing import preprocess
+from keras_metalstm.weight_transfer import weights_for_learner
 from keras_metalstm.xla_ops import accelerator_present, traced_for_xla
 
 EPISODE_KEYS = ("support_images", "support_labels", "query_images", "query_labels")
@@ -199,28 +200,7 @@ class MetaLearner(keras.Model):
         Returns:
             The paths of the learner weights that start at zero.
         """
-        learner_variables = self.learner.trainable_variables
-        source_variables = source.trainable_variables
-        if len(source_variables) != len(learner_variables):
-            raise ValueError(
-                f"Cannot initialise theta_0 from {source.name!r}: it has {len(source_variables)} trainable "
-                f"weights, the learner {len(learner_variables)}. Use a model of the learner's architecture "
-                "(only the output layer's size may differ)."
-            )
-        output_weights = {id(variable) for variable in _output_layer_weights(self.learner)}
-        values, zeroed = [], []
-        for mine, theirs in zip(learner_variables, source_variables, strict=True):
-            if tuple(mine.shape) == tuple(theirs.shape):
-                values.append(theirs.value)
-            elif id(mine) in output_weights:
-                values.append(keras.ops.zeros(mine.shape, mine.dtype))
-                zeroed.append(mine.path)
-            else:
-                raise ValueError(
-                    f"Cannot initialise theta_0 from {source.name!r}: its weight {theirs.path!r} has shape "
-                    f"{tuple(theirs.shape)}, the learner's {mine.path!r} {tuple(mine.shape)}. Only the output "
-                    "layer may differ: use a model of the learner's architecture."
-                )
+        values, zeroed = weights_for_learner(self.learner, source)
         self.theta0.assign(self._learner_function.flatten(values))
         return zeroed
 
@@ -618,11 +598,3 @@ def _state_signature(learner):
     """The TensorSpec of one episode's non-trainable state, as a per-episode tf.map_fn returns it."""
     return [tf.TensorSpec(value.shape, value.dtype) for value in learner.initial_state()]
 
-
-def _output_layer_weights(model):
-    """The trainable weights of the layer that owns the model's last trainable weight (its output layer)."""
-    last = model.trainable_variables[-1]
-    for layer in reversed(model._flatten_layers(include_self=False)):
-        if any(variable is last for variable in layer.trainable_variables):
-            return layer.trainable_variables
-    return [last]
