@@ -1,11 +1,12 @@
 """Where the time of one meta-training episode goes: the parts of the step (support passes, query pass, the
-meta-learner's own layers, the whole meta-gradient) each compiled and timed alone, and the whole training step's
-time by op type from the TensorFlow profiler (ms per step inside each op type, summed over TensorFlow's compute
-threads; oneDNN parallelises inside an op).
+meta-learner's own layers, the whole meta-gradient) each compiled as the step 'ours' is (with the fused kernel)
+and timed alone, and the whole training step's time by op type from the TensorFlow profiler (ms per step inside
+each op type, summed over TensorFlow's compute threads; oneDNN parallelises inside an op).
 
     python benchmarks/step_profile.py                                  # 28x28x1 5-way 1-shot, T = 12
     python benchmarks/step_profile.py --setting "84x84x3 5-shot T=8"   # any setting of meta_step.py
     python benchmarks/step_profile.py --xla       # the XLA-compiled step, by HLO instruction kind
+    python benchmarks/step_profile.py --intra-op-threads 1   # TensorFlow's ops (oneDNN's included) on one thread
 """
 
 import argparse
@@ -70,7 +71,7 @@ def profile(setting_name, steps):
         (f"meta-learner layers, {meta.inner_steps} steps (forward + backward)", meta_learner_layers),
         ("whole meta-gradient", full_step),
     ]:
-        compiled = tf.function(function)
+        compiled = tf.function(with_fused_kernel(function))
         float(compiled())
         times = []
         for _ in range(steps):
@@ -80,6 +81,17 @@ def profile(setting_name, steps):
         parts[name] = statistics.median(times)
     train_step = km.MetaTrainer(meta).train_step
     return {"parts": parts, "op_types": cpu_ms_by_op_type(train_step, episodes, steps)}
+
+
+def with_fused_kernel(function):
+    """`function`, traced as the training step 'ours' traces its step: with the fused kernel where it can run."""
+    from keras_metalstm.ops import fused_coordinate_lstm
+
+    def traced():
+        with fused_coordinate_lstm.enabled():
+            return function()
+
+    return traced
 
 
 # Profiler events that contain the ops' own events (executor and thread-pool wrappers), not ops.
@@ -163,7 +175,18 @@ def main():
     parser.add_argument("--setting", choices=list(SETTINGS), default="28x28x1 1-shot T=12", help="what to profile")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per part (median)")
     parser.add_argument("--xla", action="store_true", help="profile the XLA-compiled step by HLO instruction kind")
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="threads of TensorFlow's intra-op pool, which every oneDNN op and the fused kernel use (default: "
+        "TensorFlow's choice, one per core)",
+    )
     args = parser.parse_args()
+    if args.intra_op_threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
     if args.xla:
         title = f"{args.setting}, the XLA-compiled training step: CPU ms per step by HLO instruction, summed over threads"
         print_shares(title, profile_xla(args.setting, args.steps), rows=25)
