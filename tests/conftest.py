@@ -4,8 +4,17 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import shutil
+
 import numpy as np
 import pytest
+
+# For tests of the fused kernel: skipped only without a C++ compiler (where one exists the kernel must build, or
+# they fail), the compiler the kernel's build uses (CXX, else g++).
+needs_kernel_compiler = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None,
+    reason="no C++ compiler here: the fused kernel falls back to stock ops",
+)
 
 
 def random_episodes(batch=1, n_way=5, k_shot=1, query=3, image_shape=(28, 28, 1), seed=0):

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+from conftest import graph_op_types, needs_kernel_compiler
+
+import keras_metalstm as km
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -118,18 +121,10 @@ def test_the_xla_profile_names_the_compiled_instructions_not_tensorflow_ops(monk
     assert list(profile.values()) == sorted(profile.values(), reverse=True)
 
 
+@needs_kernel_compiler
 def test_the_profiles_parts_are_traced_with_the_fused_kernel_as_the_step_ours_is(monkeypatch):
     """The parts' table compares with the step 'ours': a part that ran stock ops instead (as a function traced
     outside the library's steps does) measured the meta-learner layers 1.7x slower at 28x28 1-shot."""
-    import shutil
-
-    import pytest
-    from conftest import graph_op_types
-
-    import keras_metalstm as km
-
-    if shutil.which("g++") is None:
-        pytest.skip("no C++ compiler here: the fused kernel falls back to stock ops")
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     benchmark = load_benchmark("step_profile")
     lstm = km.layers.CoordinateLSTM(units=4, input_dim=4)

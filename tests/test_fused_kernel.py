@@ -4,7 +4,6 @@ not depend on the number of threads, its fallbacks, and that it never leaks into
 Where the library uses it and where it never does: test_fused_kernel_scope.py."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +12,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import graph_op_types
+from conftest import graph_op_types, needs_kernel_compiler
 
 import keras_metalstm as km
 from keras_metalstm.ops import fused_coordinate_lstm
 
-# Skipped only without a compiler: where one exists the kernel must build, or these tests fail.
-pytestmark = pytest.mark.skipif(
-    shutil.which(os.environ.get("CXX", "g++")) is None,
-    reason="no C++ compiler here: the fused kernel falls back to stock ops",
-)
+pytestmark = needs_kernel_compiler
 
 UNITS = 20
 REPOSITORY = Path(__file__).resolve().parents[1]

@@ -6,7 +6,6 @@ TensorFlow ops, so a SavedModel a user writes loads and runs in a process withou
 """
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -14,15 +13,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import as_tensors, graph_op_types, random_episodes
+from conftest import as_tensors, graph_op_types, needs_kernel_compiler, random_episodes
 
 import keras_metalstm as km
 
-# Skipped only without a compiler, as test_fused_kernel.py: the kernel must be there to be kept out.
-pytestmark = pytest.mark.skipif(
-    shutil.which(os.environ.get("CXX", "g++")) is None,
-    reason="no C++ compiler here: the fused kernel falls back to stock ops",
-)
+# The kernel must be there to be kept out.
+pytestmark = needs_kernel_compiler
 
 KERNEL_OPS = {"MetaLstmCoordinateStep", "MetaLstmCoordinateStepGrad"}
 
