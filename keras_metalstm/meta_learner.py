@@ -597,4 +597,3 @@ def _map_episodes(function, episodes, output_signature):
 def _state_signature(learner):
     """The TensorSpec of one episode's non-trainable state, as a per-episode tf.map_fn returns it."""
     return [tf.TensorSpec(value.shape, value.dtype) for value in learner.initial_state()]
-
