@@ -15,7 +15,8 @@ from keras_metalstm.cli.main import main
 
 from keras_metalstm.config import ConfigError, RunConfig
 from keras_metalstm.runs import load_meta_learner, load_run_config
-from keras_metalstm.training import Callback, learning_rate_schedule, train
+from keras_metalstm.training import Callback, train
+from keras_metalstm.training_session import learning_rate_schedule
 
 EPISODES = 20
 SETTINGS = dict(dataset="folder", n_way=2, k_shot=1, query=2, inner_steps=2, hidden_units=4, filters=4,

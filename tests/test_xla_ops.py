@@ -19,7 +19,8 @@ import keras_metalstm as km
 from keras_metalstm import xla_ops
 from keras_metalstm.config import RunConfig
 from keras_metalstm.learner_function import LearnerFunction
-from keras_metalstm.training import XLA_ON_CPU_NOTE, Callback, train
+from keras_metalstm.training import Callback, train
+from keras_metalstm.training_session import XLA_ON_CPU_NOTE
 
 IMAGE_SHAPE = (16, 16, 1)
 

@@ -1,0 +1,397 @@
+"""One session of a meta-training run: from the run's latest checkpoint (or its start) to `config.episodes` or a
+stop (a signal, a NaN loss), with validation and best-checkpoint keeping, checkpoints and state.json, the metrics
+log and the progress callbacks. `keras_metalstm.training.TrainingRun` checks and prepares a run, then hands it to
+a `TrainingSession`."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from keras_metalstm.config import RunConfig, first_line
+from keras_metalstm.metrics_log import MetricsLog, tensorboard_writer, write_curves, write_scalars
+from keras_metalstm.runs import (
+    BEST_DIR,
+    CHECKPOINT_DIR,
+    TrainingError,
+    build_meta_learner,
+    checkpoint_object,
+    crashed,
+    latest_checkpoint,
+    read_state,
+    restore_checkpoint,
+    save_best_model,
+    write_state,
+)
+
+if TYPE_CHECKING:
+    from keras_metalstm.training import TrainingRun
+
+XLA_ON_CPU_NOTE = (
+    "XLA compiles this run's step for a CPU (no GPU or TPU is visible): there it is slower than without XLA "
+    "(1.2-1.5x on a 2-core Xeon; the project's benchmarks/README.md). XLA is for GPU/TPU."
+)
+
+
+class DivergedError(TrainingError):
+    """The meta-training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainingResult:
+    run_dir: Path
+    status: str  # finished | interrupted
+    episode: int
+    best_val_accuracy: float | None
+    best_episode: int | None
+    seconds: float
+    last_train: dict = field(default_factory=dict)
+    chief: bool = True  # False on the other workers of a cluster: they wrote nothing into run_dir
+    task: str | None = None  # "worker 1", "chief" ... in a multi-worker cluster, None on a single worker
+    signal: int | None = None  # the signal (SIGINT, SIGTERM) that interrupted the run
+
+
+def learning_rate_schedule(config: RunConfig):
+    """The meta-optimiser's step for `config`: the constant `learning_rate`, or a cosine decay from it to
+    `final_learning_rate` (default learning_rate / 100) over the run's meta-updates (episodes / meta_batch)."""
+    if config.lr_schedule == "constant":
+        return float(config.learning_rate)
+    import keras
+
+    initial = float(config.learning_rate)
+    final = initial / 100 if config.final_learning_rate is None else float(config.final_learning_rate)
+    return keras.optimizers.schedules.CosineDecay(
+        initial, decay_steps=config.episodes // config.meta_batch, alpha=final / initial
+    )
+
+
+def checkpoint_episode(path: str | None) -> int:
+    """The episode a checkpoint path (".../ckpt-120") was saved at; 0 for None."""
+    return int(path.rsplit("-", 1)[-1]) if path else 0
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM: the loop saves a checkpoint and stops after the current meta-update."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: give up at once
+        self.signal = signum
+
+    def uninstall(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+class Callback:
+    """Hooks for progress display; every method is optional."""
+
+    def on_start(self, run, start_episode, total_episodes):
+        pass
+
+    def on_step(self, episode, loss, accuracy):
+        pass
+
+    def on_validation(self, episode, accuracy, ci95, is_best):
+        pass
+
+    def on_checkpoint(self, episode, path):
+        pass
+
+    def on_message(self, text):
+        """A line about work outside the episode loop (e.g. pre-training the classifier theta_0 starts from)."""
+
+    def on_end(self, result):
+        pass
+
+
+class TrainingSession:
+    """One session of a run: from the latest checkpoint (or the start) to `config.episodes` or a stop.
+
+    Holds what the loop changes: the meta-learner and its trainer, the checkpointed progress variables, the
+    metrics row in progress, the managers of checkpoints/ and best/, and the status the session will end with.
+    """
+
+    def __init__(self, run: TrainingRun, callbacks: Callback, splits, strategy):
+        import tensorflow as tf
+
+        import keras_metalstm as km
+        from keras_metalstm.distribute import worker_directory
+
+        self.run, self.callbacks, self.splits, self.strategy = run, callbacks, splits, strategy
+        self.config, self.chief, self.run_dir = run.config, run.chief, run.run_dir
+        config = self.config
+        with strategy.scope():
+            self.meta = build_meta_learner(config, run.architecture)
+            self.trainer = km.MetaTrainer(
+                self.meta,
+                optimizer=km.meta_optimizer(learning_rate_schedule(config), config.theta0_lr_scale),
+                clip_norm=config.clip_norm,
+                jit_compile=config.xla,
+                strategy=strategy,
+            )
+            self.episode = tf.Variable(0, dtype=tf.int64, trainable=False, name="episode")
+            self.best_accuracy = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_accuracy")
+            self.best_episode = tf.Variable(-1, dtype=tf.int64, trainable=False, name="best_episode")
+        progress = {"episode": self.episode, "best_accuracy": self.best_accuracy, "best_episode": self.best_episode}
+        self.checkpoint = checkpoint_object(self.meta, self.trainer.optimizer, progress)
+        # Every worker saves (a save may need collectives); only the chief's copy is kept.
+        self.output_dir = Path(worker_directory(self.run_dir, strategy))
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, str(self.output_dir / CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints
+        )
+        self.best_manager = tf.train.CheckpointManager(self.checkpoint, str(self.output_dir / BEST_DIR), max_to_keep=1)
+        self.status = "running"
+        self.stop = _StopFlag()
+        self.window = [0.0, 0.0, 0]  # loss sum, accuracy sum, episodes of the metrics row in progress
+        self.last_train = {}
+        self.log = self.writer = None
+        self._began = False  # a checkpoint restored (or theta_0 set): from then on state.json speaks for this session
+
+    # --- start ---------------------------------------------------------------------------------------------
+    def _restore_or_initialise(self) -> float:
+        """Restore the latest checkpoint of the run (every worker reads the chief's), or start theta_0 where the
+        configuration says; returns the seconds spent before this session (earlier sessions, pre-training)."""
+        config, meta = self.config, self.meta
+        latest = latest_checkpoint(self.run_dir)
+        if latest:
+            restore_checkpoint(self.checkpoint, latest)
+            if config.lr_schedule == "constant":
+                # A constant rate is a checkpointed variable: a resumed run uses the configured one. A schedule is
+                # a function of the restored update count, so it continues exactly.
+                self.trainer.optimizer.learning_rate = config.learning_rate
+            state = read_state(self.run_dir)
+            if crashed(state):
+                self.callbacks.on_message(
+                    f"the previous session ended without a word (its process {state.get('pid')} is gone: killed or "
+                    f"crashed); resuming from its last checkpoint, episode {checkpoint_episode(latest)}"
+                )
+            if state.get("episode") == checkpoint_episode(latest):
+                self.window = list(state.get("window", self.window))
+                return float(state.get("seconds", 0.0))
+            return 0.0
+        if config.theta0_init != "pretrained":
+            return 0.0
+        started = time.time()
+        try:
+            meta.initialize_theta0_from(self.run._theta0_source(config, self.splits, meta.learner, self.callbacks))
+        except ValueError as error:  # a model of another architecture
+            raise TrainingError(str(error)) from None
+        return time.time() - started
+
+    def _open_log(self, start):
+        if self.chief:
+            self.log = MetricsLog(self.run_dir, truncate_after=start)
+            self.writer = tensorboard_writer(self.run_dir)
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    def seconds(self) -> float:
+        """Training seconds of all sessions of the run, pre-training included."""
+        before, started = self._clock
+        return before + time.time() - started
+
+    def train(self) -> TrainingResult:
+        self._clock = (0.0, time.time())
+        try:
+            if self.run.test_split_problem:
+                self.callbacks.on_message(self.run.test_split_problem)
+            if self.config.xla:
+                from keras_metalstm.xla_ops import accelerator_present
+
+                if not accelerator_present():
+                    self.callbacks.on_message(XLA_ON_CPU_NOTE)
+            self._clock = (self._restore_or_initialise(), time.time())
+            self._began = True
+            start = int(self.episode.numpy())
+            self._open_log(start)
+            self.callbacks.on_start(self.run, start, self.config.episodes)
+            self.stop.install()
+            self._write_state()
+            self._loop(start)
+            if self.status == "running":
+                self.status = "finished"
+                validated = float(self.best_accuracy.numpy()) >= 0  # the same on every worker
+                save_best_model(self.run_dir, self.meta, validated, self.best_manager.latest_checkpoint, self.chief)
+        except KeyboardInterrupt:
+            self.status = "interrupted"
+            raise
+        except DivergedError:
+            self.status = "diverged"
+            raise
+        except Exception as error:
+            self.status = f"failed: {type(error).__name__}: {first_line(error, 200)}"
+            raise
+        finally:
+            self._close()
+        return self._result()
+
+    def _loop(self, start: int) -> None:
+        from keras_metalstm.distribute import distributed_episodes
+
+        config = self.config
+        remaining = config.episodes - start
+        if remaining <= 0:
+            return
+        # Replica r of step g gets episodes start + g*G + r*G/R ...: the same global batches as one device.
+        batches = distributed_episodes(
+            self.strategy,
+            self.splits.train,
+            config.n_way,
+            config.k_shot,
+            config.query,
+            global_batch=config.meta_batch,
+            seed=config.seed,
+            start_episode=start,
+            num_episodes=remaining,
+        )
+        for batch in batches:
+            current = self._update(batch)
+            validated = self._maybe_validate(current)
+            if current % config.checkpoint_every == 0 or current == config.episodes or validated:
+                self._save()
+            if self.stop.signal is not None:
+                if checkpoint_episode(self.manager.latest_checkpoint) != current:
+                    self._save()
+                self.status = "interrupted"
+                return
+
+    def _update(self, batch) -> int:
+        """One meta-update; returns the episode count after it (DivergedError on a NaN/inf loss)."""
+        out = self.trainer.train_step(batch)
+        loss, accuracy = float(out["loss"]), float(out["accuracy"])
+        current = int(self.episode.numpy()) + self.config.meta_batch
+        if not (math.isfinite(loss) and math.isfinite(accuracy)):
+            last_good = latest_checkpoint(self.run_dir)
+            raise DivergedError(
+                f"the meta-training loss became {loss} at episode {current}; training stopped. "
+                f"The last good checkpoint is kept: {last_good or 'none (no checkpoint yet)'}. "
+                "Try a smaller --learning-rate or --clip-norm, then --resume."
+            )
+        self.episode.assign(current)
+        self.window = [self.window[0] + loss, self.window[1] + accuracy, self.window[2] + 1]
+        self.callbacks.on_step(current, loss, accuracy)
+        if current % self.config.log_every == 0 or current == self.config.episodes:
+            self._log_train(current)
+        return current
+
+    def _log_train(self, current: int) -> None:
+        import tensorflow as tf
+
+        loss_sum, accuracy_sum, count = self.window
+        self.last_train = {
+            "episode": current,
+            "loss": loss_sum / count,
+            "accuracy": accuracy_sum / count,
+            "learning_rate": float(tf.convert_to_tensor(self.trainer.optimizer.learning_rate)),
+            "seconds": round(self.seconds(), 3),
+        }
+        self._record({"kind": "train", **self.last_train},
+                     {"train/loss": self.last_train["loss"], "train/accuracy": self.last_train["accuracy"]})
+        self.window = [0.0, 0.0, 0]
+
+    def _maybe_validate(self, current: int) -> bool:
+        from keras_metalstm.evaluation import evaluate_episodes
+        from keras_metalstm.statistics import mean_ci95
+
+        config = self.config
+        if not (config.val_episodes > 0 and (current % config.validate_every == 0 or current == config.episodes)):
+            return False
+        accuracies = evaluate_episodes(self.trainer, self.splits.val, config, config.val_episodes, seed=config.seed + 1)
+        mean, ci = mean_ci95(accuracies)
+        is_best = mean > float(self.best_accuracy.numpy())
+        if is_best:
+            self.best_accuracy.assign(mean)
+            self.best_episode.assign(current)
+        row = {"kind": "val", "episode": current, "accuracy": mean, "ci95": ci, "best": bool(is_best),
+               "seconds": round(self.seconds(), 3)}
+        self._record(row, {"val/accuracy": mean})
+        if is_best:
+            self.best_manager.save(checkpoint_number=current)
+        self.callbacks.on_validation(current, mean, ci, is_best)
+        return True
+
+    def _save(self) -> None:
+        episode = int(self.episode.numpy())
+        try:
+            path = self.manager.save(checkpoint_number=episode)
+        except Exception as error:  # noqa: BLE001 - a full disk, a read-only or vanished directory ...
+            kept = latest_checkpoint(self.run_dir)
+            raise TrainingError(
+                f"cannot save the checkpoint of episode {episode} in {self.output_dir / CHECKPOINT_DIR}: "
+                f"{first_line(error, 200)}. The last checkpoint is kept "
+                f"({kept or 'none yet'}); free space or fix the directory, then --resume"
+            ) from None
+        self._write_state()  # after the checkpoint: state.json describes the newest checkpoint
+        self.callbacks.on_checkpoint(episode, path)
+
+    def _record(self, row, scalars) -> None:
+        if self.chief:
+            self.log.append(row)
+            write_scalars(self.writer, row["episode"], scalars)
+
+    # --- the end ---------------------------------------------------------------------------------------------
+    def _write_state(self) -> None:
+        if not self.chief:  # the run directory is the chief's
+            return
+        best = float(self.best_accuracy.numpy())
+        write_state(
+            self.run_dir,
+            self.status,
+            int(self.episode.numpy()),
+            self.config.episodes,
+            best if best >= 0 else None,
+            int(self.best_episode.numpy()) if best >= 0 else None,
+            self.seconds(),
+            window=self.window,
+        )
+
+    def _close(self) -> None:
+        from keras_metalstm.distribute import remove_worker_directory
+
+        self.stop.uninstall()
+        remove_worker_directory(self.output_dir, self.run_dir)
+        if not self.chief:
+            return
+        if self.writer is not None:
+            self.writer.flush()
+        if self.log is not None:
+            self.log.close()
+        with contextlib.suppress(OSError):  # a full or read-only disk must not hide the error that ended the run
+            if self._began or not self.run.started:  # a started run's state is kept when its restore failed
+                self._write_state()
+            write_curves(self.run_dir)
+
+    def _result(self) -> TrainingResult:
+        best = float(self.best_accuracy.numpy())
+        result = TrainingResult(
+            run_dir=self.run_dir,
+            status=self.status,
+            episode=int(self.episode.numpy()),
+            best_val_accuracy=best if best >= 0 else None,
+            best_episode=int(self.best_episode.numpy()) if best >= 0 else None,
+            seconds=self.seconds(),
+            last_train=self.last_train,
+            chief=self.chief,
+            task=self.run.task,
+            signal=self.stop.signal,
+        )
+        self.callbacks.on_end(result)
+        return result
