@@ -69,9 +69,9 @@ def stock_step(inputs, hidden, cell, input_kernel, recurrent_kernel, gate_bias, 
     return new_hidden, new_cell, tf.einsum("ur,uec->rec", readout_kernel, new_hidden)
 
 
-@pytest.mark.parametrize("episodes, coordinates", [(1, 64), (2, 1001), (3, 5)])
+@pytest.mark.parametrize("episodes, coordinates", [(1, 128), (2, 1001), (3, 5)])
 def test_fused_step_matches_numpy(episodes, coordinates):
-    """Coordinates that are not a multiple of the kernel's block of 64 included."""
+    """Coordinates that are not a multiple of the kernel's block (128 with AVX-512, else 64) included."""
     arguments = random_step_inputs(np.random.default_rng(coordinates), episodes, coordinates)
     step = fused_coordinate_lstm.load().meta_lstm_coordinate_step
     outputs = step(*arguments)
@@ -80,7 +80,7 @@ def test_fused_step_matches_numpy(episodes, coordinates):
         np.testing.assert_allclose(output.numpy(), reference, rtol=1e-5, atol=2e-6)
 
 
-# 3 features: an odd number of stacked rows, so the backward's row pairs end with a row alone.
+# 3 features: the kernel is not tied to the meta-learner's input features (2 per coordinate).
 @pytest.mark.parametrize("readouts, features", [(2, 2), (0, 2), (2, 3)])
 def test_fused_step_gradients_match_stock_ops(readouts, features):
     rng = np.random.default_rng(7)
