@@ -137,3 +137,19 @@ def test_the_profiles_parts_are_traced_with_the_fused_kernel_as_the_step_ours_is
     kernel_ops = {"MetaLstmCoordinateStep"}
     assert kernel_ops <= graph_op_types(tf.function(benchmark.with_fused_kernel(layer_step)).get_concrete_function())
     assert not kernel_ops & graph_op_types(tf.function(layer_step).get_concrete_function())
+
+
+@needs_kernel_compiler
+def test_the_kernel_benchmark_compares_the_kernel_with_stock_ops_on_the_same_step():
+    """Its 'kernel' functions run the fused ops (forward, and backward when differentiated), its 'stock' ones
+    none, and both compute the same outputs and gradients: the ratio compares two ways of one computation."""
+    steps = load_benchmark("fused_kernel").build_steps(coordinates=300, episodes=2)
+    for part, kernel_ops in (
+        ("forward", {"MetaLstmCoordinateStep"}),
+        ("forward+backward", {"MetaLstmCoordinateStep", "MetaLstmCoordinateStepGrad"}),
+    ):
+        assert kernel_ops <= graph_op_types(steps["kernel", part].get_concrete_function())
+        assert not kernel_ops & graph_op_types(steps["stock", part].get_concrete_function())
+        for fused, stock in zip(steps["kernel", part](), steps["stock", part](), strict=True):
+            scale = np.abs(stock.numpy()).max() + 1e-12
+            np.testing.assert_allclose(fused.numpy() / scale, stock.numpy() / scale, atol=2e-5)
