@@ -16,6 +16,8 @@ import argparse
 import statistics
 import time
 
+from meta_step import median_ms
+
 UNITS = 20
 # conv4 (32 filters, 5-way): 28,485 parameters at 28x28x1, 32,901 at 84x84x3.
 DEFAULT_COORDINATES = (28485, 32901)
@@ -64,16 +66,6 @@ def build_steps(coordinates, episodes):
     return steps
 
 
-def time_call(function, calls):
-    """Median ms of `calls` calls of `function`, each waited for (its first output copied to the host)."""
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        function()[0].numpy()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def measure(coordinates, episodes, rounds, calls):
     """{(path, part): median over rounds of the per-round median ms}, the paths alternating within each round."""
     steps = build_steps(coordinates, episodes)
@@ -82,7 +74,8 @@ def measure(coordinates, episodes, rounds, calls):
     per_round = {key: [] for key in steps}
     for _ in range(rounds):
         for key, function in steps.items():
-            per_round[key].append(time_call(function, calls))
+            # Each call waited for: its first output copied to the host.
+            per_round[key].append(median_ms(lambda function=function: function()[0].numpy(), calls))
     return {key: statistics.median(times) for key, times in per_round.items()}
 
 

@@ -47,6 +47,16 @@ SCALING_SETTING = "28x28x1 1-shot T=12"  # --compile-scaling replaces its T
 VARIANTS = ("ours", "stock ops", "ours+xla", "baseline")
 
 
+def median_ms(call, calls):
+    """Median ms of `calls` calls of `call`, which must wait for its result (a value copied to the host)."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
 def build(setting, meta_batch=1, episode_batching="auto"):
     import keras
     import numpy as np
@@ -146,13 +156,8 @@ def _measure(setting_name, variant, steps, meta_batch):
     compile_seconds = time.perf_counter() - start
     for _ in range(2):
         float(step(episodes)["loss"])
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        float(step(episodes)["loss"])
-        times.append((time.perf_counter() - start) * 1000)
     return {
-        "ms": statistics.median(times) / meta_batch,
+        "ms": median_ms(lambda: float(step(episodes)["loss"]), steps) / meta_batch,
         "compile_s": compile_seconds,
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "parameters": meta.num_parameters,

@@ -11,11 +11,9 @@ each op type, summed over TensorFlow's compute threads; oneDNN parallelises insi
 
 import argparse
 import re
-import statistics
-import time
 from pathlib import Path
 
-from meta_step import SETTINGS, build
+from meta_step import SETTINGS, build, median_ms
 
 
 def profile(setting_name, steps):
@@ -73,12 +71,7 @@ def profile(setting_name, steps):
     ]:
         compiled = tf.function(with_fused_kernel(function))
         float(compiled())
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            float(compiled())
-            times.append((time.perf_counter() - start) * 1000)
-        parts[name] = statistics.median(times)
+        parts[name] = median_ms(lambda compiled=compiled: float(compiled()), steps)
     train_step = km.MetaTrainer(meta).train_step
     return {"parts": parts, "op_types": cpu_ms_by_op_type(train_step, episodes, steps)}
 

@@ -140,9 +140,10 @@ def test_the_profiles_parts_are_traced_with_the_fused_kernel_as_the_step_ours_is
 
 
 @needs_kernel_compiler
-def test_the_kernel_benchmark_compares_the_kernel_with_stock_ops_on_the_same_step():
+def test_the_kernel_benchmark_compares_the_kernel_with_stock_ops_on_the_same_step(monkeypatch):
     """Its 'kernel' functions run the fused ops (forward, and backward when differentiated), its 'stock' ones
     none, and both compute the same outputs and gradients: the ratio compares two ways of one computation."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports meta_step's timing, as when run as a script
     steps = load_benchmark("fused_kernel").build_steps(coordinates=300, episodes=2)
     for part, kernel_ops in (
         ("forward", {"MetaLstmCoordinateStep"}),
@@ -153,3 +154,19 @@ def test_the_kernel_benchmark_compares_the_kernel_with_stock_ops_on_the_same_ste
         for fused, stock in zip(steps["kernel", part](), steps["stock", part](), strict=True):
             scale = np.abs(stock.numpy()).max() + 1e-12
             np.testing.assert_allclose(fused.numpy() / scale, stock.numpy() / scale, atol=2e-5)
+
+
+def test_timings_are_the_median_of_the_calls():
+    """Every benchmark times its calls with median_ms: one slow call (a noisy machine) must not move it."""
+    import time
+
+    durations = iter([0.002, 0.030, 0.003])
+    calls = []
+
+    def call():
+        calls.append(1)
+        time.sleep(next(durations))
+
+    ms = load_benchmark().median_ms(call, 3)
+    assert len(calls) == 3
+    assert 3.0 <= ms < 20.0  # the middle call's 3 ms (sleep may overrun), not the mean (11.7) or the slow one
