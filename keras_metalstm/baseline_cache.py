@@ -10,15 +10,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from keras_metalstm.baselines import (
-    DEFAULT_PROTOCOLS,
-    Baselines,
-    build_baselines,
-    choose_on_validation,
-    episodes_of,
-    setting_label,
-)
+from keras_metalstm.baselines import DEFAULT_PROTOCOLS, Baselines, build_baselines, episodes_of
 from keras_metalstm.pretraining import PretrainConfig, pretrain_classifier
+from keras_metalstm.validation_grid import choose_on_validation, setting_label
 
 
 def baseline_cache_paths(run_dir):

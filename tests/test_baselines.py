@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from keras_metalstm import baselines as bl
+from keras_metalstm import validation_grid
 from keras_metalstm.pretraining import PretrainedFeatures
 
 N_WAY = 3
@@ -189,21 +190,21 @@ def test_authors_grid_scored_in_one_call_equals_each_setting_on_its_own():
 
 # ----------------------------------------------------------------------------------------- validation choice
 def test_validation_choice_picks_the_grid_point_with_the_best_mean():
-    grid = bl.grid_points(learning_rate=(0.1, 0.01), decay=(1.0, 0.0))
+    grid = validation_grid.grid_points(learning_rate=(0.1, 0.01), decay=(1.0, 0.0))
     assert grid == [{"learning_rate": 0.1, "decay": 1.0}, {"learning_rate": 0.1, "decay": 0.0},
                     {"learning_rate": 0.01, "decay": 1.0}, {"learning_rate": 0.01, "decay": 0.0}]
     # per-episode scores: the third point is best on average though not on every episode
     scores = {"a": [0.5, 0.6, 0.9, 0.2], "b": [0.5, 0.6, 0.5, 0.9], "c": [0.2, 0.3, 0.8, 0.1]}
     ticks = []
-    choice = bl.choose_on_validation(["a", "b", "c"], grid, lambda e: scores[e], progress=ticks.append)
+    choice = validation_grid.choose_on_validation(["a", "b", "c"], grid, lambda e: scores[e], progress=ticks.append)
     assert choice.settings == {"learning_rate": 0.01, "decay": 1.0}
     assert choice.val_accuracy == pytest.approx(2.2 / 3) and choice.val_episodes == 3 and ticks == [1, 1, 1]
     assert choice.grid == pytest.approx({"learning_rate=0.1,decay=1": 0.4, "learning_rate=0.1,decay=0": 0.5,
                                          "learning_rate=0.01,decay=1": 2.2 / 3, "learning_rate=0.01,decay=0": 0.4})
     # a tie goes to the earlier point (the authors' strict comparison)
-    assert bl.choose_on_validation([0], grid, lambda e: [0.1, 0.7, 0.7, 0.2]).settings == grid[1]
+    assert validation_grid.choose_on_validation([0], grid, lambda e: [0.1, 0.7, 0.7, 0.2]).settings == grid[1]
     with pytest.raises(ValueError, match="grid of 4"):
-        bl.choose_on_validation([0], grid, lambda e: [0.1])
+        validation_grid.choose_on_validation([0], grid, lambda e: [0.1])
 
 
 def test_a_baseline_scores_only_after_its_settings_are_chosen():
