@@ -100,3 +100,11 @@ def test_nothing_refers_outside_the_repository():
 def test_readme_fits():
     size = len(README.read_bytes())
     assert size <= MAX_README_BYTES, f"README.md is {size} bytes; move details to docs/"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    section = README.read_text(encoding="utf-8").split("Install and run the tests", 1)[1]
+    readme_command = re.search(r"^```bash\n(.*?)\n```", section, re.M | re.S).group(1).strip()
+    ci_command = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
+    # .ci/run installs quietly and through the interpreter it then runs; otherwise the commands are the same.
+    assert ci_command.replace("python -m pip install -q ", "pip install ") == readme_command
