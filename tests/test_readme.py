@@ -1,4 +1,5 @@
-"""The README and docs/: the Library snippet runs as written, every relative link resolves, the README fits.
+"""The README and docs/: the Library snippet runs as written, every relative link resolves, the README fits,
+and its test command is the one .ci/run runs.
 
 The snippet runs in a fresh Python process in an empty directory (it must be complete: imports, data, training,
 adaptation, prediction), followed by a few lines that report the variables it defines.
