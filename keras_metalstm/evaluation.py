@@ -326,7 +326,7 @@ def change_at_test_time(meta, inner_steps: int | None = None, query_statistics: 
     """Changes a trained meta-learner's inner steps T or query batch-norm statistics for its evaluation (an
     ablation: what adaptation at test time contributes); None keeps the trained value. Returns the changes made,
     {} when both equal the trained values."""
-    from keras_metalstm.meta_learner import check_adaptation_settings
+    from keras_metalstm.meta_learner_inputs import check_adaptation_settings
 
     changes = {}
     if inner_steps is not None and int(inner_steps) != meta.inner_steps:

@@ -3,9 +3,9 @@
 `MetaLearner` owns the meta-parameters: the learned initial parameter vector `theta0`, the coordinate-wise
 LSTM (layer 1) and the meta-learner cell (layer 2). Given a batch of episodes it runs the inner loop
 (learner gradient, preprocessing, coordinate LSTM, cell update) on each episode's support set, starting from
-theta0, and classifies the query set with the adapted parameters theta_T, with the T steps and the B episodes as loops in the graph rather than unrolled, so
-tracing and XLA compilation do not grow with T or B. The same step function serves `MetaTrainer` and Keras' own
-`fit`.
+theta0, and classifies the query set with the adapted parameters theta_T. The T steps and the B episodes are
+loops in the graph rather than unrolled, so tracing and XLA compilation do not grow with T or B. The same step
+function serves `MetaTrainer` and Keras' own `fit`.
 
 The fused CPU kernel of the coordinate-wise LSTM (keras_metalstm/ops) runs only in the steps Keras' `fit` and
 `evaluate` trace (without `jit_compile`) and in `adapt`'s own compiled function, none of which is ever saved;
@@ -20,50 +20,26 @@ import keras
 import tensorflow as tf
 
 from keras_metalstm.batched_learner import BatchedLearnerFunction
-from keras_metalstm.config import EPISODE_BATCHING, QUERY_STATISTICS
 from keras_metalstm.distribute import clip_by_global_norm_over_replicas
 from keras_metalstm.inner_loop_trace import InnerLoopTrace, record_inner_loop
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy
+from keras_metalstm.meta_learner_inputs import (
+    check_adaptation_settings,
+    check_episode_batching,
+    check_episode_keys,
+    check_mode,
+    check_support,
+    static_batch_size,
+)
 from keras_metalstm.ops import fused_coordinate_lstm
 from keras_metalstm.preprocessing import preprocess
 from keras_metalstm.weight_transfer import weights_for_learner
 from keras_metalstm.xla_ops import accelerator_present, traced_for_xla
 
-EPISODE_KEYS = ("support_images", "support_labels", "query_images", "query_labels")
-MODES = ("train", "test")
 # The learned logit scale is exp(LOGIT_SCALE_GAIN * weight). Adam moves a weight by about its learning rate per
 # update; at meta-learning rates (1e-4..1e-3) a plain log-scale would need ~10^4 updates to change by a factor e.
 LOGIT_SCALE_GAIN = 100.0
-
-
-def check_adaptation_settings(inner_steps, query_statistics) -> None:
-    """Raises ValueError unless `inner_steps` T >= 1 and `query_statistics` is one of QUERY_STATISTICS: what a
-    meta-learner is built with, or changed to for an evaluation."""
-    if int(inner_steps) < 1:
-        raise ValueError(f"inner_steps must be at least 1, got {inner_steps}.")
-    if query_statistics not in QUERY_STATISTICS:
-        raise ValueError(f"query_statistics must be one of {QUERY_STATISTICS}, got {query_statistics!r}.")
-
-
-def _check_episode_batching(episode_batching):
-    if episode_batching not in EPISODE_BATCHING:
-        raise ValueError(f"episode_batching must be one of {EPISODE_BATCHING}, got {episode_batching!r}.")
-
-
-def _check_mode(mode):
-    if mode not in MODES:
-        raise ValueError(f"mode must be 'train' or 'test', got {mode!r}.")
-
-
-def _static_batch_size(tensor, name):
-    batch = tensor.shape[0]
-    if batch is None:
-        raise ValueError(
-            f"{name} needs a static number of episodes (its first axis): batch the episode dataset with "
-            "drop_remainder=True."
-        )
-    return batch
 
 
 @keras.saving.register_keras_serializable(package="keras_metalstm")
@@ -119,7 +95,7 @@ class MetaLearner(keras.Model):
     ):
         super().__init__(**kwargs)
         check_adaptation_settings(inner_steps, query_statistics)
-        _check_episode_batching(episode_batching)
+        check_episode_batching(episode_batching)
         # A plain (untracked) object: the learner's own variables are not meta-parameters and must not be
         # trained, saved or restored as part of the meta-learner.
         self._learner_function = LearnerFunction(learner, bn_momentum=bn_momentum)
@@ -209,8 +185,8 @@ class MetaLearner(keras.Model):
         """Adapts theta0 to B episodes' support sets.
 
         The T steps are one `tf.while_loop` and, within a step, the B episodes' learner passes one `tf.map_fn`
-        (or one batched evaluation, `episode_batching`), so a traced (or XLA-compiled) graph holds one copy of the learner's forward and backward pass whatever
-        T and B are. Every episode starts from the zero LSTM state and zero gate feedback.
+        (or one batched evaluation, `episode_batching`), so a traced (or XLA-compiled) graph holds one copy of
+        the learner's forward and backward pass whatever T and B are. Every episode starts from the zero LSTM state and zero gate feedback.
 
         Args:
             support_images: (B, N*K, H, W, C).
@@ -226,7 +202,7 @@ class MetaLearner(keras.Model):
         """
         learner = self._learner_function
         steps = self.inner_steps if inner_steps is None else int(inner_steps)
-        episodes = _static_batch_size(support_images, "support_images")
+        episodes = static_batch_size(support_images, "support_images")
 
         def update(step, *carry):
             return step + 1, *self._inner_step(*carry, support_images, support_labels)
@@ -331,7 +307,7 @@ class MetaLearner(keras.Model):
         query images). With query_statistics="support" both modes normalise with the support batch's statistics
         under theta_T (the `states` of `inner_loop`). Like the inner loop, one tf.map_fn over the episodes.
         """
-        _check_mode(mode)
+        check_mode(mode)
         query_batch_statistics = mode == "train" and self.query_statistics == "query"
         if self._batches_episodes():
             logits, _ = self._batched_function(theta, states, query_images, query_batch_statistics)
@@ -350,9 +326,7 @@ class MetaLearner(keras.Model):
 
         `mode` defaults to "train" when training else "test" (see `query_logits`).
         """
-        missing = [key for key in EPISODE_KEYS[:3] if key not in episodes]
-        if missing:
-            raise ValueError(f"An episode batch needs the keys {EPISODE_KEYS[:3]}; missing: {missing}.")
+        check_episode_keys(episodes)
         mode = mode or ("train" if training else "test")
         theta, states = self.inner_loop(episodes["support_images"], episodes["support_labels"])
         return self.query_logits(theta, states, episodes["query_images"], mode)
@@ -465,7 +439,9 @@ class MetaLearner(keras.Model):
                 "adapt() supports mode='test' only: mode='train' normalises each query batch with its own "
                 "statistics, which a standalone model cannot reproduce for arbitrary batches."
             )
-        support_images, support_labels = self._check_support(support_images, support_labels)
+        support_images, support_labels = check_support(
+            self.learner, self.theta0.dtype, support_images, support_labels
+        )
         steps = self.inner_steps if inner_steps is None else int(inner_steps)
         if self._compiled_adapt is None:
             self._compiled_adapt = tf.function(self._adapt_one, reduce_retracing=True)
@@ -494,7 +470,9 @@ class MetaLearner(keras.Model):
         The gates are computed with the stock TensorFlow ops of the cell, never the fused kernel, so they are
         exactly the cell's own values. The traced function holds one inner step in a loop, as `inner_loop` does.
         """
-        support_images, support_labels = self._check_support(support_images, support_labels)
+        support_images, support_labels = check_support(
+            self.learner, self.theta0.dtype, support_images, support_labels
+        )
         steps = self.inner_steps if inner_steps is None else int(inner_steps)
         if self._compiled_trace is None:
             self._compiled_trace = tf.function(functools.partial(record_inner_loop, self), reduce_retracing=True)
@@ -504,29 +482,6 @@ class MetaLearner(keras.Model):
             sizes=list(self._learner_function.sizes),
             **{name: value.numpy() for name, value in records.items()},
         )
-
-    def _check_support(self, support_images, support_labels):
-        support_images = tf.convert_to_tensor(support_images, dtype=self.theta0.dtype)
-        support_labels = tf.convert_to_tensor(support_labels)
-        expected = tuple(self.learner.input_shape[1:]) if hasattr(self.learner, "input_shape") else None
-        if support_images.shape.rank != 4:
-            raise ValueError(
-                f"support_images must be one task's images of shape (examples, height, width, channels), got "
-                f"shape {tuple(support_images.shape)}."
-            )
-        if expected and None not in expected and tuple(support_images.shape[1:]) != expected:
-            raise ValueError(
-                f"support_images have shape {tuple(support_images.shape[1:])} per image but the learner "
-                f"expects {expected}: resize/convert the images first."
-            )
-        if support_labels.shape != (support_images.shape[0],):
-            raise ValueError(
-                f"support_labels must hold one integer label per support image: got shape "
-                f"{tuple(support_labels.shape)} for {support_images.shape[0]} images."
-            )
-        if not support_labels.dtype.is_integer:
-            raise ValueError(f"support_labels must be integers, got {support_labels.dtype.name}.")
-        return support_images, tf.cast(support_labels, tf.int32)
 
     def _materialise(self, theta, state):
         """A copy of the learner holding `theta` and non-trainable `state`."""
