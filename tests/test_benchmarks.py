@@ -2,6 +2,7 @@
 
 import importlib.util
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,8 +159,6 @@ def test_the_kernel_benchmark_compares_the_kernel_with_stock_ops_on_the_same_ste
 
 def test_timings_are_the_median_of_the_calls():
     """Every benchmark times its calls with median_ms: one slow call (a noisy machine) must not move it."""
-    import time
-
     durations = iter([0.002, 0.030, 0.003])
     calls = []
 
