@@ -24,6 +24,7 @@ from keras_metalstm.distribute import clip_by_global_norm_over_replicas
 from keras_metalstm.inner_loop_trace import InnerLoopTrace, record_inner_loop
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy
+from keras_metalstm.loop_parallelism import is_chain_of_keras_layers, learner_parallel_iterations
 from keras_metalstm.meta_learner_inputs import (
     check_adaptation_settings,
     check_episode_batching,
@@ -99,6 +100,7 @@ class MetaLearner(keras.Model):
         # A plain (untracked) object: the learner's own variables are not meta-parameters and must not be
         # trained, saved or restored as part of the meta-learner.
         self._learner_function = LearnerFunction(learner, bn_momentum=bn_momentum)
+        self._learner_is_chain = is_chain_of_keras_layers(learner)
         self.episode_batching = episode_batching
         try:
             self._batched_function = BatchedLearnerFunction(learner, bn_momentum=bn_momentum)
@@ -216,7 +218,7 @@ class MetaLearner(keras.Model):
         if self.query_statistics == "support" and states and self._batches_episodes():
             states = self._batched_function.batch_statistics(theta, support_images)
         elif self.query_statistics == "support" and states:
-            states = _map_episodes(
+            states = self._map_episodes(
                 lambda episode: learner.batch_statistics(*episode),
                 (theta, support_images),
                 _state_signature(learner),
@@ -287,7 +289,7 @@ class MetaLearner(keras.Model):
             )
             return tf.cast(loss, episode_theta.dtype), gradient, state
 
-        results = _map_episodes(
+        results = self._map_episodes(
             support_pass,
             (theta, states, support_images, support_labels),
             (tf.TensorSpec((), theta.dtype), tf.TensorSpec(theta.shape[1:], theta.dtype), _state_signature(learner)),
@@ -319,7 +321,7 @@ class MetaLearner(keras.Model):
             # The loop's output dtype must be known before tracing: the logits in theta's.
             return tf.cast(logits, episode_theta.dtype)
 
-        return _map_episodes(query_pass, (theta, states, query_images), theta.dtype)
+        return self._map_episodes(query_pass, (theta, states, query_images), theta.dtype)
 
     def call(self, episodes, training=False, mode=None):
         """Query logits (B, N*Q, num_classes) of a batch of episodes after the inner loop.
@@ -493,6 +495,22 @@ class MetaLearner(keras.Model):
             variable.assign(value)
         return adapted
 
+    def _map_episodes(self, function, episodes, output_signature):
+        """`function` of each episode of the stacked `episodes`, stacked: a tf.map_fn, or for a single episode a
+        plain call. The loop costs little by itself, but it splits a step into the loop's function and its
+        gradient's, and oneDNN's max-pooling gradient needs the forward pass in the same graph: without the loop,
+        a 5-shot 84x84 episode on a CPU took 432 ms instead of 483. The loop's iterations run one at a time where
+        TensorFlow's CPU kernels might crash otherwise (`keras_metalstm.loop_parallelism`)."""
+        if tf.nest.flatten(episodes)[0].shape[0] == 1:
+            outputs = function(tf.nest.map_structure(lambda tensor: tensor[0], episodes))
+            return tf.nest.map_structure(lambda tensor: tf.convert_to_tensor(tensor)[tf.newaxis], outputs)
+        return tf.map_fn(
+            function,
+            episodes,
+            fn_output_signature=output_signature,
+            parallel_iterations=learner_parallel_iterations(self._learner_is_chain),
+        )
+
     # ------------------------------------------------------------------------------------ serialisation
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         children = super()._trackable_children(save_type, **kwargs)
@@ -536,17 +554,6 @@ class MetaLearner(keras.Model):
         from keras_metalstm.presets import load_preset  # presets sit above the meta-learner
 
         return load_preset(name)
-
-
-def _map_episodes(function, episodes, output_signature):
-    """`function` of each episode of the stacked `episodes`, stacked: a tf.map_fn, or for a single episode a
-    plain call. The loop costs little by itself, but it splits a step into the loop's function and its
-    gradient's, and oneDNN's max-pooling gradient needs the forward pass in the same graph: without the loop, a
-    5-shot 84x84 episode on a CPU took 432 ms instead of 483."""
-    if tf.nest.flatten(episodes)[0].shape[0] == 1:
-        outputs = function(tf.nest.map_structure(lambda tensor: tensor[0], episodes))
-        return tf.nest.map_structure(lambda tensor: tf.convert_to_tensor(tensor)[tf.newaxis], outputs)
-    return tf.map_fn(function, episodes, fn_output_signature=output_signature)
 
 
 def _state_signature(learner):

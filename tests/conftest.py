@@ -35,6 +35,13 @@ def as_tensors(episodes):
     return {key: tf.constant(value) for key, value in episodes.items()}
 
 
+def parallel_iterations_of_loops(concrete_function):
+    """parallel_iterations of every While op in a traced function and the functions it calls."""
+    graph = concrete_function.graph.as_graph_def()
+    nodes = list(graph.node) + [node for function in graph.library.function for node in function.node_def]
+    return [node.attr["parallel_iterations"].i for node in nodes if node.op in ("While", "StatelessWhile")]
+
+
 def graph_op_types(concrete_function):
     """The op types of a traced function's graph and of the functions it calls (loop bodies, gradients)."""
     types = {op.type for op in concrete_function.graph.get_operations()}

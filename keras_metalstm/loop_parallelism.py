@@ -1,0 +1,50 @@
+"""How many iterations of a `tf.map_fn` over a learner's passes may run at once: a workaround for a TensorFlow bug.
+
+TensorFlow's graph optimiser rewrites a convolution whose output is added to another branch (Conv2D [+ BiasAdd] +
+Add: a residual connection) into one oneDNN CPU kernel, `_MklNativeFusedConv2D`. When the other branch's tensor
+is still needed elsewhere (as it is in a gradient), that kernel copies it into its output through buffers it
+keeps in the kernel object, which every iteration of a loop shares. A `tf.map_fn` runs up to 10 iterations at
+once, so two iterations free each other's buffers and the process dies with a segmentation fault (TensorFlow
+2.21: a plain `tf.map_fn` over such a convolution, no library code, crashes at once; inside the meta-learner, now
+and then on the first call of a per-episode step). One iteration at a time never shares the kernel; XLA and
+GPU/TPU kernels are not affected.
+
+So on a machine without a GPU or TPU, a loop over a learner that might hold such a fusion runs its iterations one
+at a time. Which learners might: any that is not a chain of Keras' own layers (a merge of two branches, a layer or
+model of your own whose `call` TensorFlow's optimiser sees only as ops). A chain (conv4, most Sequential models)
+keeps TensorFlow's parallel iterations: one at a time costs conv4 1.18-1.27x per episode at meta-batch 4 on a
+2-core CPU (`benchmarks/loop_parallelism.py`).
+"""
+
+import keras
+
+from keras_metalstm.xla_ops import accelerator_present
+
+
+def is_chain_of_keras_layers(model) -> bool:
+    """Whether `model` is a Sequential or functional model (nested ones included) whose every operation is one of
+    Keras' own layers taking a single tensor: no branch is ever added to another."""
+    if isinstance(model, keras.Sequential):
+        operations = model.layers
+    elif isinstance(model, keras.Model) and hasattr(model, "_run_through_graph"):
+        operations = model.operations
+    else:
+        return False
+    for operation in operations:
+        if isinstance(operation, keras.Model):
+            if not is_chain_of_keras_layers(operation):
+                return False
+            continue
+        if isinstance(operation, keras.layers.InputLayer):
+            continue
+        if not type(operation).__module__.startswith("keras."):
+            return False
+        if any(len(node.input_tensors) > 1 for node in operation._inbound_nodes):
+            return False
+    return True
+
+
+def learner_parallel_iterations(learner_is_chain: bool):
+    """`parallel_iterations` for a tf.map_fn whose iterations run the learner: 1 on a CPU-only machine unless the
+    learner is a chain of Keras layers (`is_chain_of_keras_layers`), else None (TensorFlow's default)."""
+    return None if learner_is_chain or accelerator_present() else 1
