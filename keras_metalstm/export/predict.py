@@ -8,6 +8,8 @@ into that input.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -54,14 +56,23 @@ def check_images(images, image_shape):
     return images
 
 
+# TensorFlow's oneDNN CPU kernel for a convolution fused with a residual add gives wrong outputs or crashes when
+# a model is called from several threads at once (docs/serving.md): the TensorFlow predictors take this lock, so
+# one call runs at a time (each still uses every core). ONNX Runtime sessions are safe to share between threads.
+_TENSORFLOW_CALLS = threading.Lock()
+
+
 class Predictor:
-    """Common interface; subclasses set ``kind``, ``path``, ``image_shape``, ``class_names``, ``_run``."""
+    """Common interface; subclasses set ``kind``, ``path``, ``image_shape``, ``class_names``, ``_run``.
+    `predict` may be called from several threads."""
 
     kind = ""
+    _calls = contextlib.nullcontext()
 
     def predict(self, images):
         images = check_images(images, self.image_shape)
-        outputs = self._run(images)
+        with self._calls:
+            outputs = self._run(images)
         outputs = {key: np.asarray(value) for key, value in outputs.items()}
         names = outputs.get("class_names")
         if names is None:
@@ -75,6 +86,7 @@ class Predictor:
 
 class KerasPredictor(Predictor):
     kind = "keras"
+    _calls = _TENSORFLOW_CALLS
 
     def __init__(self, adapted, path=None):
         self.model = adapted
@@ -90,6 +102,7 @@ class KerasPredictor(Predictor):
 
 class SavedModelPredictor(Predictor):
     kind = "savedmodel"
+    _calls = _TENSORFLOW_CALLS
 
     def __init__(self, path):
         import tensorflow as tf
