@@ -188,7 +188,8 @@ class MetaLearner(keras.Model):
 
         The T steps are one `tf.while_loop` and, within a step, the B episodes' learner passes one `tf.map_fn`
         (or one batched evaluation, `episode_batching`), so a traced (or XLA-compiled) graph holds one copy of
-        the learner's forward and backward pass whatever T and B are. Every episode starts from the zero LSTM state and zero gate feedback.
+        the learner's forward and backward pass whatever T and B are. Every episode starts from the zero LSTM
+        state and zero gate feedback.
 
         Args:
             support_images: (B, N*K, H, W, C).
