@@ -269,7 +269,7 @@ class AuthorsFinetune(Baseline):
     def _grid_query_logits(self, support_images, support_labels, query_images):
         import tensorflow as tf
 
-        from keras_metalstm.loop_parallelism import is_chain_of_keras_layers, learner_parallel_iterations
+        from keras_metalstm.loop_parallelism import learner_parallel_iterations
 
         rates = tf.constant([point["learning_rate"] for point in self.grid], tf.float32)
         decays = tf.constant([point["decay"] for point in self.grid], tf.float32)
@@ -280,7 +280,7 @@ class AuthorsFinetune(Baseline):
             lambda setting: self._query_logits(support_images, support_labels, query_images, *setting),
             (rates, decays),
             fn_output_signature=tf.float32,
-            parallel_iterations=learner_parallel_iterations(is_chain_of_keras_layers(self.features.model)),
+            parallel_iterations=learner_parallel_iterations(self.features.model),
         )
 
     def query_logits(self, episode, learning_rate, decay):

@@ -71,10 +71,10 @@ EXAMPLE_WISE = (
 
 def unsupported_layers(model):
     """Why `model` cannot be batched: a list of "path: reason" strings, empty when it can."""
-    if not isinstance(model, keras.Model) or not _is_graph_model(model):
+    if not isinstance(model, keras.Model) or not is_graph_model(model):
         return [f"{model.name}: a subclassed model (only functional and Sequential models have a layer graph)"]
     problems = []
-    for layer in _graph_layers(model):
+    for layer in graph_layers(model):
         if isinstance(layer, keras.layers.InputLayer):
             continue
         if isinstance(layer, keras.Model):
@@ -86,11 +86,13 @@ def unsupported_layers(model):
     return problems
 
 
-def _is_graph_model(model):
+def is_graph_model(model):
+    """Whether `model` is a Sequential or functional model: one whose layer graph Keras knows."""
     return isinstance(model, keras.Sequential) or hasattr(model, "_run_through_graph")
 
 
-def _graph_layers(model):
+def graph_layers(model):
+    """The layers (and Keras operations) of a graph model, in order."""
     if isinstance(model, keras.Sequential):
         return model.layers
     return model.operations

@@ -18,19 +18,16 @@ keeps TensorFlow's parallel iterations: one at a time costs conv4 1.18-1.27x per
 
 import keras
 
+from keras_metalstm.batched_learner import graph_layers, is_graph_model
 from keras_metalstm.xla_ops import accelerator_present
 
 
 def is_chain_of_keras_layers(model) -> bool:
     """Whether `model` is a Sequential or functional model (nested ones included) whose every operation is one of
     Keras' own layers taking a single tensor: no branch is ever added to another."""
-    if isinstance(model, keras.Sequential):
-        operations = model.layers
-    elif isinstance(model, keras.Model) and hasattr(model, "_run_through_graph"):
-        operations = model.operations
-    else:
+    if not isinstance(model, keras.Model) or not is_graph_model(model):
         return False
-    for operation in operations:
+    for operation in graph_layers(model):
         if isinstance(operation, keras.Model):
             if not is_chain_of_keras_layers(operation):
                 return False
@@ -44,7 +41,7 @@ def is_chain_of_keras_layers(model) -> bool:
     return True
 
 
-def learner_parallel_iterations(learner_is_chain: bool):
-    """`parallel_iterations` for a tf.map_fn whose iterations run the learner: 1 on a CPU-only machine unless the
-    learner is a chain of Keras layers (`is_chain_of_keras_layers`), else None (TensorFlow's default)."""
-    return None if learner_is_chain or accelerator_present() else 1
+def learner_parallel_iterations(learner):
+    """`parallel_iterations` for a tf.map_fn whose iterations run the Keras model `learner`: 1 on a CPU-only
+    machine unless it is a chain of Keras layers (`is_chain_of_keras_layers`), else None (TensorFlow's default)."""
+    return None if accelerator_present() or is_chain_of_keras_layers(learner) else 1

@@ -24,7 +24,7 @@ from keras_metalstm.distribute import clip_by_global_norm_over_replicas
 from keras_metalstm.inner_loop_trace import InnerLoopTrace, record_inner_loop
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy
-from keras_metalstm.loop_parallelism import is_chain_of_keras_layers, learner_parallel_iterations
+from keras_metalstm.loop_parallelism import learner_parallel_iterations
 from keras_metalstm.meta_learner_inputs import (
     check_adaptation_settings,
     check_episode_batching,
@@ -100,7 +100,6 @@ class MetaLearner(keras.Model):
         # A plain (untracked) object: the learner's own variables are not meta-parameters and must not be
         # trained, saved or restored as part of the meta-learner.
         self._learner_function = LearnerFunction(learner, bn_momentum=bn_momentum)
-        self._learner_is_chain = is_chain_of_keras_layers(learner)
         self.episode_batching = episode_batching
         try:
             self._batched_function = BatchedLearnerFunction(learner, bn_momentum=bn_momentum)
@@ -509,7 +508,7 @@ class MetaLearner(keras.Model):
             function,
             episodes,
             fn_output_signature=output_signature,
-            parallel_iterations=learner_parallel_iterations(self._learner_is_chain),
+            parallel_iterations=learner_parallel_iterations(self.learner),
         )
 
     # ------------------------------------------------------------------------------------ serialisation

@@ -37,7 +37,7 @@ from test_loop_parallelism import residual_learner
 import keras_metalstm as km
 import keras_metalstm.meta_learner as meta_learner_module
 if {without_workaround}:
-    meta_learner_module.learner_parallel_iterations = lambda learner_is_chain: None
+    meta_learner_module.learner_parallel_iterations = lambda learner: None
 meta = km.MetaLearner(residual_learner(), inner_steps=2)
 for round in range({rounds}):
     episodes = as_tensors(random_episodes(batch=8, query=2, seed=round))
@@ -88,8 +88,8 @@ def test_only_chains_of_keras_layers_are_chains():
 
 def test_on_a_cpu_only_other_learners_loop_one_iteration_at_a_time():
     assert not tf.config.list_logical_devices("GPU") and not tf.config.list_logical_devices("TPU")
-    assert learner_parallel_iterations(learner_is_chain=True) is None
-    assert learner_parallel_iterations(learner_is_chain=False) == 1
+    assert learner_parallel_iterations(km.learners.conv4((28, 28, 1), 5, filters=4)) is None
+    assert learner_parallel_iterations(residual_learner()) == 1
 
 
 @pytest.mark.parametrize("residual", [True, False])
