@@ -35,11 +35,19 @@ def as_tensors(episodes):
     return {key: tf.constant(value) for key, value in episodes.items()}
 
 
+def graph_nodes(concrete_function):
+    """Every node of a traced function and of the functions it calls (loop bodies, gradients)."""
+    graph = concrete_function.graph.as_graph_def()
+    return list(graph.node) + [node for function in graph.library.function for node in function.node_def]
+
+
 def parallel_iterations_of_loops(concrete_function):
     """parallel_iterations of every While op in a traced function and the functions it calls."""
-    graph = concrete_function.graph.as_graph_def()
-    nodes = list(graph.node) + [node for function in graph.library.function for node in function.node_def]
-    return [node.attr["parallel_iterations"].i for node in nodes if node.op in ("While", "StatelessWhile")]
+    return [
+        node.attr["parallel_iterations"].i
+        for node in graph_nodes(concrete_function)
+        if node.op in ("While", "StatelessWhile")
+    ]
 
 
 def graph_op_types(concrete_function):

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import as_tensors, random_episodes
+from conftest import as_tensors, graph_nodes, random_episodes
 
 import keras_metalstm as km
 from keras_metalstm.ops import fused_coordinate_lstm
@@ -62,8 +62,7 @@ def episode(episodes, index):
 
 def graph_op_count(concrete_function):
     """Ops of a traced function, the bodies of its loops and gradients (the function library) included."""
-    graph = concrete_function.graph.as_graph_def()
-    return len(graph.node) + sum(len(function.node_def) for function in graph.library.function)
+    return len(graph_nodes(concrete_function))
 
 
 @pytest.mark.parametrize(
