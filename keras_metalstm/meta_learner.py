@@ -261,10 +261,16 @@ class MetaLearner(keras.Model):
         losses, gradient, states = self._support_passes(theta, states, support_images, support_labels)
         # Features first: (2, episodes, coordinates) for the gradient; the loss is one value per episode,
         # preprocessed once and shared by all of that episode's coordinates.
+        gradient_features = preprocess(gradient, self.p, axis=0)
+        loss_features = preprocess(losses, self.p, axis=0)
+        if self.first_order:
+            # The loss and gradient are already constants; without a stop here too, TensorFlow would still
+            # differentiate the preprocessing of every step (reachable from theta), only to drop the result.
+            gradient_features, loss_features = tf.stop_gradient(gradient_features), tf.stop_gradient(loss_features)
         hidden, lstm_state, hidden_terms = self.coordinate_lstm.step_with_readout(
-            preprocess(gradient, self.p, axis=0),
+            gradient_features,
             lstm_state,
-            shared_inputs=preprocess(losses, self.p, axis=0),
+            shared_inputs=loss_features,
             readout_kernel=self.cell.hidden_kernel(),
         )
         theta, gate_logits = self.cell(hidden, theta, gradient, gate_logits, hidden_terms=hidden_terms)

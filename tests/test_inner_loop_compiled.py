@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import as_tensors, graph_nodes, random_episodes
+from conftest import as_tensors, graph_nodes, graph_op_types, random_episodes
 
 import keras_metalstm as km
 from keras_metalstm.ops import fused_coordinate_lstm
@@ -144,3 +144,15 @@ def test_the_whole_training_step_compiles_with_xla_and_makes_the_plain_update(le
     for reference, variable in zip(meta.trainable_variables, compiled.trainable_variables, strict=True):
         # Adam's first step is ~lr * sign(g): compare whole tensors, not coordinates whose gradient is ~0.
         assert float(tf.norm(reference - variable) / tf.norm(reference)) <= 1e-4, variable.path
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_only_the_second_order_meta_gradient_differentiates_the_gradient_preprocessing(first_order):
+    """First order, the preprocessed loss and gradient are constants: their derivative (the log's gives the
+    only Reciprocal in this graph) must not be built into the loop's gradient, where it would be computed at
+    every step and its inputs kept for it, only to be dropped."""
+    meta = km.MetaLearner(conv4_learner(), inner_steps=2, first_order=first_order)
+    episodes = as_tensors(random_episodes(batch=1, query=2, seed=8))
+    traced = tf.function(meta.meta_gradients).get_concrete_function(episodes)
+    assert ("Reciprocal" in graph_op_types(traced)) is not first_order
+
