@@ -57,7 +57,7 @@ def median_ms(call, calls):
     return statistics.median(times)
 
 
-def build(setting, meta_batch=1, episode_batching="auto"):
+def build(setting, meta_batch=1, episode_batching="auto", filters=32):
     import keras
     import numpy as np
     import tensorflow as tf
@@ -66,7 +66,7 @@ def build(setting, meta_batch=1, episode_batching="auto"):
 
     keras.utils.set_random_seed(0)
     n_way, query = 5, 15
-    learner = km.learners.conv4(input_shape=setting["image_shape"], num_classes=n_way)
+    learner = km.learners.conv4(input_shape=setting["image_shape"], num_classes=n_way, filters=filters)
     meta = km.MetaLearner(learner, inner_steps=setting["inner_steps"], episode_batching=episode_batching)
     rng = np.random.default_rng(0)
     k_shot = setting["k_shot"]

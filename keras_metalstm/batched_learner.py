@@ -23,11 +23,10 @@ in XLA-compiled functions.
 
 import keras
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
 
 from keras_metalstm.fused_batch_norm import batch_normalization_training
 from keras_metalstm.learner_function import LearnerFunction
-from keras_metalstm.xla_ops import accelerator_present, transpose
+from keras_metalstm.xla_ops import accelerator_present, in_xla_context, transpose
 
 NORMALISATIONS_OF_EACH_EXAMPLE = (keras.layers.GroupNormalization, keras.layers.LayerNormalization)
 # Layers without weights whose output for an example depends on that example alone.
@@ -130,11 +129,6 @@ def _unsupported_reason(layer):
     if type(layer) in EXAMPLE_WISE:
         return None if not layer.weights else "has weights"
     return f"{type(layer).__name__} layers are not batched"
-
-
-def in_xla_context():
-    """Whether the function being traced is compiled by XLA (tf.function(jit_compile=True), TPUs)."""
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 class BatchedLearnerFunction(LearnerFunction):

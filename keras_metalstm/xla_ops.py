@@ -26,6 +26,7 @@ import threading
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 from keras_metalstm.fused_batch_norm import values_per_channel
 from keras_metalstm.ops import fused_coordinate_lstm
@@ -36,6 +37,11 @@ _state = threading.local()
 def accelerator_present():
     """Whether TensorFlow sees a GPU or TPU."""
     return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+
+def in_xla_context():
+    """Whether the function being traced is compiled by XLA (tf.function(jit_compile=True), TPUs)."""
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 @contextlib.contextmanager

@@ -187,3 +187,21 @@ def test_the_loop_parallelism_benchmark_times_one_step_of_each_kind(monkeypatch)
         trainer, episodes = steps[parallel_iterations]
         loops = parallel_iterations_of_loops(trainer._train_function.get_concrete_function(episodes))
         assert len(loops) == 6 and loops.count(1) == loops_one_at_a_time, loops
+
+
+def test_the_recompute_benchmark_traces_each_configuration_as_named(monkeypatch):
+    """Its steps recompute the coordinate LSTM's backward pass or keep its activations as the configuration says
+    (the loop's kept values differ by the LSTM's activations), and the library's own choice is back afterwards."""
+    from keras_metalstm.layers import coordinate_lstm
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    benchmark = load_benchmark("recompute")
+    chosen = coordinate_lstm.recomputes_backward
+    traced = []
+    monkeypatch.setattr(benchmark, "median_ms", lambda call, calls: traced.append(coordinate_lstm.recomputes_backward()) or 1.0)
+    monkeypatch.setitem(benchmark.SETTINGS, "28x28x1 1-shot T=12", dict(image_shape=(28, 28, 1), k_shot=1, inner_steps=1))
+    for name, (_, recompute) in benchmark.CONFIGURATIONS.items():
+        result = benchmark.measure("28x28x1 1-shot T=12", name, filters=4, steps=1)
+        assert result["parameters"] > 0 and result["peak_mb"] > 0
+        assert traced[-1] is recompute, name
+    assert coordinate_lstm.recomputes_backward is chosen

@@ -440,3 +440,20 @@ def test_adapt_in_serving_follows_the_meta_learners_query_statistics(support_dir
     )["logits"].numpy()
     np.testing.assert_allclose(served, support_meta.adapt(images, labels)(queries).numpy(), atol=1e-4)
     assert not np.allclose(served, meta.adapt(images, labels)(queries).numpy(), atol=1e-3)
+
+
+def test_the_adapt_in_serving_model_exported_on_a_gpu_serves_the_same_logits(support_dir, queries, tmp_path, monkeypatch):
+    """On a GPU/TPU the coordinate LSTM's step is wrapped for a recomputed backward pass (`tf.recompute_grad`);
+    the adapt-in-serving SavedModel traced that way saves, loads and serves what `adapt` gives."""
+    import tensorflow as tf
+
+    from keras_metalstm.layers import coordinate_lstm
+
+    monkeypatch.setattr(coordinate_lstm, "recomputes_backward", lambda: True)
+    meta = make_meta()
+    images, labels, _ = export.load_support_folder(support_dir, SHAPE)
+    signature = tf.saved_model.load(str(export.export_meta(meta, tmp_path / "meta").path)).signatures["adapt_and_predict"]
+    served = signature(
+        support_images=tf.constant(images), support_labels=tf.constant(labels), query_images=tf.constant(queries)
+    )["logits"].numpy()
+    np.testing.assert_allclose(served, meta.adapt(images, labels)(queries).numpy(), atol=1e-4)

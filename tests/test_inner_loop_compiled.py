@@ -8,6 +8,7 @@ import tensorflow as tf
 from conftest import as_tensors, graph_nodes, graph_op_types, random_episodes
 
 import keras_metalstm as km
+from keras_metalstm.layers import coordinate_lstm
 from keras_metalstm.ops import fused_coordinate_lstm
 
 
@@ -156,3 +157,52 @@ def test_only_the_second_order_meta_gradient_differentiates_the_gradient_preproc
     traced = tf.function(meta.meta_gradients).get_concrete_function(episodes)
     assert ("Reciprocal" in graph_op_types(traced)) is not first_order
 
+
+def values_kept_per_inner_step(concrete_function):
+    """How many values the inner loop's While op stacks per step for its gradient (its accumulators' elements)."""
+    library = concrete_function.graph._functions
+    bodies = [op.get_attr("body").name for op in concrete_function.graph.get_operations() if op.type == "While"]
+    return sum(
+        op.inputs[1].shape.num_elements()
+        for body in bodies
+        for op in library[body].graph.get_operations()
+        if op.type == "TensorListPushBack"
+    )
+
+
+def kept_per_coordinate(trace):
+    """Values the inner loop keeps per learner coordinate and step: the growth from a smaller conv4 to a larger
+    one (weights of fixed size, the meta-learner's own, cancel out). trace(meta, episodes) -> concrete function."""
+    episodes = as_tensors(random_episodes(batch=1, query=2, seed=9))
+
+    def kept_and_coordinates(filters):
+        meta = km.MetaLearner(km.learners.conv4(input_shape=(28, 28, 1), num_classes=5, filters=filters), inner_steps=2)
+        return values_kept_per_inner_step(trace(meta, episodes)), meta.num_parameters
+
+    (small_kept, small), (large_kept, large) = kept_and_coordinates(4), kept_and_coordinates(8)
+    return (large_kept - small_kept) / (large - small)
+
+
+def test_under_xla_the_loop_keeps_about_what_the_next_step_reads_per_coordinate():
+    """Under XLA (and on a GPU/TPU) the coordinate LSTM's backward pass recomputes its gates from the step's
+    inputs: per coordinate and step the loop keeps h and c (20 + 20 values), the gradient's two features and six
+    values of the cell (48), not also the LSTM's five 20-unit activations and its product's operands (168)."""
+    assert kept_per_coordinate(lambda meta, episodes: meta._gradient_function(True).get_concrete_function(episodes)) <= 50
+
+
+def test_plain_tensorflow_on_a_cpu_keeps_the_lstm_activations_where_recomputing_them_is_slower():
+    assert kept_per_coordinate(lambda meta, episodes: tf.function(meta.meta_gradients).get_concrete_function(episodes)) > 150
+
+
+def test_the_recomputed_backward_pass_of_plain_tensorflow_on_a_gpu_gives_the_same_meta_gradient(monkeypatch):
+    """What a GPU runs outside XLA (stock ops, the backward pass recomputed), on this CPU: the same meta-gradient
+    as the stored activations give, to float32 rounding, and the smaller loop."""
+    meta = km.MetaLearner(conv4_learner(), inner_steps=3)
+    episodes = as_tensors(random_episodes(batch=2, query=2, seed=10))
+    stored = tf.function(meta.meta_gradients)(episodes)[2]
+    monkeypatch.setattr(coordinate_lstm, "recomputes_backward", lambda: True)
+    recomputed = tf.function(meta.meta_gradients)(episodes)[2]
+    for variable, expected, actual in zip(meta.trainable_variables, stored, recomputed, strict=True):
+        assert float(tf.norm(expected)) > 0, variable.path
+        np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=1e-5, atol=1e-7, err_msg=variable.path)
+    assert kept_per_coordinate(lambda meta, episodes: tf.function(meta.meta_gradients).get_concrete_function(episodes)) <= 50

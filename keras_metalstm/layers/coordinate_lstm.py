@@ -29,6 +29,50 @@ def hidden_readout(readout_kernel, hidden):
     return tf.reshape(readout, tf.concat([tf.shape(readout_kernel)[1:], tf.shape(hidden)[1:]], axis=0))
 
 
+def stock_step(inputs, input_kernel, gate_bias, with_bias_rows=False, recurrent_kernel=None, hidden=None, cell=None,
+               readout_kernel=None):
+    """One LSTM step over coordinates in stock TensorFlow ops (any input rank, any device, XLA): the fused
+    kernel's reference. Features first: inputs (features, episodes, ...), hidden and cell (units, episodes, ...),
+    gate_bias (4 * units, episodes). Without a state (hidden, cell, recurrent_kernel all None) it is the zero
+    state's step, its recurrent product skipped. with_bias_rows: XLA on a CPU (`_episode_indicator_rows`).
+
+    Returns (hidden, cell), and the readout_kernel^T . hidden readout after them if a readout_kernel is given.
+    """
+    units = gate_bias.shape[0] // 4
+    coordinate_shape = tf.shape(inputs)[1:]
+    rank = inputs.shape.rank
+    rows, weights = [tf.reshape(inputs, [tf.shape(inputs)[0], -1])], [input_kernel]
+    if hidden is not None:
+        rows.append(tf.reshape(hidden, [units, -1]))
+        weights.append(recurrent_kernel)
+    bias_rows = _episode_indicator_rows(inputs) if with_bias_rows else None
+    if bias_rows is not None:
+        rows.append(bias_rows)
+        weights.append(tf.transpose(gate_bias))
+    gates = tf.matmul(tf.concat(weights, axis=0), tf.concat(rows, axis=0), transpose_a=True)
+    gates = tf.reshape(gates, tf.concat([[4 * units], coordinate_shape], axis=0))
+    if bias_rows is None:
+        gates = gates + tf.reshape(gate_bias, [4 * units, -1] + [1] * (rank - 2))
+    input_gate, forget_gate, candidate, output_gate = tf.split(gates, 4, axis=0)
+    new_cell = tf.sigmoid(input_gate) * tf.tanh(candidate)
+    if cell is not None:
+        new_cell = new_cell + tf.sigmoid(forget_gate) * cell
+    new_hidden = tf.sigmoid(output_gate) * tf.tanh(new_cell)
+    readout = () if readout_kernel is None else (hidden_readout(readout_kernel, new_hidden),)
+    return (new_hidden, new_cell, *readout)
+
+
+def recomputes_backward():
+    """Whether the stock step's backward pass recomputes the step from its inputs (`tf.recompute_grad`) instead of
+    keeping its gates and activations: under XLA (which fuses the recomputation into the backward pass) and on a
+    GPU/TPU. An inner loop then keeps, per coordinate and step, about what the next step reads anyway (the inputs,
+    h and c: 48 values, not 168), which bounds the learner's size x T x meta-batch in an accelerator's memory, and
+    XLA's CPU step gets faster. Not in plain TensorFlow on a CPU, where the recomputation runs as separate ops and
+    makes the step slower (there the fused kernel recomputes in its own way). Measured: docs/design.md.
+    """
+    return xla_ops.in_xla_context() or xla_ops.accelerator_present()
+
+
 # Up to this many episodes the XLA CPU form carries the gate bias into the matrix product (`_episode_indicator_rows`):
 # the rows it adds, episodes x (episodes x coordinates), grow with the square of the episodes.
 MAX_EPISODES_WITH_BIAS_ROWS = 8
@@ -111,45 +155,30 @@ class CoordinateLSTM(keras.layers.Layer):
         product (and its gradient) while h is still in the cache. Without a readout_kernel, readout is None.
         """
         own_kernel = self.kernel[self.shared_input_dim :]
+        gate_bias = self._episode_gate_bias(tf.shape(inputs)[1] if inputs.shape.rank >= 3 else 1, shared_inputs)
         fused_step = fused_coordinate_lstm.coordinate_step(inputs.dtype) if inputs.shape.rank == 3 else None
         if fused_step is not None:
             if state is None:
                 zeros = tf.zeros(tf.concat([[self.units], tf.shape(inputs)[1:]], axis=0), inputs.dtype)
                 state = (zeros, zeros)
             kernel = tf.zeros((self.units, 0), inputs.dtype) if readout_kernel is None else readout_kernel
-            gate_bias = self._episode_gate_bias(tf.shape(inputs)[1], shared_inputs)
             hidden, cell, readout = fused_step(
                 inputs, *state, own_kernel, self.recurrent_kernel, gate_bias, kernel
             )
             return hidden, (hidden, cell), None if readout_kernel is None else readout
-        hidden, state = self._stock_step(inputs, state, shared_inputs, own_kernel)
-        readout = None if readout_kernel is None else hidden_readout(readout_kernel, hidden)
-        return hidden, state, readout
-
-    def _stock_step(self, inputs, state, shared_inputs, own_kernel):
-        """The step in stock TensorFlow ops: any input rank, any device, XLA; the fused kernel's reference."""
-        coordinate_shape = tf.shape(inputs)[1:]
-        rank = inputs.shape.rank
-        gate_bias = self._episode_gate_bias(tf.shape(inputs)[1] if rank >= 3 else 1, shared_inputs)
-        rows, weights, cell = [tf.reshape(inputs, [tf.shape(inputs)[0], -1])], [own_kernel], None
+        tensors = {"inputs": inputs, "input_kernel": own_kernel, "gate_bias": gate_bias}
         if state is not None:
-            hidden, cell = state
-            rows.append(tf.reshape(hidden, [self.units, -1]))
-            weights.append(self.recurrent_kernel)
-        bias_rows = _episode_indicator_rows(inputs) if xla_ops.cpu_forms_active() else None
-        if bias_rows is not None:
-            rows.append(bias_rows)
-            weights.append(tf.transpose(gate_bias))
-        gates = tf.matmul(tf.concat(weights, axis=0), tf.concat(rows, axis=0), transpose_a=True)
-        gates = tf.reshape(gates, tf.concat([[4 * self.units], coordinate_shape], axis=0))
-        if bias_rows is None:
-            gates = gates + tf.reshape(gate_bias, [4 * self.units, -1] + [1] * (rank - 2))
-        input_gate, forget_gate, candidate, output_gate = tf.split(gates, 4, axis=0)
-        new_cell = tf.sigmoid(input_gate) * tf.tanh(candidate)
-        if cell is not None:
-            new_cell = new_cell + tf.sigmoid(forget_gate) * cell
-        hidden = tf.sigmoid(output_gate) * tf.tanh(new_cell)
-        return hidden, (hidden, new_cell)
+            tensors.update(recurrent_kernel=tf.convert_to_tensor(self.recurrent_kernel), hidden=state[0], cell=state[1])
+        if readout_kernel is not None:
+            tensors["readout_kernel"] = readout_kernel
+        # Read now, not in `step`: the backward pass's recomputation must build the form the forward pass built.
+        with_bias_rows = xla_ops.cpu_forms_active()
+
+        def step(*values):
+            return stock_step(with_bias_rows=with_bias_rows, **dict(zip(tensors, values, strict=True)))
+
+        hidden, cell, *readout = (tf.recompute_grad(step) if recomputes_backward() else step)(*tensors.values())
+        return hidden, (hidden, cell), readout[0] if readout else None
 
     def _episode_gate_bias(self, episodes, shared_inputs):
         """(4 * units, episodes): the bias plus each episode's shared-feature contribution, computed once per
