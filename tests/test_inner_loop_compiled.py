@@ -1,5 +1,6 @@
 """The inner loop as compiled loops: B episodes together equal one at a time, XLA equals plain, the traced graph
-does not grow with T or B, and the whole training step compiles with XLA as a TPUStrategy would compile it."""
+does not grow with T or B, the whole training step compiles with XLA as a TPUStrategy would compile it, and what
+the loop keeps per step for the meta-gradient."""
 
 import keras
 import numpy as np
@@ -191,6 +192,7 @@ def test_under_xla_the_loop_keeps_about_what_the_next_step_reads_per_coordinate(
 
 
 def test_plain_tensorflow_on_a_cpu_keeps_the_lstm_activations_where_recomputing_them_is_slower():
+    """The library's choice for this configuration (benchmarks/recompute.py: recomputing cost 1.08-1.36x here)."""
     assert kept_per_coordinate(lambda meta, episodes: tf.function(meta.meta_gradients).get_concrete_function(episodes)) > 150
 
 
