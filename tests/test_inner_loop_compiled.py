@@ -196,10 +196,11 @@ def test_plain_tensorflow_on_a_cpu_keeps_the_lstm_activations_where_recomputing_
     assert kept_per_coordinate(lambda meta, episodes: tf.function(meta.meta_gradients).get_concrete_function(episodes)) > 150
 
 
-def test_the_recomputed_backward_pass_of_plain_tensorflow_on_a_gpu_gives_the_same_meta_gradient(monkeypatch):
+@pytest.mark.parametrize("options", [{}, {"first_order": False, "query_statistics": "support"}])
+def test_the_recomputed_backward_pass_of_plain_tensorflow_on_a_gpu_gives_the_same_meta_gradient(options, monkeypatch):
     """What a GPU runs outside XLA (stock ops, the backward pass recomputed), on this CPU: the same meta-gradient
-    as the stored activations give, to float32 rounding, and the smaller loop."""
-    meta = km.MetaLearner(conv4_learner(), inner_steps=3)
+    as the stored activations give, to float32 rounding, first and second order, and the smaller loop."""
+    meta = km.MetaLearner(conv4_learner(), inner_steps=3, **options)
     episodes = as_tensors(random_episodes(batch=2, query=2, seed=10))
     stored = tf.function(meta.meta_gradients)(episodes)[2]
     monkeypatch.setattr(coordinate_lstm, "recomputes_backward", lambda: True)
