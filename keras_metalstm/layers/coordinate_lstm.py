@@ -9,7 +9,8 @@ hot loop; features-first makes the per-gate slices contiguous blocks and turns t
 (4 * units, features) x (features, coordinates) matrix product. In the library's own training and evaluation
 steps on CPU-only machines, float32 and without XLA, the step runs as one fused kernel (keras_metalstm/ops);
 everywhere else, including any function a user traces or saves, it runs these stock ops, the reference the
-kernel is tested against.
+kernel is tested against. Under XLA and on a GPU/TPU their backward pass recomputes the step from its inputs
+instead of keeping its activations for every inner step (`recomputes_backward`), as the kernel does.
 """
 
 import keras
