@@ -17,20 +17,20 @@ def traced_steps(setting_name, meta_batch):
     """{parallel_iterations: (trainer, episodes)} for None (TensorFlow's default) and 1: conv4's training step
     traced (and run once) with each."""
     import keras_metalstm as km
-    import keras_metalstm.meta_learner as meta_learner_module
+    import keras_metalstm.loop_parallelism as loop_parallelism_module
 
-    chosen = meta_learner_module.learner_parallel_iterations
+    chosen = loop_parallelism_module.learner_parallel_iterations
     steps = {}
     try:
         for parallel_iterations in (None, 1):
             # The choice is read when the step is traced.
-            meta_learner_module.learner_parallel_iterations = lambda _, value=parallel_iterations: value
+            loop_parallelism_module.learner_parallel_iterations = lambda _, value=parallel_iterations: value
             meta, episodes = build(SETTINGS[setting_name], meta_batch)
             trainer = km.MetaTrainer(meta)
             float(trainer.train_step(episodes)["loss"])
             steps[parallel_iterations] = (trainer, episodes)
     finally:
-        meta_learner_module.learner_parallel_iterations = chosen
+        loop_parallelism_module.learner_parallel_iterations = chosen
     return steps
 
 

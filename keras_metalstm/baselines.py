@@ -269,18 +269,18 @@ class AuthorsFinetune(Baseline):
     def _grid_query_logits(self, support_images, support_labels, query_images):
         import tensorflow as tf
 
-        from keras_metalstm.loop_parallelism import learner_parallel_iterations
+        from keras_metalstm.loop_parallelism import map_learner_passes
 
         rates = tf.constant([point["learning_rate"] for point in self.grid], tf.float32)
         decays = tf.constant([point["decay"] for point in self.grid], tf.float32)
         # One graph for the whole grid: the settings' fine-tunes are independent, so the executor overlaps their
         # small ops (a 1-shot update is too small to keep two cores busy on its own), unless that could crash
         # TensorFlow's CPU kernels for the network (keras_metalstm.loop_parallelism).
-        return tf.map_fn(
+        return map_learner_passes(
             lambda setting: self._query_logits(support_images, support_labels, query_images, *setting),
             (rates, decays),
-            fn_output_signature=tf.float32,
-            parallel_iterations=learner_parallel_iterations(self.features.model),
+            tf.float32,
+            self.features.model,
         )
 
     def query_logits(self, episode, learning_rate, decay):

@@ -164,6 +164,15 @@ class LearnerFunction:
         pieces = tf.split(theta, self.sizes)
         return [tf.reshape(piece, shape) for piece, shape in zip(pieces, self.shapes, strict=True)]
 
+    def materialise(self, theta, state):
+        """A standalone copy of the learner holding the flat parameter vector `theta` and non-trainable `state`."""
+        model = keras.models.clone_model(self.learner)
+        for variable, value in zip(model.trainable_variables, self.unflatten(theta), strict=True):
+            variable.assign(value)
+        for variable, value in zip(model.non_trainable_variables, state, strict=True):
+            variable.assign(value)
+        return model
+
     def initial_theta(self):
         """The learner's current weights as a flat vector (theta_0's initial value)."""
         return self.flatten([variable.value for variable in self.learner.trainable_variables])

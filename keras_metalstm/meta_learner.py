@@ -24,7 +24,7 @@ from keras_metalstm.distribute import clip_by_global_norm_over_replicas
 from keras_metalstm.inner_loop_trace import InnerLoopTrace, record_inner_loop
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy
-from keras_metalstm.loop_parallelism import learner_parallel_iterations
+from keras_metalstm.loop_parallelism import map_learner_passes
 from keras_metalstm.meta_learner_inputs import (
     check_adaptation_settings,
     check_episode_batching,
@@ -218,10 +218,11 @@ class MetaLearner(keras.Model):
         if self.query_statistics == "support" and states and self._batches_episodes():
             states = self._batched_function.batch_statistics(theta, support_images)
         elif self.query_statistics == "support" and states:
-            states = self._map_episodes(
+            states = map_learner_passes(
                 lambda episode: learner.batch_statistics(*episode),
                 (theta, support_images),
                 _state_signature(learner),
+                self.learner,
             )
         return theta, states
 
@@ -295,10 +296,11 @@ class MetaLearner(keras.Model):
             )
             return tf.cast(loss, episode_theta.dtype), gradient, state
 
-        results = self._map_episodes(
+        results = map_learner_passes(
             support_pass,
             (theta, states, support_images, support_labels),
             (tf.TensorSpec((), theta.dtype), tf.TensorSpec(theta.shape[1:], theta.dtype), _state_signature(learner)),
+            self.learner,
         )
         if self.first_order:
             # The loss and gradient are constants for the meta-gradient (theta itself stays differentiable
@@ -327,7 +329,7 @@ class MetaLearner(keras.Model):
             # The loop's output dtype must be known before tracing: the logits in theta's.
             return tf.cast(logits, episode_theta.dtype)
 
-        return self._map_episodes(query_pass, (theta, states, query_images), theta.dtype)
+        return map_learner_passes(query_pass, (theta, states, query_images), theta.dtype, self.learner)
 
     def call(self, episodes, training=False, mode=None):
         """Query logits (B, N*Q, num_classes) of a batch of episodes after the inner loop.
@@ -454,7 +456,7 @@ class MetaLearner(keras.Model):
         if self._compiled_adapt is None:
             self._compiled_adapt = tf.function(self._adapt_one, reduce_retracing=True)
         theta, state = self._compiled_adapt(support_images, support_labels, steps)
-        return self._materialise(theta, state)
+        return self._learner_function.materialise(theta, state)
 
     def _adapt_one(self, support_images, support_labels, inner_steps):
         # Traced only into _compiled_adapt, a cache left out of SavedModels: the fused kernel may run here.
@@ -489,32 +491,6 @@ class MetaLearner(keras.Model):
             variables=[variable.path for variable in self.learner.trainable_variables],
             sizes=list(self._learner_function.sizes),
             **{name: value.numpy() for name, value in records.items()},
-        )
-
-    def _materialise(self, theta, state):
-        """A copy of the learner holding `theta` and non-trainable `state`."""
-        adapted = keras.models.clone_model(self.learner)
-        values = self._learner_function.unflatten(theta)
-        for variable, value in zip(adapted.trainable_variables, values, strict=True):
-            variable.assign(value)
-        for variable, value in zip(adapted.non_trainable_variables, state, strict=True):
-            variable.assign(value)
-        return adapted
-
-    def _map_episodes(self, function, episodes, output_signature):
-        """`function` of each episode of the stacked `episodes`, stacked: a tf.map_fn, or for a single episode a
-        plain call. The loop costs little by itself, but it splits a step into the loop's function and its
-        gradient's, and oneDNN's max-pooling gradient needs the forward pass in the same graph: without the loop,
-        a 5-shot 84x84 episode on a CPU took 432 ms instead of 483. The loop's iterations run one at a time where
-        TensorFlow's CPU kernels might crash otherwise (`keras_metalstm.loop_parallelism`)."""
-        if tf.nest.flatten(episodes)[0].shape[0] == 1:
-            outputs = function(tf.nest.map_structure(lambda tensor: tensor[0], episodes))
-            return tf.nest.map_structure(lambda tensor: tf.convert_to_tensor(tensor)[tf.newaxis], outputs)
-        return tf.map_fn(
-            function,
-            episodes,
-            fn_output_signature=output_signature,
-            parallel_iterations=learner_parallel_iterations(self.learner),
         )
 
     # ------------------------------------------------------------------------------------ serialisation

@@ -174,15 +174,15 @@ def test_timings_are_the_median_of_the_calls():
 def test_the_loop_parallelism_benchmark_times_one_step_of_each_kind(monkeypatch):
     """Its two steps loop over the episodes with TensorFlow's default and with one iteration at a time, and the
     library's own choice is back in place afterwards."""
-    import keras_metalstm.meta_learner as meta_learner_module
+    import keras_metalstm.loop_parallelism as loop_parallelism_module
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports meta_step's settings, as when run as a script
     benchmark = load_benchmark("loop_parallelism")
-    chosen = meta_learner_module.learner_parallel_iterations
+    chosen = loop_parallelism_module.learner_parallel_iterations
     short = dict(image_shape=(28, 28, 1), k_shot=1, inner_steps=1)
     monkeypatch.setitem(benchmark.SETTINGS, "28x28x1 1-shot T=12", short)
     steps = benchmark.traced_steps("28x28x1 1-shot T=12", meta_batch=2)
-    assert meta_learner_module.learner_parallel_iterations is chosen
+    assert loop_parallelism_module.learner_parallel_iterations is chosen
     for parallel_iterations, loops_one_at_a_time in ((None, 0), (1, 4)):  # 2 loops over episodes, 2 gradients
         trainer, episodes = steps[parallel_iterations]
         loops = parallel_iterations_of_loops(trainer._train_function.get_concrete_function(episodes))

@@ -35,9 +35,9 @@ import tensorflow as tf
 from conftest import as_tensors, random_episodes
 from test_loop_parallelism import residual_learner
 import keras_metalstm as km
-import keras_metalstm.meta_learner as meta_learner_module
+import keras_metalstm.loop_parallelism as loop_parallelism_module
 if {without_workaround}:
-    meta_learner_module.learner_parallel_iterations = lambda learner: None
+    loop_parallelism_module.learner_parallel_iterations = lambda learner: None
 meta = km.MetaLearner(residual_learner(), inner_steps=2)
 for round in range({rounds}):
     episodes = as_tensors(random_episodes(batch=8, query=2, seed=round))
