@@ -109,7 +109,7 @@ def export_command(model, format_, out, version, opset, force, no_verify):
             what = f"{format_} export of the adapted learner ({', '.join(loaded.class_names)})"
         else:
             result = export.export_meta(loaded, out, version=version, force=force, format=format_)
-            what = f"adapt-in-serving SavedModel of the {loaded.learner.output_shape[-1]}-way meta-learner"
+            what = f"adapt-in-serving SavedModel of the {export.meta_n_way(loaded)}-way meta-learner"
     if result.parity is not None:
         click.echo(result.parity.summary())
     click.echo(f"{what} -> {result.path} ({', '.join(result.files)}) in {time.perf_counter() - started:.1f}s")

@@ -8,8 +8,10 @@
                                   directory or PYTHONPATH
 
 A run directory keeps the learner's architecture as its Keras config (`learner.json`), deserialised with
-`safe_mode=True`, so evaluation, adaptation, export and resume work on a machine without the user's module (a
-custom layer class still has to be registered with `keras.saving.register_keras_serializable` and imported there).
+`safe_mode=True`, so evaluation, adaptation, export and resume work on a machine without the user's module. A
+custom layer or model class registered with `keras.saving.register_keras_serializable` is imported from the module
+Keras recorded for it (`import_custom_class_modules`) before a config or `.keras` file is deserialised: the new
+process of every command would not know the class otherwise.
 `check_learner` runs the learner once on an episode-shaped batch and turns every way a model can be unfit into
 one message naming the problem and the fix.
 
@@ -23,6 +25,7 @@ import importlib
 import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 from keras_metalstm.config import BUILT_IN_LEARNERS, ConfigError, atomic_write_text, first_line
@@ -70,17 +73,22 @@ def load_learner_file(path):
     path = Path(path)
     if not path.is_file():
         raise LearnerError(f"learner file {path} does not exist; pass a .keras file saved with model.save()")
+    import_custom_class_modules(keras_file_config(path))
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # noqa: BLE001 - keras raises many types for a bad file
         raise LearnerError(f"cannot load the learner file {path}: {first_line(error)}") from None
 
 
-def _call_factory(spec: str, image_shape, n_way: int):
-    module_name, _, function_name = spec.partition(":")
+def _with_current_directory_on_path():
     # A console script's sys.path lacks the current directory, where a user's model module usually lives.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+
+
+def _call_factory(spec: str, image_shape, n_way: int):
+    module_name, _, function_name = spec.partition(":")
+    _with_current_directory_on_path()
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # noqa: BLE001 - ImportError, or an error raised by the module itself
@@ -108,10 +116,11 @@ def fresh_copy(learner, num_classes: int | None = None):
     Only a functional or Sequential model whose output layer is a Dense layer can change its number of classes.
     """
     config = architecture_config(learner)
-    if num_classes is not None and num_classes != int(learner.output_shape[-1]):
+    image_shape = learner_image_shape(learner)
+    if num_classes is not None and num_classes != learner_num_classes(learner, image_shape):
         output = _output_layer_config(config)
         output["config"]["units"] = int(num_classes)
-    return model_from_architecture(config, tuple(learner.input_shape[1:]))
+    return model_from_architecture(config, image_shape)
 
 
 def _output_layer_config(config):
@@ -142,6 +151,50 @@ def architecture_config(learner) -> dict:
     return json.loads(json.dumps(keras.saving.serialize_keras_object(learner)))
 
 
+def custom_class_modules(config) -> list[str]:
+    """The modules that define the registered custom classes (`keras.saving.register_keras_serializable`) a Keras
+    config names, in order: what has to be imported before the config can be deserialised."""
+    modules = []
+    if isinstance(config, dict):
+        module = config.get("module")
+        if config.get("registered_name") and isinstance(module, str) and module.split(".")[0] not in _OWN_PACKAGES:
+            modules.append(module)
+        children = config.values()
+    elif isinstance(config, list):
+        children = config
+    else:
+        return modules
+    for child in children:
+        modules += [module for module in custom_class_modules(child) if module not in modules]
+    return modules
+
+
+# Packages whose classes are registered by importing keras_metalstm; "__main__" cannot be imported again.
+_OWN_PACKAGES = ("keras", "keras_metalstm", "__main__")
+
+
+def keras_file_config(path) -> dict | None:
+    """The model config stored in a `.keras` file (a zip archive's config.json), or None if it has none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):  # not a Keras archive: the loader says so
+        return None
+
+
+def import_custom_class_modules(config) -> None:
+    """Imports the modules of the custom classes in a Keras config, from the current directory or PYTHONPATH, so
+    that their registration runs before deserialisation (as `--learner module:function` imported the factory's
+    module in training). A module that cannot be imported is left for the deserialiser to report."""
+    _with_current_directory_on_path()
+    for module in custom_class_modules(config):
+        if module not in sys.modules:
+            try:
+                importlib.import_module(module)
+            except Exception:  # noqa: BLE001 - reported by the deserialiser as an unknown class
+                continue
+
+
 def model_from_architecture(config: dict, image_shape=None):
     """A freshly initialised, built model from `architecture_config`'s output (safe_mode=True)."""
     import keras
@@ -149,14 +202,16 @@ def model_from_architecture(config: dict, image_shape=None):
 
     import keras_metalstm  # noqa: F401 (registers the package's classes)
 
+    import_custom_class_modules(config)
     try:
         # Keras consumes the config it deserialises: give it a copy, the caller's may be stored or used again.
         model = keras.saving.deserialize_keras_object(copy.deepcopy(config), safe_mode=True)
     except Exception as error:  # noqa: BLE001 - unknown class, refused lambda, bad config ...
         raise LearnerError(
             f"cannot rebuild the learner from its Keras config: {first_line(error)}. A custom layer or model "
-            "class must be registered with @keras.saving.register_keras_serializable() and imported before "
-            "loading; Lambda layers cannot be loaded safely (write a small layer class instead)"
+            "class must be registered with @keras.saving.register_keras_serializable() in a module importable "
+            "from the current directory or PYTHONPATH (it is imported by the name Keras recorded); Lambda "
+            "layers cannot be loaded safely (write a small layer class instead)"
         ) from None
     if not model.built and image_shape is not None:
         model(np.zeros((1, *image_shape), "float32"))
@@ -197,7 +252,7 @@ def check_learner(learner, image_shape, n_way: int, batch: int = 5) -> None:
             f"the learner must be a keras.Model, got {type(learner).__name__}: return the model (e.g. "
             "keras.Model(inputs, logits)) from the factory"
         )
-    declared = _declared_image_shape(learner)
+    declared = learner_image_shape(learner)
     if declared is not None and (
         not isinstance(declared, tuple)
         or len(declared) != len(image_shape)
@@ -250,12 +305,26 @@ def check_learner(learner, image_shape, n_way: int, batch: int = 5) -> None:
         raise LearnerError("the learner's loss or gradient is not finite on images in [0, 1]")
 
 
-def _declared_image_shape(learner):
+def learner_image_shape(learner):
+    """The image shape (H, W, C) a built learner takes: its declared input shape, or for a subclassed model the
+    shape it was built or first called with; None when neither is known (a subclassed model never called)."""
     try:
         shape = learner.input_shape
-    except (AttributeError, ValueError):  # a subclassed model that was never called: the forward pass tells
-        return None
-    return tuple(shape[1:]) if isinstance(shape, tuple) else shape
+    except (AttributeError, ValueError):  # a subclassed model: Keras records the shape of its first call
+        shapes = list((getattr(learner, "_build_shapes_dict", None) or {}).values())
+        shape = shapes[0] if len(shapes) == 1 else None
+    return tuple(shape[1:]) if isinstance(shape, (tuple, list)) else shape
+
+
+def learner_num_classes(learner, image_shape) -> int:
+    """N, the number of logits a built learner returns per image: its declared output shape, or for a subclassed
+    model the width of its output on one blank image of `image_shape` (run in inference mode: no state moves)."""
+    try:
+        return int(learner.output_shape[-1])
+    except (AttributeError, ValueError):
+        import numpy as np
+
+        return int(learner(np.zeros((1, *image_shape), "float32"), training=False).shape[-1])
 
 
 def _shape(outputs):

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from keras_metalstm.config import EPISODE_BATCHING, QUERY_STATISTICS
 from keras_metalstm.data.episodes import EPISODE_KEYS
+from keras_metalstm.learner_spec import learner_image_shape
 
 MODES = ("train", "test")
 
@@ -54,7 +55,7 @@ def check_support(learner, dtype, support_images, support_labels):
     """One task's support set for `learner` as tensors: images (examples, H, W, C) in `dtype`, labels int32."""
     support_images = tf.convert_to_tensor(support_images, dtype=dtype)
     support_labels = tf.convert_to_tensor(support_labels)
-    expected = tuple(learner.input_shape[1:]) if hasattr(learner, "input_shape") else None
+    expected = learner_image_shape(learner)
     if support_images.shape.rank != 4:
         raise ValueError(
             f"support_images must be one task's images of shape (examples, height, width, channels), got "

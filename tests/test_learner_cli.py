@@ -98,6 +98,29 @@ def lambda_layer(input_shape, num_classes):
     return keras.Model(images, keras.layers.Dense(num_classes)(doubled))
 
 
+@keras.saving.register_keras_serializable(package="user_models")
+class SmallNet(keras.Model):
+    """A subclassed model: no declared input or output shape, its class registered here only."""
+
+    def __init__(self, num_classes, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.conv = keras.layers.Conv2D(4, 3, strides=2)
+        self.norm = keras.layers.BatchNormalization()
+        self.head = keras.layers.Dense(num_classes)
+
+    def call(self, images, training=False):
+        features = keras.ops.relu(self.norm(self.conv(images), training=training))
+        return self.head(keras.ops.mean(features, axis=(1, 2)))
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}
+
+
+def subclassed(input_shape, num_classes):
+    return SmallNet(num_classes)
+
+
 def raises(input_shape, num_classes):
     raise RuntimeError("my model is not finished")
 
@@ -204,6 +227,42 @@ def test_other_learner_shapes_train_and_adapt(user_module, data_dir, factory):
     adapted = meta.adapt(batch["support_images"][0], batch["support_labels"][0])
     np.testing.assert_allclose(adapted(batch["query_images"][0]).numpy(),
                                meta(batch, mode="test").numpy()[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_subclassed_model_of_the_users_module_is_adapted_and_exported_in_a_new_process(user_module, data_dir):
+    """A new process (as every `metalstm` command is) must import the module that registers the class before
+    the run's learner can be rebuilt, and find a subclassed model's image shape and classes without its
+    `input_shape` / `output_shape`."""
+    run_dir = user_module / "run"
+    trained = run_cli(train_args(data_dir, run_dir, "--learner", "user_models:subclassed"))
+    assert trained.exit_code == 0, trained.output
+    support = user_module / "support"
+    for name in ("class_00", "class_01"):
+        (support / name).mkdir(parents=True)
+        for image in sorted((data_dir / name).glob("*.png"))[:2]:
+            (support / name / image.name).write_bytes(image.read_bytes())
+    image = sorted((data_dir / "class_01").glob("*.png"))[0]
+    script = textwrap.dedent(f"""
+        import sys
+        from click.testing import CliRunner
+        from keras_metalstm.cli.main import main
+        assert "user_models" not in sys.modules
+        for args in (["adapt", "run", "--support", "support", "--out", "task.keras"],
+                     ["export", "task.keras", "--format", "both", "--out", "models"],
+                     ["predict", "models/1/model.onnx", {str(image)!r}],
+                     ["export", "run", "--out", "meta_export"]):
+            result = CliRunner().invoke(main, args, catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+            print(result.output)
+        assert "user_models" in sys.modules
+    """)
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    process = subprocess.run([sys.executable, "-c", script], cwd=user_module, env=environment,
+                             capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert "parity OK" in process.stdout, process.stdout
+    assert "adapt-in-serving SavedModel of the 2-way meta-learner" in process.stdout, process.stdout
+    assert (user_module / "models" / "1" / "saved_model.pb").is_file()
 
 
 BAD_LEARNERS = {

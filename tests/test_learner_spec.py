@@ -13,7 +13,10 @@ from keras_metalstm.learner_spec import (
     LearnerError,
     architecture_config,
     check_learner,
+    custom_class_modules,
     fresh_copy,
+    learner_image_shape,
+    learner_num_classes,
     model_from_architecture,
 )
 from keras_metalstm.pretraining import feature_model
@@ -127,6 +130,44 @@ def test_check_learner_accepts_a_subclassed_model_that_was_never_called():
     check_learner(Small(), (28, 28, 1), 3)  # builds it by calling it; raises nothing
     with pytest.raises(LearnerError, match="needs one tensor of 4 logits"):
         check_learner(Small(), (28, 28, 1), 4)
+
+
+def test_the_modules_of_registered_custom_classes_are_found_anywhere_in_a_config():
+    config = {
+        "module": "keras.src.models.functional", "class_name": "Functional", "registered_name": "Functional",
+        "config": {"layers": [
+            {"module": "keras.layers", "class_name": "Dense", "registered_name": None},
+            {"module": "my_pkg.blocks", "class_name": "Block", "registered_name": "my_pkg>Block",
+             "config": {"inner": {"module": "my_pkg.norms", "registered_name": "my_pkg>Norm"}}},
+            {"module": "my_pkg.blocks", "class_name": "Other", "registered_name": "my_pkg>Other"},
+            {"module": "unregistered", "class_name": "Plain", "registered_name": None},
+            {"module": "keras_metalstm.meta_learner", "registered_name": "keras_metalstm>MetaLearner"},
+            {"module": "__main__", "registered_name": "notebook>Net"},
+        ]},
+    }
+    assert custom_class_modules(config) == ["my_pkg.blocks", "my_pkg.norms"]
+
+
+def test_a_subclassed_models_image_shape_and_classes_come_from_its_first_call():
+    @keras.saving.register_keras_serializable(package="tests_spec")
+    class Pooled(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.head = keras.layers.Dense(3)
+
+        def call(self, images):
+            return self.head(keras.ops.mean(images, axis=(1, 2)))
+
+    model = Pooled()
+    assert learner_image_shape(model) is None  # never called: unknown
+    model(np.zeros((2, 12, 10, 2), "float32"))
+    assert learner_image_shape(model) == (12, 10, 2)
+    assert learner_num_classes(model, (12, 10, 2)) == 3
+    functional = km.learners.conv4(input_shape=(28, 28, 1), num_classes=4, filters=2)
+    assert learner_image_shape(functional) == (28, 28, 1) and learner_num_classes(functional, None) == 4
+    meta = km.MetaLearner(model, inner_steps=1)
+    with pytest.raises(ValueError, match=r"the learner expects \(12, 10, 2\)"):
+        meta.adapt(np.zeros((3, 28, 28, 1), "float32"), np.arange(3))
 
 
 def test_nearest_neighbour_features_are_the_input_of_the_output_layer():

@@ -21,6 +21,8 @@ from keras_metalstm.export.adapted import (
     load_exportable,
     load_meta_learner,
     load_support_folder,
+    meta_image_shape,
+    meta_n_way,
     save_adapted,
 )
 from keras_metalstm.export.errors import ExportError
@@ -73,6 +75,8 @@ __all__ = [
     "load_meta_learner",
     "load_predictor",
     "load_support_folder",
+    "meta_image_shape",
+    "meta_n_way",
     "next_version",
     "prediction_records",
     "quickstart_export",

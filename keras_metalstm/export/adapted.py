@@ -23,6 +23,12 @@ import numpy as np
 from keras_metalstm.data import CONVERSION_RULE, load_image_folder
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.files import atomic_path
+from keras_metalstm.learner_spec import (
+    import_custom_class_modules,
+    keras_file_config,
+    learner_image_shape,
+    learner_num_classes,
+)
 
 INPUT_SCALE = (
     "float32 (batch, H, W, C) in [0, 1]: image files converted by the package's rule and stored as uint8 "
@@ -49,10 +55,10 @@ class AdaptedLearner(keras.Model):
         super().__init__(**kwargs)
         self.learner = learner
         self.class_names = tuple(str(name) for name in class_names)
-        shape = image_shape if image_shape is not None else learner.input_shape[1:]
+        shape = image_shape if image_shape is not None else learner_image_shape(learner)
         self.image_shape = tuple(int(v) for v in shape)
         self.info = dict(info or {})
-        outputs = learner.output_shape[-1]
+        outputs = learner_num_classes(learner, self.image_shape)
         if outputs != len(self.class_names):
             raise ExportError(
                 f"the learner has {outputs} outputs but {len(self.class_names)} class names were given: "
@@ -90,8 +96,8 @@ class AdaptedLearner(keras.Model):
 
 def meta_image_shape(meta):
     """(H, W, C) of the meta-learner's learner."""
-    shape = tuple(meta.learner.input_shape[1:])
-    if None in shape or len(shape) != 3:
+    shape = learner_image_shape(meta.learner)
+    if shape is None or None in shape or len(shape) != 3:
         raise ExportError(
             f"the learner must take images of a fixed shape (H, W, C); its input shape is {shape}."
         )
@@ -100,7 +106,7 @@ def meta_image_shape(meta):
 
 def meta_n_way(meta):
     """N: the number of classes the meta-learner's learner outputs."""
-    return int(meta.learner.output_shape[-1])
+    return learner_num_classes(meta.learner, meta_image_shape(meta))
 
 
 def load_support_folder(root, image_shape, n_way=None):
@@ -199,6 +205,7 @@ def _load_keras(path):
             f"{path} is not a Keras model file (a .keras file is a zip archive; this one is truncated or of "
             "another format): save it again with model.save()"
         )
+    import_custom_class_modules(keras_file_config(path))
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as error:  # noqa: BLE001 - keras raises many types for a bad file
