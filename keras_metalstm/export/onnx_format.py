@@ -10,12 +10,17 @@ exported to ONNX, which has no gradient operators.
 `tf2onnx.convert.from_keras` fails on Keras 3 models (it looks up `model.output_names`, which Keras 3 names
 after its symbolic tensors: KeyError 'keras_tensor_N'); the supported path, used here, is
 `tf2onnx.convert.from_function` on a tf.function with an input signature.
+
+tf2onnx leaves a TensorFlow op it has no rule for in the graph as it is, and the model then fails to load. Two such
+ops come from Keras activations: Erfc, in the exact GELU (`activation="gelu"`), written here as 1 - Erf, and
+Expm1, in CELU, as Exp - 1. Any other op ONNX cannot express stops the export with its name and the alternatives.
 """
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import tensorflow as tf
 
 from keras_metalstm.export.errors import ExportError
@@ -44,7 +49,10 @@ def to_onnx(adapted, opset=DEFAULT_OPSET):
     module = ClassifierModule(adapted)
     spec = module.serving_default.input_signature
     function = tf.function(module._classify, input_signature=spec)
-    model, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=opset)
+    model, _ = tf2onnx.convert.from_function(
+        function, input_signature=spec, opset=opset, custom_op_handlers=dict(_REWRITTEN_OPS)  # tf2onnx adds to it
+    )
+    _check_every_op_is_onnx(model, opset)
     _name_batch_axis(model)
     for key, value in {
         "class_names": json.dumps(list(adapted.class_names), ensure_ascii=False),
@@ -57,6 +65,46 @@ def to_onnx(adapted, opset=DEFAULT_OPSET):
         "keras-metalstm adapted learner: images float32 (batch, H, W, C) in [0, 1] -> class scores"
     )
     return model
+
+
+def _one_and(onnx_op, one_minus):
+    """A tf2onnx handler for a TensorFlow op that ONNX lacks, from the ONNX op `onnx_op` and the constant 1:
+    1 - onnx_op(x) if `one_minus`, else onnx_op(x) - 1."""
+
+    def handler(graph, node, name, args):
+        from tf2onnx import utils
+
+        node.type = onnx_op
+        dtype = utils.map_onnx_to_numpy_type(graph.get_dtype(node.output[0]))
+        one = graph.make_const(utils.make_name(f"{name}_one"), np.ones((), dtype)).output[0]
+        operands = [one, node.output[0]] if one_minus else [node.output[0], one]
+        graph.insert_new_node_on_output("Sub", node.output[0], name=utils.make_name(f"{name}_sub"), inputs=operands)
+
+    return handler
+
+
+# TensorFlow ops of Keras activations that tf2onnx leaves unconverted: Erfc (exact GELU) and Expm1 (CELU).
+_REWRITTEN_OPS = {"Erfc": (_one_and("Erf", one_minus=True), []), "Expm1": (_one_and("Exp", one_minus=False), [])}
+
+
+def _check_every_op_is_onnx(model, opset):
+    """ExportError naming the TensorFlow ops tf2onnx could not convert (left in the graph, the model would not
+    load)."""
+    import onnx
+
+    unknown = sorted(
+        {
+            node.op_type
+            for node in model.graph.node
+            if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type, max_inclusive_version=opset)
+        }
+    )
+    if unknown:
+        raise ExportError(
+            f"the learner uses TensorFlow ops that ONNX opset {opset} cannot express: {', '.join(unknown)}. Export "
+            "it as a SavedModel only (--format savedmodel, for TensorFlow Serving), or build the learner from "
+            "layers whose ops ONNX has."
+        )
 
 
 def _name_batch_axis(model):
