@@ -6,8 +6,9 @@ last). Outside a loop it rewrites TensorFlow's backward convolutions into that f
 `tf.while_loop`) it leaves them transposed and emits them as plain loops, about 100x slower (benchmarks/README.md).
 `conv2d` here computes both gradients as forward convolutions of transposed tensors, at every order of
 differentiation, so the CPU compiler takes its fast path whatever loop the convolution sits in. `max_pool` pools
-disjoint windows as a reduction over a reshape, whose gradient XLA fuses with its neighbours, instead of the
-select-and-scatter it otherwise compiles max-pool gradients into (6-8x slower than TensorFlow's own kernel).
+disjoint windows as a reduction over a reshape, whose gradient (a one-hot of each window's argmax) XLA fuses with
+its neighbours, instead of the select-and-scatter it otherwise compiles max-pool gradients into (6-8x slower than
+TensorFlow's own kernel).
 Sums over the batch and spatial axes (batch-norm moments, bias gradients) are matrix products with a row of ones
 (`channel_sum`): XLA's CPU compiler splits a reduction over an axis longer than 32 into a windowed reduction that it
 emits as plain loops (nearly a third of the 84x84 step's time). Batch normalisation, built on them, takes its
@@ -132,13 +133,34 @@ def same_padding(kernel_size):
 
 def max_pool(images, pool_size):
     """Max pooling of `images` (N, H, W, C) over disjoint (pool_size) windows with "valid" padding, as a
-    reduction over a reshape: the same values as tf.nn.max_pool2d. Its gradient goes to the window's maximum
-    (shared equally by tied maxima, where TensorFlow's kernel picks one: both are gradients of the max)."""
+    reduction over a reshape: the same values as tf.nn.max_pool2d. Its gradient goes to one maximum of each window
+    (`_window_argmax_gradient`), as TensorFlow's kernel's does."""
     pool_height, pool_width = pool_size
     rows, columns = images.shape[1] // pool_height, images.shape[2] // pool_width
     cropped = images[:, : rows * pool_height, : columns * pool_width]
     windows = tf.reshape(cropped, [-1, rows, pool_height, columns, pool_width, images.shape[3]])
-    return tf.reduce_max(windows, axis=[2, 4])
+
+    @tf.custom_gradient
+    def pooled(windows):
+        return tf.reduce_max(windows, axis=[2, 4]), lambda upstream: _window_argmax_gradient(windows, upstream)
+
+    return pooled(windows)
+
+
+def _window_argmax_gradient(windows, upstream):
+    """The gradient of a max over axes 2 and 4 of `windows` (N, rows, PH, cols, PW, C): `upstream` at one argmax
+    of each window, zero elsewhere. TensorFlow's gradient of reduce_max sends it where the input equals the
+    output instead, and XLA may fuse a recomputation of the input into that comparison that rounds differently
+    from the forward pass: no element is then equal, and the gradient is 0/0 (a residual block, LeakyReLU,
+    then this pooling, in a tf.map_fn over episodes: NaN after one meta-update). An argmax always picks one."""
+    pool_height, pool_width = windows.shape[2], windows.shape[4]
+    positions = [(row, column) for row in range(pool_height) for column in range(pool_width)]
+    candidates = tf.stack([windows[:, :, row, :, column] for row, column in positions], axis=-1)
+    chosen = tf.one_hot(tf.argmax(candidates, axis=-1), len(positions), dtype=upstream.dtype)
+    parts = tf.unstack(chosen * upstream[..., tf.newaxis], axis=-1)
+    # Back to (N, rows, PH, cols, PW, C): each window row's parts stacked on axis 3, the rows on axis 2.
+    window_rows = [tf.stack(parts[row * pool_width : (row + 1) * pool_width], axis=3) for row in range(pool_height)]
+    return tf.stack(window_rows, axis=2)
 
 
 def channel_sum(tensor):
