@@ -177,7 +177,7 @@ class BatchedLearnerFunction(LearnerFunction):
         )
         momentum = self.bn_momentum if momentum is None else momentum
         run = _Run(values, episodes, training, momentum)
-        logits = run.model(self.learner, images)
+        logits = tf.cast(run.model(self.learner, images), theta.dtype)  # as LearnerFunction's
         new_state = [values[id(variable)] for variable in self.learner.non_trainable_variables]
         return logits, new_state
 

@@ -205,7 +205,7 @@ class LearnerFunction:
                 delattr(layer, attribute)
 
     def __call__(self, theta, state, images, training, momentum=None):
-        """Logits of the learner with parameters `theta` and non-trainable `state` on `images`.
+        """Logits (in theta's dtype) of the learner with parameters `theta` and non-trainable `state` on `images`.
 
         With training=True batch-norm layers normalise with the batch's statistics and the returned state holds
         their updated moving statistics (momentum: this call's Keras-convention momentum, default the
@@ -218,6 +218,9 @@ class LearnerFunction:
         momentum = self.bn_momentum if momentum is None else momentum
         with self._layer_overrides(momentum), keras.StatelessScope(state_mapping=mapping) as scope:
             logits = self.learner(images, training=training)
+        # In theta's dtype: a learner under a mixed-precision policy returns bfloat16 or float16 logits, and the
+        # losses and the meta-learner work in theta's.
+        logits = tf.cast(logits, theta.dtype)
         return logits, [scope.get_current_value(variable) for variable in self.learner.non_trainable_variables]
 
     def batch_statistics(self, theta, images):
@@ -248,6 +251,12 @@ class LearnerFunction:
         if divide_by_batch:
             gradient = gradient / tf.cast(tf.shape(labels)[-1], gradient.dtype)
         return loss, gradient, state
+
+
+def variable_dtype(dtype=None):
+    """The variable dtype of the dtype policy `dtype` (default: Keras' global policy): "float32" for
+    "mixed_bfloat16". Models of this package that compute in it keep full precision under a mixed policy."""
+    return keras.dtype_policies.get(dtype or keras.config.dtype_policy()).variable_dtype
 
 
 def accuracy(labels, logits):

@@ -23,7 +23,7 @@ from keras_metalstm.batched_learner import BatchedLearnerFunction
 from keras_metalstm.distribute import clip_by_global_norm_over_replicas
 from keras_metalstm.inner_loop_trace import InnerLoopTrace, record_inner_loop
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
-from keras_metalstm.learner_function import LearnerFunction, accuracy
+from keras_metalstm.learner_function import LearnerFunction, accuracy, variable_dtype
 from keras_metalstm.loop_parallelism import map_learner_passes
 from keras_metalstm.meta_learner_inputs import (
     check_adaptation_settings,
@@ -94,6 +94,10 @@ class MetaLearner(keras.Model):
         episode_batching="auto",
         **kwargs,
     ):
+        # The meta-learner's own arithmetic (theta, the LSTM, the cell update) stays in the variable dtype of any
+        # mixed-precision policy: bfloat16's 8-bit mantissa would round away an update of a few thousandths of a
+        # parameter. The learner keeps its own policy and computes in it.
+        kwargs["dtype"] = variable_dtype(kwargs.get("dtype"))
         super().__init__(**kwargs)
         check_adaptation_settings(inner_steps, query_statistics)
         check_episode_batching(episode_batching)
@@ -118,9 +122,9 @@ class MetaLearner(keras.Model):
         self.learn_logit_scale = bool(learn_logit_scale)
 
         self.coordinate_lstm = CoordinateLSTM(
-            self.hidden_units, input_dim=4, shared_input_dim=2, name="coordinate_lstm"
+            self.hidden_units, input_dim=4, shared_input_dim=2, name="coordinate_lstm", dtype=self.dtype_policy
         )
-        self.cell = MetaLSTMCell(self.hidden_units, name="meta_lstm_cell")
+        self.cell = MetaLSTMCell(self.hidden_units, name="meta_lstm_cell", dtype=self.dtype_policy)
         self.theta0 = self.add_weight(
             shape=(self._learner_function.num_parameters,), initializer="zeros", name="theta0"
         )

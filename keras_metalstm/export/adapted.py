@@ -23,6 +23,7 @@ import numpy as np
 from keras_metalstm.data import CONVERSION_RULE, load_image_folder
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.files import atomic_path
+from keras_metalstm.learner_function import variable_dtype
 from keras_metalstm.learner_spec import (
     import_custom_class_modules,
     keras_file_config,
@@ -52,6 +53,8 @@ class AdaptedLearner(keras.Model):
     """
 
     def __init__(self, learner, class_names, image_shape=None, info=None, **kwargs):
+        # Images reach the learner in full precision, whatever the global policy (`in_variable_precision`).
+        kwargs["dtype"] = variable_dtype(kwargs.get("dtype"))
         super().__init__(**kwargs)
         self.learner = learner
         self.class_names = tuple(str(name) for name in class_names)
@@ -92,6 +95,38 @@ class AdaptedLearner(keras.Model):
             config["learner"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+def in_variable_precision(learner, image_shape):
+    """`learner`, or, if any of its layers computes in a mixed-precision policy (bfloat16 or float16 on float32
+    variables), a copy with the same weights that computes in its variables' dtype: what a server runs (ONNX
+    Runtime and TensorFlow Serving on a CPU have no bfloat16 convolutions), and what the parity check compares."""
+    if all(
+        layer.dtype_policy.compute_dtype == layer.dtype_policy.variable_dtype for layer in learner._flatten_layers()
+    ):
+        return learner
+    config = _variable_dtype_policies(keras.saving.serialize_keras_object(learner))
+    previous = keras.config.dtype_policy()
+    # A subclassed model creates its layers under the global policy, not from its config.
+    keras.config.set_dtype_policy(previous.variable_dtype)
+    try:
+        copy = keras.saving.deserialize_keras_object(config)
+        copy(np.zeros((1, *image_shape), copy.compute_dtype), training=False)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    copy.set_weights(learner.get_weights())
+    return copy
+
+
+def _variable_dtype_policies(config):
+    """A Keras config with every dtype policy replaced by its variable dtype ("mixed_bfloat16" -> "float32")."""
+    if isinstance(config, list):
+        return [_variable_dtype_policies(item) for item in config]
+    if not isinstance(config, dict):
+        return config
+    if config.get("class_name") == "DTypePolicy":
+        return keras.dtype_policies.get(config["config"]["name"]).variable_dtype
+    return {key: _variable_dtype_policies(value) for key, value in config.items()}
 
 
 def meta_image_shape(meta):
@@ -160,7 +195,9 @@ def adapt(meta, support_images, support_labels, class_names, inner_steps=None, i
         "conversion_rule": CONVERSION_RULE,
     }
     details.update(info or {})
-    return AdaptedLearner(learner, class_names, meta_image_shape(meta), info=details, name="adapted_learner")
+    shape = meta_image_shape(meta)
+    learner = in_variable_precision(learner, shape)
+    return AdaptedLearner(learner, class_names, shape, info=details, name="adapted_learner")
 
 
 def adapt_folder(meta, support_dir, inner_steps=None, info=None):
