@@ -117,7 +117,7 @@ def export_command(model, format_, out, version, opset, force, no_verify):
 
 @click.command()
 @click.argument("model", type=click.Path(exists=True))
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option(
     "--json", "as_json", is_flag=True, help="Print a JSON list of {image, class_name, probability, logits}."
 )
@@ -126,7 +126,8 @@ def predict(model, images, as_json):
 
     MODEL is a SavedModel version folder (saved_models/NAME/<version>; a NAME folder means its newest
     version), an .onnx file or an adapted .keras file. IMAGES are PNG/JPEG files (converted to the model's
-    input shape by the training rule) or .npy arrays already float32 in [0, 1] at that shape.
+    input shape by the training rule), folders of them (their image files, sorted by name) or .npy arrays
+    already float32 in [0, 1] at that shape.
     """
     quiet_tensorflow()
     started = time.perf_counter()

@@ -71,6 +71,25 @@ def test_predict_prints_class_and_probability_per_image_for_savedmodel_and_onnx(
     assert "predicted 5 image(s) with onnx model" in as_json.stderr
 
 
+def test_predict_takes_a_folder_as_its_image_files_sorted(exported_dir, workspace, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index, image in enumerate(sorted((workspace / "support").glob("*/0.png"))):
+        (folder / f"{4 - index}.png").write_bytes(image.read_bytes())  # names sort unlike the classes
+    (folder / ".hidden.png").write_bytes(image.read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    images = sorted(folder.glob("[0-9].png"))
+    from_folder = run("predict", exported_dir, folder, "--json")
+    from_files = run("predict", exported_dir, *images, "--json")
+    assert from_folder.exit_code == 0 and from_files.exit_code == 0, from_folder.output + from_files.output
+    assert json.loads(from_folder.stdout) == json.loads(from_files.stdout)
+    assert [r["image"] for r in json.loads(from_folder.stdout)] == [str(p) for p in images]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = run("predict", exported_dir, empty)
+    assert refused.exit_code == 1 and "holds no image files" in refused.output and "Traceback" not in refused.output
+
+
 def test_predict_on_a_model_folder_uses_its_newest_version(exported_dir, workspace):
     image = next((workspace / "support").glob("*/0.png"))
     result = run("predict", exported_dir.parent, image)

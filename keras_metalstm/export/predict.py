@@ -222,7 +222,8 @@ def load_predictor(path, threads=None):
 def read_images(paths, image_shape):
     """Image files and/or ``.npy`` arrays -> float32 (n, H, W, C) in [0, 1], one row per image.
 
-    Image files are converted to ``image_shape`` by the package's rule and rounded to uint8 before dividing by
+    A folder stands for its image files (``IMAGE_EXTENSIONS``, any case, hidden ones skipped, sorted by name; not
+    its sub-folders). Image files are converted to ``image_shape`` by the package's rule and rounded to uint8 before dividing by
     255 (the training preparation). A ``.npy`` file holds one image (H, W, C) or a batch, already float32 in
     [0, 1] at the model's shape (checked, never converted). Returns (images, names) with one name per row.
     """
@@ -237,7 +238,7 @@ def read_images(paths, image_shape):
             names.extend(str(f) for f in files)
             files.clear()
 
-    for path in map(Path, paths):
+    for path in _expand_folders(map(Path, paths)):
         if not path.is_file():
             raise ExportError(f"image {path} not found.")
         if path.suffix.lower() == ".npy":
@@ -258,6 +259,24 @@ def read_images(paths, image_shape):
     if not rows:
         raise ExportError("no images given.")
     return np.concatenate(rows), names
+
+
+def _expand_folders(paths):
+    from keras_metalstm.data import IMAGE_EXTENSIONS
+
+    for path in paths:
+        if not path.is_dir():
+            yield path
+            continue
+        images = sorted(
+            p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != "."
+        )
+        if not images:
+            raise ExportError(
+                f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}): pass image files, .npy arrays "
+                "or folders of images."
+            )
+        yield from images
 
 
 def prediction_records(names, outputs):
