@@ -223,9 +223,10 @@ def read_images(paths, image_shape):
     """Image files and/or ``.npy`` arrays -> float32 (n, H, W, C) in [0, 1], one row per image.
 
     A folder stands for its image files (``IMAGE_EXTENSIONS``, any case, hidden ones skipped, sorted by name; not
-    its sub-folders). Image files are converted to ``image_shape`` by the package's rule and rounded to uint8 before dividing by
-    255 (the training preparation). A ``.npy`` file holds one image (H, W, C) or a batch, already float32 in
-    [0, 1] at the model's shape (checked, never converted). Returns (images, names) with one name per row.
+    its sub-folders). Image files are converted to ``image_shape`` by the package's rule and rounded to uint8
+    before dividing by 255 (the training preparation). A ``.npy`` file holds one image (H, W, C) or a batch,
+    already float32 in [0, 1] at the model's shape (checked, never converted). Returns (images, names) with one
+    name per row.
     """
     from keras_metalstm.data import decode_image_files
 
