@@ -17,7 +17,7 @@ from keras_metalstm.data.dataset import (
 from keras_metalstm.data.episodes import EPISODE_KEYS, EpisodeSampler, episode_dataset
 from keras_metalstm.data.errors import DataError
 from keras_metalstm.data.fashion_mnist import load_fashion_mnist
-from keras_metalstm.data.folder import IMAGE_EXTENSIONS, image_folder_splits, load_image_folder
+from keras_metalstm.data.folder import IMAGE_EXTENSIONS, image_files, image_folder_splits, load_image_folder
 from keras_metalstm.data.fontglot import (
     FONTGLOT_SPLIT_SEED,
     fontglot_path,
@@ -54,6 +54,7 @@ __all__ = [
     "episode_dataset",
     "fontglot_path",
     "fontglot_splits",
+    "image_files",
     "image_folder_splits",
     "load_dataset",
     "load_fashion_mnist",

@@ -20,6 +20,14 @@ from keras_metalstm.data.images import decode_image_files
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
+def image_files(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """The image files directly in `folder` (lower-case `extensions`, matched in any case; hidden files skipped),
+    sorted by name."""
+    return sorted(
+        f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in extensions and not f.name.startswith(".")
+    )
+
+
 def list_image_folder(
     root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS
 ) -> dict[str, list[Path]]:
@@ -42,11 +50,7 @@ def list_image_folder(
         )
     classes = {}
     for class_dir in class_dirs:
-        files = sorted(
-            f
-            for f in class_dir.iterdir()
-            if f.is_file() and f.suffix.lower() in extensions and not f.name.startswith(".")
-        )
+        files = image_files(class_dir, extensions)
         if not files:
             raise DataError(
                 f"class folder {class_dir} holds no {'/'.join(extensions)} image; add images or "

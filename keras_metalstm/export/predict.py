@@ -263,15 +263,13 @@ def read_images(paths, image_shape):
 
 
 def _expand_folders(paths):
-    from keras_metalstm.data import IMAGE_EXTENSIONS
+    from keras_metalstm.data import IMAGE_EXTENSIONS, image_files
 
     for path in paths:
         if not path.is_dir():
             yield path
             continue
-        images = sorted(
-            p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != "."
-        )
+        images = image_files(path)
         if not images:
             raise ExportError(
                 f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}): pass image files, .npy arrays "
