@@ -290,15 +290,14 @@ class MetaLearner(keras.Model):
             losses, gradient, states = self._batched_function.loss_and_gradient(
                 theta, states, support_images, support_labels, divide_by_batch=self.divide_grad_by_batch
             )
-            results = (tf.cast(losses, theta.dtype), gradient, states)
+            results = (losses, gradient, states)
             return tf.nest.map_structure(tf.stop_gradient, results) if self.first_order else results
 
         def support_pass(episode):
             episode_theta, state, images, labels = episode
-            loss, gradient, state = learner.loss_and_gradient(
+            return learner.loss_and_gradient(
                 episode_theta, state, images, labels, divide_by_batch=self.divide_grad_by_batch
             )
-            return tf.cast(loss, episode_theta.dtype), gradient, state
 
         results = map_learner_passes(
             support_pass,
@@ -324,14 +323,12 @@ class MetaLearner(keras.Model):
         check_mode(mode)
         query_batch_statistics = mode == "train" and self.query_statistics == "query"
         if self._batches_episodes():
-            logits, _ = self._batched_function(theta, states, query_images, query_batch_statistics)
-            return tf.cast(logits, theta.dtype)
+            return self._batched_function(theta, states, query_images, query_batch_statistics)[0]
 
         def query_pass(episode):
             episode_theta, state, images = episode
-            logits, _ = self._learner_function(episode_theta, state, images, query_batch_statistics)
-            # The loop's output dtype must be known before tracing: the logits in theta's.
-            return tf.cast(logits, episode_theta.dtype)
+            # In theta's dtype, as the learner functions return logits: the loop's output dtype below.
+            return self._learner_function(episode_theta, state, images, query_batch_statistics)[0]
 
         return map_learner_passes(query_pass, (theta, states, query_images), theta.dtype, self.learner)
 
