@@ -1,5 +1,6 @@
 """Which learners' ops reach ONNX: every Keras activation exports with SavedModel/ONNX parity (the two whose
-TensorFlow ops tf2onnx leaves unconverted included), and an op ONNX cannot express stops the export by name."""
+TensorFlow ops tf2onnx leaves unconverted included), so do the random augmentation and noise layers, and an op ONNX
+cannot express stops the export by name."""
 
 import keras
 import pytest
@@ -42,6 +43,24 @@ def test_every_keras_activation_exports_to_onnx_with_parity(tmp_path):
     assert result.parity.ok, result.parity.summary()
     operators = {node.op_type for node in onnx.load(str(result.path / "model.onnx")).graph.node}
     assert {"Erf", "Exp"} <= operators and not {"Erfc", "Expm1"} & operators
+
+
+def test_a_learner_with_augmentation_and_noise_layers_exports_with_parity(tmp_path):
+    """Keras keeps these layers' random seed state out of TensorFlow's object tracking, and a SavedModel of a
+    function that captures it could not be written ("captures tensor ... not reachable from root")."""
+    layers = keras.layers
+    random_layers = [
+        layers.RandomFlip("horizontal"),
+        layers.RandomTranslation(0.1, 0.1),
+        layers.RandomBrightness(0.1),
+        layers.GaussianNoise(0.1),
+        layers.Conv2D(4, 3),
+        layers.Dropout(0.2),
+    ]
+    adapted = _adapted_around(*random_layers)
+    assert any("seed_generator" in variable.path for variable in adapted.learner.non_trainable_variables)
+    result = export.export_adapted(adapted, tmp_path / "task", format="both")
+    assert result.parity.ok, result.parity.summary()
 
 
 def test_an_op_onnx_cannot_express_is_named_and_nothing_is_written(tmp_path):

@@ -64,6 +64,9 @@ class ClassifierModule(tf.Module):
     def __init__(self, adapted):
         super().__init__(name="adapted_classifier")
         self.learner = adapted.learner
+        # Keras does not expose a layer's random seed state (augmentation, noise) to TensorFlow's checkpoint
+        # tracking; a SavedModel must reach every variable the traced functions capture.
+        self.learner_variables = list(adapted.learner.variables)
         self.class_names = list(adapted.class_names)
         self.image_shape = tuple(adapted.image_shape)
         spec = tf.TensorSpec([None, *self.image_shape], tf.float32, name="images")
