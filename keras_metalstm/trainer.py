@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from keras_metalstm.ops import fused_coordinate_lstm
 from keras_metalstm.optimizers import MultiplierAdam
+from keras_metalstm.xla_ops import explaining_uncompilable_ops
 
 
 def meta_optimizer(learning_rate=1e-3, theta0_learning_rate_scale=1.0):
@@ -83,7 +84,8 @@ class MetaTrainer:
 
     def train_step(self, episodes):
         """One meta-update on a batch of episodes; returns {"loss", "accuracy"} (scalar tensors, query sets)."""
-        return self._train_function(episodes)
+        with explaining_uncompilable_ops(self.meta.learner):
+            return self._train_function(episodes)
 
     def evaluate_step(self, episodes):
         """Test-mode query loss and accuracy of every episode of a plain batch of B episodes (no update).
@@ -106,4 +108,5 @@ class MetaTrainer:
                 return {key: value[first : first + per_replica] for key, value in episodes.items()}
 
             episodes = self.strategy.experimental_distribute_values_from_function(replica_episodes)
-        return self._evaluate_function(episodes)
+        with explaining_uncompilable_ops(self.meta.learner):
+            return self._evaluate_function(episodes)

@@ -19,10 +19,12 @@ The CPU forms are used only inside `traced_for_xla()` on a machine without a GPU
 functions it compiles with XLA within it (`meta_train_step(..., jit_compile=True)`, `metalstm train --xla`, `fit`
 after `compile(jit_compile=True)`), and so can a function of your own that you compile with XLA. The GPU and TPU
 compilers map TensorFlow's own convolution gradients onto cuDNN and the TPU's convolution units; the rewrite is not
-for them, and outside XLA TensorFlow's oneDNN kernels are faster.
+for them, and outside XLA TensorFlow's oneDNN kernels are faster. `explaining_uncompilable_ops` turns TensorFlow's
+error for a learner op XLA has no kernel for into one naming the op, its layer and the way out.
 """
 
 import contextlib
+import re
 import threading
 
 import numpy as np
@@ -52,6 +54,45 @@ def traced_for_xla():
     convolutions and max pooling in the forms XLA's CPU compiler runs fast (`cpu_forms`)."""
     with fused_coordinate_lstm.disabled(), contextlib.nullcontext() if accelerator_present() else cpu_forms():
         yield
+
+
+# TensorFlow's message for each op of a compiled function that has no XLA kernel on the device.
+_UNCOMPILABLE_OP = re.compile(r"No registered '(\w+)' OpKernel for XLA_\w+ devices compatible with node \{\{node ([^}]+)\}\}")
+
+
+@contextlib.contextmanager
+def explaining_uncompilable_ops(learner):
+    """Turns TensorFlow's error for a learner op that XLA cannot compile (a stack trace from deep inside the
+    compiler) into a LearnerError naming the ops, the learner's layers that use them and the way out."""
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as error:
+        refused = _UNCOMPILABLE_OP.findall(error.message)
+        if not refused:
+            raise
+        from keras_metalstm.learner_spec import LearnerError
+
+        ops = sorted({op for op, _ in refused})
+        components = {component for _, node in refused for component in node.split("/")}
+        layers = sorted({layer.name for layer in _layers_within(learner) if _named_in(layer.name, components)})
+        where = f" (layers: {', '.join(layers)})" if layers else ""
+        raise LearnerError(
+            f"XLA cannot compile the learner: TensorFlow has no XLA kernel for {', '.join(ops)}{where}. XLA "
+            "compiles the training step with --xla (jit_compile=True) and always on a TPU. Keras' RandomTranslation, "
+            "RandomRotation, RandomZoom and RandomShear use such an op: augment the images before they reach the "
+            "learner, or train without --xla on a CPU or GPU."
+        ) from None
+
+
+def _layers_within(model):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from _layers_within(layer)
+
+
+def _named_in(name, components):
+    """Whether a node path has a component for the layer `name` (Keras appends _1, _2... to repeated scopes)."""
+    return any(component == name or re.fullmatch(re.escape(name) + r"_\d+", component) for component in components)
 
 
 def transpose(tensor, permutation):

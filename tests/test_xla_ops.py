@@ -2,7 +2,8 @@
 and derivatives (first and second order, against TensorFlow's own ops in float64), used by the learner function
 only inside `cpu_forms()`, and what they are for: every convolution of the compiled meta-gradient in the forward
 form XLA's CPU compiler runs on its fast kernels; and the coordinate LSTM's CPU form (its gate bias inside the
-matrix product): the same step and gradients, its gate gradients computed once."""
+matrix product): the same step and gradients, its gate gradients computed once. A learner op XLA cannot compile
+is a LearnerError naming it."""
 
 import contextlib
 import functools
@@ -19,6 +20,7 @@ import keras_metalstm as km
 from keras_metalstm import xla_ops
 from keras_metalstm.config import RunConfig
 from keras_metalstm.learner_function import LearnerFunction
+from keras_metalstm.learner_spec import LearnerError
 from keras_metalstm.training import Callback, train
 from keras_metalstm.training_session import XLA_ON_CPU_NOTE
 
@@ -325,3 +327,20 @@ def test_a_run_compiled_with_xla_on_a_cpu_says_that_xla_is_slower_there(tmp_path
         assert train(config.replace(xla=xla), tmp_path / f"run_{xla}", callbacks=messages[xla]).status == "finished"
     assert XLA_ON_CPU_NOTE in messages[True].texts
     assert XLA_ON_CPU_NOTE not in messages[False].texts
+
+
+def test_a_learner_op_xla_cannot_compile_is_named_with_its_layer_and_the_way_out():
+    keras.utils.set_random_seed(0)
+    images = keras.Input(IMAGE_SHAPE)
+    features = keras.layers.RandomTranslation(0.1, 0.1, name="shift")(keras.layers.RandomFlip(name="flip")(images))
+    features = keras.layers.Flatten()(keras.layers.Conv2D(4, 3)(features))
+    learner = keras.Model(images, keras.layers.Dense(5)(features))
+    episodes = as_tensors(random_episodes(query=2, image_shape=IMAGE_SHAPE))
+    trainer = km.MetaTrainer(km.MetaLearner(learner, inner_steps=1), jit_compile=True)
+    with pytest.raises(LearnerError, match=r"no XLA kernel for ImageProjectiveTransformV3 \(layers: shift\)\..*--xla"):
+        trainer.train_step(episodes)
+    # Without XLA the same learner trains, and other errors pass through as TensorFlow raised them.
+    assert np.isfinite(km.MetaTrainer(trainer.meta).train_step(episodes)["loss"].numpy())
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not an XLA refusal"):
+        with xla_ops.explaining_uncompilable_ops(learner):
+            raise tf.errors.InvalidArgumentError(None, None, "not an XLA refusal")
