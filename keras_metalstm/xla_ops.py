@@ -57,7 +57,9 @@ def traced_for_xla():
 
 
 # TensorFlow's message for each op of a compiled function that has no XLA kernel on the device.
-_UNCOMPILABLE_OP = re.compile(r"No registered '(\w+)' OpKernel for XLA_\w+ devices compatible with node \{\{node ([^}]+)\}\}")
+_UNCOMPILABLE_OP = re.compile(
+    r"No registered '(\w+)' OpKernel for XLA_\w+ devices compatible with node \{\{node ([^}]+)\}\}"
+)
 
 
 @contextlib.contextmanager
