@@ -205,7 +205,7 @@ def model_from_architecture(config: dict, image_shape=None):
     import_custom_class_modules(config)
     try:
         # Keras consumes the config it deserialises: give it a copy, the caller's may be stored or used again.
-        model = keras.saving.deserialize_keras_object(copy.deepcopy(config), safe_mode=True)
+        model = keras.saving.deserialize_keras_object(_with_input_shape(config, image_shape), safe_mode=True)
     except Exception as error:  # noqa: BLE001 - unknown class, refused lambda, bad config ...
         raise LearnerError(
             f"cannot rebuild the learner from its Keras config: {first_line(error)}. A custom layer or model "
@@ -216,6 +216,20 @@ def model_from_architecture(config: dict, image_shape=None):
     if not model.built and image_shape is not None:
         model(np.zeros((1, *image_shape), "float32"))
     return model
+
+
+def _with_input_shape(config: dict, image_shape) -> dict:
+    """A copy of a functional or Sequential model's config whose input layer, declared for images of any size
+    (e.g. (None, None, C) in a fully convolutional model), takes `image_shape`: the same layers and weights, with
+    the fixed shape that an adapted learner's serving signature and its ONNX graph are built on."""
+    config = copy.deepcopy(config)
+    layers = config.get("config", {}).get("layers") if image_shape is not None else None
+    inputs = [layer for layer in layers or [] if layer.get("class_name") == "InputLayer"]
+    shape = inputs[0].get("config", {}).get("batch_shape") if len(inputs) == 1 else None
+    if isinstance(shape, list) and len(shape) == len(image_shape) + 1 and None in shape[1:]:
+        fixed = [size if declared is None else declared for declared, size in zip(shape[1:], image_shape, strict=True)]
+        inputs[0]["config"]["batch_shape"] = [shape[0], *(int(size) for size in fixed)]
+    return config
 
 
 def save_architecture(architecture: dict, run_dir) -> Path:

@@ -457,3 +457,15 @@ def test_the_adapt_in_serving_model_exported_on_a_gpu_serves_the_same_logits(sup
         support_images=tf.constant(images), support_labels=tf.constant(labels), query_images=tf.constant(queries)
     )["logits"].numpy()
     np.testing.assert_allclose(served, meta.adapt(images, labels)(queries).numpy(), atol=1e-4)
+
+
+def test_a_learner_for_images_of_any_size_is_adapted_and_exported_for_the_support_images_shape(tmp_path):
+    import keras
+    images = keras.Input((None, None, 1))
+    features = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(images))
+    meta = km.MetaLearner(keras.Model(images, keras.layers.Dense(N_WAY)(features)), inner_steps=1)
+    support = np.random.default_rng(0).random((N_WAY, 14, 12, 1), dtype=np.float32)
+    adapted = export.adapt(meta, support, np.arange(N_WAY), CLASSES)
+    assert adapted.image_shape == (14, 12, 1)
+    result = export.export_adapted(adapted, tmp_path / "task", format="both")
+    assert result.parity.ok, result.parity.summary()

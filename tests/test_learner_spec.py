@@ -116,6 +116,25 @@ def test_architecture_round_trip_is_repeatable_and_safe():
         model_from_architecture(architecture_config(risky))
 
 
+def fully_convolutional_learner(channels=1):
+    """A learner declared for images of any size, as fully convolutional Keras models often are."""
+    images = keras.Input((None, None, channels))
+    features = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(images))
+    return keras.Model(images, keras.layers.Dense(5)(features))
+
+
+def test_a_learner_declared_for_images_of_any_size_is_rebuilt_for_the_runs_image_shape():
+    """What a run loads from its learner.json (training, evaluate, adapt, export): the same layers and weight
+    shapes on a fixed input shape; without one, adapting and exporting it failed after a full training run."""
+    learner = fully_convolutional_learner()
+    architecture = architecture_config(learner)
+    rebuilt = model_from_architecture(architecture, (12, 10, 1))
+    assert rebuilt.input_shape == (None, 12, 10, 1)
+    assert [w.shape for w in rebuilt.weights] == [w.shape for w in learner.weights]
+    assert architecture_config(learner) == architecture  # the stored config itself is left as it was
+    assert model_from_architecture(architecture).input_shape == (None, None, None, 1)
+
+
 def test_check_learner_accepts_a_subclassed_model_that_was_never_called():
     @keras.saving.register_keras_serializable(package="tests_spec")
     class Small(keras.Model):

@@ -129,19 +129,24 @@ def _variable_dtype_policies(config):
     return {key: _variable_dtype_policies(value) for key, value in config.items()}
 
 
-def meta_image_shape(meta):
-    """(H, W, C) of the meta-learner's learner."""
+def meta_image_shape(meta, images=None):
+    """(H, W, C) of the meta-learner's learner; for a learner declared for images of any size, that of `images`
+    (a batch) where given."""
     shape = learner_image_shape(meta.learner)
+    given = np.shape(images)[1:] if images is not None else ()
+    if shape is not None and len(shape) == 3 and len(given) == 3:
+        shape = tuple(size if declared is None else declared for declared, size in zip(shape, given, strict=True))
     if shape is None or None in shape or len(shape) != 3:
         raise ExportError(
-            f"the learner must take images of a fixed shape (H, W, C); its input shape is {shape}."
+            f"the learner must take images of a fixed shape (H, W, C); its input shape is {shape}: declare it "
+            "(keras.Input(shape=(H, W, C)))."
         )
     return tuple(int(v) for v in shape)
 
 
-def meta_n_way(meta):
-    """N: the number of classes the meta-learner's learner outputs."""
-    return learner_num_classes(meta.learner, meta_image_shape(meta))
+def meta_n_way(meta, images=None):
+    """N: the number of classes the meta-learner's learner outputs (see `meta_image_shape` for `images`)."""
+    return learner_num_classes(meta.learner, meta_image_shape(meta, images))
 
 
 def load_support_folder(root, image_shape, n_way=None):
@@ -170,7 +175,7 @@ def adapt(meta, support_images, support_labels, class_names, inner_steps=None, i
 
     Returns an `AdaptedLearner` whose logits equal the meta-learner's test-mode query logits for this task.
     """
-    n_way = meta_n_way(meta)
+    n_way = meta_n_way(meta, support_images)
     if len(class_names) != n_way:
         raise ExportError(
             f"{len(class_names)} classes given but the meta-learner is {n_way}-way: adapt it on exactly {n_way} "
@@ -195,7 +200,7 @@ def adapt(meta, support_images, support_labels, class_names, inner_steps=None, i
         "conversion_rule": CONVERSION_RULE,
     }
     details.update(info or {})
-    shape = meta_image_shape(meta)
+    shape = meta_image_shape(meta, support_images)
     learner = in_variable_precision(learner, shape)
     return AdaptedLearner(learner, class_names, shape, info=details, name="adapted_learner")
 
