@@ -276,6 +276,13 @@ def check_learner(learner, image_shape, n_way: int, batch: int = 5) -> None:
             f"the learner takes images of shape {declared} but the episodes have {image_shape}: build it for the "
             f"data (keras.Input(shape={image_shape}); a factory receives input_shape for this)"
         )
+    input_dtypes = {str(tensor.dtype) for tensor in getattr(learner, "inputs", None) or []}
+    if any(not dtype.startswith(("float", "bfloat")) for dtype in input_dtypes):
+        raise LearnerError(
+            f"the learner's input is {', '.join(sorted(input_dtypes))} but the meta-learner feeds it float32 images "
+            "in [0, 1], which that dtype would truncate to 0 and 1: declare a float input (keras.Input(shape) with "
+            "no dtype) and drop any Rescaling(1/255) at the input"
+        )
     images = np.random.default_rng(0).random((batch, *image_shape), dtype=np.float32)
     try:
         outputs = learner(images, training=False)

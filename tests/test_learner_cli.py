@@ -71,6 +71,12 @@ def softmax(input_shape, num_classes):
     return keras.Model(images, keras.layers.Dense(num_classes, activation="softmax")(flat))
 
 
+def integer_input(input_shape, num_classes):
+    images = keras.Input(shape=input_shape, dtype="uint8")
+    scaled = keras.layers.Rescaling(1 / 255)(images)
+    return keras.Model(images, keras.layers.Dense(num_classes)(keras.layers.Flatten()(scaled)))
+
+
 def frozen(input_shape, num_classes):
     images = keras.Input(shape=input_shape)
     head = keras.layers.Dense(num_classes, trainable=False)
@@ -270,6 +276,7 @@ BAD_LEARNERS = {
     "user_models:wrong_input": "takes images of shape (32, 32, 3) but the episodes have (28, 28, 1)",
     "user_models:softmax": "returns probabilities",
     "user_models:frozen": "no trainable weights",
+    "user_models:integer_input": "the learner's input is uint8 but the meta-learner feeds it float32 images",
     "user_models:raw_variable": "holds a tf.Variable ('calls')",
     "user_models:lambda_layer": "Lambda layers cannot be loaded safely",
     "user_models:raises": "my model is not finished",
