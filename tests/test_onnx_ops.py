@@ -1,8 +1,9 @@
 """Which learners' ops reach ONNX: every Keras activation exports with SavedModel/ONNX parity (the two whose
-TensorFlow ops tf2onnx leaves unconverted included), so do the random augmentation and noise layers, and an op ONNX
-cannot express stops the export by name."""
+TensorFlow ops tf2onnx leaves unconverted included), so do the random augmentation and noise layers and Normalization
+layers, and an op ONNX cannot express stops the export by name."""
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -61,6 +62,20 @@ def test_a_learner_with_augmentation_and_noise_layers_exports_with_parity(tmp_pa
     assert any("seed_generator" in variable.path for variable in adapted.learner.non_trainable_variables)
     result = export.export_adapted(adapted, tmp_path / "task", format="both")
     assert result.parity.ok, result.parity.summary()
+
+
+def test_normalization_layers_statistics_are_constants_of_the_onnx_model(tmp_path):
+    """Keras' Normalization layer captures its mean and variance as tensors that are not variables, which tf2onnx
+    made extra inputs of the model (the export then failed its own input check)."""
+    import onnx
+
+    adapted_statistics = keras.layers.Normalization()
+    adapted_statistics.adapt(np.random.default_rng(0).random((16, 12, 12, 1), dtype=np.float32))
+    given_statistics = keras.layers.Normalization(mean=0.5, variance=0.08)
+    adapted = _adapted_around(adapted_statistics, keras.layers.Conv2D(4, 3), given_statistics)
+    result = export.export_adapted(adapted, tmp_path / "task", format="both")
+    assert result.parity.ok, result.parity.summary()
+    assert [value.name for value in onnx.load(str(result.path / "model.onnx")).graph.input] == ["images"]
 
 
 def test_an_op_onnx_cannot_express_is_named_and_nothing_is_written(tmp_path):

@@ -22,6 +22,7 @@ import json
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.savedmodel import ClassifierModule
@@ -48,7 +49,13 @@ def to_onnx(adapted, opset=DEFAULT_OPSET):
     opset = _check_opset(opset)
     module = ClassifierModule(adapted)
     spec = module.serving_default.input_signature
-    function = tf.function(module._classify, input_signature=spec)
+    # tf2onnx makes every captured tensor that is not a variable an input of the model (a Keras Normalization
+    # layer captures its mean and variance so): the frozen function captures nothing, its weights are constants.
+    concrete = tf.function(module._classify).get_concrete_function(*spec)
+    frozen = convert_variables_to_constants_v2(concrete)
+    function = tf.function(
+        lambda images: tf.nest.pack_sequence_as(concrete.structured_outputs, frozen(images)), input_signature=spec
+    )
     model, _ = tf2onnx.convert.from_function(
         function, input_signature=spec, opset=opset, custom_op_handlers=dict(_REWRITTEN_OPS)  # tf2onnx adds to it
     )
