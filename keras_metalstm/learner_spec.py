@@ -28,6 +28,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
+
 from keras_metalstm.config import BUILT_IN_LEARNERS, ConfigError, atomic_write_text, first_line
 
 ARCHITECTURE_FILE = "learner.json"
@@ -145,10 +147,73 @@ def _output_layer_config(config):
 
 # ------------------------------------------------------------------------------------------- architecture
 def architecture_config(learner) -> dict:
-    """The learner's architecture as a JSON-compatible Keras config."""
+    """The learner's architecture as a JSON-compatible Keras config. A Normalization layer's statistics from
+    `adapt()`, which Keras keeps in weights, not in the config, are written into its config as its mean and
+    variance: they are part of the function the learner computes, not of theta."""
     import keras
 
-    return json.loads(json.dumps(keras.saving.serialize_keras_object(learner)))
+    config = json.loads(json.dumps(keras.saving.serialize_keras_object(learner)))
+    adapted = {
+        layer.name: layer
+        for layer in learner._flatten_layers(include_self=False)
+        if isinstance(layer, keras.layers.Normalization) and layer.built and layer.input_mean is None
+    }
+    for entry in _layer_configs(config):
+        layer = adapted.get(entry.get("config", {}).get("name"))
+        if entry.get("class_name") == "Normalization" and layer is not None:
+            entry["config"]["mean"] = np.asarray(layer.adapt_mean).tolist()
+            entry["config"]["variance"] = np.asarray(layer.adapt_variance).tolist()
+    return config
+
+
+def _layer_configs(config):
+    """Every layer entry ({"class_name", "config"}) of a Keras config, nested models' included."""
+    if isinstance(config, dict):
+        if "class_name" in config and isinstance(config.get("config"), dict):
+            yield config
+        for value in config.values():
+            yield from _layer_configs(value)
+    elif isinstance(config, list):
+        for item in config:
+            yield from _layer_configs(item)
+
+
+def check_weights_survive_rebuilding(learner, rebuilt) -> None:
+    """LearnerError naming the layers whose non-trainable weights `rebuilt` (the learner made again from its
+    architecture, as every command that loads a run makes it) does not reproduce: weights set after the layers were
+    made (loaded into a frozen layer, assigned by hand), which a run, storing the architecture and theta_0, would
+    lose. Batch-norm moving statistics (reset every episode), random seed states and Normalization statistics
+    (in the architecture, `architecture_config`) do not count."""
+    import keras
+
+    def kept(model):
+        skipped = set()
+        for layer in model._flatten_layers(include_self=False):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                skipped |= {id(layer.moving_mean), id(layer.moving_variance)}
+            elif isinstance(layer, keras.layers.Normalization):
+                skipped |= {id(variable) for variable in layer.variables}
+        return [
+            variable
+            for variable in model.non_trainable_variables
+            if id(variable) not in skipped and "seed_generator" not in variable.path
+        ]
+
+    lost = sorted(
+        {
+            mine.path.split("/")[0]
+            for mine, theirs in zip(kept(learner), kept(rebuilt), strict=True)
+            if not np.array_equal(np.asarray(mine.value), np.asarray(theirs.value))
+        }
+    )
+    if lost:
+        raise LearnerError(
+            f"the learner's non-trainable weights in {', '.join(lost)} are not made by its layers from their "
+            "config (a frozen layer given weights after it was made?): a run keeps the learner's architecture and "
+            "theta_0, its trainable weights, and would lose them. Make those layers trainable (theta_0 then starts "
+            "from their weights with --theta0-init pretrained and a saved .keras learner), or have the layer make "
+            "them itself"
+        )
 
 
 def custom_class_modules(config) -> list[str]:

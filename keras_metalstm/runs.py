@@ -128,6 +128,7 @@ def learner_architecture(config: RunConfig, run_dir=None) -> dict:
         architecture_config,
         build_learner,
         check_learner,
+        check_weights_survive_rebuilding,
         model_from_architecture,
         read_architecture,
     )
@@ -139,7 +140,9 @@ def learner_architecture(config: RunConfig, run_dir=None) -> dict:
     learner = build_learner(config.learner, config.image_shape, config.n_way, config.filters)
     check_learner(learner, config.image_shape, config.n_way, batch=config.n_way * config.k_shot)
     architecture = architecture_config(learner)
-    model_from_architecture(architecture, tuple(config.image_shape))  # what evaluate and resume will load
+    keras.utils.set_random_seed(int(config.seed))  # as build_meta_learner seeds it
+    rebuilt = model_from_architecture(architecture, tuple(config.image_shape))  # what evaluate and resume will load
+    check_weights_survive_rebuilding(learner, rebuilt)
     return architecture
 
 

@@ -22,6 +22,7 @@ from keras_metalstm.runs import load_meta_learner, load_run_config
 
 FACTORIES = '''
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -75,6 +76,14 @@ def integer_input(input_shape, num_classes):
     images = keras.Input(shape=input_shape, dtype="uint8")
     scaled = keras.layers.Rescaling(1 / 255)(images)
     return keras.Model(images, keras.layers.Dense(num_classes)(keras.layers.Flatten()(scaled)))
+
+
+def frozen_with_set_weights(input_shape, num_classes):
+    images = keras.Input(shape=input_shape)
+    frozen_conv = keras.layers.Conv2D(2, 3, trainable=False)
+    features = frozen_conv(images)
+    frozen_conv.set_weights([np.full(weight.shape, 0.1, "float32") for weight in frozen_conv.get_weights()])
+    return keras.Model(images, keras.layers.Dense(num_classes)(keras.layers.Flatten()(features)))
 
 
 def frozen(input_shape, num_classes):
@@ -277,6 +286,7 @@ BAD_LEARNERS = {
     "user_models:softmax": "returns probabilities",
     "user_models:frozen": "no trainable weights",
     "user_models:integer_input": "the learner's input is uint8 but the meta-learner feeds it float32 images",
+    "user_models:frozen_with_set_weights": "non-trainable weights in conv2d are not made by its layers",
     "user_models:raw_variable": "holds a tf.Variable ('calls')",
     "user_models:lambda_layer": "Lambda layers cannot be loaded safely",
     "user_models:raises": "my model is not finished",

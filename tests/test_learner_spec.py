@@ -13,6 +13,7 @@ from keras_metalstm.learner_spec import (
     LearnerError,
     architecture_config,
     check_learner,
+    check_weights_survive_rebuilding,
     custom_class_modules,
     fresh_copy,
     learner_image_shape,
@@ -133,6 +134,23 @@ def test_a_learner_declared_for_images_of_any_size_is_rebuilt_for_the_runs_image
     assert [w.shape for w in rebuilt.weights] == [w.shape for w in learner.weights]
     assert architecture_config(learner) == architecture  # the stored config itself is left as it was
     assert model_from_architecture(architecture).input_shape == (None, None, None, 1)
+
+
+def test_a_normalization_layers_adapted_statistics_are_part_of_the_architecture():
+    """Keras keeps them in weights, not in the config: a run, which rebuilds its learner from the architecture,
+    normalised with mean 0 and variance 1 instead."""
+    rng = np.random.default_rng(0)
+    normalization = keras.layers.Normalization()
+    normalization.adapt(0.5 + 0.1 * rng.random((32, 12, 12, 2), dtype=np.float32))
+    images = keras.Input((12, 12, 2))
+    inner = keras.Sequential([normalization, keras.layers.Conv2D(3, 3)], name="block")
+    learner = keras.Model(images, keras.layers.Dense(5)(keras.layers.Flatten()(inner(images))))
+    rebuilt = model_from_architecture(architecture_config(learner), (12, 12, 2))
+    for copied, original in zip(rebuilt.trainable_variables, learner.trainable_variables, strict=True):
+        copied.assign(original)
+    batch = rng.random((4, 12, 12, 2), dtype=np.float32)
+    np.testing.assert_allclose(rebuilt(batch).numpy(), learner(batch).numpy(), rtol=1e-5, atol=1e-5)
+    check_weights_survive_rebuilding(learner, rebuilt)  # nothing lost
 
 
 def test_check_learner_accepts_a_subclassed_model_that_was_never_called():
