@@ -171,6 +171,11 @@ class LearnerFunction:
             variable.assign(value)
         for variable, value in zip(model.non_trainable_variables, state, strict=True):
             variable.assign(value)
+        # Layers that keep tensors computed from their weights (an adapted Normalization layer's mean and variance)
+        # recompute them, as Keras does when it loads a model.
+        for layer in model._flatten_layers(include_self=False):
+            if layer.built and callable(getattr(layer, "finalize_state", None)):
+                layer.finalize_state()
         return model
 
     def initial_theta(self):

@@ -323,12 +323,18 @@ def build_learner(kind):
         features = keras.layers.Dense(12)(keras.layers.Flatten()(inputs))
         features = keras.layers.BatchNormalization()(features)
         return keras.Model(inputs, keras.layers.Dense(5)(keras.layers.ReLU()(features)))
+    if kind == "adapted_normalization":  # its mean and variance are tensors Keras computes from its weights
+        normalization = keras.layers.Normalization()
+        normalization.adapt(0.5 + 0.1 * np.random.default_rng(17).random((16, 28, 28, 1), dtype=np.float32))
+        inputs = keras.Input((28, 28, 1))
+        features = keras.layers.Dense(12)(keras.layers.Flatten()(normalization(inputs)))
+        return keras.Model(inputs, keras.layers.Dense(5)(keras.layers.ReLU()(features)))
     learner = SubclassedLearner(5)
     learner(np.zeros((1, 28, 28, 1), np.float32))
     return learner
 
 
-@pytest.mark.parametrize("kind", ["dense", "layernorm", "batchnorm_dense", "subclassed"])
+@pytest.mark.parametrize("kind", ["dense", "layernorm", "batchnorm_dense", "adapted_normalization", "subclassed"])
 def test_any_keras_learner_can_be_meta_learned_and_adapted(kind):
     learner = build_learner(kind)
     meta = km.MetaLearner(learner, inner_steps=2)
