@@ -199,20 +199,22 @@ def check_weights_survive_rebuilding(learner, rebuilt) -> None:
             if id(variable) not in skipped and "seed_generator" not in variable.path
         ]
 
+    built, made_again = kept(learner), kept(rebuilt)
     lost = sorted(
         {
             mine.path.split("/")[0]
-            for mine, theirs in zip(kept(learner), kept(rebuilt), strict=True)
-            if not np.array_equal(np.asarray(mine.value), np.asarray(theirs.value))
+            for mine, theirs in zip(built, made_again, strict=False)
+            if tuple(mine.shape) != tuple(theirs.shape)
+            or not np.array_equal(np.asarray(mine.value), np.asarray(theirs.value))
         }
     )
-    if lost:
+    if lost or len(built) != len(made_again):
         raise LearnerError(
-            f"the learner's non-trainable weights in {', '.join(lost)} are not made by its layers from their "
-            "config (a frozen layer given weights after it was made?): a run keeps the learner's architecture and "
-            "theta_0, its trainable weights, and would lose them. Make those layers trainable (theta_0 then starts "
-            "from their weights with --theta0-init pretrained and a saved .keras learner), or have the layer make "
-            "them itself"
+            f"the learner's non-trainable weights in {', '.join(lost) or 'its layers'} are not made by its layers "
+            "from their config (a frozen layer given weights after it was made?): a run keeps the learner's "
+            "architecture and theta_0, its trainable weights, and would lose them. Make those layers trainable "
+            "(theta_0 then starts from their weights with --theta0-init pretrained and a saved .keras learner), or "
+            "have the layer make them itself"
         )
 
 

@@ -76,7 +76,9 @@ def explaining_uncompilable_ops(learner):
 
         ops = sorted({op for op, _ in refused})
         components = {component for _, node in refused for component in node.split("/")}
-        layers = sorted({layer.name for layer in _layers_within(learner) if _named_in(layer.name, components)})
+        layers = sorted(
+            {layer.name for layer in learner._flatten_layers(include_self=False) if _named_in(layer.name, components)}
+        )
         where = f" (layers: {', '.join(layers)})" if layers else ""
         raise LearnerError(
             f"XLA cannot compile the learner: TensorFlow has no XLA kernel for {', '.join(ops)}{where}. XLA "
@@ -84,12 +86,6 @@ def explaining_uncompilable_ops(learner):
             "RandomRotation, RandomZoom and RandomShear use such an op: augment the images before they reach the "
             "learner, or train without --xla on a CPU or GPU."
         ) from None
-
-
-def _layers_within(model):
-    for layer in getattr(model, "layers", []):
-        yield layer
-        yield from _layers_within(layer)
 
 
 def _named_in(name, components):
