@@ -11,6 +11,7 @@ statistics, dropout seeds) is passed in and returned explicitly; a fresh per-epi
 import contextlib
 import functools
 import math
+import warnings
 
 import keras
 import tensorflow as tf
@@ -108,6 +109,16 @@ def _xla_cpu_forms(model):
     return forms
 
 
+def _regularized_layers(learner):
+    """Names of the learner's layers with a weight or activity regularizer (Keras adds their losses to a model's
+    training loss, the meta-learner does not)."""
+    return [
+        layer.name
+        for layer in learner._flatten_layers(include_self=False)
+        if any(name.endswith("regularizer") and value is not None for name, value in vars(layer).items())
+    ]
+
+
 class LearnerFunction:
     """A Keras learner seen as `logits, state = f(theta, state, images, training)`.
 
@@ -140,6 +151,15 @@ class LearnerFunction:
         ]
         self._xla_cpu_forms = _xla_cpu_forms(learner)
         self._reset_values = self._episode_reset_values()
+        regularized = _regularized_layers(learner)
+        if regularized:
+            warnings.warn(
+                f"keras_metalstm: the regularizers of the learner's layers {', '.join(regularized)} are not part of "
+                "the inner loop's loss, the support set's cross-entropy (the paper's); the meta-learner's forget "
+                "gate learns its own shrinkage of the weights. Remove them to silence this warning.",
+                RuntimeWarning,
+                stacklevel=1,  # one place for every learner function made of it: Python reports it once
+            )
 
     def _episode_reset_values(self):
         """Initial non-trainable values: batch-norm statistics at their initialisers, the rest as they are."""

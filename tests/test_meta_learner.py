@@ -353,6 +353,24 @@ def test_any_keras_learner_can_be_meta_learned_and_adapted(kind):
     )
 
 
+def test_a_learners_regularizers_are_named_in_a_warning_as_not_part_of_the_inner_loss():
+    images = keras.Input((28, 28, 1))
+    features = keras.layers.Conv2D(2, 3, kernel_regularizer="l2", name="decayed")(images)
+    learner = keras.Model(images, keras.layers.Dense(5, name="plain")(keras.layers.Flatten()(features)))
+    with pytest.warns(RuntimeWarning, match=r"regularizers of the learner's layers decayed are not part"):
+        meta = km.MetaLearner(learner, inner_steps=1)
+    # The inner loop's loss is the cross-entropy alone, as the warning says.
+    episodes = as_tensors(random_episodes(seed=3))
+    function = meta._learner_function
+    loss, _, _ = function.loss_and_gradient(
+        function.initial_theta(), function.initial_state(), episodes["support_images"][0],
+        episodes["support_labels"][0],
+    )
+    logits = learner(episodes["support_images"][0], training=True)
+    np.testing.assert_allclose(float(loss), float(cross_entropy(episodes["support_labels"][0], logits)),
+                               rtol=1e-5)
+
+
 def test_official_gradient_division_option_scales_the_learner_gradient():
     meta = make_meta(inner_steps=1)
     divided = twin(meta, divide_grad_by_batch=True)
