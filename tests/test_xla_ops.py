@@ -339,6 +339,9 @@ def test_a_learner_op_xla_cannot_compile_is_named_with_its_layer_and_the_way_out
     trainer = km.MetaTrainer(km.MetaLearner(learner, inner_steps=1), jit_compile=True)
     with pytest.raises(LearnerError, match=r"no XLA kernel for ImageProjectiveTransformV3 \(layers: shift\)\..*--xla"):
         trainer.train_step(episodes)
+    trainer.meta.compile(jit_compile=True)
+    with pytest.raises(LearnerError, match=r"no XLA kernel for ImageProjectiveTransformV3 \(layers: shift\)"):
+        trainer.meta.fit(tf.data.Dataset.from_tensors(episodes), verbose=0)
     # Without XLA the same learner trains, and other errors pass through as TensorFlow raised them.
     assert np.isfinite(km.MetaTrainer(trainer.meta).train_step(episodes)["loss"].numpy())
     with pytest.raises(tf.errors.InvalidArgumentError, match="not an XLA refusal"):
