@@ -1,4 +1,8 @@
-"""Mini-ImageNet loader on a generated fixture: train/val/test.csv (filename,label) + images/*.jpg."""
+"""Mini-ImageNet loader on generated fixtures in its two formats: train/val/test.csv (filename,label) + images/*.jpg,
+and the pickled mini-imagenet-cache-{train,val,test}.pkl files."""
+
+import os
+import pickle
 
 import numpy as np
 import pytest
@@ -90,3 +94,62 @@ def test_truncated_jpeg_is_named(mini_dir):
     victim.write_bytes(victim.read_bytes()[:400])
     with pytest.raises(DataError, match=r"unreadable image file.*n0155899300000003\.jpg"):
         load_miniimagenet(mini_dir)
+
+
+# ------------------------------------------------------------------ the cache files (mini-imagenet-cache-*.pkl)
+def make_miniimagenet_cache(root, protocol=pickle.HIGHEST_PROTOCOL):
+    """The three cache files: {"image_data": uint8 (n, 84, 84, 3), "class_dict": {wnid: [indices]}}, a class's
+    images interleaved with the others' (the loader must follow the indices); class k has mean colour 30*k."""
+    k = 0
+    for split, labels in CLASSES.items():
+        images, class_dict = [], {label: [] for label in labels}
+        for _ in range(PER_CLASS):
+            for label in labels:
+                colour = 30 * (list(CLASSES[split]).index(label) + 1 + k)
+                class_dict[label].append(len(images))
+                images.append(np.full((84, 84, 3), colour, np.uint8))
+        k += len(labels)
+        contents = {"image_data": np.stack(images), "class_dict": class_dict}
+        (root / f"mini-imagenet-cache-{split}.pkl").write_bytes(pickle.dumps(contents, protocol=protocol))
+    return root
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_the_cache_files_load_as_the_same_three_splits(tmp_path, protocol):
+    splits = load_miniimagenet(make_miniimagenet_cache(tmp_path, protocol))
+    assert [list(s.class_names) for s in splits] == list(CLASSES.values())
+    assert splits.image_shape == (84, 84, 3)
+    assert all(s.class_sizes.tolist() == [PER_CLASS] * s.num_classes for s in splits)
+    means = [float(splits.train[c].mean()) for c in CLASSES["train"]] + [
+        float(splits.test[c].mean()) for c in CLASSES["test"]
+    ]
+    assert means == [30, 60, 90, 180, 210]
+    assert splits.val.sources_of("n02091244")[1] == "mini-imagenet-cache-val.pkl[3]"
+    assert load_dataset("miniimagenet", tmp_path, image_size=32).image_shape == (32, 32, 3)
+
+
+def test_a_cache_file_asking_for_anything_but_arrays_is_refused_unrun(tmp_path):
+    make_miniimagenet_cache(tmp_path)
+    marker = tmp_path / "ran"
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "mini-imagenet-cache-val.pkl").write_bytes(pickle.dumps({"image_data": Hostile(), "class_dict": {}}))
+    refused = r"cannot read Mini-ImageNet cache file .*val\.pkl: it asks for (posix|os)\.system"
+    with pytest.raises(DataError, match=refused):
+        load_miniimagenet(tmp_path)
+    assert not marker.exists()
+
+
+def test_malformed_cache_files_and_an_empty_folder_are_named(tmp_path):
+    with pytest.raises(DataError, match="holds neither Mini-ImageNet's split files .* nor its cache files"):
+        load_miniimagenet(tmp_path)
+    make_miniimagenet_cache(tmp_path)
+    (tmp_path / "mini-imagenet-cache-test.pkl").write_bytes(pickle.dumps({"images": np.zeros(3)}))
+    with pytest.raises(DataError, match="test.pkl is not a Mini-ImageNet cache file"):
+        load_miniimagenet(tmp_path)
+    (tmp_path / "mini-imagenet-cache-test.pkl").unlink()
+    with pytest.raises(DataError, match="cache file not found: .*test.pkl"):
+        load_miniimagenet(tmp_path)

@@ -1,23 +1,34 @@
-"""Mini-ImageNet loader: Ravi & Larochelle's split csv files plus an image directory, 84x84x3.
+"""Mini-ImageNet loader, 84x84x3, from either of its two common distributions.
 
-On-disk format (Ravi & Larochelle 2017, twitter/meta-learning-lstm): ``train.csv``, ``val.csv``, ``test.csv``
-with the header ``filename,label`` and rows like ``n0153282900000005.jpg,n01532829``, and an ``images/`` folder
-holding every file the csv files name (64 / 16 / 20 classes x 600 images). Images of another size (the original
-ImageNet files) or grey JPEGs are converted to ``image_size`` x ``image_size`` x 3 by the package's rule
-(``convert_images``: antialiased bilinear resize, grey repeated to RGB). A class is a WordNet id (the label).
+Split csv files and images (Ravi & Larochelle 2017, twitter/meta-learning-lstm): ``train.csv``, ``val.csv``,
+``test.csv`` with the header ``filename,label`` and rows like ``n0153282900000005.jpg,n01532829``, and an
+``images/`` folder holding every file the csv files name (64 / 16 / 20 classes x 600 images). Images of another
+size (the original ImageNet files) or grey JPEGs are converted to ``image_size`` x ``image_size`` x 3 by the
+package's rule (``convert_images``: antialiased bilinear resize, grey repeated to RGB).
+
+Pickled arrays, used when the folder has no csv files: ``mini-imagenet-cache-train.pkl``, ``-val.pkl``,
+``-test.pkl``, each a dict of ``image_data`` (uint8 (n, 84, 84, 3)) and ``class_dict`` ({class: [indices into
+image_data]}). A pickle is a program: these are read by an unpickler that builds dicts, lists, strings, numbers
+and NumPy arrays only, and refuses anything else a file asks for.
+
+A class is a WordNet id (the label).
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import pickle
 from pathlib import Path
+
+import numpy as np
 
 from keras_metalstm.data.dataset import ClassIndexedDataset, DatasetSplits
 from keras_metalstm.data.errors import DataError
-from keras_metalstm.data.images import decode_image_files
+from keras_metalstm.data.images import convert_dataset, decode_image_files
 
 MINIIMAGENET_CSV_FILES = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
+MINIIMAGENET_PICKLE_FILES = {split: f"mini-imagenet-cache-{split}.pkl" for split in ("train", "val", "test")}
 MINIIMAGENET_IMAGE_SIZE = 84
 
 
@@ -53,11 +64,21 @@ def load_miniimagenet(
     images_dir: str | os.PathLike | None = None,
 ) -> DatasetSplits:
     """Mini-ImageNet (train, val, test) from ``data_dir/{train,val,test}.csv`` and ``images_dir``
-    (default ``data_dir/images``), images uint8 (image_size, image_size, 3)."""
+    (default ``data_dir/images``), or, in a folder without the csv files, from its three cache files
+    (`load_miniimagenet_pickles`); images uint8 (image_size, image_size, 3)."""
     data_dir = Path(data_dir)
     images_dir = data_dir / "images" if images_dir is None else Path(images_dir)
     if not data_dir.is_dir():
         raise DataError(f"Mini-ImageNet data directory not found: {data_dir}")
+    has_csv = any((data_dir / name).is_file() for name in MINIIMAGENET_CSV_FILES.values())
+    if not has_csv and any((data_dir / name).is_file() for name in MINIIMAGENET_PICKLE_FILES.values()):
+        return load_miniimagenet_pickles(data_dir, image_size)
+    if not has_csv:
+        raise DataError(
+            f"{data_dir} holds neither Mini-ImageNet's split files (train.csv, val.csv, test.csv and images/) nor its "
+            "cache files (mini-imagenet-cache-train.pkl, -val.pkl, -test.pkl): point --data-dir at the folder "
+            "holding one of them"
+        )
     if not images_dir.is_dir():
         raise DataError(
             f"Mini-ImageNet image folder not found: {images_dir} (pass images_dir=... if it is elsewhere)"
@@ -100,4 +121,73 @@ def load_miniimagenet(
                 name=f"miniimagenet/{split_name}",
             )
         )
+    return DatasetSplits(*splits)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Builds containers, strings, numbers and NumPy arrays only (what the cache files hold; protocol 2 writes byte
+    strings as _codecs.encode calls)."""
+
+    _ALLOWED = {
+        (module, name)
+        for package in ("numpy.core", "numpy._core")
+        for module, name in ((f"{package}.multiarray", "_reconstruct"), (f"{package}.multiarray", "scalar"),
+                             (f"{package}.numeric", "_frombuffer"))
+    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a Mini-ImageNet cache file never holds")
+        return super().find_class(module, name)
+
+
+def _read_cache_file(path: Path) -> tuple[np.ndarray, dict]:
+    """(image_data, class_dict) of one mini-imagenet-cache pickle; DataError saying what is wrong."""
+    try:
+        with open(path, "rb") as handle:
+            # latin1: the files written by Python 2 hold NumPy arrays as byte strings
+            contents = _ArrayUnpickler(handle, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"Mini-ImageNet cache file not found: {path} (the three splits come together)") from None
+    except Exception as error:  # noqa: BLE001 - pickle raises many types for a bad or hostile file
+        raise DataError(f"cannot read Mini-ImageNet cache file {path}: {error}") from None
+    if isinstance(contents, dict):
+        contents = {key.decode() if isinstance(key, bytes) else key: value for key, value in contents.items()}
+    if not isinstance(contents, dict) or not {"image_data", "class_dict"} <= set(contents):
+        raise DataError(f"{path} is not a Mini-ImageNet cache file: expected a dict of image_data and class_dict")
+    images, classes = np.asarray(contents["image_data"]), contents["class_dict"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or not isinstance(classes, dict):
+        raise DataError(
+            f"{path}: image_data must be uint8 (n, H, W, 3) and class_dict a dict of index lists, got "
+            f"{images.dtype} {images.shape} and {type(classes).__name__}"
+        )
+    return images, classes
+
+
+def load_miniimagenet_pickles(data_dir: str | os.PathLike, image_size: int = MINIIMAGENET_IMAGE_SIZE) -> DatasetSplits:
+    """Mini-ImageNet (train, val, test) from ``data_dir/mini-imagenet-cache-{train,val,test}.pkl`` (see the module
+    docstring), images uint8 (image_size, image_size, 3)."""
+    data_dir = Path(data_dir)
+    owner: dict[str, str] = {}
+    splits = []
+    for split_name, file_name in MINIIMAGENET_PICKLE_FILES.items():
+        path = data_dir / file_name
+        images, classes = _read_cache_file(path)
+        names = [key.decode() if isinstance(key, bytes) else str(key) for key in classes]
+        for name in names:
+            if owner.setdefault(name, split_name) != split_name:
+                raise DataError(f"class {name!r} is in both {MINIIMAGENET_PICKLE_FILES[owner[name]]} and {file_name}")
+        indices = [np.asarray(classes[key], dtype=np.int64).ravel() for key in classes]
+        flat = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+        if flat.size and (flat.min() < 0 or flat.max() >= len(images)):
+            raise DataError(f"{path}: class_dict names image {int(flat.max())} but image_data has {len(images)}")
+        data = ClassIndexedDataset(
+            images[flat],
+            [len(index) for index in indices],
+            names,
+            sources=[f"{file_name}[{int(i)}]" for i in flat],
+            name=f"miniimagenet/{split_name}",
+        )
+        target = (int(image_size), int(image_size), 3)
+        splits.append(data if data.image_shape == target else convert_dataset(data, target))
     return DatasetSplits(*splits)
