@@ -38,6 +38,7 @@ def run_evaluation(
     baseline_plus=False,
     inner_steps=None,
     query_statistics=None,
+    query=None,
 ):
     """Evaluate and save the report as RUN_DIR/evaluation/<...>.json, and redraw the run's curves.png (it shows
     the baselines of the saved reports); returns (report, path)."""
@@ -71,6 +72,7 @@ def run_evaluation(
             log=log,
             inner_steps=inner_steps,
             query_statistics=query_statistics,
+            query=query,
         )
     finally:
         bar.close()
@@ -155,6 +157,13 @@ def run_evaluation(
     help="Test-time ablation: normalise the queries with these batch-norm statistics instead of the run's "
     "(query: the running averages gathered on the support set; support: the support batch's under theta_T).",
 )
+@click.option(
+    "--query",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Query images per class in each test episode (default: the run's). Predictions do not depend on it: "
+    "lower it for classes with few images.",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def evaluate(
     run_dir,
@@ -172,6 +181,7 @@ def evaluate(
     finetune_val_episodes,
     inner_steps,
     query_statistics,
+    query,
     progress,
 ):
     """Evaluate the meta-learner of RUN_DIR on E test episodes (the inner steps T of training unless changed).
@@ -212,13 +222,15 @@ def evaluate(
             baseline_plus=baseline_plus,
             inner_steps=inner_steps,
             query_statistics=query_statistics,
+            query=query,
         )
     if as_json:
         click.echo(report.to_json())
         return
     click.echo(
         f"{report.column}, {episodes} test episodes of {report.details['data']} "
-        f"({report.details['test_classes']} classes), T = {report.inner_steps}, seed {seed}:"
+        f"({report.details['test_classes']} classes), {report.query} queries per class, T = {report.inner_steps}, "
+        f"seed {seed}:"
     )
     click.echo(report.table())
     differences = report.differences_text()

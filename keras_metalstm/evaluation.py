@@ -69,6 +69,7 @@ class EvaluationReport:
     seed: int
     seconds: float
     data_dir: str | None = None  # the directory the episodes came from (None: the built-in fontglot)
+    query: int | None = None  # query images per class of the episodes
     details: dict = field(default_factory=dict)
     accuracies: dict = field(default_factory=dict, repr=False)  # method -> per-episode accuracies
 
@@ -103,6 +104,7 @@ class EvaluationReport:
             "paired_differences": self.paired_differences,
             "n_way": self.n_way,
             "k_shot": self.k_shot,
+            "query": self.query,
             "inner_steps": self.inner_steps,
             "dataset": self.dataset,
             "data_dir": self.data_dir,
@@ -145,7 +147,7 @@ class EvaluationReport:
 
 
 # What makes two saved reports score the same episodes (episodes are a function of these and the seed).
-SAME_EPISODES_KEYS = ("dataset", "data_dir", "split", "seed", "n_way", "k_shot", "episodes")
+SAME_EPISODES_KEYS = ("dataset", "data_dir", "split", "seed", "n_way", "k_shot", "query", "episodes")
 
 
 def compare_reports(first: dict, second: dict, method: str = "meta_lstm", second_method: str | None = None) -> dict:
@@ -153,11 +155,16 @@ def compare_reports(first: dict, second: dict, method: str = "meta_lstm", second
     episode by episode: {"mean", "ci95", "episodes"} in percentage points. Both reports must have scored the same
     episodes (SAME_EPISODES_KEYS) and saved their per-episode accuracies."""
     second_method = second_method or method
+    for report, which in ((first, "first"), (second, "second")):
+        unrecorded = [key for key in SAME_EPISODES_KEYS if key not in report]
+        if unrecorded:
+            raise ValueError(f"the {which} report does not record its episodes' {', '.join(unrecorded)} (saved by an "
+                             "older version): evaluate its run again to compare it")
     differing = [key for key in SAME_EPISODES_KEYS if first.get(key) != second.get(key)]
     if differing:
         details = ", ".join(f"{key} {first.get(key)!r} vs {second.get(key)!r}" for key in differing)
         raise ValueError(f"the two reports did not score the same episodes ({details}): evaluate both with the same "
-                         "--dataset, --data-dir, --split, --seed and --episodes")
+                         "--dataset, --data-dir, --split, --seed, --query and --episodes")
     values = []
     for report, name, which in ((first, method, "first"), (second, second_method, "second")):
         saved = report.get("episode_accuracies")
@@ -186,6 +193,8 @@ def report_file_name(report: EvaluationReport) -> str:
         suffix += f"-T{changed['inner_steps']}"
     if "query_statistics" in changed:
         suffix += f"-{changed['query_statistics']}-statistics"
+    if "query" in changed:
+        suffix += f"-{changed['query']}q"
     return f"{source}-{report.split}-{report.n_way}way{report.k_shot}shot-{report.episodes}ep{suffix}.json"
 
 
@@ -358,16 +367,21 @@ def evaluate_run(
     on_batch=None,
     inner_steps: int | None = None,
     query_statistics: str | None = None,
+    query: int | None = None,
 ) -> EvaluationReport:
     """Evaluate the meta-learner of `run_dir` on `episodes` episodes, with `baselines` beside it the baselines of
     `baseline_protocols` ("authors", "ours"; keras_metalstm.baselines) and with `baseline_plus` Baseline++;
-    `inner_steps` and `query_statistics` change the meta-learner at test time (`change_at_test_time`).
+    `inner_steps` and `query_statistics` change the meta-learner at test time (`change_at_test_time`). `query`
+    images per class are classified in every episode (default: the run's); the predictions do not depend on it
+    (test-mode batch norm normalises with the support set's statistics), so a data set whose classes have few
+    images can be scored with a smaller one.
 
     `progress(n)` is called after every n episodes, `log(message)` for stage messages, `on_batch(method, batch)`
     with every batch each method scores (a hook to check that all methods see the same episodes).
     """
     import keras_metalstm as km
     from keras_metalstm.baseline_cache import prepare_baselines
+    from keras_metalstm.data import DataError
     from keras_metalstm.runs import load_meta_learner, load_splits
 
     episodes = check_episode_count(episodes)
@@ -375,6 +389,10 @@ def evaluate_run(
     t0 = time.time()
     config, meta = load_meta_learner(run_dir, which=which)
     changes = change_at_test_time(meta, inner_steps, query_statistics)
+    if query is not None and int(query) != config.query:
+        if int(query) < 1:
+            raise DataError(f"--query must be at least 1, got {query}")
+        changes["query"] = int(query)
     data = evaluation_dataset(config, dataset, data_dir, split)
     trainer = km.MetaTrainer(meta)
     details = {"checkpoint": which, "test_classes": data.num_classes, "data": data.name, "episodes": int(episodes)}
@@ -396,7 +414,8 @@ def evaluate_run(
         protocols = list(dict.fromkeys(method.protocol for method in compared.methods.values()))
         details["baselines"] = {"protocols": protocols, **info}
     batch = eval_batch_size(episodes)
-    stream = evaluation_episodes(data, config, episodes, seed, batch)
+    queries = changes.get("query", config.query)
+    stream = evaluation_episodes(data, config.replace(query=queries), episodes, seed, batch)
     accuracies = {m: [] for m in ("meta_lstm", *(compared.methods if compared else ()))}
     for episodes_batch in stream:
         if on_batch is not None:
@@ -414,6 +433,7 @@ def evaluate_run(
         results={m: summarise(v) for m, v in accuracies.items()},
         n_way=config.n_way,
         k_shot=config.k_shot,
+        query=queries,
         inner_steps=meta.inner_steps,
         dataset=dataset or config.dataset,
         split=split,

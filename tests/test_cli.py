@@ -325,7 +325,7 @@ def test_evaluate_baselines_of_both_protocols_and_baseline_plus_in_json(trained,
     assert json.loads(saved.read_text())["results"] == rows
 
 
-def test_test_time_inner_steps_and_query_statistics_equal_a_meta_learner_built_with_them(trained, data_dir):
+def test_test_time_inner_steps_query_statistics_and_queries_equal_a_meta_learner_built_with_them(trained, data_dir):
     """`evaluate --inner-steps/--query-statistics` (ablations) score what a meta-learner built with those settings
     and the run's weights scores, and their reports are saved beside the unchanged one."""
     import dataclasses
@@ -344,18 +344,24 @@ def test_test_time_inner_steps_and_query_statistics_equal_a_meta_learner_built_w
     run_dir, _ = trained
     config = load_run_config(run_dir)
     assert config.inner_steps != 1 and config.query_statistics == "query"
-    episodes = next(iter(episode_dataset(evaluation.evaluation_dataset(config), 2, 1, 2, batch_size=4, seed=1000)))
+    assert config.query == 2
     for flags, changed in (([], {}), (["--inner-steps", "1"], {"inner_steps": 1}),
-                           (["--query-statistics", "support"], {"query_statistics": "support"})):
+                           (["--query-statistics", "support"], {"query_statistics": "support"}),
+                           (["--query", "1"], {"query": 1})):
         result = run_cli(["evaluate", run_dir, "--episodes", "4", "--json", "--no-progress", *flags])
         assert result.exit_code == 0, result.output
-        suffix = "".join(f"-T{v}" if k == "inner_steps" else f"-{v}-statistics" for k, v in changed.items())
+        suffix = "".join({"inner_steps": f"-T{v}", "query": f"-{v}q"}.get(k, f"-{v}-statistics")
+                         for k, v in changed.items())
         saved = json.loads((run_dir / "evaluation" / f"{source_name(data_dir)}-test-2way1shot-4ep{suffix}.json")
                            .read_text())
         assert saved["details"].get("test_time", {}) == changed
         assert saved["inner_steps"] == changed.get("inner_steps", config.inner_steps)
+        assert saved["query"] == changed.get("query", config.query)
+        episodes = next(iter(episode_dataset(evaluation.evaluation_dataset(config), 2, 1, saved["query"],
+                                             batch_size=4, seed=1000)))
         # the same checkpoint, in a meta-learner built with the changed settings
         meta = build_meta_learner(dataclasses.replace(config, **changed), read_architecture(run_dir))
+        assert episodes["query_images"].shape[1] == 2 * saved["query"]
         restore_checkpoint(checkpoint_object(meta), latest_checkpoint(run_dir, "best") or latest_checkpoint(run_dir))
         expected = MetaTrainer(meta).evaluate_step(episodes)["accuracy"].numpy()
         assert saved["results"]["meta_lstm"]["mean"] == pytest.approx(100 * np.mean(expected), abs=1e-4)

@@ -91,9 +91,9 @@ def test_rows_name_each_baselines_protocol_and_its_paired_difference():
     assert labels == ["Baseline fine-tune (authors)", "Baseline++ (chen2019)", "Meta-Learner LSTM"]
 
 
-def saved_report(accuracies, seed=1000, **details):
+def saved_report(accuracies, seed=1000, query=15, **details):
     report = EvaluationReport({m: summarise(v) for m, v in accuracies.items()}, 5, 1, 12, "fontglot", "test",
-                              seed, 1.0, details=details, accuracies=accuracies)
+                              seed, 1.0, query=query, details=details, accuracies=accuracies)
     return json.loads(json.dumps(report.to_dict()))  # as read back from the file
 
 
@@ -119,6 +119,12 @@ def test_reports_on_different_episodes_or_without_them_are_refused_with_the_fix(
     accuracies = {"meta_lstm": np.full(600, 0.5)}
     with pytest.raises(ValueError, match=r"did not score the same episodes \(seed 1000 vs 7\).*--seed"):
         compare_reports(saved_report(accuracies), saved_report(accuracies, seed=7))
+    with pytest.raises(ValueError, match=r"did not score the same episodes \(query 15 vs 5\).*--query"):
+        compare_reports(saved_report(accuracies, query=15), saved_report(accuracies, query=5))
+    unrecorded = saved_report(accuracies)
+    del unrecorded["query"]
+    with pytest.raises(ValueError, match="second report does not record its episodes' query.*evaluate its run again"):
+        compare_reports(saved_report(accuracies), unrecorded)
     old = saved_report(accuracies)
     del old["episode_accuracies"]
     with pytest.raises(ValueError, match="first report has no per-episode accuracies.*evaluate its run again"):
