@@ -150,7 +150,7 @@ class LearnerFunction:
             (layer, "call", call) for layer in self._batchnorm if (call := _fused_training_call(layer)) is not None
         ]
         self._xla_cpu_forms = _xla_cpu_forms(learner)
-        self._reset_values = self._episode_reset_values()
+        self._reset_values = None  # read on first use (`_episode_start_values`)
         regularized = _regularized_layers(learner)
         if regularized:
             warnings.warn(
@@ -161,19 +161,25 @@ class LearnerFunction:
                 stacklevel=1,  # one place for every learner function made of it: Python reports it once
             )
 
-    def _episode_reset_values(self):
-        """Initial non-trainable values: batch-norm statistics at their initialisers, the rest as they are."""
-        resets = {}
-        for layer in self._batchnorm:
-            for variable, initializer in (
-                (layer.moving_mean, layer.moving_mean_initializer),
-                (layer.moving_variance, layer.moving_variance_initializer),
-            ):
-                resets[id(variable)] = initializer(variable.shape, dtype=variable.dtype)
-        return [
-            tf.convert_to_tensor(resets.get(id(variable), variable.value))
-            for variable in self.learner.non_trainable_variables
-        ]
+    def _episode_start_values(self):
+        """Initial non-trainable values: batch-norm statistics at their initialisers, the rest (a frozen layer's
+        weights, a Normalization layer's statistics) as they are when first needed, read eagerly outside any traced
+        function: keras.saving.load_model makes a meta-learner, and so this function, before it loads the learner's
+        weights."""
+        if self._reset_values is None:
+            resets = {}
+            with tf.init_scope():
+                for layer in self._batchnorm:
+                    for variable, initializer in (
+                        (layer.moving_mean, layer.moving_mean_initializer),
+                        (layer.moving_variance, layer.moving_variance_initializer),
+                    ):
+                        resets[id(variable)] = initializer(variable.shape, dtype=variable.dtype)
+                self._reset_values = [
+                    tf.convert_to_tensor(resets.get(id(variable), variable.value))
+                    for variable in self.learner.non_trainable_variables
+                ]
+        return self._reset_values
 
     def flatten(self, tensors):
         """Concatenates per-variable tensors (in `trainable_variables` order) into one vector."""
@@ -204,11 +210,13 @@ class LearnerFunction:
 
     def initial_state(self):
         """The non-trainable state every episode starts from (batch-norm statistics reset)."""
-        return list(self._reset_values)
+        return list(self._episode_start_values())
 
     def stacked_initial_state(self, episodes):
         """`initial_state` for `episodes` episodes, stacked on a first axis."""
-        return [tf.tile(value[tf.newaxis], [episodes] + [1] * value.shape.rank) for value in self._reset_values]
+        return [
+            tf.tile(value[tf.newaxis], [episodes] + [1] * value.shape.rank) for value in self._episode_start_values()
+        ]
 
     @contextlib.contextmanager
     def _layer_overrides(self, momentum):
