@@ -74,7 +74,12 @@ def test_empty_folders_are_refused(tmp_path):
     root = make_folder(tmp_path / "data", num_classes=2)
     (root / "class_9").mkdir()
     (root / "class_9" / "readme.md").write_text("x")
-    with pytest.raises(DataError, match="class_9 holds no .png/.jpg/.jpeg image"):
+    with pytest.raises(DataError, match="class_9 holds no .png/.jpg/.jpeg image; add images or remove the folder"):
+        load_image_folder(root)
+    (root / "class_9" / "letter_a").mkdir()  # a hierarchy, as Omniglot's alphabet/character folders
+    Image.new("L", (4, 4)).save(root / "class_9" / "letter_a" / "0.png")
+    with pytest.raises(DataError, match=r"class_9 holds no .*; it holds 1 folder\(s\) of images \(letter_a\) but "
+                                        r"the classes must be the immediate sub-folders of .*: move those folders up"):
         load_image_folder(root)
     with pytest.raises(DataError, match="image folder not found"):
         load_image_folder(tmp_path / "nowhere")

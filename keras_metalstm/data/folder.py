@@ -52,10 +52,15 @@ def list_image_folder(
     for class_dir in class_dirs:
         files = image_files(class_dir, extensions)
         if not files:
-            raise DataError(
-                f"class folder {class_dir} holds no {'/'.join(extensions)} image; add images or "
-                f"remove the folder"
+            nested = sorted(p.name for p in class_dir.iterdir() if p.is_dir() and image_files(p, extensions))
+            shown = ", ".join(nested[:3]) + ("..." if len(nested) > 3 else "")
+            fix = (
+                f"it holds {len(nested)} folder(s) of images ({shown}) but the classes must be the immediate "
+                f"sub-folders of {root}: move those folders up into it"
+                if nested
+                else "add images or remove the folder"
             )
+            raise DataError(f"class folder {class_dir} holds no {'/'.join(extensions)} image; {fix}")
         classes[class_dir.name] = files
     return classes
 
