@@ -7,11 +7,10 @@
     package.module:function       function(input_shape, num_classes) -> keras.Model, importable from the current
                                   directory or PYTHONPATH
 
-A run directory keeps the learner's architecture as its Keras config (`learner.json`), deserialised with
-`safe_mode=True`, so evaluation, adaptation, export and resume work on a machine without the user's module. A
-custom layer or model class registered with `keras.saving.register_keras_serializable` is imported from the module
-Keras recorded for it (`import_custom_class_modules`) before a config or `.keras` file is deserialised: the new
-process of every command would not know the class otherwise.
+A run directory keeps the learner's architecture as its Keras config (`learner.json`, see
+`keras_metalstm.learner_architecture`), deserialised with `safe_mode=True`, so evaluation, adaptation, export and
+resume work on a machine without the user's module; a registered custom class is imported from the module Keras
+recorded for it, as the new process of every command would not know the class otherwise.
 `check_learner` runs the learner once on an episode-shaped batch and turns every way a model can be unfit into
 one message naming the problem and the fix.
 
@@ -20,23 +19,20 @@ The setting itself is parsed by `keras_metalstm.config.normalise_learner_spec` (
 
 from __future__ import annotations
 
-import copy
 import importlib
-import json
-import os
-import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from keras_metalstm.config import BUILT_IN_LEARNERS, ConfigError, atomic_write_text, first_line
-
-ARCHITECTURE_FILE = "learner.json"
-
-
-class LearnerError(ConfigError):
-    """The learner cannot be built, loaded or adapted by the meta-learner; the message says why and what to do."""
+from keras_metalstm.config import BUILT_IN_LEARNERS, first_line
+from keras_metalstm.learner_architecture import (
+    LearnerError,
+    architecture_config,
+    import_custom_class_modules,
+    keras_file_config,
+    model_from_architecture,
+    with_current_directory_on_path,
+)
 
 
 def learner_kind(spec: str) -> str:
@@ -82,15 +78,9 @@ def load_learner_file(path):
         raise LearnerError(f"cannot load the learner file {path}: {first_line(error)}") from None
 
 
-def _with_current_directory_on_path():
-    # A console script's sys.path lacks the current directory, where a user's model module usually lives.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-
-
 def _call_factory(spec: str, image_shape, n_way: int):
     module_name, _, function_name = spec.partition(":")
-    _with_current_directory_on_path()
+    with_current_directory_on_path()
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # noqa: BLE001 - ImportError, or an error raised by the module itself
@@ -145,186 +135,12 @@ def _output_layer_config(config):
     return entry
 
 
-# ------------------------------------------------------------------------------------------- architecture
-def architecture_config(learner) -> dict:
-    """The learner's architecture as a JSON-compatible Keras config. A Normalization layer's statistics from
-    `adapt()`, which Keras keeps in weights, not in the config, are written into its config as its mean and
-    variance: they are part of the function the learner computes, not of theta."""
-    import keras
-
-    config = json.loads(json.dumps(keras.saving.serialize_keras_object(learner)))
-    adapted = {
-        layer.name: layer
-        for layer in learner._flatten_layers(include_self=False)
-        if isinstance(layer, keras.layers.Normalization) and layer.built and layer.input_mean is None
-    }
-    for entry in _layer_configs(config):
-        layer = adapted.get(entry.get("config", {}).get("name"))
-        if entry.get("class_name") == "Normalization" and layer is not None:
-            entry["config"]["mean"] = np.asarray(layer.adapt_mean).tolist()
-            entry["config"]["variance"] = np.asarray(layer.adapt_variance).tolist()
-    return config
-
-
-def _layer_configs(config):
-    """Every layer entry ({"class_name", "config"}) of a Keras config, nested models' included."""
-    if isinstance(config, dict):
-        if "class_name" in config and isinstance(config.get("config"), dict):
-            yield config
-        for value in config.values():
-            yield from _layer_configs(value)
-    elif isinstance(config, list):
-        for item in config:
-            yield from _layer_configs(item)
-
-
-def check_weights_survive_rebuilding(learner, rebuilt) -> None:
-    """LearnerError naming the layers whose non-trainable weights `rebuilt` (the learner made again from its
-    architecture, as every command that loads a run makes it) does not reproduce: weights set after the layers were
-    made (loaded into a frozen layer, assigned by hand), which a run, storing the architecture and theta_0, would
-    lose. Batch-norm moving statistics (reset every episode), random seed states and Normalization statistics
-    (in the architecture, `architecture_config`) do not count."""
-    import keras
-
-    def kept(model):
-        skipped = set()
-        for layer in model._flatten_layers(include_self=False):
-            if isinstance(layer, keras.layers.BatchNormalization):
-                skipped |= {id(layer.moving_mean), id(layer.moving_variance)}
-            elif isinstance(layer, keras.layers.Normalization):
-                skipped |= {id(variable) for variable in layer.variables}
-        return [
-            variable
-            for variable in model.non_trainable_variables
-            if id(variable) not in skipped and "seed_generator" not in variable.path
-        ]
-
-    built, made_again = kept(learner), kept(rebuilt)
-    lost = sorted(
-        {
-            mine.path.split("/")[0]
-            for mine, theirs in zip(built, made_again, strict=False)
-            if tuple(mine.shape) != tuple(theirs.shape)
-            or not np.array_equal(np.asarray(mine.value), np.asarray(theirs.value))
-        }
-    )
-    if lost or len(built) != len(made_again):
-        raise LearnerError(
-            f"the learner's non-trainable weights in {', '.join(lost) or 'its layers'} are not made by its layers "
-            "from their config (a frozen layer given weights after it was made?): a run keeps the learner's "
-            "architecture and theta_0, its trainable weights, and would lose them. Make those layers trainable "
-            "(theta_0 then starts from their weights with --theta0-init pretrained and a saved .keras learner), or "
-            "have the layer make them itself"
-        )
-
-
-def custom_class_modules(config) -> list[str]:
-    """The modules that define the registered custom classes (`keras.saving.register_keras_serializable`) a Keras
-    config names, in order: what has to be imported before the config can be deserialised."""
-    modules = []
-    if isinstance(config, dict):
-        module = config.get("module")
-        if config.get("registered_name") and isinstance(module, str) and module.split(".")[0] not in _OWN_PACKAGES:
-            modules.append(module)
-        children = config.values()
-    elif isinstance(config, list):
-        children = config
-    else:
-        return modules
-    for child in children:
-        modules += [module for module in custom_class_modules(child) if module not in modules]
-    return modules
-
-
-# Packages whose classes are registered by importing keras_metalstm; "__main__" cannot be imported again.
-_OWN_PACKAGES = ("keras", "keras_metalstm", "__main__")
-
-
-def keras_file_config(path) -> dict | None:
-    """The model config stored in a `.keras` file (a zip archive's config.json), or None if it has none."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read("config.json"))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):  # not a Keras archive: the loader says so
-        return None
-
-
-def import_custom_class_modules(config) -> None:
-    """Imports the modules of the custom classes in a Keras config, from the current directory or PYTHONPATH, so
-    that their registration runs before deserialisation (as `--learner module:function` imported the factory's
-    module in training). A module that cannot be imported is left for the deserialiser to report."""
-    _with_current_directory_on_path()
-    for module in custom_class_modules(config):
-        if module not in sys.modules:
-            try:
-                importlib.import_module(module)
-            except Exception:  # noqa: BLE001 - reported by the deserialiser as an unknown class
-                continue
-
-
-def model_from_architecture(config: dict, image_shape=None):
-    """A freshly initialised, built model from `architecture_config`'s output (safe_mode=True)."""
-    import keras
-    import numpy as np
-
-    import keras_metalstm  # noqa: F401 (registers the package's classes)
-
-    import_custom_class_modules(config)
-    try:
-        # Keras consumes the config it deserialises: give it a copy, the caller's may be stored or used again.
-        model = keras.saving.deserialize_keras_object(_with_input_shape(config, image_shape), safe_mode=True)
-    except Exception as error:  # noqa: BLE001 - unknown class, refused lambda, bad config ...
-        raise LearnerError(
-            f"cannot rebuild the learner from its Keras config: {first_line(error)}. A custom layer or model "
-            "class must be registered with @keras.saving.register_keras_serializable() in a module importable "
-            "from the current directory or PYTHONPATH (it is imported by the name Keras recorded); Lambda "
-            "layers cannot be loaded safely (write a small layer class instead)"
-        ) from None
-    if not model.built and image_shape is not None:
-        model(np.zeros((1, *image_shape), "float32"))
-    return model
-
-
-def _with_input_shape(config: dict, image_shape) -> dict:
-    """A copy of a functional or Sequential model's config whose input layer, declared for images of any size
-    (e.g. (None, None, C) in a fully convolutional model), takes `image_shape`: the same layers and weights, with
-    the fixed shape that an adapted learner's serving signature and its ONNX graph are built on."""
-    config = copy.deepcopy(config)
-    layers = config.get("config", {}).get("layers") if image_shape is not None else None
-    inputs = [layer for layer in layers or [] if layer.get("class_name") == "InputLayer"]
-    shape = inputs[0].get("config", {}).get("batch_shape") if len(inputs) == 1 else None
-    if isinstance(shape, list) and len(shape) == len(image_shape) + 1 and None in shape[1:]:
-        fixed = [size if declared is None else declared for declared, size in zip(shape[1:], image_shape, strict=True)]
-        inputs[0]["config"]["batch_shape"] = [shape[0], *(int(size) for size in fixed)]
-    return config
-
-
-def save_architecture(architecture: dict, run_dir) -> Path:
-    """Write an `architecture_config` to RUN_DIR/learner.json atomically."""
-    path = Path(run_dir) / ARCHITECTURE_FILE
-    atomic_write_text(path, json.dumps(architecture, indent=1) + "\n")
-    return path
-
-
-def read_architecture(run_dir) -> dict | None:
-    """The architecture stored in RUN_DIR/learner.json, or None for a run that predates it (its learner is then
-    the built-in conv4 of its config)."""
-    path = Path(run_dir) / ARCHITECTURE_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise LearnerError(f"{path} is not valid JSON ({error}); restore it from a copy of the run") from None
-
-
 # ----------------------------------------------------------------------------------------------- checking
 def check_learner(learner, image_shape, n_way: int, batch: int = 5) -> None:
     """Run `learner` once on `batch` episode-shaped images as the meta-learner will; LearnerError naming the
     problem and its fix if it is not a model mapping (H, W, C) images in [0, 1] to `n_way` logits that can run
     as a pure function of its weights."""
     import keras
-    import numpy as np
     import tensorflow as tf
 
     image_shape = tuple(int(v) for v in image_shape)

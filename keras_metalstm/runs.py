@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from keras_metalstm.config import CONFIG_FILE_NAME, ConfigError, RunConfig, atomic_write_text, first_line
-from keras_metalstm.learner_spec import ARCHITECTURE_FILE
+from keras_metalstm.learner_architecture import ARCHITECTURE_FILE
 from keras_metalstm.processes import process_alive
 
 CHECKPOINT_DIR = "checkpoints"
@@ -90,12 +90,13 @@ def load_splits(config: RunConfig):
 # ------------------------------------------------------------------------------------------ the meta-learner
 def build_meta_learner(config: RunConfig, architecture: dict | None = None):
     """A fresh MetaLearner of the configured shape (learner seeded by config.seed) around `architecture`, the
-    learner's Keras config (`learner_spec.architecture_config`); None builds the run's built-in learner (runs
+    learner's Keras config (`learner_architecture.architecture_config`); None builds the run's built-in learner (runs
     written before learner.json existed are conv4 runs)."""
     import keras
 
     import keras_metalstm as km
-    from keras_metalstm.learner_spec import build_learner, learner_kind, model_from_architecture
+    from keras_metalstm.learner_architecture import model_from_architecture
+    from keras_metalstm.learner_spec import build_learner, learner_kind
 
     if config.image_shape is None:
         raise ConfigError("image_shape is unknown: load the data set first (train() fills it in)")
@@ -124,14 +125,13 @@ def learner_architecture(config: RunConfig, run_dir=None) -> dict:
     learner of `config.learner` built and checked on the episode shape (LearnerError saying what is wrong)."""
     import keras
 
-    from keras_metalstm.learner_spec import (
+    from keras_metalstm.learner_architecture import (
         architecture_config,
-        build_learner,
-        check_learner,
         check_weights_survive_rebuilding,
         model_from_architecture,
         read_architecture,
     )
+    from keras_metalstm.learner_spec import build_learner, check_learner
 
     stored = read_architecture(run_dir) if run_dir is not None else None
     if stored is not None:
@@ -178,7 +178,7 @@ def restore_checkpoint(checkpoint, path, what="checkpoint"):
 def load_meta_learner(run_dir, which: str = "best"):
     """(config, meta-learner) of a run directory; `which` = "best" (best validation, falling back to the latest
     checkpoint when no validation ran) or "latest"."""
-    from keras_metalstm.learner_spec import read_architecture
+    from keras_metalstm.learner_architecture import read_architecture
 
     config = load_run_config(run_dir)
     meta = build_meta_learner(config, read_architecture(run_dir))

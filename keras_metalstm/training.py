@@ -26,7 +26,7 @@ import contextlib
 from pathlib import Path
 
 from keras_metalstm.config import CONFIG_FILE_NAME, RunConfig
-from keras_metalstm.learner_spec import ARCHITECTURE_FILE
+from keras_metalstm.learner_architecture import ARCHITECTURE_FILE
 from keras_metalstm.metrics_log import (
     read_metrics,
 )
@@ -198,7 +198,7 @@ class TrainingRun:
         stored = self.run_dir if self.started else None
         self.architecture = _outside_any_strategy(learner_architecture, self.config, stored)
         if self.chief:
-            from keras_metalstm.learner_spec import save_architecture
+            from keras_metalstm.learner_architecture import save_architecture
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.config.save(self.run_dir / CONFIG_FILE_NAME)

@@ -332,7 +332,7 @@ def test_test_time_inner_steps_query_statistics_and_queries_equal_a_meta_learner
 
     from keras_metalstm import MetaTrainer, evaluation
     from keras_metalstm.data import episode_dataset
-    from keras_metalstm.learner_spec import read_architecture
+    from keras_metalstm.learner_architecture import read_architecture
     from keras_metalstm.runs import (
         build_meta_learner,
         checkpoint_object,

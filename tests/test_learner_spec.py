@@ -9,16 +9,18 @@ from conftest import as_tensors, random_episodes
 
 import keras_metalstm as km
 from keras_metalstm.config import ConfigError, RunConfig, normalise_learner_spec
-from keras_metalstm.learner_spec import (
-    LearnerError,
+from keras_metalstm.learner_architecture import (
     architecture_config,
-    check_learner,
     check_weights_survive_rebuilding,
     custom_class_modules,
+    model_from_architecture,
+)
+from keras_metalstm.learner_spec import (
+    LearnerError,
+    check_learner,
     fresh_copy,
     learner_image_shape,
     learner_num_classes,
-    model_from_architecture,
 )
 from keras_metalstm.pretraining import feature_model
 

@@ -23,13 +23,9 @@ import numpy as np
 from keras_metalstm.data import CONVERSION_RULE, load_image_folder
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.files import atomic_path
+from keras_metalstm.learner_architecture import import_custom_class_modules, keras_file_config
 from keras_metalstm.learner_function import variable_dtype
-from keras_metalstm.learner_spec import (
-    import_custom_class_modules,
-    keras_file_config,
-    learner_image_shape,
-    learner_num_classes,
-)
+from keras_metalstm.learner_spec import learner_image_shape, learner_num_classes
 
 INPUT_SCALE = (
     "float32 (batch, H, W, C) in [0, 1]: image files converted by the package's rule and stored as uint8 "
