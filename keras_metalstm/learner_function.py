@@ -197,11 +197,7 @@ class LearnerFunction:
             variable.assign(value)
         for variable, value in zip(model.non_trainable_variables, state, strict=True):
             variable.assign(value)
-        # Layers that keep tensors computed from their weights (an adapted Normalization layer's mean and variance)
-        # recompute them, as Keras does when it loads a model.
-        for layer in model._flatten_layers(include_self=False):
-            if layer.built and callable(getattr(layer, "finalize_state", None)):
-                layer.finalize_state()
+        refresh_derived_tensors(model)
         return model
 
     def initial_theta(self):
@@ -284,6 +280,15 @@ class LearnerFunction:
         if divide_by_batch:
             gradient = gradient / tf.cast(tf.shape(labels)[-1], gradient.dtype)
         return loss, gradient, state
+
+
+def refresh_derived_tensors(model):
+    """Has the layers of `model` that keep tensors computed from their weights (an adapted Normalization layer's
+    mean and variance) recompute them, as Keras does when it loads a model: needed after the weights are assigned
+    any other way."""
+    for layer in model._flatten_layers(include_self=False):
+        if layer.built and callable(getattr(layer, "finalize_state", None)):
+            layer.finalize_state()
 
 
 def variable_dtype(dtype=None):

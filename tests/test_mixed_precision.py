@@ -68,3 +68,20 @@ def test_the_exported_model_computes_in_float32_with_parity(policy, tmp_path):
         np.testing.assert_array_equal(ours.numpy(), theirs.numpy())  # the same weights, only the arithmetic differs
     result = export.export_adapted(adapted, tmp_path / "task", format="both")  # ONNX Runtime has no bf16 Conv
     assert result.parity.ok, result.parity.summary()
+
+
+def test_the_float32_copy_of_a_learner_keeps_an_adapted_normalization_layers_statistics(policy):
+    """The copy gets its weights by set_weights, after which Keras' Normalization layer kept the mean and variance
+    of its fresh weights (0 and 1) until told to recompute them."""
+    from keras_metalstm.export.adapted import in_variable_precision
+
+    rng = np.random.default_rng(0)
+    normalization = keras.layers.Normalization()
+    normalization.adapt(0.5 + 0.1 * rng.random((32, *IMAGE_SHAPE), dtype=np.float32))
+    images = keras.Input(IMAGE_SHAPE)
+    learner = keras.Model(images, keras.layers.Dense(5)(keras.layers.Flatten()(normalization(images))))
+    copy = in_variable_precision(learner, IMAGE_SHAPE)
+    assert copy is not learner and copy.compute_dtype == "float32"
+    batch = rng.random((3, *IMAGE_SHAPE), dtype=np.float32)
+    expected = np.asarray(learner(batch), np.float32)
+    np.testing.assert_allclose(np.asarray(copy(batch)), expected, atol=0.05 * np.abs(expected).max())

@@ -24,7 +24,7 @@ from keras_metalstm.data import CONVERSION_RULE, load_image_folder
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.files import atomic_path
 from keras_metalstm.learner_architecture import import_custom_class_modules, keras_file_config
-from keras_metalstm.learner_function import variable_dtype
+from keras_metalstm.learner_function import refresh_derived_tensors, variable_dtype
 from keras_metalstm.learner_spec import learner_image_shape, learner_num_classes
 
 INPUT_SCALE = (
@@ -111,6 +111,7 @@ def in_variable_precision(learner, image_shape):
     finally:
         keras.config.set_dtype_policy(previous)
     copy.set_weights(learner.get_weights())
+    refresh_derived_tensors(copy)
     return copy
 
 
