@@ -1,4 +1,5 @@
-"""Helpers for the command-line tests: a tiny generated image-folder data set, tiny training flags, free ports."""
+"""Helpers for the command-line tests: a tiny generated image-folder data set, tiny training flags, the command line
+run in-process, free ports."""
 
 import socket
 
@@ -37,3 +38,18 @@ def free_ports(count):
     for s in sockets:
         s.close()
     return ports
+
+
+def run_cli(args, env=None):
+    """`metalstm ARGS` in this process (click's CliRunner), exceptions raised as they are."""
+    from click.testing import CliRunner
+    from keras_metalstm.cli.main import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def train_args(data_dir, run_dir, *extra):
+    """`metalstm train` on the image folder `data_dir` with TINY_FLAGS. In-process runs pass --no-deterministic:
+    op determinism is process-wide and would change other test modules."""
+    return ["train", "--dataset", "folder", "--data-dir", data_dir, "--run-dir", run_dir, *TINY_FLAGS,
+            "--no-deterministic", *extra]

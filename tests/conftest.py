@@ -61,3 +61,23 @@ def graph_op_types(concrete_function):
 @pytest.fixture
 def episodes_factory():
     return random_episodes
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tiny generated image folder (12 classes of 5 images), one per test module."""
+    from cli_helpers import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("data") / "folder")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """(run directory, output) of a tiny `metalstm train` run of 8 episodes on `data_dir`, one per test module."""
+    from cli_helpers import run_cli, train_args
+
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    result = run_cli(train_args(data_dir, run_dir, "--episodes", "8", "--checkpoint-every", "4",
+                                "--validate-every", "4"))
+    assert result.exit_code == 0, result.output
+    return run_dir, result.output
