@@ -8,12 +8,14 @@ meta-batch side by side:
 - activations are episode-major, (B, N, ...) for N examples per episode;
 - Conv2D runs as one grouped convolution: the episodes stacked along the channels, (N, H, W, B*C), convolved
   with the episodes' filters stacked along the output channels, (kh, kw, C, B*F), in B groups;
-- Dense is a batched matrix product; BatchNormalization takes each episode's batch moments and moving
+  DepthwiseConv2D as one depthwise convolution of the same stacked channels, which keeps every channel apart
+  already; SeparableConv2D as that, then a batched matrix product for its pointwise part;
+- Dense is a batched matrix product; PReLU takes each episode's slopes; BatchNormalization takes each episode's batch moments and moving
   statistics (in training mode on TensorFlow's fused op, the episodes side by side along the channels);
   GroupNormalization and LayerNormalization (over the channels) normalise every example as the layer does and
   apply each episode's scale and offset;
 - layers without weights that act on each example alone (activations, pooling, flatten, reshape, padding,
-  merges such as Add or Concatenate) run on the B*N examples as one batch.
+  resizing, merges such as Add or Concatenate) run on the B*N examples as one batch.
 
 Functional and Sequential models (nested ones included) of these layers are supported; `unsupported_layers`
 names anything else, and the meta-learner then maps the per-episode function instead. TensorFlow has no CPU
@@ -51,12 +53,20 @@ EXAMPLE_WISE = (
     keras.layers.Flatten,
     keras.layers.Reshape,
     keras.layers.Permute,
+    keras.layers.RepeatVector,
     keras.layers.ZeroPadding1D,
     keras.layers.ZeroPadding2D,
+    keras.layers.ZeroPadding3D,
     keras.layers.Cropping1D,
     keras.layers.Cropping2D,
+    keras.layers.Cropping3D,
+    keras.layers.UpSampling1D,
     keras.layers.UpSampling2D,
+    keras.layers.UpSampling3D,
+    keras.layers.Resizing,
+    keras.layers.CenterCrop,
     keras.layers.Rescaling,
+    keras.layers.UnitNormalization,
     keras.layers.Identity,
     keras.layers.Add,
     keras.layers.Subtract,
@@ -81,7 +91,7 @@ def unsupported_layers(model):
             continue
         reason = _unsupported_reason(layer)
         if reason:
-            problems.append(f"{layer.path}: {reason}")
+            problems.append(f"{layer.path or layer.name}: {reason}")  # a layer never built has no path
     return problems
 
 
@@ -110,11 +120,13 @@ def _channels_last(axis, rank):
 def _unsupported_reason(layer):
     if layer.compute_dtype != layer.variable_dtype:
         return f"mixed precision ({layer.dtype_policy.name})"
-    if type(layer) is keras.layers.Conv2D:
+    if type(layer) in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D):
         if layer.data_format != "channels_last":
             return "channels_first data format"
-        if layer.groups != 1:
+        if getattr(layer, "groups", 1) != 1:
             return "grouped convolution"
+        return None
+    if type(layer) is keras.layers.PReLU:
         return None
     if type(layer) is keras.layers.Dense:
         return "LoRA or quantised weights" if layer.lora_enabled or layer.quantization_mode else None
@@ -212,8 +224,14 @@ class _Run:
             return self.model(layer, inputs)
         if type(layer) is keras.layers.Conv2D:
             return self.conv2d(layer, inputs)
+        if type(layer) is keras.layers.DepthwiseConv2D:
+            return self.depthwise_conv2d(layer, inputs)
+        if type(layer) is keras.layers.SeparableConv2D:
+            return self.separable_conv2d(layer, inputs)
         if type(layer) is keras.layers.Dense:
             return self.dense(layer, inputs)
+        if type(layer) is keras.layers.PReLU:
+            return self.prelu(layer, inputs)
         if type(layer) is keras.layers.BatchNormalization:
             return self.batch_normalization(layer, inputs)
         if type(layer) in NORMALISATIONS_OF_EACH_EXAMPLE:
@@ -232,29 +250,75 @@ class _Run:
         merged = [self._examples(tensor) for tensor in inputs] if isinstance(inputs, list) else self._examples(inputs)
         return self._episodes(layer(merged))
 
+    def _stacked_channels(self, inputs):
+        """(B, N, H, W, C) -> (N, H, W, B*C): the episodes side by side along the channels."""
+        episodes, examples, height, width, channels = inputs.shape
+        return tf.reshape(transpose(inputs, [1, 2, 3, 0, 4]), [examples, height, width, episodes * channels])
+
+    def _unstacked_channels(self, outputs):
+        """(N, H, W, B*K) -> (B, N, H, W, K): the inverse of `_stacked_channels`."""
+        examples, height, width, stacked = outputs.shape
+        unstacked = tf.reshape(outputs, [examples, height, width, self.episodes, stacked // self.episodes])
+        return transpose(unstacked, [3, 0, 1, 2, 4])
+
     def conv2d(self, layer, inputs):
         dtype = layer.compute_dtype
-        inputs = tf.cast(inputs, dtype)
         kernel = self.value(layer.kernel, dtype)  # (B, kh, kw, C, F)
-        episodes, examples, height, width, channels = inputs.shape
-        kernel_height, kernel_width, _, filters = kernel.shape[1:]
-        # Episodes stacked along the channels; the filters along the output channels: B groups.
-        stacked = tf.reshape(transpose(inputs, [1, 2, 3, 0, 4]), [examples, height, width, episodes * channels])
+        kernel_height, kernel_width, channels, filters = kernel.shape[1:]
+        # The filters stacked along the output channels: B groups, each episode's channels against its filters.
         stacked_filters = tf.reshape(
-            transpose(kernel, [1, 2, 3, 0, 4]), [kernel_height, kernel_width, channels, episodes * filters]
+            transpose(kernel, [1, 2, 3, 0, 4]), [kernel_height, kernel_width, channels, self.episodes * filters]
         )
         outputs = tf.nn.convolution(
-            stacked,
+            self._stacked_channels(tf.cast(inputs, dtype)),
             stacked_filters,
             strides=layer.strides,
             padding=layer.padding.upper(),
             dilations=layer.dilation_rate,
         )
-        out_height, out_width = outputs.shape[1:3]
-        outputs = transpose(tf.reshape(outputs, [examples, out_height, out_width, episodes, filters]), [3, 0, 1, 2, 4])
+        return self._bias_and_activation(layer, self._unstacked_channels(outputs))
+
+    def _depthwise(self, layer, inputs, kernel):
+        """(B, N, H, W, C) inputs convolved channel by channel with each episode's (B, kh, kw, C, M) kernel."""
+        kernel_height, kernel_width, channels, multiplier = kernel.shape[1:]
+        # A depthwise convolution keeps channels apart, so with the episodes stacked along the channels each
+        # episode's channels meet only its own filters, and output channel (b*C + c)*M + m is episode b's.
+        stacked_filters = tf.reshape(
+            transpose(kernel, [1, 2, 0, 3, 4]), [kernel_height, kernel_width, self.episodes * channels, multiplier]
+        )
+        outputs = keras.ops.depthwise_conv(
+            self._stacked_channels(inputs),
+            stacked_filters,
+            strides=layer.strides,
+            padding=layer.padding,
+            dilation_rate=layer.dilation_rate,
+        )
+        return self._unstacked_channels(outputs)
+
+    def _bias_and_activation(self, layer, outputs):
         if layer.use_bias:
-            outputs = outputs + self.value(layer.bias, dtype)[:, tf.newaxis, tf.newaxis, tf.newaxis, :]
+            outputs = outputs + self._per_channel(self.value(layer.bias, outputs.dtype), outputs.shape.rank)
         return layer.activation(outputs)
+
+    def depthwise_conv2d(self, layer, inputs):
+        dtype = layer.compute_dtype
+        outputs = self._depthwise(layer, tf.cast(inputs, dtype), self.value(layer.kernel, dtype))
+        return self._bias_and_activation(layer, outputs)
+
+    def separable_conv2d(self, layer, inputs):
+        dtype = layer.compute_dtype
+        depthwise = self._depthwise(layer, tf.cast(inputs, dtype), self.value(layer.depthwise_kernel, dtype))
+        pointwise = self.value(layer.pointwise_kernel, dtype)  # (B, 1, 1, C*M, F)
+        pointwise = tf.reshape(pointwise, [self.episodes, *pointwise.shape[-2:]])
+        flat = tf.reshape(depthwise, [self.episodes, -1, depthwise.shape[-1]])
+        outputs = tf.reshape(tf.matmul(flat, pointwise), [*depthwise.shape[:-1], pointwise.shape[-1]])
+        return self._bias_and_activation(layer, outputs)
+
+    def prelu(self, layer, inputs):
+        # As Keras' PReLU: x where positive, alpha * x where negative, with each episode's alpha.
+        alpha = self.value(layer.alpha, inputs.dtype)  # (B, *example shape, with shared axes 1)
+        alpha = tf.reshape(alpha, [self.episodes, 1, *alpha.shape[1:]])
+        return tf.nn.relu(inputs) - alpha * tf.nn.relu(-inputs)
 
     def dense(self, layer, inputs):
         dtype = layer.compute_dtype
@@ -263,10 +327,7 @@ class _Run:
         # loop asks XLA for a shape it only knows at run time.
         flat = tf.reshape(tf.cast(inputs, dtype), [self.episodes, -1, inputs.shape[-1]])
         outputs = tf.reshape(tf.matmul(flat, kernel), [self.episodes, *inputs.shape[1:-1], kernel.shape[-1]])
-        if layer.use_bias:
-            bias = self.value(layer.bias, dtype)
-            outputs = outputs + tf.reshape(bias, [self.episodes] + [1] * (outputs.shape.rank - 2) + [bias.shape[-1]])
-        return layer.activation(outputs)
+        return self._bias_and_activation(layer, outputs)
 
     def _per_channel(self, vector, rank):
         """(B, C) -> (B, 1, ..., 1, C), broadcastable against (B, N, ..., C) of `rank`."""
