@@ -11,7 +11,7 @@ from keras_metalstm.cli.common import (
     user_errors,
 )
 
-from keras_metalstm.config import EPISODE_BATCHING, QUERY_STATISTICS
+from keras_metalstm.config import DTYPE_POLICIES, EPISODE_BATCHING, QUERY_STATISTICS
 
 DATASETS = ("fontglot", "omniglot", "miniimagenet", "folder")
 
@@ -105,6 +105,13 @@ def training_options(function):
             help="Learn a scale of the query logits in the meta-loss (default off; predictions do not change).",
         ),
         choice_option(
+            "--dtype-policy",
+            DTYPE_POLICIES,
+            "Build the learner with this Keras dtype policy: mixed_bfloat16 (TPU, recent GPUs) computes it in "
+            "bfloat16, theta and the meta-learner stay float32 (mixed_float16 has no loss scaling and can "
+            "underflow small gradients). Default: the learner's own (float32 for conv4 and resnet12).",
+        ),
+        choice_option(
             "--episode-batching",
             EPISODE_BATCHING,
             "How the learner runs for a meta-batch's episodes: auto (default: all at once on a GPU/TPU, one after "
@@ -162,6 +169,7 @@ CONFIG_KEYS = (
     "first_order",
     "query_statistics",
     "learn_logit_scale",
+    "dtype_policy",
     "episode_batching",
     "checkpoint_every",
     "validate_every",

@@ -19,6 +19,8 @@ from typing import Any
 QUERY_STATISTICS = ("query", "support")
 # How a meta-learner evaluates the learner for the episodes of a meta-batch (MetaLearner's episode_batching).
 EPISODE_BATCHING = ("auto", "batched", "per_episode")
+# Keras dtype policies a run can build its learner with (`dtype_policy`); None keeps the learner's own.
+DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
 ENV_PREFIX = "METALSTM_"
 CONFIG_FILE_NAME = "config.yaml"
@@ -37,6 +39,7 @@ SHAPE_FIELDS = (
     "hidden_units",
     "learner",
     "filters",
+    "dtype_policy",
     "image_shape",
     "first_order",
     "bn_momentum",
@@ -105,6 +108,9 @@ class RunConfig:
     first_order: bool = True
     bn_momentum: float | None = 0.1
     divide_grad_by_batch: bool = False
+    # The Keras dtype policy the learner is built with (DTYPE_POLICIES): "mixed_bfloat16" on a TPU computes the
+    # learner in bfloat16 while theta and the meta-learner stay float32. None: the learner's own layers' policies.
+    dtype_policy: str | None = None
     # Batch-norm statistics of the query pass: "query" (the authors' code) or "support" (MetaLearner docs).
     query_statistics: str = "query"
     # A learned scale of the query logits in the meta-loss (MetaLearner docs).
@@ -188,6 +194,8 @@ class RunConfig:
             raise ConfigError(f"query_statistics must be 'query' or 'support', got {self.query_statistics!r}")
         if self.episode_batching not in EPISODE_BATCHING:
             raise ConfigError(f"episode_batching must be one of {EPISODE_BATCHING}, got {self.episode_batching!r}")
+        if self.dtype_policy is not None and self.dtype_policy not in DTYPE_POLICIES:
+            raise ConfigError(f"dtype_policy must be one of {DTYPE_POLICIES}, got {self.dtype_policy!r}")
         if self.theta0_init not in ("scratch", "pretrained"):
             raise ConfigError(f"theta0_init must be 'scratch' or 'pretrained', got {self.theta0_init!r}")
         if int(self.pretrain_epochs) < 1:
@@ -356,7 +364,7 @@ def _coerce(name: str, value: Any) -> Any:
             raise ConfigError(
                 f"setting {name!r} takes text (a name or a path), got {type(value).__name__} {value!r}"
             )
-        if name in ("dataset", "theta0_init", "lr_schedule", "query_statistics"):
+        if name in ("dataset", "theta0_init", "lr_schedule", "query_statistics", "dtype_policy"):
             return str(value).strip().lower()
         return value if not isinstance(value, Path) else str(value)
     except ConfigError:

@@ -19,6 +19,7 @@ The setting itself is parsed by `keras_metalstm.config.normalise_learner_spec` (
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from pathlib import Path
 
@@ -43,10 +44,20 @@ def learner_kind(spec: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- building
-def build_learner(spec: str, image_shape, n_way: int, filters: int = 32):
+def build_learner(spec: str, image_shape, n_way: int, filters: int = 32, dtype_policy: str | None = None):
     """A learner model for `spec` taking `image_shape` images and returning `n_way` logits (not yet checked:
     see `check_learner`). A `.keras` learner is returned with the file's weights, or, saved with another number
-    of classes, as a freshly initialised copy with an `n_way` output layer."""
+    of classes, as a freshly initialised copy with an `n_way` output layer. With `dtype_policy` (a Keras policy
+    name such as "mixed_bfloat16") every layer is made with that policy; LearnerError if some layer keeps its
+    own (a saved model's layers, or a factory's that set their dtype)."""
+    with _global_dtype_policy(dtype_policy):
+        learner = _build(spec, image_shape, n_way, filters)
+    if dtype_policy is not None:
+        _check_dtype_policy(learner, dtype_policy)
+    return learner
+
+
+def _build(spec, image_shape, n_way, filters):
     kind = learner_kind(spec)
     if kind == "built-in":
         from keras_metalstm import learners
@@ -60,6 +71,42 @@ def build_learner(spec: str, image_shape, n_way: int, filters: int = 32):
             return fresh_copy(model, num_classes=n_way)
         return model
     return _call_factory(spec, tuple(int(v) for v in image_shape), int(n_way))
+
+
+@contextlib.contextmanager
+def _global_dtype_policy(policy):
+    """Keras' global dtype policy set to `policy` (None: left alone) inside, restored after: the meta-learner
+    made later keeps its own float32."""
+    import keras
+
+    if policy is None:
+        yield
+        return
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _check_dtype_policy(learner, policy):
+    import keras
+
+    others = sorted(
+        {
+            f"{layer.name} ({layer.dtype_policy.name})"
+            for layer in learner._flatten_layers(include_self=False)
+            if not isinstance(layer, keras.layers.InputLayer) and layer.dtype_policy.name != policy
+        }
+    )
+    if others:
+        raise LearnerError(
+            f"dtype policy {policy} (--dtype-policy) was asked for, but {len(others)} of the learner's layers keep "
+            f"their own: {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}. A saved model's layers and "
+            "a factory's that set their dtype are not changed by it: leave --dtype-policy out and build the "
+            f"learner with {policy} (keras.config.set_dtype_policy before building, or dtype= on its layers)"
+        )
 
 
 def load_learner_file(path):

@@ -104,7 +104,7 @@ def build_meta_learner(config: RunConfig, architecture: dict | None = None):
     if architecture is not None:
         learner = model_from_architecture(architecture, tuple(config.image_shape))
     elif learner_kind(config.learner) == "built-in":
-        learner = build_learner(config.learner, config.image_shape, config.n_way, config.filters)
+        learner = build_learner(config.learner, config.image_shape, config.n_way, config.filters, config.dtype_policy)
     else:
         raise RunDirError(f"the run's learner {config.learner!r} needs its stored architecture ({ARCHITECTURE_FILE})")
     return km.MetaLearner(
@@ -137,7 +137,7 @@ def learner_architecture(config: RunConfig, run_dir=None) -> dict:
     if stored is not None:
         return stored
     keras.utils.set_random_seed(int(config.seed))
-    learner = build_learner(config.learner, config.image_shape, config.n_way, config.filters)
+    learner = build_learner(config.learner, config.image_shape, config.n_way, config.filters, config.dtype_policy)
     check_learner(learner, config.image_shape, config.n_way, batch=config.n_way * config.k_shot)
     architecture = architecture_config(learner)
     keras.utils.set_random_seed(int(config.seed))  # as build_meta_learner seeds it

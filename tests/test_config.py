@@ -72,6 +72,15 @@ def test_episode_batching_setting_is_checked_and_not_part_of_a_run_s_shape():
         RunConfig(episode_batching="parallel")
 
 
+def test_dtype_policy_setting_is_checked_read_from_the_environment_and_part_of_a_run_s_shape():
+    assert RunConfig().dtype_policy is None  # the learner's own layers' policies
+    assert "dtype_policy" in SHAPE_FIELDS  # the stored learner keeps its policy: a resume must not ask another
+    config = RunConfig.from_dict(env_overrides({"METALSTM_DTYPE_POLICY": "Mixed_BFloat16"}))
+    assert config.dtype_policy == "mixed_bfloat16"
+    with pytest.raises(ConfigError, match="dtype_policy must be one of"):
+        RunConfig(dtype_policy="float64")
+
+
 def test_theta0_lr_scale_and_logit_scale_settings_are_checked_and_read_from_the_environment():
     assert RunConfig().theta0_lr_scale == 1.0 and RunConfig().learn_logit_scale is False
     overrides = env_overrides({"METALSTM_THETA0_LR_SCALE": "0.1", "METALSTM_LEARN_LOGIT_SCALE": "true"})

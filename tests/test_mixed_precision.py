@@ -85,3 +85,40 @@ def test_the_float32_copy_of_a_learner_keeps_an_adapted_normalization_layers_sta
     batch = rng.random((3, *IMAGE_SHAPE), dtype=np.float32)
     expected = np.asarray(learner(batch), np.float32)
     np.testing.assert_allclose(np.asarray(copy(batch)), expected, atol=0.05 * np.abs(expected).max())
+
+
+def test_build_learner_makes_every_layer_with_the_asked_policy_and_restores_the_global_one(tmp_path):
+    from keras_metalstm.learner_spec import LearnerError, build_learner
+
+    learner = build_learner("conv4", IMAGE_SHAPE, 5, filters=4, dtype_policy="mixed_bfloat16")
+    assert {layer.dtype_policy.name for layer in learner._flatten_layers(include_self=False)} == {"mixed_bfloat16"}
+    assert keras.config.dtype_policy().name == "float32"  # the meta-learner made next stays float32
+    saved = tmp_path / "float32_learner.keras"
+    build_learner("conv4", IMAGE_SHAPE, 5, filters=4).save(saved)
+    with pytest.raises(LearnerError, match=r"mixed_bfloat16 .*keep their own: .*\(float32\).*leave --dtype-policy"):
+        build_learner(str(saved), IMAGE_SHAPE, 5, dtype_policy="mixed_bfloat16")
+    assert keras.config.dtype_policy().name == "float32"
+
+
+def test_a_run_trained_with_dtype_policy_keeps_it_through_resume_adapt_and_export(data_dir, tmp_path):
+    """`metalstm train --dtype-policy mixed_bfloat16` (a TPU user's run): the run's learner computes in
+    bfloat16 (stored in learner.json, so evaluate/adapt/export rebuild it so), theta stays float32, resume
+    refuses another policy, and the adapted export is float32 with parity."""
+    from cli_helpers import run_cli, train_args
+
+    from keras_metalstm.runs import load_run_config
+
+    run_dir = tmp_path / "run"
+    result = run_cli(train_args(data_dir, run_dir, "--episodes", "4", "--dtype-policy", "mixed_bfloat16"))
+    assert result.exit_code == 0, result.output
+    assert load_run_config(run_dir).dtype_policy == "mixed_bfloat16"
+    meta = export.load_meta_learner(run_dir)
+    assert {layer.compute_dtype for layer in meta.learner.layers if layer.weights} == {"bfloat16"}
+    assert meta.theta0.dtype == "float32"
+    refused = run_cli([*train_args(data_dir, run_dir, "--episodes", "8", "--resume"), "--dtype-policy", "float32"])
+    assert refused.exit_code != 0 and "dtype_policy: run has 'mixed_bfloat16', requested 'float32'" in refused.output
+    support = np.random.default_rng(0).random((2, 28, 28, 1), dtype=np.float32)
+    adapted = export.adapt(meta, support, np.arange(2), ["a", "b"])
+    assert {layer.compute_dtype for layer in adapted.learner.layers if layer.weights} == {"float32"}
+    result = export.export_adapted(adapted, tmp_path / "exported", format="savedmodel")
+    assert result.parity.ok, result.parity.summary()
