@@ -428,6 +428,17 @@ class MetaLearner(keras.Model):
         self._fit_clip_norm = float(clip_norm) if clip_norm else None
         super().compile(optimizer=optimizer, **kwargs)
 
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        return {**config, "clip_norm": self._fit_clip_norm} if self.compiled and config else config
+
+    def compile_from_config(self, config):
+        # Keras skips compiling a loaded model whose compile() is overridden; this one compiles as it was saved,
+        # so its optimizer state (loaded after this) and clip continue a `fit` where it stopped.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def fit(self, *args, **kwargs):
         """keras.Model.fit; under compile(jit_compile=True) a learner op XLA cannot compile is a LearnerError that
         names it and its layer."""

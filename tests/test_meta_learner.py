@@ -1,6 +1,7 @@
 """MetaLearner and MetaTrainer: the inner loop against plain SGD, the meta-gradient, adaptation, BN protocol, saving."""
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -269,6 +270,29 @@ def test_keras_callbacks_run_with_fit(tmp_path):
     assert rows[0].split(",") == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
     assert len(rows) == 3
     assert (tmp_path / "best.keras").exists()
+
+
+def test_a_compiled_meta_learner_loaded_from_keras_continues_fit_exactly(tmp_path):
+    """A ModelCheckpoint .keras file of a `fit` in progress: loaded, it is compiled as saved (its optimizer, the
+    optimizer's state, clip_norm), so fitting on continues exactly as the original does."""
+    meta = make_meta(inner_steps=2)
+
+    def batches(seed):
+        return tf.data.Dataset.from_tensor_slices(random_episodes(batch=2, seed=seed)).batch(1, drop_remainder=True)
+
+    meta.compile(optimizer=km.meta_optimizer(1e-2, theta0_learning_rate_scale=0.5), clip_norm=0.5)
+    meta.fit(batches(21), epochs=1, verbose=0)
+    path = tmp_path / "meta.keras"
+    meta.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Keras warns when it leaves a loaded model uncompiled
+        loaded = keras.models.load_model(path, safe_mode=True)
+    assert loaded.compiled and loaded._fit_clip_norm == 0.5
+    assert int(loaded.optimizer.iterations) == int(meta.optimizer.iterations) == 2
+    meta.fit(batches(22), epochs=1, verbose=0)
+    loaded.fit(batches(22), epochs=1, verbose=0)
+    for variable, expected in zip(loaded.trainable_variables, meta.trainable_variables, strict=True):
+        np.testing.assert_array_equal(variable.numpy(), expected.numpy(), err_msg=variable.path)
 
 
 @pytest.mark.parametrize("learner", ["conv4", "adapted_normalization"])
