@@ -60,6 +60,21 @@ def user_errors():
         raise click.ClickException(os_error_message(error)) from None
 
 
+def image_reading_bar(enabled: bool):
+    """A block in which image files read by the data loaders show a bar on stderr (from one second on; it goes
+    when the reading is done)."""
+    from tqdm import tqdm
+
+    from keras_metalstm.data import reading_progress
+
+    def bar(total):
+        return tqdm(
+            total=total, unit="img", desc="read images", file=sys.stderr, dynamic_ncols=True, leave=False, delay=1.0
+        )
+
+    return reading_progress(bar if enabled else None)
+
+
 def os_error_message(error: OSError) -> str:
     """One line for a file-system failure (read-only directory, full disk, missing permission...)."""
     where = f" {error.filename}" if error.filename else ""

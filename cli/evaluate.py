@@ -11,6 +11,7 @@ from keras_metalstm.cli.common import (
     CONTEXT_SETTINGS,
     SEED_OPTION,
     duration,
+    image_reading_bar,
     quiet_tensorflow,
     user_errors,
 )
@@ -55,25 +56,26 @@ def run_evaluation(
         total=episodes, unit="ep", desc="evaluate", disable=not progress, file=sys.stderr, dynamic_ncols=True
     )
     try:
-        report = evaluate_run(
-            run_dir,
-            episodes=episodes,
-            baselines=baselines,
-            baseline_protocols=baseline_protocols,
-            baseline_plus=baseline_plus,
-            dataset=dataset,
-            data_dir=data_dir,
-            split=split,
-            seed=seed,
-            which=checkpoint,
-            pretrain=pretrain,
-            finetune_val_episodes=finetune_val_episodes,
-            progress=bar.update,
-            log=log,
-            inner_steps=inner_steps,
-            query_statistics=query_statistics,
-            query=query,
-        )
+        with image_reading_bar(progress):
+            report = evaluate_run(
+                run_dir,
+                episodes=episodes,
+                baselines=baselines,
+                baseline_protocols=baseline_protocols,
+                baseline_plus=baseline_plus,
+                dataset=dataset,
+                data_dir=data_dir,
+                split=split,
+                seed=seed,
+                which=checkpoint,
+                pretrain=pretrain,
+                finetune_val_episodes=finetune_val_episodes,
+                progress=bar.update,
+                log=log,
+                inner_steps=inner_steps,
+                query_statistics=query_statistics,
+                query=query,
+            )
     finally:
         bar.close()
     path = save_report(report, run_dir)

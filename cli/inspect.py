@@ -14,6 +14,7 @@ from keras_metalstm.cli.common import (
     SEED_OPTION,
     Timer,
     duration,
+    image_reading_bar,
     quiet_tensorflow,
     user_errors,
 )
@@ -66,9 +67,10 @@ def inspect(run_dir, episodes, split, seed, checkpoint, out, as_json, progress):
             dynamic_ncols=True,
         )
         try:
-            inspection = inspect_run(
-                run_dir, episodes=episodes, split=split, seed=seed, which=checkpoint, progress=bar.update
-            )
+            with image_reading_bar(progress):
+                inspection = inspect_run(
+                    run_dir, episodes=episodes, split=split, seed=seed, which=checkpoint, progress=bar.update
+                )
         finally:
             bar.close()
         paths = inspection.write(out)

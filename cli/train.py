@@ -6,6 +6,7 @@ import click
 from keras_metalstm.cli.common import (
     CONTEXT_SETTINGS,
     duration,
+    image_reading_bar,
     layered_config,
     quiet_tensorflow,
     user_errors,
@@ -254,7 +255,8 @@ def run_training(config, run_dir, resume, deterministic=True, progress=True):
 
     bar = ProgressBar(enabled=progress)
     try:
-        return TrainingRun(config, run_dir, resume=resume, deterministic=deterministic).run(bar)
+        with image_reading_bar(progress):
+            return TrainingRun(config, run_dir, resume=resume, deterministic=deterministic).run(bar)
     finally:
         if bar.bar is not None:
             bar.bar.close()

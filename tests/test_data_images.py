@@ -13,6 +13,8 @@ from keras_metalstm.data import (
     convert_images,
     decode_image_bytes,
     decode_image_files,
+    load_image_folder,
+    reading_progress,
 )
 
 
@@ -94,6 +96,33 @@ def test_decode_image_files_reads_in_order_and_reports_native_shapes(tmp_path):
     assert images.dtype == np.uint8 and images.shape == (3, 8, 8, 1)
     assert [int(images[i].mean()) for i in range(3)] == [0, 60, 120]
     assert native.tolist() == [[10, 10, 1], [20, 12, 1], [10, 10, 1]]
+
+
+class RecordedProgress:
+    readings = []
+
+    def __init__(self, total):
+        self.total, self.updates, self.closed = total, [], False
+        self.readings.append(self)
+
+    def update(self, count):
+        self.updates.append(count)
+
+    def close(self):
+        self.closed = True
+
+
+def test_reading_progress_reports_every_file_of_a_loader_inside_the_block_only(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for index in range(300):  # more than one decoded batch of 256
+            (tmp_path / name / f"{index}.png").write_bytes(encode(np.full((4, 4), index % 256, np.uint8)))
+    RecordedProgress.readings = []
+    with reading_progress(RecordedProgress):
+        load_image_folder(tmp_path)
+    load_image_folder(tmp_path)  # outside the block: nobody asked
+    [reading] = RecordedProgress.readings
+    assert reading.total == 600 and sum(reading.updates) == 600 and len(reading.updates) > 1 and reading.closed
 
 
 def test_mixed_shapes_are_refused_without_a_target_with_the_rule_in_the_message(tmp_path):

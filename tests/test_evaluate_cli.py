@@ -263,3 +263,29 @@ def test_checkpoint_of_another_learner_shape_is_refused(trained, tmp_path, data_
     shutil.copytree(other / "checkpoints", mixed / "checkpoints")
     result = run_cli(["evaluate", mixed, "--episodes", "2"])
     assert result.exit_code != 0 and "does not fit this meta-learner" in result.output
+
+
+def test_image_files_read_by_evaluate_show_a_bar_unless_no_progress(trained, monkeypatch):
+    """The run's image folder is decoded at every command: a large one takes minutes, so it shows a bar."""
+    import keras_metalstm.data.images as images
+    from keras_metalstm.data import progress
+
+    factories, reading = [], images.reading
+
+    def recorded_reading(total):
+        factories.append(progress._FACTORY.get())
+        return reading(total)
+
+    monkeypatch.setattr(images, "reading", recorded_reading)
+    run_dir, _ = trained
+    for flag in ("--progress", "--no-progress"):
+        result = run_cli(["evaluate", run_dir, "--episodes", "2", flag])
+        assert result.exit_code == 0, result.output
+        assert len(factories) == 1
+        shown = factories.pop()
+        if flag == "--progress":
+            bar = shown(60)
+            assert bar.total == 60 and bar.desc == "read images"
+            bar.close()
+        else:
+            assert shown is None

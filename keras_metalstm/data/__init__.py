@@ -33,6 +33,7 @@ from keras_metalstm.data.images import (
 )
 from keras_metalstm.data.miniimagenet import load_miniimagenet
 from keras_metalstm.data.omniglot import load_omniglot, omniglot_splits
+from keras_metalstm.data.progress import reading_progress
 from keras_metalstm.data.registry import DATASET_NAMES, dataset_options, load_dataset
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "load_omniglot",
     "omniglot_splits",
     "read_split_file",
+    "reading_progress",
     "seeded_order",
     "split_classes",
     "write_split_file",

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_metalstm.data.errors import DataError
+from keras_metalstm.data.progress import reading
 
 CONVERSION_RULE = (
     "channels: grey->RGB by repeating the grey channel, RGB->grey by luminance 0.299 R + 0.587 G + 0.114 B, "
@@ -187,10 +188,13 @@ def decode_image_files(
     images = np.zeros((count, *target_shape), dtype=np.uint8)
     native = np.zeros((count, 3), dtype=np.int64)
     seen = np.zeros(count, dtype=bool)
-    for index, batch, shapes in pipeline.as_numpy_iterator():
-        images[index] = batch
-        native[index] = shapes
-        seen[index] = True
+    with reading(count) as progress:
+        for index, batch, shapes in pipeline.as_numpy_iterator():
+            images[index] = batch
+            native[index] = shapes
+            seen[index] = True
+            if progress is not None:
+                progress.update(len(index))
 
     if not seen.all():
         bad = np.flatnonzero(~seen)
