@@ -40,12 +40,13 @@ def free_ports(count):
     return ports
 
 
-def run_cli(args, env=None):
-    """`metalstm ARGS` in this process (click's CliRunner), exceptions raised as they are."""
+def run_cli(args, env=None, catch_exceptions=False):
+    """`metalstm ARGS` in this process (click's CliRunner), exceptions raised as they are unless
+    `catch_exceptions` (then a clean failure is the result's SystemExit, anything else is a bug)."""
     from click.testing import CliRunner
     from keras_metalstm.cli.main import main
 
-    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=catch_exceptions)
 
 
 def train_args(data_dir, run_dir, *extra):

@@ -15,15 +15,12 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from cli_helpers import TINY_FLAGS, make_image_folder
-from click.testing import CliRunner
-from keras_metalstm.cli.main import main
+from cli_helpers import TINY_FLAGS, make_image_folder, run_cli, train_args
 from PIL import Image
 
 
 def invoke(args, env=None):
-    """CliRunner with exceptions caught: a clean failure is a SystemExit, anything else is a bug."""
-    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+    return run_cli(args, env=env, catch_exceptions=True)
 
 
 def assert_clean_failure(result, *fragments, code=1):
@@ -34,11 +31,6 @@ def assert_clean_failure(result, *fragments, code=1):
         assert fragment in result.output, result.output
 
 
-def train_args(data_dir, run_dir, *extra):
-    return ["train", "--dataset", "folder", "--data-dir", data_dir, "--run-dir", run_dir, *TINY_FLAGS,
-            "--no-deterministic", *extra]
-
-
 def state(run_dir):
     return json.loads((run_dir / "state.json").read_text())
 
@@ -47,11 +39,6 @@ def dead_pid():
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("data") / "folder")
 
 
 # ------------------------------------------------------------------------------------------- bad settings

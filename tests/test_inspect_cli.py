@@ -5,9 +5,7 @@ import json
 import sys
 
 import pytest
-from cli_helpers import TINY_FLAGS, make_image_folder
-from click.testing import CliRunner
-from keras_metalstm.cli.main import main
+from cli_helpers import TINY_FLAGS, make_image_folder, run_cli
 from PIL import Image
 
 from keras_metalstm.inner_loop_trace import layer_of
@@ -25,10 +23,6 @@ def small(input_shape, num_classes):
     features = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(features))
     return keras.Model(images, keras.layers.Dense(num_classes, name="head")(features))
 """
-
-
-def run_cli(args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
