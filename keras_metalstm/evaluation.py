@@ -178,9 +178,11 @@ def compare_reports(first: dict, second: dict, method: str = "meta_lstm", second
 
 
 def report_file_name(report: EvaluationReport) -> str:
-    """<data source>-<split>-<N>way<K>shot-<E>ep[-baselines-<protocols>].json, one file per data source and set
-    of compared methods. The data source is the data set's name and, for data read from a directory, the
-    directory's name and a digest of its absolute path: evaluating one run on two folders keeps both reports."""
+    """<data source>-<split>-<N>way<K>shot-<E>ep[-baselines-<protocols>][-<test-time changes>][-latest]
+    [-seed<S>].json: one file per data source, set of compared methods, test-time change, checkpoint and
+    episodes (the default best checkpoint and test seed add nothing). The data source is the data set's name and,
+    for data read from a directory, the directory's name and a digest of its absolute path: evaluating one run on
+    two folders, or its latest checkpoint beside its best, keeps both reports."""
     source = report.dataset
     if report.data_dir:
         folder = Path(report.data_dir)
@@ -195,6 +197,11 @@ def report_file_name(report: EvaluationReport) -> str:
         suffix += f"-{changed['query_statistics']}-statistics"
     if "query" in changed:
         suffix += f"-{changed['query']}q"
+    checkpoint = report.details.get("checkpoint", "best")
+    if checkpoint != "best":
+        suffix += f"-{checkpoint}"
+    if report.seed != DEFAULT_TEST_SEED:
+        suffix += f"-seed{report.seed}"
     return f"{source}-{report.split}-{report.n_way}way{report.k_shot}shot-{report.episodes}ep{suffix}.json"
 
 

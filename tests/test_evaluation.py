@@ -6,7 +6,13 @@ import math
 import numpy as np
 import pytest
 
-from keras_metalstm.evaluation import EvaluationReport, compare_reports, format_table, summarise
+from keras_metalstm.evaluation import (
+    EvaluationReport,
+    compare_reports,
+    format_table,
+    report_file_name,
+    summarise,
+)
 from keras_metalstm.statistics import eval_batch_size, mean_ci95
 
 
@@ -131,3 +137,17 @@ def test_reports_on_different_episodes_or_without_them_are_refused_with_the_fix(
         compare_reports(old, saved_report(accuracies))
     with pytest.raises(ValueError, match="second report has no 'finetune'"):
         compare_reports(saved_report(accuracies), saved_report(accuracies), second_method="finetune")
+
+
+def test_reports_of_another_checkpoint_or_seed_get_their_own_file():
+    """Evaluating the latest checkpoint, or other episodes, must not overwrite the best checkpoint's report."""
+
+    def name(seed=1000, checkpoint="best", **test_time):
+        details = {"checkpoint": checkpoint, **({"test_time": test_time} if test_time else {})}
+        return report_file_name(EvaluationReport({}, 5, 1, 12, "fontglot", "test", seed, 1.0, query=15,
+                                                 details=details, accuracies={"meta_lstm": np.ones(600)}))
+
+    assert name() == "fontglot-test-5way1shot-600ep.json"  # the default report keeps its name
+    assert name(checkpoint="latest") == "fontglot-test-5way1shot-600ep-latest.json"
+    assert name(seed=7) == "fontglot-test-5way1shot-600ep-seed7.json"
+    assert name(seed=7, checkpoint="latest", inner_steps=24) == "fontglot-test-5way1shot-600ep-T24-latest-seed7.json"
