@@ -32,6 +32,8 @@ CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
 STATE_FILE = "state.json"
 BEST_MODEL_FILE = "best.keras"
+# Reads of the newest checkpoint while a running training may replace it (`load_meta_learner`).
+CHECKPOINT_READ_ATTEMPTS = 5
 
 
 class TrainingError(RuntimeError):
@@ -182,12 +184,27 @@ def load_meta_learner(run_dir, which: str = "best"):
 
     config = load_run_config(run_dir)
     meta = build_meta_learner(config, read_architecture(run_dir))
-    path = latest_checkpoint(run_dir, BEST_DIR) if which == "best" else None
-    path = path or latest_checkpoint(run_dir)
+    path = _newest_checkpoint(run_dir, which)
     if path is None:
         raise RunDirError(f"{run_dir} holds no checkpoint yet (training never reached its first checkpoint)")
+    # A run still training replaces its checkpoints: the one found newest may be deleted before it is read (an
+    # evaluation during training). A failed read whose checkpoint is no longer the newest reads the new one.
+    for _ in range(CHECKPOINT_READ_ATTEMPTS - 1):
+        try:
+            restore_checkpoint(checkpoint_object(meta), path)
+            return config, meta
+        except CheckpointMismatchError:
+            newer = _newest_checkpoint(run_dir, which)
+            if newer in (None, path):
+                raise
+            path = newer
     restore_checkpoint(checkpoint_object(meta), path)
     return config, meta
+
+
+def _newest_checkpoint(run_dir, which):
+    path = latest_checkpoint(run_dir, BEST_DIR) if which == "best" else None
+    return path or latest_checkpoint(run_dir)
 
 
 def save_best_model(run_dir: Path, meta, validated: bool, best_checkpoint: str | None, write: bool = True) -> None:

@@ -289,3 +289,23 @@ def test_image_files_read_by_evaluate_show_a_bar_unless_no_progress(trained, mon
             bar.close()
         else:
             assert shown is None
+
+
+def test_a_checkpoint_deleted_by_a_running_training_before_it_is_read_gives_way_to_the_newer(trained, monkeypatch):
+    """Evaluating while the run trains: the checkpoint found newest can be deleted by the training before it is
+    read (seen: 2 of 12 evaluations with --keep-checkpoints 1); the newer one is read instead."""
+    from pathlib import Path
+
+    import keras_metalstm.runs as runs
+
+    run_dir, _ = trained
+    _, expected = runs.load_meta_learner(run_dir, which="latest")
+    gone = str(Path(runs.latest_checkpoint(run_dir)).with_name("ckpt-1"))  # newest a moment ago, deleted since
+    found, latest_checkpoint = [gone], runs.latest_checkpoint
+    monkeypatch.setattr(runs, "latest_checkpoint", lambda *args: found.pop() if found else latest_checkpoint(*args))
+    _, meta = runs.load_meta_learner(run_dir, which="latest")
+    for variable, reference in zip(meta.weights, expected.weights, strict=True):
+        np.testing.assert_array_equal(variable.numpy(), reference.numpy(), err_msg=variable.path)
+    monkeypatch.setattr(runs, "latest_checkpoint", lambda *args: gone)  # still the newest: a real error
+    with pytest.raises(runs.CheckpointMismatchError, match="cannot read the checkpoint at .*ckpt-1"):
+        runs.load_meta_learner(run_dir, which="latest")
