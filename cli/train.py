@@ -28,7 +28,7 @@ def training_options(function):
         choice_option("--dataset", DATASETS, "Data set (default fontglot, built in)."),
         click.option(
             "--data-dir",
-            type=click.Path(resolve_path=True),
+            type=click.Path(),
             default=None,
             help="Data directory (omniglot, miniimagenet, folder).",
         ),
@@ -136,7 +136,7 @@ def training_options(function):
         ),
         click.option(
             "--pretrained-model",
-            type=click.Path(dir_okay=False, resolve_path=True),
+            type=click.Path(dir_okay=False),
             default=None,
             help="With --theta0-init pretrained: start from this .keras classifier instead of pre-training one.",
         ),

@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from keras_metalstm.paths import url_problem
+
 # The batch-norm statistics a meta-learner's query pass can use (MetaLearner's query_statistics).
 QUERY_STATISTICS = ("query", "support")
 # How a meta-learner evaluates the learner for the episodes of a meta-batch (MetaLearner's episode_batching).
@@ -76,7 +78,7 @@ def normalise_learner_spec(spec) -> str:
     if text.lower() in BUILT_IN_LEARNERS:
         return text.lower()
     if text.endswith(".keras"):
-        return os.path.abspath(os.path.expanduser(text))
+        return _local_absolute_path(text, "learner")
     module, _, function = text.partition(":")
     if function and _is_dotted_name(module) and function.isidentifier():
         return text
@@ -84,6 +86,15 @@ def normalise_learner_spec(spec) -> str:
         f"unknown learner {text!r}: use a built-in ({', '.join(BUILT_IN_LEARNERS)}), a saved model "
         "(PATH.keras) or a factory (package.module:function, called as function(input_shape, num_classes))"
     )
+
+
+def _local_absolute_path(path, name: str) -> str | None:
+    if path is None:
+        return None
+    problem = url_problem(path, name)
+    if problem:
+        raise ConfigError(problem)
+    return os.path.abspath(os.path.expanduser(str(path)))
 
 
 def _is_dotted_name(name: str) -> bool:
@@ -203,6 +214,9 @@ class RunConfig:
         if self.pretrained_model and self.theta0_init != "pretrained":
             raise ConfigError("pretrained_model is only used with theta0_init 'pretrained': set both or neither")
         self.learner = normalise_learner_spec(self.learner)
+        # Absolute, so that a resumed run or another command finds them from any working directory.
+        self.data_dir = _local_absolute_path(self.data_dir, "data_dir")
+        self.pretrained_model = _local_absolute_path(self.pretrained_model, "pretrained_model")
         return self
 
     # ------------------------------------------------------------------------------------ conversions

@@ -1,5 +1,7 @@
 """RunConfig: validation, YAML/TOML round trips and the file < environment < flags layering."""
 
+import os
+
 import pytest
 
 from keras_metalstm.config import SHAPE_FIELDS, ConfigError, RunConfig, env_overrides, read_config_file
@@ -70,6 +72,15 @@ def test_episode_batching_setting_is_checked_and_not_part_of_a_run_s_shape():
     assert "episode_batching" not in SHAPE_FIELDS  # the results do not depend on it: a resumed run may change it
     with pytest.raises(ConfigError, match="episode_batching must be one of"):
         RunConfig(episode_batching="parallel")
+
+
+def test_paths_are_made_absolute_and_urls_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = RunConfig(data_dir="images", theta0_init="pretrained", pretrained_model="~/classifier.keras")
+    assert config.data_dir == str(tmp_path / "images")
+    assert config.pretrained_model == os.path.expanduser("~/classifier.keras")
+    with pytest.raises(ConfigError, match="data_dir gs://bucket/images is a URL: it must be a local path"):
+        RunConfig(data_dir="gs://bucket/images")
 
 
 def test_dtype_policy_setting_is_checked_read_from_the_environment_and_part_of_a_run_s_shape():

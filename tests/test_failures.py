@@ -67,6 +67,29 @@ def test_bad_values_in_a_config_file(tmp_path, data_dir, text, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_urls_as_paths_are_refused_instead_of_becoming_local_folders(tmp_path, data_dir, trained, monkeypatch):
+    """gs:// and s3:// paths (a Cloud TPU user's habit): every artifact is written beside its target and renamed,
+    which object stores cannot do, and Path("gs://b/run") is the local folder gs:/b/run."""
+    monkeypatch.chdir(tmp_path)
+    run_dir, _ = trained
+    adapted = tmp_path / "task.keras"
+    support = make_image_folder(tmp_path / "support", num_classes=2, per_class=1)
+    assert invoke(["adapt", run_dir, "--support", support, "--out", adapted]).exit_code == 0
+    commands = {
+        "the run directory": train_args(data_dir, "gs://bucket/run"),
+        "data_dir": train_args("s3://bucket/images", tmp_path / "run"),
+        "learner": [*train_args(data_dir, tmp_path / "run"), "--learner", "gs://bucket/learner.keras"],
+        "pretrained_model": [*train_args(data_dir, tmp_path / "run"), "--theta0-init", "pretrained",
+                             "--pretrained-model", "gs://bucket/classifier.keras"],
+        "the run directory ": ["evaluate", "gs://bucket/run", "--no-progress"],
+        "the export target": ["export", adapted, "--out", "gs://bucket/models/task"],
+        "the export target ": ["adapt", run_dir, "--support", support, "--out", "gs://bucket/task.keras"],
+    }
+    for what, args in commands.items():
+        assert_clean_failure(invoke(args), f"{what.strip()} ", "is a URL: it must be a local path", "mount the bucket")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["support", "task.keras"]
+
+
 def test_a_misspelled_environment_variable_is_refused(tmp_path, data_dir):
     result = invoke(train_args(data_dir, tmp_path / "run"), env={"METALSTM_K_SHOTS": "5"})
     assert_clean_failure(result, "environment variable METALSTM_K_SHOTS is not a setting", "METALSTM_K_SHOT")

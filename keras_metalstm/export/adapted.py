@@ -212,14 +212,13 @@ def adapt_folder(meta, support_dir, inner_steps=None, info=None):
 
 def save_adapted(adapted, path, force=False):
     """Saves an AdaptedLearner to a `.keras` file atomically (temporary file, then rename)."""
-    path = Path(path)
-    if path.suffix != ".keras":
+    if Path(path).suffix != ".keras":
         raise ExportError(
             f"the adapted learner is saved as a .keras file; got {path}: use a name ending in .keras."
         )
-    with atomic_path(path, force=force, suffix=".keras") as tmp:
+    with atomic_path(path, force=force, suffix=".keras") as tmp:  # given as it is: a URL is refused there
         adapted.save(tmp)
-    return path
+    return Path(path)
 
 
 def load_adapted(path):

@@ -24,6 +24,7 @@ from keras_metalstm.export.savedmodel import (
     meta_metadata,
     write_savedmodel,
 )
+from keras_metalstm.paths import url_problem
 
 FORMATS = ("savedmodel", "onnx", "both")
 ONNX_FILE = "model.onnx"
@@ -45,6 +46,9 @@ def _formats(format):
 
 
 def _version_target(out, version, force):
+    problem = url_problem(out, "the export target")
+    if problem:
+        raise ExportError(problem)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(

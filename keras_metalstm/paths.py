@@ -1,0 +1,25 @@
+"""Paths the package reads and writes must be local (or mounted) file-system paths, not URLs.
+
+Run directories, exports and data are written and read with the operating system's files: each artifact is
+written beside its target and renamed into place, which object stores (gs://, s3://) cannot do, and a URL given
+as a path would otherwise become a local folder named "gs:" without a word. A bucket mounted as a file system
+(Cloud Storage FUSE, s3fs) is a local path and works.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def url_problem(path: str | os.PathLike | None, what: str) -> str | None:
+    """The sentence saying why `path` (called `what`) cannot be used when it is a URL, else None."""
+    if path is None or not _URL.match(os.fspath(path)):
+        return None
+    return (
+        f"{what} {os.fspath(path)} is a URL: it must be a local path (object stores cannot rename the files this "
+        "package writes into place); mount the bucket as a file system (e.g. Cloud Storage FUSE, s3fs) and give "
+        "its local path"
+    )
