@@ -89,7 +89,7 @@ def normalise_learner_spec(spec) -> str:
 
 
 def _local_absolute_path(path, name: str) -> str | None:
-    if path is None:
+    if path is None or not str(path).strip():  # METALSTM_DATA_DIR= (empty) leaves it unset
         return None
     problem = url_problem(path, name)
     if problem:

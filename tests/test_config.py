@@ -79,6 +79,7 @@ def test_paths_are_made_absolute_and_urls_refused(tmp_path, monkeypatch):
     config = RunConfig(data_dir="images", theta0_init="pretrained", pretrained_model="~/classifier.keras")
     assert config.data_dir == str(tmp_path / "images")
     assert config.pretrained_model == os.path.expanduser("~/classifier.keras")
+    assert RunConfig.from_dict(env_overrides({"METALSTM_DATA_DIR": ""})).data_dir is None
     with pytest.raises(ConfigError, match="data_dir gs://bucket/images is a URL: it must be a local path"):
         RunConfig(data_dir="gs://bucket/images")
 
