@@ -121,20 +121,27 @@ def export_command(model, format_, out, version, opset, force, no_verify):
 @click.option(
     "--json", "as_json", is_flag=True, help="Print a JSON list of {image, class_name, probability, logits}."
 )
-def predict(model, images, as_json):
+@click.option(
+    "--support",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="With a meta-learner's adapt-in-serving SavedModel: the support set (one sub-folder of images per class) "
+    "it adapts to inside the SavedModel before classifying.",
+)
+def predict(model, images, as_json, support):
     """Classify image files with an exported model.
 
     MODEL is a SavedModel version folder (saved_models/NAME/<version>; a NAME folder means its newest
-    version), an .onnx file or an adapted .keras file. IMAGES are PNG/JPEG files (converted to the model's
-    input shape by the training rule), folders of them (their image files, sorted by name) or .npy arrays
-    already float32 in [0, 1] at that shape.
+    version), an .onnx file or an adapted .keras file; or, with --support, a meta-learner's adapt-in-serving
+    SavedModel. IMAGES are PNG/JPEG files (converted to the model's input shape by the training rule), folders
+    of them (their image files, sorted by name) or .npy arrays already float32 in [0, 1] at that shape.
     """
     quiet_tensorflow()
     started = time.perf_counter()
     with user_errors():
         from keras_metalstm import export
 
-        predictor = export.load_predictor(model)
+        predictor = export.load_predictor(model, support=support)
         batch, names = export.read_images(images, predictor.image_shape)
         records = export.prediction_records(names, predictor.predict(batch))
     if as_json:

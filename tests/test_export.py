@@ -271,6 +271,13 @@ def test_adapt_and_predict_equals_adapt_then_predict(fresh_process_results, adap
     )
 
 
+def test_the_adapt_in_serving_predictor_equals_adapt_then_predict(meta_export, support_dir, adapted, queries):
+    outputs = export.load_predictor(meta_export.path, support=support_dir).predict(queries)
+    expected = adapted(queries).numpy()
+    np.testing.assert_allclose(outputs["logits"], expected, atol=1e-4)
+    assert list(outputs["class_names"]) == [adapted.class_names[i] for i in expected.argmax(-1)]
+
+
 def test_adapt_and_predict_rejects_labels_outside_n_way(meta_export, support_dir, queries):
     import tensorflow as tf
 

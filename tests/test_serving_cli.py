@@ -124,6 +124,26 @@ def test_export_of_a_meta_learner_is_adapt_in_serving_savedmodel_only(workspace,
     assert refused.exit_code == 1 and "ONNX cannot represent" in refused.output
 
 
+def test_predict_with_a_support_set_adapts_inside_the_meta_learners_savedmodel(workspace, exported_dir, tmp_path):
+    """The adapt-in-serving SavedModel run as TensorFlow Serving runs it, from the command line: the predictions
+    of `metalstm adapt` + `export` + `predict`, from one command."""
+    assert run("export", workspace / "meta.keras", "--out", tmp_path / "meta").exit_code == 0
+    images = sorted((workspace / "support").glob("*/*.png"))
+    served = run("predict", tmp_path / "meta", *images, "--support", workspace / "support", "--json")
+    assert served.exit_code == 0, served.output
+    assert f"with adapt-in-serving savedmodel model {tmp_path / 'meta' / '1'}" in served.output
+    expected = run("predict", exported_dir, *images, "--json")
+    served_rows, expected_rows = json.loads(served.stdout), json.loads(expected.stdout)
+    assert [row["class_name"] for row in served_rows] == [row["class_name"] for row in expected_rows]
+    np.testing.assert_allclose(
+        [row["logits"] for row in served_rows], [row["logits"] for row in expected_rows], atol=1e-4
+    )
+    without = run("predict", tmp_path / "meta", *images)
+    assert without.exit_code == 1 and "give it a support set (--support DIR" in without.output
+    misplaced = run("predict", exported_dir / "model.onnx", *images, "--support", workspace / "support")
+    assert misplaced.exit_code == 1 and "leave --support out" in misplaced.output
+
+
 def test_adapt_rejects_wrong_class_count_existing_output_and_bad_suffix(workspace, adapted_file, tmp_path):
     four = write_support(tmp_path / "four", classes=CLASSES[:4])
     result = run("adapt", workspace / "meta.keras", "--support", four, "--out", tmp_path / "x.keras")

@@ -31,6 +31,7 @@ from keras_metalstm.export.files import next_version, versions
 from keras_metalstm.export.onnx_format import DEFAULT_OPSET, OPSETS, to_onnx, write_onnx
 from keras_metalstm.export.parity import ParityReport, verify_parity
 from keras_metalstm.export.predict import (
+    AdaptInServingPredictor,
     KerasPredictor,
     OnnxPredictor,
     SavedModelPredictor,
@@ -50,6 +51,7 @@ from keras_metalstm.export.savedmodel import (
 )
 
 __all__ = [
+    "AdaptInServingPredictor",
     "DEFAULT_OPSET",
     "FORMATS",
     "INPUT_SCALE",

@@ -100,27 +100,32 @@ class KerasPredictor(Predictor):
         return _from_logits(logits)
 
 
+def _load_savedmodel(path):
+    import tensorflow as tf
+
+    try:
+        return tf.saved_model.load(str(path))
+    except Exception as error:  # noqa: BLE001 - a truncated or corrupt saved_model.pb, missing variables ...
+        raise ExportError(
+            f"cannot load the SavedModel {path}: {first_line(error)}. The export is damaged: export it again "
+            "(metalstm export)"
+        ) from None
+
+
 class SavedModelPredictor(Predictor):
     kind = "savedmodel"
     _calls = _TENSORFLOW_CALLS
 
     def __init__(self, path):
-        import tensorflow as tf
-
         from keras_metalstm.export.savedmodel import read_metadata
 
         self.path = Path(path)
-        try:
-            loaded = tf.saved_model.load(str(self.path))
-        except Exception as error:  # noqa: BLE001 - a truncated or corrupt saved_model.pb, missing variables ...
-            raise ExportError(
-                f"cannot load the SavedModel {self.path}: {first_line(error)}. The export is damaged: export it "
-                "again (metalstm export)"
-            ) from None
+        loaded = _load_savedmodel(self.path)
         if "serving_default" not in loaded.signatures:
             raise ExportError(
                 f"{self.path} has no serving_default signature (signatures: {list(loaded.signatures)}): "
-                "a meta-learner SavedModel serves adapt_and_predict; export an adapted learner to predict."
+                "a meta-learner SavedModel adapts in serving: give it a support set (--support DIR, one "
+                "sub-folder per class), or export an adapted learner to predict."
             )
         self._loaded = loaded
         self.signature = loaded.signatures["serving_default"]
@@ -132,6 +137,41 @@ class SavedModelPredictor(Predictor):
         import tensorflow as tf
 
         return {key: value.numpy() for key, value in self.signature(images=tf.constant(images)).items()}
+
+
+class AdaptInServingPredictor(Predictor):
+    """A meta-learner's adapt-in-serving SavedModel (`export_meta`) with a support set: every `predict` adapts
+    to the support set inside the SavedModel's graph (as TensorFlow Serving runs it) and classifies the images;
+    class names are the support folder's."""
+
+    kind = "adapt-in-serving savedmodel"
+    _calls = _TENSORFLOW_CALLS
+
+    def __init__(self, path, support_dir):
+        from keras_metalstm.export.adapted import load_support_folder
+        from keras_metalstm.export.savedmodel import read_metadata
+
+        self.path = Path(path)
+        loaded = _load_savedmodel(self.path)
+        if "adapt_and_predict" not in loaded.signatures:
+            raise ExportError(
+                f"{self.path} classifies without a support set (signatures: {list(loaded.signatures)}): a support "
+                "set is only for a meta-learner's adapt-in-serving SavedModel; leave --support out."
+            )
+        self._loaded = loaded
+        self.signature = loaded.signatures["adapt_and_predict"]
+        spec = self.signature.structured_input_signature[1]["query_images"]
+        self.image_shape = tuple(int(v) for v in spec.shape[1:])
+        images, labels, self.class_names = load_support_folder(
+            support_dir, self.image_shape, read_metadata(self.path).get("n_way")
+        )
+        self.support = {"support_images": images, "support_labels": labels}
+
+    def _run(self, images):
+        import tensorflow as tf
+
+        inputs = {key: tf.constant(value) for key, value in {**self.support, "query_images": images}.items()}
+        return {key: value.numpy() for key, value in self.signature(**inputs).items()}
 
 
 class OnnxPredictor(Predictor):
@@ -207,9 +247,18 @@ def resolve_model_path(path):
     )
 
 
-def load_predictor(path, threads=None):
-    """A Predictor for a SavedModel version folder (or its model folder: newest version), `.onnx` or `.keras`."""
+def load_predictor(path, threads=None, support=None):
+    """A Predictor for a SavedModel version folder (or its model folder: newest version), `.onnx` or `.keras`;
+    with `support` (a folder of one sub-folder of images per class), for a meta-learner's adapt-in-serving
+    SavedModel, adapting to that support set."""
     kind, resolved = resolve_model_path(path)
+    if support is not None:
+        if kind != "savedmodel":
+            raise ExportError(
+                f"{resolved} is an adapted learner ({kind}): a support set is only for a meta-learner's "
+                "adapt-in-serving SavedModel; leave --support out."
+            )
+        return AdaptInServingPredictor(resolved, support)
     if kind == "onnx":
         return OnnxPredictor(resolved, threads=threads)
     if kind == "savedmodel":
