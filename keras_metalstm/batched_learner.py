@@ -10,8 +10,9 @@ meta-batch side by side:
   with the episodes' filters stacked along the output channels, (kh, kw, C, B*F), in B groups;
   DepthwiseConv2D as one depthwise convolution of the same stacked channels, which keeps every channel apart
   already; SeparableConv2D as that, then a batched matrix product for its pointwise part;
-- Dense is a batched matrix product; PReLU takes each episode's slopes; BatchNormalization takes each episode's batch moments and moving
-  statistics (in training mode on TensorFlow's fused op, the episodes side by side along the channels);
+- Dense is a batched matrix product; PReLU takes each episode's slopes; BatchNormalization takes each
+  episode's batch moments and moving statistics (in training mode on TensorFlow's fused op, the episodes side by
+  side along the channels);
   GroupNormalization and LayerNormalization (over the channels) normalise every example as the layer does and
   apply each episode's scale and offset;
 - layers without weights that act on each example alone (activations, pooling, flatten, reshape, padding,
