@@ -112,6 +112,17 @@ def _load_savedmodel(path):
         ) from None
 
 
+def _load_signature(path, name, image_input, fix):
+    """(loaded SavedModel, its signature `name`, the image shape of that signature's input `image_input`);
+    ExportError naming the signatures it has and `fix` when it has no `name`."""
+    loaded = _load_savedmodel(path)
+    if name not in loaded.signatures:
+        raise ExportError(f"{path} has no {name} signature (signatures: {list(loaded.signatures)}): {fix}")
+    signature = loaded.signatures[name]
+    spec = signature.structured_input_signature[1][image_input]
+    return loaded, signature, tuple(int(v) for v in spec.shape[1:])
+
+
 class SavedModelPredictor(Predictor):
     kind = "savedmodel"
     _calls = _TENSORFLOW_CALLS
@@ -120,17 +131,13 @@ class SavedModelPredictor(Predictor):
         from keras_metalstm.export.savedmodel import read_metadata
 
         self.path = Path(path)
-        loaded = _load_savedmodel(self.path)
-        if "serving_default" not in loaded.signatures:
-            raise ExportError(
-                f"{self.path} has no serving_default signature (signatures: {list(loaded.signatures)}): "
-                "a meta-learner SavedModel adapts in serving: give it a support set (--support DIR, one "
-                "sub-folder per class), or export an adapted learner to predict."
-            )
-        self._loaded = loaded
-        self.signature = loaded.signatures["serving_default"]
-        spec = self.signature.structured_input_signature[1]["images"]
-        self.image_shape = tuple(int(v) for v in spec.shape[1:])
+        self._loaded, self.signature, self.image_shape = _load_signature(
+            self.path,
+            "serving_default",
+            "images",
+            "a meta-learner SavedModel adapts in serving: give it a support set (--support DIR, one sub-folder "
+            "per class), or export an adapted learner to predict.",
+        )
         self.class_names = read_metadata(self.path).get("class_names", [])
 
     def _run(self, images):
@@ -152,16 +159,13 @@ class AdaptInServingPredictor(Predictor):
         from keras_metalstm.export.savedmodel import read_metadata
 
         self.path = Path(path)
-        loaded = _load_savedmodel(self.path)
-        if "adapt_and_predict" not in loaded.signatures:
-            raise ExportError(
-                f"{self.path} classifies without a support set (signatures: {list(loaded.signatures)}): a support "
-                "set is only for a meta-learner's adapt-in-serving SavedModel; leave --support out."
-            )
-        self._loaded = loaded
-        self.signature = loaded.signatures["adapt_and_predict"]
-        spec = self.signature.structured_input_signature[1]["query_images"]
-        self.image_shape = tuple(int(v) for v in spec.shape[1:])
+        self._loaded, self.signature, self.image_shape = _load_signature(
+            self.path,
+            "adapt_and_predict",
+            "query_images",
+            "it classifies without a support set (a support set is only for a meta-learner's adapt-in-serving "
+            "SavedModel): leave --support out.",
+        )
         images, labels, self.class_names = load_support_folder(
             support_dir, self.image_shape, read_metadata(self.path).get("n_way")
         )
