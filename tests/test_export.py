@@ -278,6 +278,20 @@ def test_the_adapt_in_serving_predictor_equals_adapt_then_predict(meta_export, s
     assert list(outputs["class_names"]) == [adapted.class_names[i] for i in expected.argmax(-1)]
 
 
+def test_predictors_classify_many_images_a_batch_at_a_time_with_the_same_results(exported, queries, monkeypatch):
+    predictor = export.load_predictor(exported.path)
+    whole = predictor.predict(queries)
+    calls, run = [], predictor._run
+    monkeypatch.setattr(predictor, "batch_size", 24)
+    monkeypatch.setattr(predictor, "_run", lambda images: calls.append(len(images)) or run(images))
+    chunked = predictor.predict(queries)
+    assert calls == [24, 24, 16]
+    for key in ("logits", "probabilities"):
+        np.testing.assert_allclose(chunked[key], whole[key], atol=1e-6)
+    for key in ("class_ids", "class_names"):
+        np.testing.assert_array_equal(chunked[key], whole[key])
+
+
 def test_adapt_and_predict_rejects_labels_outside_n_way(meta_export, support_dir, queries):
     import tensorflow as tf
 

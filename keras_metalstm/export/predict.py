@@ -68,12 +68,17 @@ class Predictor:
 
     kind = ""
     _calls = contextlib.nullcontext()
+    # Images per model call: a folder of thousands of images in one call would hold every image's activations
+    # at once (50,000 84x84 images: 45 GB for conv4's first layer alone).
+    batch_size = 256
 
     def predict(self, images):
         images = check_images(images, self.image_shape)
-        with self._calls:
-            outputs = self._run(images)
-        outputs = {key: np.asarray(value) for key, value in outputs.items()}
+        chunks = []
+        for start in range(0, len(images), self.batch_size) or [0]:
+            with self._calls:
+                chunks.append(self._run(images[start : start + self.batch_size]))
+        outputs = {key: np.concatenate([np.asarray(chunk[key]) for chunk in chunks]) for key in chunks[0]}
         names = outputs.get("class_names")
         if names is None:
             names = np.array([self.class_names[i] for i in outputs["class_ids"]], dtype=object)
