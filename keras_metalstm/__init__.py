@@ -7,8 +7,38 @@ does not import TensorFlow. Touching any name below imports what it needs; `kera
 """
 
 import importlib
+import os
+import sys
+import warnings
 
 __version__ = "0.1.0"
+
+
+def _use_tensorflow_backend():
+    """This package runs on Keras' TensorFlow backend. Keras reads KERAS_BACKEND (before ~/.keras/keras.json) when
+    it is first imported: set it here, saying so when it named another backend; if Keras already runs another
+    backend in this process, nothing can switch it, so say that instead of failing later deep inside Keras."""
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        backend = keras.backend.backend()
+        if backend != "tensorflow":
+            raise ImportError(
+                "keras-metalstm runs on Keras' TensorFlow backend, but Keras was already imported with the "
+                f"{backend!r} backend in this process: import keras_metalstm first, or set KERAS_BACKEND=tensorflow"
+            )
+        return
+    chosen = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if chosen != "tensorflow":
+        warnings.warn(
+            f"keras-metalstm runs on Keras' TensorFlow backend: KERAS_BACKEND={chosen} is replaced by tensorflow in "
+            "this process",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+
+
+_use_tensorflow_backend()
 
 _NAMES = {
     "CoordinateLSTM": "keras_metalstm.layers",
