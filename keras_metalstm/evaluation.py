@@ -179,8 +179,8 @@ def compare_reports(first: dict, second: dict, method: str = "meta_lstm", second
 
 def report_file_name(report: EvaluationReport) -> str:
     """<data source>-<split>-<N>way<K>shot-<E>ep[-baselines-<protocols>][-<test-time changes>][-latest]
-    [-seed<S>].json: one file per data source, set of compared methods, test-time change, checkpoint and
-    episodes (the default best checkpoint and test seed add nothing). The data source is the data set's name and,
+    [-seed<S>].json: one file per data source, set of compared methods, test-time change, checkpoint and test
+    seed (the default best checkpoint and seed add nothing). The data source is the data set's name and,
     for data read from a directory, the directory's name and a digest of its absolute path: evaluating one run on
     two folders, or its latest checkpoint beside its best, keeps both reports."""
     source = report.dataset
