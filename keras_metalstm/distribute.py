@@ -146,6 +146,16 @@ def task_type_and_id(strategy) -> tuple[str | None, int | None]:
     return resolver.task_type, resolver.task_id
 
 
+def episodes_per_worker(strategy, global_batch: int) -> int:
+    """Episodes of a global meta-batch that this worker's replicas hold at once (in one machine's memory when the
+    replicas are its CPUs): all of them on a single worker, its share in a multi-worker cluster."""
+    workers = 1
+    if task_type_and_id(strategy)[0] is not None:
+        cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+        workers = sum(len(cluster.get(name, ())) for name in ("chief", "worker")) or 1
+    return max(1, int(global_batch) // workers)
+
+
 def is_chief(strategy=None) -> bool:
     """True on the worker that writes checkpoints and logs (the single worker, "chief", or worker 0 without a
     chief task, as TensorFlow's convention is)."""

@@ -3,6 +3,7 @@ is written to the run directory, so that a run that cannot go through stops with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from keras_metalstm.config import RunConfig
@@ -51,3 +52,34 @@ def test_split_problem(splits, config: RunConfig) -> str | None:
     except DataError as error:
         return f"note: `metalstm evaluate` will not find test episodes in this data: {error}"
     return None
+
+
+# What the meta-gradient keeps per learner coordinate, inner step and episode, at a training step's peak (measured
+# with benchmarks/recompute.py: conv4 with 128 filters, 445,701 parameters, T = 12, one episode): 1.9 GB with the
+# fused CPU kernel, the fewest; 4.8 GB with the stock ops keeping the coordinate LSTM's activations, the most.
+FEWEST_BYTES_PER_COORDINATE_STEP = 1.9e9 / (445_701 * 12)
+MOST_BYTES_PER_COORDINATE_STEP = 4.8e9 / (445_701 * 12)
+
+
+def physical_memory() -> int | None:
+    """Bytes of memory of this machine, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def memory_problem(num_parameters: int, inner_steps: int, episodes: int, memory: int | None) -> str | None:
+    """A note when the meta-gradient of `episodes` episodes at once cannot fit in `memory` bytes even at its
+    smallest footprint (the system would kill the run, with no message of ours), or None."""
+    coordinate_steps = num_parameters * inner_steps * episodes
+    fewest, most = (coordinate_steps * size / 1e9 for size in (FEWEST_BYTES_PER_COORDINATE_STEP,
+                                                                  MOST_BYTES_PER_COORDINATE_STEP))
+    if memory is None or fewest * 1e9 <= memory:
+        return None
+    return (
+        f"note: the meta-gradient of this learner ({num_parameters:,} parameters) over T = {inner_steps} steps "
+        f"for {episodes} episode(s) at once on this machine keeps about {fewest:.0f}-{most:.0f} GB, more than its "
+        f"{memory / 1e9:.0f} GB: the system will likely stop the run. Lower --inner-steps or "
+        "--meta-batch, or use a smaller learner (e.g. fewer --filters)"
+    )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from keras_metalstm.config import RunConfig, first_line
 from keras_metalstm.metrics_log import MetricsLog, tensorboard_writer, write_curves, write_scalars
+from keras_metalstm.run_checks import memory_problem, physical_memory
 from keras_metalstm.runs import (
     BEST_DIR,
     CHECKPOINT_DIR,
@@ -202,6 +203,17 @@ class TrainingSession:
             self.log = MetricsLog(self.run_dir, truncate_after=start)
             self.writer = tensorboard_writer(self.run_dir)
 
+    def _say_memory_problem(self):
+        from keras_metalstm.distribute import episodes_per_worker
+        from keras_metalstm.xla_ops import accelerator_present
+
+        if accelerator_present():  # a GPU's or TPU's memory: TensorFlow says how much only once it is used
+            return
+        episodes = episodes_per_worker(self.strategy, self.config.meta_batch)
+        problem = memory_problem(int(self.meta.theta0.shape[0]), self.config.inner_steps, episodes, physical_memory())
+        if problem:
+            self.callbacks.on_message(problem)
+
     # --- the loop -----------------------------------------------------------------------------------------
     def seconds(self) -> float:
         """Training seconds of all sessions of the run, pre-training included."""
@@ -213,6 +225,7 @@ class TrainingSession:
         try:
             if self.run.test_split_problem:
                 self.callbacks.on_message(self.run.test_split_problem)
+            self._say_memory_problem()
             if self.config.xla:
                 from keras_metalstm.xla_ops import accelerator_present
 

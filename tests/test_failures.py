@@ -123,6 +123,45 @@ def test_a_test_split_too_small_for_the_episodes_is_said_at_the_start_of_trainin
         assert fragment in result.output  # ... but the user hears of it now, not at evaluation time
 
 
+class ThreeWorkerCluster:
+    class cluster_resolver:  # noqa: N801 - the attribute tf.distribute strategies have
+        task_type, task_id = "worker", 1
+
+        @staticmethod
+        def cluster_spec():
+            import tensorflow as tf
+
+            return tf.train.ClusterSpec({"chief": ["chief:1"], "worker": ["one:1", "two:1"]})
+
+
+def test_a_meta_gradient_too_large_for_the_machines_memory_is_said_at_the_start(tmp_path, data_dir, monkeypatch):
+    """Past the machine's memory the system kills the run with no message of ours: the user hears it at the start,
+    with the estimate from the step's measured footprint per coordinate, inner step and episode."""
+    import tensorflow as tf
+
+    import keras_metalstm.training_session as training_session
+    from keras_metalstm.distribute import episodes_per_worker
+    from keras_metalstm.run_checks import (
+        FEWEST_BYTES_PER_COORDINATE_STEP,
+        MOST_BYTES_PER_COORDINATE_STEP,
+        memory_problem,
+    )
+
+    assert 300 < FEWEST_BYTES_PER_COORDINATE_STEP < MOST_BYTES_PER_COORDINATE_STEP < 1000
+    # A ResNet-18-sized learner at T = 12 on a 25 GB machine; conv4 fits.
+    note = memory_problem(11_000_000, 12, 1, 25e9)
+    assert "11,000,000 parameters" in note and "about 47-118 GB, more than its 25 GB" in note
+    assert memory_problem(112_261, 12, 8, 25e9) is None
+    assert episodes_per_worker(tf.distribute.get_strategy(), 6) == 6
+    assert episodes_per_worker(ThreeWorkerCluster(), 6) == 2  # each machine holds its share
+
+    monkeypatch.setattr(training_session, "physical_memory", lambda: 1000)  # a 1 kB machine
+    result = invoke(train_args(data_dir, tmp_path / "run", "--episodes", "2", "--meta-batch", "2"))
+    assert result.exit_code == 0, result.output  # a note, not a refusal: the estimate is a lower bound
+    assert "for 2 episode(s) at once on this machine keeps about" in result.output, result.output
+    assert "Lower --inner-steps or --meta-batch" in result.output
+
+
 # ------------------------------------------------------------------------------------------- I/O failures
 def test_a_read_only_run_directory_is_one_clear_line(tmp_path, data_dir, monkeypatch):
     import keras_metalstm.config as config_module
