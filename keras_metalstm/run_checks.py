@@ -54,11 +54,12 @@ def test_split_problem(splits, config: RunConfig) -> str | None:
     return None
 
 
-# What the meta-gradient keeps per learner coordinate, inner step and episode, at a training step's peak (measured
-# with benchmarks/recompute.py: conv4 with 128 filters, 445,701 parameters, T = 12, one episode): 1.9 GB with the
-# fused CPU kernel, the fewest; 4.8 GB with the stock ops keeping the coordinate LSTM's activations, the most.
-FEWEST_BYTES_PER_COORDINATE_STEP = 1.9e9 / (445_701 * 12)
-MOST_BYTES_PER_COORDINATE_STEP = 4.8e9 / (445_701 * 12)
+# What a training step keeps per learner coordinate, inner step and episode: the growth of the process's peak memory
+# over two steps of conv4 with 128 filters (445,701 parameters) at 28x28, T = 16, one episode, measured on the
+# 2-core Xeon: 1.61 GB with the fused CPU kernel, the fewest bytes; 5.68 GB with the stock ops keeping the
+# coordinate LSTM's activations (measured with KERAS_METALSTM_FUSED_KERNELS=0), the most.
+FEWEST_BYTES_PER_COORDINATE_STEP = 1.61e9 / (445_701 * 16)
+MOST_BYTES_PER_COORDINATE_STEP = 5.68e9 / (445_701 * 16)
 
 
 def physical_memory() -> int | None:
