@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from keras_metalstm.paths import url_problem
+from keras_metalstm.paths import refuse_url
 
 # The batch-norm statistics a meta-learner's query pass can use (MetaLearner's query_statistics).
 QUERY_STATISTICS = ("query", "support")
@@ -91,9 +91,7 @@ def normalise_learner_spec(spec) -> str:
 def _local_absolute_path(path, name: str) -> str | None:
     if path is None or not str(path).strip():  # METALSTM_DATA_DIR= (empty) leaves it unset
         return None
-    problem = url_problem(path, name)
-    if problem:
-        raise ConfigError(problem)
+    refuse_url(path, name, ConfigError)
     return os.path.abspath(os.path.expanduser(str(path)))
 
 

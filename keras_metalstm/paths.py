@@ -14,11 +14,11 @@ import re
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def url_problem(path: str | os.PathLike | None, what: str) -> str | None:
-    """The sentence saying why `path` (called `what`) cannot be used when it is a URL, else None."""
+def refuse_url(path: str | os.PathLike | None, what: str, error: type[Exception]) -> None:
+    """Raises `error` saying why `path` (called `what`) cannot be used when it is a URL; nothing otherwise."""
     if path is None or not _URL.match(os.fspath(path)):
-        return None
-    return (
+        return
+    raise error(
         f"{what} {os.fspath(path)} is a URL: it must be a local path (object stores cannot rename the files this "
         "package writes into place); mount the bucket as a file system (e.g. Cloud Storage FUSE, s3fs) and give "
         "its local path"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from keras_metalstm.config import CONFIG_FILE_NAME, ConfigError, RunConfig, atomic_write_text, first_line
 from keras_metalstm.learner_architecture import ARCHITECTURE_FILE
-from keras_metalstm.paths import url_problem
+from keras_metalstm.paths import refuse_url
 from keras_metalstm.processes import process_alive
 
 CHECKPOINT_DIR = "checkpoints"
@@ -62,9 +62,7 @@ def latest_checkpoint(run_dir, which: str = CHECKPOINT_DIR) -> str | None:
 
 
 def load_run_config(run_dir) -> RunConfig:
-    problem = url_problem(run_dir, "the run directory")
-    if problem:
-        raise RunDirError(problem)
+    refuse_url(run_dir, "the run directory", RunDirError)
     run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE_NAME
     if not run_dir.is_dir():

@@ -30,7 +30,7 @@ from keras_metalstm.learner_architecture import ARCHITECTURE_FILE
 from keras_metalstm.metrics_log import (
     read_metrics,
 )
-from keras_metalstm.paths import url_problem
+from keras_metalstm.paths import refuse_url
 from keras_metalstm.run_checks import check_episode_shapes, check_theta0_source, test_split_problem
 from keras_metalstm.runs import (
     RunDirError,
@@ -91,9 +91,7 @@ class TrainingRun:
     """
 
     def __init__(self, config: RunConfig, run_dir, resume: bool = False, deterministic: bool = False):
-        problem = url_problem(run_dir, "the run directory")
-        if problem:
-            raise RunDirError(problem)
+        refuse_url(run_dir, "the run directory", RunDirError)
         self.run_dir = Path(run_dir)
         self.resume = bool(resume)
         self.deterministic = deterministic

@@ -15,7 +15,7 @@ from keras_metalstm.data.folder import image_folder_splits
 from keras_metalstm.data.fontglot import fontglot_splits
 from keras_metalstm.data.miniimagenet import load_miniimagenet
 from keras_metalstm.data.omniglot import omniglot_splits
-from keras_metalstm.paths import url_problem
+from keras_metalstm.paths import refuse_url
 
 _LOADERS = {
     "fontglot": fontglot_splits,
@@ -69,9 +69,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options
         raise DataError(
             f"data set {name!r} needs a data directory (--data-dir PATH); only fontglot is built in"
         )
-    problem = url_problem(data_dir, "the data directory")
-    if problem:
-        raise DataError(problem)
+    refuse_url(data_dir, "the data directory", DataError)
     if data_dir is not None:
         options[_DIR_ARGUMENT[name]] = data_dir
     return _LOADERS[name](**options)

@@ -24,7 +24,7 @@ from keras_metalstm.export.savedmodel import (
     meta_metadata,
     write_savedmodel,
 )
-from keras_metalstm.paths import url_problem
+from keras_metalstm.paths import refuse_url
 
 FORMATS = ("savedmodel", "onnx", "both")
 ONNX_FILE = "model.onnx"
@@ -46,9 +46,7 @@ def _formats(format):
 
 
 def _version_target(out, version, force):
-    problem = url_problem(out, "the export target")
-    if problem:
-        raise ExportError(problem)
+    refuse_url(out, "the export target", ExportError)  # before Path() turns gs://b into gs:/b
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(

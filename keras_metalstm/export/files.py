@@ -14,15 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from keras_metalstm.export.errors import ExportError
-from keras_metalstm.paths import url_problem
+from keras_metalstm.paths import refuse_url
 from keras_metalstm.processes import process_alive
 
 
 def check_target(target: str | os.PathLike, force: bool) -> Path:
     """``target`` as a Path; ExportError if it exists and ``force`` is False, or is a URL."""
-    problem = url_problem(target, "the export target")
-    if problem:
-        raise ExportError(problem)
+    refuse_url(target, "the export target", ExportError)
     target = Path(target)
     if target.exists() and not force:
         raise ExportError(
