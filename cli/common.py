@@ -75,6 +75,20 @@ def image_reading_bar(enabled: bool):
     return reading_progress(bar if enabled else None)
 
 
+@contextlib.contextmanager
+def episode_bar(desc: str, episodes: int, enabled: bool):
+    """A bar of `episodes` episodes on stderr (closed at the end, whatever happens), with the data's image files
+    shown by `image_reading_bar` while they are read."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=episodes, unit="ep", desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    try:
+        with image_reading_bar(enabled):
+            yield bar
+    finally:
+        bar.close()
+
+
 def os_error_message(error: OSError) -> str:
     """One line for a file-system failure (read-only directory, full disk, missing permission...)."""
     where = f" {error.filename}" if error.filename else ""

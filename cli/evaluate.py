@@ -3,15 +3,13 @@ paper's authors ran them, as this package ran them before, and Baseline++)."""
 
 from __future__ import annotations
 
-import sys
-
 import click
 from keras_metalstm.cli.common import (
     CHECKPOINT_OPTION,
     CONTEXT_SETTINGS,
     SEED_OPTION,
     duration,
-    image_reading_bar,
+    episode_bar,
     quiet_tensorflow,
     user_errors,
 )
@@ -43,8 +41,6 @@ def run_evaluation(
 ):
     """Evaluate and save the report as RUN_DIR/evaluation/<...>.json, and redraw the run's curves.png (it shows
     the baselines of the saved reports); returns (report, path)."""
-    from tqdm import tqdm
-
     from keras_metalstm.evaluation import evaluate_run, save_report
     from keras_metalstm.metrics_log import write_curves
     from keras_metalstm.pretraining import PretrainConfig
@@ -52,32 +48,26 @@ def run_evaluation(
 
     config = load_run_config(run_dir)
     pretrain = PretrainConfig(epochs=pretrain_epochs, seed=config.seed)
-    bar = tqdm(
-        total=episodes, unit="ep", desc="evaluate", disable=not progress, file=sys.stderr, dynamic_ncols=True
-    )
-    try:
-        with image_reading_bar(progress):
-            report = evaluate_run(
-                run_dir,
-                episodes=episodes,
-                baselines=baselines,
-                baseline_protocols=baseline_protocols,
-                baseline_plus=baseline_plus,
-                dataset=dataset,
-                data_dir=data_dir,
-                split=split,
-                seed=seed,
-                which=checkpoint,
-                pretrain=pretrain,
-                finetune_val_episodes=finetune_val_episodes,
-                progress=bar.update,
-                log=log,
-                inner_steps=inner_steps,
-                query_statistics=query_statistics,
-                query=query,
-            )
-    finally:
-        bar.close()
+    with episode_bar("evaluate", episodes, progress) as bar:
+        report = evaluate_run(
+            run_dir,
+            episodes=episodes,
+            baselines=baselines,
+            baseline_protocols=baseline_protocols,
+            baseline_plus=baseline_plus,
+            dataset=dataset,
+            data_dir=data_dir,
+            split=split,
+            seed=seed,
+            which=checkpoint,
+            pretrain=pretrain,
+            finetune_val_episodes=finetune_val_episodes,
+            progress=bar.update,
+            log=log,
+            inner_steps=inner_steps,
+            query_statistics=query_statistics,
+            query=query,
+        )
     path = save_report(report, run_dir)
     write_curves(run_dir)
     return report, path

@@ -4,7 +4,6 @@ paragraph of text (keras_metalstm.inspection does the work)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -14,7 +13,7 @@ from keras_metalstm.cli.common import (
     SEED_OPTION,
     Timer,
     duration,
-    image_reading_bar,
+    episode_bar,
     quiet_tensorflow,
     user_errors,
 )
@@ -51,28 +50,15 @@ def inspect(run_dir, episodes, split, seed, checkpoint, out, as_json, progress):
     trace.json: the numbers, per layer and per learner variable.
     """
     quiet_tensorflow()
-    from tqdm import tqdm
-
     from keras_metalstm.inspection import INSPECTION_DIR, inspect_run
 
     timer = Timer()
     out = Path(out) if out else Path(run_dir) / INSPECTION_DIR
     with user_errors():
-        bar = tqdm(
-            total=episodes,
-            unit="ep",
-            desc="inspect",
-            disable=not progress,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-        try:
-            with image_reading_bar(progress):
-                inspection = inspect_run(
-                    run_dir, episodes=episodes, split=split, seed=seed, which=checkpoint, progress=bar.update
-                )
-        finally:
-            bar.close()
+        with episode_bar("inspect", episodes, progress) as bar:
+            inspection = inspect_run(
+                run_dir, episodes=episodes, split=split, seed=seed, which=checkpoint, progress=bar.update
+            )
         paths = inspection.write(out)
     if as_json:
         click.echo(json.dumps(inspection.to_dict()))
