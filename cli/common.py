@@ -75,13 +75,18 @@ def image_reading_bar(enabled: bool):
     return reading_progress(bar if enabled else None)
 
 
+def progress_bar(desc: str, total: int, unit: str, enabled: bool):
+    """A bar of `total` units on stderr; a context manager that closes it."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
 @contextlib.contextmanager
 def episode_bar(desc: str, episodes: int, enabled: bool):
     """A bar of `episodes` episodes on stderr (closed at the end, whatever happens), with the data's image files
     shown by `image_reading_bar` while they are read."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=episodes, unit="ep", desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(desc, episodes, "ep", enabled)
     try:
         with image_reading_bar(enabled):
             yield bar

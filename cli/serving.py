@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import click
-from keras_metalstm.cli.common import quiet_tensorflow, user_errors
+from keras_metalstm.cli.common import progress_bar, quiet_tensorflow, user_errors
 
 
 @click.command()
@@ -128,7 +128,8 @@ def export_command(model, format_, out, version, opset, force, no_verify):
     help="With a meta-learner's adapt-in-serving SavedModel: the support set (one sub-folder of images per class) "
     "it adapts to inside the SavedModel before classifying.",
 )
-def predict(model, images, as_json, support):
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def predict(model, images, as_json, support, no_progress):
     """Classify image files with an exported model.
 
     MODEL is a SavedModel version folder (saved_models/NAME/<version>; a NAME folder means its newest
@@ -142,8 +143,9 @@ def predict(model, images, as_json, support):
         from keras_metalstm import export
 
         predictor = export.load_predictor(model, support=support)
-        batch, names = export.read_images(images, predictor.image_shape)
-        records = export.prediction_records(names, predictor.predict(batch))
+        inputs = export.ImageInputs(images, predictor.image_shape)
+        with progress_bar("predict", len(inputs), "img", enabled=not no_progress) as bar:
+            records = predictor.predict_inputs(inputs, progress=bar.update)
     if as_json:
         click.echo(json.dumps(records, indent=2, ensure_ascii=False))
     else:

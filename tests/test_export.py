@@ -444,6 +444,54 @@ def test_read_images_converts_files_by_the_training_rule_and_checks_npy(encoded_
         export.read_images([tmp_path / "bad.npy"], SHAPE)
 
 
+def test_predict_inputs_reads_and_predicts_a_batch_at_a_time_with_the_whole_batchs_results(
+    exported, encoded_files, queries, tmp_path, monkeypatch
+):
+    """A folder of any size fits in memory: `predict_inputs` decodes and predicts at most `batch_size` images at a
+    time, and gives what reading everything and predicting it at once gives."""
+    import keras_metalstm.data as data
+
+    np.save(tmp_path / "batch.npy", queries[:5])
+    paths = [*encoded_files, tmp_path / "batch.npy", encoded_files[0]]
+    predictor = export.load_predictor(exported.path)
+    images, names = export.read_images(paths, SHAPE)
+    expected = export.prediction_records(names, predictor.predict(images))
+
+    decoded, run, decode = [], predictor._run, data.decode_image_files
+    monkeypatch.setattr(
+        data, "decode_image_files", lambda files, shape: decoded.append(len(files)) or decode(files, shape)
+    )
+    calls, done = [], []
+    monkeypatch.setattr(predictor, "batch_size", 2)
+    monkeypatch.setattr(predictor, "_run", lambda batch: calls.append(len(batch)) or run(batch))
+    inputs = export.ImageInputs(paths, SHAPE)
+    assert len(inputs) == len(names) == 10
+    records = predictor.predict_inputs(inputs, progress=done.append)
+    assert decoded == [2, 2, 1] and calls == [2, 2, 2, 2, 1, 1] and sum(done) == 10
+    assert [r["image"] for r in records] == names
+    assert [r["class_name"] for r in records] == [r["class_name"] for r in expected]
+    np.testing.assert_allclose([r["logits"] for r in records], [r["logits"] for r in expected], atol=1e-5)
+
+
+def test_image_inputs_check_every_path_and_array_before_any_prediction(encoded_files, tmp_path):
+    np.save(tmp_path / "wrong_shape.npy", np.zeros((3, 9, 9, 1), np.float32))
+    with pytest.raises(export.ExportError, match=r"wrong_shape.npy.*\(9, 9, 1\)"):
+        export.ImageInputs([*encoded_files, tmp_path / "wrong_shape.npy"], SHAPE)
+    with pytest.raises(export.ExportError, match="gone.png not found"):
+        export.ImageInputs([*encoded_files, tmp_path / "gone.png"], SHAPE)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(export.ExportError, match="holds no image files"):
+        export.ImageInputs([tmp_path / "empty"], SHAPE)
+    # Values are checked as they are read: the batch holding the bad row names its file.
+    values = np.zeros((5, *SHAPE), np.float32)
+    values[4] = 2.0
+    np.save(tmp_path / "scaled.npy", values)
+    batches = export.ImageInputs([tmp_path / "scaled.npy"], SHAPE).batches(batch_size=2)
+    assert [len(names) for _, names in [next(batches), next(batches)]] == [2, 2]
+    with pytest.raises(export.ExportError, match=r"scaled.npy: image values must be in \[0, 1\]"):
+        next(batches)
+
+
 def test_adapt_in_serving_follows_the_meta_learners_query_statistics(support_dir, queries, tmp_path):
     """With query_statistics="support" the adapt-in-serving SavedModel normalises with the support statistics
     under theta_T, as `adapt` does; the authors' running statistics would give other logits."""

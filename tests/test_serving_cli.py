@@ -90,6 +90,15 @@ def test_predict_takes_a_folder_as_its_image_files_sorted(exported_dir, workspac
     assert refused.exit_code == 1 and "holds no image files" in refused.output and "Traceback" not in refused.output
 
 
+def test_predict_shows_a_bar_of_its_images_on_stderr_unless_told_not_to(exported_dir, workspace):
+    images = sorted((workspace / "support").glob("*/0.png"))
+    shown = run("predict", exported_dir, *images)
+    hidden = run("predict", exported_dir, *images, "--no-progress")
+    assert shown.exit_code == 0 and hidden.exit_code == 0, shown.output + hidden.output
+    assert "predict: 100%" in shown.stderr and "5/5" in shown.stderr
+    assert "predict:" not in hidden.stderr and hidden.stdout == shown.stdout
+
+
 def test_predict_on_a_model_folder_uses_its_newest_version(exported_dir, workspace):
     image = next((workspace / "support").glob("*/0.png"))
     result = run("predict", exported_dir.parent, image)

@@ -6,7 +6,9 @@
     export.save_adapted(adapted, "task.keras")
     result = export.export_adapted(adapted, "saved_models/task", format="both")   # saved_models/task/1/
     print(result.parity.summary())
-    export.load_predictor("saved_models/task/1").predict(images)  # float32 (batch, H, W, C) in [0, 1]
+    predictor = export.load_predictor("saved_models/task/1")
+    predictor.predict(images)                                   # float32 (batch, H, W, C) in [0, 1]
+    predictor.predict_inputs(export.ImageInputs(["photos/"], predictor.image_shape))  # files, batch by batch
 
 See `savedmodel` for the signatures (serving_default, predict_encoded, adapt_and_predict) and `onnx_format` for
 the ONNX model.
@@ -32,6 +34,7 @@ from keras_metalstm.export.onnx_format import DEFAULT_OPSET, OPSETS, to_onnx, wr
 from keras_metalstm.export.parity import ParityReport, verify_parity
 from keras_metalstm.export.predict import (
     AdaptInServingPredictor,
+    ImageInputs,
     KerasPredictor,
     OnnxPredictor,
     SavedModelPredictor,
@@ -62,6 +65,7 @@ __all__ = [
     "ClassifierModule",
     "ExportError",
     "ExportResult",
+    "ImageInputs",
     "KerasPredictor",
     "OnnxPredictor",
     "ParityReport",

@@ -1,9 +1,9 @@
 """Prediction with any exported form: an adapted `.keras` file, a SavedModel version folder or an `.onnx` file.
 
 All predictors take float32 images (batch, H, W, C) in [0, 1] (the training scale) and return a dict with
-``logits``, ``probabilities``, ``class_ids`` and ``class_names`` (NumPy arrays). `read_images` turns image files
-(converted by the package's rule, rounded to uint8, divided by 255: the training preparation) or ``.npy`` arrays
-into that input.
+``logits``, ``probabilities``, ``class_ids`` and ``class_names`` (NumPy arrays). `ImageInputs` (batch by batch)
+and `read_images` (all at once) turn image files (converted by the package's rule, rounded to uint8, divided by
+255: the training preparation) or ``.npy`` arrays into that input.
 """
 
 from __future__ import annotations
@@ -87,6 +87,16 @@ class Predictor:
         )
         outputs["class_ids"] = outputs["class_ids"].astype(np.int64)
         return outputs
+
+    def predict_inputs(self, inputs, progress=None):
+        """`prediction_records` for an `ImageInputs`, read and predicted ``batch_size`` images at a time (memory
+        does not grow with the number of images); ``progress(n)`` is called after each batch of n images."""
+        records = []
+        for images, names in inputs.batches(self.batch_size):
+            records.extend(prediction_records(names, self.predict(images)))
+            if progress is not None:
+                progress(len(names))
+        return records
 
 
 class KerasPredictor(Predictor):
@@ -277,47 +287,83 @@ def load_predictor(path, threads=None, support=None):
     return KerasPredictor(load_adapted(resolved), path=resolved)
 
 
-def read_images(paths, image_shape):
-    """Image files and/or ``.npy`` arrays -> float32 (n, H, W, C) in [0, 1], one row per image.
+class ImageInputs:
+    """Image files, folders of them and ``.npy`` arrays for a model taking ``image_shape``, read batch by batch
+    (`batches`), so a folder of any size is predicted in bounded memory.
 
     A folder stands for its image files (``IMAGE_EXTENSIONS``, any case, hidden ones skipped, sorted by name; not
     its sub-folders). Image files are converted to ``image_shape`` by the package's rule and rounded to uint8
     before dividing by 255 (the training preparation). A ``.npy`` file holds one image (H, W, C) or a batch,
-    already float32 in [0, 1] at the model's shape (checked, never converted). Returns (images, names) with one
-    name per row.
+    already float32 in [0, 1] at the model's shape (checked, never converted; its values batch by batch). Every
+    path, and every array's dtype and shape, is checked when the inputs are made, before anything is predicted.
+    ``len()`` is the number of images.
     """
-    from keras_metalstm.data import decode_image_files
 
-    rows, names, files = [], [], []
+    def __init__(self, paths, image_shape):
+        self.image_shape = tuple(image_shape)
+        # (path, None) for an image file, (path, memory-mapped batch) for a .npy array.
+        self._sources = [(path, self._open(path)) for path in _expand_folders(map(Path, paths))]
+        if not self._sources:
+            raise ExportError("no images given.")
+        self._count = sum(1 if array is None else len(array) for _, array in self._sources)
 
-    def flush():
-        if files:
-            decoded, _ = decode_image_files([str(f) for f in files], tuple(image_shape))
-            rows.append(decoded.astype(np.float32) * np.float32(1.0 / 255.0))
-            names.extend(str(f) for f in files)
-            files.clear()
+    def __len__(self):
+        return self._count
 
-    for path in _expand_folders(map(Path, paths)):
+    def _open(self, path):
         if not path.is_file():
             raise ExportError(f"image {path} not found.")
-        if path.suffix.lower() == ".npy":
-            flush()
-            try:
-                array = np.load(path, allow_pickle=False)
-            except ValueError as error:
-                raise ExportError(f"{path}: not a readable .npy array ({error}).") from error
-            try:
-                array = check_images(array, image_shape)
-            except ExportError as error:
-                raise ExportError(f"{path}: {error}") from None
-            rows.append(array)
-            names.extend([str(path)] if len(array) == 1 else [f"{path}[{i}]" for i in range(len(array))])
-        else:
-            files.append(path)
-    flush()
-    if not rows:
-        raise ExportError("no images given.")
-    return np.concatenate(rows), names
+        if path.suffix.lower() != ".npy":
+            return None
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as error:
+            raise ExportError(f"{path}: not a readable .npy array ({error}).") from error
+        if array.ndim == 3:
+            array = array[np.newaxis]
+        try:
+            # dtype and shape here; the values are checked as they are read.
+            check_images(array[:1] if array.ndim else array, self.image_shape)
+        except ExportError as error:
+            raise ExportError(f"{path}: {error}") from None
+        return array
+
+    def batches(self, batch_size=256):
+        """Yields (images float32 (n, H, W, C), names), n <= ``batch_size``, one name per image (an array's rows:
+        ``path[i]``, unless it holds one image), reading only that batch's files."""
+        files = []
+        for path, array in self._sources:
+            if array is None:
+                files.append(path)
+                if len(files) == batch_size:
+                    yield self._decoded(files)
+                    files = []
+                continue
+            if files:
+                yield self._decoded(files)
+                files = []
+            for start in range(0, len(array), batch_size):
+                try:
+                    images = check_images(np.array(array[start : start + batch_size]), self.image_shape)
+                except ExportError as error:
+                    raise ExportError(f"{path}: {error}") from None
+                rows = range(start, start + len(images))
+                yield images, [str(path)] if len(array) == 1 else [f"{path}[{i}]" for i in rows]
+        if files:
+            yield self._decoded(files)
+
+    def _decoded(self, files):
+        from keras_metalstm.data import decode_image_files
+
+        decoded, _ = decode_image_files([str(f) for f in files], self.image_shape)
+        return decoded.astype(np.float32) * np.float32(1.0 / 255.0), [str(f) for f in files]
+
+
+def read_images(paths, image_shape):
+    """Image files and/or ``.npy`` arrays (as `ImageInputs` takes them) -> (float32 (n, H, W, C) in [0, 1], one
+    name per row), all in memory: for many images, `Predictor.predict_inputs` reads them batch by batch."""
+    batches = list(ImageInputs(paths, image_shape).batches(batch_size=4096))
+    return np.concatenate([images for images, _ in batches]), [name for _, names in batches for name in names]
 
 
 def _expand_folders(paths):
