@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# No test writes decoded images to the user's cache folder; test_image_cache.py turns the cache on in its own.
+os.environ["KERAS_METALSTM_CACHE_DIR"] = ""
 
 import shutil
 

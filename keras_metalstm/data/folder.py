@@ -75,7 +75,7 @@ def load_image_folder(
     classes = list_image_folder(root, extensions)
     files = [f for paths in classes.values() for f in paths]
     display = [str(f.relative_to(root)) for f in files]
-    images, _ = decode_image_files([str(f) for f in files], image_shape, names=[str(f) for f in files])
+    images, _ = decode_image_files([str(f) for f in files], image_shape, names=[str(f) for f in files], cache=True)
     return ClassIndexedDataset(
         images,
         [len(p) for p in classes.values()],

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from keras_metalstm.data.cache import cached_decode
 from keras_metalstm.data.errors import DataError
 from keras_metalstm.data.progress import reading
 
@@ -148,6 +149,7 @@ def decode_image_files(
     names: Sequence[str] | None = None,
     from_bytes: bool = False,
     batch_size: int = 256,
+    cache: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode many image files in parallel (tf.data, AUTOTUNE) into one uint8 array (n, H, W, C).
 
@@ -156,7 +158,16 @@ def decode_image_files(
     ``target_shape=None`` the first file's own shape is the target and any file of another shape is refused
     (DataError naming both files and the rule). Returns ``(images, native_shapes)``, native_shapes (n, 3) being
     each file's shape before conversion. An unreadable, truncated or non-image file raises a DataError naming it.
+    With ``cache``, a list of files is decoded once and read back from the disk cache while the files are
+    unchanged (`keras_metalstm.data.cache`).
     """
+    if cache and not from_bytes:
+        return cached_decode(
+            [str(s) for s in sources],
+            target_shape,
+            lambda: decode_image_files(sources, target_shape, names, batch_size=batch_size),
+            decoder=f"tensorflow {tf.__version__}; {CONVERSION_RULE}",
+        )
     count = len(sources)
     names = [str(s) for s in sources] if names is None else [str(n) for n in names]
     if len(names) != count:

@@ -110,7 +110,7 @@ def load_miniimagenet(
             by_label.setdefault(label, []).append(name)
         files = [name for names in by_label.values() for name in names]
         images, _ = decode_image_files(
-            [str(images_dir / f) for f in files], target, names=[str(images_dir / f) for f in files]
+            [str(images_dir / f) for f in files], target, names=[str(images_dir / f) for f in files], cache=True
         )
         splits.append(
             ClassIndexedDataset(

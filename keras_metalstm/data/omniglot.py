@@ -125,7 +125,7 @@ def load_omniglot(
                 f"expected <Alphabet>/character<NN>/*.png inside"
             )
         images, _ = decode_image_files(
-            [e[2] for e in entries], target, names=[e[1] for e in entries], from_bytes=from_bytes
+            [e[2] for e in entries], target, names=[e[1] for e in entries], from_bytes=from_bytes, cache=True
         )
         arrays.append(images)
         class_of += [e[0] for e in entries]
