@@ -278,6 +278,18 @@ def test_the_adapt_in_serving_predictor_equals_adapt_then_predict(meta_export, s
     assert list(outputs["class_names"]) == [adapted.class_names[i] for i in expected.argmax(-1)]
 
 
+def test_adapting_on_an_unbalanced_support_set_warns_with_the_counts(meta, tmp_path):
+    import warnings
+
+    rng = np.random.default_rng(1)
+    images = rng.random((8, *SHAPE), dtype=np.float32)
+    with pytest.warns(RuntimeWarning, match=r"unbalanced \(a 4, b 1, c 1, d 1, e 1 images\).*same number"):
+        export.adapt(meta, images, [0, 0, 0, 0, 1, 2, 3, 4], list("abcde"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export.adapt(meta, images[:5], [0, 1, 2, 3, 4], list("abcde"))
+
+
 def test_predictors_classify_many_images_a_batch_at_a_time_with_the_same_results(exported, queries, monkeypatch):
     predictor = export.load_predictor(exported.path)
     whole = predictor.predict(queries)

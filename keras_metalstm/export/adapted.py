@@ -14,6 +14,7 @@ before dividing by 255 -- exactly how the episode pipeline prepares training dat
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -186,9 +187,19 @@ def adapt(meta, support_images, support_labels, class_names, inner_steps=None, i
         raise ExportError(
             f"classes {[class_names[i] for i in missing]} have no support image: give every class at least one."
         )
+    shots = np.bincount(labels, minlength=n_way)
+    if len(set(shots.tolist())) > 1:
+        counts = ", ".join(f"{name} {count}" for name, count in zip(class_names, shots.tolist(), strict=True))
+        warnings.warn(
+            f"keras_metalstm: the support set is unbalanced ({counts} images): the meta-learner was meta-trained "
+            "on episodes with the same number of images per class, and the support loss it adapts with weighs "
+            "each class by its image count. Give every class the same number of images (the K of its training) "
+            "for the task it learned to adapt to.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     steps = meta.inner_steps if inner_steps is None else int(inner_steps)
     learner = meta.adapt(support_images, labels, inner_steps=steps)
-    shots = np.bincount(labels, minlength=n_way)
     details = {
         "inner_steps": steps,
         "n_way": n_way,
