@@ -9,6 +9,7 @@ and `read_images` (all at once) turn image files (converted by the package's rul
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from pathlib import Path
 
@@ -301,62 +302,73 @@ class ImageInputs:
 
     def __init__(self, paths, image_shape):
         self.image_shape = tuple(image_shape)
-        # (path, None) for an image file, (path, memory-mapped batch) for a .npy array.
-        self._sources = [(path, self._open(path)) for path in _expand_folders(map(Path, paths))]
+        # (path, None) for an image file, (path, its number of images) for a .npy array.
+        self._sources = [(path, self._check(path)) for path in _expand_folders(map(Path, paths))]
         if not self._sources:
             raise ExportError("no images given.")
-        self._count = sum(1 if array is None else len(array) for _, array in self._sources)
+        self._count = sum(1 if rows is None else rows for _, rows in self._sources)
 
     def __len__(self):
         return self._count
 
-    def _open(self, path):
+    def _check(self, path):
+        """None for an image file; an array's number of images, its dtype and shape checked (its values are
+        checked as they are read)."""
         if not path.is_file():
             raise ExportError(f"image {path} not found.")
         if path.suffix.lower() != ".npy":
             return None
+        array = _mapped_array(path)  # not kept: each map holds a file descriptor, and there may be thousands
         try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as error:
-            raise ExportError(f"{path}: not a readable .npy array ({error}).") from error
-        if array.ndim == 3:
-            array = array[np.newaxis]
-        try:
-            # dtype and shape here; the values are checked as they are read.
             check_images(array[:1] if array.ndim else array, self.image_shape)
         except ExportError as error:
             raise ExportError(f"{path}: {error}") from None
-        return array
+        return len(array)
 
     def batches(self, batch_size=256):
         """Yields (images float32 (n, H, W, C), names), n <= ``batch_size``, one name per image (an array's rows:
         ``path[i]``, unless it holds one image), reading only that batch's files."""
-        files = []
-        for path, array in self._sources:
-            if array is None:
-                files.append(path)
-                if len(files) == batch_size:
-                    yield self._decoded(files)
-                    files = []
+        positions = (  # (source index, row of an array or None for an image file), in input order
+            (index, row)
+            for index, (_, rows) in enumerate(self._sources)
+            for row in ([None] if rows is None else range(rows))
+        )
+        while batch := list(itertools.islice(positions, batch_size)):
+            yield self._read(batch)
+
+    def _read(self, batch):
+        files = [self._sources[index][0] for index, row in batch if row is None]
+        decoded = iter(self._decoded(files) if files else ())
+        images, names = [], []
+        for index, group in itertools.groupby(batch, key=lambda item: item[0]):
+            path, rows = self._sources[index]
+            numbers = [row for _, row in group]
+            if rows is None:
+                images.append(next(decoded)[np.newaxis])
+                names.append(str(path))
                 continue
-            if files:
-                yield self._decoded(files)
-                files = []
-            for start in range(0, len(array), batch_size):
-                try:
-                    images = check_images(np.array(array[start : start + batch_size]), self.image_shape)
-                except ExportError as error:
-                    raise ExportError(f"{path}: {error}") from None
-                rows = range(start, start + len(images))
-                yield images, [str(path)] if len(array) == 1 else [f"{path}[{i}]" for i in rows]
-        if files:
-            yield self._decoded(files)
+            block = np.array(_mapped_array(path)[numbers[0] : numbers[-1] + 1])
+            try:
+                images.append(check_images(block, self.image_shape))
+            except ExportError as error:
+                raise ExportError(f"{path}: {error}") from None
+            names.extend([str(path)] if rows == 1 else [f"{path}[{i}]" for i in numbers])
+        return np.concatenate(images), names
 
     def _decoded(self, files):
         from keras_metalstm.data import decode_image_files
 
         decoded, _ = decode_image_files([str(f) for f in files], self.image_shape)
-        return decoded.astype(np.float32) * np.float32(1.0 / 255.0), [str(f) for f in files]
+        return decoded.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
+def _mapped_array(path):
+    """A .npy file memory-mapped, one image (H, W, C) as a batch of one."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as error:
+        raise ExportError(f"{path}: not a readable .npy array ({error}).") from error
+    return array[np.newaxis] if array.ndim == 3 else array
 
 
 def read_images(paths, image_shape):
