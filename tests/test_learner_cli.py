@@ -203,7 +203,7 @@ def test_own_model_through_train_evaluate_adapt_export_predict(user_module, data
     for model in (user_module / "models" / "1", user_module / "models" / "1" / "model.onnx"):
         predicted = run_cli(["predict", model, *images, "--json"])
         assert predicted.exit_code == 0, predicted.output
-        outputs[model.name] = json.loads(predicted.output[: predicted.output.rindex("]") + 1])
+        outputs[model.name] = json.loads(predicted.stdout)
     savedmodel, onnx = outputs["1"], outputs["model.onnx"]
     assert [r["class_name"] for r in savedmodel] == [r["class_name"] for r in onnx]
     np.testing.assert_allclose([r["logits"] for r in savedmodel], [r["logits"] for r in onnx], atol=1e-4)
