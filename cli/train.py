@@ -64,6 +64,14 @@ def training_options(function):
             help="Compile the meta-gradient with XLA: for GPU/TPU (on a CPU it is 1.2-1.5x slower than without).",
         ),
         click.option("--seed", type=int, default=None, help="Seed of the episodes and the initial weights."),
+        click.option(
+            "--augment",
+            default=None,
+            help="Augment the meta-training episodes' images in the input pipeline, e.g. flip,translate=0.1 "
+            "(flip: mirror left-right; translate=F: shift up to F of the size; brightness=B: add up to +-B): "
+            "keyed on the episode, so resuming stays exact, and it works with --xla and on a TPU. Default: none "
+            "(the paper).",
+        ),
         click.option("--hidden-units", type=int, default=None, help="Coordinate LSTM units (default 20)."),
         click.option(
             "--learner",
@@ -162,6 +170,7 @@ CONFIG_KEYS = (
     "theta0_lr_scale",
     "xla",
     "seed",
+    "augment",
     "hidden_units",
     "learner",
     "filters",

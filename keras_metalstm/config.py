@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from keras_metalstm.augmentation import Augmentation
 from keras_metalstm.paths import refuse_url
 
 # The batch-norm statistics a meta-learner's query pass can use (MetaLearner's query_statistics).
@@ -50,6 +51,7 @@ SHAPE_FIELDS = (
     "learn_logit_scale",
     "meta_batch",
     "seed",
+    "augment",
     "rotations",
     # The optimizer checkpoints its variables by position, and a constant step is one of them, a schedule not.
     "lr_schedule",
@@ -139,6 +141,9 @@ class RunConfig:
     theta0_lr_scale: float = 1.0
     xla: bool = False
     seed: int = 0
+    # Augmentation of the meta-training episodes in the input pipeline (keras_metalstm.augmentation), e.g.
+    # "flip,translate=0.1"; None: none (the paper).
+    augment: str | None = None
     checkpoint_every: int = 500
     validate_every: int = 500
     val_episodes: int = 100
@@ -205,6 +210,11 @@ class RunConfig:
             raise ConfigError(f"episode_batching must be one of {EPISODE_BATCHING}, got {self.episode_batching!r}")
         if self.dtype_policy is not None and self.dtype_policy not in DTYPE_POLICIES:
             raise ConfigError(f"dtype_policy must be one of {DTYPE_POLICIES}, got {self.dtype_policy!r}")
+        try:
+            augmentation = Augmentation.parse(self.augment)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.augment = None if augmentation is None else str(augmentation)
         if self.theta0_init not in ("scratch", "pretrained"):
             raise ConfigError(f"theta0_init must be 'scratch' or 'pretrained', got {self.theta0_init!r}")
         if int(self.pretrain_epochs) < 1:

@@ -98,8 +98,10 @@ def distributed_episodes(
     seed=0,
     start_episode=0,
     num_episodes=None,
+    augment=None,
 ):
-    """A distributed dataset of episode batches: each step gives every replica b = G/R DIFFERENT episodes.
+    """A distributed dataset of episode batches: each step gives every replica b = G/R DIFFERENT episodes
+    (augmented by ``augment``, a `keras_metalstm.augmentation.Augmentation`, if given).
 
     Built with `strategy.distribute_datasets_from_function`: each input pipeline (one per worker) produces only
     its own replicas' episodes (episodes are pure functions of (seed, index): nothing is read and discarded).
@@ -113,7 +115,7 @@ def distributed_episodes(
     if num_episodes is not None and (num_episodes < 1 or num_episodes % global_batch):
         raise StrategyError(f"num_episodes ({num_episodes}) must be a positive multiple of the meta-batch ({global_batch})")
     steps = None if num_episodes is None else num_episodes // global_batch
-    sampler = EpisodeSampler(split, n_way, k_shot, q_query, seed)
+    sampler = EpisodeSampler(split, n_way, k_shot, q_query, seed, augment)
     start = int(start_episode)
 
     def dataset_fn(context: tf.distribute.InputContext):

@@ -257,6 +257,7 @@ class TrainingSession:
         return self._result()
 
     def _loop(self, start: int) -> None:
+        from keras_metalstm.augmentation import Augmentation
         from keras_metalstm.distribute import distributed_episodes
 
         config = self.config
@@ -274,6 +275,7 @@ class TrainingSession:
             seed=config.seed,
             start_episode=start,
             num_episodes=remaining,
+            augment=Augmentation.parse(config.augment),
         )
         for batch in batches:
             current = self._update(batch)

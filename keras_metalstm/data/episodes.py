@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from keras_metalstm.augmentation import Augmentation
 from keras_metalstm.data.dataset import ClassIndexedDataset
 from keras_metalstm.data.errors import DataError
 
@@ -36,9 +37,18 @@ class EpisodeSampler:
     class ids and image ids; ``dataset(...)`` is the batched tf.data pipeline.
     """
 
-    def __init__(self, dataset: ClassIndexedDataset, n_way: int, k_shot: int, q_query: int, seed: int = 0):
+    def __init__(
+        self,
+        dataset: ClassIndexedDataset,
+        n_way: int,
+        k_shot: int,
+        q_query: int,
+        seed: int = 0,
+        augment: Augmentation | None = None,
+    ):
         self.n_way, self.k_shot, self.q_query = _check_episode_size(dataset, n_way, k_shot, q_query)
         self.seed = int(seed)
+        self.augment = augment
         self.source_dataset = dataset
         self.image_shape = dataset.image_shape
         sizes = dataset.class_sizes
@@ -54,10 +64,7 @@ class EpisodeSampler:
     def indices(self, episode_index) -> tuple[tf.Tensor, tf.Tensor]:
         """(class_ids (N,), image_ids (N, K+Q)) of episode ``episode_index``: row n is label n's class; its
         first K image ids are support, the rest query. Ids index ``source_dataset.class_names`` / ``.images``."""
-        episode_index = tf.cast(episode_index, tf.int64)
-        seed = tf.constant(self.seed, tf.int64)
-        class_key = tf.stack([seed, 2 * episode_index])
-        image_key = tf.stack([seed, 2 * episode_index + 1])
+        class_key, image_key = self._key(episode_index, 0), self._key(episode_index, 1)
         # N distinct classes; top_k of i.i.d. uniforms also orders them randomly -> random relabelling.
         class_scores = tf.random.stateless_uniform([self._num_classes], seed=class_key)
         class_ids = tf.math.top_k(class_scores, k=self.n_way, sorted=True).indices
@@ -70,14 +77,24 @@ class EpisodeSampler:
         image_ids = tf.gather(self._starts, class_ids)[:, None] + tf.cast(local, tf.int64)
         return class_ids, image_ids
 
+    def _key(self, episode_index, stream):
+        """The stateless seed (s, 2e + stream) of episode e: stream 0 draws its classes, 1 its images."""
+        return tf.stack([tf.constant(self.seed, tf.int64), 2 * tf.cast(episode_index, tf.int64) + stream])
+
     def episode(self, episode_index) -> dict[str, tf.Tensor]:
-        """Episode ``episode_index`` without a batch axis: support (N*K, H, W, C), query (N*Q, H, W, C)."""
+        """Episode ``episode_index`` without a batch axis: support (N*K, H, W, C), query (N*Q, H, W, C); its images
+        augmented by ``augment`` (`keras_metalstm.augmentation`), if given."""
         return _to_float(self._episode_uint8(episode_index))
 
     def _episode_uint8(self, episode_index) -> dict[str, tf.Tensor]:
         n, k, q = self.n_way, self.k_shot, self.q_query
         _, image_ids = self.indices(episode_index)
         images = tf.gather(self._images, image_ids)  # (N, K+Q, H, W, C) uint8
+        if self.augment is not None:
+            # A key of its own, derived from the images' key: the episode's classes and images stay the same.
+            key = tf.random.experimental.stateless_fold_in(self._key(episode_index, 1), 1)
+            flat = tf.reshape(images, (n * (k + q), *self.image_shape))
+            images = tf.reshape(self.augment(flat, key), (n, k + q, *self.image_shape))
         return {
             "support_images": tf.reshape(images[:, :k], (n * k, *self.image_shape)),
             "support_labels": self._support_labels,
@@ -124,12 +141,14 @@ def episode_dataset(
     seed: int = 0,
     start_episode: int = 0,
     num_episodes: int | None = None,
+    augment: Augmentation | None = None,
 ) -> tf.data.Dataset:
     """A tf.data pipeline of batches of N-way K-shot Q-query episodes from ``dataset``; see the module docstring.
 
-    Same ``seed`` -> same episodes; ``start_episode=i`` resumes the stream at episode i exactly.
+    Same ``seed`` -> same episodes; ``start_episode=i`` resumes the stream at episode i exactly. ``augment``
+    (`keras_metalstm.augmentation`) augments the episodes' images, still as a function of (seed, episode).
     """
-    return EpisodeSampler(dataset, n_way, k_shot, q_query, seed).dataset(
+    return EpisodeSampler(dataset, n_way, k_shot, q_query, seed, augment).dataset(
         batch_size, start_episode, num_episodes
     )
 
