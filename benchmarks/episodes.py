@@ -1,13 +1,15 @@
 """Episodes per second of the keras_metalstm.data pipeline alone, compared with the meta-training step's rate.
 
     python benchmarks/episodes.py [--seconds 3] [--batch-sizes 1,4] [--no-meta-step]
+    python benchmarks/episodes.py --augment flip,translate=0.1,brightness=0.2   # also the augmented pipeline
 
 Cases: fontglot (28x28x1) 5-way 1-shot and 5-shot, and an 84x84x3 image folder (generated in a temporary
 directory, 20 classes x 30 JPEGs) 5-way 1-shot and 5-shot, all with 15 queries per class. Each rate is measured
 by pulling batches from the tf.data pipeline (episodes/s = batches x B / wall time, after a warm-up). If
 keras_metalstm.MetaTrainer and keras_metalstm.learners.conv4 import, a few meta-steps (conv4 learner,
 inner_steps 12, one episode per step, jit off) are timed in the same run and the ratio pipeline / meta-step is
-printed; the requirement is >= 20x.
+printed; the requirement is >= 20x. With --augment, every case is also measured with its episodes augmented
+(`metalstm train --augment`), in the same run, and the ratio is the slower pipeline's.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from keras_metalstm.augmentation import Augmentation  # noqa: E402
 from keras_metalstm.data import episode_dataset, fontglot_splits, load_image_folder  # noqa: E402
 
 N_WAY, Q_QUERY = 5, 15
 
 
-def pipeline_rate(dataset, k_shot: int, batch_size: int, seconds: float) -> float:
+def pipeline_rate(dataset, k_shot: int, batch_size: int, seconds: float, augment=None) -> float:
     """Episodes per second pulled from the pipeline (after warming it up)."""
-    iterator = iter(episode_dataset(dataset, N_WAY, k_shot, Q_QUERY, batch_size=batch_size, seed=0))
+    batches = episode_dataset(dataset, N_WAY, k_shot, Q_QUERY, batch_size=batch_size, seed=0, augment=augment)
+    iterator = iter(batches)
     for _ in range(20):
         next(iterator)
     batches, start = 0, time.perf_counter()
@@ -87,8 +91,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,4", help="episodes per batch, comma-separated")
     parser.add_argument("--meta-steps", type=int, default=5, help="meta-steps to time per case")
     parser.add_argument("--no-meta-step", action="store_true", help="time the pipeline only")
+    parser.add_argument("--augment", default=None, help="also time the pipeline with this augmentation")
     args = parser.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    augment = Augmentation.parse(args.augment)
+    columns = [(b, None) for b in batch_sizes] + ([(b, augment) for b in batch_sizes] if augment else [])
 
     print(
         f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU core(s); {N_WAY}-way, {Q_QUERY} queries per class"
@@ -110,12 +117,12 @@ def main() -> None:
     ]
     print(
         f"\n{'case':<24}{'shot':>5}"
-        + "".join(f"{f'B={b} eps/s':>14}" for b in batch_sizes)
+        + "".join(f"{f'B={b}' + (' aug' if a else '') + ' eps/s':>18}" for b, a in columns)
         + f"{'meta eps/s':>12}{'ratio':>9}"
     )
     for name, dataset, k_shot in cases:
-        rates = [pipeline_rate(dataset, k_shot, b, args.seconds) for b in batch_sizes]
-        line = f"{name:<24}{k_shot:>5}" + "".join(f"{r:>14.0f}" for r in rates)
+        rates = [pipeline_rate(dataset, k_shot, b, args.seconds, a) for b, a in columns]
+        line = f"{name:<24}{k_shot:>5}" + "".join(f"{r:>18.0f}" for r in rates)
         if args.no_meta_step:
             print(line)
             continue
@@ -126,6 +133,8 @@ def main() -> None:
             ratio = min(rates) / meta_rate
             verdict = "ok" if ratio >= 20 else "TOO SLOW"
             print(line + f"{meta_rate:>12.1f}{ratio:>8.0f}x  {verdict}; {note}")
+    if augment:
+        print(f"\naug: episodes augmented by {augment}")
     if args.no_meta_step:
         print("\nmeta-step not timed (--no-meta-step): pipeline numbers only")
 

@@ -66,35 +66,38 @@ class Augmentation:
         """uint8 images (n, H, W, C), augmented as a pure function of ``key`` (a stateless seed, shape (2,))."""
         import tensorflow as tf
 
-        brightness_key, flip_key, translate_key = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+        brightness_key, flip_key, row_key, column_key = tf.unstack(tf.random.experimental.stateless_split(key, 4))
         count = tf.shape(images)[0]
         if self.brightness:
             deltas = tf.random.stateless_uniform([count], brightness_key, -self.brightness, self.brightness)
             shifted = tf.cast(images, tf.float32) + 255.0 * deltas[:, None, None, None]
             images = tf.cast(tf.clip_by_value(tf.round(shifted), 0.0, 255.0), tf.uint8)
-        if self.flip:
-            mirrored = tf.random.stateless_uniform([count], flip_key) < 0.5
-            images = tf.where(mirrored[:, None, None, None], tf.reverse(images, axis=[2]), images)
-        if self.translate:
-            images = _translated(images, self.translate, translate_key)
-        return images
+        mirrored = tf.random.stateless_uniform([count], flip_key) < 0.5 if self.flip else None
+        # The flip and the shift move pixels: one gather per axis reads each output pixel from where it comes.
+        images = _moved(images, 1, None, self.translate, row_key)
+        return _moved(images, 2, mirrored, self.translate, column_key)
 
 
-def _translated(images, fraction, key):
-    """Each image shifted by its own whole-pixel offsets, the uncovered border zero."""
+def _moved(images, axis, mirrored, fraction, key):
+    """``images`` mirrored along ``axis`` where ``mirrored`` (None: nowhere), then shifted along it by whole pixels
+    up to ``fraction`` of its size, each image by its own offset, the uncovered border zero."""
     import tensorflow as tf
 
-    height, width = images.shape[1], images.shape[2]
-    row_key, column_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-    for axis, size, axis_key in ((1, height, row_key), (2, width, column_key)):
-        margin = int(round(fraction * size))
-        if margin == 0:
-            continue
-        offsets = tf.random.stateless_uniform([tf.shape(images)[0]], axis_key, -margin, margin + 1, tf.int32)
+    size = images.shape[axis]
+    margin = int(round(fraction * size))
+    if mirrored is None and margin == 0:
+        return images
+    count = tf.shape(images)[0]
+    positions = tf.tile(tf.range(size)[None, :], [count, 1])  # output pixel p reads pixel positions[p]
+    if mirrored is not None:
+        positions = tf.where(mirrored[:, None], size - 1 - positions, positions)
+    if margin:
+        # Shifted by +offset, output pixel p shows what was at p - offset: in the mirrored image, that is
+        # pixel size - 1 - p + offset of the original. Padding with `margin` zeros puts the border's reads there.
+        offsets = tf.random.stateless_uniform([count, 1], key, -margin, margin + 1, tf.int32)
+        toward = offsets if mirrored is None else tf.where(mirrored[:, None], -offsets, offsets)
+        positions = positions - toward + margin
         padding = [[0, 0]] * 4
         padding[axis] = [margin, margin]
-        padded = tf.pad(images, padding)
-        # Output position p reads padded position p + margin - offset: the content moves by +offset.
-        positions = (margin - offsets)[:, None] + tf.range(size)[None, :]
-        images = tf.gather(padded, positions, axis=axis, batch_dims=1)
-    return images
+        images = tf.pad(images, padding)
+    return tf.gather(images, positions, axis=axis, batch_dims=1)

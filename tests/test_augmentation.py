@@ -59,17 +59,24 @@ def test_flip_mirrors_some_images_left_right_and_keeps_the_others():
     assert 10 < sum(mirrored) < 38  # each with probability 1/2
 
 
-def test_translate_moves_each_image_by_whole_pixels_within_the_fraction_zero_filled():
+@pytest.mark.parametrize("flip", [False, True])
+def test_translate_moves_each_image_by_whole_pixels_within_the_fraction_zero_filled(flip):
     images = random_images()
-    out = Augmentation(translate=0.2)(tf.constant(images), KEY).numpy()  # margins: 2 rows, 2 columns
-    offsets = []
+    out = Augmentation(flip=flip, translate=0.2)(tf.constant(images), KEY).numpy()  # margins: 2 rows, 2 columns
+    moves = []
     for image, result in zip(images, out, strict=True):
         matches = [
-            (dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if np.array_equal(result, shifted(image, dy, dx))
+            (mirrored, dy, dx)
+            for mirrored in ([False, True] if flip else [False])
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if np.array_equal(result, shifted(image[:, ::-1] if mirrored else image, dy, dx))
         ]
-        assert len(matches) == 1, "every image is its original shifted within the margins"
-        offsets.append(matches[0])
-    assert len(set(offsets)) > 10  # drawn per image
+        assert len(matches) == 1, "every image is its original (mirrored or not) shifted within the margins"
+        moves.append(matches[0])
+    assert len({move[1:] for move in moves}) > 10  # drawn per image
+    if flip:
+        assert 10 < sum(move[0] for move in moves) < 38
 
 
 def test_brightness_adds_one_clipped_value_per_image():
