@@ -27,6 +27,8 @@ _FORMS = "flip, translate=F (0 < F < 0.5) and brightness=B (0 < B <= 1)"
 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
+    """What is done to each image (the module's doc); `parse` and `str` convert from and to the text form."""
+
     flip: bool = False
     translate: float = 0.0
     brightness: float = 0.0

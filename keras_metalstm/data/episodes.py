@@ -1,9 +1,9 @@
 """N-way K-shot Q-query episodes as a deterministic, resumable tf.data pipeline.
 
 Episode ``e`` of a stream with seed ``s`` is a pure function of ``(s, e)``: its classes and images are drawn
-with stateless random ops keyed on ``(s, 2e)`` and ``(s, 2e + 1)``. So ``episode_dataset(..., seed=s,
-start_episode=i)`` yields exactly episodes i, i+1, ... of the uninterrupted stream (exact resume), whatever the
-batch size, parallelism or prefetching.
+with stateless random ops keyed on ``(s, 2e)`` and ``(s, 2e + 1)`` (an augmentation's draws, if any, on a key
+folded from the latter). So ``episode_dataset(..., seed=s, start_episode=i)`` yields exactly episodes i, i+1, ...
+of the uninterrupted stream (exact resume), whatever the batch size, parallelism or prefetching.
 
 One episode: N distinct classes drawn uniformly from the split, relabelled 0..N-1 in random order; for each class
 K + Q distinct images drawn uniformly from its images, the first K are the support set and the other Q the query
