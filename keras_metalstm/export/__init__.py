@@ -30,18 +30,16 @@ from keras_metalstm.export.adapted import (
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.exporter import FORMATS, ONNX_FILE, ExportResult, export_adapted, export_meta
 from keras_metalstm.export.files import next_version, versions
+from keras_metalstm.export.inputs import ImageInputs, check_images, read_images
 from keras_metalstm.export.onnx_format import DEFAULT_OPSET, OPSETS, to_onnx, write_onnx
 from keras_metalstm.export.parity import ParityReport, verify_parity
 from keras_metalstm.export.predict import (
     AdaptInServingPredictor,
-    ImageInputs,
     KerasPredictor,
     OnnxPredictor,
     SavedModelPredictor,
-    check_images,
     load_predictor,
     prediction_records,
-    read_images,
 )
 from keras_metalstm.export.quickstart import quickstart_export
 from keras_metalstm.export.rest import rest_predict

@@ -1,15 +1,13 @@
 """Prediction with any exported form: an adapted `.keras` file, a SavedModel version folder or an `.onnx` file.
 
 All predictors take float32 images (batch, H, W, C) in [0, 1] (the training scale) and return a dict with
-``logits``, ``probabilities``, ``class_ids`` and ``class_names`` (NumPy arrays). `ImageInputs` (batch by batch)
-and `read_images` (all at once) turn image files (converted by the package's rule, rounded to uint8, divided by
-255: the training preparation) or ``.npy`` arrays into that input.
+``logits``, ``probabilities``, ``class_ids`` and ``class_names`` (NumPy arrays); `keras_metalstm.export.inputs`
+turns image files and ``.npy`` arrays into that input.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
 from pathlib import Path
 
@@ -18,44 +16,7 @@ import numpy as np
 from keras_metalstm.config import first_line
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.files import versions
-
-
-def check_images(images, image_shape):
-    """Validates a batch for a model taking ``image_shape``; returns it as a float32 array (batch, H, W, C)."""
-    images = np.asarray(images)
-    shape = tuple(image_shape)
-    if images.dtype == np.uint8:
-        raise ExportError(
-            "images are uint8 but the model takes float32 in [0, 1] (the training scale): divide by 255 first."
-        )
-    if images.dtype != np.float32:
-        if images.dtype == np.float64:
-            images = images.astype(np.float32)
-        else:
-            raise ExportError(
-                f"images must be float32 in [0, 1] (the training scale), got dtype {images.dtype}."
-            )
-    if images.ndim == 3 and images.shape == shape:
-        images = images[np.newaxis]
-    if images.ndim != 4:
-        raise ExportError(
-            f"images must be a batch of shape (batch, {', '.join(map(str, shape))}), got shape {images.shape}."
-        )
-    if tuple(images.shape[1:]) != shape:
-        raise ExportError(
-            f"images have shape {tuple(images.shape[1:])} per image but the model takes {shape} (H, W, C): "
-            "convert them with keras_metalstm.data.convert_images, or pass the image files to `metalstm predict`, "
-            "which applies the training conversion rule."
-        )
-    if images.shape[0] == 0:
-        raise ExportError("no images to predict.")
-    if images.size and (images.min() < 0.0 or images.max() > 1.0):
-        raise ExportError(
-            f"image values must be in [0, 1] (the training scale), got {images.min():.3g}..{images.max():.3g}: "
-            "divide 0..255 values by 255."
-        )
-    return images
-
+from keras_metalstm.export.inputs import check_images
 
 # TensorFlow's oneDNN CPU kernel for a convolution fused with a residual add gives wrong outputs or crashes when
 # a model is called from several threads at once (docs/serving.md): the TensorFlow predictors take this lock, so
@@ -286,112 +247,6 @@ def load_predictor(path, threads=None, support=None):
     from keras_metalstm.export.adapted import load_adapted
 
     return KerasPredictor(load_adapted(resolved), path=resolved)
-
-
-class ImageInputs:
-    """Image files, folders of them and ``.npy`` arrays for a model taking ``image_shape``, read batch by batch
-    (`batches`), so a folder of any size is predicted in bounded memory.
-
-    A folder stands for its image files (``IMAGE_EXTENSIONS``, any case, hidden ones skipped, sorted by name; not
-    its sub-folders). Image files are converted to ``image_shape`` by the package's rule and rounded to uint8
-    before dividing by 255 (the training preparation). A ``.npy`` file holds one image (H, W, C) or a batch,
-    already float32 in [0, 1] at the model's shape (checked, never converted; its values batch by batch). Every
-    path, and every array's dtype and shape, is checked when the inputs are made, before anything is predicted.
-    ``len()`` is the number of images.
-    """
-
-    def __init__(self, paths, image_shape):
-        self.image_shape = tuple(image_shape)
-        # (path, None) for an image file, (path, its number of images) for a .npy array.
-        self._sources = [(path, self._check(path)) for path in _expand_folders(map(Path, paths))]
-        if not self._sources:
-            raise ExportError("no images given.")
-        self._count = sum(1 if rows is None else rows for _, rows in self._sources)
-
-    def __len__(self):
-        return self._count
-
-    def _check(self, path):
-        """None for an image file; an array's number of images, its dtype and shape checked (its values are
-        checked as they are read)."""
-        if not path.is_file():
-            raise ExportError(f"image {path} not found.")
-        if path.suffix.lower() != ".npy":
-            return None
-        array = _mapped_array(path)  # not kept: each map holds a file descriptor, and there may be thousands
-        try:
-            check_images(array[:1] if array.ndim else array, self.image_shape)
-        except ExportError as error:
-            raise ExportError(f"{path}: {error}") from None
-        return len(array)
-
-    def batches(self, batch_size=256):
-        """Yields (images float32 (n, H, W, C), names), n <= ``batch_size``, one name per image (an array's rows:
-        ``path[i]``, unless it holds one image), reading only that batch's files."""
-        positions = (  # (source index, row of an array or None for an image file), in input order
-            (index, row)
-            for index, (_, rows) in enumerate(self._sources)
-            for row in ([None] if rows is None else range(rows))
-        )
-        while batch := list(itertools.islice(positions, batch_size)):
-            yield self._read(batch)
-
-    def _read(self, batch):
-        files = [self._sources[index][0] for index, row in batch if row is None]
-        decoded = iter(self._decoded(files) if files else ())
-        images, names = [], []
-        for index, group in itertools.groupby(batch, key=lambda item: item[0]):
-            path, rows = self._sources[index]
-            numbers = [row for _, row in group]
-            if rows is None:
-                images.append(next(decoded)[np.newaxis])
-                names.append(str(path))
-                continue
-            block = np.array(_mapped_array(path)[numbers[0] : numbers[-1] + 1])
-            try:
-                images.append(check_images(block, self.image_shape))
-            except ExportError as error:
-                raise ExportError(f"{path}: {error}") from None
-            names.extend([str(path)] if rows == 1 else [f"{path}[{i}]" for i in numbers])
-        return np.concatenate(images), names
-
-    def _decoded(self, files):
-        from keras_metalstm.data import decode_image_files
-
-        decoded, _ = decode_image_files([str(f) for f in files], self.image_shape)
-        return decoded.astype(np.float32) * np.float32(1.0 / 255.0)
-
-
-def _mapped_array(path):
-    """A .npy file memory-mapped, one image (H, W, C) as a batch of one."""
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as error:
-        raise ExportError(f"{path}: not a readable .npy array ({error}).") from error
-    return array[np.newaxis] if array.ndim == 3 else array
-
-
-def read_images(paths, image_shape):
-    """Image files and/or ``.npy`` arrays (as `ImageInputs` takes them) -> (float32 (n, H, W, C) in [0, 1], one
-    name per row), all in memory: for many images, `Predictor.predict_inputs` reads them batch by batch."""
-    batches = list(ImageInputs(paths, image_shape).batches(batch_size=4096))
-    return np.concatenate([images for images, _ in batches]), [name for _, names in batches for name in names]
-
-
-def _expand_folders(paths):
-    from keras_metalstm.data import IMAGE_EXTENSIONS, image_files
-
-    for path in paths:
-        if not path.is_dir():
-            yield path
-            continue
-        images = image_files(path)
-        if not images:
-            raise ExportError(
-                f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}): pass image files, .npy arrays "
-                "or folders of images."
-            )
-        yield from images
 
 
 def prediction_records(names, outputs):

@@ -48,7 +48,8 @@ def quickstart_export(run_dir, out_dir):
     one-line description of what was written."""
     from keras_metalstm.export.adapted import adapt_folder, save_adapted
     from keras_metalstm.export.exporter import export_adapted, export_meta
-    from keras_metalstm.export.predict import load_predictor, read_images
+    from keras_metalstm.export.inputs import read_images
+    from keras_metalstm.export.predict import load_predictor
     from keras_metalstm.runs import load_meta_learner, load_splits
 
     out_dir = Path(out_dir)
