@@ -69,8 +69,8 @@ def training_options(function):
             default=None,
             help="Augment the meta-training episodes' images in the input pipeline, e.g. flip,translate=0.1 "
             "(flip: mirror left-right; translate=F: shift up to F of the size; brightness=B: add up to +-B): "
-            "keyed on the episode, so resuming stays exact, and it works with --xla and on a TPU. Default: none "
-            "(the paper).",
+            "keyed on the episode, so resuming stays exact; the compiled step never sees it, so it works with "
+            "--xla. Default: none (the paper).",
         ),
         click.option("--hidden-units", type=int, default=None, help="Coordinate LSTM units (default 20)."),
         click.option(

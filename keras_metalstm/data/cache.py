@@ -1,6 +1,6 @@
 """A disk cache of decoded image files: a data set given as thousands of image files is decoded once, not at every
-command (Mini-ImageNet from its original-size ImageNet JPEGs takes about 100 s on two cores to decode; its cache
-entry, 1.3 GB, reads back in about a second).
+command (Mini-ImageNet from its original-size ImageNet JPEGs takes 80-100 s on two cores to decode; its cache
+entry, 1.3 GB, should read back in a few seconds: 42 MB took 0.1 s here).
 
 An entry holds the converted uint8 images (and each file's own shape) of one ordered list of files at one target
 shape, in the cache folder: ``KERAS_METALSTM_CACHE_DIR``, by default ``$XDG_CACHE_HOME/keras-metalstm`` or
