@@ -290,6 +290,18 @@ def test_adapting_on_an_unbalanced_support_set_warns_with_the_counts(meta, tmp_p
         export.adapt(meta, images[:5], [0, 1, 2, 3, 4], list("abcde"))
 
 
+def test_the_adapt_in_serving_predictor_warns_of_an_unbalanced_support_folder_too(meta_export, tmp_path):
+    import warnings
+
+    support = write_support(tmp_path / "support")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export.load_predictor(meta_export.path, support=support)
+    (support / "gamma" / "1.png").unlink()
+    with pytest.warns(RuntimeWarning, match=r"unbalanced \(alpha 2, beta 2, delta 2, gamma 1, zeta 2 images\)"):
+        export.load_predictor(meta_export.path, support=support)
+
+
 def test_predictors_classify_many_images_a_batch_at_a_time_with_the_same_results(exported, queries, monkeypatch):
     predictor = export.load_predictor(exported.path)
     whole = predictor.predict(queries)

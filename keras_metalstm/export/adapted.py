@@ -168,6 +168,20 @@ def load_support_folder(root, image_shape, n_way=None):
     return images, labels, names
 
 
+def warn_if_unbalanced(shots, class_names):
+    """A warning naming each class's count when the support set's classes have unequal numbers of images."""
+    if len(set(np.asarray(shots).tolist())) > 1:
+        counts = ", ".join(f"{name} {int(count)}" for name, count in zip(class_names, shots, strict=True))
+        warnings.warn(
+            f"keras_metalstm: the support set is unbalanced ({counts} images): the meta-learner was meta-trained "
+            "on episodes with the same number of images per class, and the support loss it adapts with weighs "
+            "each class by its image count. Give every class the same number of images (the K of its training) "
+            "for the task it learned to adapt to.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def adapt(meta, support_images, support_labels, class_names, inner_steps=None, info=None):
     """Runs the meta-learner's inner loop on one support set (test-mode batch-norm statistics).
 
@@ -188,16 +202,7 @@ def adapt(meta, support_images, support_labels, class_names, inner_steps=None, i
             f"classes {[class_names[i] for i in missing]} have no support image: give every class at least one."
         )
     shots = np.bincount(labels, minlength=n_way)
-    if len(set(shots.tolist())) > 1:
-        counts = ", ".join(f"{name} {count}" for name, count in zip(class_names, shots.tolist(), strict=True))
-        warnings.warn(
-            f"keras_metalstm: the support set is unbalanced ({counts} images): the meta-learner was meta-trained "
-            "on episodes with the same number of images per class, and the support loss it adapts with weighs "
-            "each class by its image count. Give every class the same number of images (the K of its training) "
-            "for the task it learned to adapt to.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    warn_if_unbalanced(shots, class_names)
     steps = meta.inner_steps if inner_steps is None else int(inner_steps)
     learner = meta.adapt(support_images, labels, inner_steps=steps)
     details = {

@@ -132,7 +132,7 @@ class AdaptInServingPredictor(Predictor):
     _calls = _TENSORFLOW_CALLS
 
     def __init__(self, path, support_dir):
-        from keras_metalstm.export.adapted import load_support_folder
+        from keras_metalstm.export.adapted import load_support_folder, warn_if_unbalanced
         from keras_metalstm.export.savedmodel import read_metadata
 
         self.path = Path(path)
@@ -146,6 +146,7 @@ class AdaptInServingPredictor(Predictor):
         images, labels, self.class_names = load_support_folder(
             support_dir, self.image_shape, read_metadata(self.path).get("n_way")
         )
+        warn_if_unbalanced(np.bincount(labels, minlength=len(self.class_names)), self.class_names)
         self.support = {"support_images": images, "support_labels": labels}
 
     def _run(self, images):
