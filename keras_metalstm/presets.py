@@ -432,7 +432,9 @@ def _recipe(config, info) -> str:
         f"clip {config.clip_norm:g}; {'first' if config.first_order else 'second'}-order meta-gradient; theta_0 from "
         f"{theta0}; "
         f"query batch-norm statistics `{config.query_statistics}`; learned logit scale "
-        f"{'on' if config.learn_logit_scale else 'off'}; seed {config.seed}. Outcome: {validation}{spent} "
+        f"{'on' if config.learn_logit_scale else 'off'}; "
+        f"{f'meta-training episodes augmented `{config.augment}`; ' if config.augment else ''}"
+        f"seed {config.seed}. Outcome: {validation}{spent} "
         f"(run status `{training.get('status')}`). Every setting, as `{TRAIN_CONFIG_FILE}` holds them:\n\n"
         f"```yaml\n{config.to_yaml()}```"
     )

@@ -272,3 +272,12 @@ def test_a_run_evaluated_with_baselines_becomes_a_preset_whose_card_commands_rep
     exported = run("export", "full", "--out", tmp_path / "saved_models" / "full", env=env)
     assert exported.exit_code == 0, exported.output
     assert "adapt-in-serving SavedModel of the 5-way meta-learner" in exported.output
+
+
+def test_the_cards_recipe_says_when_the_episodes_were_augmented():
+    from keras_metalstm.config import RunConfig
+
+    info = {"training": {"episode": 10, "status": "finished"}}
+    augmented = presets._recipe(RunConfig(augment="translate=0.1"), info)
+    assert "meta-training episodes augmented `translate=0.1`" in augmented
+    assert "augmented" not in presets._recipe(RunConfig(), info)
