@@ -128,8 +128,14 @@ def export_command(model, format_, out, version, opset, force, no_verify):
     help="With a meta-learner's adapt-in-serving SavedModel: the support set (one sub-folder of images per class) "
     "it adapts to inside the SavedModel before classifying.",
 )
+@click.option(
+    "--labelled",
+    is_flag=True,
+    help="IMAGES is one folder of class sub-folders named after the model's classes: also print each image's true "
+    "class and the accuracy, overall and per class (check an adapted model before shipping it).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def predict(model, images, as_json, support, no_progress):
+def predict(model, images, as_json, support, labelled, no_progress):
     """Classify image files with an exported model.
 
     MODEL is a SavedModel version folder (saved_models/NAME/<version>; a NAME folder means its newest
@@ -143,15 +149,27 @@ def predict(model, images, as_json, support, no_progress):
         from keras_metalstm import export
 
         predictor = export.load_predictor(model, support=support)
-        inputs = export.ImageInputs(images, predictor.image_shape)
+        if labelled and len(images) != 1:
+            raise export.ExportError("--labelled takes one folder of class sub-folders as IMAGES.")
+        if labelled:
+            inputs, labels = export.labelled_inputs(images[0], predictor.image_shape, predictor.class_names)
+        else:
+            inputs = export.ImageInputs(images, predictor.image_shape)
         with progress_bar("predict", len(inputs), "img", enabled=not no_progress) as bar:
             records = predictor.predict_inputs(inputs, progress=bar.update)
+        if labelled:
+            share, per_class = export.accuracy(records, labels)
     if as_json:
         click.echo(json.dumps(records, indent=2, ensure_ascii=False))
     else:
         width = max(len(r["image"]) for r in records)
         for record in records:
-            click.echo(f"{record['image']:<{width}}  {record['class_name']}  {record['probability']:.4f}")
+            truth = f"  (true: {record['label']})" if labelled else ""
+            click.echo(f"{record['image']:<{width}}  {record['class_name']}  {record['probability']:.4f}{truth}")
+    if labelled:
+        classes = ", ".join(f"{name} {right}/{seen}" for name, (right, seen) in per_class.items())
+        right = sum(right for right, _ in per_class.values())
+        click.echo(f"accuracy {share:.2%} ({right} of {len(records)} images): {classes}", err=as_json)
     click.echo(
         f"predicted {len(records)} image(s) with {predictor.kind} model {predictor.path} in "
         f"{time.perf_counter() - started:.1f}s",

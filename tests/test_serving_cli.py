@@ -99,6 +99,34 @@ def test_predict_shows_a_bar_of_its_images_on_stderr_unless_told_not_to(exported
     assert "predict:" not in hidden.stderr and hidden.stdout == shown.stdout
 
 
+def test_predict_labelled_prints_each_true_class_and_the_accuracy_overall_and_per_class(
+    exported_dir, workspace, tmp_path
+):
+    support = workspace / "support"
+    files = sorted(support.glob("*/*.png"))
+    plain = json.loads(run("predict", exported_dir, *files, "--json", "--no-progress").stdout)
+    right = {name: 0 for name in CLASSES}
+    for record, path in zip(plain, files, strict=True):
+        right[path.parent.name] += record["class_name"] == path.parent.name
+    expected = sum(right.values()) / len(files)
+    text = run("predict", exported_dir, support, "--labelled", "--no-progress")
+    assert text.exit_code == 0, text.output
+    per_class = ", ".join(f"{name} {right[name]}/2" for name in sorted(CLASSES))
+    assert f"accuracy {expected:.2%} ({sum(right.values())} of 10 images): {per_class}" in text.stdout
+    assert "(true: alpha)" in text.stdout
+    as_json = run("predict", exported_dir, support, "--labelled", "--json", "--no-progress")
+    records = json.loads(as_json.stdout)
+    assert [r["label"] for r in records] == [f.parent.name for f in files]
+    assert [r["class_name"] for r in records] == [r["class_name"] for r in plain]
+    assert f"accuracy {expected:.2%}" in as_json.stderr
+    (tmp_path / "omega").mkdir()
+    (tmp_path / "omega" / "0.png").write_bytes(files[0].read_bytes())
+    unknown = run("predict", exported_dir, tmp_path, "--labelled")
+    assert unknown.exit_code == 1 and "class folder(s) omega are not classes of the model" in unknown.output
+    two = run("predict", exported_dir, support, support, "--labelled")
+    assert two.exit_code == 1 and "--labelled takes one folder" in two.output
+
+
 def test_predict_on_a_model_folder_uses_its_newest_version(exported_dir, workspace):
     image = next((workspace / "support").glob("*/0.png"))
     result = run("predict", exported_dir.parent, image)

@@ -30,7 +30,7 @@ from keras_metalstm.export.adapted import (
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.exporter import FORMATS, ONNX_FILE, ExportResult, export_adapted, export_meta
 from keras_metalstm.export.files import next_version, versions
-from keras_metalstm.export.inputs import ImageInputs, check_images, read_images
+from keras_metalstm.export.inputs import ImageInputs, check_images, labelled_inputs, read_images
 from keras_metalstm.export.onnx_format import DEFAULT_OPSET, OPSETS, to_onnx, write_onnx
 from keras_metalstm.export.parity import ParityReport, verify_parity
 from keras_metalstm.export.predict import (
@@ -38,6 +38,7 @@ from keras_metalstm.export.predict import (
     KerasPredictor,
     OnnxPredictor,
     SavedModelPredictor,
+    accuracy,
     load_predictor,
     prediction_records,
 )
@@ -68,12 +69,14 @@ __all__ = [
     "OnnxPredictor",
     "ParityReport",
     "SavedModelPredictor",
+    "accuracy",
     "adapt",
     "adapt_folder",
     "check_images",
     "decode_for_serving",
     "export_adapted",
     "export_meta",
+    "labelled_inputs",
     "load_adapted",
     "load_exportable",
     "load_meta_learner",

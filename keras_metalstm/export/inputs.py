@@ -156,3 +156,19 @@ def _expand_folders(paths):
                 "or folders of images."
             )
         yield from images
+
+
+def labelled_inputs(root, image_shape, class_names):
+    """The images of a labelled folder ``root/<class>/*.png|jpg|jpeg`` (class folders named as the model's
+    classes) as (`ImageInputs`, each image's true class name), for `accuracy`."""
+    from keras_metalstm.data.folder import list_image_folder
+
+    classes = list_image_folder(root)
+    unknown = sorted(set(classes) - set(class_names))
+    if unknown:
+        raise ExportError(
+            f"{root}: the class folder(s) {', '.join(unknown)} are not classes of the model "
+            f"({', '.join(class_names)}): name each sub-folder after the class its images show."
+        )
+    files = [path for paths in classes.values() for path in paths]
+    return ImageInputs(files, image_shape), [name for name, paths in classes.items() for _ in paths]

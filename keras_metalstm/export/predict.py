@@ -250,6 +250,17 @@ def load_predictor(path, threads=None, support=None):
     return KerasPredictor(load_adapted(resolved), path=resolved)
 
 
+def accuracy(records, labels):
+    """The share of `prediction_records` whose class is ``labels``' (one true class name per record), and per true
+    class {name: (right, images)}; each record gains its "label"."""
+    per_class = {}
+    for record, label in zip(records, labels, strict=True):
+        record["label"] = label
+        right, seen = per_class.get(label, (0, 0))
+        per_class[label] = (right + (record["class_name"] == label), seen + 1)
+    return sum(right for right, _ in per_class.values()) / len(records), per_class
+
+
 def prediction_records(names, outputs):
     """JSON-ready rows {"image", "class_name", "probability", "logits"}."""
     records = []

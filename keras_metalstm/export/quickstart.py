@@ -11,8 +11,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
-
 
 def _folder_name(name):
     return re.sub(r"[^\w+\- ]", "_", str(name)).strip() or "class"
@@ -48,8 +46,8 @@ def quickstart_export(run_dir, out_dir):
     one-line description of what was written."""
     from keras_metalstm.export.adapted import adapt_folder, save_adapted
     from keras_metalstm.export.exporter import export_adapted, export_meta
-    from keras_metalstm.export.inputs import read_images
-    from keras_metalstm.export.predict import load_predictor
+    from keras_metalstm.export.inputs import labelled_inputs
+    from keras_metalstm.export.predict import accuracy, load_predictor
     from keras_metalstm.runs import load_meta_learner, load_splits
 
     out_dir = Path(out_dir)
@@ -60,13 +58,11 @@ def quickstart_export(run_dir, out_dir):
     save_adapted(adapted, out_dir / "adapted.keras", force=True)
     result = export_adapted(adapted, out_dir / "saved_models" / "task", format="both")
     meta_result = export_meta(meta, out_dir / "saved_models" / "metalstm")
-    files = sorted(query.glob("*/*.png"))
     predictor = load_predictor(result.path / "model.onnx")
-    images, _ = read_images(files, predictor.image_shape)
-    predicted = predictor.predict(images)["class_names"]
-    accuracy = float(np.mean([name == path.parent.name for name, path in zip(predicted, files, strict=True)]))
+    inputs, labels = labelled_inputs(query, predictor.image_shape, predictor.class_names)
+    share, _ = accuracy(predictor.predict_inputs(inputs), labels)
     return (
         f"{out_dir / 'adapted.keras'} (adapted on {support}), SavedModel + ONNX export {result.path} "
         f"({'parity OK' if result.parity.ok else 'parity FAILED'}; {predictor.kind} accuracy on the "
-        f"{len(files)} query images {accuracy:.1%}), adapt-in-serving SavedModel {meta_result.path}"
+        f"{len(labels)} query images {share:.1%}), adapt-in-serving SavedModel {meta_result.path}"
     )
