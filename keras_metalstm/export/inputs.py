@@ -1,8 +1,8 @@
 """The inputs of prediction: image files, folders of them and ``.npy`` arrays turned into float32 batches
 (batch, H, W, C) in [0, 1] at a model's input shape (the training scale), checked with messages that say how to
 fix them. `ImageInputs` reads them batch by batch (any number of images in bounded memory), `read_images` all at
-once; image files are converted by the package's rule, rounded to uint8 and divided by 255 (the training
-preparation).
+once, `labelled_inputs` a folder of class sub-folders with each image's true class; image files are converted by
+the package's rule, rounded to uint8 and divided by 255 (the training preparation).
 """
 
 from __future__ import annotations
