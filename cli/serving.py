@@ -157,8 +157,7 @@ def predict(model, images, as_json, support, labelled, no_progress):
             inputs = export.ImageInputs(images, predictor.image_shape)
         with progress_bar("predict", len(inputs), "img", enabled=not no_progress) as bar:
             records = predictor.predict_inputs(inputs, progress=bar.update)
-        if labelled:
-            share, per_class = export.accuracy(records, labels)
+        score = export.accuracy(records, labels) if labelled else None
     if as_json:
         click.echo(json.dumps(records, indent=2, ensure_ascii=False))
     else:
@@ -166,10 +165,8 @@ def predict(model, images, as_json, support, labelled, no_progress):
         for record in records:
             truth = f"  (true: {record['label']})" if labelled else ""
             click.echo(f"{record['image']:<{width}}  {record['class_name']}  {record['probability']:.4f}{truth}")
-    if labelled:
-        classes = ", ".join(f"{name} {right}/{seen}" for name, (right, seen) in per_class.items())
-        right = sum(right for right, _ in per_class.values())
-        click.echo(f"accuracy {share:.2%} ({right} of {len(records)} images): {classes}", err=as_json)
+    if score is not None:
+        click.echo(score.summary(), err=as_json)
     click.echo(
         f"predicted {len(records)} image(s) with {predictor.kind} model {predictor.path} in "
         f"{time.perf_counter() - started:.1f}s",

@@ -302,6 +302,15 @@ def test_the_adapt_in_serving_predictor_warns_of_an_unbalanced_support_folder_to
         export.load_predictor(meta_export.path, support=support)
 
 
+def test_accuracy_counts_right_predictions_per_true_class():
+    records = [{"class_name": name} for name in ("cat", "dog", "cat", "cat", "owl")]
+    score = export.accuracy(records, ["cat", "cat", "cat", "dog", "owl"])
+    assert score.per_class == {"cat": (2, 3), "dog": (0, 1), "owl": (1, 1)}
+    assert (score.right, score.images, score.share) == (3, 5, 0.6)
+    assert score.summary() == "accuracy 60.00% (3 of 5 images): cat 2/3, dog 0/1, owl 1/1"
+    assert [r["label"] for r in records] == ["cat", "cat", "cat", "dog", "owl"]
+
+
 def test_predictors_classify_many_images_a_batch_at_a_time_with_the_same_results(exported, queries, monkeypatch):
     predictor = export.load_predictor(exported.path)
     whole = predictor.predict(queries)

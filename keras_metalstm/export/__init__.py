@@ -34,6 +34,7 @@ from keras_metalstm.export.inputs import ImageInputs, check_images, labelled_inp
 from keras_metalstm.export.onnx_format import DEFAULT_OPSET, OPSETS, to_onnx, write_onnx
 from keras_metalstm.export.parity import ParityReport, verify_parity
 from keras_metalstm.export.predict import (
+    Accuracy,
     AdaptInServingPredictor,
     KerasPredictor,
     OnnxPredictor,
@@ -53,6 +54,7 @@ from keras_metalstm.export.savedmodel import (
 )
 
 __all__ = [
+    "Accuracy",
     "AdaptInServingPredictor",
     "DEFAULT_OPSET",
     "FORMATS",

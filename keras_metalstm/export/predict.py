@@ -8,6 +8,7 @@ turns image files and ``.npy`` arrays into that input.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -250,15 +251,38 @@ def load_predictor(path, threads=None, support=None):
     return KerasPredictor(load_adapted(resolved), path=resolved)
 
 
+@dataclasses.dataclass(frozen=True)
+class Accuracy:
+    """How many predictions were right, per true class ({name: (right, images)}), and in all."""
+
+    per_class: dict
+
+    @property
+    def right(self):
+        return sum(right for right, _ in self.per_class.values())
+
+    @property
+    def images(self):
+        return sum(images for _, images in self.per_class.values())
+
+    @property
+    def share(self):
+        return self.right / self.images
+
+    def summary(self):
+        classes = ", ".join(f"{name} {right}/{images}" for name, (right, images) in self.per_class.items())
+        return f"accuracy {self.share:.2%} ({self.right} of {self.images} images): {classes}"
+
+
 def accuracy(records, labels):
-    """The share of `prediction_records` whose class is ``labels``' (one true class name per record), and per true
-    class {name: (right, images)}; each record gains its "label"."""
+    """The `Accuracy` of `prediction_records` against ``labels`` (one true class name per record); each record
+    gains its "label"."""
     per_class = {}
     for record, label in zip(records, labels, strict=True):
         record["label"] = label
-        right, seen = per_class.get(label, (0, 0))
-        per_class[label] = (right + (record["class_name"] == label), seen + 1)
-    return sum(right for right, _ in per_class.values()) / len(records), per_class
+        right, images = per_class.get(label, (0, 0))
+        per_class[label] = (right + (record["class_name"] == label), images + 1)
+    return Accuracy(per_class)
 
 
 def prediction_records(names, outputs):

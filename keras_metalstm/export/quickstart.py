@@ -60,7 +60,7 @@ def quickstart_export(run_dir, out_dir):
     meta_result = export_meta(meta, out_dir / "saved_models" / "metalstm")
     predictor = load_predictor(result.path / "model.onnx")
     inputs, labels = labelled_inputs(query, predictor.image_shape, predictor.class_names)
-    share, _ = accuracy(predictor.predict_inputs(inputs), labels)
+    share = accuracy(predictor.predict_inputs(inputs), labels).share
     return (
         f"{out_dir / 'adapted.keras'} (adapted on {support}), SavedModel + ONNX export {result.path} "
         f"({'parity OK' if result.parity.ok else 'parity FAILED'}; {predictor.kind} accuracy on the "
