@@ -1,4 +1,5 @@
-"""Shared test fixtures: small random episodes in the episode-batch format the core consumes."""
+"""Shared test fixtures: small random episodes in the episode-batch format the core consumes, a tiny training run
+and the small adapted task the export and prediction tests use."""
 
 import os
 
@@ -83,3 +84,48 @@ def trained(tmp_path_factory, data_dir):
                                 "--validate-every", "4"))
     assert result.exit_code == 0, result.output
     return run_dir, result.output
+
+
+# The adapt/export/predict tests' task (tests/export_helpers.py), built once per test module that uses it.
+@pytest.fixture(scope="module")
+def meta():
+    from export_helpers import make_meta
+
+    return make_meta()
+
+
+@pytest.fixture(scope="module")
+def support_dir(tmp_path_factory):
+    from export_helpers import write_support
+
+    return write_support(tmp_path_factory.mktemp("support"))
+
+
+@pytest.fixture(scope="module")
+def adapted(meta, support_dir):
+    """`meta` adapted to `support_dir`: an AdaptedLearner of the five classes."""
+    from keras_metalstm import export
+
+    return export.adapt_folder(meta, support_dir)
+
+
+@pytest.fixture(scope="module")
+def queries():
+    from export_helpers import SHAPE
+
+    return np.random.default_rng(7).random((64, *SHAPE), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def exported(adapted, tmp_path_factory):
+    """`adapted` exported as SavedModel and ONNX (an ExportResult)."""
+    from keras_metalstm import export
+
+    return export.export_adapted(adapted, tmp_path_factory.mktemp("models") / "task", format="both")
+
+
+@pytest.fixture(scope="module")
+def encoded_files(tmp_path_factory):
+    from export_helpers import write_encoded_files
+
+    return write_encoded_files(tmp_path_factory.mktemp("encoded"))

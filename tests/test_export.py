@@ -1,5 +1,6 @@
 """Adapt -> .keras -> SavedModel / ONNX: metadata round trip, parity (fresh process), encoded-image and REST
-signatures, adapt-in-serving, atomic writes, and the bad-input messages."""
+signatures, adapt-in-serving, atomic writes, and the bad-input messages. The task they adapt and export (`meta`,
+`support_dir`, `adapted`, `exported`, ...) is conftest.py's; prediction and its inputs: test_export_predict.py."""
 
 import base64
 import json
@@ -7,71 +8,17 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from export_helpers import CLASSES, N_WAY, SHAPE, make_meta, write_support  # noqa: E402
 
 import keras_metalstm as km  # noqa: E402
 from keras_metalstm import export  # noqa: E402
 from keras_metalstm.data import DataError  # noqa: E402
-
-N_WAY, SHAPE = 5, (28, 28, 1)
-CLASSES = ["zeta", "alpha", "gamma", "delta", "beta"]  # folder order != sorted order on purpose
-
-
-def _image(rng, size, mode):
-    channels = {"L": None, "RGB": 3, "RGBA": 4}[mode]
-    shape = size if channels is None else (*size, channels)
-    return Image.fromarray((rng.random(shape) * 255).astype(np.uint8), mode=mode)
-
-
-def write_support(root, classes=CLASSES, shots=2, seed=0):
-    """One sub-folder per class with `shots` images of mixed sizes and modes (exercises the conversion rule)."""
-    rng = np.random.default_rng(seed)
-    for index, name in enumerate(classes):
-        folder = Path(root) / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for shot in range(shots):
-            mode = ("L", "RGB", "RGBA")[(index + shot) % 3]
-            _image(rng, (28 + 4 * shot, 30), mode).save(folder / f"{shot}.png")
-    return Path(root)
-
-
-def make_meta(n_way=N_WAY, inner_steps=2, seed=0):
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    learner = km.learners.conv4(input_shape=SHAPE, num_classes=n_way, filters=8)
-    return km.MetaLearner(learner, inner_steps=inner_steps)
-
-
-@pytest.fixture(scope="module")
-def meta():
-    return make_meta()
-
-
-@pytest.fixture(scope="module")
-def support_dir(tmp_path_factory):
-    return write_support(tmp_path_factory.mktemp("support"))
-
-
-@pytest.fixture(scope="module")
-def adapted(meta, support_dir):
-    return export.adapt_folder(meta, support_dir)
-
-
-@pytest.fixture(scope="module")
-def queries():
-    return np.random.default_rng(7).random((64, *SHAPE), dtype=np.float32)
-
-
-@pytest.fixture(scope="module")
-def exported(adapted, tmp_path_factory):
-    return export.export_adapted(adapted, tmp_path_factory.mktemp("models") / "task", format="both")
 
 
 @pytest.fixture(scope="module")
@@ -302,29 +249,6 @@ def test_the_adapt_in_serving_predictor_warns_of_an_unbalanced_support_folder_to
         export.load_predictor(meta_export.path, support=support)
 
 
-def test_accuracy_counts_right_predictions_per_true_class():
-    records = [{"class_name": name} for name in ("cat", "dog", "cat", "cat", "owl")]
-    score = export.accuracy(records, ["cat", "cat", "cat", "dog", "owl"])
-    assert score.per_class == {"cat": (2, 3), "dog": (0, 1), "owl": (1, 1)}
-    assert (score.right, score.images, score.share) == (3, 5, 0.6)
-    assert score.summary() == "accuracy 60.00% (3 of 5 images): cat 2/3, dog 0/1, owl 1/1"
-    assert [r["label"] for r in records] == ["cat", "cat", "cat", "dog", "owl"]
-
-
-def test_predictors_classify_many_images_a_batch_at_a_time_with_the_same_results(exported, queries, monkeypatch):
-    predictor = export.load_predictor(exported.path)
-    whole = predictor.predict(queries)
-    calls, run = [], predictor._run
-    monkeypatch.setattr(predictor, "batch_size", 24)
-    monkeypatch.setattr(predictor, "_run", lambda images: calls.append(len(images)) or run(images))
-    chunked = predictor.predict(queries)
-    assert calls == [24, 24, 16]
-    for key in ("logits", "probabilities"):
-        np.testing.assert_allclose(chunked[key], whole[key], atol=1e-6)
-    for key in ("class_ids", "class_names"):
-        np.testing.assert_array_equal(chunked[key], whole[key])
-
-
 def test_adapt_and_predict_rejects_labels_outside_n_way(meta_export, support_dir, queries):
     import tensorflow as tf
 
@@ -368,25 +292,6 @@ def test_saved_model_cli_lists_the_signatures(exported, meta_export):
 
 # ------------------------------------------------------------------------------------ encoded images / REST
 @pytest.fixture(scope="module")
-def encoded_files(tmp_path_factory):
-    rng = np.random.default_rng(3)
-    folder = tmp_path_factory.mktemp("encoded")
-    paths = []
-    for i, (size, mode, suffix) in enumerate(
-        [
-            ((28, 28), "L", ".png"),
-            ((40, 33), "RGB", ".png"),
-            ((28, 28), "RGB", ".jpg"),
-            ((50, 61), "L", ".jpeg"),
-        ]
-    ):
-        path = folder / f"img{i}{suffix}"
-        _image(rng, size, mode).save(path)
-        paths.append(path)
-    return paths
-
-
-@pytest.fixture(scope="module")
 def loaded_savedmodel(exported):
     import tensorflow as tf
 
@@ -423,123 +328,6 @@ def test_rest_json_requests_give_the_same_answer(loaded_savedmodel, encoded_file
         export.rest_predict(loaded_savedmodel.signatures["serving_default"], {"examples": []})
 
 
-# ---------------------------------------------------------------------------------------------- predict
-def test_predictors_agree_and_resolve_paths(exported, adapted, queries, tmp_path):
-    keras_file = export.save_adapted(adapted, tmp_path / "task.keras")
-    model_folder = exported.path.parent
-    outputs = {
-        kind: export.load_predictor(path).predict(queries[:3])
-        for kind, path in [
-            ("keras", keras_file),
-            ("sm", model_folder),
-            ("onnx", exported.path / "model.onnx"),
-        ]
-    }
-    for result in outputs.values():
-        np.testing.assert_allclose(result["logits"], outputs["keras"]["logits"], atol=1e-4)
-        assert list(result["class_names"]) == list(outputs["keras"]["class_names"])
-        np.testing.assert_allclose(result["probabilities"].sum(-1), 1.0, atol=1e-5)
-    with pytest.raises(export.ExportError, match="version folders"):
-        export.load_predictor(tmp_path)
-
-
-@pytest.mark.parametrize(
-    "images, message",
-    [
-        (np.zeros((2, 28, 28, 1), np.uint8), "uint8.*divide by 255"),
-        (np.zeros((2, 28, 28, 1), np.int32), "dtype int32"),
-        (np.zeros((2, 32, 32, 1), np.float32), r"shape \(32, 32, 1\).*takes \(28, 28, 1\)"),
-        (np.zeros((28, 28), np.float32), r"batch of shape \(batch, 28, 28, 1\)"),
-        (np.full((1, 28, 28, 1), 255.0, np.float32), r"in \[0, 1\].*divide"),
-    ],
-)
-def test_predict_rejects_wrong_dtype_shape_and_scale_with_a_clear_message(exported, images, message):
-    predictor = export.load_predictor(exported.path / "model.onnx")
-    with pytest.raises(export.ExportError, match=message):
-        predictor.predict(images)
-
-
-def test_read_images_converts_files_by_the_training_rule_and_checks_npy(encoded_files, tmp_path):
-    from keras_metalstm.data import decode_image_files
-
-    arrays, names = export.read_images(encoded_files, SHAPE)
-    expected, _ = decode_image_files([str(p) for p in encoded_files], SHAPE)
-    np.testing.assert_array_equal(arrays, expected.astype(np.float32) * np.float32(1 / 255))
-    assert names == [str(p) for p in encoded_files]
-    np.save(tmp_path / "ok.npy", arrays[:2])
-    np.save(tmp_path / "bad.npy", (arrays[:1] * 255).astype(np.uint8))
-    batch, names = export.read_images([tmp_path / "ok.npy", encoded_files[0]], SHAPE)
-    assert batch.shape == (3, *SHAPE) and names[:2] == [
-        f"{tmp_path / 'ok.npy'}[0]",
-        f"{tmp_path / 'ok.npy'}[1]",
-    ]
-    with pytest.raises(export.ExportError, match="bad.npy.*uint8"):
-        export.read_images([tmp_path / "bad.npy"], SHAPE)
-
-
-def test_predict_inputs_reads_and_predicts_a_batch_at_a_time_with_the_whole_batchs_results(
-    exported, encoded_files, queries, tmp_path, monkeypatch
-):
-    """A folder of any size fits in memory: `predict_inputs` decodes and predicts at most `batch_size` images at a
-    time, and gives what reading everything and predicting it at once gives."""
-    import keras_metalstm.data as data
-
-    np.save(tmp_path / "batch.npy", queries[:5])
-    paths = [*encoded_files, tmp_path / "batch.npy", encoded_files[0]]
-    predictor = export.load_predictor(exported.path)
-    images, names = export.read_images(paths, SHAPE)
-    expected = export.prediction_records(names, predictor.predict(images))
-
-    decoded, run, decode = [], predictor._run, data.decode_image_files
-    monkeypatch.setattr(
-        data, "decode_image_files", lambda files, shape: decoded.append(len(files)) or decode(files, shape)
-    )
-    calls, done = [], []
-    monkeypatch.setattr(predictor, "batch_size", 2)
-    monkeypatch.setattr(predictor, "_run", lambda batch: calls.append(len(batch)) or run(batch))
-    inputs = export.ImageInputs(paths, SHAPE)
-    assert len(inputs) == len(names) == 10
-    records = predictor.predict_inputs(inputs, progress=done.append)
-    assert decoded == [2, 2, 1] and calls == [2, 2, 2, 2, 2] and done == [2, 2, 2, 2, 2]
-    assert [r["image"] for r in records] == names
-    assert [r["class_name"] for r in records] == [r["class_name"] for r in expected]
-    np.testing.assert_allclose([r["logits"] for r in records], [r["logits"] for r in expected], atol=1e-5)
-
-
-def test_image_inputs_check_every_path_and_array_before_any_prediction(encoded_files, tmp_path):
-    np.save(tmp_path / "wrong_shape.npy", np.zeros((3, 9, 9, 1), np.float32))
-    with pytest.raises(export.ExportError, match=r"wrong_shape.npy.*\(9, 9, 1\)"):
-        export.ImageInputs([*encoded_files, tmp_path / "wrong_shape.npy"], SHAPE)
-    with pytest.raises(export.ExportError, match="gone.png not found"):
-        export.ImageInputs([*encoded_files, tmp_path / "gone.png"], SHAPE)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(export.ExportError, match="holds no image files"):
-        export.ImageInputs([tmp_path / "empty"], SHAPE)
-    # Values are checked as they are read: the batch holding the bad row names its file.
-    values = np.zeros((5, *SHAPE), np.float32)
-    values[4] = 2.0
-    np.save(tmp_path / "scaled.npy", values)
-    batches = export.ImageInputs([tmp_path / "scaled.npy"], SHAPE).batches(batch_size=2)
-    assert [len(names) for _, names in [next(batches), next(batches)]] == [2, 2]
-    with pytest.raises(export.ExportError, match=r"scaled.npy: image values must be in \[0, 1\]"):
-        next(batches)
-
-
-def test_image_inputs_of_many_arrays_hold_no_file_open_until_read(tmp_path):
-    """Thousands of .npy inputs must not exhaust the process's file descriptors (a memory map holds one)."""
-    import os
-
-    paths = []
-    for index in range(60):
-        paths.append(tmp_path / f"{index}.npy")
-        np.save(paths[-1], np.full(SHAPE, index / 60, np.float32))
-    open_before = len(os.listdir("/proc/self/fd"))
-    inputs = export.ImageInputs(paths, SHAPE)
-    assert len(os.listdir("/proc/self/fd")) - open_before < 5
-    images, names = next(inputs.batches(batch_size=100))
-    assert names == [str(p) for p in paths] and images[7, 0, 0, 0] == np.float32(7 / 60)
-
-
 def test_adapt_in_serving_follows_the_meta_learners_query_statistics(support_dir, queries, tmp_path):
     """With query_statistics="support" the adapt-in-serving SavedModel normalises with the support statistics
     under theta_T, as `adapt` does; the authors' running statistics would give other logits."""
@@ -559,7 +347,9 @@ def test_adapt_in_serving_follows_the_meta_learners_query_statistics(support_dir
     assert not np.allclose(served, meta.adapt(images, labels)(queries).numpy(), atol=1e-3)
 
 
-def test_the_adapt_in_serving_model_exported_on_a_gpu_serves_the_same_logits(support_dir, queries, tmp_path, monkeypatch):
+def test_the_adapt_in_serving_model_exported_on_a_gpu_serves_the_same_logits(
+    support_dir, queries, tmp_path, monkeypatch
+):
     """On a GPU/TPU the coordinate LSTM's step is wrapped for a recomputed backward pass (`tf.recompute_grad`);
     the adapt-in-serving SavedModel traced that way saves, loads and serves what `adapt` gives."""
     import tensorflow as tf
@@ -569,7 +359,8 @@ def test_the_adapt_in_serving_model_exported_on_a_gpu_serves_the_same_logits(sup
     monkeypatch.setattr(coordinate_lstm, "recomputes_backward", lambda: True)
     meta = make_meta()
     images, labels, _ = export.load_support_folder(support_dir, SHAPE)
-    signature = tf.saved_model.load(str(export.export_meta(meta, tmp_path / "meta").path)).signatures["adapt_and_predict"]
+    exported_meta = export.export_meta(meta, tmp_path / "meta")
+    signature = tf.saved_model.load(str(exported_meta.path)).signatures["adapt_and_predict"]
     served = signature(
         support_images=tf.constant(images), support_labels=tf.constant(labels), query_images=tf.constant(queries)
     )["logits"].numpy()

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from export_helpers import CLASSES, write_support  # noqa: E402
 from keras_metalstm.cli.main import main  # noqa: E402
-from test_export import CLASSES, write_support  # noqa: E402
 
 import keras_metalstm as km  # noqa: E402
 from keras_metalstm import export, presets  # noqa: E402

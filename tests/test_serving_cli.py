@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from export_helpers import CLASSES, make_meta, write_support  # noqa: E402
 from keras_metalstm.cli.main import main  # noqa: E402
-from test_export import CLASSES, make_meta, write_support  # noqa: E402
 
 
 def run(*args):
