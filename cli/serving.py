@@ -86,7 +86,7 @@ def export_command(model, format_, out, version, opset, force, no_verify):
     \b
     MODEL = adapted .keras file (`metalstm adapt`): SavedModel signatures serving_default (input `images`
       float32 (batch, H, W, C) in [0, 1], outputs logits, probabilities, class_ids, class_names) and
-      predict_encoded (input `image_bytes`: PNG/JPEG files); ONNX model.onnx with the same input/outputs.
+      predict_encoded (input `image_bytes`: PNG/JPEG/GIF/BMP files); ONNX model.onnx with the same input/outputs.
     MODEL = run folder, meta-learner .keras file or preset name (a ready-made meta-learner; an existing path
       wins): SavedModel signature adapt_and_predict (support_images, support_labels, query_images -> logits,
       probabilities, class_ids). SavedModel only: ONNX has no gradient ops.
@@ -140,7 +140,7 @@ def predict(model, images, as_json, support, labelled, no_progress):
 
     MODEL is a SavedModel version folder (saved_models/NAME/<version>; a NAME folder means its newest
     version), an .onnx file or an adapted .keras file; or, with --support, a meta-learner's adapt-in-serving
-    SavedModel. IMAGES are PNG/JPEG files (converted to the model's input shape by the training rule), folders
+    SavedModel. IMAGES are PNG/JPEG/GIF/BMP files (converted to the model's input shape by the training rule), folders
     of them (their image files, sorted by name) or .npy arrays already float32 in [0, 1] at that shape.
     """
     quiet_tensorflow()

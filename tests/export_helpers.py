@@ -11,10 +11,11 @@ CLASSES = ["zeta", "alpha", "gamma", "delta", "beta"]  # folder order != sorted 
 
 
 def random_image(rng, size, mode):
-    """A PIL image of random pixels, `size` (H, W), in mode L, RGB or RGBA."""
-    channels = {"L": None, "RGB": 3, "RGBA": 4}[mode]
+    """A PIL image of random pixels, `size` (H, W), in mode L, RGB, RGBA or P (a palette of RGB's colours)."""
+    channels = {"L": None, "RGB": 3, "RGBA": 4, "P": 3}[mode]
     shape = size if channels is None else (*size, channels)
-    return Image.fromarray((rng.random(shape) * 255).astype(np.uint8), mode=mode)
+    image = Image.fromarray((rng.random(shape) * 255).astype(np.uint8))
+    return image.convert(mode)
 
 
 def write_support(root, classes=CLASSES, shots=2, seed=0):
@@ -30,9 +31,15 @@ def write_support(root, classes=CLASSES, shots=2, seed=0):
 
 
 def write_encoded_files(folder):
-    """Four PNG/JPEG files of other sizes and modes than SHAPE, as a client would send them."""
+    """PNG, JPEG and colour-palette BMP files of other sizes and modes than SHAPE, as a client would send them."""
     rng = np.random.default_rng(3)
-    files = [((28, 28), "L", ".png"), ((40, 33), "RGB", ".png"), ((28, 28), "RGB", ".jpg"), ((50, 61), "L", ".jpeg")]
+    files = [
+        ((28, 28), "L", ".png"),
+        ((40, 33), "RGB", ".png"),
+        ((28, 28), "RGB", ".jpg"),
+        ((50, 61), "L", ".jpeg"),
+        ((30, 26), "P", ".bmp"),  # rows of 26 one-byte indices padded to 28: the file ends in zero bytes
+    ]
     paths = []
     for index, (size, mode, suffix) in enumerate(files):
         paths.append(Path(folder) / f"img{index}{suffix}")

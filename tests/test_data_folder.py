@@ -1,4 +1,4 @@
-"""Image-folder loader (root/<class>/*.png|jpg|jpeg) on generated fixtures, with its split option."""
+"""Image-folder loader (root/<class>/*.png|jpg|jpeg|bmp|gif) on generated fixtures, with its split option."""
 
 import numpy as np
 import pytest
@@ -74,8 +74,15 @@ def test_empty_folders_are_refused(tmp_path):
     root = make_folder(tmp_path / "data", num_classes=2)
     (root / "class_9").mkdir()
     (root / "class_9" / "readme.md").write_text("x")
-    with pytest.raises(DataError, match="class_9 holds no .png/.jpg/.jpeg image; add images or remove the folder"):
+    with pytest.raises(DataError, match="class_9 holds no .png/.jpg/.jpeg/.bmp/.gif image; add images or remove"):
         load_image_folder(root)
+    for index in range(3):
+        Image.new("L", (4, 4)).save(root / "class_9" / f"{index}.tif")
+    with pytest.raises(DataError, match=r"class_9 holds no .*; it holds 3 .tif file\(s\), a format not read "
+                                        r"\(.png/.jpg/.jpeg/.bmp/.gif are\): convert them to PNG"):
+        load_image_folder(root)
+    for path in (root / "class_9").glob("*.tif"):
+        path.unlink()
     (root / "class_9" / "letter_a").mkdir()  # a hierarchy, as Omniglot's alphabet/character folders
     Image.new("L", (4, 4)).save(root / "class_9" / "letter_a" / "0.png")
     with pytest.raises(DataError, match=r"class_9 holds no .*; it holds 1 folder\(s\) of images \(letter_a\) but "
@@ -83,6 +90,23 @@ def test_empty_folders_are_refused(tmp_path):
         load_image_folder(root)
     with pytest.raises(DataError, match="image folder not found"):
         load_image_folder(tmp_path / "nowhere")
+
+
+def test_bmp_and_gif_files_are_classes_images_too(tmp_path):
+    """Beside PNG and JPEG, a folder's BMP (colour palette included) and GIF files are read, as Pillow reads them."""
+    rng = np.random.default_rng(6)
+    expected = {}
+    for name, (suffix, mode) in {"bitmaps": (".bmp", "RGB"), "palette": (".bmp", "P"), "gifs": (".gif", "P")}.items():
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for index in range(2):
+            image = Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).convert(mode)
+            image.save(tmp_path / "data" / name / f"{index}{suffix}")
+            expected[name, index] = np.asarray(image.convert("RGB"))
+    dataset = load_image_folder(tmp_path / "data")
+    assert list(dataset.class_names) == ["bitmaps", "gifs", "palette"]
+    for name in dataset.class_names:
+        for index in range(2):
+            np.testing.assert_array_equal(dataset[name][index], expected[name, index])
 
 
 def test_unreadable_image_is_named(tmp_path):

@@ -86,6 +86,52 @@ def test_decode_image_bytes_png_and_jpeg_agree_with_convert_images():
     np.testing.assert_allclose(from_jpeg, smooth / 255.0, atol=0.03)
 
 
+def _bmp_with_palette(indices, palette):
+    """An 8-bit BMP of `indices` (h, w) whose palette holds `palette` (n, 3) RGB, written by Pillow."""
+    image = Image.fromarray(indices, "P")
+    image.putpalette(palette.reshape(-1).tolist())
+    buffer = io.BytesIO()
+    image.save(buffer, "BMP")
+    return buffer.getvalue()
+
+
+def test_a_colour_palette_bmp_decodes_to_its_colours_in_and_out_of_graphs():
+    """TensorFlow's decoder returns an 8-bit BMP's palette indices as grey levels; the package looks them up. Checked
+    against Pillow's decoding, eagerly and in a traced function (as the exported predict_encoded runs it)."""
+    rng = np.random.default_rng(4)
+    palette = rng.integers(0, 256, (200, 3), dtype=np.uint8)
+    indices = rng.integers(0, 200, (12, 9), dtype=np.uint8)
+    contents = _bmp_with_palette(indices, palette)
+    colours = np.asarray(Image.open(io.BytesIO(contents)).convert("RGB"))
+    np.testing.assert_array_equal(colours, palette[indices])  # the fixture: Pillow reads back what it wrote
+    graph = tf.function(lambda data: decode_image_bytes(data, (12, 9, 3)))
+    for decoded in (decode_image_bytes(tf.constant(contents), (12, 9, 3)), graph(tf.constant(contents))):
+        np.testing.assert_array_equal(np.round(decoded.numpy() * 255).astype(np.uint8), colours)
+    grey = decode_image_bytes(tf.constant(contents), (12, 9, 1)).numpy()[..., 0]
+    np.testing.assert_allclose(grey, colours @ np.array([0.299, 0.587, 0.114]) / 255, atol=1e-5)
+
+
+def test_a_grey_palette_bmp_stays_one_channel_with_its_palettes_levels(tmp_path):
+    """A grey ramp (Pillow's "L" BMP) reads as before; an inverted grey palette gives its levels, still grey."""
+    rng = np.random.default_rng(5)
+    levels = rng.integers(0, 256, (10, 7), dtype=np.uint8)
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    (tmp_path / "ramp.bmp").write_bytes(encode(levels, "BMP"))
+    (tmp_path / "inverted.bmp").write_bytes(_bmp_with_palette(levels, ramp[::-1]))
+    images, native = decode_image_files([str(tmp_path / "ramp.bmp"), str(tmp_path / "inverted.bmp")], None)
+    assert native.tolist() == [[10, 7, 1], [10, 7, 1]]
+    np.testing.assert_array_equal(images[0, ..., 0], levels)
+    np.testing.assert_array_equal(images[1, ..., 0], 255 - levels)
+
+
+def test_a_bmp_of_a_bit_depth_tensorflow_cannot_read_is_named_with_the_fix(tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(np.eye(8, dtype=bool)).save(buffer, "BMP")  # 1 bit per pixel
+    (tmp_path / "mono.bmp").write_bytes(buffer.getvalue())
+    with pytest.raises(DataError, match=r"mono.bmp: a 1-bit BMP, which TensorFlow does not decode .*save it as PNG"):
+        decode_image_files([str(tmp_path / "mono.bmp")], (8, 8, 1))
+
+
 def test_decode_image_files_reads_in_order_and_reports_native_shapes(tmp_path):
     paths = []
     for i, size in enumerate([(10, 10), (20, 12), (10, 10)]):

@@ -307,6 +307,16 @@ def test_predict_encoded_equals_serving_default_on_decoded_arrays(loaded_savedmo
     direct = loaded_savedmodel.signatures["serving_default"](images=tf.constant(arrays))
     np.testing.assert_allclose(encoded["logits"].numpy(), direct["logits"].numpy(), atol=1e-6)
     np.testing.assert_array_equal(encoded["class_names"].numpy(), direct["class_names"].numpy())
+    # The colour-palette BMP as the server decodes it: its colours (Pillow's reading), not its palette indices.
+    from PIL import Image
+
+    from keras_metalstm.data import convert_images
+
+    bmp = next(index for index, path in enumerate(encoded_files) if path.suffix == ".bmp")
+    colours = np.asarray(Image.open(encoded_files[bmp]).convert("RGB"))
+    as_stored = np.round(convert_images(colours, SHAPE).numpy() * 255) / 255  # the rule's uint8 step
+    pillow = loaded_savedmodel.signatures["serving_default"](images=tf.constant(as_stored[None], tf.float32))
+    np.testing.assert_allclose(encoded["logits"].numpy()[bmp], pillow["logits"].numpy()[0], atol=1e-5)
 
 
 def test_rest_json_requests_give_the_same_answer(loaded_savedmodel, encoded_files, adapted):

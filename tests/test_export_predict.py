@@ -98,7 +98,7 @@ def test_predict_inputs_reads_and_predicts_a_batch_at_a_time_with_the_whole_batc
     import keras_metalstm.data as data
 
     np.save(tmp_path / "batch.npy", queries[:5])
-    paths = [*encoded_files, tmp_path / "batch.npy", encoded_files[0]]
+    paths = [*encoded_files[:4], tmp_path / "batch.npy", encoded_files[0]]
     predictor = export.load_predictor(exported.path)
     images, names = export.read_images(paths, SHAPE)
     expected = export.prediction_records(names, predictor.predict(images))
@@ -127,6 +127,9 @@ def test_image_inputs_check_every_path_and_array_before_any_prediction(encoded_f
         export.ImageInputs([*encoded_files, tmp_path / "gone.png"], SHAPE)
     (tmp_path / "empty").mkdir()
     with pytest.raises(export.ExportError, match="holds no image files"):
+        export.ImageInputs([tmp_path / "empty"], SHAPE)
+    (tmp_path / "empty" / "scan.tiff").write_bytes(b"II*\x00")
+    with pytest.raises(export.ExportError, match=r"holds no image files .*; it holds 1 .tiff file\(s\), a format not"):
         export.ImageInputs([tmp_path / "empty"], SHAPE)
     # Values are checked as they are read: the batch holding the bad row names its file.
     values = np.zeros((5, *SHAPE), np.float32)

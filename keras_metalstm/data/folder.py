@@ -1,4 +1,4 @@
-"""Image-folder loader for the user's own data: ``root/<class>/*.png|jpg|jpeg``, one sub-folder per class.
+"""Image-folder loader for the user's own data: ``root/<class>/*.png|jpg|jpeg|bmp|gif``, one sub-folder per class.
 
 Every immediate sub-folder of ``root`` (hidden ones skipped) is a class named after the folder; its image files
 (extensions ``IMAGE_EXTENSIONS``, any case) are read in sorted order, other files are ignored. With
@@ -17,7 +17,28 @@ from keras_metalstm.data.dataset import DEFAULT_SPLIT_FRACTIONS, ClassIndexedDat
 from keras_metalstm.data.errors import DataError
 from keras_metalstm.data.images import decode_image_files
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# The formats TensorFlow's image decoder reads in every version the package supports (a GIF: its first frame).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+# Image formats TensorFlow does not read (in every supported version): named when a folder holds only them.
+UNREAD_IMAGE_EXTENSIONS = (
+    ".tif", ".tiff", ".webp", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".ppm", ".pgm", ".pbm", ".pnm", ".ico",
+    ".svg", ".dcm", ".exr",
+)
+
+
+def unread_files_note(folder: Path) -> str:
+    """The end of a message about a folder with no image to read, naming the most common format among its files
+    that is not read (`UNREAD_IMAGE_EXTENSIONS`) and the fix; "" when it holds none: a folder of TIFF images is not
+    an empty one."""
+    others = [f.suffix.lower() for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")]
+    others = [suffix for suffix in others if suffix in UNREAD_IMAGE_EXTENSIONS]
+    if not others:
+        return ""
+    suffix = max(sorted(set(others)), key=others.count)
+    return (
+        f"; it holds {others.count(suffix)} {suffix} file(s), a format not read "
+        f"({'/'.join(IMAGE_EXTENSIONS)} are): convert them to PNG"
+    )
 
 
 def image_files(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
@@ -54,13 +75,14 @@ def list_image_folder(
         if not files:
             nested = sorted(p.name for p in class_dir.iterdir() if p.is_dir() and image_files(p, extensions))
             shown = ", ".join(nested[:3]) + ("..." if len(nested) > 3 else "")
-            fix = (
-                f"it holds {len(nested)} folder(s) of images ({shown}) but the classes must be the immediate "
-                f"sub-folders of {root}: move those folders up into it"
-                if nested
-                else "add images or remove the folder"
-            )
-            raise DataError(f"class folder {class_dir} holds no {'/'.join(extensions)} image; {fix}")
+            if nested:
+                fix = (
+                    f"; it holds {len(nested)} folder(s) of images ({shown}) but the classes must be the immediate "
+                    f"sub-folders of {root}: move those folders up into it"
+                )
+            else:
+                fix = unread_files_note(class_dir) or "; add images or remove the folder"
+            raise DataError(f"class folder {class_dir} holds no {'/'.join(extensions)} image{fix}")
         classes[class_dir.name] = files
     return classes
 
@@ -70,7 +92,7 @@ def load_image_folder(
     image_shape: Sequence[int] | None = None,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
 ) -> ClassIndexedDataset:
-    """All classes of ``root/<class>/*.{png,jpg,jpeg}`` as uint8 images (see the module doc for shapes)."""
+    """All classes of ``root/<class>/*.{png,jpg,jpeg,bmp,gif}`` as uint8 images (see the module doc for shapes)."""
     root = Path(root)
     classes = list_image_folder(root, extensions)
     files = [f for paths in classes.values() for f in paths]

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from keras_metalstm.data.bmp import apply_bmp_palette, unreadable_bmp_reason
 from keras_metalstm.data.cache import cached_decode
 from keras_metalstm.data.errors import DataError
 from keras_metalstm.data.progress import reading
@@ -110,13 +111,19 @@ def convert_images(images, target_shape: Sequence[int], antialias: bool = True) 
     return tf.clip_by_value(images, 0.0, 1.0)
 
 
+def decode_image(contents) -> tf.Tensor:
+    """One encoded PNG, JPEG, GIF (its first frame) or BMP (a scalar string tensor) as uint8 (h, w, c), c its own
+    channel count (1-4). In-graph; a colour-palette BMP gets its colours (`keras_metalstm.data.bmp`)."""
+    decoded = tf.io.decode_image(contents, channels=0, dtype=tf.uint8, expand_animations=False)
+    return apply_bmp_palette(contents, decoded)
+
+
 def decode_image_bytes(contents, target_shape: Sequence[int], antialias: bool = True) -> tf.Tensor:
     """Decode one encoded PNG/JPEG/GIF/BMP (a scalar string tensor) and convert it to float32 (H, W, C) in [0, 1].
 
     In-graph (usable in ``tf.data`` and in a serving signature); the conversion is :func:`convert_images`.
     """
-    decoded = tf.io.decode_image(contents, channels=0, dtype=tf.uint8, expand_animations=False)
-    return convert_images(decoded, target_shape, antialias=antialias)
+    return convert_images(decode_image(contents), target_shape, antialias=antialias)
 
 
 def to_uint8(images: tf.Tensor) -> tf.Tensor:
@@ -135,9 +142,12 @@ def _explain_unreadable(name: str, source, from_bytes: bool) -> str:
     """Re-read one failed file eagerly to say why it failed."""
     try:
         contents = source if from_bytes else tf.io.read_file(source)
-        if len(contents.numpy() if hasattr(contents, "numpy") else contents) == 0:
+        data = contents.numpy() if hasattr(contents, "numpy") else contents
+        if len(data) == 0:
             return f"{name}: empty file"
-        tf.io.decode_image(contents, channels=0, expand_animations=False)
+        if reason := unreadable_bmp_reason(data):
+            return f"{name}: {reason}"
+        decode_image(contents)
     except tf.errors.OpError as error:
         return f"{name}: {_tf_error_text(error)}"
     return f"{name}: could not be decoded"
@@ -185,7 +195,7 @@ def decode_image_files(
 
     def decode(index, source):
         contents = source if from_bytes else tf.io.read_file(source)
-        raw = tf.io.decode_image(contents, channels=0, dtype=tf.uint8, expand_animations=False)
+        raw = decode_image(contents)
         return index, to_uint8(convert_images(raw, target_shape)), tf.shape(raw)
 
     slices = (tf.range(count, dtype=tf.int64), tf.constant(list(sources), dtype=tf.string))
@@ -233,9 +243,9 @@ def decode_image_files(
 def _decode_native(source, name: str, from_bytes: bool) -> np.ndarray:
     try:
         contents = source if from_bytes else tf.io.read_file(source)
-        return tf.io.decode_image(contents, channels=0, expand_animations=False).numpy()
-    except tf.errors.OpError as error:
-        raise DataError(f"unreadable image file: {name}: {_tf_error_text(error)}") from None
+        return decode_image(contents).numpy()
+    except tf.errors.OpError:
+        raise DataError(f"unreadable image file: {_explain_unreadable(name, source, from_bytes)}") from None
 
 
 def _canonical_shape(shape) -> tuple[int, int, int]:

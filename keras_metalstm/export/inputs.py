@@ -143,7 +143,7 @@ def read_images(paths, image_shape):
 
 
 def _expand_folders(paths):
-    from keras_metalstm.data import IMAGE_EXTENSIONS, image_files
+    from keras_metalstm.data.folder import IMAGE_EXTENSIONS, image_files, unread_files_note
 
     for path in paths:
         if not path.is_dir():
@@ -152,14 +152,14 @@ def _expand_folders(paths):
         images = image_files(path)
         if not images:
             raise ExportError(
-                f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}): pass image files, .npy arrays "
-                "or folders of images."
+                f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}){unread_files_note(path)}. "
+                "Pass image files, .npy arrays or folders of images."
             )
         yield from images
 
 
 def labelled_inputs(root, image_shape, class_names):
-    """The images of a labelled folder ``root/<class>/*.png|jpg|jpeg`` (class folders named as the model's
+    """The images of a labelled folder ``root/<class>/*.png|jpg|jpeg|bmp|gif`` (class folders named as the model's
     classes) as (`ImageInputs`, each image's true class name), for `accuracy`."""
     from keras_metalstm.data.folder import list_image_folder
 

@@ -30,6 +30,8 @@ def _decode_b64(value):
 
 def _tensor(value, spec):
     try:
+        if spec.dtype == tf.string:  # not through NumPy: its fixed-width bytes drop a file's trailing zero bytes
+            return tf.constant(value, dtype=tf.string)
         return tf.constant(np.asarray(value), dtype=spec.dtype)
     except (ValueError, TypeError) as error:
         raise ExportError(f"input {spec.name!r}: cannot convert to {spec.dtype.name}: {error}") from error
