@@ -253,6 +253,14 @@ def evaluation_dataset(config, dataset: str | None = None, data_dir=None, split:
         splits = load_dataset(dataset, data_dir, **options)
     parts = list(splits) if split == "all" else [getattr(splits, split)]
     parts = [p for p in parts if p.num_classes]
+    classes = sum(part.num_classes for part in parts)
+    if dataset is not None and split != "all" and classes < config.n_way:
+        # Another data set's default split keeps a share of its classes, too few for a small folder.
+        raise DataError(
+            f"the {split} split of {dataset} has {classes} classes, fewer than the run's {config.n_way}-way "
+            f"episodes: --split all draws them from all {sum(part.num_classes for part in splits)} classes of "
+            f"{dataset} (split='all' in the library)"
+        )
     if not parts:
         raise DataError(f"the {split} split of {dataset or config.dataset} has no classes")
     data = parts[0] if len(parts) == 1 else _concatenate(parts, f"{dataset}/all")

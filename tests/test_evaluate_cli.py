@@ -213,6 +213,11 @@ def test_cross_domain_evaluation_converts_the_images_and_keeps_one_report_per_fo
         saved = json.loads((run_dir / "evaluation" / f"{source_name(folder)}-all-2way1shot-2ep.json").read_text())
         assert saved["details"]["test_classes"] == 3 and saved["details"]["data"] == "folder/all"
         assert (saved["dataset"], saved["data_dir"], saved["split"]) == ("folder", str(folder.resolve()), "all")
+    # Without --split all, a small folder's default test split is too small, and the message says what to do.
+    refused = run_cli(["evaluate", run_dir, "--dataset", "folder", "--data-dir", folders[0], "--episodes", "2",
+                       "--no-progress"])
+    assert refused.exit_code != 0 and "Traceback" not in refused.output
+    assert "fewer than the run's 2-way episodes: --split all draws them from all 3 classes of folder" in refused.output
 
 
 def source_name(folder):
