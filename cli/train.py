@@ -89,6 +89,12 @@ def training_options(function):
         ),
         click.option("--rotations/--no-rotations", default=None, help="Add rotated classes (x4)."),
         click.option(
+            "--drop-small-classes/--keep-small-classes",
+            default=None,
+            help="Leave out the classes with fewer than K + Q images (every split, said at the start) instead of "
+            "refusing the data set (default: keep, refuse).",
+        ),
+        click.option(
             "--image-shape",
             default=None,
             metavar="H,W,C",
@@ -175,6 +181,7 @@ CONFIG_KEYS = (
     "learner",
     "filters",
     "rotations",
+    "drop_small_classes",
     "image_shape",
     "first_order",
     "query_statistics",

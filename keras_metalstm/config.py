@@ -53,6 +53,7 @@ SHAPE_FIELDS = (
     "seed",
     "augment",
     "rotations",
+    "drop_small_classes",
     # The optimizer checkpoints its variables by position, and a constant step is one of them, a schedule not.
     "lr_schedule",
 )
@@ -108,6 +109,9 @@ class RunConfig:
     dataset: str = "fontglot"
     data_dir: str | None = None
     rotations: bool = False
+    # Leave out the classes with fewer than K + Q images (every split), instead of refusing the data set: a folder of
+    # the user's own classes often has a few small ones.
+    drop_small_classes: bool = False
     image_shape: list[int] | None = None  # filled from the data set at training time
     n_way: int = 5
     k_shot: int = 1

@@ -74,9 +74,10 @@ def load_run_config(run_dir) -> RunConfig:
     return RunConfig.load(path)
 
 
-def load_splits(config: RunConfig):
+def load_splits(config: RunConfig, report=None):
     """The data set's (train, val, test) splits for `config`, images converted to `config.image_shape` when it is
-    set (raises keras_metalstm.data.DataError)."""
+    set, without the classes of fewer than K + Q images with `config.drop_small_classes`, which `report` (a
+    callable taking a line of text) is told about (raises keras_metalstm.data.DataError)."""
     from keras_metalstm.data import DatasetSplits, convert_dataset, dataset_options, load_dataset
 
     options = {}
@@ -88,6 +89,16 @@ def load_splits(config: RunConfig):
     splits = load_dataset(config.dataset, config.data_dir, **options)
     if target is not None and tuple(splits.image_shape) != target:
         splits = DatasetSplits(*(convert_dataset(part, target) for part in splits))
+    if config.drop_small_classes:
+        kept = splits.with_min_images(config.k_shot + config.query)
+        dropped = [before.num_classes - after.num_classes for before, after in zip(splits, kept, strict=True)]
+        if sum(dropped) and report is not None:
+            report(
+                f"left out {sum(dropped)} of {sum(part.num_classes for part in splits)} classes with fewer than "
+                f"K + Q = {config.k_shot + config.query} images (--drop-small-classes): train {dropped[0]}, "
+                f"val {dropped[1]}, test {dropped[2]}"
+            )
+        splits = kept
     return splits
 
 

@@ -100,7 +100,7 @@ class TrainingRun:
         self.task = None
         self.started = False  # the directory holds a run that reached its first checkpoint
         self.architecture = None
-        self.test_split_problem = None
+        self.data_notes = []  # what loading the data found, said when training starts
 
     # --- run directory handling ----------------------------------------------------------------------
     def _prepare_config(self, config: RunConfig) -> RunConfig:
@@ -184,7 +184,8 @@ class TrainingRun:
         """Check the run directory, the data and the learner, then (chief) write config.yaml and learner.json;
         returns the data splits."""
         config = self._prepare_config(self.config)
-        splits = load_splits(config)
+        self.data_notes = []
+        splits = load_splits(config, report=self.data_notes.append)
         image_shape = list(splits.image_shape)
         if config.image_shape is not None and list(config.image_shape) != image_shape:
             raise RunDirError(
@@ -194,7 +195,8 @@ class TrainingRun:
         self.config = config.replace(image_shape=image_shape)
         # Check the episode shape fits the data before anything is written.
         check_episode_shapes(splits, self.config)
-        self.test_split_problem = test_split_problem(splits, self.config)
+        if problem := test_split_problem(splits, self.config):
+            self.data_notes.append(problem)
         check_theta0_source(self.config, strategy)
         # A run that reached a checkpoint keeps its stored learner; a new one builds and checks config.learner.
         stored = self.run_dir if self.started else None

@@ -223,8 +223,8 @@ class TrainingSession:
     def train(self) -> TrainingResult:
         self._clock = (0.0, time.time())
         try:
-            if self.run.test_split_problem:
-                self.callbacks.on_message(self.run.test_split_problem)
+            for note in self.run.data_notes:
+                self.callbacks.on_message(note)
             self._say_memory_problem()
             if self.config.xla:
                 from keras_metalstm.xla_ops import accelerator_present

@@ -123,6 +123,31 @@ def test_a_test_split_too_small_for_the_episodes_is_said_at_the_start_of_trainin
         assert fragment in result.output  # ... but the user hears of it now, not at evaluation time
 
 
+def test_classes_too_small_for_the_episodes_are_left_out_on_request_and_said(tmp_path):
+    """A folder with a few small classes: refused by default (the message names the option), trained with
+    --drop-small-classes, which says how many classes of each split it left out and stays fixed on --resume."""
+    from keras_metalstm.data import load_dataset
+
+    data_dir = make_image_folder(tmp_path / "data", num_classes=16, per_class=5)
+    splits = load_dataset("folder", data_dir)
+    small = [splits.train.class_names[0], splits.train.class_names[1], splits.test.class_names[0]]
+    for name in small:
+        for image in sorted((data_dir / name).glob("*.png"))[2:]:
+            image.unlink()  # 2 images left: 1 support + 2 queries do not fit
+    refused = invoke(train_args(data_dir, tmp_path / "refused", "--episodes", "2"))
+    assert_clean_failure(refused, "has 2 images", "metalstm train --drop-small-classes")
+    assert not (tmp_path / "refused").exists()
+
+    result = invoke(train_args(data_dir, tmp_path / "run", "--episodes", "2", "--drop-small-classes"))
+    assert result.exit_code == 0, result.output
+    assert "left out 3 of 16 classes with fewer than K + Q = 3 images (--drop-small-classes): train 2, val 0, " \
+           "test 1" in result.output
+    assert "will not find test episodes" not in result.output
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["drop_small_classes"] is True
+    changed = invoke(train_args(data_dir, tmp_path / "run", "--episodes", "4", "--resume", "--keep-small-classes"))
+    assert_clean_failure(changed, "drop_small_classes: run has True, requested False")
+
+
 class ThreeWorkerCluster:
     class cluster_resolver:  # noqa: N801 - the attribute tf.distribute strategies have
         task_type, task_id = "worker", 1

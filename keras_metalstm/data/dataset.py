@@ -273,6 +273,10 @@ class DatasetSplits(NamedTuple):
     def class_names(self) -> dict[str, list[str]]:
         return {s: list(getattr(self, s).class_names) for s in SPLIT_NAMES}
 
+    def with_min_images(self, min_images: int) -> DatasetSplits:
+        """Each split without its classes of fewer than ``min_images`` images."""
+        return DatasetSplits(*(d.with_min_images(min_images) for d in self))
+
     def with_rotations(self, angles: Sequence[int] = ROTATION_ANGLES) -> DatasetSplits:
         """Each split with its own classes' rotations added (a rotated class stays in its source's split)."""
         return DatasetSplits(*(d.with_rotations(angles) for d in self))
