@@ -109,6 +109,39 @@ def test_bmp_and_gif_files_are_classes_images_too(tmp_path):
             np.testing.assert_array_equal(dataset[name][index], expected[name, index])
 
 
+def test_a_folder_split_already_keeps_its_splits(tmp_path):
+    """root/train|validation|test/<class>/*: each split holds its own folders' classes, not a seeded share."""
+    root = tmp_path / "data"
+    for split, first, count in (("train", 0, 6), ("validation", 6, 2), ("test", 8, 3)):
+        classes = make_folder(tmp_path / split, num_classes=first + count)
+        (root / split).mkdir(parents=True)
+        for k in range(first, first + count):  # class k keeps its value 10*k
+            (classes / f"class_{k}").rename(root / split / f"class_{k}")
+    expected = [sorted(f"class_{k}" for k in range(first, first + count)) for first, count in ((0, 6), (6, 2), (8, 3))]
+    for splits in (image_folder_splits(root), load_dataset("folder", root)):
+        assert [sorted(part.class_names) for part in splits] == expected
+        np.testing.assert_allclose(splits.test["class_9"].mean(), 90, atol=2)
+        assert splits.val.sources_of("class_7")[0] == "validation/class_7/img0.png"
+    with pytest.raises(DataError, match="split into .* folders already: leave out the split file"):
+        image_folder_splits(root, split_file=tmp_path / "split.json")
+    with pytest.raises(DataError, match=r"is split into .* folders of classes: read it with image_folder_splits"):
+        load_image_folder(root)
+    (root / "test" / "class_2").mkdir()
+    Image.new("RGB", (16, 16)).save(root / "test" / "class_2" / "0.png")
+    with pytest.raises(DataError, match=r"class 'class_2' is in two splits of .* \(train and test\)"):
+        image_folder_splits(root)
+
+
+def test_classes_named_after_splits_are_classes(tmp_path):
+    """A folder of classes called train and test (images directly inside) is not a split folder."""
+    root = tmp_path / "data"
+    for name in ("train", "test"):
+        (root / name).mkdir(parents=True)
+        for index in range(3):
+            Image.new("L", (8, 8), 40 * index).save(root / name / f"{index}.png")
+    assert list(load_image_folder(root).class_names) == ["test", "train"]
+
+
 def test_unreadable_image_is_named(tmp_path):
     root = make_folder(tmp_path / "data", num_classes=2)
     (root / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")

@@ -1,8 +1,10 @@
-"""Mini-ImageNet loader on generated fixtures in its two formats: train/val/test.csv (filename,label) + images/*.jpg,
-and the pickled mini-imagenet-cache-{train,val,test}.pkl files."""
+"""Mini-ImageNet loader on generated fixtures in its three formats: train/val/test.csv (filename,label) +
+images/*.jpg, the pickled mini-imagenet-cache-{train,val,test}.pkl files, and train/val/test folders of class
+folders."""
 
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -97,6 +99,21 @@ def test_truncated_jpeg_is_named(mini_dir):
 
 
 # ------------------------------------------------------------------ the cache files (mini-imagenet-cache-*.pkl)
+def test_split_folders_load_as_the_csv_files_do(mini_dir, tmp_path):
+    """The same files laid out as train/<wnid>/*.jpg, val/..., test/...: the same classes and images."""
+    folders = tmp_path / "folders"
+    for split, labels in CLASSES.items():
+        for label in labels:
+            (folders / split / label).mkdir(parents=True)
+            for image in sorted((mini_dir / "images").glob(f"{label}*.jpg")):
+                shutil.copy(image, folders / split / label / image.name)
+    from_csv, from_folders = load_miniimagenet(mini_dir), load_dataset("miniimagenet", folders)
+    assert [list(s.class_names) for s in from_folders] == list(CLASSES.values())
+    for csv_split, folder_split in zip(from_csv, from_folders, strict=True):
+        np.testing.assert_array_equal(folder_split.images, csv_split.images)
+    assert from_folders.train.sources_of("n01532829")[0] == "train/n01532829/n0153282900000001.jpg"
+
+
 def make_miniimagenet_cache(root, protocol=pickle.HIGHEST_PROTOCOL):
     """The three cache files: {"image_data": uint8 (n, 84, 84, 3), "class_dict": {wnid: [indices]}}, a class's
     images interleaved with the others' (the loader must follow the indices); class k has mean colour 30*k."""
@@ -144,7 +161,7 @@ def test_a_cache_file_asking_for_anything_but_arrays_is_refused_unrun(tmp_path):
 
 
 def test_malformed_cache_files_and_an_empty_folder_are_named(tmp_path):
-    with pytest.raises(DataError, match="holds neither Mini-ImageNet's split files .* nor its cache files"):
+    with pytest.raises(DataError, match="holds neither Mini-ImageNet's split files .*, its cache files .* nor train/"):
         load_miniimagenet(tmp_path)
     make_miniimagenet_cache(tmp_path)
     (tmp_path / "mini-imagenet-cache-test.pkl").write_bytes(pickle.dumps({"images": np.zeros(3)}))

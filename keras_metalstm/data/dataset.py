@@ -256,7 +256,11 @@ class ClassIndexedDataset(Mapping):
             assignment = dict(
                 zip(SPLIT_NAMES, split_classes(self._names, fractions, seed, groups), strict=True)
             )
-        return DatasetSplits(*(self.subset(assignment[s], name=f"{self.name}/{s}") for s in SPLIT_NAMES))
+        return self.split_as(assignment)
+
+    def split_as(self, assignment: dict[str, Sequence[str]]) -> DatasetSplits:
+        """(train, val, test) of the classes ``assignment`` gives each split name (a missing split: no classes)."""
+        return DatasetSplits(*(self.subset(assignment.get(s, ()), name=f"{self.name}/{s}") for s in SPLIT_NAMES))
 
 
 class DatasetSplits(NamedTuple):

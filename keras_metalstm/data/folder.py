@@ -1,4 +1,6 @@
-"""Image-folder loader for the user's own data: ``root/<class>/*.png|jpg|jpeg|bmp|gif``, one sub-folder per class.
+"""Image-folder loader for the user's own data: ``root/<class>/*.png|jpg|jpeg|bmp|gif``, one sub-folder per class,
+or a folder split already, ``root/{train,val,test}/<class>/*`` (``validation`` for ``val`` too; the layout many
+copies of Mini-ImageNet come in), whose splits are kept as they are.
 
 Every immediate sub-folder of ``root`` (hidden ones skipped) is a class named after the folder; its image files
 (extensions ``IMAGE_EXTENSIONS``, any case) are read in sorted order, other files are ignored. With
@@ -49,6 +51,28 @@ def image_files(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> l
     )
 
 
+# The names of the sub-folders of a folder split already (any case), by split.
+SPLIT_FOLDER_NAMES = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
+
+
+def split_folders(root: Path) -> dict[str, Path] | None:
+    """``{split: folder}`` when every sub-folder of ``root`` is named after a split (``SPLIT_FOLDER_NAMES``) and holds
+    class folders rather than images; None for a folder of classes (a class may be called "test")."""
+    splits = {name: split for split, names in SPLIT_FOLDER_NAMES.items() for name in names}
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if not folders or any(p.name.lower() not in splits for p in folders):
+        return None
+    if any(image_files(p) or not any(q.is_dir() for q in p.iterdir()) for p in folders):
+        return None
+    found = {}
+    for folder in sorted(folders):
+        split = splits[folder.name.lower()]
+        if split in found:
+            raise DataError(f"{root} has two folders of the {split} split, {found[split].name} and {folder.name}")
+        found[split] = folder
+    return {split: found[split] for split in SPLIT_FOLDER_NAMES if split in found}
+
+
 def list_image_folder(
     root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS
 ) -> dict[str, list[Path]]:
@@ -75,7 +99,12 @@ def list_image_folder(
         if not files:
             nested = sorted(p.name for p in class_dir.iterdir() if p.is_dir() and image_files(p, extensions))
             shown = ", ".join(nested[:3]) + ("..." if len(nested) > 3 else "")
-            if nested:
+            if nested and (splits := split_folders(root)):
+                fix = (
+                    f"; {root} is split into {', '.join(p.name for p in splits.values())} folders of classes: read "
+                    "it with image_folder_splits (--dataset folder), which keeps the splits"
+                )
+            elif nested:
                 fix = (
                     f"; it holds {len(nested)} folder(s) of images ({shown}) but the classes must be the immediate "
                     f"sub-folders of {root}: move those folders up into it"
@@ -115,6 +144,41 @@ def image_folder_splits(
     split_file: str | os.PathLike | None = None,
     rotations: bool = False,
 ) -> DatasetSplits:
-    """Class-disjoint (train, val, test) of an image folder: from ``split_file`` if given, else by ``seed``."""
-    splits = load_image_folder(root, image_shape).split(fractions, seed, split_file=split_file)
+    """Class-disjoint (train, val, test) of an image folder: its own split folders (``split_folders``), else from
+    ``split_file`` if given, else by ``seed`` and ``fractions``."""
+    folders = split_folders(Path(root)) if Path(root).is_dir() else None
+    if folders and split_file is not None:
+        raise DataError(
+            f"{root} is split into {', '.join(p.name for p in folders.values())} folders already: leave out the "
+            "split file, or give it a folder of classes"
+        )
+    if folders:
+        splits = _load_split_folders(Path(root), folders, image_shape)
+    else:
+        splits = load_image_folder(root, image_shape).split(fractions, seed, split_file=split_file)
     return splits.with_rotations() if rotations else splits
+
+
+def _load_split_folders(root: Path, folders: dict[str, Path], image_shape) -> DatasetSplits:
+    """The splits of a folder split already, every image decoded in one pass (one shape, one cache entry)."""
+    classes, assignment = {}, {}
+    for split, folder in folders.items():
+        listed = list_image_folder(folder)
+        for name in listed:
+            if name in classes:
+                raise DataError(
+                    f"class {name!r} is in two splits of {root} ({classes[name][0].parent.parent.name} and "
+                    f"{folder.name}); few-shot splits must not share classes: rename or remove one"
+                )
+        classes.update(listed)
+        assignment[split] = list(listed)
+    files = [f for paths in classes.values() for f in paths]
+    images, _ = decode_image_files([str(f) for f in files], image_shape, cache=True)
+    dataset = ClassIndexedDataset(
+        images,
+        [len(paths) for paths in classes.values()],
+        list(classes),
+        sources=[str(f.relative_to(root)) for f in files],
+        name=root.name or str(root),
+    )
+    return dataset.split_as(assignment)

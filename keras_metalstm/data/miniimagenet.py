@@ -6,6 +6,9 @@ Split csv files and images (Ravi & Larochelle 2017, twitter/meta-learning-lstm):
 size (the original ImageNet files) or grey JPEGs are converted to ``image_size`` x ``image_size`` x 3 by the
 package's rule (``convert_images``: antialiased bilinear resize, grey repeated to RGB).
 
+A folder split already, ``train/<class>/*.jpg``, ``val/<class>/*.jpg``, ``test/<class>/*.jpg`` (as other
+distributions and scripts lay it out), read as an image folder (``image_folder_splits``) at 84x84x3.
+
 Pickled arrays, used when the folder has no csv files: ``mini-imagenet-cache-train.pkl``, ``-val.pkl``,
 ``-test.pkl``, each a dict of ``image_data`` (uint8 (n, 84, 84, 3)) and ``class_dict`` ({class: [indices into
 image_data]}). A pickle is a program: these are read by an unpickler that builds dicts, lists, strings, numbers
@@ -25,6 +28,7 @@ import numpy as np
 
 from keras_metalstm.data.dataset import ClassIndexedDataset, DatasetSplits
 from keras_metalstm.data.errors import DataError
+from keras_metalstm.data.folder import image_folder_splits, split_folders
 from keras_metalstm.data.images import convert_dataset, decode_image_files
 
 MINIIMAGENET_CSV_FILES = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
@@ -65,7 +69,7 @@ def load_miniimagenet(
 ) -> DatasetSplits:
     """Mini-ImageNet (train, val, test) from ``data_dir/{train,val,test}.csv`` and ``images_dir``
     (default ``data_dir/images``), or, in a folder without the csv files, from its three cache files
-    (`load_miniimagenet_pickles`); images uint8 (image_size, image_size, 3)."""
+    (`load_miniimagenet_pickles`) or its split folders; images uint8 (image_size, image_size, 3)."""
     data_dir = Path(data_dir)
     images_dir = data_dir / "images" if images_dir is None else Path(images_dir)
     if not data_dir.is_dir():
@@ -73,11 +77,13 @@ def load_miniimagenet(
     has_csv = any((data_dir / name).is_file() for name in MINIIMAGENET_CSV_FILES.values())
     if not has_csv and any((data_dir / name).is_file() for name in MINIIMAGENET_PICKLE_FILES.values()):
         return load_miniimagenet_pickles(data_dir, image_size)
+    if not has_csv and split_folders(data_dir):
+        return image_folder_splits(data_dir, image_shape=(int(image_size), int(image_size), 3))
     if not has_csv:
         raise DataError(
-            f"{data_dir} holds neither Mini-ImageNet's split files (train.csv, val.csv, test.csv and images/) nor its "
-            "cache files (mini-imagenet-cache-train.pkl, -val.pkl, -test.pkl): point --data-dir at the folder "
-            "holding one of them"
+            f"{data_dir} holds neither Mini-ImageNet's split files (train.csv, val.csv, test.csv and images/), its "
+            "cache files (mini-imagenet-cache-train.pkl, -val.pkl, -test.pkl) nor train/, val/ and test/ folders of "
+            "class folders: point --data-dir at the folder holding one of them"
         )
     if not images_dir.is_dir():
         raise DataError(
