@@ -36,7 +36,7 @@ def pretrain_classifier(train_dataset, learner, config: PretrainConfig | None = 
         tf.data.Dataset.from_tensor_slices((train_dataset.images, labels))
         .shuffle(len(labels), seed=int(config.seed), reshuffle_each_iteration=True)
         .batch(int(config.batch_size))
-        .map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y))
+        .map(lambda x, y: (tf.cast(x, tf.float32) * (1.0 / 255.0), y))  # as the episode pipeline scales
         .prefetch(2)
     )
     model.compile(

@@ -94,7 +94,10 @@ def convert_images(images, target_shape: Sequence[int], antialias: bool = True) 
     if images.shape.rank not in (3, 4):
         raise DataError(f"images must be (h, w, c) or (n, h, w, c), got shape {images.shape}")
     if images.dtype == tf.uint8:
-        images = tf.cast(images, tf.float32) / 255.0
+        # A product with 1/255, not a division: TensorFlow's graph optimiser turns a division by a constant into
+        # that product, so a division would round differently eagerly and in a traced function (a served
+        # signature), and round(255 x) of a few pixels would differ by one level between the two.
+        images = tf.cast(images, tf.float32) * (1.0 / 255.0)
     elif images.dtype.is_floating or images.dtype.is_integer:
         images = tf.cast(images, tf.float32)
     else:
