@@ -88,8 +88,9 @@ def export_command(model, format_, out, version, opset, force, no_verify):
       float32 (batch, H, W, C) in [0, 1], outputs logits, probabilities, class_ids, class_names) and
       predict_encoded (input `image_bytes`: PNG/JPEG/GIF/BMP files); ONNX model.onnx with the same input/outputs.
     MODEL = run folder, meta-learner .keras file or preset name (a ready-made meta-learner; an existing path
-      wins): SavedModel signature adapt_and_predict (support_images, support_labels, query_images -> logits,
-      probabilities, class_ids). SavedModel only: ONNX has no gradient ops.
+      wins): SavedModel signatures adapt_and_predict (support_images, support_labels, query_images -> logits,
+      probabilities, class_ids) and adapt_and_predict_encoded (the same on PNG/JPEG/GIF/BMP files:
+      support_image_bytes, support_labels, query_image_bytes). SavedModel only: ONNX has no gradient ops.
 
     Writes OUT/<version>/ (TensorFlow Serving's layout) via a temporary folder, after checking that the export
     reproduces the Keras model's logits (within 1e-4) at batch 1 and 64.

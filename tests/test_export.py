@@ -249,6 +249,40 @@ def test_the_adapt_in_serving_predictor_warns_of_an_unbalanced_support_folder_to
         export.load_predictor(meta_export.path, support=support)
 
 
+def test_adapt_in_serving_on_files_equals_it_on_the_files_decoded_by_the_client(
+    meta_export, support_dir, encoded_files
+):
+    """adapt_and_predict_encoded (support and query files as bytes, for a client without the conversion rule)
+    gives what adapt_and_predict gives on the same files read by the package, directly and as a REST body."""
+    import tensorflow as tf
+
+    from keras_metalstm.data.folder import list_image_folder
+
+    classes = list_image_folder(support_dir)  # load_support_folder's order: classes sorted, files sorted
+    support_files = [path for name in sorted(classes) for path in classes[name]]
+    images, labels, _ = export.load_support_folder(support_dir, SHAPE)
+    np.testing.assert_array_equal(labels, [index for index, name in enumerate(sorted(classes)) for _ in classes[name]])
+    queries, _ = export.read_images(encoded_files, SHAPE)
+    loaded = tf.saved_model.load(str(meta_export.path))
+    expected = loaded.signatures["adapt_and_predict"](
+        support_images=tf.constant(images), support_labels=tf.constant(labels), query_images=tf.constant(queries)
+    )["logits"].numpy()
+    encoded = loaded.signatures["adapt_and_predict_encoded"](
+        support_image_bytes=tf.constant([path.read_bytes() for path in support_files]),
+        support_labels=tf.constant(labels),
+        query_image_bytes=tf.constant([path.read_bytes() for path in encoded_files]),
+    )
+    np.testing.assert_allclose(encoded["logits"].numpy(), expected, atol=1e-5)
+
+    def b64(paths):
+        return [{"b64": base64.b64encode(path.read_bytes()).decode()} for path in paths]
+
+    body = {"inputs": {"support_image_bytes": b64(support_files), "support_labels": labels.tolist(),
+                       "query_image_bytes": b64(encoded_files)}}
+    reply = export.rest_predict(loaded.signatures["adapt_and_predict_encoded"], json.dumps(body))
+    np.testing.assert_allclose(reply["outputs"]["logits"], expected, atol=1e-5)
+
+
 def test_adapt_and_predict_rejects_labels_outside_n_way(meta_export, support_dir, queries):
     import tensorflow as tf
 
@@ -285,8 +319,8 @@ def test_saved_model_cli_lists_the_signatures(exported, meta_export):
     for name in ("logits", "probabilities", "class_ids", "class_names"):
         assert f"outputs['{name}']" in text
     text = show(meta_export.path)
-    assert "signature_def['adapt_and_predict']" in text
-    for name in ("support_images", "support_labels", "query_images"):
+    assert "signature_def['adapt_and_predict']" in text and "signature_def['adapt_and_predict_encoded']" in text
+    for name in ("support_images", "support_labels", "query_images", "support_image_bytes", "query_image_bytes"):
         assert f"inputs['{name}']" in text
 
 

@@ -10,8 +10,8 @@
     predictor.predict(images)                                   # float32 (batch, H, W, C) in [0, 1]
     predictor.predict_inputs(export.ImageInputs(["photos/"], predictor.image_shape))  # files, batch by batch
 
-See `savedmodel` for the signatures (serving_default, predict_encoded, adapt_and_predict) and `onnx_format` for
-the ONNX model.
+See `savedmodel` for the signatures (serving_default, predict_encoded, adapt_and_predict and
+adapt_and_predict_encoded) and `onnx_format` for the ONNX model.
 """
 
 from keras_metalstm.export.adapted import (

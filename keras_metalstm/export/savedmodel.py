@@ -13,6 +13,9 @@ Meta-learner (adapt-in-serving), signature ``adapt_and_predict``: inputs ``suppo
 (N*K, H, W, C), ``support_labels`` int32 (N*K,) in 0..N-1, ``query_images`` float32 (batch, H, W, C); outputs
 ``logits``, ``probabilities``, ``class_ids`` (the support label the query is given). One task per request (the
 episode axis is fixed to 1 inside), any number of support and query images, the inner loop's T fixed at export.
+``adapt_and_predict_encoded``: the same on files, ``support_image_bytes`` string (N*K,), ``support_labels``,
+``query_image_bytes`` string (batch,), decoded and converted as ``predict_encoded`` does (for a client without
+the conversion rule; over REST in the columnar form, as support and queries differ in number).
 The inner loop's gradients are ordinary ops of the saved graph, so TensorFlow Serving runs it with no Python.
 ONNX cannot express it (no gradient operators), so there is no ONNX form of the meta-learner.
 """
@@ -103,6 +106,14 @@ class AdaptInServingModule(tf.Module):
                 tf.TensorSpec(image_spec, tf.float32, name="query_images"),
             ],
         )
+        self.adapt_and_predict_encoded = tf.function(
+            self._adapt_and_predict_encoded,
+            input_signature=[
+                tf.TensorSpec([None], tf.string, name="support_image_bytes"),
+                tf.TensorSpec([None], tf.int32, name="support_labels"),
+                tf.TensorSpec([None], tf.string, name="query_image_bytes"),
+            ],
+        )
 
     def _adapt_and_predict(self, support_images, support_labels, query_images):
         checks = [
@@ -126,8 +137,18 @@ class AdaptInServingModule(tf.Module):
         logits = self.meta.query_logits(theta, states, query_images[tf.newaxis], mode="test")[0]
         return _outputs(logits)
 
+    def _adapt_and_predict_encoded(self, support_image_bytes, support_labels, query_image_bytes):
+        return self._adapt_and_predict(
+            decode_for_serving(support_image_bytes, self.image_shape),
+            support_labels,
+            decode_for_serving(query_image_bytes, self.image_shape),
+        )
+
     def signatures(self):
-        return {"adapt_and_predict": self.adapt_and_predict}
+        return {
+            "adapt_and_predict": self.adapt_and_predict,
+            "adapt_and_predict_encoded": self.adapt_and_predict_encoded,
+        }
 
 
 def adapted_metadata(adapted):
