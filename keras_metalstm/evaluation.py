@@ -232,10 +232,14 @@ def format_table(columns: dict[str, dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------- evaluation data
-def evaluation_dataset(config, dataset: str | None = None, data_dir=None, split: str = "test"):
-    """The class-indexed data set to evaluate on: the run's own test classes by default, or `split` of another
-    data set (`split="all"`: all its classes), converted to the run's image shape by the package's conversion
-    rule (keras_metalstm.data.CONVERSION_RULE) when its images differ."""
+def evaluation_dataset(
+    config, dataset: str | None = None, data_dir=None, split: str = "test", run_dir=None, report=None
+):
+    """The class-indexed data set to evaluate on: the run's own test classes by default (those it recorded in
+    `run_dir` when it started, `keras_metalstm.runs.load_splits`, which tells `report` when the data set's own
+    split has changed since), or `split` of another data set (`split="all"`: all its classes), converted to the
+    run's image shape by the package's conversion rule (keras_metalstm.data.CONVERSION_RULE) when its images
+    differ."""
     from keras_metalstm.data import DataError, convert_dataset, load_dataset
     from keras_metalstm.runs import load_splits
 
@@ -247,7 +251,7 @@ def evaluation_dataset(config, dataset: str | None = None, data_dir=None, split:
             raise DataError(
                 "--split all needs --dataset: the run's own train/val classes were seen in training"
             )
-        splits = load_splits(config)
+        splits = load_splits(config, report=report, run_dir=run_dir)
     else:
         options = {"image_shape": target} if dataset == "folder" else {}
         splits = load_dataset(dataset, data_dir, **options)
@@ -408,7 +412,7 @@ def evaluate_run(
         if int(query) < 1:
             raise DataError(f"--query must be at least 1, got {query}")
         changes["query"] = int(query)
-    data = evaluation_dataset(config, dataset, data_dir, split)
+    data = evaluation_dataset(config, dataset, data_dir, split, run_dir=run_dir, report=log)
     trainer = km.MetaTrainer(meta)
     details = {"checkpoint": which, "test_classes": data.num_classes, "data": data.name, "episodes": int(episodes)}
     if changes:
@@ -418,7 +422,7 @@ def evaluate_run(
         compared, info = prepare_baselines(
             Path(run_dir),
             config,
-            load_splits(config),
+            load_splits(config, run_dir=run_dir),
             meta.learner,
             pretrain=pretrain,
             val_episodes=finetune_val_episodes,

@@ -150,7 +150,7 @@ def inspect_run(
 
     episodes = check_episode_count(episodes)
     config, meta = load_meta_learner(run_dir, which=which)
-    data = evaluation_dataset(config, split=split)
+    data = evaluation_dataset(config, split=split, run_dir=run_dir)
     sgd = tf.function(plain_sgd)
     theta0 = tf.convert_to_tensor(meta.theta0)
     statistics = {by: [] for by in GROUPINGS}

@@ -4,6 +4,8 @@ A run directory holds:
 
     config.yaml            the run's full RunConfig (written before training starts)
     learner.json           the learner's architecture as its Keras config (keras_metalstm.learner_spec)
+    splits.json            the classes of each split when the run started: resume, evaluate and the baselines use
+                           these, whatever was added to or moved in the data set since
     checkpoints/           tf.train.CheckpointManager: meta-learner, optimizer state, episode counter, best
                            validation accuracy, the metrics window in progress (the latest `keep_checkpoints`)
     best/                  the checkpoint with the best validation accuracy so far
@@ -32,6 +34,8 @@ from keras_metalstm.processes import process_alive
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
 STATE_FILE = "state.json"
+SPLITS_FILE = "splits.json"
+SPLIT_ORDER = ("train", "val", "test")  # keras_metalstm.data.SPLIT_NAMES, without importing TensorFlow here
 BEST_MODEL_FILE = "best.keras"
 # Reads of the newest checkpoint while a running training may replace it (`load_meta_learner`).
 CHECKPOINT_READ_ATTEMPTS = 5
@@ -74,10 +78,11 @@ def load_run_config(run_dir) -> RunConfig:
     return RunConfig.load(path)
 
 
-def load_splits(config: RunConfig, report=None):
+def load_splits(config: RunConfig, report=None, run_dir=None):
     """The data set's (train, val, test) splits for `config`, images converted to `config.image_shape` when it is
-    set, without the classes of fewer than K + Q images with `config.drop_small_classes`, which `report` (a
-    callable taking a line of text) is told about (raises keras_metalstm.data.DataError)."""
+    set, without the classes of fewer than K + Q images with `config.drop_small_classes`; for a run whose
+    `run_dir` recorded its splits (SPLITS_FILE), that run's classes in each split. `report` (a callable taking a
+    line of text) is told what was left out or kept (raises keras_metalstm.data.DataError)."""
     from keras_metalstm.data import DatasetSplits, convert_dataset, dataset_options, load_dataset
 
     options = {}
@@ -89,17 +94,49 @@ def load_splits(config: RunConfig, report=None):
     splits = load_dataset(config.dataset, config.data_dir, **options)
     if target is not None and tuple(splits.image_shape) != target:
         splits = DatasetSplits(*(convert_dataset(part, target) for part in splits))
-    if config.drop_small_classes:
-        kept = splits.with_min_images(config.k_shot + config.query)
-        dropped = [before.num_classes - after.num_classes for before, after in zip(splits, kept, strict=True)]
-        if sum(dropped) and report is not None:
-            report(
-                f"left out {sum(dropped)} of {sum(part.num_classes for part in splits)} classes with fewer than "
-                f"K + Q = {config.k_shot + config.query} images (--drop-small-classes): train {dropped[0]}, "
-                f"val {dropped[1]}, test {dropped[2]}"
-            )
-        splits = kept
-    return splits
+    recorded = None if run_dir is None else Path(run_dir) / SPLITS_FILE
+    kept = splits.with_min_images(config.k_shot + config.query) if config.drop_small_classes else splits
+    if recorded is not None and recorded.is_file():
+        return _as_recorded(splits, kept, recorded, report)
+    dropped = [before.num_classes - after.num_classes for before, after in zip(splits, kept, strict=True)]
+    if sum(dropped) and report is not None:
+        report(
+            f"left out {sum(dropped)} of {sum(part.num_classes for part in splits)} classes with fewer than "
+            f"K + Q = {config.k_shot + config.query} images (--drop-small-classes): train {dropped[0]}, "
+            f"val {dropped[1]}, test {dropped[2]}"
+        )
+    return kept
+
+
+def record_splits(splits, run_dir) -> None:
+    """Write the classes of each split to RUN_DIR/SPLITS_FILE (once, when the run starts)."""
+    assignment = {name: list(part.class_names) for name, part in zip(SPLIT_ORDER, splits, strict=True)}
+    atomic_write_text(Path(run_dir) / SPLITS_FILE, json.dumps(assignment, indent=1, ensure_ascii=False) + "\n")
+
+
+def _as_recorded(splits, kept, path: Path, report):
+    """The run's recorded classes (RUN_DIR/SPLITS_FILE at `path`): `kept` (the splits the configuration gives the
+    data set now) when they are the same, else `splits` (before --drop-small-classes) regrouped into them, as
+    after classes were added to or moved in the data set; a recorded class the data set lost is an error."""
+    from keras_metalstm.data import DataError, read_split_file
+
+    recorded = read_split_file(path)
+    if {name: list(part.class_names) for name, part in zip(SPLIT_ORDER, kept, strict=True)} == recorded:
+        return kept
+    present = {name for part in splits for name in part.class_names}
+    lost = [name for names in recorded.values() for name in names if name not in present]
+    if lost:
+        raise DataError(
+            f"{len(lost)} class(es) of the run's splits ({path}) are no longer in the data set, e.g. {lost[:3]}: "
+            "restore them, or train a new run on the data as it is now"
+        )
+    if report is not None:
+        unseen = len(present) - sum(len(names) for names in recorded.values())
+        report(
+            f"the data set's classes changed since the run started: the run's own splits are used ({path.name}; "
+            f"{unseen} class(es) it did not see are left out)"
+        )
+    return splits.regrouped(recorded)
 
 
 # ------------------------------------------------------------------------------------------ the meta-learner

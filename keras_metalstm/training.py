@@ -33,12 +33,14 @@ from keras_metalstm.metrics_log import (
 from keras_metalstm.paths import refuse_url
 from keras_metalstm.run_checks import check_episode_shapes, check_theta0_source, test_split_problem
 from keras_metalstm.runs import (
+    SPLITS_FILE,
     RunDirError,
     TrainingError,
     latest_checkpoint,
     learner_architecture,
     load_run_config,
     load_splits,
+    record_splits,
     run_exists,
     start_failed,
     write_state,
@@ -185,7 +187,8 @@ class TrainingRun:
         returns the data splits."""
         config = self._prepare_config(self.config)
         self.data_notes = []
-        splits = load_splits(config, report=self.data_notes.append)
+        # A run that reached a checkpoint continues on the classes it started with (RUN_DIR/splits.json).
+        splits = load_splits(config, report=self.data_notes.append, run_dir=self.run_dir if self.started else None)
         image_shape = list(splits.image_shape)
         if config.image_shape is not None and list(config.image_shape) != image_shape:
             raise RunDirError(
@@ -208,6 +211,8 @@ class TrainingRun:
             self.config.save(self.run_dir / CONFIG_FILE_NAME)
             if not self.started or not (self.run_dir / ARCHITECTURE_FILE).is_file():
                 save_architecture(self.architecture, self.run_dir)
+            if not self.started or not (self.run_dir / SPLITS_FILE).is_file():
+                record_splits(splits, self.run_dir)
             if not self.started:  # until the first checkpoint, a failed start leaves a directory to start again
                 write_state(self.run_dir, "starting", 0, self.config.episodes, None, None, 0.0)
         return splits

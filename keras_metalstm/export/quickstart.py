@@ -52,7 +52,7 @@ def quickstart_export(run_dir, out_dir):
 
     out_dir = Path(out_dir)
     config, meta = load_meta_learner(run_dir)
-    split = load_splits(config).test
+    split = load_splits(config, run_dir=run_dir).test
     support, query = write_task_folders(split, out_dir, config.n_way, config.k_shot, config.query)
     adapted = adapt_folder(meta, support, info={"run": str(run_dir)})
     save_adapted(adapted, out_dir / "adapted.keras", force=True)

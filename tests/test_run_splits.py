@@ -1,0 +1,49 @@
+"""A run keeps the classes of its splits (RUN_DIR/splits.json): a folder that gains classes after training would
+otherwise be re-split by its seed, and `evaluate` could score the run on classes it chose its checkpoint with, or
+`--resume` train on other classes."""
+
+import json
+import shutil
+
+from cli_helpers import make_image_folder, run_cli, train_args
+
+from keras_metalstm.data import load_dataset
+from keras_metalstm.evaluation import evaluation_dataset
+from keras_metalstm.runs import SPLITS_FILE, load_run_config
+
+
+def test_a_run_keeps_its_splits_when_its_folder_gains_or_loses_classes(tmp_path):
+    data_dir = make_image_folder(tmp_path / "data", num_classes=12, per_class=5)
+    run_dir = tmp_path / "run"
+    started = run_cli(train_args(data_dir, run_dir, "--episodes", "2"))
+    assert started.exit_code == 0, started.output
+    recorded = json.loads((run_dir / SPLITS_FILE).read_text())
+    assert recorded == load_dataset("folder", data_dir).class_names()
+
+    more = make_image_folder(tmp_path / "more", num_classes=6, per_class=5, seed=1)
+    for folder in sorted(more.iterdir()):
+        folder.rename(data_dir / f"new_{folder.name}")
+    resplit = load_dataset("folder", data_dir).class_names()
+    assert resplit["test"] != recorded["test"] and resplit["val"] != recorded["val"]  # what a re-split would use
+
+    config = load_run_config(run_dir)
+    notes = []
+    assert list(evaluation_dataset(config, run_dir=run_dir, report=notes.append).class_names) == recorded["test"]
+    assert notes == [
+        "the data set's classes changed since the run started: the run's own splits are used (splits.json; "
+        "6 class(es) it did not see are left out)"
+    ]
+    evaluated = run_cli(["evaluate", run_dir, "--episodes", "2", "--no-progress"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "the run's own splits are used" in evaluated.output
+    (report,) = (run_dir / "evaluation").glob("*.json")
+    assert json.loads(report.read_text())["details"]["test_classes"] == len(recorded["test"])
+    resumed = run_cli(train_args(data_dir, run_dir, "--episodes", "4", "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert "the run's own splits are used" in resumed.output
+    assert json.loads((run_dir / SPLITS_FILE).read_text()) == recorded
+
+    shutil.rmtree(data_dir / recorded["test"][0])
+    lost = run_cli(["evaluate", run_dir, "--episodes", "2", "--no-progress"], catch_exceptions=True)
+    assert lost.exit_code != 0 and "Traceback" not in lost.output
+    assert "1 class(es) of the run's splits" in lost.output and "are no longer in the data set" in lost.output
