@@ -31,19 +31,26 @@ def write_support(root, classes=CLASSES, shots=2, seed=0):
 
 
 def write_encoded_files(folder):
-    """PNG, JPEG and colour-palette BMP files of other sizes and modes than SHAPE, as a client would send them."""
+    """PNG, JPEG (one with an EXIF orientation) and colour-palette BMP files of other sizes and modes than SHAPE,
+    as a client would send them."""
     rng = np.random.default_rng(3)
     files = [
         ((28, 28), "L", ".png"),
         ((40, 33), "RGB", ".png"),
-        ((28, 28), "RGB", ".jpg"),
+        ((28, 34), "RGB", ".jpg"),
         ((50, 61), "L", ".jpeg"),
         ((30, 26), "P", ".bmp"),  # rows of 26 one-byte indices padded to 28: the file ends in zero bytes
     ]
     paths = []
     for index, (size, mode, suffix) in enumerate(files):
         paths.append(Path(folder) / f"img{index}{suffix}")
-        random_image(rng, size, mode).save(paths[-1])
+        image = random_image(rng, size, mode)
+        if suffix == ".jpg":  # a phone's portrait photo: landscape pixels and an orientation tag
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            image.save(paths[-1], exif=exif.tobytes())
+        else:
+            image.save(paths[-1])
     return paths
 
 

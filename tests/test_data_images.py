@@ -148,6 +148,43 @@ def test_the_rule_gives_the_same_uint8_images_eagerly_and_in_a_traced_function()
         np.testing.assert_array_equal(traced(tf.constant(raw)).numpy(), eager)
 
 
+def _jpeg_with_orientation(pixels, orientation, byte_order, exif_first):
+    """A JPEG of `pixels` whose EXIF says `orientation`, its directory written in `byte_order` ("II" or "MM"), the
+    EXIF segment after Pillow's JFIF segment or, as phones write it, first."""
+    big = byte_order == "MM"
+
+    def number(value, size):
+        return value.to_bytes(size, "big" if big else "little")
+
+    # TIFF header, a directory of one SHORT entry (a 2-byte value padded to 4), no next directory.
+    entry = number(0x0112, 2) + number(3, 2) + number(1, 4) + number(orientation, 2) + bytes(2)
+    exif = b"Exif\x00\x00" + byte_order.encode() + number(42, 2) + number(8, 4) + number(1, 2) + entry + bytes(4)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=100, subsampling=0, exif=exif)  # 4:4:4, no chroma resampling
+    contents = buffer.getvalue()
+    assert contents[2:4] == b"\xff\xe0" and contents[24:30] == b"Exif\x00\x00"  # JFIF (16 bytes), then EXIF
+    return contents[:2] + contents[20:] if exif_first else contents
+
+
+@pytest.mark.parametrize("byte_order, exif_first", [("II", False), ("MM", False), ("II", True), ("MM", True)])
+def test_a_jpeg_is_turned_upright_by_its_exif_orientation_as_pillow_turns_it(byte_order, exif_first):
+    """Phones store a portrait photo as landscape pixels and an orientation tag; every orientation is turned as
+    Pillow's exif_transpose turns it (what an image viewer shows), eagerly and in a traced function."""
+    from PIL import ImageOps
+
+    from keras_metalstm.data.images import decode_image
+
+    blocks = np.random.default_rng(9).integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    pixels = np.kron(blocks, np.ones((8, 8, 1), np.uint8))  # 24 x 40, 8x8 blocks: JPEG keeps them
+    traced = tf.function(decode_image, input_signature=[tf.TensorSpec([], tf.string)])
+    for orientation in range(1, 9):
+        contents = _jpeg_with_orientation(pixels, orientation, byte_order, exif_first)
+        upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(contents))))
+        for decoded in (decode_image(tf.constant(contents)), traced(tf.constant(contents))):
+            assert decoded.shape == upright.shape, orientation
+            assert np.abs(decoded.numpy().astype(int) - upright).max() <= 3, orientation  # two JPEG decoders
+
+
 def test_decode_image_files_reads_in_order_and_reports_native_shapes(tmp_path):
     paths = []
     for i, size in enumerate([(10, 10), (20, 12), (10, 10)]):

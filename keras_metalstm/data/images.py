@@ -1,6 +1,7 @@
 """One image-conversion rule, in-graph, shared by the loaders, training and serving.
 
-The rule (``CONVERSION_RULE``), applied by :func:`convert_images` to reach a target shape (H, W, C):
+The rule (``CONVERSION_RULE``), applied by :func:`convert_images` to reach a target shape (H, W, C), after
+:func:`decode_image` has turned a JPEG upright by its EXIF orientation (as image viewers show it):
 
 * channels: grey -> RGB by repeating the grey channel; RGB -> grey by ITU-R BT.601 luminance
   ``0.299 R + 0.587 G + 0.114 B``; an alpha channel is dropped (grey+alpha -> grey, RGBA -> RGB) before that;
@@ -22,10 +23,11 @@ import tensorflow as tf
 from keras_metalstm.data.bmp import apply_bmp_palette, unreadable_bmp_reason
 from keras_metalstm.data.cache import cached_decode
 from keras_metalstm.data.errors import DataError
+from keras_metalstm.data.exif import apply_exif_orientation
 from keras_metalstm.data.progress import reading
 
 CONVERSION_RULE = (
-    "channels: grey->RGB by repeating the grey channel, RGB->grey by luminance 0.299 R + 0.587 G + 0.114 B, "
+    "a JPEG turned upright by its EXIF orientation; channels: grey->RGB by repeating the grey channel, RGB->grey by luminance 0.299 R + 0.587 G + 0.114 B, "
     "alpha dropped; size: bilinear resize (antialiased) to H x W, aspect ratio not kept; "
     "values scaled to [0, 1]"
 )
@@ -116,9 +118,10 @@ def convert_images(images, target_shape: Sequence[int], antialias: bool = True) 
 
 def decode_image(contents) -> tf.Tensor:
     """One encoded PNG, JPEG, GIF (its first frame) or BMP (a scalar string tensor) as uint8 (h, w, c), c its own
-    channel count (1-4). In-graph; a colour-palette BMP gets its colours (`keras_metalstm.data.bmp`)."""
+    channel count (1-4). In-graph; a colour-palette BMP gets its colours (`keras_metalstm.data.bmp`), a JPEG is
+    turned upright by its EXIF orientation (`keras_metalstm.data.exif`)."""
     decoded = tf.io.decode_image(contents, channels=0, dtype=tf.uint8, expand_animations=False)
-    return apply_bmp_palette(contents, decoded)
+    return apply_exif_orientation(contents, apply_bmp_palette(contents, decoded))
 
 
 def decode_image_bytes(contents, target_shape: Sequence[int], antialias: bool = True) -> tf.Tensor:
