@@ -123,15 +123,18 @@ def load_image_folder(
 ) -> ClassIndexedDataset:
     """All classes of ``root/<class>/*.{png,jpg,jpeg,bmp,gif}`` as uint8 images (see the module doc for shapes)."""
     root = Path(root)
-    classes = list_image_folder(root, extensions)
+    return _decoded(root, list_image_folder(root, extensions), image_shape)
+
+
+def _decoded(root: Path, classes: dict[str, list[Path]], image_shape) -> ClassIndexedDataset:
+    """The images of ``{class: files}`` decoded in one pass (one shape, one cache entry), sources relative to root."""
     files = [f for paths in classes.values() for f in paths]
-    display = [str(f.relative_to(root)) for f in files]
-    images, _ = decode_image_files([str(f) for f in files], image_shape, names=[str(f) for f in files], cache=True)
+    images, _ = decode_image_files([str(f) for f in files], image_shape, cache=True)
     return ClassIndexedDataset(
         images,
-        [len(p) for p in classes.values()],
+        [len(paths) for paths in classes.values()],
         list(classes),
-        sources=display,
+        sources=[str(f.relative_to(root)) for f in files],
         name=root.name or str(root),
     )
 
@@ -160,7 +163,7 @@ def image_folder_splits(
 
 
 def _load_split_folders(root: Path, folders: dict[str, Path], image_shape) -> DatasetSplits:
-    """The splits of a folder split already, every image decoded in one pass (one shape, one cache entry)."""
+    """The splits of a folder split already, its classes' names unique across them."""
     classes, assignment = {}, {}
     for split, folder in folders.items():
         listed = list_image_folder(folder)
@@ -172,13 +175,4 @@ def _load_split_folders(root: Path, folders: dict[str, Path], image_shape) -> Da
                 )
         classes.update(listed)
         assignment[split] = list(listed)
-    files = [f for paths in classes.values() for f in paths]
-    images, _ = decode_image_files([str(f) for f in files], image_shape, cache=True)
-    dataset = ClassIndexedDataset(
-        images,
-        [len(paths) for paths in classes.values()],
-        list(classes),
-        sources=[str(f.relative_to(root)) for f in files],
-        name=root.name or str(root),
-    )
-    return dataset.split_as(assignment)
+    return _decoded(root, classes, image_shape).split_as(assignment)
