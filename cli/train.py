@@ -32,6 +32,13 @@ def training_options(function):
             default=None,
             help="Data directory (omniglot, miniimagenet, folder).",
         ),
+        click.option(
+            "--split-file",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help='JSON {"train": [...], "val": [...], "test": [...]} of class names splitting an omniglot or folder '
+            "data set (e.g. Vinyals' Omniglot lists) instead of its seeded split.",
+        ),
         click.option("--n-way", type=int, default=None, help="Classes per episode (default 5)."),
         click.option("--k-shot", type=int, default=None, help="Support images per class (default 1)."),
         click.option("--query", type=int, default=None, help="Query images per class (default 15)."),
@@ -182,6 +189,7 @@ CONFIG_KEYS = (
     "filters",
     "rotations",
     "drop_small_classes",
+    "split_file",
     "image_shape",
     "first_order",
     "query_statistics",

@@ -54,6 +54,7 @@ SHAPE_FIELDS = (
     "augment",
     "rotations",
     "drop_small_classes",
+    "split_file",
     # The optimizer checkpoints its variables by position, and a constant step is one of them, a schedule not.
     "lr_schedule",
 )
@@ -108,6 +109,9 @@ class RunConfig:
 
     dataset: str = "fontglot"
     data_dir: str | None = None
+    # A JSON file {"train": [...], "val": [...], "test": [...]} of class names that splits an omniglot or folder data
+    # set (e.g. Vinyals' Omniglot lists) instead of its seeded split.
+    split_file: str | None = None
     rotations: bool = False
     # Leave out the classes with fewer than K + Q images (every split), instead of refusing the data set: a folder of
     # the user's own classes often has a few small ones.
@@ -228,6 +232,7 @@ class RunConfig:
         self.learner = normalise_learner_spec(self.learner)
         # Absolute, so that a resumed run or another command finds them from any working directory.
         self.data_dir = _local_absolute_path(self.data_dir, "data_dir")
+        self.split_file = _local_absolute_path(self.split_file, "split_file")
         self.pretrained_model = _local_absolute_path(self.pretrained_model, "pretrained_model")
         return self
 

@@ -83,11 +83,18 @@ def load_splits(config: RunConfig, report=None, run_dir=None):
     set, without the classes of fewer than K + Q images with `config.drop_small_classes`; for a run whose
     `run_dir` recorded its splits (SPLITS_FILE), that run's classes in each split. `report` (a callable taking a
     line of text) is told what was left out or kept (raises keras_metalstm.data.DataError)."""
-    from keras_metalstm.data import DatasetSplits, convert_dataset, dataset_options, load_dataset
+    from keras_metalstm.data import DataError, DatasetSplits, convert_dataset, dataset_options, load_dataset
 
     options = {}
     if config.rotations:
         options["rotations"] = True
+    if config.split_file is not None:
+        if "split_file" not in dataset_options(config.dataset):
+            raise DataError(
+                f"a split file splits an omniglot or folder data set, not {config.dataset} (its split is fixed): "
+                "leave out --split-file"
+            )
+        options["split_file"] = config.split_file
     target = tuple(config.image_shape) if config.image_shape is not None else None
     if target is not None and "image_shape" in dataset_options(config.dataset):
         options["image_shape"] = target  # an image folder converts while decoding: its images may be of mixed sizes

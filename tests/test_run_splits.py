@@ -47,3 +47,29 @@ def test_a_run_keeps_its_splits_when_its_folder_gains_or_loses_classes(tmp_path)
     lost = run_cli(["evaluate", run_dir, "--episodes", "2", "--no-progress"], catch_exceptions=True)
     assert lost.exit_code != 0 and "Traceback" not in lost.output
     assert "1 class(es) of the run's splits" in lost.output and "are no longer in the data set" in lost.output
+
+
+def test_a_split_file_given_to_train_splits_the_folder_and_stays_the_runs(tmp_path):
+    """--split-file: the run's classes are the file's (classes it leaves out are not used), fixed on --resume;
+    refused for a data set whose split is fixed, and a missing file is named."""
+    data_dir = make_image_folder(tmp_path / "data", num_classes=12, per_class=5)
+    names = sorted(path.name for path in data_dir.iterdir())
+    chosen = {"train": names[2:8], "val": names[8:10], "test": names[10:]}
+    (tmp_path / "split.json").write_text(json.dumps(chosen))
+    run_dir = tmp_path / "run"
+    result = run_cli(train_args(data_dir, run_dir, "--episodes", "2", "--split-file", tmp_path / "split.json"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / SPLITS_FILE).read_text()) == chosen
+    assert load_run_config(run_dir).split_file == str(tmp_path / "split.json")
+
+    (tmp_path / "other.json").write_text(json.dumps({**chosen, "train": names[:8]}))
+    changed = run_cli(train_args(data_dir, run_dir, "--episodes", "4", "--resume", "--split-file",
+                                 tmp_path / "other.json"), catch_exceptions=True)
+    assert changed.exit_code != 0 and "split_file: run has" in changed.output
+    fixed = run_cli(["train", "--split-file", tmp_path / "split.json", "--run-dir", tmp_path / "fontglot",
+                     "--episodes", "2", "--no-progress"], catch_exceptions=True)
+    assert fixed.exit_code != 0 and "not fontglot (its split is fixed): leave out --split-file" in fixed.output
+    assert not (tmp_path / "fontglot").exists()
+    missing = run_cli(train_args(data_dir, tmp_path / "missing", "--split-file", tmp_path / "gone.json"),
+                      catch_exceptions=True)
+    assert missing.exit_code != 0 and "gone.json" in missing.output and "Traceback" not in missing.output
