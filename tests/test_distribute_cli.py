@@ -183,7 +183,7 @@ def test_multiworker_cli_only_the_chief_writes_the_run_directory_and_resume_cont
 
     # only the chief's files, each once: one config, one metrics row per logged step and validation
     names = {p.name for p in run_dir.iterdir()} - {"tensorboard"}  # tensorboard/ when the package is installed
-    assert names == {"config.yaml", "learner.json", "checkpoints", "best", "best.keras", "metrics.jsonl",
+    assert names == {"config.yaml", "learner.json", "splits.json", "checkpoints", "best", "best.keras", "metrics.jsonl",
                      "metrics.csv", "curves.png", "state.json"}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["episode"]) for r in rows] == [("train", 2), ("train", 4), ("val", 4), ("train", 6)]

@@ -72,7 +72,13 @@ def orient(image, orientation) -> tf.Tensor:
     """`image` (H, W, C) turned as EXIF `orientation` (1-8) asks: mirrored and/or rotated to its upright view."""
 
     def transposed():
-        return tf.transpose(image, [1, 0, 2])
+        # A gather, not tf.transpose: a Transpose of uint8 (or of a cast of it, which the graph optimiser reorders)
+        # makes TensorFlow's oneDNN rewrite log an error line ("oneDNN supports DT_UINT8 only on ...") for every
+        # graph holding it, executed or not.
+        height, width = tf.shape(image)[0], tf.shape(image)[1]
+        pixels = tf.reshape(image, [height * width, -1])
+        index = tf.range(height * width)  # output pixel (w, h) at w * height + h is input pixel (h, w)
+        return tf.reshape(tf.gather(pixels, (index % height) * width + index // height), [width, height, -1])
 
     branches = [
         lambda: image,  # 1: as stored
