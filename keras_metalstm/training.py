@@ -183,8 +183,8 @@ class TrainingRun:
             return TrainingSession(self, callbacks, splits, strategy).train()
 
     def _start(self, strategy):
-        """Check the run directory, the data and the learner, then (chief) write config.yaml and learner.json;
-        returns the data splits."""
+        """Check the run directory, the data and the learner, then (chief) write config.yaml, learner.json and, for
+        a new run, splits.json; returns the data splits."""
         config = self._prepare_config(self.config)
         self.data_notes = []
         # A run that reached a checkpoint continues on the classes it started with (RUN_DIR/splits.json).
