@@ -5,6 +5,7 @@ otherwise be re-split by its seed, and `evaluate` could score the run on classes
 import json
 import shutil
 
+import numpy as np
 from cli_helpers import make_image_folder, run_cli, train_args
 
 from keras_metalstm.data import load_dataset
@@ -28,7 +29,12 @@ def test_a_run_keeps_its_splits_when_its_folder_gains_or_loses_classes(tmp_path)
 
     config = load_run_config(run_dir)
     notes = []
-    assert list(evaluation_dataset(config, run_dir=run_dir, report=notes.append).class_names) == recorded["test"]
+    test_classes = evaluation_dataset(config, run_dir=run_dir, report=notes.append)
+    assert list(test_classes.class_names) == recorded["test"]
+    loaded = {name: part for part in load_dataset("folder", data_dir) for name in part.class_names}
+    for name in recorded["test"]:  # each class keeps its own images and their files
+        np.testing.assert_array_equal(test_classes[name], loaded[name][name])
+        assert test_classes.sources_of(name) == loaded[name].sources_of(name)
     assert notes == [
         "the data set's classes changed since the run started: the run's own splits are used (splits.json; "
         "6 class(es) it did not see are left out)"

@@ -284,12 +284,13 @@ class DatasetSplits(NamedTuple):
         missing = [name for split in SPLIT_NAMES for name in assignment.get(split, ()) if name not in known]
         if missing:
             raise DataError(f"{len(missing)} class(es) are not in the data set, e.g. {missing[:5]}")
-        return DatasetSplits(
-            *(
-                _stacked([known[name].subset([name]) for name in assignment.get(split, ())], part, split)
-                for split, part in zip(SPLIT_NAMES, self, strict=True)
-            )
+        sources = None
+        if all(part.sources is not None for part in self):
+            sources = {name: part.sources_of(name) for name, part in known.items()}
+        whole = ClassIndexedDataset.from_class_arrays(
+            {name: part[name] for name, part in known.items()}, sources, name=self.train.name.rsplit("/", 1)[0]
         )
+        return whole.split_as(assignment)
 
     def with_min_images(self, min_images: int) -> DatasetSplits:
         """Each split without its classes of fewer than ``min_images`` images."""
@@ -308,21 +309,6 @@ class DatasetSplits(NamedTuple):
             f"{s}: {d.num_classes} classes / {d.num_images} images"
             for s, d in zip(SPLIT_NAMES, self, strict=True)
         )
-
-
-def _stacked(classes: Sequence[ClassIndexedDataset], like: ClassIndexedDataset, split: str) -> ClassIndexedDataset:
-    """One data set of the one-class data sets ``classes`` (``like``'s shape and name when there are none)."""
-    base = like.name.rsplit("/", 1)[0]
-    if not classes:
-        return like.subset([], name=f"{base}/{split}")
-    sources = [part.sources for part in classes]
-    return ClassIndexedDataset(
-        np.concatenate([part.images for part in classes]),
-        [part.num_images for part in classes],
-        [part.class_names[0] for part in classes],
-        sources=None if any(s is None for s in sources) else np.concatenate(sources),
-        name=f"{base}/{split}",
-    )
 
 
 def split_classes(

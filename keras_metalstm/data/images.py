@@ -27,7 +27,8 @@ from keras_metalstm.data.exif import apply_exif_orientation
 from keras_metalstm.data.progress import reading
 
 CONVERSION_RULE = (
-    "a JPEG turned upright by its EXIF orientation; channels: grey->RGB by repeating the grey channel, RGB->grey by luminance 0.299 R + 0.587 G + 0.114 B, "
+    "a JPEG turned upright by its EXIF orientation; channels: grey->RGB by repeating the grey channel, "
+    "RGB->grey by luminance 0.299 R + 0.587 G + 0.114 B, "
     "alpha dropped; size: bilinear resize (antialiased) to H x W, aspect ratio not kept; "
     "values scaled to [0, 1]"
 )
