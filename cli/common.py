@@ -84,14 +84,22 @@ def progress_bar(desc: str, total: int, unit: str, enabled: bool):
 
 @contextlib.contextmanager
 def episode_bar(desc: str, episodes: int, enabled: bool):
-    """A bar of `episodes` episodes on stderr (closed at the end, whatever happens), with the data's image files
-    shown by `image_reading_bar` while they are read."""
-    bar = progress_bar(desc, episodes, "ep", enabled)
+    """Yields `update(count=1)` for a bar of `episodes` episodes on stderr, with the data's image files shown by
+    `image_reading_bar` while they are read. The bar opens at the first episode, so that an error in loading the
+    run or its data is not printed under an empty bar; it is closed at the end, whatever happens."""
+    opened = []
+
+    def update(count=1):
+        if not opened:
+            opened.append(progress_bar(desc, episodes, "ep", enabled))
+        opened[0].update(count)
+
     try:
         with image_reading_bar(enabled):
-            yield bar
+            yield update
     finally:
-        bar.close()
+        for bar in opened:
+            bar.close()
 
 
 def os_error_message(error: OSError) -> str:

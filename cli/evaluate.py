@@ -48,7 +48,7 @@ def run_evaluation(
 
     config = load_run_config(run_dir)
     pretrain = PretrainConfig(epochs=pretrain_epochs, seed=config.seed)
-    with episode_bar("evaluate", episodes, progress) as bar:
+    with episode_bar("evaluate", episodes, progress) as update_bar:
         report = evaluate_run(
             run_dir,
             episodes=episodes,
@@ -62,7 +62,7 @@ def run_evaluation(
             which=checkpoint,
             pretrain=pretrain,
             finetune_val_episodes=finetune_val_episodes,
-            progress=bar.update,
+            progress=update_bar,
             log=log,
             inner_steps=inner_steps,
             query_statistics=query_statistics,

@@ -55,9 +55,9 @@ def inspect(run_dir, episodes, split, seed, checkpoint, out, as_json, progress):
     timer = Timer()
     out = Path(out) if out else Path(run_dir) / INSPECTION_DIR
     with user_errors():
-        with episode_bar("inspect", episodes, progress) as bar:
+        with episode_bar("inspect", episodes, progress) as update_bar:
             inspection = inspect_run(
-                run_dir, episodes=episodes, split=split, seed=seed, which=checkpoint, progress=bar.update
+                run_dir, episodes=episodes, split=split, seed=seed, which=checkpoint, progress=update_bar
             )
         paths = inspection.write(out)
     if as_json:

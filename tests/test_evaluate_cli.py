@@ -255,6 +255,15 @@ def test_evaluate_errors(trained, tmp_path, data_dir):
     assert result.exit_code != 0 and "--data-dir" in result.output
     result = run_cli(["evaluate", run_dir, "--dataset", "folder", "--data-dir", tmp_path / "nope"])
     assert result.exit_code != 0 and "not found" in result.output
+    # the episodes' bar opens at the first episode: an error before it is not printed under an empty bar
+    assert "evaluate:" not in result.output and "0/600" not in result.output, result.output
+
+
+def test_evaluate_shows_the_episodes_bar_when_episodes_run(trained):
+    run_dir, _ = trained
+    result = run_cli(["evaluate", run_dir, "--episodes", "3"])
+    assert result.exit_code == 0, result.output
+    assert "evaluate: 100%" in result.output and "3/3" in result.output, result.output
 
 
 def test_checkpoint_of_another_learner_shape_is_refused(trained, tmp_path, data_dir):
