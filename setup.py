@@ -26,7 +26,8 @@ setup(
     },
     install_requires=[
         "tensorflow>=2.16",
-        "keras>=3.0",
+        # The shipped presets are Keras 3.15 files, and Keras reads files of its own or earlier versions only.
+        "keras>=3.15",
         "numpy",
         "click>=8.0",
         "pillow",
@@ -35,7 +36,9 @@ setup(
         # ONNX export and prediction are part of the product, not an option.
         "tf2onnx>=1.16",
         "onnxruntime>=1.17",
-        "onnx",
+        # onnx 1.19.0 needs ml_dtypes >= 0.5 without saying so (1.19.1 says so), and TensorFlow 2.16-2.18 pin
+        # ml_dtypes below 0.5: there pip took 1.19.0 and `import onnx` failed. Without it, pip takes 1.18.
+        "onnx!=1.19.0",
     ],
     extras_require={
         "onnx": [],  # kept so that `pip install keras-metalstm[onnx]` still works: ONNX is always installed now

@@ -89,8 +89,9 @@ def with_fused_kernel(function):
 
 # Profiler events that contain the ops' own events (executor and thread-pool wrappers), not ops.
 CONTAINER_EVENTS = {"Process", "ParallelFor", "ExecutorDoneCallback"}
-# Events beside the compiled instructions' on the threads that run an XLA cluster.
-XLA_RUNTIME_EVENTS = {"BlockUntilReady", "ExecutorDoneCallback"}
+# Events beside the compiled instructions' on the threads that run an XLA cluster. Before TensorFlow 2.18 XLA's
+# CPU runtime recorded only the memory events, with no instructions' own.
+XLA_RUNTIME_EVENTS = {"BlockUntilReady", "ExecutorDoneCallback", "MemoryAllocation", "MemoryDeallocation"}
 
 
 def profiled_events(step, episodes, steps):
@@ -182,7 +183,12 @@ def main():
         tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
     if args.xla:
         title = f"{args.setting}, the XLA-compiled training step: CPU ms per step by HLO instruction, summed over threads"
-        print_shares(title, profile_xla(args.setting, args.steps), rows=25)
+        instructions = profile_xla(args.setting, args.steps)
+        if not instructions:
+            import tensorflow as tf
+
+            raise SystemExit(f"TensorFlow {tf.__version__}'s XLA records no per-instruction events: use 2.18 or later")
+        print_shares(title, instructions, rows=25)
         return
     result = profile(args.setting, args.steps)
     print(f"{args.setting}, 5-way, conv4, median ms of each part compiled alone:")

@@ -36,7 +36,12 @@ from keras_metalstm.meta_learner_inputs import (
 from keras_metalstm.ops import fused_coordinate_lstm
 from keras_metalstm.preprocessing import preprocess
 from keras_metalstm.weight_transfer import weights_for_learner
-from keras_metalstm.xla_ops import accelerator_present, explaining_uncompilable_ops, traced_for_xla
+from keras_metalstm.xla_ops import (
+    accelerator_present,
+    explaining_uncompilable_ops,
+    traced_for_xla,
+    warn_if_xla_untrusted,
+)
 
 # The learned logit scale is exp(LOGIT_SCALE_GAIN * weight). Adam moves a weight by about its learning rate per
 # update; at meta-learning rates (1e-4..1e-3) a plain log-scale would need ~10^4 updates to change by a factor e.
@@ -442,6 +447,8 @@ class MetaLearner(keras.Model):
     def fit(self, *args, **kwargs):
         """keras.Model.fit; under compile(jit_compile=True) a learner op XLA cannot compile is a LearnerError that
         names it and its layer."""
+        if self.jit_compile:
+            warn_if_xla_untrusted()
         with explaining_uncompilable_ops(self.learner):
             return super().fit(*args, **kwargs)
 

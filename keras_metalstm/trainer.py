@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from keras_metalstm.ops import fused_coordinate_lstm
 from keras_metalstm.optimizers import MultiplierAdam
-from keras_metalstm.xla_ops import explaining_uncompilable_ops
+from keras_metalstm.xla_ops import explaining_uncompilable_ops, warn_if_xla_untrusted
 
 
 def meta_optimizer(learning_rate=1e-3, theta0_learning_rate_scale=1.0):
@@ -49,6 +49,8 @@ class MetaTrainer:
         self.clip_norm = float(clip_norm) if clip_norm else None
         self.jit_compile = bool(jit_compile)
         self.strategy = strategy or tf.distribute.get_strategy()
+        if self.jit_compile or isinstance(self.strategy, tf.distribute.TPUStrategy):
+            warn_if_xla_untrusted()
         with self.strategy.scope():
             self.optimizer = optimizer or meta_optimizer(learning_rate)
             self.optimizer.build(meta.trainable_variables)

@@ -26,6 +26,7 @@ error for a learner op XLA has no kernel for into one naming the op, its layer a
 import contextlib
 import re
 import threading
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -54,6 +55,33 @@ def traced_for_xla():
     convolutions and max pooling in the forms XLA's CPU compiler runs fast (`cpu_forms`)."""
     with fused_coordinate_lstm.disabled(), contextlib.nullcontext() if accelerator_present() else cpu_forms():
         yield
+
+
+# TensorFlow 2.16.2's and 2.17.1's XLA computed a meta-gradient 4 % away from the plain step's, and from every later
+# TensorFlow's with or without XLA (1e-6), for one learner of tests/test_batched_learner.py (depthwise and separable
+# convolutions, batch norm, PReLU, unit normalisation; any one of them removed, it agreed); 2.18.1-2.21 agree.
+FIRST_TRUSTED_XLA = (2, 18)
+
+
+def untrusted_xla_reason(version=None):
+    """Why XLA should not be trusted with meta-gradients on this TensorFlow (`version`, default the installed
+    one), or None."""
+    version = version or tf.__version__
+    major, minor = (int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+    if (major, minor) >= FIRST_TRUSTED_XLA:
+        return None
+    return (
+        f"TensorFlow {version}'s XLA computed a wrong meta-gradient (4 % off the plain step's) for a learner of "
+        "depthwise and separable convolutions in keras-metalstm's tests; TensorFlow 2.18 and later are right. "
+        "Upgrade TensorFlow for XLA or a TPU, or train without XLA on a CPU/GPU"
+    )
+
+
+def warn_if_xla_untrusted():
+    """A RuntimeWarning when the step is about to be compiled by an XLA that `untrusted_xla_reason` names."""
+    reason = untrusted_xla_reason()
+    if reason:
+        warnings.warn(reason, RuntimeWarning, stacklevel=3)
 
 
 # TensorFlow's message for each op of a compiled function that has no XLA kernel on the device.

@@ -11,6 +11,7 @@ import tensorflow as tf
 from conftest import as_tensors, random_episodes
 
 import keras_metalstm as km
+from keras_metalstm import xla_ops
 from keras_metalstm.batched_learner import BatchedLearnerFunction, unsupported_layers
 from keras_metalstm.learner_function import LearnerFunction
 from keras_metalstm.ops import fused_coordinate_lstm
@@ -168,10 +169,23 @@ def meta_outcomes(meta, episodes):
     return outcomes(episodes)
 
 
-@pytest.mark.parametrize(
-    "options", [{}, {"first_order": False, "query_statistics": "support", "learn_logit_scale": True}]
+SECOND_ORDER = {"first_order": False, "query_statistics": "support", "learn_logit_scale": True}
+# Not our batching: TensorFlow 2.16's and 2.17's XLA got this case's per-episode meta-gradient 4 % wrong (against
+# the plain step and every later TensorFlow); the library warns on them (xla_ops.untrusted_xla_reason).
+WRONG_ON_UNTRUSTED_XLA = pytest.mark.xfail(
+    xla_ops.untrusted_xla_reason() is not None, reason="this TensorFlow's XLA is not trusted", strict=True
 )
-@pytest.mark.parametrize("build", [conv4, mobile], ids=["conv4", "mobile"])
+
+
+@pytest.mark.parametrize(
+    "build, options",
+    [
+        pytest.param(conv4, {}, id="conv4-first_order"),
+        pytest.param(conv4, SECOND_ORDER, id="conv4-second_order"),
+        pytest.param(mobile, {}, id="mobile-first_order", marks=WRONG_ON_UNTRUSTED_XLA),
+        pytest.param(mobile, SECOND_ORDER, id="mobile-second_order"),
+    ],
+)
 def test_the_batched_inner_loop_equals_the_per_episode_one(build, options):
     """theta_T, test-mode query logits and the meta-gradient, first and second order, under XLA (the TPU path)."""
     episodes = as_tensors(random_episodes(batch=EPISODES, query=2, image_shape=IMAGE_SHAPE, seed=10))

@@ -347,3 +347,34 @@ def test_a_learner_op_xla_cannot_compile_is_named_with_its_layer_and_the_way_out
     with pytest.raises(tf.errors.InvalidArgumentError, match="not an XLA refusal"):
         with xla_ops.explaining_uncompilable_ops(learner):
             raise tf.errors.InvalidArgumentError(None, None, "not an XLA refusal")
+
+
+@pytest.mark.parametrize(
+    "version, trusted", [("2.16.2", False), ("2.17.1", False), ("2.18.0rc1", True), ("2.21.0", True), ("3.0.0", True)]
+)
+def test_xla_before_tensorflow_2_18_is_named_untrusted(version, trusted):
+    reason = xla_ops.untrusted_xla_reason(version)
+    assert (reason is None) is trusted
+    if not trusted:
+        assert f"TensorFlow {version}'s XLA" in reason and "2.18" in reason
+
+
+def test_compiling_the_step_with_an_untrusted_xla_warns_and_the_plain_step_does_not(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(tf, "__version__", "2.17.1")
+    meta = km.MetaLearner(conv4(), inner_steps=1)
+
+    def random_episode_dataset():
+        return tf.data.Dataset.from_tensors(as_tensors(random_episodes(query=1, image_shape=IMAGE_SHAPE)))
+
+    with pytest.warns(RuntimeWarning, match="TensorFlow 2.17.1's XLA computed a wrong meta-gradient"):
+        km.MetaTrainer(meta, jit_compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        km.MetaTrainer(meta, jit_compile=False)
+        meta.compile(jit_compile=False)
+        meta.fit(random_episode_dataset(), epochs=1, verbose=0)
+    meta.compile(jit_compile=True)
+    with pytest.warns(RuntimeWarning, match="2.17.1's XLA"):
+        meta.fit(random_episode_dataset(), epochs=1, verbose=0)
