@@ -63,12 +63,16 @@ def traced_for_xla():
 FIRST_TRUSTED_XLA = (2, 18)
 
 
+def tensorflow_release(version=None):
+    """(major, minor) of a TensorFlow version string ("2.18.0rc1" -> (2, 18)), default the installed one."""
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version or tf.__version__).groups())
+
+
 def untrusted_xla_reason(version=None):
     """Why XLA should not be trusted with meta-gradients on this TensorFlow (`version`, default the installed
     one), or None."""
     version = version or tf.__version__
-    major, minor = (int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
-    if (major, minor) >= FIRST_TRUSTED_XLA:
+    if tensorflow_release(version) >= FIRST_TRUSTED_XLA:
         return None
     return (
         f"TensorFlow {version}'s XLA computed a wrong meta-gradient (4 % off the plain step's) for a learner of "

@@ -11,6 +11,7 @@ import tensorflow as tf
 from conftest import graph_op_types, needs_kernel_compiler, parallel_iterations_of_loops
 
 import keras_metalstm as km
+from keras_metalstm import xla_ops
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -104,7 +105,7 @@ def test_the_op_type_profile_names_what_a_step_runs_and_no_wrapper_events(monkey
 
 
 @pytest.mark.xfail(
-    tuple(int(part) for part in tf.__version__.split(".")[:2]) < (2, 18),
+    xla_ops.tensorflow_release() < (2, 18),
     reason="XLA's CPU runtime before TensorFlow 2.18 records no per-instruction events",
     strict=True,
 )
