@@ -36,7 +36,7 @@ setup(
         # ONNX export and prediction are part of the product, not an option.
         "tf2onnx>=1.16",
         "onnxruntime>=1.17",
-        # onnx 1.19.0 needs ml_dtypes >= 0.5 without saying so (1.19.1 says so), and TensorFlow 2.16-2.18 pin
+        # onnx 1.19.0 needs ml_dtypes >= 0.5 without saying so (1.19.1 says so), and TensorFlow 2.16 and 2.17 pin
         # ml_dtypes below 0.5: there pip took 1.19.0 and `import onnx` failed. Without it, pip takes 1.18.
         "onnx!=1.19.0",
     ],

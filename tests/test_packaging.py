@@ -20,7 +20,7 @@ def requirements(monkeypatch):
 
 def test_onnx_1_19_0_is_excluded_and_the_releases_either_side_are_not(requirements):
     """onnx 1.19.0 imports ml_dtypes' float4 type (ml_dtypes >= 0.5) but declares ml_dtypes without a version;
-    TensorFlow 2.16-2.18 pin ml_dtypes < 0.5, so pip chose 1.19.0 there and every ONNX export failed on import.
+    TensorFlow 2.16 and 2.17 pin ml_dtypes < 0.5, so pip chose 1.19.0 there and every ONNX export failed on import.
     1.18 does not use ml_dtypes; 1.19.1 and later declare ml_dtypes >= 0.5, which pip then weighs."""
     onnx = requirements["onnx"].specifier
     assert not onnx.contains("1.19.0")
