@@ -35,7 +35,6 @@ CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
 STATE_FILE = "state.json"
 SPLITS_FILE = "splits.json"
-SPLIT_ORDER = ("train", "val", "test")  # keras_metalstm.data.SPLIT_NAMES, without importing TensorFlow here
 BEST_MODEL_FILE = "best.keras"
 # Reads of the newest checkpoint while a running training may replace it (`load_meta_learner`).
 CHECKPOINT_READ_ATTEMPTS = 5
@@ -117,8 +116,9 @@ def load_splits(config: RunConfig, report=None, run_dir=None):
 
 def record_splits(splits, run_dir) -> None:
     """Write the classes of each split to RUN_DIR/SPLITS_FILE (once, when the run starts)."""
-    assignment = {name: list(part.class_names) for name, part in zip(SPLIT_ORDER, splits, strict=True)}
-    atomic_write_text(Path(run_dir) / SPLITS_FILE, json.dumps(assignment, indent=1, ensure_ascii=False) + "\n")
+    from keras_metalstm.data import split_file_text
+
+    atomic_write_text(Path(run_dir) / SPLITS_FILE, split_file_text(splits.class_names()))
 
 
 def _as_recorded(splits, kept, path: Path, report):
@@ -128,7 +128,7 @@ def _as_recorded(splits, kept, path: Path, report):
     from keras_metalstm.data import DataError, read_split_file
 
     recorded = read_split_file(path)
-    if {name: list(part.class_names) for name, part in zip(SPLIT_ORDER, kept, strict=True)} == recorded:
+    if kept.class_names() == recorded:
         return kept
     present = {name for part in splits for name in part.class_names}
     lost = [name for names in recorded.values() for name in names if name not in present]

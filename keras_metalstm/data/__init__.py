@@ -12,6 +12,7 @@ from keras_metalstm.data.dataset import (
     read_split_file,
     seeded_order,
     split_classes,
+    split_file_text,
     write_split_file,
 )
 from keras_metalstm.data.episodes import EPISODE_KEYS, EpisodeSampler, episode_dataset
@@ -68,5 +69,6 @@ __all__ = [
     "reading_progress",
     "seeded_order",
     "split_classes",
+    "split_file_text",
     "write_split_file",
 ]

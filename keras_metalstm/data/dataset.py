@@ -409,8 +409,12 @@ def read_split_file(
     return {s: list(content[s]) for s in SPLIT_NAMES}
 
 
+def split_file_text(assignment: Mapping[str, Sequence[str]]) -> str:
+    """``{"train": [...], "val": [...], "test": [...]}`` as the JSON text of a split file."""
+    return json.dumps({s: list(assignment[s]) for s in SPLIT_NAMES}, indent=1, ensure_ascii=False) + "\n"
+
+
 def write_split_file(path: str | os.PathLike, assignment: Mapping[str, Sequence[str]]) -> None:
     """Write ``{"train": [...], "val": [...], "test": [...]}`` as JSON."""
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({s: list(assignment[s]) for s in SPLIT_NAMES}, f, indent=1, ensure_ascii=False)
-        f.write("\n")
+        f.write(split_file_text(assignment))
