@@ -173,7 +173,9 @@ SECOND_ORDER = {"first_order": False, "query_statistics": "support", "learn_logi
 # Not our batching: TensorFlow 2.16's and 2.17's XLA got this case's per-episode meta-gradient 4 % wrong (against
 # the plain step and every later TensorFlow); the library warns on them (xla_ops.untrusted_xla_reason).
 WRONG_ON_UNTRUSTED_XLA = pytest.mark.xfail(
-    xla_ops.untrusted_xla_reason() is not None, reason="this TensorFlow's XLA is not trusted", strict=True
+    xla_ops.untrusted_xla_reason() is not None,
+    reason="TensorFlow < 2.18's XLA computes this learner's per-episode meta-gradient 4 % wrong",
+    strict=True,
 )
 
 
