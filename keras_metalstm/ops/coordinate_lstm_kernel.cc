@@ -21,6 +21,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -422,22 +423,59 @@ class CoordinateStepOp : public OpKernel {
   }
 };
 
-// Row `row` of the gradient of the stacked [inputs; hidden] block, kernel[row] . gate_grads, scattered into
-// inputs_grad or hidden_grad.
-void StackedRowGrad(const Dims& dims, const float* kernel, const Vec* gate_grads, int row, const Block& block,
+// Rows [first, first + kRows) of the gradient of the stacked [inputs; hidden] block, kernel[row] . gate_grads,
+// scattered into inputs_grad or hidden_grad. Rows in pairs: each gate gradient loaded once for both.
+template <int kRows>
+void StackedRowGrad(const Dims& dims, const float* kernel, const Vec* gate_grads, int first, const Block& block,
                     float* inputs_grad, float* hidden_grad) {
   const int gates = dims.gates();
-  Vec accumulator[kVectors] = {};
+  Vec accumulator[kRows][kVectors] = {};
   for (int g = 0; g < gates; ++g) {
-    const float weight = kernel[row * gates + g];
-    for (int v = 0; v < kVectors; ++v) accumulator[v] += weight * gate_grads[g * kVectors + v];
+    for (int r = 0; r < kRows; ++r) {
+      const float weight = kernel[(first + r) * gates + g];
+      for (int v = 0; v < kVectors; ++v) accumulator[r][v] += weight * gate_grads[g * kVectors + v];
+    }
   }
-  const float* values = reinterpret_cast<const float*>(accumulator);
-  if (row < dims.features) {
-    Scatter(dims, values, row, block, inputs_grad);
-  } else {
-    Scatter(dims, values, row - dims.features, block, hidden_grad);
+  for (int r = 0; r < kRows; ++r) {
+    const int row = first + r;
+    const float* values = reinterpret_cast<const float*>(accumulator[r]);
+    if (row < dims.features) {
+      Scatter(dims, values, row, block, inputs_grad);
+    } else {
+      Scatter(dims, values, row - dims.features, block, hidden_grad);
+    }
   }
+}
+
+// Kernel gradient rows [first, first + kRows): stacked[row] . gate_grads^T, added per lane to the partial sums
+// (row-major, `gates` per row). Rows in pairs: each gate gradient loaded once for both.
+template <int kRows>
+void KernelGradRows(const Vec* stacked, const Vec* gate_grads, int first, int gates, Vec* partials) {
+  Vec rows[kRows][kVectors];
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVectors; ++v) rows[r][v] = stacked[(first + r) * kVectors + v];
+  }
+  for (int g = 0; g < gates; ++g) {
+    for (int r = 0; r < kRows; ++r) {
+      // Two chains of sums halve the wait on each addition.
+      Vec even = rows[r][0] * gate_grads[g * kVectors];
+      Vec odd = rows[r][1] * gate_grads[g * kVectors + 1];
+      for (int v = 2; v < kVectors; v += 2) {
+        even += rows[r][v] * gate_grads[g * kVectors + v];
+        odd += rows[r][v + 1] * gate_grads[g * kVectors + v + 1];
+      }
+      partials[(first + r) * gates + g] += even + odd;
+    }
+  }
+}
+
+// Calls work(rows, first) for rows [0, count) in pairs, then a last single row if count is odd; `rows` is a
+// std::integral_constant (2 or 1) so that the work can size its registers at compile time.
+template <typename Work>
+void InRowPairs(int count, Work work) {
+  int first = 0;
+  for (; first + 2 <= count; first += 2) work(std::integral_constant<int, 2>{}, first);
+  if (first < count) work(std::integral_constant<int, 1>{}, first);
 }
 
 class CoordinateStepGradOp : public OpKernel {
@@ -532,24 +570,10 @@ class CoordinateStepGradOp : public OpKernel {
         }
         const Vec* gate_grads = scratch.gate_grads.data();
         const Vec* stacked = scratch.stacked.data();
-        for (int k = 0; k < stacked_rows; ++k) {
-          StackedRowGrad(dims, kernel.data(), gate_grads, k, block, inputs_grad, previous_hidden_grad);
-        }
-        for (int k = 0; k < stacked_rows; ++k) {
-          // Kernel gradient row k: stacked[k] . gate_grads^T, kept per lane; two partial sums halve the chain.
-          Vec row[kVectors];
-          for (int v = 0; v < kVectors; ++v) row[v] = stacked[k * kVectors + v];
-          Vec* partial = kernel_partial + k * gates;
-          for (int g = 0; g < gates; ++g) {
-            Vec even = row[0] * gate_grads[g * kVectors];
-            Vec odd = row[1] * gate_grads[g * kVectors + 1];
-            for (int v = 2; v < kVectors; v += 2) {
-              even += row[v] * gate_grads[g * kVectors + v];
-              odd += row[v + 1] * gate_grads[g * kVectors + v + 1];
-            }
-            partial[g] += even + odd;
-          }
-        }
+        InRowPairs(stacked_rows, [&](auto rows, int first) {
+          StackedRowGrad<rows>(dims, kernel.data(), gate_grads, first, block, inputs_grad, previous_hidden_grad);
+          KernelGradRows<rows>(stacked, gate_grads, first, gates, kernel_partial);
+        });
         for (int g = 0; g < gates; ++g) {
           Vec sum = gate_grads[g * kVectors];
           for (int v = 1; v < kVectors; ++v) sum += gate_grads[g * kVectors + v];
