@@ -7,6 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # No test writes decoded images to the user's cache folder; test_image_cache.py turns the cache on in its own.
 os.environ["KERAS_METALSTM_CACHE_DIR"] = ""
 
+import contextlib
 import shutil
 
 import numpy as np
@@ -18,6 +19,25 @@ needs_kernel_compiler = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "g++")) is None,
     reason="no C++ compiler here: the fused kernel falls back to stock ops",
 )
+
+
+@contextlib.contextmanager
+def float64_policy():
+    """Learners and meta-learner built within are float64 (stock ops: the fused kernel and the fused batch
+    normalisation are float32), so that central finite differences are exact to many digits."""
+    import keras
+
+    from keras_metalstm.ops import fused_coordinate_lstm
+
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        with fused_coordinate_lstm.disabled():
+            yield
+    finally:
+        keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(policy)
 
 
 def random_episodes(batch=1, n_way=5, k_shot=1, query=3, image_shape=(28, 28, 1), seed=0):

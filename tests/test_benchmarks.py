@@ -212,3 +212,16 @@ def test_the_recompute_benchmark_traces_each_configuration_as_named(monkeypatch)
         assert result["parameters"] > 0 and result["peak_mb"] > 0
         assert traced[-1] is recompute, name
     assert coordinate_lstm.recomputes_backward is chosen
+
+
+def test_the_precision_benchmark_swaps_only_the_layers_it_names_and_compares_float32_with_float64():
+    precision = load_benchmark("precision")
+    conv4 = precision.learner("conv4")
+    for variant, replaced in (("average pooling", {"MaxPooling2D"}), ("average pooling + GELU", {"MaxPooling2D", "ReLU"})):
+        model = precision.learner(variant)
+        assert not replaced & {type(layer).__name__ for layer in model.layers}, variant
+        assert [weight.shape for weight in model.weights] == [weight.shape for weight in conv4.weights], variant
+    smooth_error, smooth_cosine, loss, expected_loss = precision.compare("average pooling + GELU", 1, 2, seed=3)
+    assert smooth_error < 1e-3 and smooth_cosine > 0.9999 and loss == pytest.approx(expected_loss, rel=1e-5)
+    perturbed_error, _, _, _ = precision.compare(precision.VARIANTS[-1], 1, 2, seed=3)
+    assert 0 < perturbed_error < 1e-5

@@ -4,13 +4,11 @@ Checked against a NumPy forward pass, finite differences (the statistics carry t
 "query" protocol it replaces.
 """
 
-import contextlib
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import as_tensors, graph_op_types, random_episodes
+from conftest import as_tensors, float64_policy, graph_op_types, random_episodes
 
 import keras_metalstm as km
 from keras_metalstm.learner_function import LearnerFunction, cross_entropy
@@ -160,23 +158,6 @@ def test_the_gradient_flows_through_the_support_statistics():
         ) / (2 * step)
         np.testing.assert_allclose(gradient @ direction, finite_difference, rtol=2e-2, atol=2e-4)
     assert np.linalg.norm(gradient - gradient_constant_statistics) > 0.1 * np.linalg.norm(gradient)
-
-
-@contextlib.contextmanager
-def float64_policy():
-    """Learners and meta-learner built within are float64 (stock ops: the fused kernel and the fused batch
-    normalisation are float32), so that central finite differences are exact to many digits."""
-    from keras_metalstm.ops import fused_coordinate_lstm
-
-    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
-    keras.config.set_floatx("float64")
-    keras.config.set_dtype_policy("float64")
-    try:
-        with fused_coordinate_lstm.disabled():
-            yield
-    finally:
-        keras.config.set_floatx(floatx)
-        keras.config.set_dtype_policy(policy)
 
 
 @pytest.fixture
