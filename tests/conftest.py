@@ -24,7 +24,7 @@ needs_kernel_compiler = pytest.mark.skipif(
 @contextlib.contextmanager
 def float64_policy():
     """Learners and meta-learner built within are float64 (stock ops: the fused kernel and the fused batch
-    normalisation are float32), so that central finite differences are exact to many digits."""
+    normalisation are float32): references for finite differences, exact to many digits, and for float32 results."""
     import keras
 
     from keras_metalstm.ops import fused_coordinate_lstm
