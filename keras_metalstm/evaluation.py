@@ -232,26 +232,38 @@ def format_table(columns: dict[str, dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------- evaluation data
-def evaluation_dataset(
-    config, dataset: str | None = None, data_dir=None, split: str = "test", run_dir=None, report=None
-):
-    """The class-indexed data set to evaluate on: the run's own test classes by default (those it recorded in
-    `run_dir` when it started, `keras_metalstm.runs.load_splits`, which tells `report` when the data set's own
-    split has changed since), or `split` of another data set (`split="all"`: all its classes), converted to the
-    run's image shape by the package's conversion rule (keras_metalstm.data.CONVERSION_RULE) when its images
-    differ."""
-    from keras_metalstm.data import DataError, convert_dataset, load_dataset
-    from keras_metalstm.runs import load_splits
+def check_split(split: str, dataset: str | None):
+    """Raises keras_metalstm.data.DataError unless `split` names classes that can be evaluated on: the run's own
+    test, val or train classes, or all classes of another data set."""
+    from keras_metalstm.data import DataError
 
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if dataset is None and split == "all":
+        raise DataError("--split all needs --dataset: the run's own train/val classes were seen in training")
+
+
+def evaluation_dataset(
+    config,
+    dataset: str | None = None,
+    data_dir=None,
+    split: str = "test",
+    run_dir=None,
+    report=None,
+    run_splits=None,
+):
+    """The class-indexed data set to evaluate on: the run's own test classes by default (those it recorded in
+    `run_dir` when it started, `keras_metalstm.runs.load_splits`, which tells `report` when the data set's own
+    split has changed since; `run_splits` when the caller has loaded them already), or `split` of another data
+    set (`split="all"`: all its classes), converted to the run's image shape by the package's conversion rule
+    (keras_metalstm.data.CONVERSION_RULE) when its images differ."""
+    from keras_metalstm.data import DataError, convert_dataset, load_dataset
+    from keras_metalstm.runs import load_splits
+
+    check_split(split, dataset)
     target = tuple(config.image_shape)
     if dataset is None:
-        if split == "all":
-            raise DataError(
-                "--split all needs --dataset: the run's own train/val classes were seen in training"
-            )
-        splits = load_splits(config, report=report, run_dir=run_dir)
+        splits = run_splits if run_splits is not None else load_splits(config, report=report, run_dir=run_dir)
     else:
         options = {"image_shape": target} if dataset == "folder" else {}
         splits = load_dataset(dataset, data_dir, **options)
@@ -412,7 +424,13 @@ def evaluate_run(
         if int(query) < 1:
             raise DataError(f"--query must be at least 1, got {query}")
         changes["query"] = int(query)
-    data = evaluation_dataset(config, dataset, data_dir, split, run_dir=run_dir, report=log)
+    # The run's own splits, read once: its test classes unless another data set is named, and the baselines'
+    # training classes. A folder is listed and its decoded images read each time they are loaded.
+    check_split(split, dataset)
+    run_splits = None
+    if dataset is None or baselines:
+        run_splits = load_splits(config, report=log if dataset is None else None, run_dir=run_dir)
+    data = evaluation_dataset(config, dataset, data_dir, split, run_dir=run_dir, report=log, run_splits=run_splits)
     trainer = km.MetaTrainer(meta)
     details = {"checkpoint": which, "test_classes": data.num_classes, "data": data.name, "episodes": int(episodes)}
     if changes:
@@ -422,7 +440,7 @@ def evaluate_run(
         compared, info = prepare_baselines(
             Path(run_dir),
             config,
-            load_splits(config, run_dir=run_dir),
+            run_splits,
             meta.learner,
             pretrain=pretrain,
             val_episodes=finetune_val_episodes,

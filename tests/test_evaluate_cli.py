@@ -25,6 +25,7 @@ def test_evaluate_json_output(trained):
 
 def test_evaluate_with_baselines_prints_table_1_on_the_same_episodes(trained, data_dir, monkeypatch):
     import keras_metalstm.evaluation as evaluation
+    from keras_metalstm import runs
     from keras_metalstm.data import episode_dataset
     from keras_metalstm.runs import load_run_config
 
@@ -41,9 +42,13 @@ def test_evaluate_with_baselines_prints_table_1_on_the_same_episodes(trained, da
         return reports[-1]
 
     monkeypatch.setattr(evaluation, "evaluate_run", recording)
+    loaded = []
+    original_load_splits = runs.load_splits
+    monkeypatch.setattr(runs, "load_splits", lambda *args, **kwargs: loaded.append(1) or original_load_splits(*args, **kwargs))
     result = run_cli(["evaluate", run_dir, "--episodes", "4", "--baselines", "--pretrain-epochs", "1",
                       "--finetune-val-episodes", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
+    assert len(loaded) == 1  # the run's splits (a folder: listed and decoded) serve the episodes and the baselines
     lines = result.output.splitlines()
     # by default the authors' protocol, each row labelled with it
     authors = ("finetune_authors", "nearest_neighbour_authors", "pixel_nearest_neighbour")
