@@ -58,10 +58,14 @@ def as_tensors(episodes):
     return {key: tf.constant(value) for key, value in episodes.items()}
 
 
+def graph_def_nodes(graph_def):
+    """Every node of a GraphDef and of the functions in its library (loop bodies, gradients)."""
+    return list(graph_def.node) + [node for function in graph_def.library.function for node in function.node_def]
+
+
 def graph_nodes(concrete_function):
     """Every node of a traced function and of the functions it calls (loop bodies, gradients)."""
-    graph = concrete_function.graph.as_graph_def()
-    return list(graph.node) + [node for function in graph.library.function for node in function.node_def]
+    return graph_def_nodes(concrete_function.graph.as_graph_def())
 
 
 def parallel_iterations_of_loops(concrete_function):

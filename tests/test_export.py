@@ -15,6 +15,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from conftest import graph_def_nodes  # noqa: E402
 from export_helpers import CLASSES, N_WAY, SHAPE, make_meta, write_support  # noqa: E402
 
 import keras_metalstm as km  # noqa: E402
@@ -310,8 +311,7 @@ def saved_model_op_types(directory):
     from tensorflow.core.protobuf import saved_model_pb2
 
     model = saved_model_pb2.SavedModel.FromString((directory / "saved_model.pb").read_bytes())
-    graph = model.meta_graphs[0].graph_def
-    return {node.op for node in graph.node} | {node.op for f in graph.library.function for node in f.node_def}
+    return {node.op for node in graph_def_nodes(model.meta_graphs[0].graph_def)}
 
 
 def test_exported_savedmodels_use_no_op_that_tensorflow_2_16_lacks(exported, meta_export):
