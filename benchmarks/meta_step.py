@@ -367,7 +367,7 @@ def main():
     header = f"{'setting':<22}" + "".join(f"{v:>11}" for v in columns)
     header += f"{'stock/ours':>11}{'xla/ours':>9}{'base/ours':>10}"
     header += f"{'torch/ours':>11}" if with_pytorch else ""
-    print(header + f"{'peak MB':>9}{'compile s':>10}")
+    print(header + f"{'peak MB':>9}{'xla MB':>8}{'compile s':>10}")
     for name in names:
         rounds = [measure_round(name, args, with_pytorch) for _ in range(args.rounds)]
         results = median_over_rounds(rounds)
@@ -376,7 +376,8 @@ def main():
         line += f"{results['stock ops']['ms'] / ours:11.2f}{results['ours+xla']['ms'] / ours:9.2f}"
         line += f"{results['baseline']['ms'] / ours:10.2f}"
         line += f"{results['pytorch']['ms'] / ours:11.2f}" if with_pytorch else ""
-        print(line + f"{results['ours']['peak_mb']:9.0f}{results['ours+xla']['compile_s']:10.1f}")
+        print(line + f"{results['ours']['peak_mb']:9.0f}{results['ours+xla']['peak_mb']:8.0f}"
+              f"{results['ours+xla']['compile_s']:10.1f}")
         if args.rounds > 1:
             print(f"{'':<22}{per_round_summary(rounds)}")
     if not results["ours"]["fused_kernel"]:

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import as_tensors, graph_nodes, graph_op_types, random_episodes
+from conftest import as_tensors, float64_policy, graph_nodes, graph_op_types, random_episodes
 
 import keras_metalstm as km
 from keras_metalstm.layers import coordinate_lstm
@@ -107,6 +107,34 @@ def test_xla_and_plain_second_order_meta_gradients_agree():
     for variable, plain, xla in zip(meta.trainable_variables, plain_gradients, xla_gradients, strict=True):
         assert float(tf.norm(plain)) > 0, variable.path
         assert float(tf.norm(xla - plain)) <= 1e-4 * float(tf.norm(plain)) + 1e-8, variable.path
+
+
+def test_under_xla_a_per_episode_meta_batch_is_differentiated_one_episode_at_a_time(monkeypatch):
+    """XLA runs the episodes one after the other anyway: the meta-gradient of each in turn, summed, keeps one
+    episode's activations instead of the meta-batch's. It equals the plain step's meta-gradient of the whole batch."""
+    traced_batches = []
+    episode_metrics = km.MetaLearner.episode_metrics
+
+    def recording(self, episodes, mode):
+        traced_batches.append(episodes["support_images"].shape[0])
+        return episode_metrics(self, episodes, mode)
+
+    monkeypatch.setattr(km.MetaLearner, "episode_metrics", recording)
+    with float64_policy():  # float64: the two summation orders agree to far below the tolerance
+        meta = km.MetaLearner(conv4_learner(), inner_steps=2, learn_logit_scale=True)
+        episodes = {
+            key: tf.constant(value.astype(np.float64) if value.dtype == np.float32 else value)
+            for key, value in random_episodes(batch=3, query=2, seed=8).items()
+        }
+        plain_loss, plain_accuracy, plain_gradients = tf.function(meta.meta_gradients)(episodes)
+        assert traced_batches == [3]
+        xla_loss, xla_accuracy, xla_gradients = meta._gradient_function(jit_compile=True)(episodes)
+    assert traced_batches == [3, 1]
+    np.testing.assert_allclose(xla_loss.numpy(), plain_loss.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(xla_accuracy.numpy(), plain_accuracy.numpy(), rtol=1e-12)
+    for variable, plain, xla in zip(meta.trainable_variables, plain_gradients, xla_gradients, strict=True):
+        assert xla.dtype == tf.float64 and float(tf.norm(plain)) > 0, variable.path
+        assert float(tf.norm(xla - plain)) <= 1e-9 * float(tf.norm(plain)), variable.path
 
 
 @pytest.mark.parametrize("options", [{}, {"first_order": False, "query_statistics": "support"}])
