@@ -51,11 +51,14 @@ def random_episodes(batch=1, n_way=5, k_shot=1, query=3, image_shape=(28, 28, 1)
     }
 
 
-def as_tensors(episodes):
-    """The same episode batch as TensorFlow constants."""
+def as_tensors(episodes, float_dtype=None):
+    """The same episode batch as TensorFlow constants, the images in `float_dtype` if given."""
     import tensorflow as tf
 
-    return {key: tf.constant(value) for key, value in episodes.items()}
+    return {
+        key: tf.constant(value.astype(float_dtype) if float_dtype and value.dtype.kind == "f" else value)
+        for key, value in episodes.items()
+    }
 
 
 def graph_def_nodes(graph_def):

@@ -122,10 +122,7 @@ def test_under_xla_a_per_episode_meta_batch_is_differentiated_one_episode_at_a_t
     monkeypatch.setattr(km.MetaLearner, "episode_metrics", recording)
     with float64_policy():  # float64: the two summation orders agree to far below the tolerance
         meta = km.MetaLearner(conv4_learner(), inner_steps=2, learn_logit_scale=True)
-        episodes = {
-            key: tf.constant(value.astype(np.float64) if value.dtype == np.float32 else value)
-            for key, value in random_episodes(batch=3, query=2, seed=8).items()
-        }
+        episodes = as_tensors(random_episodes(batch=3, query=2, seed=8), float_dtype=np.float64)
         plain_loss, plain_accuracy, plain_gradients = tf.function(meta.meta_gradients)(episodes)
         assert traced_batches == [3]
         xla_loss, xla_accuracy, xla_gradients = meta._gradient_function(jit_compile=True)(episodes)

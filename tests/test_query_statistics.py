@@ -207,12 +207,11 @@ def test_the_float32_second_order_meta_gradient_through_fused_batch_norm_equals_
     options = dict(inner_steps=2, first_order=False, query_statistics="support")
     meta = km.MetaLearner(dense_batchnorm_learner(), **options)
     episodes = random_episodes(query=4, seed=6)
-    single = {key: tf.constant(value) for key, value in episodes.items()}
+    single = as_tensors(episodes)
     with float64_policy():
         reference = km.MetaLearner(dense_batchnorm_learner(), **options)
         reference.set_weights([weight.astype(np.float64) for weight in meta.get_weights()])
-        double = {key: tf.constant(value.astype(np.float64) if value.dtype == np.float32 else value)
-                  for key, value in episodes.items()}
+        double = as_tensors(episodes, float_dtype=np.float64)
         _, _, expected = tf.function(reference.meta_gradients)(double)
     meta_gradients = tf.function(meta.meta_gradients)
     assert "FusedBatchNormV3" in graph_op_types(meta_gradients.get_concrete_function(single))
