@@ -365,6 +365,8 @@ class MetaLearner(keras.Model):
 
         The loss is summed over this replica's episodes and divided by the GLOBAL number of episodes, so that
         gradients summed over replicas by a tf.distribute strategy equal the gradient of the global mean.
+        Traced under XLA, a per-episode meta-batch is differentiated one episode at a time and the results summed
+        (`_summed_episode_meta_gradients`): the same values, one episode's activations kept at a time.
         """
         episode_count = static_batch_size(episodes["support_images"], "support_images")
         if episode_count > 1 and in_xla_context() and not self._batches_episodes():
