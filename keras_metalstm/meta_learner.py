@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from keras_metalstm.batched_learner import BatchedLearnerFunction
 from keras_metalstm.distribute import clip_by_global_norm_over_replicas
+from keras_metalstm.episode_loop import mean_over_episodes
 from keras_metalstm.inner_loop_trace import InnerLoopTrace, record_inner_loop
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy, variable_dtype
@@ -365,12 +366,15 @@ class MetaLearner(keras.Model):
 
         The loss is summed over this replica's episodes and divided by the GLOBAL number of episodes, so that
         gradients summed over replicas by a tf.distribute strategy equal the gradient of the global mean.
-        Traced under XLA, a per-episode meta-batch is differentiated one episode at a time and the results summed
-        (`_summed_episode_meta_gradients`): the same values, one episode's activations kept at a time.
+        Traced under XLA, a per-episode meta-batch is differentiated one episode at a time and the results averaged
+        (`keras_metalstm.episode_loop`): the same values, one episode's activations kept at a time.
         """
         episode_count = static_batch_size(episodes["support_images"], "support_images")
         if episode_count > 1 and in_xla_context() and not self._batches_episodes():
-            return self._summed_episode_meta_gradients(episodes, episode_count)
+            # theta0's dtype is the logits', so the loss's and the accuracy's.
+            return mean_over_episodes(
+                self.meta_gradients, episodes, episode_count, self.trainable_variables, self.theta0.dtype
+            )
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             losses, accuracies = self.episode_metrics(episodes, mode="train")
@@ -382,33 +386,6 @@ class MetaLearner(keras.Model):
             for variable, gradient in zip(self.trainable_variables, gradients, strict=True)
         ]
         return tf.reduce_mean(losses), tf.reduce_mean(accuracies), gradients
-
-    def _summed_episode_meta_gradients(self, episodes, episode_count):
-        """`meta_gradients` of a per-episode meta-batch under XLA: each episode's forward and backward pass in turn,
-        in a compiled loop, their gradients summed.
-
-        XLA runs a loop's iterations one after the other, so the per-episode `tf.map_fn`s of the inner loop gain
-        nothing there, while differentiating the whole meta-batch at once makes XLA stack every episode's saved
-        activations inside the inner loop and keep all of them until the backward pass. One episode at a time
-        keeps one episode's: 28x28 1-shot with B = 8 on a 2-core CPU, 288 -> 189 ms per episode and a peak of
-        2.2 -> 1.3 GB (`python benchmarks/meta_step.py --quick --meta-batch 8`).
-        """
-
-        def add_episode(index, loss, accuracy, gradients):
-            episode = {key: tf.gather(value, [index]) for key, value in episodes.items()}
-            episode_loss, episode_accuracy, episode_gradients = self.meta_gradients(episode)
-            gradients = [total + gradient for total, gradient in zip(gradients, episode_gradients, strict=True)]
-            return index + 1, loss + episode_loss, accuracy + episode_accuracy, gradients
-
-        dtype = self.theta0.dtype  # of the logits, so of the loss and the accuracy
-        zeros = [tf.zeros_like(variable.value) for variable in self.trainable_variables]
-        _, loss, accuracy, gradients = tf.while_loop(
-            lambda index, *_: index < episode_count,
-            add_episode,
-            (0, tf.zeros((), dtype), tf.zeros((), dtype), zeros),
-            maximum_iterations=episode_count,
-        )
-        return loss / episode_count, accuracy / episode_count, [gradient / episode_count for gradient in gradients]
 
     def meta_train_step(self, episodes, optimizer, clip_norm=None, jit_compile=False):
         """One meta-update of every meta-parameter on a batch of episodes; returns (loss, accuracy).

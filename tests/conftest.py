@@ -52,12 +52,13 @@ def random_episodes(batch=1, n_way=5, k_shot=1, query=3, image_shape=(28, 28, 1)
 
 
 def as_tensors(episodes, float_dtype=None):
-    """The same episode batch as TensorFlow constants, the images in `float_dtype` if given."""
+    """The same episode batch (NumPy arrays or tensors) as TensorFlow tensors, the images in `float_dtype` if given."""
     import tensorflow as tf
 
+    tensors = {key: tf.convert_to_tensor(value) for key, value in episodes.items()}
     return {
-        key: tf.constant(value.astype(float_dtype) if float_dtype and value.dtype.kind == "f" else value)
-        for key, value in episodes.items()
+        key: tf.cast(tensor, float_dtype) if float_dtype and tensor.dtype.is_floating else tensor
+        for key, tensor in tensors.items()
     }
 
 

@@ -11,7 +11,7 @@ difference on (docs/design.md#float32-float64-and-the-kinks-of-relu-and-max-pool
 import keras
 import numpy as np
 import tensorflow as tf
-from conftest import float64_policy, graph_op_types, needs_kernel_compiler
+from conftest import as_tensors, float64_policy, graph_op_types, needs_kernel_compiler
 
 import keras_metalstm as km
 from keras_metalstm.data import episode_dataset, load_dataset
@@ -45,7 +45,7 @@ def test_the_float32_meta_gradient_equals_the_float64_one_for_a_smooth_learner_a
     with float64_policy():
         reference = km.MetaLearner(smooth_conv4(), inner_steps=8)
         reference.set_weights([weight.astype(np.float64) for weight in meta.get_weights()])
-        double = {key: tf.cast(value, tf.float64) if value.dtype == tf.float32 else value for key, value in episode.items()}
+        double = as_tensors(episode, float_dtype=tf.float64)
         _, _, expected = tf.function(reference.meta_gradients)(double)
     for variable, ours, exact in zip(meta.trainable_variables, gradients, expected, strict=True):
         error = float(tf.norm(tf.cast(ours, tf.float64) - exact))
