@@ -217,7 +217,8 @@ def test_the_recompute_benchmark_traces_each_configuration_as_named(monkeypatch)
 def test_the_precision_benchmark_swaps_only_the_layers_it_names_and_compares_float32_with_float64():
     precision = load_benchmark("precision")
     conv4 = precision.learner("conv4")
-    for variant, replaced in (("average pooling", {"MaxPooling2D"}), ("average pooling + GELU", {"MaxPooling2D", "ReLU"})):
+    swaps = (("average pooling", {"MaxPooling2D"}), ("average pooling + GELU", {"MaxPooling2D", "ReLU"}))
+    for variant, replaced in swaps:
         model = precision.learner(variant)
         assert not replaced & {type(layer).__name__ for layer in model.layers}, variant
         assert [weight.shape for weight in model.weights] == [weight.shape for weight in conv4.weights], variant

@@ -44,7 +44,12 @@ def test_evaluate_with_baselines_prints_table_1_on_the_same_episodes(trained, da
     monkeypatch.setattr(evaluation, "evaluate_run", recording)
     loaded = []
     original_load_splits = runs.load_splits
-    monkeypatch.setattr(runs, "load_splits", lambda *args, **kwargs: loaded.append(1) or original_load_splits(*args, **kwargs))
+
+    def counting_load_splits(*args, **kwargs):
+        loaded.append(1)
+        return original_load_splits(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "load_splits", counting_load_splits)
     result = run_cli(["evaluate", run_dir, "--episodes", "4", "--baselines", "--pretrain-epochs", "1",
                       "--finetune-val-episodes", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
