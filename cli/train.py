@@ -68,7 +68,7 @@ def training_options(function):
         click.option(
             "--xla/--no-xla",
             default=None,
-            help="Compile the meta-gradient with XLA: for GPU/TPU (on a CPU it is 1.2-2x slower than without).",
+            help="Compile the meta-gradient with XLA: for GPU/TPU (on a CPU: up to 1.4x slower at 28x28, 2x at 84x84).",
         ),
         click.option("--seed", type=int, default=None, help="Seed of the episodes and the initial weights."),
         click.option(

@@ -226,3 +226,28 @@ def test_the_precision_benchmark_swaps_only_the_layers_it_names_and_compares_flo
     assert smooth_error < 1e-3 and smooth_cosine > 0.9999 and loss == pytest.approx(expected_loss, rel=1e-5)
     perturbed_error, _, _, _ = precision.compare(precision.VARIANTS[-1], 1, 2, seed=3)
     assert 0 < perturbed_error < 1e-5
+
+
+def test_the_xla_convolution_benchmark_times_the_same_values_both_ways_and_counts_one_steps_parts(monkeypatch):
+    """Each part (forward, input gradient, filter gradient) gives the same value on TensorFlow's kernels and in
+    XLA's CPU forms, so the ratio compares two ways of one computation; a step's total counts T support passes
+    and one query pass, with no input gradient for the first layer."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports meta_step's settings and timing
+    benchmark = load_benchmark("xla_convolutions")
+    assert benchmark.layer_shapes((84, 84, 3)) == [(84, 84, 3), (42, 42, 32), (21, 21, 32), (10, 10, 32)]
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.standard_normal((2, 6, 5, 3)), tf.float32)
+    kernel = tf.constant(rng.standard_normal((3, 3, 3, 4)), tf.float32)
+    upstream = tf.constant(rng.standard_normal((2, 6, 5, 4)), tf.float32)
+    shapes = {}
+    for part in benchmark.PARTS:
+        onednn, xla = (benchmark.convolution_part(part, images, kernel, upstream, xla)() for xla in (False, True))
+        assert len(onednn) == len(xla) == benchmark.REPEATS, part
+        for ours, theirs in zip(onednn, xla, strict=True):
+            np.testing.assert_allclose(theirs.numpy(), ours.numpy(), rtol=1e-4, atol=1e-4, err_msg=part)
+        assert not np.allclose(onednn[0].numpy(), onednn[1].numpy()), part  # the repeats differ: none is merged
+        shapes[part] = onednn[0].shape
+    assert shapes == {"forward": (2, 6, 5, 4), "input gradient": (2, 6, 5, 3), "filter gradient": (3, 3, 3, 4)}
+    timings = {(batch, layer, part): (1.0, 2.0) for batch in (5, 75) for layer in range(4) for part in benchmark.PARTS}
+    # Per pass: 4 forward, 3 input and 4 filter gradients; 12 support passes and one query pass.
+    assert benchmark.per_step_totals(timings, inner_steps=12, support_batch=5) == (13 * 11.0, 13 * 22.0)
