@@ -5,11 +5,12 @@ its convolution kernels alone.
     python benchmarks/xla_convolutions.py                                  # 84x84x3 5-way 1-shot, T = 12
     python benchmarks/xla_convolutions.py --setting "28x28x1 5-shot T=8"   # any setting of meta_step.py
 
-For each conv4 layer (3x3, 32 filters, 'same') and for the support batch and the 75-image query batch it prints
-the median ms of the forward convolution, the input gradient and the filter gradient, each compiled alone, then
-the sum over one training step: T support passes and one query pass, each a forward convolution and a filter
-gradient per layer and an input gradient for every layer but the first (the images need none; the meta-gradient
-is first order, so the support passes are not differentiated again).
+For each conv4 layer (3x3, 32 filters, 'same') and for the support batch and the 75-image query batch it prints the
+median ms of the forward convolution, the input gradient and the filter gradient, each compiled alone (eight calls
+to a compiled function, so that the call's own cost hardly counts), then the sum over one training step: T support
+passes and one query pass, each a forward convolution and a filter gradient per layer and an input gradient for
+every layer but the first (the images need none; the meta-gradient is first order, so the support passes are not
+differentiated again).
 """
 
 import argparse
