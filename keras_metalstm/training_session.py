@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 XLA_ON_CPU_NOTE = (
     "XLA compiles this run's step for a CPU (no GPU or TPU is visible): there it is up to 1.4x slower than "
-    "without XLA for 28x28 images and up to 2x for 84x84 (XLA's CPU convolutions are slower than TensorFlow's; "
-    "the project's benchmarks/README.md). XLA is for GPU/TPU."
+    "without XLA for 28x28 images and up to 2x for 84x84 (in good part its CPU convolutions, slower than "
+    "TensorFlow's; the project's benchmarks/README.md). XLA is for GPU/TPU."
 )
 
 
