@@ -141,8 +141,9 @@ def predict(model, images, as_json, support, labelled, no_progress):
 
     MODEL is a SavedModel version folder (saved_models/NAME/<version>; a NAME folder means its newest
     version), an .onnx file or an adapted .keras file; or, with --support, a meta-learner's adapt-in-serving
-    SavedModel. IMAGES are PNG/JPEG/GIF/BMP files (converted to the model's input shape by the training rule), folders
-    of them (their image files, sorted by name) or .npy arrays already float32 in [0, 1] at that shape.
+    SavedModel. IMAGES are PNG/JPEG/GIF/BMP files (WebP too with TensorFlow 2.20 or later; converted to the model's
+    input shape by the training rule), folders of them (their image files, sorted by name) or .npy arrays already
+    float32 in [0, 1] at that shape.
     """
     quiet_tensorflow()
     started = time.perf_counter()

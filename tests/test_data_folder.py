@@ -1,16 +1,24 @@
-"""Image-folder loader (root/<class>/*.png|jpg|jpeg|bmp|gif) on generated fixtures, with its split option."""
+"""Image-folder loader (root/<class>/*.png|jpg|jpeg|bmp|gif|webp) on generated fixtures, with its split option."""
+
+import re
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from keras_metalstm.data import (
     CONVERSION_RULE,
+    IMAGE_EXTENSIONS,
     DataError,
     image_folder_splits,
     load_dataset,
     load_image_folder,
 )
+from keras_metalstm.data.folder import UNREAD_IMAGE_EXTENSIONS
+from keras_metalstm.data.images import READS_WEBP
+
+READ_EXTENSIONS = re.escape("/".join(IMAGE_EXTENSIONS))
 
 
 def make_folder(root, num_classes=10, per_class=3, size=(16, 16), mode="RGB"):
@@ -74,12 +82,12 @@ def test_empty_folders_are_refused(tmp_path):
     root = make_folder(tmp_path / "data", num_classes=2)
     (root / "class_9").mkdir()
     (root / "class_9" / "readme.md").write_text("x")
-    with pytest.raises(DataError, match="class_9 holds no .png/.jpg/.jpeg/.bmp/.gif image; add images or remove"):
+    with pytest.raises(DataError, match=f"class_9 holds no {READ_EXTENSIONS} image; add images or remove"):
         load_image_folder(root)
     for index in range(3):
         Image.new("L", (4, 4)).save(root / "class_9" / f"{index}.tif")
     with pytest.raises(DataError, match=r"class_9 holds no .*; it holds 3 .tif file\(s\), a format not read "
-                                        r"\(.png/.jpg/.jpeg/.bmp/.gif are\): convert them to PNG"):
+                                        rf"\({READ_EXTENSIONS} are\): convert them to PNG"):
         load_image_folder(root)
     for path in (root / "class_9").glob("*.tif"):
         path.unlink()
@@ -107,6 +115,33 @@ def test_bmp_and_gif_files_are_classes_images_too(tmp_path):
     for name in dataset.class_names:
         for index in range(2):
             np.testing.assert_array_equal(dataset[name][index], expected[name, index])
+
+
+def test_webp_files_are_read_where_tensorflow_reads_them_and_named_where_it_does_not(tmp_path):
+    """TensorFlow 2.20 and later decode WebP (lossless ones pixel for pixel, an alpha channel dropped as for PNG);
+    READS_WEBP says whether the installed one does, and the folder loader reads or names WebP files accordingly."""
+    rng = np.random.default_rng(7)
+    pixels = {index: rng.integers(0, 256, (6, 5, 4), dtype=np.uint8) for index in range(2)}
+    (tmp_path / "data" / "webps").mkdir(parents=True)
+    Image.fromarray(pixels[0][..., :3]).save(tmp_path / "data" / "webps" / "0.webp", lossless=True)
+    Image.fromarray(pixels[1]).save(tmp_path / "data" / "webps" / "1.WEBP", format="WEBP", lossless=True)
+    try:
+        tf.io.decode_image((tmp_path / "data" / "webps" / "0.webp").read_bytes(), expand_animations=False)
+        decoded = True
+    except tf.errors.InvalidArgumentError:
+        decoded = False
+    assert READS_WEBP is decoded
+    assert (".webp" in IMAGE_EXTENSIONS) is READS_WEBP and (".webp" in UNREAD_IMAGE_EXTENSIONS) is not READS_WEBP
+    (tmp_path / "data" / "pngs").mkdir()
+    Image.fromarray(pixels[0][..., :3]).save(tmp_path / "data" / "pngs" / "0.png")
+    if not READS_WEBP:
+        with pytest.raises(DataError, match=r"webps holds no .*; it holds 2 .webp file\(s\), a format not read"):
+            load_image_folder(tmp_path / "data")
+        return
+    dataset = load_image_folder(tmp_path / "data")
+    assert list(dataset.class_names) == ["pngs", "webps"]
+    for index in range(2):
+        np.testing.assert_array_equal(dataset["webps"][index], pixels[index][..., :3])
 
 
 def test_a_folder_split_already_keeps_its_splits(tmp_path):

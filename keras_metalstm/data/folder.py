@@ -1,6 +1,6 @@
-"""Image-folder loader for the user's own data: ``root/<class>/*.png|jpg|jpeg|bmp|gif``, one sub-folder per class,
-or a folder split already, ``root/{train,val,test}/<class>/*`` (``validation`` for ``val`` too; the layout many
-copies of Mini-ImageNet come in), whose splits are kept as they are.
+"""Image-folder loader for the user's own data: ``root/<class>/*.png|jpg|jpeg|bmp|gif`` (and ``webp`` with
+TensorFlow 2.20 or later), one sub-folder per class, or a folder split already, ``root/{train,val,test}/<class>/*``
+(``validation`` for ``val`` too; the layout many copies of Mini-ImageNet come in), whose splits are kept as they are.
 
 Every immediate sub-folder of ``root`` (hidden ones skipped) is a class named after the folder; its image files
 (extensions ``IMAGE_EXTENSIONS``, any case) are read in sorted order, other files are ignored. With
@@ -17,14 +17,18 @@ from pathlib import Path
 
 from keras_metalstm.data.dataset import DEFAULT_SPLIT_FRACTIONS, ClassIndexedDataset, DatasetSplits
 from keras_metalstm.data.errors import DataError
-from keras_metalstm.data.images import decode_image_files
+from keras_metalstm.data.images import READS_WEBP, decode_image_files
 
-# The formats TensorFlow's image decoder reads in every version the package supports (a GIF: its first frame).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
-# Image formats TensorFlow does not read (in every supported version): named when a folder holds only them.
-UNREAD_IMAGE_EXTENSIONS = (
-    ".tif", ".tiff", ".webp", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".ppm", ".pgm", ".pbm", ".pnm", ".ico",
-    ".svg", ".dcm", ".exr",
+# The formats the installed TensorFlow's image decoder reads (a GIF: its first frame; WebP from TensorFlow 2.20 on).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif") + ((".webp",) if READS_WEBP else ())
+# Image formats it does not read: named when a folder holds only them.
+UNREAD_IMAGE_EXTENSIONS = tuple(
+    extension
+    for extension in (
+        ".tif", ".tiff", ".webp", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".ppm", ".pgm", ".pbm", ".pnm", ".ico",
+        ".svg", ".dcm", ".exr",
+    )
+    if extension not in IMAGE_EXTENSIONS
 )
 
 

@@ -35,6 +35,11 @@ CONVERSION_RULE = (
 
 _LUMINANCE = (0.299, 0.587, 0.114)
 
+# TensorFlow's image decoder reads WebP from 2.20 on, the release that added tf.io.decode_webp (2.16-2.19 refuse it).
+READS_WEBP = hasattr(tf.io, "decode_webp")
+# The formats `decode_image` reads with the installed TensorFlow, for messages.
+READ_FORMATS = "PNG, JPEG, GIF, BMP" + (" and WebP" if READS_WEBP else "")
+
 
 def check_image_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     """Return ``shape`` as a tuple (H, W, C) of positive ints with C in {1, 3}, or raise a DataError."""
@@ -118,15 +123,16 @@ def convert_images(images, target_shape: Sequence[int], antialias: bool = True) 
 
 
 def decode_image(contents) -> tf.Tensor:
-    """One encoded PNG, JPEG, GIF (its first frame) or BMP (a scalar string tensor) as uint8 (h, w, c), c its own
-    channel count (1-4). In-graph; a colour-palette BMP gets its colours (`keras_metalstm.data.bmp`), a JPEG is
-    turned upright by its EXIF orientation (`keras_metalstm.data.exif`)."""
+    """One encoded PNG, JPEG, GIF (its first frame), BMP or, with TensorFlow 2.20 or later, WebP (a scalar string
+    tensor) as uint8 (h, w, c), c its own channel count (1-4). In-graph; a colour-palette BMP gets its colours
+    (`keras_metalstm.data.bmp`), a JPEG is turned upright by its EXIF orientation (`keras_metalstm.data.exif`)."""
     decoded = tf.io.decode_image(contents, channels=0, dtype=tf.uint8, expand_animations=False)
     return apply_exif_orientation(contents, apply_bmp_palette(contents, decoded))
 
 
 def decode_image_bytes(contents, target_shape: Sequence[int], antialias: bool = True) -> tf.Tensor:
-    """Decode one encoded PNG/JPEG/GIF/BMP (a scalar string tensor) and convert it to float32 (H, W, C) in [0, 1].
+    """Decode one encoded image (a scalar string tensor, a format `decode_image` reads) and convert it to float32
+    (H, W, C) in [0, 1].
 
     In-graph (usable in ``tf.data`` and in a serving signature); the conversion is :func:`convert_images`.
     """
@@ -231,7 +237,7 @@ def decode_image_files(
         raise DataError(
             f"{len(bad)} unreadable image file(s){more}: "
             + "; ".join(reasons).rstrip(".")
-            + ". Replace or delete them (PNG, JPEG, GIF and BMP are read)."
+            + f". Replace or delete them ({READ_FORMATS} are read)."
         )
     if refuse_mixed:
         canonical = np.array([_canonical_shape(s) for s in native])

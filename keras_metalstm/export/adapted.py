@@ -148,7 +148,7 @@ def meta_n_way(meta, images=None):
 
 
 def load_support_folder(root, image_shape, n_way=None):
-    """A support set from ``root/<class>/*.png|jpg|jpeg|bmp|gif`` (one sub-folder per class, names sorted).
+    """A support set from ``root/<class>/*`` images (``IMAGE_EXTENSIONS``; one sub-folder per class, names sorted).
 
     Returns ``(images float32 (n, H, W, C) in [0, 1], labels int32 (n,), class_names)``; every image converted
     to ``image_shape`` by the package's rule and rounded to uint8 first, as the training data were. Raises

@@ -159,7 +159,7 @@ def _expand_folders(paths):
 
 
 def labelled_inputs(root, image_shape, class_names):
-    """The images of a labelled folder ``root/<class>/*.png|jpg|jpeg|bmp|gif`` (class folders named as the model's
+    """The images of a labelled folder ``root/<class>/*`` (``IMAGE_EXTENSIONS``; class folders named as the model's
     classes) as (`ImageInputs`, each image's true class name), for `accuracy`."""
     from keras_metalstm.data.folder import list_image_folder
 
