@@ -22,13 +22,13 @@ REPEATS = 8  # calls of a part per timed function
 
 
 def layer_shapes(image_shape, filters=32):
-    """(height, width, channels) of each conv4 layer's input: 2x2 max pooling after every layer."""
-    height, width, channels = image_shape
-    shapes = []
-    for _ in range(4):
-        shapes.append((height, width, channels))
-        height, width, channels = height // 2, width // 2, filters
-    return shapes
+    """(height, width, channels) of each convolution's input in the library's conv4 for `image_shape`."""
+    import keras
+
+    import keras_metalstm as km
+
+    learner = km.learners.conv4(input_shape=image_shape, filters=filters)
+    return [tuple(layer.input.shape[1:]) for layer in learner.layers if isinstance(layer, keras.layers.Conv2D)]
 
 
 def convolution_part(part, images, kernel, upstream, xla):
