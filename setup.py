@@ -21,7 +21,7 @@ setup(
         "keras_metalstm": ["preset_files/*/*"],
         "keras_metalstm.data": ["fontglot-28.npz", "FONTGLOT.md"],
         "keras_metalstm.export": ["SERVING.md"],
-        # The fused CPU kernel's source, compiled on first use (keras_metalstm/ops/fused_coordinate_lstm.py).
+        # The fused CPU kernel's source, compiled on first use (keras_metalstm/ops/fused_kernels.py).
         "keras_metalstm.ops": ["*.cc"],
     },
     install_requires=[

@@ -126,12 +126,12 @@ def baseline_query_loss(meta, episode):
 def measure(setting_name, variant, steps, meta_batch=1):
     import contextlib
 
-    from keras_metalstm.ops import fused_coordinate_lstm
+    from keras_metalstm.ops import fused_kernels
 
     # The kernel choice is made while the step is traced, on its first call below.
-    with fused_coordinate_lstm.disabled() if variant == "stock ops" else contextlib.nullcontext():
+    with fused_kernels.disabled() if variant == "stock ops" else contextlib.nullcontext():
         result = _measure(setting_name, variant, steps, meta_batch)
-    result["fused_kernel"] = variant == "ours" and fused_coordinate_lstm.load() is not None
+    result["fused_kernel"] = variant == "ours" and fused_kernels.load() is not None
     return result
 
 

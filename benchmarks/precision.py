@@ -41,7 +41,7 @@ def compare(variant, k_shot, inner_steps, seed):
 
     import keras_metalstm as km
     from keras_metalstm.data import episode_dataset, load_dataset
-    from keras_metalstm.ops import fused_coordinate_lstm
+    from keras_metalstm.ops import fused_kernels
 
     episode = next(iter(episode_dataset(load_dataset("fontglot").test, 5, k_shot, 15, seed=seed, num_episodes=1)))
     keras.utils.set_random_seed(0)
@@ -51,7 +51,7 @@ def compare(variant, k_shot, inner_steps, seed):
     keras.config.set_floatx("float64")
     keras.config.set_dtype_policy("float64")
     try:
-        with fused_coordinate_lstm.disabled():
+        with fused_kernels.disabled():
             reference = km.MetaLearner(learner(variant), inner_steps=inner_steps)
             reference.set_weights([weight.astype(np.float64) for weight in weights])
             double = {key: tf.cast(value, tf.float64) if value.dtype == tf.float32 else value
@@ -67,7 +67,7 @@ def compare(variant, k_shot, inner_steps, seed):
         keras.config.set_floatx(floatx)
         keras.config.set_dtype_policy(policy)
     if variant != VARIANTS[-1]:
-        with fused_coordinate_lstm.enabled():
+        with fused_kernels.enabled():
             loss, _, gradients = tf.function(meta.meta_gradients)(episode)
     errors, cosines = [], []
     for ours, exact in zip(gradients, expected, strict=True):

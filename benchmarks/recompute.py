@@ -29,7 +29,7 @@ def measure(setting_name, configuration, filters, steps):
     """ms per episode of the training step with the fused kernel off, its first-call seconds and peak MB."""
     import keras_metalstm as km
     from keras_metalstm.layers import coordinate_lstm
-    from keras_metalstm.ops import fused_coordinate_lstm
+    from keras_metalstm.ops import fused_kernels
 
     jit_compile, recompute = CONFIGURATIONS[configuration]
     meta, episodes = build(SETTINGS[setting_name], filters=filters)
@@ -37,7 +37,7 @@ def measure(setting_name, configuration, filters, steps):
     chosen = coordinate_lstm.recomputes_backward
     coordinate_lstm.recomputes_backward = lambda: recompute  # read when the step is traced, on its first call
     try:
-        with fused_coordinate_lstm.disabled():
+        with fused_kernels.disabled():
             start = time.perf_counter()
             float(step(episodes)["loss"])
             first_call = time.perf_counter() - start

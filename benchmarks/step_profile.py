@@ -78,10 +78,10 @@ def profile(setting_name, steps):
 
 def with_fused_kernel(function):
     """`function`, traced as the training step 'ours' traces its step: with the fused kernel where it can run."""
-    from keras_metalstm.ops import fused_coordinate_lstm
+    from keras_metalstm.ops import fused_kernels
 
     def traced():
-        with fused_coordinate_lstm.enabled():
+        with fused_kernels.enabled():
             return function()
 
     return traced

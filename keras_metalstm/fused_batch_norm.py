@@ -85,3 +85,37 @@ def batch_normalization_training(inputs, gamma, beta, epsilon):
 
     outputs, mean, variance = normalise(images, gamma, beta)
     return tf.reshape(outputs, tf.shape(inputs)), mean, variance
+
+
+def batch_normalization_relu_max_pool_training(inputs, gamma, beta, epsilon, kernel_ops):
+    """`batch_normalization_training` of float32 NHWC `inputs` followed by ReLU and 2x2 max pooling (stride 2,
+    "valid"), as one fused CPU op forward and one backward (keras_metalstm/ops/norm_relu_pool_kernel.cc).
+
+    Args:
+        inputs: float32 (images, height, width, channels), channels a multiple of 8.
+        gamma, beta, epsilon: as `batch_normalization_training`.
+        kernel_ops: (forward op, backward op), from `keras_metalstm.ops.fused_kernels.norm_relu_pool`.
+
+    Returns:
+        the pooled outputs (images, height // 2, width // 2, channels), the batch mean and the biased batch
+        variance (channels,). Differentiable once: the backward op has no gradient of its own, so a pass whose
+        backward pass is differentiated again (a second-order meta-gradient's support passes) uses the stock ops.
+    """
+    forward, backward_op = kernel_ops
+
+    @tf.custom_gradient
+    def normalise_rectify_pool(images, gamma, beta):
+        pooled, mean, variance, normalized_at_max = forward(images, gamma, beta, epsilon=epsilon)
+
+        def backward(pooled_gradient, mean_gradient, variance_gradient):
+            input_gradient, gamma_gradient, beta_gradient = backward_op(
+                images, gamma, beta, mean, variance, pooled, normalized_at_max, pooled_gradient, epsilon=epsilon
+            )
+            through_statistics = _statistics_gradient(images, mean_gradient, variance_gradient)
+            if through_statistics is not None:
+                input_gradient += through_statistics
+            return input_gradient, gamma_gradient, beta_gradient
+
+        return (pooled, mean, variance), backward
+
+    return normalise_rectify_pool(inputs, gamma, beta)

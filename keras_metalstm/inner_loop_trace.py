@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from keras_metalstm.ops import fused_coordinate_lstm
+from keras_metalstm.ops import fused_kernels
 
 # The percentiles of a group's coordinates that summaries report, by name.
 PERCENTILES = {"p10": 10.0, "median": 50.0, "p90": 90.0}
@@ -140,7 +140,7 @@ def record_inner_loop(meta, support_images, support_labels, inner_steps):
 
     records = {name: tf.TensorArray(theta0.dtype, size=inner_steps) for name in InnerLoopTrace.STEP_RECORDS}
     # Stock ops even where a caller has enabled the fused kernel: its activations round differently.
-    with fused_coordinate_lstm.disabled():
+    with fused_kernels.disabled():
         *_, records = tf.while_loop(
             lambda step, *_: step < inner_steps,
             record_step,

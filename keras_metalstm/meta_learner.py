@@ -13,6 +13,7 @@ The fused CPU kernel of the coordinate-wise LSTM (keras_metalstm/ops) runs only 
 any function a user saves around them loads without this library.
 """
 
+import contextlib
 import functools
 import warnings
 
@@ -34,7 +35,7 @@ from keras_metalstm.meta_learner_inputs import (
     check_support,
     static_batch_size,
 )
-from keras_metalstm.ops import fused_coordinate_lstm
+from keras_metalstm.ops import fused_kernels
 from keras_metalstm.preprocessing import preprocess
 from keras_metalstm.weight_transfer import weights_for_learner
 from keras_metalstm.xla_ops import (
@@ -307,12 +308,14 @@ class MetaLearner(keras.Model):
                 episode_theta, state, images, labels, divide_by_batch=self.divide_grad_by_batch
             )
 
-        results = map_learner_passes(
-            support_pass,
-            (theta, states, support_images, support_labels),
-            (tf.TensorSpec((), theta.dtype), tf.TensorSpec(theta.shape[1:], theta.dtype), _state_signature(learner)),
-            self.learner,
-        )
+        # A second-order meta-gradient differentiates the support passes' backward pass, which the fused kernels'
+        # backward ops cannot be.
+        signature = (tf.TensorSpec((), theta.dtype), tf.TensorSpec(theta.shape[1:], theta.dtype))
+        signature += (_state_signature(learner),)
+        with contextlib.nullcontext() if self.first_order else fused_kernels.disabled():
+            results = map_learner_passes(
+                support_pass, (theta, states, support_images, support_labels), signature, self.learner
+            )
         if self.first_order:
             # The loss and gradient are constants for the meta-gradient (theta itself stays differentiable
             # through the cell update), and so is the state computed with them. Cut here, at the loop's
@@ -431,7 +434,7 @@ class MetaLearner(keras.Model):
     def _fit_kernel_scope(self):
         """Where Keras' fit/evaluate trace train_step/test_step (inside each replica's thread; Keras leaves these
         functions out of SavedModels): the fused kernel, unless Keras compiles the step with XLA."""
-        return traced_for_xla() if self.jit_compile else fused_coordinate_lstm.enabled()
+        return traced_for_xla() if self.jit_compile else fused_kernels.enabled()
 
     def compile(self, optimizer=None, clip_norm=0.25, **kwargs):
         """Like keras.Model.compile, for `fit`: the default optimizer is the paper's Adam(1e-3), and `clip_norm`
@@ -496,7 +499,7 @@ class MetaLearner(keras.Model):
 
     def _adapt_one(self, support_images, support_labels, inner_steps):
         # Traced only into _compiled_adapt, a cache left out of SavedModels: the fused kernel may run here.
-        with fused_coordinate_lstm.enabled():
+        with fused_kernels.enabled():
             theta, states = self.inner_loop(support_images[tf.newaxis], support_labels[tf.newaxis], inner_steps)
         return theta[0], [value[0] for value in states]
 

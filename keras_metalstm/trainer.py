@@ -1,13 +1,13 @@
 """Meta-training driver: a compiled (optionally XLA) episodic step that runs under any tf.distribute strategy.
 
 Its step functions are the library's own, never saved: without XLA they trace the fused CPU kernel of the
-coordinate-wise LSTM where it can run (keras_metalstm/ops/fused_coordinate_lstm.py).
+coordinate-wise LSTM where it can run (keras_metalstm/ops/fused_kernels.py).
 """
 
 import keras
 import tensorflow as tf
 
-from keras_metalstm.ops import fused_coordinate_lstm
+from keras_metalstm.ops import fused_kernels
 from keras_metalstm.optimizers import MultiplierAdam
 from keras_metalstm.xla_ops import explaining_uncompilable_ops, warn_if_xla_untrusted
 
@@ -57,16 +57,16 @@ class MetaTrainer:
         self._train_function = tf.function(self._distributed_train_step)
         self._evaluate_function = tf.function(self._distributed_evaluate_step)
 
-    # Each replica function enters fused_coordinate_lstm.enabled() itself: MirroredStrategy traces the replicas
+    # Each replica function enters fused_kernels.enabled() itself: MirroredStrategy traces the replicas
     # in threads of their own, and the context is thread-local. (With jit_compile the XLA part disables it.)
     def _replica_train_step(self, episodes):
-        with fused_coordinate_lstm.enabled():
+        with fused_kernels.enabled():
             return self.meta.meta_train_step(
                 episodes, self.optimizer, clip_norm=self.clip_norm, jit_compile=self.jit_compile
             )
 
     def _replica_evaluate_step(self, episodes):
-        with fused_coordinate_lstm.enabled():
+        with fused_kernels.enabled():
             return self.meta.episode_metrics(episodes, "test")
 
     def _distributed_train_step(self, episodes):

@@ -33,7 +33,7 @@ import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
 from keras_metalstm.fused_batch_norm import values_per_channel
-from keras_metalstm.ops import fused_coordinate_lstm
+from keras_metalstm.ops import fused_kernels
 
 _state = threading.local()
 
@@ -53,7 +53,7 @@ def traced_for_xla():
     """Trace a function that XLA compiles (tf.function(jit_compile=True)) within this: the coordinate LSTM as stock
     TensorFlow ops (XLA cannot compile the fused CPU kernel) and, on a machine without a GPU or TPU, the learner's
     convolutions and max pooling in the forms XLA's CPU compiler runs fast (`cpu_forms`)."""
-    with fused_coordinate_lstm.disabled(), contextlib.nullcontext() if accelerator_present() else cpu_forms():
+    with fused_kernels.disabled(), contextlib.nullcontext() if accelerator_present() else cpu_forms():
         yield
 
 

@@ -27,13 +27,13 @@ def float64_policy():
     normalisation are float32): references for finite differences, exact to many digits, and for float32 results."""
     import keras
 
-    from keras_metalstm.ops import fused_coordinate_lstm
+    from keras_metalstm.ops import fused_kernels
 
     floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
     keras.config.set_dtype_policy("float64")
     try:
-        with fused_coordinate_lstm.disabled():
+        with fused_kernels.disabled():
             yield
     finally:
         keras.config.set_floatx(floatx)

@@ -14,7 +14,7 @@ import keras_metalstm as km
 from keras_metalstm import xla_ops
 from keras_metalstm.batched_learner import BatchedLearnerFunction, unsupported_layers
 from keras_metalstm.learner_function import LearnerFunction
-from keras_metalstm.ops import fused_coordinate_lstm
+from keras_metalstm.ops import fused_kernels
 
 EPISODES, EXAMPLES = 3, 5
 IMAGE_SHAPE = (16, 16, 1)
@@ -160,7 +160,7 @@ def test_batch_statistics_equal_each_episode_on_its_own():
 def meta_outcomes(meta, episodes):
     @tf.function(jit_compile=True)
     def outcomes(batch):
-        with fused_coordinate_lstm.disabled():
+        with fused_kernels.disabled():
             theta, states = meta.inner_loop(batch["support_images"], batch["support_labels"])
             test_logits = meta.query_logits(theta, states, batch["query_images"], "test")
             loss, _, gradients = meta.meta_gradients(batch)

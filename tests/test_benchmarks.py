@@ -148,15 +148,17 @@ def test_the_profiles_parts_are_traced_with_the_fused_kernel_as_the_step_ours_is
 
 
 @needs_kernel_compiler
-def test_the_kernel_benchmark_compares_the_kernel_with_stock_ops_on_the_same_step(monkeypatch):
+@pytest.mark.parametrize("kernel", ["coordinate-lstm", "norm-relu-pool"])
+def test_the_kernel_benchmark_compares_the_kernel_with_stock_ops_on_the_same_step(monkeypatch, kernel):
     """Its 'kernel' functions run the fused ops (forward, and backward when differentiated), its 'stock' ones
     none, and both compute the same outputs and gradients: the ratio compares two ways of one computation."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports meta_step's timing, as when run as a script
-    steps = load_benchmark("fused_kernel").build_steps(coordinates=300, episodes=2)
-    for part, kernel_ops in (
-        ("forward", {"MetaLstmCoordinateStep"}),
-        ("forward+backward", {"MetaLstmCoordinateStep", "MetaLstmCoordinateStepGrad"}),
-    ):
+    benchmark = load_benchmark("fused_kernel")
+    if kernel == "coordinate-lstm":
+        steps, op = benchmark.build_steps(coordinates=300, episodes=2), "MetaLstmCoordinateStep"
+    else:
+        steps, op = benchmark.build_block_steps((3, 10, 6, 16)), "MetaLstmNormReluPool"
+    for part, kernel_ops in (("forward", {op}), ("forward+backward", {op, op + "Grad"})):
         assert kernel_ops <= graph_op_types(steps["kernel", part].get_concrete_function())
         assert not kernel_ops & graph_op_types(steps["stock", part].get_concrete_function())
         for fused, stock in zip(steps["kernel", part](), steps["stock", part](), strict=True):

@@ -15,7 +15,7 @@ import tensorflow as tf
 from conftest import graph_op_types, needs_kernel_compiler
 
 import keras_metalstm as km
-from keras_metalstm.ops import fused_coordinate_lstm
+from keras_metalstm.ops import fused_kernels
 
 pytestmark = needs_kernel_compiler
 
@@ -73,7 +73,7 @@ def stock_step(inputs, hidden, cell, input_kernel, recurrent_kernel, gate_bias, 
 def test_fused_step_matches_numpy(episodes, coordinates):
     """Coordinates that are not a multiple of the kernel's block (128 with AVX-512, else 64) included."""
     arguments = random_step_inputs(np.random.default_rng(coordinates), episodes, coordinates)
-    step = fused_coordinate_lstm.load().meta_lstm_coordinate_step
+    step = fused_kernels.load().meta_lstm_coordinate_step
     outputs = step(*arguments)
     expected = numpy_step(*[argument.numpy().astype(np.float64) for argument in arguments])
     for output, reference in zip(outputs, expected, strict=True):
@@ -88,7 +88,7 @@ def test_fused_step_gradients_match_stock_ops(readouts, features):
     output_weights = [
         tf.constant(rng.normal(size=shape), tf.float32) for shape in [(UNITS, 2, 333), (UNITS, 2, 333), (readouts, 2, 333)]
     ]
-    step = fused_coordinate_lstm.load().meta_lstm_coordinate_step
+    step = fused_kernels.load().meta_lstm_coordinate_step
 
     def gradients(function):
         with tf.GradientTape() as tape:
@@ -106,7 +106,7 @@ def test_fused_step_gradients_match_finite_differences():
     """An independent check of the backward kernel on the recurrent kernel, in float64 arithmetic."""
     rng = np.random.default_rng(3)
     arguments = random_step_inputs(rng, episodes=1, coordinates=70)
-    step = fused_coordinate_lstm.load().meta_lstm_coordinate_step
+    step = fused_kernels.load().meta_lstm_coordinate_step
     weights = rng.normal(size=(UNITS, 1, 70))
 
     with tf.GradientTape() as tape:
@@ -131,7 +131,7 @@ def test_activations_keep_a_small_relative_error_at_every_magnitude():
     magnitudes = np.concatenate([np.geomspace(1e-8, 1e-3, 400), np.geomspace(1e-3, 10, 400)])
     x = np.concatenate([magnitudes, -magnitudes]).astype(np.float32)
     coordinates = x.size
-    new_hidden, new_cell, _ = fused_coordinate_lstm.load().meta_lstm_coordinate_step(
+    new_hidden, new_cell, _ = fused_kernels.load().meta_lstm_coordinate_step(
         tf.constant(x[np.newaxis, np.newaxis]),
         tf.zeros((UNITS, 1, coordinates)),
         tf.zeros((UNITS, 1, coordinates)),
@@ -154,14 +154,14 @@ import sys
 import tensorflow as tf
 tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
 import numpy as np
-from keras_metalstm.ops import fused_coordinate_lstm
+from keras_metalstm.ops import fused_kernels
 
 rng = np.random.default_rng(0)
 units, features, episodes, coordinates, readouts = 20, 2, 2, 40000, 2
 shapes = [(features, episodes, coordinates), (units, episodes, coordinates), (units, episodes, coordinates),
           (features, 4 * units), (units, 4 * units), (4 * units, episodes), (units, readouts)]
 arguments = [tf.constant(rng.normal(size=shape, scale=0.5), tf.float32) for shape in shapes]
-step = fused_coordinate_lstm.load().meta_lstm_coordinate_step
+step = fused_kernels.load().meta_lstm_coordinate_step
 with tf.GradientTape() as tape:
     tape.watch(arguments)
     outputs = step(*arguments)
@@ -191,7 +191,7 @@ def test_fused_kernel_rejects_mismatched_shapes_with_a_message():
     arguments = random_step_inputs(np.random.default_rng(0), episodes=1, coordinates=10)
     arguments[4] = tf.zeros((UNITS, 4 * UNITS + 1))
     with pytest.raises(tf.errors.InvalidArgumentError, match="kernel shapes do not match"):
-        fused_coordinate_lstm.load().meta_lstm_coordinate_step(*arguments)
+        fused_kernels.load().meta_lstm_coordinate_step(*arguments)
 
 
 def small_meta_learner():
@@ -212,7 +212,7 @@ def small_meta_learner():
 def test_meta_gradients_are_the_same_with_and_without_the_fused_kernel(first_order):
     meta, episodes = small_meta_learner()
     meta.first_order = first_order
-    with fused_coordinate_lstm.enabled():
+    with fused_kernels.enabled():
         fused_function = tf.function(meta.meta_gradients)
         assert "MetaLstmCoordinateStep" in graph_op_types(fused_function.get_concrete_function(episodes))
         fused_loss, _, fused_gradients = fused_function(episodes)
@@ -225,11 +225,11 @@ def test_meta_gradients_are_the_same_with_and_without_the_fused_kernel(first_ord
 
 def test_the_fused_kernel_is_used_on_cpu_but_not_under_xla_even_when_enabled():
     meta, episodes = small_meta_learner()
-    with fused_coordinate_lstm.enabled():
+    with fused_kernels.enabled():
         plain = tf.function(meta.meta_gradients).get_concrete_function(episodes)
         compiled = meta._gradient_function(jit_compile=True).get_concrete_function(episodes)
-    assert "MetaLstmCoordinateStep" in graph_op_types(plain)
-    assert "MetaLstmCoordinateStep" not in graph_op_types(compiled)
+    assert {"MetaLstmCoordinateStep", "MetaLstmNormReluPool"} <= graph_op_types(plain)
+    assert not [op_type for op_type in graph_op_types(compiled) if op_type.startswith("MetaLstm")]
 
 
 def test_exported_adapt_in_serving_savedmodel_has_no_custom_op(tmp_path):
@@ -240,12 +240,13 @@ def test_exported_adapt_in_serving_savedmodel_has_no_custom_op(tmp_path):
     adapt = meta._compiled_adapt.get_concrete_function(
         episodes["support_images"][0], episodes["support_labels"][0], meta.inner_steps
     )
-    assert "MetaLstmCoordinateStep" in graph_op_types(adapt)
+    assert {"MetaLstmCoordinateStep", "MetaLstmNormReluPool"} <= graph_op_types(adapt)
     module = AdaptInServingModule(meta)
-    assert "MetaLstmCoordinateStep" not in graph_op_types(module.adapt_and_predict.get_concrete_function())
+    serving_op_types = graph_op_types(module.adapt_and_predict.get_concrete_function())
+    assert not [op_type for op_type in serving_op_types if op_type.startswith("MetaLstm")]
     write_savedmodel(module, tmp_path / "meta", {"kind": "meta_learner"})
     saved = b"".join(path.read_bytes() for path in (tmp_path / "meta").rglob("*.pb"))
-    assert b"MetaLstmCoordinateStep" not in saved
+    assert b"MetaLstm" not in saved
 
 
 def run_python(code, tmp_path, own_cache=True, arguments=(), **environment):
@@ -265,12 +266,12 @@ def run_python(code, tmp_path, own_cache=True, arguments=(), **environment):
 
 FIRST_USE_IN_A_TF_FUNCTION = """
 import tensorflow as tf, keras_metalstm as km
-from keras_metalstm.ops import fused_coordinate_lstm
+from keras_metalstm.ops import fused_kernels
 layer = km.CoordinateLSTM(4, input_dim=4, shared_input_dim=2)
 
 @tf.function  # AutoGraph converts what the loop body calls, as in MetaLearner.inner_loop
 def gradient_norm():
-    with fused_coordinate_lstm.enabled(), tf.GradientTape() as tape:
+    with fused_kernels.enabled(), tf.GradientTape() as tape:
         state = None
         for _ in range(2):
             hidden, state, _ = layer.step_with_readout(tf.ones((2, 1, 10)), state, shared_inputs=tf.ones((2, 1)))
@@ -291,10 +292,10 @@ def test_the_kernel_first_used_inside_a_tf_function_is_differentiable(tmp_path):
 
 FALLBACK_SCRIPT = """
 import numpy as np, tensorflow as tf, keras_metalstm as km
-from keras_metalstm.ops import fused_coordinate_lstm
+from keras_metalstm.ops import fused_kernels
 layer = km.CoordinateLSTM(4, input_dim=2)
 hidden, _ = layer(tf.ones((2, 1, 10)))
-print("fused", fused_coordinate_lstm.load() is not None, "hidden", hidden.shape)
+print("fused", fused_kernels.load() is not None, "hidden", hidden.shape)
 """
 
 
@@ -302,7 +303,7 @@ def test_without_a_compiler_the_layer_warns_once_and_uses_stock_ops(tmp_path):
     result = run_python(FALLBACK_SCRIPT, tmp_path, CXX="no-such-compiler-here")
     assert result.returncode == 0, result.stderr
     assert "fused False hidden (4, 1, 10)" in result.stdout
-    assert result.stderr.count("fused CPU kernel is unavailable") == 1
+    assert result.stderr.count("fused CPU kernels are unavailable") == 1
     assert "no C++ compiler 'no-such-compiler-here' found" in result.stderr
 
 
@@ -315,13 +316,13 @@ def test_the_environment_switch_turns_the_kernel_off_silently(tmp_path):
 
 def test_a_failed_build_raises_a_clear_error_and_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_METALSTM_CACHE", str(tmp_path))
-    with pytest.raises(RuntimeError, match="compiling coordinate_lstm_kernel.cc failed"):
-        fused_coordinate_lstm.build(compiler="false")  # exists, always fails
+    with pytest.raises(RuntimeError, match="compiling coordinate_lstm_kernel.cc and norm_relu_pool_kernel.cc failed"):
+        fused_kernels.build(compiler="false")  # exists, always fails
     assert list(tmp_path.iterdir()) == []
 
 
 def test_the_kernel_builds_and_loads_with_this_machines_compiler():
-    assert fused_coordinate_lstm.load() is not None
+    assert fused_kernels.load() is not None
 
 
 # Rejects one flag, as a compiler too old for -mno-avx512fp16 does; otherwise writes its command line as the
@@ -342,16 +343,16 @@ def test_the_build_falls_back_to_architecture_flags_the_compiler_accepts(tmp_pat
     compiler = tmp_path / "old-c++"
     compiler.write_text(COMPILER_REJECTING_A_FLAG.format(flag=rejected_flag))
     compiler.chmod(0o755)
-    built = fused_coordinate_lstm.build(compiler=str(compiler))
+    built = fused_kernels.build(compiler=str(compiler))
     assert built.exists()
     command = built.read_text().split()
     assert rejected_flag not in command
-    assert str(fused_coordinate_lstm.SOURCE) in command
+    assert all(str(source) in command for source in fused_kernels.SOURCES)
     assert [path.name for path in built.parent.iterdir()] == [built.name]  # no partial file left
 
 
 def test_the_build_is_cached_by_source_tensorflow_and_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_METALSTM_CACHE", str(tmp_path))
-    path = fused_coordinate_lstm.library_path("g++")
+    path = fused_kernels.library_path("g++")
     assert path.parent == tmp_path
-    assert path != fused_coordinate_lstm.library_path("clang++")
+    assert path != fused_kernels.library_path("clang++")

@@ -20,7 +20,8 @@ import keras_metalstm as km
 # The kernel must be there to be kept out.
 pytestmark = needs_kernel_compiler
 
-KERNEL_OPS = {"MetaLstmCoordinateStep", "MetaLstmCoordinateStepGrad"}
+STEP_OPS = {"MetaLstmCoordinateStep", "MetaLstmNormReluPool", "MetaLstmNormReluPoolGrad"}  # an evaluation's
+KERNEL_OPS = STEP_OPS | {"MetaLstmCoordinateStepGrad"}  # a training step's: the meta-gradient too
 
 
 def make_meta(inner_steps=2):
@@ -56,10 +57,10 @@ def test_the_librarys_own_float32_steps_use_the_kernel():
     episodes = as_tensors(random_episodes())
     trainer = km.MetaTrainer(meta)
     assert kernel_ops_in(trainer._train_function.get_concrete_function(episodes)) == KERNEL_OPS
-    assert kernel_ops_in(trainer._evaluate_function.get_concrete_function(episodes)) == {"MetaLstmCoordinateStep"}
+    assert kernel_ops_in(trainer._evaluate_function.get_concrete_function(episodes)) == STEP_OPS
     meta.compile()  # fit's steps: Keras traces train_step and test_step
     assert kernel_ops_in(tf.function(meta.train_step).get_concrete_function(episodes)) == KERNEL_OPS
-    assert kernel_ops_in(tf.function(meta.test_step).get_concrete_function(episodes)) == {"MetaLstmCoordinateStep"}
+    assert kernel_ops_in(tf.function(meta.test_step).get_concrete_function(episodes)) == STEP_OPS
 
 
 def test_float64_meta_training_runs_on_stock_ops(float64_floatx):
@@ -128,7 +129,7 @@ episodes = {key: data[key] for key in ("support_images", "support_labels", "quer
 loss, accuracy = loaded.train_step(episodes)
 print("train loss finite", bool(np.isfinite(loss.numpy())))
 print("library imported", "keras_metalstm" in sys.modules)
-print("op registered", op_def_registry.get("MetaLstmCoordinateStep") is not None)
+print("op registered", any(op_def_registry.get(name) for name in ("MetaLstmCoordinateStep", "MetaLstmNormReluPool")))
 """
 
 
@@ -153,7 +154,7 @@ def test_a_users_savedmodel_of_the_inner_loop_and_a_train_step_loads_without_the
     )
     theta = module.adapt(tensors["support_images"], tensors["support_labels"]).numpy()
     tf.saved_model.save(module, str(tmp_path / "saved"))
-    assert b"MetaLstmCoordinateStep" not in (tmp_path / "saved" / "saved_model.pb").read_bytes()
+    assert b"MetaLstm" not in (tmp_path / "saved" / "saved_model.pb").read_bytes()
     np.savez(tmp_path / "inputs.npz", theta=theta, **episodes)
 
     script = tmp_path / "load.py"

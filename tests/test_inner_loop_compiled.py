@@ -10,7 +10,7 @@ from conftest import as_tensors, float64_policy, graph_nodes, graph_op_types, ra
 
 import keras_metalstm as km
 from keras_metalstm.layers import coordinate_lstm
-from keras_metalstm.ops import fused_coordinate_lstm
+from keras_metalstm.ops import fused_kernels
 
 
 def conv4_learner():
@@ -159,7 +159,7 @@ def test_the_whole_training_step_compiles_with_xla_and_makes_the_plain_update(le
 
     @tf.function(jit_compile=True)
     def xla_step(batch):
-        with fused_coordinate_lstm.disabled():  # XLA cannot compile the fused CPU kernel
+        with fused_kernels.disabled():  # XLA cannot compile the fused CPU kernel
             return compiled.meta_train_step(batch, optimizer, clip_norm=0.25)
 
     theta0_before = compiled.theta0.numpy().copy()

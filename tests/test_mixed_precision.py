@@ -10,7 +10,7 @@ from conftest import as_tensors, random_episodes
 
 import keras_metalstm as km
 from keras_metalstm import export
-from keras_metalstm.ops import fused_coordinate_lstm
+from keras_metalstm.ops import fused_kernels
 
 IMAGE_SHAPE = (16, 16, 1)
 CLASSES = ["a", "b", "c", "d", "e"]
@@ -53,7 +53,7 @@ def test_adapt_under_a_mixed_policy_gives_the_test_mode_query_logits(policy):
     logits = tf.cast(adapted(episode["query_images"][0]), tf.float32).numpy()
     # With the fused kernel, as adapt runs: the stock ops' float32 rounding differences would flip theta's
     # bfloat16 roundings in the learner and grow over the steps (0.14 of logits of ~1 here).
-    with fused_coordinate_lstm.enabled():
+    with fused_kernels.enabled():
         expected = tf.function(lambda episode: meta(episode, mode="test"))(episode).numpy()[0]
     tolerance = 0.03 * np.abs(expected).max()  # a few bfloat16 roundings: the two graphs' kernels differ
     np.testing.assert_allclose(logits, expected, atol=tolerance)

@@ -15,7 +15,7 @@ from conftest import as_tensors, float64_policy, graph_op_types, needs_kernel_co
 
 import keras_metalstm as km
 from keras_metalstm.data import episode_dataset, load_dataset
-from keras_metalstm.ops import fused_coordinate_lstm
+from keras_metalstm.ops import fused_kernels
 
 
 def smooth_conv4(seed=0):
@@ -37,7 +37,7 @@ def smooth_conv4(seed=0):
 def test_the_float32_meta_gradient_equals_the_float64_one_for_a_smooth_learner_at_the_paper_5_shot_setting():
     episode = next(iter(episode_dataset(load_dataset("fontglot").test, 5, 5, 15, seed=3, num_episodes=1)))
     meta = km.MetaLearner(smooth_conv4(), inner_steps=8)
-    with fused_coordinate_lstm.enabled():
+    with fused_kernels.enabled():
         meta_gradients = tf.function(meta.meta_gradients)
         op_types = graph_op_types(meta_gradients.get_concrete_function(episode))
         _, _, gradients = meta_gradients(episode)

@@ -238,17 +238,17 @@ def test_the_xla_compiled_meta_gradient_has_only_forward_convolutions():
 
 
 def test_traced_for_xla_uses_the_cpu_forms_without_an_accelerator_and_never_the_fused_kernel(monkeypatch):
-    from keras_metalstm.ops import fused_coordinate_lstm
+    from keras_metalstm.ops import fused_kernels
 
-    with fused_coordinate_lstm.enabled():
-        assert fused_coordinate_lstm.coordinate_step(tf.float32) is not None
+    with fused_kernels.enabled():
+        assert fused_kernels.coordinate_step(tf.float32) is not None
         with xla_ops.traced_for_xla():
             assert xla_ops.cpu_forms_active()
-            assert fused_coordinate_lstm.coordinate_step(tf.float32) is None
+            assert fused_kernels.coordinate_step(tf.float32) is None
         monkeypatch.setattr(xla_ops, "accelerator_present", lambda: True)
         with xla_ops.traced_for_xla():
             assert not xla_ops.cpu_forms_active()
-            assert fused_coordinate_lstm.coordinate_step(tf.float32) is None
+            assert fused_kernels.coordinate_step(tf.float32) is None
     assert not xla_ops.cpu_forms_active()
 
 

@@ -30,7 +30,7 @@ import tensorflow as tf
 from keras_metalstm.data import decode_image_bytes
 from keras_metalstm.data.images import to_uint8
 from keras_metalstm.export.adapted import INPUT_SCALE, meta_image_shape, meta_n_way
-from keras_metalstm.ops import fused_coordinate_lstm
+from keras_metalstm.ops import fused_kernels
 
 METADATA_FILE = "assets.extra/keras_metalstm.json"
 SIGNATURE_OUTPUTS = ("logits", "probabilities", "class_ids", "class_names")
@@ -130,7 +130,7 @@ class AdaptInServingModule(tf.Module):
         with tf.control_dependencies(checks):
             support_images = tf.identity(support_images)
         # Stock TensorFlow ops only: TensorFlow Serving has no copy of our fused CPU kernel.
-        with fused_coordinate_lstm.disabled():
+        with fused_kernels.disabled():
             theta, states = self.meta.inner_loop(
                 support_images[tf.newaxis], support_labels[tf.newaxis], inner_steps=self.inner_steps
             )

@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 from keras_metalstm import xla_ops
-from keras_metalstm.ops import fused_coordinate_lstm
+from keras_metalstm.ops import fused_kernels
 
 
 def hidden_readout(readout_kernel, hidden):
@@ -157,7 +157,7 @@ class CoordinateLSTM(keras.layers.Layer):
         """
         own_kernel = self.kernel[self.shared_input_dim :]
         gate_bias = self._episode_gate_bias(tf.shape(inputs)[1] if inputs.shape.rank >= 3 else 1, shared_inputs)
-        fused_step = fused_coordinate_lstm.coordinate_step(inputs.dtype) if inputs.shape.rank == 3 else None
+        fused_step = fused_kernels.coordinate_step(inputs.dtype) if inputs.shape.rank == 3 else None
         if fused_step is not None:
             if state is None:
                 zeros = tf.zeros(tf.concat([[self.units], tf.shape(inputs)[1:]], axis=0), inputs.dtype)

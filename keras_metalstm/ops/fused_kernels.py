@@ -1,20 +1,25 @@
-"""The fused CPU kernel of the coordinate-wise LSTM step: building it, loading it, and where it is used.
+"""The fused CPU kernels: building them, loading them, and where they are used.
 
-The kernel (coordinate_lstm_kernel.cc beside this file) computes the same step as CoordinateLSTM's stock
-TensorFlow ops, forward and backward, carrying a block of coordinates through the whole step while it sits in
-the cache. It is compiled on first use against the installed TensorFlow with the machine's C++ compiler and
-cached (the source, TensorFlow version and flags name the file), so nothing is compiled at install time. Its
-results do not depend on the number of threads (the work is split by the problem's size alone), and its
-activations keep a small relative error down to tiny pre-activations.
+Two kernels, each computing what a chain of stock TensorFlow ops computes, in fewer passes over memory:
+- coordinate_lstm_kernel.cc: one step of the coordinate-wise LSTM, forward and backward, carrying a block of
+  coordinates through the whole step while it sits in the cache (the same step as CoordinateLSTM's stock ops);
+- norm_relu_pool_kernel.cc: a learner's training-mode batch normalisation, ReLU and 2x2 max pooling, forward and
+  backward (`keras_metalstm.fused_batch_norm.batch_normalization_relu_max_pool_training`), where TensorFlow's
+  oneDNN ops take about a dozen passes over the full-size activations.
+They are compiled on first use against the installed TensorFlow with the machine's C++ compiler, into one
+library, and cached (the sources, TensorFlow version and flags name the file), so nothing is compiled at install
+time. Their results do not depend on the number of threads (the work is split by the problem's size alone), and
+the LSTM kernel's activations keep a small relative error down to tiny pre-activations.
 
-The kernel is opt-in: a function traced within `enabled()` uses it, every other traces stock ops. The library
+The kernels are opt-in: a function traced within `enabled()` uses them, every other traces stock ops. The library
 enters `enabled()` only in its own training and evaluation steps (`MetaTrainer`, `MetaLearner.train_step` and
 `test_step` under `fit`/`evaluate` without `jit_compile`) and its own cache of `MetaLearner.adapt`, functions
 that are never saved. So a tf.function a user writes around the meta-learner (`meta(...)`, `inner_loop`,
 `meta_gradients`, `meta_train_step`), and every SavedModel or ONNX export, holds stock ops only and loads
 where this library is absent (TensorFlow Serving). Even within `enabled()`, stock ops run for float64 and
-other non-float32 inputs, within `disabled()` (MetaTrainer's XLA-compiled part), on GPU/TPU machines, with
-KERAS_METALSTM_FUSED_KERNELS=0, and when no compiler is available; they are the reference the kernel is
+other non-float32 inputs, within `disabled()` (MetaTrainer's XLA-compiled part, and the support passes of a
+second-order meta-gradient, which differentiates their backward pass), on GPU/TPU machines, with
+KERAS_METALSTM_FUSED_KERNELS=0, and when no compiler is available; they are the reference the kernels are
 tested against.
 """
 
@@ -31,7 +36,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-SOURCE = Path(__file__).with_name("coordinate_lstm_kernel.cc")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("coordinate_lstm_kernel.cc", "norm_relu_pool_kernel.cc"))
 ENVIRONMENT_SWITCH = "KERAS_METALSTM_FUSED_KERNELS"
 CACHE_ENVIRONMENT = "KERAS_METALSTM_CACHE"
 COMPILER_ENVIRONMENT = "CXX"
@@ -61,7 +66,7 @@ def _build_command(compiler, output, architecture_flags):
         *OPTIMISATION_FLAGS,
         *architecture_flags,
         *tf.sysconfig.get_compile_flags(),
-        str(SOURCE),
+        *(str(source) for source in SOURCES),
         "-o",
         str(output),
         *tf.sysconfig.get_link_flags(),
@@ -81,20 +86,21 @@ def _compiler(compiler=None):
 
 
 def library_path(compiler=None):
-    """The cached library's path for this source, TensorFlow version, compiler and flags."""
+    """The cached library's path for these sources, TensorFlow version, compiler and flags."""
     compiler = _compiler(compiler)
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for source in SOURCES:
+        key.update(source.read_bytes())
     for architecture_flags in ARCHITECTURE_FLAG_CHOICES:
         key.update(" ".join(_build_command(compiler, "out", architecture_flags)).encode())
     key.update(tf.__version__.encode())
     # -march=native code may not run on another CPU sharing this cache (a network home directory).
     key.update(_cpu_identity().encode())
-    return cache_directory() / f"coordinate_lstm-{key.hexdigest()[:16]}.so"
+    return cache_directory() / f"fused_kernels-{key.hexdigest()[:16]}.so"
 
 
 def build(compiler=None):
-    """Compiles the kernel into the cache (if it is not there yet) and returns the library's path.
+    """Compiles the kernels into the cache (if they are not there yet) and returns the library's path.
 
     Raises:
         RuntimeError: no compiler, or the compilation failed; the message says which and how to proceed.
@@ -120,7 +126,8 @@ def build(compiler=None):
                 os.replace(partial, target)
                 return target
             first_errors = result.stderr if first_errors is None else first_errors
-        raise RuntimeError(f"compiling {SOURCE.name} failed:\n{first_errors[-2000:]}")
+        names = " and ".join(source.name for source in SOURCES)
+        raise RuntimeError(f"compiling {names} failed:\n{first_errors[-2000:]}")
     finally:
         if os.path.exists(partial):
             os.remove(partial)
@@ -130,9 +137,9 @@ def build(compiler=None):
 # updated (the library loaded once, then seen as missing).
 @tf.autograph.experimental.do_not_convert
 def load():
-    """The loaded kernel library, or None where it cannot be used (see the module docstring).
+    """The loaded kernels' library, or None where it cannot be used (see the module docstring).
 
-    The first call may compile the kernel (~15 s); a failure is reported once as a warning.
+    The first call may compile the kernels (~20 s); a failure is reported once as a warning.
     """
     global _library, _load_attempted
     with _lock:
@@ -147,7 +154,7 @@ def load():
             _library = tf.load_op_library(str(build()))
         except (RuntimeError, OSError, tf.errors.NotFoundError) as error:
             warnings.warn(
-                f"keras_metalstm: the fused CPU kernel is unavailable ({error}); using stock TensorFlow ops, "
+                f"keras_metalstm: the fused CPU kernels are unavailable ({error}); using stock TensorFlow ops, "
                 f"which give the same results more slowly. Set {ENVIRONMENT_SWITCH}=0 to silence this.",
                 RuntimeWarning,
                 stacklevel=2,
@@ -157,7 +164,7 @@ def load():
 
 
 def enabled():
-    """Within this context, in this thread, functions traced use the kernel where it can run (float32, CPU).
+    """Within this context, in this thread, functions traced use the kernels where they can run (float32, CPU).
 
     For the library's own step functions only, which are never saved: a graph traced here holds a custom op
     that loads only where this library is installed. Thread-local because MirroredStrategy traces each
@@ -168,7 +175,8 @@ def enabled():
 
 def disabled():
     """Within this context, in this thread, functions traced use stock TensorFlow ops, even within `enabled()`:
-    for XLA, which cannot compile a custom op, and for comparing the two. (Thread-local, as `enabled()`.)"""
+    for XLA, which cannot compile a custom op, for a pass whose backward pass is differentiated again (the kernels'
+    backward ops have no gradient of their own), and for comparing the two. (Thread-local, as `enabled()`.)"""
     return _thread_flag("disabled")
 
 
@@ -182,15 +190,28 @@ def _thread_flag(name):
         setattr(_state, name, previous)
 
 
-@tf.autograph.experimental.do_not_convert
-def coordinate_step(dtype):
-    """The fused step op for inputs of `dtype`, or None if the stock ops must be used here."""
-    if tf.as_dtype(dtype) != tf.float32:  # the kernel is float32 only
+def _library_for(dtype):
+    """The loaded library where a function being traced may use it for inputs of `dtype`, else None."""
+    if tf.as_dtype(dtype) != tf.float32:  # the kernels are float32 only
         return None
     if not getattr(_state, "enabled", False) or getattr(_state, "disabled", False):
         return None
-    library = load()
+    return load()
+
+
+@tf.autograph.experimental.do_not_convert
+def coordinate_step(dtype):
+    """The fused step op for inputs of `dtype`, or None if the stock ops must be used here."""
+    library = _library_for(dtype)
     return None if library is None else library.meta_lstm_coordinate_step
+
+
+@tf.autograph.experimental.do_not_convert
+def norm_relu_pool(dtype):
+    """(forward op, backward op) of the fused batch normalisation, ReLU and 2x2 max pooling for inputs of `dtype`,
+    or None if the stock ops must be used here."""
+    library = _library_for(dtype)
+    return None if library is None else (library.meta_lstm_norm_relu_pool, library.meta_lstm_norm_relu_pool_grad)
 
 
 def _register_gradient():
