@@ -139,7 +139,7 @@ def record_inner_loop(meta, support_images, support_labels, inner_steps):
         return step + 1, new_theta, lstm_state, gate_logits, states, records
 
     records = {name: tf.TensorArray(theta0.dtype, size=inner_steps) for name in InnerLoopTrace.STEP_RECORDS}
-    # Stock ops even where a caller has enabled the fused kernel: its activations round differently.
+    # Stock ops even where a caller has enabled the fused kernels: their activations round differently.
     with fused_kernels.disabled():
         *_, records = tf.while_loop(
             lambda step, *_: step < inner_steps,

@@ -7,10 +7,11 @@ theta0, and classifies the query set with the adapted parameters theta_T. The T 
 loops in the graph rather than unrolled, so tracing and XLA compilation do not grow with T or B. The same step
 function serves `MetaTrainer` and Keras' own `fit`.
 
-The fused CPU kernel of the coordinate-wise LSTM (keras_metalstm/ops) runs only in the steps Keras' `fit` and
-`evaluate` trace (without `jit_compile`) and in `adapt`'s own compiled function, none of which is ever saved;
-`call`, `inner_loop`, `meta_gradients` and `meta_train_step` traced anywhere else use stock TensorFlow ops, so
-any function a user saves around them loads without this library.
+The fused CPU kernels (keras_metalstm/ops: the coordinate-wise LSTM, and the learner's batch norm, ReLU and max
+pooling) run only in the steps Keras' `fit` and `evaluate` trace (without `jit_compile`) and in `adapt`'s own
+compiled function, none of which is ever saved; `call`, `inner_loop`, `meta_gradients` and `meta_train_step`
+traced anywhere else use stock TensorFlow ops, so any function a user saves around them loads without this
+library.
 """
 
 import contextlib
@@ -416,7 +417,7 @@ class MetaLearner(keras.Model):
             return self.meta_gradients(episodes)
 
     def train_step(self, episodes):
-        """Keras' `fit` step. It may trace the fused kernel (`_fit_kernel_scope`): a function of your own that you
+        """Keras' `fit` step. It may trace the fused kernels (`_fit_kernel_scope`): a function of your own that you
         mean to save should call `meta_train_step`, which traces stock ops."""
         with self._fit_kernel_scope():
             loss, accuracy = self.meta_train_step(episodes, self.optimizer, clip_norm=self._fit_clip_norm)
@@ -433,7 +434,7 @@ class MetaLearner(keras.Model):
 
     def _fit_kernel_scope(self):
         """Where Keras' fit/evaluate trace train_step/test_step (inside each replica's thread; Keras leaves these
-        functions out of SavedModels): the fused kernel, unless Keras compiles the step with XLA."""
+        functions out of SavedModels): the fused kernels, unless Keras compiles the step with XLA."""
         return traced_for_xla() if self.jit_compile else fused_kernels.enabled()
 
     def compile(self, optimizer=None, clip_norm=0.25, **kwargs):
@@ -498,7 +499,7 @@ class MetaLearner(keras.Model):
         return self._learner_function.materialise(theta, state)
 
     def _adapt_one(self, support_images, support_labels, inner_steps):
-        # Traced only into _compiled_adapt, a cache left out of SavedModels: the fused kernel may run here.
+        # Traced only into _compiled_adapt, a cache left out of SavedModels: the fused kernels may run here.
         with fused_kernels.enabled():
             theta, states = self.inner_loop(support_images[tf.newaxis], support_labels[tf.newaxis], inner_steps)
         return theta[0], [value[0] for value in states]
@@ -516,7 +517,7 @@ class MetaLearner(keras.Model):
             variable the norms of theta_t - theta_0 and of the update theta_t - theta_{t-1}; and summaries of
             these per variable and per layer.
 
-        The gates are computed with the stock TensorFlow ops of the cell, never the fused kernel, so they are
+        The gates are computed with the stock TensorFlow ops of the cell, never the fused kernels, so they are
         exactly the cell's own values. The traced function holds one inner step in a loop, as `inner_loop` does.
         """
         support_images, support_labels = check_support(

@@ -1,7 +1,8 @@
 """Meta-training driver: a compiled (optionally XLA) episodic step that runs under any tf.distribute strategy.
 
-Its step functions are the library's own, never saved: without XLA they trace the fused CPU kernel of the
-coordinate-wise LSTM where it can run (keras_metalstm/ops/fused_kernels.py).
+Its step functions are the library's own, never saved: without XLA they trace the fused CPU kernels (the
+coordinate-wise LSTM; the learner's batch norm, ReLU and max pooling) where they can run
+(keras_metalstm/ops/fused_kernels.py).
 """
 
 import keras

@@ -171,20 +171,30 @@ np.savez(sys.argv[2], *[tensor.numpy() for tensor in [*outputs, *gradients]])
 """
 
 
-def test_results_are_bitwise_the_same_with_one_and_two_threads(tmp_path):
-    """The kernel and bias gradients are sums over coordinates; they were summed in 4 x threads shards, so
-    one and two threads differed in the last bits and a resumed run was exact only at the same thread count."""
+def arrays_with_one_and_two_threads(script, tmp_path):
+    """The arrays `script` saves (to the file named by its second argument) with 1 and with 2 intra-op threads
+    (its first argument), each run in its own process."""
     results = []
     for threads in (1, 2):
         output = tmp_path / f"threads{threads}.npz"
-        run = run_python(THREAD_COUNT_SCRIPT, tmp_path, own_cache=False, arguments=(threads, output))
+        run = run_python(script, tmp_path, own_cache=False, arguments=(threads, output))
         assert run.returncode == 0, run.stderr[-3000:]
         with np.load(output) as arrays:
             results.append([arrays[f"arr_{index}"] for index in range(len(arrays.files))])
-    one_thread, two_threads = results
-    assert len(one_thread) == 3 + 7  # outputs, then the gradient of every input
+    return results
+
+
+def assert_bitwise_equal(one_thread, two_threads):
     for index, (first, second) in enumerate(zip(one_thread, two_threads, strict=True)):
         assert np.array_equal(first, second), f"array {index} differs between 1 and 2 threads"
+
+
+def test_results_are_bitwise_the_same_with_one_and_two_threads(tmp_path):
+    """The kernel and bias gradients are sums over coordinates; they were summed in 4 x threads shards, so
+    one and two threads differed in the last bits and a resumed run was exact only at the same thread count."""
+    one_thread, two_threads = arrays_with_one_and_two_threads(THREAD_COUNT_SCRIPT, tmp_path)
+    assert len(one_thread) == 3 + 7  # outputs, then the gradient of every input
+    assert_bitwise_equal(one_thread, two_threads)
 
 
 def test_fused_kernel_rejects_mismatched_shapes_with_a_message():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import graph_op_types, needs_kernel_compiler
-from test_fused_kernel import run_python
+from test_fused_kernel import arrays_with_one_and_two_threads, assert_bitwise_equal
 
 import keras_metalstm as km
 from keras_metalstm.fused_batch_norm import (
@@ -158,16 +158,9 @@ np.savez(sys.argv[2], *[tensor.numpy() for tensor in [*outputs, *grads]])
 
 
 def test_results_are_bitwise_the_same_with_one_and_two_threads(tmp_path):
-    results = []
-    for threads in (1, 2):
-        output = tmp_path / f"threads{threads}.npz"
-        run = run_python(THREAD_COUNT_SCRIPT, tmp_path, own_cache=False, arguments=(threads, output))
-        assert run.returncode == 0, run.stderr[-3000:]
-        with np.load(output) as arrays:
-            results.append([arrays[f"arr_{index}"] for index in range(len(arrays.files))])
-    assert len(results[0]) == 4 + 3
-    for index, (first, second) in enumerate(zip(*results, strict=True)):
-        assert np.array_equal(first, second), f"array {index} differs between 1 and 2 threads"
+    one_thread, two_threads = arrays_with_one_and_two_threads(THREAD_COUNT_SCRIPT, tmp_path)
+    assert len(one_thread) == 4 + 3  # the forward op's outputs, then the backward op's
+    assert_bitwise_equal(one_thread, two_threads)
 
 
 def test_the_kernel_rejects_channels_it_cannot_take_with_a_message():

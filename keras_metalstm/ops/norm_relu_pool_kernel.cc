@@ -107,6 +107,7 @@ struct Shape {
   int64_t pooled_height() const { return height / 2; }
   int64_t pooled_width() const { return width / 2; }
   int64_t pixels() const { return images * height * width; }
+  TensorShape pooled() const { return TensorShape({images, pooled_height(), pooled_width(), channels}); }
 };
 
 Status ReadShape(const Tensor& inputs, const Tensor& gamma, Shape* shape) {
@@ -220,18 +221,32 @@ inline void WindowCorners(const Shape& shape, float* tensor, int64_t window_row,
   corners[3] = bottom + shape.channels;
 }
 
-class NormReluPoolOp : public OpKernel {
+// What the forward and backward ops share: the epsilon attribute, and inputs 0 and 1 (inputs, gamma) checked.
+class NormReluPoolKernel : public OpKernel {
  public:
-  explicit NormReluPoolOp(OpKernelConstruction* context) : OpKernel(context) {
+  explicit NormReluPoolKernel(OpKernelConstruction* context) : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
   }
 
-  void Compute(OpKernelContext* context) override {
-    const Tensor& inputs = context->input(0);
+  void Compute(OpKernelContext* context) final {
     Shape shape;
-    OP_REQUIRES_OK(context, ReadShape(inputs, context->input(1), &shape));
+    OP_REQUIRES_OK(context, ReadShape(context->input(0), context->input(1), &shape));
+    Run(context, context->input(0), shape);
+  }
+
+ protected:
+  virtual void Run(OpKernelContext* context, const Tensor& inputs, const Shape& shape) = 0;
+
+  float epsilon_;
+};
+
+class NormReluPoolOp : public NormReluPoolKernel {
+ public:
+  using NormReluPoolKernel::NormReluPoolKernel;
+
+  void Run(OpKernelContext* context, const Tensor& inputs, const Shape& shape) override {
     const int64_t channels = shape.channels;
-    const TensorShape pooled_shape({shape.images, shape.pooled_height(), shape.pooled_width(), channels});
+    const TensorShape pooled_shape = shape.pooled();
     Tensor *pooled, *mean_output, *variance_output, *normalized_at_max;
     OP_REQUIRES_OK(context, context->allocate_output(0, pooled_shape, &pooled));
     OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({channels}), &mean_output));
@@ -276,23 +291,15 @@ class NormReluPoolOp : public OpKernel {
       }
     });
   }
-
- private:
-  float epsilon_;
 };
 
-class NormReluPoolGradOp : public OpKernel {
+class NormReluPoolGradOp : public NormReluPoolKernel {
  public:
-  explicit NormReluPoolGradOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
-  }
+  using NormReluPoolKernel::NormReluPoolKernel;
 
-  void Compute(OpKernelContext* context) override {
-    const Tensor& inputs = context->input(0);
-    Shape shape;
-    OP_REQUIRES_OK(context, ReadShape(inputs, context->input(1), &shape));
+  void Run(OpKernelContext* context, const Tensor& inputs, const Shape& shape) override {
     const int64_t channels = shape.channels;
-    const TensorShape pooled_shape({shape.images, shape.pooled_height(), shape.pooled_width(), channels});
+    const TensorShape pooled_shape = shape.pooled();
     for (int input = 5; input < 8; ++input) {
       OP_REQUIRES(context, context->input(input).shape() == pooled_shape,
                   InvalidArgument("input ", input, " must have the pooled shape ", pooled_shape.DebugString(),
@@ -386,9 +393,6 @@ class NormReluPoolGradOp : public OpKernel {
       }
     }
   }
-
- private:
-  float epsilon_;
 };
 
 }  // namespace
