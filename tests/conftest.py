@@ -17,7 +17,7 @@ import pytest
 # they fail), the compiler the kernel's build uses (CXX, else g++).
 needs_kernel_compiler = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "g++")) is None,
-    reason="no C++ compiler here: the fused kernel falls back to stock ops",
+    reason="no C++ compiler here: the fused kernels fall back to stock ops",
 )
 
 

@@ -24,6 +24,7 @@
 // the first pixel's values (a shift that keeps the variance's subtraction small).
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -184,6 +185,14 @@ std::vector<float> Scale(const Shape& shape, const float* gamma, const std::vect
   return scale;
 }
 
+// Each corner of a 2x2 window from its top-left pixel, row-major.
+typedef std::array<int64_t, 4> Corners;
+
+inline Corners WindowCorners(const Shape& shape) {
+  const int64_t row = shape.width * shape.channels;
+  return {0, shape.channels, row, row + shape.channels};
+}
+
 // One register of channels of a 2x2 window: the largest y, the x it comes from and its corner (0-3, row-major;
 // the first on ties, as TensorFlow's max pooling).
 struct WindowMax {
@@ -194,13 +203,14 @@ struct WindowMax {
 // y = (x - mean) * scale + beta, scale = gamma / sqrt(variance + eps): centred before it is scaled, which loses less
 // accuracy than x * scale + (beta - mean * scale) where the mean is far from zero. The forward and backward ops
 // both find the maximum here, with the same arithmetic, so they agree on where it is.
-inline WindowMax MaxOfWindow(const float* const corners[4], int64_t k, Vec mean, Vec scale, Vec beta) {
+inline WindowMax MaxOfWindow(const float* window, const Corners& corners, int64_t k, Vec mean, Vec scale,
+                             Vec beta) {
   WindowMax best;
-  best.x = Load(corners[0] + k);
+  best.x = Load(window + k);
   best.y = (best.x - mean) * scale + beta;
   best.corner = IntVec{};
   for (int corner = 1; corner < 4; ++corner) {
-    const Vec x = Load(corners[corner] + k);
+    const Vec x = Load(window + corners[corner] + k);
     const Vec y = (x - mean) * scale + beta;
     const IntVec larger = y > best.y;
     best.y = larger ? y : best.y;
@@ -210,15 +220,11 @@ inline WindowMax MaxOfWindow(const float* const corners[4], int64_t k, Vec mean,
   return best;
 }
 
-// The window (row, column) of `shape` with its corners in `tensor`.
-inline void WindowCorners(const Shape& shape, float* tensor, int64_t window_row, int64_t column, float* corners[4]) {
+// Where window (window_row, column)'s top-left pixel starts in an NHWC tensor of `shape` (window_row counts the
+// windows' rows over all images).
+inline int64_t WindowStart(const Shape& shape, int64_t window_row, int64_t column) {
   const int64_t image = window_row / shape.pooled_height(), row = 2 * (window_row % shape.pooled_height());
-  float* top = tensor + ((image * shape.height + row) * shape.width + 2 * column) * shape.channels;
-  float* bottom = top + shape.width * shape.channels;
-  corners[0] = top;
-  corners[1] = top + shape.channels;
-  corners[2] = bottom;
-  corners[3] = bottom + shape.channels;
+  return ((image * shape.height + row) * shape.width + 2 * column) * shape.channels;
 }
 
 // What the forward and backward ops share: the epsilon attribute, and inputs 0 and 1 (inputs, gamma) checked.
@@ -277,13 +283,14 @@ class NormReluPoolOp : public NormReluPoolKernel {
     float* pooled_values = pooled->flat<float>().data();
     float* normalized_values = normalized_at_max->flat<float>().data();
     const int64_t window_rows = shape.images * shape.pooled_height();
+    const Corners corners = WindowCorners(shape);
     ParallelFor(context, window_rows, shape.pooled_width() * channels * 12, [&](int64_t window_row) {
       for (int64_t column = 0; column < shape.pooled_width(); ++column) {
-        float* corners[4];
-        WindowCorners(shape, const_cast<float*>(x), window_row, column, corners);
+        const float* window = x + WindowStart(shape, window_row, column);
         const int64_t out = (window_row * shape.pooled_width() + column) * channels;
         for (int64_t k = 0; k < channels; k += kLanes) {
-          const WindowMax best = MaxOfWindow(corners, k, Load(mean + k), Load(scale.data() + k), Load(beta + k));
+          const WindowMax best =
+              MaxOfWindow(window, corners, k, Load(mean + k), Load(scale.data() + k), Load(beta + k));
           const Vec zero = {};
           Store(pooled_values + out + k, best.y > zero ? best.y : zero);
           Store(normalized_values + out + k, (best.x - Load(mean + k)) * Load(inverse_deviation.data() + k));
@@ -351,28 +358,26 @@ class NormReluPoolGradOp : public NormReluPoolKernel {
     };
     const int64_t window_rows = shape.images * shape.pooled_height();
     const int64_t row_size = shape.width * channels;
+    const Corners corners = WindowCorners(shape);
     ParallelFor(context, window_rows, shape.pooled_width() * channels * 24, [&](int64_t window_row) {
       for (int64_t column = 0; column < shape.pooled_width(); ++column) {
-        float *corners[4], *grad_corners[4];
-        WindowCorners(shape, const_cast<float*>(x), window_row, column, corners);
-        WindowCorners(shape, dx, window_row, column, grad_corners);
+        const int64_t start = WindowStart(shape, window_row, column);
         const int64_t out = (window_row * shape.pooled_width() + column) * channels;
         for (int64_t k = 0; k < channels; k += kLanes) {
           const Vec channel_mean = Load(mean + k), channel_scale = Load(scale.data() + k);
-          const WindowMax best = MaxOfWindow(corners, k, channel_mean, channel_scale, Load(beta + k));
+          const WindowMax best = MaxOfWindow(x + start, corners, k, channel_mean, channel_scale, Load(beta + k));
           const Vec zero = {};
           const Vec dy = best.y > zero ? Load(pooled_grad + out + k) * channel_scale : zero;
           const Vec channel_slope = Load(slope.data() + k), channel_constant = Load(constant.data() + k);
           for (int corner = 0; corner < 4; ++corner) {
-            const Vec base = (Load(corners[corner] + k) - channel_mean) * channel_slope + channel_constant;
-            Store(grad_corners[corner] + k, best.corner == corner ? base + dy : base);
+            const int64_t at = start + corners[corner] + k;
+            const Vec base = (Load(x + at) - channel_mean) * channel_slope + channel_constant;
+            Store(dx + at, best.corner == corner ? base + dy : base);
           }
         }
       }
       // An odd width's last column, and an odd height's last row after the image's last window row.
-      float* corners[4];
-      WindowCorners(shape, const_cast<float*>(x), window_row, 0, corners);
-      const int64_t top = corners[0] - x;
+      const int64_t top = WindowStart(shape, window_row, 0);
       if (shape.width % 2) {
         for (int64_t row = 0; row < 2; ++row) {
           const int64_t at = top + row * row_size + (shape.width - 1) * channels;
