@@ -15,20 +15,10 @@ differentiated again).
 
 import argparse
 
-from meta_step import SETTINGS, median_ms
+from meta_step import SETTINGS, layer_shapes, median_ms
 
 PARTS = ("forward", "input gradient", "filter gradient")
 REPEATS = 8  # calls of a part per timed function
-
-
-def layer_shapes(image_shape, filters=32):
-    """(height, width, channels) of each convolution's input in the library's conv4 for `image_shape`."""
-    import keras
-
-    import keras_metalstm as km
-
-    learner = km.learners.conv4(input_shape=image_shape, filters=filters)
-    return [tuple(layer.input.shape[1:]) for layer in learner.layers if isinstance(layer, keras.layers.Conv2D)]
 
 
 def convolution_part(part, images, kernel, upstream, xla):

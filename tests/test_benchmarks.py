@@ -74,6 +74,46 @@ def test_compile_scaling_runs_every_t_and_b_plain_and_xla_and_times_steady_steps
     }
 
 
+def test_the_convolution_floor_counts_an_episodes_passes_layer_by_layer():
+    """conv4 at 28x28x1 (inputs 28, 14, 7 and 3 pixels square), 1-shot, T = 12, written out: 12 support passes of 5
+    images and one query pass of 75, each a forward convolution and a filter gradient per layer and an input
+    gradient for layers 2-4."""
+    benchmark = load_benchmark()
+    assert benchmark.layer_shapes((84, 84, 3)) == [(84, 84, 3), (42, 42, 32), (21, 21, 32), (10, 10, 32)]
+    multiply_adds = [28 * 28 * 9 * 1 * 32, 14 * 14 * 9 * 32 * 32, 7 * 7 * 9 * 32 * 32, 3 * 3 * 9 * 32 * 32]
+    per_image = 2 * (2 * multiply_adds[0] + 3 * sum(multiply_adds[1:]))
+    setting = benchmark.SETTINGS["28x28x1 1-shot T=12"]
+    gflop = (12 * 5 + 75) * per_image / 1e9
+    assert benchmark.convolution_gflop(setting) == pytest.approx(gflop, rel=1e-12)
+    # At 100 GFLOP/s the floor is gflop * 10 ms; a step of twice that is 2.00 floors.
+    line = benchmark.floor_summary(setting, ours_ms=gflop * 20, gflops=100.0)
+    assert line.endswith("ours / floor 2.00") and f"{gflop * 10:.0f} ms" in line, line
+    benchmark.MATMUL_SIZE = 256  # in GFLOP/s (not FLOP/s or per ms): any CPU lies between these bounds
+    assert 0.5 < benchmark.matmul_gflops(repeats=2) < 100_000
+
+
+def test_a_training_step_runs_the_convolutions_the_floor_counts(monkeypatch):
+    """The floor's count against the step as it runs (TensorFlow's profiler): per layer a forward convolution and
+    a filter gradient in each of T support passes and the query pass, and an input gradient for all but the first
+    layer, nothing more."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # step_profile imports meta_step, as when run as a script
+    profile = load_benchmark("step_profile")
+    benchmark = load_benchmark()
+    inner_steps, steps = 3, 2
+    meta, episodes = benchmark.build(dict(benchmark.SETTINGS["28x28x1 1-shot T=12"], inner_steps=inner_steps))
+    step = km.MetaTrainer(meta).train_step
+    counts = {"forward": 0, "filter gradient": 0, "input gradient": 0}
+    for line, name, _ in profile.profiled_events(step, episodes, steps):
+        op_type = name.rsplit(":", 1)[-1]
+        if not line.startswith("tf_Compute") or "Conv" not in op_type:
+            continue
+        part = ("filter gradient" if "BackpropFilter" in op_type
+                else "input gradient" if "BackpropInput" in op_type else "forward")
+        counts[part] += 1
+    passes = (inner_steps + 1) * steps
+    assert counts == {"forward": 4 * passes, "filter gradient": 4 * passes, "input gradient": 3 * passes}
+
+
 def test_graph_op_count_includes_loop_bodies_and_not_their_trip_count():
     benchmark = load_benchmark()
 
@@ -236,7 +276,6 @@ def test_the_xla_convolution_benchmark_times_the_same_values_both_ways_and_count
     and one query pass, with no input gradient for the first layer."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports meta_step's settings and timing
     benchmark = load_benchmark("xla_convolutions")
-    assert benchmark.layer_shapes((84, 84, 3)) == [(84, 84, 3), (42, 42, 32), (21, 21, 32), (10, 10, 32)]
     rng = np.random.default_rng(0)
     images = tf.constant(rng.standard_normal((2, 6, 5, 3)), tf.float32)
     kernel = tf.constant(rng.standard_normal((3, 3, 3, 4)), tf.float32)
