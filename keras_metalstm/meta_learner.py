@@ -14,20 +14,17 @@ traced anywhere else use stock TensorFlow ops, so any function a user saves arou
 library.
 """
 
-import contextlib
 import functools
-import warnings
 
 import keras
 import tensorflow as tf
 
-from keras_metalstm.batched_learner import BatchedLearnerFunction
 from keras_metalstm.distribute import clip_by_global_norm_over_replicas
 from keras_metalstm.episode_loop import mean_over_episodes
+from keras_metalstm.episode_passes import EpisodePasses
 from keras_metalstm.inner_loop_trace import InnerLoopTrace, record_inner_loop
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy, variable_dtype
-from keras_metalstm.loop_parallelism import map_learner_passes
 from keras_metalstm.meta_learner_inputs import (
     check_adaptation_settings,
     check_episode_batching,
@@ -40,7 +37,6 @@ from keras_metalstm.ops import fused_kernels
 from keras_metalstm.preprocessing import preprocess
 from keras_metalstm.weight_transfer import weights_for_learner
 from keras_metalstm.xla_ops import (
-    accelerator_present,
     explaining_uncompilable_ops,
     in_xla_context,
     traced_for_xla,
@@ -114,14 +110,7 @@ class MetaLearner(keras.Model):
         # A plain (untracked) object: the learner's own variables are not meta-parameters and must not be
         # trained, saved or restored as part of the meta-learner.
         self._learner_function = LearnerFunction(learner, bn_momentum=bn_momentum)
-        self.episode_batching = episode_batching
-        try:
-            self._batched_function = BatchedLearnerFunction(learner, bn_momentum=bn_momentum)
-            self._not_batched_because = None
-        except ValueError as error:
-            self._batched_function = None
-            self._not_batched_because = str(error)
-        self._fallback_reported = False
+        self._episode_passes = EpisodePasses(self._learner_function, episode_batching, bn_momentum)
         self.inner_steps = int(inner_steps)
         self.hidden_units = int(hidden_units)
         self.p = float(p)
@@ -161,6 +150,11 @@ class MetaLearner(keras.Model):
     def learner_function(self):
         """The learner as a function of a flat parameter vector theta (a LearnerFunction)."""
         return self._learner_function
+
+    @property
+    def episode_batching(self):
+        """How the learner runs for the episodes of a meta-batch: "auto", "batched" or "per_episode"."""
+        return self._episode_passes.episode_batching
 
     @property
     def num_parameters(self):
@@ -216,7 +210,6 @@ class MetaLearner(keras.Model):
                 each episode's support batches, or with query_statistics="support" those of its support batch
                 under theta_T.
         """
-        learner = self._learner_function
         steps = self.inner_steps if inner_steps is None else int(inner_steps)
         episodes = static_batch_size(support_images, "support_images")
 
@@ -229,35 +222,9 @@ class MetaLearner(keras.Model):
         )
         # A learner without batch statistics (GroupNormalization, LayerNormalization, none) has no state to
         # recompute: "support" is then the same protocol as "query", so a recipe can name it for any learner.
-        if self.query_statistics == "support" and states and self._batches_episodes():
-            states = self._batched_function.batch_statistics(theta, support_images)
-        elif self.query_statistics == "support" and states:
-            states = map_learner_passes(
-                lambda episode: learner.batch_statistics(*episode),
-                (theta, support_images),
-                _state_signature(learner),
-                self.learner,
-            )
+        if self.query_statistics == "support" and states:
+            states = self._episode_passes.batch_statistics(theta, support_images)
         return theta, states
-
-    def _batches_episodes(self):
-        """Whether the function being traced evaluates the learner once for all episodes (episode_batching)."""
-        if self.episode_batching == "per_episode":
-            return False
-        wanted = self.episode_batching == "batched" or accelerator_present()
-        if wanted and self._batched_function is None:
-            if not self._fallback_reported:
-                self._fallback_reported = True
-                warnings.warn(
-                    f"keras_metalstm: {self._not_batched_because}. The episodes of a meta-batch run one after "
-                    "the other (episode_batching='per_episode'); the results are the same.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            return False
-        if self.episode_batching == "batched":
-            self._batched_function.check_differentiable()
-        return wanted
 
     def _initial_carry(self, episodes):
         """What the inner loop carries from step to step, as each of `episodes` episodes starts: theta_0, the zero
@@ -273,7 +240,9 @@ class MetaLearner(keras.Model):
     def _inner_step(self, theta, lstm_state, gate_logits, states, support_images, support_labels):
         """One inner step of B episodes (support gradient and loss, their preprocessing, the coordinate LSTM, the
         cell's update of theta): the carry of `_initial_carry` after one more update."""
-        losses, gradient, states = self._support_passes(theta, states, support_images, support_labels)
+        losses, gradient, states = self._episode_passes.support_passes(
+            theta, states, support_images, support_labels, self.divide_grad_by_batch, self.first_order
+        )
         # Features first: (2, episodes, coordinates) for the gradient; the loss is one value per episode,
         # preprocessed once and shared by all of that episode's coordinates.
         gradient_features = preprocess(gradient, self.p, axis=0)
@@ -291,39 +260,6 @@ class MetaLearner(keras.Model):
         theta, gate_logits = self.cell(hidden, theta, gradient, gate_logits, hidden_terms=hidden_terms)
         return theta, lstm_state, gate_logits, states
 
-    def _support_passes(self, theta, states, support_images, support_labels):
-        """Every episode's support loss (B,), gradient (B, P) at its own theta and updated state: all episodes in
-        one batched evaluation where `episode_batching` chooses it, else one after the other in a tf.map_fn (the
-        learner may be any Keras model: a per-episode call is the one evaluation that works for all of them)."""
-        learner = self._learner_function
-        if self._batches_episodes():
-            losses, gradient, states = self._batched_function.loss_and_gradient(
-                theta, states, support_images, support_labels, divide_by_batch=self.divide_grad_by_batch
-            )
-            results = (losses, gradient, states)
-            return tf.nest.map_structure(tf.stop_gradient, results) if self.first_order else results
-
-        def support_pass(episode):
-            episode_theta, state, images, labels = episode
-            return learner.loss_and_gradient(
-                episode_theta, state, images, labels, divide_by_batch=self.divide_grad_by_batch
-            )
-
-        # A second-order meta-gradient differentiates the support passes' backward pass, which the fused kernels'
-        # backward ops cannot be.
-        signature = (tf.TensorSpec((), theta.dtype), tf.TensorSpec(theta.shape[1:], theta.dtype))
-        signature += (_state_signature(learner),)
-        with contextlib.nullcontext() if self.first_order else fused_kernels.disabled():
-            results = map_learner_passes(
-                support_pass, (theta, states, support_images, support_labels), signature, self.learner
-            )
-        if self.first_order:
-            # The loss and gradient are constants for the meta-gradient (theta itself stays differentiable
-            # through the cell update), and so is the state computed with them. Cut here, at the loop's
-            # outputs, the loop's gradient never differentiates the support passes.
-            results = tf.nest.map_structure(tf.stop_gradient, results)
-        return results
-
     def query_logits(self, theta, states, query_images, mode):
         """Logits of each episode's adapted learner on its query images: (B, N*Q, num_classes).
 
@@ -334,15 +270,7 @@ class MetaLearner(keras.Model):
         """
         check_mode(mode)
         query_batch_statistics = mode == "train" and self.query_statistics == "query"
-        if self._batches_episodes():
-            return self._batched_function(theta, states, query_images, query_batch_statistics)[0]
-
-        def query_pass(episode):
-            episode_theta, state, images = episode
-            # In theta's dtype, as the learner functions return logits: the loop's output dtype below.
-            return self._learner_function(episode_theta, state, images, query_batch_statistics)[0]
-
-        return map_learner_passes(query_pass, (theta, states, query_images), theta.dtype, self.learner)
+        return self._episode_passes.query_logits(theta, states, query_images, query_batch_statistics)
 
     def call(self, episodes, training=False, mode=None):
         """Query logits (B, N*Q, num_classes) of a batch of episodes after the inner loop.
@@ -374,7 +302,7 @@ class MetaLearner(keras.Model):
         (`keras_metalstm.episode_loop`): the same values, one episode's activations kept at a time.
         """
         episode_count = static_batch_size(episodes["support_images"], "support_images")
-        if episode_count > 1 and in_xla_context() and not self._batches_episodes():
+        if episode_count > 1 and in_xla_context() and not self._episode_passes.batches_episodes():
             # theta0's dtype is the logits', so the loss's and the accuracy's.
             return mean_over_episodes(
                 self.meta_gradients, episodes, episode_count, self.trainable_variables, self.theta0.dtype
@@ -577,7 +505,3 @@ class MetaLearner(keras.Model):
 
         return load_preset(name)
 
-
-def _state_signature(learner):
-    """The TensorSpec of one episode's non-trainable state, as a per-episode tf.map_fn returns it."""
-    return [tf.TensorSpec(value.shape, value.dtype) for value in learner.initial_state()]

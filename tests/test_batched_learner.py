@@ -205,15 +205,15 @@ def test_the_batched_inner_loop_equals_the_per_episode_one(build, options):
 
 
 def test_auto_batches_on_an_accelerator_and_runs_per_episode_on_a_cpu(monkeypatch):
-    from keras_metalstm import meta_learner
+    from keras_metalstm import episode_passes
 
     meta = km.MetaLearner(conv4(), inner_steps=2)
     assert meta.episode_batching == "auto"
-    assert not meta._batches_episodes()
-    assert not tf.function(lambda: tf.constant(meta._batches_episodes()), jit_compile=True)()
-    monkeypatch.setattr(meta_learner, "accelerator_present", lambda: True)
-    assert meta._batches_episodes()
-    assert not km.MetaLearner(conv4(), episode_batching="per_episode")._batches_episodes()
+    assert not meta._episode_passes.batches_episodes()
+    assert not tf.function(lambda: tf.constant(meta._episode_passes.batches_episodes()), jit_compile=True)()
+    monkeypatch.setattr(episode_passes, "accelerator_present", lambda: True)
+    assert meta._episode_passes.batches_episodes()
+    assert not km.MetaLearner(conv4(), episode_batching="per_episode")._episode_passes.batches_episodes()
 
 
 def test_explicitly_batched_convolutions_on_a_cpu_outside_xla_are_a_clear_error():
