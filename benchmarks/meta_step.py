@@ -127,9 +127,8 @@ def matmul_gflops(repeats=5):
     return 2 * MATMUL_SIZE**3 / min(seconds) / 1e9
 
 
-def floor_summary(setting, ours_ms, gflops):
-    """The line that puts `ours_ms` against the setting's convolution FLOP floor at `gflops`."""
-    gflop = convolution_gflop(setting)
+def floor_summary(gflop, ours_ms, gflops):
+    """The line that puts `ours_ms` against the floor of `gflop` convolution GFLOP at `gflops`."""
     floor_ms = gflop / gflops * 1000
     return (f"convolutions {gflop:.1f} GFLOP, at the {gflops:.0f} GFLOP/s matmul rate {floor_ms:.0f} ms: "
             f"ours / floor {ours_ms / floor_ms:.2f}")
@@ -331,12 +330,13 @@ def run_child(arguments, script=__file__):
 
 
 def measure_round(name, args, with_pytorch):
-    """Every column of one setting once, each in its own process, and the machine's matmul rate."""
+    """Every column of one setting once, each in its own process, and its convolution floor (the count and the
+    machine's matmul rate, in a child too: this process stays without TensorFlow)."""
     results = {
         variant: run_child(["--child", name, variant, "--steps", str(args.steps), "--meta-batch", str(args.meta_batch)])
         for variant in VARIANTS
     }
-    results["matmul"] = run_child(["--child-matmul"])
+    results["floor"] = run_child(["--child-floor", name])
     if with_pytorch:
         setting = SETTINGS[name]
         shape = [str(size) for size in setting["image_shape"]]
@@ -398,7 +398,7 @@ def main():
     )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--child-compile", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--child-matmul", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-floor", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
@@ -406,8 +406,8 @@ def main():
     if args.child:
         print(json.dumps(measure(args.child[0], args.child[1], args.steps, args.meta_batch)))
         return
-    if args.child_matmul:
-        print(json.dumps({"gflops": matmul_gflops()}))
+    if args.child_floor:
+        print(json.dumps({"gflop": convolution_gflop(SETTINGS[args.child_floor]), "gflops": matmul_gflops()}))
         return
     if args.child_compile:
         inner_steps, meta_batch, variant = args.child_compile
@@ -439,7 +439,7 @@ def main():
               f"{results['ours+xla']['compile_s']:10.1f}")
         if args.rounds > 1:
             print(f"{'':<22}{per_round_summary(rounds)}")
-        print(f"{'':<22}{floor_summary(SETTINGS[name], ours, results['matmul']['gflops'])}")
+        print(f"{'':<22}{floor_summary(results['floor']['gflop'], ours, results['floor']['gflops'])}")
     if not results["ours"]["fused_kernel"]:
         print("Note: the fused CPU kernel was not available, 'ours' ran on stock TensorFlow ops.")
     if not with_pytorch:

@@ -86,7 +86,7 @@ def test_the_convolution_floor_counts_an_episodes_passes_layer_by_layer():
     gflop = (12 * 5 + 75) * per_image / 1e9
     assert benchmark.convolution_gflop(setting) == pytest.approx(gflop, rel=1e-12)
     # At 100 GFLOP/s the floor is gflop * 10 ms; a step of twice that is 2.00 floors.
-    line = benchmark.floor_summary(setting, ours_ms=gflop * 20, gflops=100.0)
+    line = benchmark.floor_summary(gflop, ours_ms=gflop * 20, gflops=100.0)
     assert line.endswith("ours / floor 2.00") and f"{gflop * 10:.0f} ms" in line, line
     benchmark.MATMUL_SIZE = 256  # in GFLOP/s (not FLOP/s or per ms): any CPU lies between these bounds
     assert 0.5 < benchmark.matmul_gflops(repeats=2) < 100_000
