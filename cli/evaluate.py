@@ -20,54 +20,18 @@ from keras_metalstm.config import QUERY_STATISTICS
 DATASETS = ("fontglot", "omniglot", "miniimagenet", "folder", "fashion_mnist")
 
 
-def run_evaluation(
-    run_dir,
-    episodes,
-    baselines,
-    dataset,
-    data_dir,
-    split,
-    seed,
-    checkpoint,
-    pretrain_epochs,
-    finetune_val_episodes,
-    progress,
-    log,
-    baseline_protocols=DEFAULT_PROTOCOLS,
-    baseline_plus=False,
-    inner_steps=None,
-    query_statistics=None,
-    query=None,
-):
-    """Evaluate and save the report as RUN_DIR/evaluation/<...>.json, and redraw the run's curves.png (it shows
-    the baselines of the saved reports); returns (report, path)."""
+def run_evaluation(run_dir, progress, log, pretrain_epochs, **options):
+    """`keras_metalstm.evaluation.evaluate_run(run_dir, **options)` under a progress bar, with the baselines'
+    classifier pre-trained for `pretrain_epochs`; saves the report as RUN_DIR/evaluation/<...>.json and redraws
+    the run's curves.png (it shows the baselines of the saved reports). Returns (report, path)."""
     from keras_metalstm.evaluation import evaluate_run, save_report
     from keras_metalstm.metrics_log import write_curves
     from keras_metalstm.pretraining import PretrainConfig
     from keras_metalstm.runs import load_run_config
 
-    config = load_run_config(run_dir)
-    pretrain = PretrainConfig(epochs=pretrain_epochs, seed=config.seed)
-    with episode_bar("evaluate", episodes, progress) as update_bar:
-        report = evaluate_run(
-            run_dir,
-            episodes=episodes,
-            baselines=baselines,
-            baseline_protocols=baseline_protocols,
-            baseline_plus=baseline_plus,
-            dataset=dataset,
-            data_dir=data_dir,
-            split=split,
-            seed=seed,
-            which=checkpoint,
-            pretrain=pretrain,
-            finetune_val_episodes=finetune_val_episodes,
-            progress=update_bar,
-            log=log,
-            inner_steps=inner_steps,
-            query_statistics=query_statistics,
-            query=query,
-        )
+    pretrain = PretrainConfig(epochs=pretrain_epochs, seed=load_run_config(run_dir).seed)
+    with episode_bar("evaluate", options["episodes"], progress) as update_bar:
+        report = evaluate_run(run_dir, pretrain=pretrain, progress=update_bar, log=log, **options)
     path = save_report(report, run_dir)
     write_curves(run_dir)
     return report, path
@@ -199,19 +163,19 @@ def evaluate(
             raise click.ClickException(f"{flag} needs --baselines")
         report, path = run_evaluation(
             run_dir,
-            episodes,
-            baselines,
-            dataset,
-            data_dir,
-            split,
-            seed,
-            checkpoint,
-            pretrain_epochs,
-            finetune_val_episodes,
             progress,
             log,
+            pretrain_epochs,
+            episodes=episodes,
+            baselines=baselines,
             baseline_protocols=tuple(dict.fromkeys(baseline_protocols)) or DEFAULT_PROTOCOLS,
             baseline_plus=baseline_plus,
+            dataset=dataset,
+            data_dir=data_dir,
+            split=split,
+            seed=seed,
+            which=checkpoint,
+            finetune_val_episodes=finetune_val_episodes,
             inner_steps=inner_steps,
             query_statistics=query_statistics,
             query=query,

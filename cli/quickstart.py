@@ -103,8 +103,13 @@ def quickstart(out, recipe, episodes, eval_episodes, pretrain_epochs, resume, do
             raise SystemExit(interrupted_exit_code(result))
         click.echo(f"2/{steps} evaluating on {eval_episodes} test episodes beside the authors' baselines")
         report, path = run_evaluation(
-            run_dir, eval_episodes, True, None, None, "test", 1000, "best", pretrain_epochs,
-            FINETUNE_VAL_EPISODES, progress, log
+            run_dir,
+            progress,
+            log,
+            pretrain_epochs,
+            episodes=eval_episodes,
+            baselines=True,
+            finetune_val_episodes=FINETUNE_VAL_EPISODES,
         )
         click.echo(report.table())
         click.echo(report.differences_text())
