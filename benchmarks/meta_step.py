@@ -28,7 +28,9 @@ pytorch / ours >= 2.
 Under each setting a second line puts "ours" against the convolution FLOP floor: the learner's convolutions in one
 episode (T support passes and one query pass; forward, filter gradient and, after the first layer, input gradient;
 a multiply-add is two FLOPs) at the rate of a large float32 matrix product measured in the same run. No step can
-be faster than its convolutions at the machine's matmul rate; the goal at 84x84 is ours / floor <= 2.
+be faster than its convolutions at the machine's matmul rate; the goal at 84x84 is ours / floor <= 2. The "step
+floor" adds the coordinate LSTM's matrix products at each inner step (forward and backward, over every learner
+coordinate), the other half of the step's arithmetic at 28x28, where the convolutions are small.
 """
 
 import argparse
@@ -127,11 +129,33 @@ def matmul_gflops(repeats=5):
     return 2 * MATMUL_SIZE**3 / min(seconds) / 1e9
 
 
-def floor_summary(gflop, ours_ms, gflops):
-    """The line that puts `ours_ms` against the floor of `gflop` convolution GFLOP at `gflops`."""
-    floor_ms = gflop / gflops * 1000
-    return (f"convolutions {gflop:.1f} GFLOP, at the {gflops:.0f} GFLOP/s matmul rate {floor_ms:.0f} ms: "
-            f"ours / floor {ours_ms / floor_ms:.2f}")
+def coordinate_lstm_gflop(setting, filters=32):
+    """GFLOP of the coordinate LSTM's matrix products in one meta-training episode, a lower bound: at each of the T
+    inner steps and for each learner coordinate, forward the gates' product ([features; h] by 4 x units) and the
+    meta-learner cell's readout of h; backward the kernel's gradient (as many multiply-adds as the gates'
+    product), the gradient of h through the gates (the features are constants of a first-order meta-gradient) and
+    through the readout, and the readout kernel's gradient. Activations, elementwise work and the fused kernel's
+    recomputation of the gates are left out. Sizes are read off conv4's MetaLearner."""
+    import keras_metalstm as km
+
+    learner = km.learners.conv4(input_shape=setting["image_shape"], num_classes=N_WAY, filters=filters)
+    meta = km.MetaLearner(learner, inner_steps=setting["inner_steps"])
+    lstm = meta.coordinate_lstm
+    units, features = lstm.units, lstm.input_dim - lstm.shared_input_dim
+    readouts = meta.cell.hidden_kernel().shape[1]
+    gate_product = (features + units) * 4 * units
+    multiply_adds = 2 * gate_product + units * 4 * units + 3 * units * readouts
+    return 2 * multiply_adds * meta.num_parameters * setting["inner_steps"] / 1e9
+
+
+def floor_summary(floor, ours_ms):
+    """The line that puts `ours_ms` against the floors of `floor` ({"gflop": the convolutions', "lstm_gflop": the
+    coordinate LSTM's products, "gflops": the matmul rate}): the convolutions alone, and with the LSTM (the step)."""
+    convolutions_ms = floor["gflop"] / floor["gflops"] * 1000
+    step_ms = convolutions_ms + floor["lstm_gflop"] / floor["gflops"] * 1000
+    return (f"convolutions {floor['gflop']:.1f} GFLOP + coordinate LSTM {floor['lstm_gflop']:.1f}, at the "
+            f"{floor['gflops']:.0f} GFLOP/s matmul rate {convolutions_ms:.0f} + {step_ms - convolutions_ms:.0f} ms: "
+            f"ours / floor {ours_ms / convolutions_ms:.2f}, ours / step floor {ours_ms / step_ms:.2f}")
 
 
 def baseline_meta_gradients(meta, episodes):
@@ -407,7 +431,9 @@ def main():
         print(json.dumps(measure(args.child[0], args.child[1], args.steps, args.meta_batch)))
         return
     if args.child_floor:
-        print(json.dumps({"gflop": convolution_gflop(SETTINGS[args.child_floor]), "gflops": matmul_gflops()}))
+        setting = SETTINGS[args.child_floor]
+        counts = {"gflop": convolution_gflop(setting), "lstm_gflop": coordinate_lstm_gflop(setting)}
+        print(json.dumps({**counts, "gflops": matmul_gflops()}))
         return
     if args.child_compile:
         inner_steps, meta_batch, variant = args.child_compile
@@ -439,7 +465,7 @@ def main():
               f"{results['ours+xla']['compile_s']:10.1f}")
         if args.rounds > 1:
             print(f"{'':<22}{per_round_summary(rounds)}")
-        print(f"{'':<22}{floor_summary(results['floor']['gflop'], ours, results['floor']['gflops'])}")
+        print(f"{'':<22}{floor_summary(results['floor'], ours)}")
     if not results["ours"]["fused_kernel"]:
         print("Note: the fused CPU kernel was not available, 'ours' ran on stock TensorFlow ops.")
     if not with_pytorch:

@@ -85,11 +85,25 @@ def test_the_convolution_floor_counts_an_episodes_passes_layer_by_layer():
     setting = benchmark.SETTINGS["28x28x1 1-shot T=12"]
     gflop = (12 * 5 + 75) * per_image / 1e9
     assert benchmark.convolution_gflop(setting) == pytest.approx(gflop, rel=1e-12)
-    # At 100 GFLOP/s the floor is gflop * 10 ms; a step of twice that is 2.00 floors.
-    line = benchmark.floor_summary(gflop, ours_ms=gflop * 20, gflops=100.0)
-    assert line.endswith("ours / floor 2.00") and f"{gflop * 10:.0f} ms" in line, line
+    # At 100 GFLOP/s the convolutions' floor is gflop * 10 ms; a step of twice that is 2.00 floors. With as many
+    # GFLOP in the LSTM, the step floor is twice the convolutions': the same step is 1.00 step floor.
+    line = benchmark.floor_summary({"gflop": gflop, "lstm_gflop": gflop, "gflops": 100.0}, ours_ms=gflop * 20)
+    assert line.endswith("ours / floor 2.00, ours / step floor 1.00"), line
+    assert f"rate {gflop * 10:.0f} + {gflop * 10:.0f} ms" in line, line
     benchmark.MATMUL_SIZE = 256  # in GFLOP/s (not FLOP/s or per ms): any CPU lies between these bounds
     assert 0.5 < benchmark.matmul_gflops(repeats=2) < 100_000
+
+
+def test_the_step_floor_counts_the_coordinate_lstms_products_at_every_inner_step():
+    """conv4 at 28x28x1 has 28,485 coordinates; the coordinate LSTM 20 units, 2 own features per coordinate (the
+    loss's 2 are shared by an episode) and the cell's readout of h 2 columns. Per coordinate and inner step, written
+    out: forward the gates (22 x 80) and the readout (20 x 2); backward the kernel's gradient (22 x 80), h's through
+    the gates (20 x 80) and through the readout (20 x 2), and the readout kernel's (20 x 2)."""
+    benchmark = load_benchmark()
+    multiply_adds = 22 * 80 + 20 * 2 + 22 * 80 + 20 * 80 + 20 * 2 + 20 * 2
+    for name, inner_steps in (("28x28x1 5-shot T=8", 8), ("28x28x1 1-shot T=12", 12)):
+        gflop = 2 * multiply_adds * 28_485 * inner_steps / 1e9
+        assert benchmark.coordinate_lstm_gflop(benchmark.SETTINGS[name]) == pytest.approx(gflop, rel=1e-12)
 
 
 def test_a_training_step_runs_the_convolutions_the_floor_counts(monkeypatch):
