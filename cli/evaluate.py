@@ -20,18 +20,19 @@ from keras_metalstm.config import QUERY_STATISTICS
 DATASETS = ("fontglot", "omniglot", "miniimagenet", "folder", "fashion_mnist")
 
 
-def run_evaluation(run_dir, progress, log, pretrain_epochs, **options):
-    """`keras_metalstm.evaluation.evaluate_run(run_dir, **options)` under a progress bar, with the baselines'
-    classifier pre-trained for `pretrain_epochs`; saves the report as RUN_DIR/evaluation/<...>.json and redraws
-    the run's curves.png (it shows the baselines of the saved reports). Returns (report, path)."""
+def run_evaluation(run_dir, progress, log, pretrain_epochs, episodes, **options):
+    """`keras_metalstm.evaluation.evaluate_run(run_dir, episodes, **options)` under a progress bar of `episodes`,
+    with the baselines' classifier pre-trained for `pretrain_epochs`; saves the report as
+    RUN_DIR/evaluation/<...>.json and redraws the run's curves.png (it shows the baselines of the saved reports).
+    Returns (report, path)."""
     from keras_metalstm.evaluation import evaluate_run, save_report
     from keras_metalstm.metrics_log import write_curves
     from keras_metalstm.pretraining import PretrainConfig
     from keras_metalstm.runs import load_run_config
 
     pretrain = PretrainConfig(epochs=pretrain_epochs, seed=load_run_config(run_dir).seed)
-    with episode_bar("evaluate", options["episodes"], progress) as update_bar:
-        report = evaluate_run(run_dir, pretrain=pretrain, progress=update_bar, log=log, **options)
+    with episode_bar("evaluate", episodes, progress) as update_bar:
+        report = evaluate_run(run_dir, episodes, pretrain=pretrain, progress=update_bar, log=log, **options)
     path = save_report(report, run_dir)
     write_curves(run_dir)
     return report, path
@@ -166,7 +167,7 @@ def evaluate(
             progress,
             log,
             pretrain_epochs,
-            episodes=episodes,
+            episodes,
             baselines=baselines,
             baseline_protocols=tuple(dict.fromkeys(baseline_protocols)) or DEFAULT_PROTOCOLS,
             baseline_plus=baseline_plus,

@@ -107,7 +107,7 @@ def quickstart(out, recipe, episodes, eval_episodes, pretrain_epochs, resume, do
             progress,
             log,
             pretrain_epochs,
-            episodes=eval_episodes,
+            eval_episodes,
             baselines=True,
             finetune_val_episodes=FINETUNE_VAL_EPISODES,
         )
