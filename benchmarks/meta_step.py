@@ -30,7 +30,7 @@ episode (T support passes and one query pass; forward, filter gradient and, afte
 a multiply-add is two FLOPs) at the rate of a large float32 matrix product measured in the same run. No step can
 be faster than its convolutions at the machine's matmul rate; the goal at 84x84 is ours / floor <= 2. The "step
 floor" adds the coordinate LSTM's matrix products at each inner step (forward and backward, over every learner
-coordinate), the other half of the step's arithmetic at 28x28, where the convolutions are small.
+coordinate), about half of the step's arithmetic at 28x28, where the convolutions are small.
 """
 
 import argparse
@@ -149,11 +149,11 @@ def coordinate_lstm_gflop(setting, filters=32):
 
 
 def floor_summary(floor, ours_ms):
-    """The line that puts `ours_ms` against the floors of `floor` ({"gflop": the convolutions', "lstm_gflop": the
-    coordinate LSTM's products, "gflops": the matmul rate}): the convolutions alone, and with the LSTM (the step)."""
-    convolutions_ms = floor["gflop"] / floor["gflops"] * 1000
+    """The line that puts `ours_ms` against the floors of `floor` ({"convolution_gflop", "lstm_gflop": the coordinate
+    LSTM's products, "gflops": the matmul rate}): the convolutions alone, and with the LSTM (the step)."""
+    convolutions_ms = floor["convolution_gflop"] / floor["gflops"] * 1000
     step_ms = convolutions_ms + floor["lstm_gflop"] / floor["gflops"] * 1000
-    return (f"convolutions {floor['gflop']:.1f} GFLOP + coordinate LSTM {floor['lstm_gflop']:.1f}, at the "
+    return (f"convolutions {floor['convolution_gflop']:.1f} GFLOP + coordinate LSTM {floor['lstm_gflop']:.1f}, at the "
             f"{floor['gflops']:.0f} GFLOP/s matmul rate {convolutions_ms:.0f} + {step_ms - convolutions_ms:.0f} ms: "
             f"ours / floor {ours_ms / convolutions_ms:.2f}, ours / step floor {ours_ms / step_ms:.2f}")
 
@@ -432,7 +432,7 @@ def main():
         return
     if args.child_floor:
         setting = SETTINGS[args.child_floor]
-        counts = {"gflop": convolution_gflop(setting), "lstm_gflop": coordinate_lstm_gflop(setting)}
+        counts = {"convolution_gflop": convolution_gflop(setting), "lstm_gflop": coordinate_lstm_gflop(setting)}
         print(json.dumps({**counts, "gflops": matmul_gflops()}))
         return
     if args.child_compile:

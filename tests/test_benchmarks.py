@@ -87,7 +87,8 @@ def test_the_convolution_floor_counts_an_episodes_passes_layer_by_layer():
     assert benchmark.convolution_gflop(setting) == pytest.approx(gflop, rel=1e-12)
     # At 100 GFLOP/s the convolutions' floor is gflop * 10 ms; a step of twice that is 2.00 floors. With as many
     # GFLOP in the LSTM, the step floor is twice the convolutions': the same step is 1.00 step floor.
-    line = benchmark.floor_summary({"gflop": gflop, "lstm_gflop": gflop, "gflops": 100.0}, ours_ms=gflop * 20)
+    floor = {"convolution_gflop": gflop, "lstm_gflop": gflop, "gflops": 100.0}
+    line = benchmark.floor_summary(floor, ours_ms=gflop * 20)
     assert line.endswith("ours / floor 2.00, ours / step floor 1.00"), line
     assert f"rate {gflop * 10:.0f} + {gflop * 10:.0f} ms" in line, line
     benchmark.MATMUL_SIZE = 256  # in GFLOP/s (not FLOP/s or per ms): any CPU lies between these bounds
