@@ -354,8 +354,8 @@ def run_child(arguments, script=__file__):
 
 
 def measure_round(name, args, with_pytorch):
-    """Every column of one setting once, each in its own process, and its convolution floor (the count and the
-    machine's matmul rate, in a child too: this process stays without TensorFlow)."""
+    """Every column of one setting once, each in its own process, and its floors (the convolutions' and the
+    coordinate LSTM's counts and the machine's matmul rate, in a child too: this process stays without TensorFlow)."""
     results = {
         variant: run_child(["--child", name, variant, "--steps", str(args.steps), "--meta-batch", str(args.meta_batch)])
         for variant in VARIANTS
