@@ -2,6 +2,7 @@
 
     python benchmarks/episodes.py [--seconds 3] [--batch-sizes 1,4] [--no-meta-step]
     python benchmarks/episodes.py --augment flip,translate=0.1,brightness=0.2   # also the augmented pipeline
+    python benchmarks/episodes.py --teardown [--episodes 200 --rounds 3]        # how long a loop takes to end
 
 Cases: fontglot (28x28x1) 5-way 1-shot and 5-shot, and an 84x84x3 image folder (generated in a temporary
 directory, 20 classes x 30 JPEGs) 5-way 1-shot and 5-shot, all with 15 queries per class. Each rate is measured
@@ -10,6 +11,11 @@ keras_metalstm.MetaTrainer and keras_metalstm.learners.conv4 import, a few meta-
 inner_steps 12, one episode per step, jit off) are timed in the same run and the ratio pipeline / meta-step is
 printed; the requirement is >= 20x. With --augment, every case is also measured with its episodes augmented
 (`metalstm train --augment`), in the same run, and the ratio is the slower pipeline's.
+
+--teardown: an evaluation loop (`MetaTrainer.evaluate_step` on fontglot 5-way 1-shot episodes, 5 per batch) over
+the package's pipeline (tf.data's autotuning off, `keras_metalstm/data/pipelines.py`) and over the same pipeline
+with the autotuning on, alternating: the seconds between the last step and the end of the loop (the iterator's
+deletion) against the loop's steps.
 """
 
 from __future__ import annotations
@@ -85,6 +91,53 @@ def meta_step_rate(image_shape, k_shot: int, steps: int) -> tuple[float | None, 
     return steps / elapsed, f"{1000 * elapsed / steps:.0f} ms per meta-step (conv4, T=12, 1 episode)"
 
 
+def with_autotune(batches):
+    """`batches` with tf.data's autotuning switched back on (tf.data's default)."""
+    options = tf.data.Options()
+    options.autotune.enabled = True
+    return batches.with_options(options)
+
+
+def teardown_seconds(split, episodes: int, step, autotune: bool) -> tuple[float, float]:
+    """(seconds of the loop's steps, seconds from the last step's return to the end of the loop) for one loop of
+    `step` over `episodes` 5-way 1-shot episodes of `split`, 5 per batch."""
+    batches = episode_dataset(split, N_WAY, 1, Q_QUERY, batch_size=5, seed=0, num_episodes=episodes)
+    start = last = time.perf_counter()
+    for batch in with_autotune(batches) if autotune else batches:
+        step(batch)
+        last = time.perf_counter()
+    return last - start, time.perf_counter() - last
+
+
+def teardown_table(split, episodes: int, rounds: int, step) -> list[str]:
+    """One line per round and pipeline, then each pipeline's mean and longest wait (tf.data's tuning thread
+    holds up some ends and not others)."""
+    lines, waits = [], {False: [], True: []}
+    for round_index in range(rounds):
+        for autotune in (False, True):
+            steps, wait = teardown_seconds(split, episodes, step, autotune)
+            waits[autotune].append(wait)
+            name = "autotune on (tf.data's default)" if autotune else "the package's (autotune off)"
+            lines.append(f"round {round_index + 1}  {name:<32} steps {steps:6.1f} s, loop ended {wait:6.3f} s later")
+    lines.append(
+        "wait at the end, mean / longest: "
+        + ", ".join(
+            f"{name} {np.mean(waits[autotune]):.3f} / {max(waits[autotune]):.3f} s"
+            for name, autotune in (("the package's", False), ("autotune on", True))
+        )
+    )
+    return lines
+
+
+def evaluation_step(image_shape):
+    """A conv4 meta-learner's test-mode step (what validation and `metalstm evaluate` run per batch)."""
+    import keras_metalstm as km
+
+    meta = km.MetaLearner(km.learners.conv4(input_shape=image_shape, num_classes=N_WAY), inner_steps=12)
+    trainer = km.MetaTrainer(meta, learning_rate=1e-3, clip_norm=0.25)
+    return lambda batch: trainer.evaluate_step(batch)["accuracy"].numpy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per case")
@@ -92,7 +145,16 @@ def main() -> None:
     parser.add_argument("--meta-steps", type=int, default=5, help="meta-steps to time per case")
     parser.add_argument("--no-meta-step", action="store_true", help="time the pipeline only")
     parser.add_argument("--augment", default=None, help="also time the pipeline with this augmentation")
+    parser.add_argument("--teardown", action="store_true", help="time the end of an evaluation loop instead")
+    parser.add_argument("--episodes", type=int, default=200, help="--teardown: episodes per loop")
+    parser.add_argument("--rounds", type=int, default=3, help="--teardown: loops per pipeline")
     args = parser.parse_args()
+    if args.teardown:
+        split = fontglot_splits().test
+        print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU core(s); evaluation loops of {args.episodes} "
+              f"5-way 1-shot episodes")
+        print("\n".join(teardown_table(split, args.episodes, args.rounds, evaluation_step(split.image_shape))))
+        return
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     augment = Augmentation.parse(args.augment)
     columns = [(b, None) for b in batch_sizes] + ([(b, augment) for b in batch_sizes] if augment else [])

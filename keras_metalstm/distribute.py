@@ -110,6 +110,7 @@ def distributed_episodes(
     `num_episodes` (None: endless) must be a multiple of G.
     """
     from keras_metalstm.data import EpisodeSampler
+    from keras_metalstm.data.pipelines import without_autotune_thread
 
     b = per_replica_batch(strategy, global_batch)
     if num_episodes is not None and (num_episodes < 1 or num_episodes % global_batch):
@@ -128,7 +129,7 @@ def distributed_episodes(
             base = start + step * global_batch + replica * b
             return tf.data.Dataset.range(base, base + b)
 
-        return (
+        return without_autotune_thread(
             counter.flat_map(episode_indices)
             .map(sampler.episode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .batch(b, drop_remainder=True)

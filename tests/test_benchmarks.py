@@ -307,3 +307,20 @@ def test_the_xla_convolution_benchmark_times_the_same_values_both_ways_and_count
     timings = {(batch, layer, part): (1.0, 2.0) for batch in (5, 75) for layer in range(4) for part in benchmark.PARTS}
     # Per pass: 4 forward, 3 input and 4 filter gradients; 12 support passes and one query pass.
     assert benchmark.per_step_totals(timings, inner_steps=12, support_batch=5) == (13 * 11.0, 13 * 22.0)
+
+
+def test_the_teardown_benchmark_loops_over_the_same_episodes_with_the_tuning_off_and_on():
+    from keras_metalstm.data import episode_dataset, load_fontglot
+
+    episodes = load_benchmark("episodes")
+    split = load_fontglot()
+    batches = episode_dataset(split, 5, 1, 15, batch_size=5, num_episodes=10)
+    assert (batches.options().autotune.enabled, episodes.with_autotune(batches).options().autotune.enabled) == (
+        False,
+        True,
+    )
+    seen = []
+    lines = episodes.teardown_table(split, 10, 2, lambda batch: seen.append(batch["query_labels"].shape))
+    assert seen == [(5, 75)] * 8  # 2 batches of 5 episodes, 2 rounds, 2 pipelines
+    assert len(lines) == 5 and lines[-1].startswith("wait at the end, mean / longest: the package's")
+    assert [line.split("  ")[1].split(" (")[0] for line in lines[:4]] == ["the package's", "autotune on"] * 2

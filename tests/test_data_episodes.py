@@ -169,3 +169,27 @@ def test_fontglot_episodes_are_float_images_in_unit_range():
     assert 0.0 <= batch["query_images"].min() and batch["query_images"].max() <= 1.0
     # glyphs are white on black: mostly dark pixels, some bright ones
     assert 0.02 < batch["support_images"].mean() < 0.5 and batch["support_images"].max() > 0.9
+
+
+def test_the_episode_pipelines_run_without_tf_datas_autotuning_thread():
+    # Deleting an iterator over an autotuned pipeline waits for tf.data's tuning thread, seconds to a minute after
+    # the last element (keras_metalstm/data/pipelines.py; benchmarks/episodes.py --teardown measures it).
+    from keras_metalstm.distribute import distributed_episodes
+
+    dataset = identity_dataset()
+    pipelines = {
+        "episode_dataset": episode_dataset(dataset, 5, 1, 3, num_episodes=4),
+        "endless episode_dataset": episode_dataset(dataset, 5, 1, 3, batch_size=2),
+        "distributed_episodes": distributed_episodes(
+            tf.distribute.get_strategy(), dataset, 5, 1, 3, global_batch=2, num_episodes=4
+        ),
+    }
+    assert {name: pipeline.options().autotune.enabled for name, pipeline in pipelines.items()} == dict.fromkeys(
+        pipelines, False
+    )
+    # ... and the episodes are the ones the pipeline gives with the tuning on.
+    default = tf.data.Options()
+    default.autotune.enabled = True
+    tuned = take(pipelines["episode_dataset"].with_options(default), 4)
+    for shipped, reference in zip(take(pipelines["episode_dataset"], 4), tuned, strict=True):
+        assert all(np.array_equal(shipped[key], reference[key]) for key in shipped)

@@ -185,7 +185,17 @@ def test_a_jpeg_is_turned_upright_by_its_exif_orientation_as_pillow_turns_it(byt
             assert np.abs(decoded.numpy().astype(int) - upright).max() <= 3, orientation  # two JPEG decoders
 
 
-def test_decode_image_files_reads_in_order_and_reports_native_shapes(tmp_path):
+def test_decode_image_files_reads_in_order_and_reports_native_shapes(tmp_path, monkeypatch):
+    from keras_metalstm.data import images as images_module
+
+    pipelines = []  # the decoding pipeline, to check that it runs without tf.data's autotuning thread
+    shipped = images_module.without_autotune_thread
+
+    def recorded(dataset):
+        pipelines.append(shipped(dataset))
+        return pipelines[-1]
+
+    monkeypatch.setattr(images_module, "without_autotune_thread", recorded)
     paths = []
     for i, size in enumerate([(10, 10), (20, 12), (10, 10)]):
         path = tmp_path / f"{i}.png"
@@ -195,6 +205,7 @@ def test_decode_image_files_reads_in_order_and_reports_native_shapes(tmp_path):
     assert images.dtype == np.uint8 and images.shape == (3, 8, 8, 1)
     assert [int(images[i].mean()) for i in range(3)] == [0, 60, 120]
     assert native.tolist() == [[10, 10, 1], [20, 12, 1], [10, 10, 1]]
+    assert [pipeline.options().autotune.enabled for pipeline in pipelines] == [False]
 
 
 class RecordedProgress:

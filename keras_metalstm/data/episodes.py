@@ -26,6 +26,7 @@ import tensorflow as tf
 from keras_metalstm.augmentation import Augmentation
 from keras_metalstm.data.dataset import ClassIndexedDataset
 from keras_metalstm.data.errors import DataError
+from keras_metalstm.data.pipelines import without_autotune_thread
 
 EPISODE_KEYS = ("support_images", "support_labels", "query_images", "query_labels")
 
@@ -123,7 +124,7 @@ class EpisodeSampler:
                 )
             indices = tf.data.Dataset.range(start_episode, start_episode + num_episodes)
         # Gather uint8 episodes, batch them, then convert the whole batch to float (4x less copying).
-        return (
+        return without_autotune_thread(
             indices.map(self._episode_uint8, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .batch(batch_size, drop_remainder=True)
             .map(_to_float, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -24,6 +24,7 @@ from keras_metalstm.data.bmp import apply_bmp_palette, unreadable_bmp_reason
 from keras_metalstm.data.cache import cached_decode
 from keras_metalstm.data.errors import DataError
 from keras_metalstm.data.exif import apply_exif_orientation
+from keras_metalstm.data.pipelines import without_autotune_thread
 from keras_metalstm.data.progress import reading
 
 CONVERSION_RULE = (
@@ -212,7 +213,7 @@ def decode_image_files(
         return index, to_uint8(convert_images(raw, target_shape)), tf.shape(raw)
 
     slices = (tf.range(count, dtype=tf.int64), tf.constant(list(sources), dtype=tf.string))
-    pipeline = (
+    pipeline = without_autotune_thread(
         tf.data.Dataset.from_tensor_slices(slices)
         .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .ignore_errors()
