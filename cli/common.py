@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -58,6 +59,25 @@ def user_errors():
         raise click.ClickException(str(error)) from None
     except OSError as error:
         raise click.ClickException(os_error_message(error)) from None
+
+
+class LibraryMessages(logging.Handler):
+    """Writes the library's log messages to stderr above any progress bar (tqdm.write), one line each."""
+
+    def emit(self, record):
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def show_library_messages():
+    """Show the library's INFO messages (keras_metalstm.*: a first build of the fused kernels...) on stderr."""
+    library = logging.getLogger("keras_metalstm")
+    if not any(isinstance(handler, LibraryMessages) for handler in library.handlers):
+        handler = LibraryMessages()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        library.addHandler(handler)
+    library.setLevel(logging.INFO)
 
 
 def image_reading_bar(enabled: bool):

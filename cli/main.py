@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import click
-from keras_metalstm.cli.common import CONTEXT_SETTINGS
+from keras_metalstm.cli.common import CONTEXT_SETTINGS, show_library_messages
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -35,6 +35,7 @@ def main(verbose):
     if verbose:
         # Read by quiet_tensorflow() when a command imports TensorFlow.
         os.environ["METALSTM_VERBOSE"] = "1"
+    show_library_messages()
 
 
 def _register():

@@ -3,6 +3,7 @@
 not depend on the number of threads, its fallbacks, and that it never leaks into XLA or exported SavedModels.
 Where the library uses it and where it never does: test_fused_kernel_scope.py."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -359,6 +360,22 @@ def test_the_build_falls_back_to_architecture_flags_the_compiler_accepts(tmp_pat
     assert rejected_flag not in command
     assert all(str(source) in command for source in fused_kernels.SOURCES)
     assert [path.name for path in built.parent.iterdir()] == [built.name]  # no partial file left
+
+
+def test_a_first_build_says_what_it_compiles_and_where_and_a_cached_one_says_nothing(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("KERAS_METALSTM_CACHE", str(tmp_path / "cache"))
+    compiler = tmp_path / "c++"
+    compiler.write_text(COMPILER_REJECTING_A_FLAG.format(flag="--no-such-flag"))
+    compiler.chmod(0o755)
+    with caplog.at_level(logging.INFO, logger="keras_metalstm"):
+        built = fused_kernels.build(compiler=str(compiler))
+        first = [record.getMessage() for record in caplog.records]
+        caplog.clear()
+        assert fused_kernels.build(compiler=str(compiler)) == built
+    assert len(first) == 2
+    assert first[0].startswith("compiling the fused CPU kernels") and str(built.parent) in first[0]
+    assert first[1].startswith("compiled the fused CPU kernels in") and first[1].endswith(str(built))
+    assert caplog.records == []  # the second call found the build in the cache
 
 
 def test_the_build_is_cached_by_source_tensorflow_and_compiler(tmp_path, monkeypatch):

@@ -41,6 +41,26 @@ def test_train_prints_no_tensorflow_start_up_line(tmp_path):
     assert not [line for line in (helped.stdout + helped.stderr).splitlines() if TENSORFLOW_LOG_LINE.search(line)]
 
 
+def test_a_first_build_of_the_fused_kernels_is_announced(tmp_path):
+    # The first step of a fresh machine compiles the kernels (20-30 s on 2 cores): the CLI says so, on one line.
+    # A stand-in compiler writes no real library, so the run then goes on with stock ops, warning once.
+    data_dir = make_image_folder(tmp_path / "data", num_classes=8, per_class=3)
+    compiler = tmp_path / "c++"
+    compiler.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\necho not a library > "$2"\n')
+    compiler.chmod(0o755)
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_metalstm.cli.main", "train", "--dataset", "folder", "--data-dir",
+         str(data_dir), "--run-dir", str(tmp_path / "run"), *TINY_FLAGS, "--episodes", "1", "--val-episodes", "0"],
+        capture_output=True, text=True, timeout=300,
+        env=quiet_environment(KERAS_METALSTM_CACHE=str(tmp_path / "kernels"), CXX=str(compiler)),
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    compiling = [line for line in lines if line.startswith("compiling the fused CPU kernels")]
+    assert len(compiling) == 1 and str(tmp_path / "kernels") in compiling[0], result.stderr
+    assert len([line for line in lines if line.startswith("compiled the fused CPU kernels in")]) == 1
+
+
 def test_compare_prints_its_line_and_no_tensorflow_start_up_line(tmp_path):
     import json
 

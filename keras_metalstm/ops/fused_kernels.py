@@ -25,12 +25,14 @@ tested against.
 
 import contextlib
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -45,6 +47,10 @@ OPTIMISATION_FLAGS = ["-O3", "-fPIC", "-shared", "-w"]
 # machine that runs it. -mno-avx512fp16: with AVX512-FP16 enabled (Sapphire Rapids and later), the Eigen headers
 # TensorFlow ships do not compile with GCC 12; a compiler too old to know the flag moves on to the next choice.
 ARCHITECTURE_FLAG_CHOICES = (["-march=native", "-mno-avx512fp16"], ["-march=native"], [])
+
+# What a first build tells (INFO; `metalstm` shows it): it runs inside the first step's tracing and takes
+# 20-30 s on 2 cores, which would otherwise look like a hung first step.
+logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _library = None
@@ -114,6 +120,14 @@ def build(compiler=None):
             f"no C++ compiler {compiler!r} found (set {COMPILER_ENVIRONMENT} to one, e.g. g++)"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info(
+        "compiling the fused CPU kernels for this machine and TensorFlow %s with %s (once, about half a minute; "
+        "kept in %s) ...",
+        tf.__version__,
+        compiler,
+        target.parent,
+    )
+    start = time.perf_counter()
     # Compile to a temporary name and rename: a concurrent or interrupted build never leaves a broken file.
     handle, partial = tempfile.mkstemp(suffix=".so.partial", dir=target.parent)
     os.close(handle)
@@ -124,6 +138,7 @@ def build(compiler=None):
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode == 0:
                 os.replace(partial, target)
+                logger.info("compiled the fused CPU kernels in %.0f s: %s", time.perf_counter() - start, target)
                 return target
             first_errors = result.stderr if first_errors is None else first_errors
         names = " and ".join(source.name for source in SOURCES)
@@ -139,7 +154,8 @@ def build(compiler=None):
 def load():
     """The loaded kernels' library, or None where it cannot be used (see the module docstring).
 
-    The first call may compile the kernels (~20 s); a failure is reported once as a warning.
+    The first call may compile the kernels (20-30 s on 2 cores, logged at INFO level); a failure is reported once
+    as a warning.
     """
     global _library, _load_attempted
     with _lock:
