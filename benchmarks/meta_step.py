@@ -113,6 +113,24 @@ def convolution_gflop(setting, filters=32):
     return images * per_image / 1e9
 
 
+def onednn_enabled() -> bool | None:
+    """Whether TensorFlow runs its CPU ops on oneDNN's kernels in this process (None where it cannot tell).
+    TensorFlow turns them on by default only on some CPUs (seen: on for a Zen 4 and a Xeon with AVX-512, off for
+    an AVX2-only Zen 3, where its matmul then ran at half PyTorch's rate); TF_ENABLE_ONEDNN_OPTS overrides."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def kernels_line(enabled: bool | None, setting: str | None) -> str:
+    """Which CPU kernels TensorFlow ran, and what chose them (`setting`: TF_ENABLE_ONEDNN_OPTS, None if unset)."""
+    kernels = {True: "oneDNN's", False: "Eigen's (oneDNN off)", None: "unknown"}[enabled]
+    cause = f"TF_ENABLE_ONEDNN_OPTS={setting}" if setting is not None else "TensorFlow's default on this CPU"
+    return f"TensorFlow's CPU kernels: {kernels}, chosen by {cause}"
+
+
 def matmul_gflops(repeats=5):
     """GFLOP/s of a MATMUL_SIZE-square float32 matrix product on TensorFlow's CPU kernels, the best of `repeats`
     calls: the rate the machine reaches on the densest work a convolution can become."""
@@ -448,6 +466,7 @@ def main():
     print(f"ms per 5-way meta-training episode (conv4, 15 queries/class, meta-batch {args.meta_batch}, median of "
           f"{args.steps} meta-updates" + (f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
           + f"), {os.cpu_count()} CPU cores")
+    print(kernels_line(onednn_enabled(), os.environ.get("TF_ENABLE_ONEDNN_OPTS")))
     columns = [*VARIANTS, "pytorch"] if with_pytorch else list(VARIANTS)
     header = f"{'setting':<22}" + "".join(f"{v:>11}" for v in columns)
     header += f"{'stock/ours':>11}{'xla/ours':>9}{'base/ours':>10}"
