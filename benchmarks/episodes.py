@@ -25,7 +25,10 @@ import os
 import tempfile
 import time
 
+from keras_metalstm.cpu_kernels import prefer_onednn
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+prefer_onednn()  # the meta-step runs on the CPU kernels `metalstm` runs on
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -21,6 +21,8 @@ import time
 
 from meta_step import median_ms
 
+from keras_metalstm.cpu_kernels import prefer_onednn
+
 UNITS = 20
 # conv4 (32 filters, 5-way): 28,485 parameters at 28x28x1, 32,901 at 84x84x3.
 DEFAULT_COORDINATES = (28485, 32901)
@@ -125,6 +127,7 @@ def measure(steps, rounds, calls):
 
 
 def main():
+    prefer_onednn()  # the CPU kernels `metalstm` runs on
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", choices=("coordinate-lstm", "norm-relu-pool"), default="coordinate-lstm")
     parser.add_argument("--coordinates", type=int, nargs="+", default=DEFAULT_COORDINATES)

@@ -23,7 +23,8 @@ under XLA); "ours+xla" with jit_compile. "baseline" is the straightforward Tenso
 (coordinates-first (P, 4) LSTM inputs, the loss copied to every coordinate, per-gate slices along the last
 axis), sharing the learner code. "pytorch" is benchmarks/pytorch_reference.py, a PyTorch port of the
 same step re-measured in the same run (only when PyTorch is installed; it is not a dependency). The requirement is
-pytorch / ours >= 2.
+pytorch / ours >= 2. TensorFlow runs on the CPU kernels `metalstm` chooses (keras_metalstm.cpu_kernels: oneDNN's
+on an x86 CPU unless TF_ENABLE_ONEDNN_OPTS is set); the first line after the title names them.
 
 Under each setting a second line puts "ours" against the convolution FLOP floor: the learner's convolutions in one
 episode (T support passes and one query pass; forward, filter gradient and, after the first layer, input gradient;
@@ -43,6 +44,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from keras_metalstm.cpu_kernels import ONEDNN_VARIABLE, kernels_description, onednn_enabled, prefer_onednn
 
 SETTINGS = {
     "28x28x1 1-shot T=12": dict(image_shape=(28, 28, 1), k_shot=1, inner_steps=12),
@@ -111,24 +114,6 @@ def convolution_gflop(setting, filters=32):
         for layer, (height, width, channels) in enumerate(layer_shapes(setting["image_shape"], filters))
     )
     return images * per_image / 1e9
-
-
-def onednn_enabled() -> bool | None:
-    """Whether TensorFlow runs its CPU ops on oneDNN's kernels in this process (None where it cannot tell).
-    TensorFlow turns them on by default only on some CPUs (seen: on for a Zen 4 and a Xeon with AVX-512, off for
-    an AVX2-only Zen 3, where its matmul then ran at half PyTorch's rate); TF_ENABLE_ONEDNN_OPTS overrides."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-    except ImportError:
-        return None
-    return bool(_pywrap_util_port.IsMklEnabled())
-
-
-def kernels_line(enabled: bool | None, setting: str | None) -> str:
-    """Which CPU kernels TensorFlow ran, and what chose them (`setting`: TF_ENABLE_ONEDNN_OPTS, None if unset)."""
-    kernels = {True: "oneDNN's", False: "Eigen's (oneDNN off)", None: "unknown"}[enabled]
-    cause = f"TF_ENABLE_ONEDNN_OPTS={setting}" if setting is not None else "TensorFlow's default on this CPU"
-    return f"TensorFlow's CPU kernels: {kernels}, chosen by {cause}"
 
 
 def matmul_gflops(repeats=5):
@@ -415,6 +400,7 @@ def per_round_summary(rounds):
 
 
 def main():
+    onednn_chosen = prefer_onednn()  # in this process and the measuring processes it starts
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median)")
     parser.add_argument("--quick", action="store_true", help="28x28 1-shot only")
@@ -466,7 +452,7 @@ def main():
     print(f"ms per 5-way meta-training episode (conv4, 15 queries/class, meta-batch {args.meta_batch}, median of "
           f"{args.steps} meta-updates" + (f", median of {args.rounds} interleaved rounds" if args.rounds > 1 else "")
           + f"), {os.cpu_count()} CPU cores")
-    print(kernels_line(onednn_enabled(), os.environ.get("TF_ENABLE_ONEDNN_OPTS")))
+    print(kernels_description(onednn_enabled(), os.environ.get(ONEDNN_VARIABLE), onednn_chosen))
     columns = [*VARIANTS, "pytorch"] if with_pytorch else list(VARIANTS)
     header = f"{'setting':<22}" + "".join(f"{v:>11}" for v in columns)
     header += f"{'stock/ours':>11}{'xla/ours':>9}{'base/ours':>10}"

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from meta_step import SETTINGS, build, median_ms
 
+from keras_metalstm.cpu_kernels import prefer_onednn
+
 
 def profile(setting_name, steps):
     """Times the parts of a step separately, each compiled on its own, and the whole step's CPU time by op type."""
@@ -165,6 +167,7 @@ def print_shares(title, totals, rows):
 
 
 def main():
+    prefer_onednn()  # the CPU kernels `metalstm` runs on
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=list(SETTINGS), default="28x28x1 1-shot T=12", help="what to profile")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per part (median)")

@@ -17,6 +17,8 @@ import argparse
 
 from meta_step import SETTINGS, layer_shapes, median_ms
 
+from keras_metalstm.cpu_kernels import prefer_onednn
+
 PARTS = ("forward", "input gradient", "filter gradient")
 REPEATS = 8  # calls of a part per timed function
 
@@ -97,6 +99,7 @@ def per_step_totals(timings, inner_steps, support_batch):
 
 
 def main():
+    prefer_onednn()  # the CPU kernels `metalstm` runs on
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=list(SETTINGS), default="84x84x3 1-shot T=12", help="the shapes")
     parser.add_argument("--steps", type=int, default=15, help="timed calls per part (median)")

@@ -11,6 +11,8 @@ import os
 import click
 from keras_metalstm.cli.common import CONTEXT_SETTINGS, show_library_messages
 
+from keras_metalstm.cpu_kernels import prefer_onednn
+
 
 @click.group(context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="keras-metalstm", prog_name="metalstm")
@@ -30,11 +32,14 @@ def main(verbose):
     metalstm inspect runs/demo                                what the meta-learner learned
 
     Options also come from --config FILE (YAML or TOML) and METALSTM_* environment variables
-    (e.g. METALSTM_K_SHOT=5); command-line flags win.
+    (e.g. METALSTM_K_SHOT=5); command-line flags win. On an x86 CPU, TensorFlow runs on oneDNN's
+    kernels (TF_ENABLE_ONEDNN_OPTS=1 unless you set it; =0 turns them off).
     """
     if verbose:
         # Read by quiet_tensorflow() when a command imports TensorFlow.
         os.environ["METALSTM_VERBOSE"] = "1"
+    # Before any command imports TensorFlow, which reads the setting once.
+    prefer_onednn()
     show_library_messages()
 
 

@@ -1,10 +1,7 @@
 """The speed benchmark compares like with like: its straightforward baseline computes our meta-gradient."""
 
 import importlib.util
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -327,17 +324,3 @@ def test_the_teardown_benchmark_loops_over_the_same_episodes_with_the_tuning_off
     assert seen == [(5, 75)] * 8  # 2 batches of 5 episodes, 2 rounds, 2 pipelines
     assert len(lines) == 5 and lines[-1].startswith("wait at the end, mean / longest: the package's")
     assert [line.split("  ")[1].split(" (")[0] for line in lines[:4]] == ["the package's", "autotune on"] * 2
-
-
-@pytest.mark.parametrize("setting", ["0", "1"])
-def test_the_step_benchmark_names_the_cpu_kernels_tensorflow_ran(setting):
-    # TensorFlow's default differs between CPUs (off on an AVX2-only Zen 3), and its matmul rate with it.
-    script = "import meta_step; print(meta_step.onednn_enabled())"
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=BENCHMARKS,
-        env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": setting},
-    )
-    assert result.stdout.split()[-1] == str(setting == "1"), result.stderr
-    line = load_benchmark().kernels_line(setting == "1", setting)
-    assert line.endswith(f"chosen by TF_ENABLE_ONEDNN_OPTS={setting}")
-    assert ("oneDNN's" in line) == (setting == "1") and ("Eigen's" in line) == (setting == "0")
