@@ -110,7 +110,6 @@ def distributed_episodes(
     `num_episodes` (None: endless) must be a multiple of G.
     """
     from keras_metalstm.data import EpisodeSampler
-    from keras_metalstm.data.pipelines import without_autotune_thread
 
     b = per_replica_batch(strategy, global_batch)
     if num_episodes is not None and (num_episodes < 1 or num_episodes % global_batch):
@@ -129,12 +128,7 @@ def distributed_episodes(
             base = start + step * global_batch + replica * b
             return tf.data.Dataset.range(base, base + b)
 
-        return without_autotune_thread(
-            counter.flat_map(episode_indices)
-            .map(sampler.episode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            .batch(b, drop_remainder=True)
-            .prefetch(tf.data.AUTOTUNE)
-        )
+        return sampler.batches(counter.flat_map(episode_indices), b)
 
     options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
     return strategy.distribute_datasets_from_function(dataset_fn, options)

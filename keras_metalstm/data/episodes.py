@@ -123,9 +123,15 @@ class EpisodeSampler:
                     f"({batch_size}) so every batch is full (static shapes)"
                 )
             indices = tf.data.Dataset.range(start_episode, start_episode + num_episodes)
+        return self.batches(indices, batch_size)
+
+    def batches(self, episode_indices: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+        """Batches of ``batch_size`` episodes, the episodes of ``episode_indices`` (a dataset of int64 episode
+        indices) in order; a last, partial batch is dropped. Every episode pipeline of the package is this one:
+        `dataset` above, and `keras_metalstm.distribute.distributed_episodes` with each replica's indices."""
         # Gather uint8 episodes, batch them, then convert the whole batch to float (4x less copying).
         return without_autotune_thread(
-            indices.map(self._episode_uint8, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            episode_indices.map(self._episode_uint8, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .batch(batch_size, drop_remainder=True)
             .map(_to_float, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE)
