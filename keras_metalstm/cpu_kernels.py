@@ -2,9 +2,9 @@
 
 TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it is imported. Unset, it turns oneDNN's kernels on only on
 some x86 CPUs (seen: on for a Zen 4 and a Xeon with AVX-512, off for an AVX2-only AMD EPYC Zen 3). On that Zen 3
-TensorFlow's own matmul ran at half oneDNN's rate and a meta-training step took 1.3-1.7x longer
+TensorFlow's own matmul ran at half oneDNN's rate and an 84x84x3 meta-training step took 1.2-1.5x longer
 (benchmarks/README.md). `metalstm` calls `prefer_onednn()` before any command imports TensorFlow, so every x86
-machine trains on the same kernels; a user's TF_ENABLE_ONEDNN_OPTS wins. A Python program can do the same by
+machine trains on oneDNN's kernels; a user's TF_ENABLE_ONEDNN_OPTS wins. A Python program can do the same by
 calling it before its first `import tensorflow` (importing keras_metalstm does not import TensorFlow).
 """
 
