@@ -12,6 +12,7 @@ import pytest
 from keras_metalstm.cpu_kernels import X86_MACHINES, kernels_description
 
 ON_X86 = platform.machine().lower() in X86_MACHINES
+ORIGINAL_SETTING = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
 
 
 def run_fresh(script, onednn_setting=None):
@@ -63,6 +64,24 @@ def probe():
 print(CliRunner().invoke(main, ["probe"]).output.strip())
 """
     assert run_fresh(script) == "1 True"
+
+
+@pytest.mark.parametrize(("machine", "sets_it"), [("x86_64", True), ("AMD64", True), ("aarch64", False)])
+def test_prefer_onednn_sets_the_variable_only_on_x86(monkeypatch, machine, sets_it):
+    # As before TensorFlow's import: the variable unset and no TensorFlow in sys.modules (both restored after).
+    import keras_metalstm.cpu_kernels as cpu_kernels
+
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "registers the variable's restoration")
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS")
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: machine)
+    assert cpu_kernels.prefer_onednn() is sets_it
+    assert os.environ.get("TF_ENABLE_ONEDNN_OPTS") == ("1" if sets_it else None)
+
+
+def test_the_variable_set_by_a_test_above_is_gone():
+    # prefer_onednn's tests must not leave the variable to this process's later subprocesses.
+    assert os.environ.get("TF_ENABLE_ONEDNN_OPTS") == ORIGINAL_SETTING
 
 
 def test_the_kernels_description_names_what_chose_them():
