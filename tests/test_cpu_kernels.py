@@ -13,6 +13,9 @@ from keras_metalstm.cpu_kernels import X86_MACHINES, kernels_description
 
 ON_X86 = platform.machine().lower() in X86_MACHINES
 ORIGINAL_SETTING = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+only_on_x86 = pytest.mark.skipif(
+    not ON_X86, reason="prefer_onednn leaves TensorFlow's choice alone on a CPU that is not x86"
+)
 
 
 def run_fresh(script, onednn_setting=None):
@@ -33,7 +36,7 @@ print(chosen, os.environ.get("TF_ENABLE_ONEDNN_OPTS"), onednn_enabled())
 """
 
 
-@pytest.mark.skipif(not ON_X86, reason="prefer_onednn leaves TensorFlow's choice alone on a CPU that is not x86")
+@only_on_x86
 def test_prefer_onednn_turns_the_kernels_on_before_tensorflow_is_imported():
     assert run_fresh(PREFER_THEN_IMPORT) == "True 1 True"
 
@@ -47,7 +50,7 @@ def test_prefer_onednn_changes_nothing_once_tensorflow_is_imported():
     assert run_fresh(script) == "False None -"
 
 
-@pytest.mark.skipif(not ON_X86, reason="prefer_onednn leaves TensorFlow's choice alone on a CPU that is not x86")
+@only_on_x86
 def test_the_command_line_asks_for_onednn_before_a_command_imports_tensorflow():
     # A stand-in command, registered on the real group, reports what TensorFlow chose when the command ran.
     script = """
