@@ -1,7 +1,8 @@
 """Where the time of one meta-training episode goes: the parts of the step (support passes, query pass, the
 meta-learner's own layers, the whole meta-gradient) each compiled as the step 'ours' is (with the fused kernel)
 and timed alone, and the whole training step's time by op type from the TensorFlow profiler (ms per step inside
-each op type, summed over TensorFlow's compute threads; oneDNN parallelises inside an op).
+each op type, summed over TensorFlow's compute threads; oneDNN parallelises inside an op), and how long the step ran
+no op, one op alone, or several at once.
 
     python benchmarks/step_profile.py                                  # 28x28x1 5-way 1-shot, T = 12
     python benchmarks/step_profile.py --setting "84x84x3 5-shot T=8"   # any setting of meta_step.py
@@ -10,6 +11,7 @@ each op type, summed over TensorFlow's compute threads; oneDNN parallelises insi
 """
 
 import argparse
+import collections
 import re
 from pathlib import Path
 
@@ -74,8 +76,8 @@ def profile(setting_name, steps):
         compiled = tf.function(with_fused_kernel(function))
         float(compiled())
         parts[name] = median_ms(lambda compiled=compiled: float(compiled()), steps)
-    train_step = km.MetaTrainer(meta).train_step
-    return {"parts": parts, "op_types": cpu_ms_by_op_type(train_step, episodes, steps)}
+    events = list(profiled_events(km.MetaTrainer(meta).train_step, episodes, steps))
+    return {"parts": parts, "op_types": cpu_ms_by_op_type(events, steps), "at_once": ops_at_once(events, steps)}
 
 
 def with_fused_kernel(function):
@@ -96,9 +98,12 @@ CONTAINER_EVENTS = {"Process", "ParallelFor", "ExecutorDoneCallback"}
 XLA_RUNTIME_EVENTS = {"BlockUntilReady", "ExecutorDoneCallback", "MemoryAllocation", "MemoryDeallocation"}
 
 
+ProfiledEvent = collections.namedtuple("ProfiledEvent", "line name start_ms ms")
+
+
 def profiled_events(step, episodes, steps):
-    """(line name, event name, ms per step) of every event the TensorFlow profiler records on the host CPU while
-    `step` runs `steps` times (after two warm-up calls)."""
+    """ProfiledEvent (line name, event name, start and duration in ms) of every event the TensorFlow profiler
+    records on the host CPU while `step` runs `steps` times (after two warm-up calls)."""
     import tempfile
 
     import tensorflow as tf
@@ -117,26 +122,54 @@ def profiled_events(step, episodes, steps):
         names = {key: metadata.name for key, metadata in plane.event_metadata.items()}
         for line in plane.lines:
             for event in line.events:
-                yield line.name, names[event.metadata_id], event.duration_ps / 1e9 / steps
+                start_ms = line.timestamp_ns / 1e6 + event.offset_ps / 1e9
+                yield ProfiledEvent(line.name, names[event.metadata_id], start_ms, event.duration_ps / 1e9)
 
 
 def sorted_totals(pairs):
     """{key: summed ms}, largest first, of (key, ms) pairs."""
-    import collections
-
     totals = collections.Counter()
     for key, ms in pairs:
         totals[key] += ms
     return dict(totals.most_common())
 
 
-def cpu_ms_by_op_type(step, episodes, steps):
-    """CPU ms per step spent in each op type (summed over TensorFlow's threads), from the TensorFlow profiler."""
-    return sorted_totals(
-        (op_type, ms)
-        for line, name, ms in profiled_events(step, episodes, steps)
-        if line.startswith("tf_Compute") and (op_type := name.rsplit(":", 1)[-1]) not in CONTAINER_EVENTS
+def op_events(events):
+    """The TensorFlow ops among profiled events, as (op type, event): those on TensorFlow's compute threads
+    (oneDNN's and the fused kernels' own threads run inside them), without the executor's wrapper events."""
+    return [
+        (op_type, event)
+        for event in events
+        if event.line.startswith("tf_Compute") and (op_type := event.name.rsplit(":", 1)[-1]) not in CONTAINER_EVENTS
+    ]
+
+
+def cpu_ms_by_op_type(events, steps):
+    """CPU ms per step spent in each op type (summed over TensorFlow's threads) in the profiled events of `steps`
+    steps."""
+    return sorted_totals((op_type, event.ms / steps) for op_type, event in op_events(events))
+
+
+def ops_at_once(events, steps):
+    """How the ops of `steps` profiled steps overlap in time: ({n: ms per step with n ops running} for n = 0, 1
+    and 2, 2 counting two or more, from the first op's start to the last op's end; {op type: ms per step it ran
+    while no other op did}). An op runs its own work on several threads (oneDNN, the fused kernels): one op
+    running is not one busy core, but time with one op running is time the executor had nothing else to run."""
+    ops = [(op_type, event) for op_type, event in op_events(events) if event.ms > 0]  # markers have no duration
+    boundaries = sorted(
+        [(event.start_ms, 1, index) for index, (_, event) in enumerate(ops)]
+        + [(event.start_ms + event.ms, -1, index) for index, (_, event) in enumerate(ops)]
     )
+    running, at_once, alone = set(), collections.Counter({0: 0.0, 1: 0.0, 2: 0.0}), collections.Counter()
+    previous = boundaries[0][0] if boundaries else 0.0
+    for time_ms, change, index in boundaries:
+        span = (time_ms - previous) / steps
+        at_once[min(len(running), 2)] += span
+        if len(running) == 1:
+            alone[ops[next(iter(running))][0]] += span
+        previous = time_ms
+        (running.add if change > 0 else running.discard)(index)
+    return dict(at_once), dict(alone.most_common())
 
 
 def xla_ms_by_instruction(step, episodes, steps):
@@ -145,9 +178,9 @@ def xla_ms_by_instruction(step, episodes, steps):
     `XLA_FLAGS=--xla_dump_to=DIR`) as they run inside a TensorFlow function, like the compiled meta-gradient inside
     the training step. TensorFlow ops ("name:Type") and runtime events ("A::B", XLA_RUNTIME_EVENTS) are left out."""
     return sorted_totals(
-        (re.sub(r"\.\d+$", "", name), ms)
-        for line, name, ms in profiled_events(step, episodes, steps)
-        if line != "python" and ":" not in name and name not in XLA_RUNTIME_EVENTS
+        (re.sub(r"\.\d+$", "", event.name), event.ms / steps)
+        for event in profiled_events(step, episodes, steps)
+        if event.line != "python" and ":" not in event.name and event.name not in XLA_RUNTIME_EVENTS
     )
 
 
@@ -199,6 +232,13 @@ def main():
         print(f"  {name:<55} {ms:8.1f} ms")
     title = "The whole training step ('ours'): CPU ms per step by op type, summed over threads"
     print_shares(title, result["op_types"], rows=15)
+    at_once, alone = result["at_once"]
+    print(
+        f"Ops running at once in the training step, ms per step: none {at_once[0]:.1f}, one {at_once[1]:.1f}, two "
+        f"or more {at_once[2]:.1f} (under the profiler). Running alone:"
+    )
+    for op_type, ms in list(alone.items())[:6]:
+        print(f"  {op_type:<55} {ms:8.1f} ms")
 
 
 if __name__ == "__main__":

@@ -118,9 +118,8 @@ def test_a_training_step_runs_the_convolutions_the_floor_counts(monkeypatch):
     meta, episodes = benchmark.build(dict(benchmark.SETTINGS["28x28x1 1-shot T=12"], inner_steps=inner_steps))
     step = km.MetaTrainer(meta).train_step
     counts = {"forward": 0, "filter gradient": 0, "input gradient": 0}
-    for line, name, _ in profile.profiled_events(step, episodes, steps):
-        op_type = name.rsplit(":", 1)[-1]
-        if not line.startswith("tf_Compute") or "Conv" not in op_type:
+    for op_type, _ in profile.op_events(profile.profiled_events(step, episodes, steps)):
+        if "Conv" not in op_type:
             continue
         part = ("filter gradient" if "BackpropFilter" in op_type
                 else "input gradient" if "BackpropInput" in op_type else "forward")
@@ -152,11 +151,31 @@ def test_the_op_type_profile_names_what_a_step_runs_and_no_wrapper_events(monkey
     def step(inputs):
         return {"loss": tf.reduce_sum(tf.matmul(inputs, inputs))}
 
-    profile = benchmark.cpu_ms_by_op_type(step, matrix, steps=3)
+    profile = benchmark.cpu_ms_by_op_type(list(benchmark.profiled_events(step, matrix, steps=3)), steps=3)
     assert any("MatMul" in op_type for op_type in profile), profile
     assert not set(profile) & benchmark.CONTAINER_EVENTS
     assert all(ms >= 0 for ms in profile.values())
     assert list(profile.values()) == sorted(profile.values(), reverse=True)
+
+
+def test_ops_at_once_measures_how_the_step_s_ops_overlap(monkeypatch):
+    """Op events from 0-10 ms (A), 5-20 (B, another thread) and 30-35 (C): 5 ms of two ops, 20 of one (A 5, B 10,
+    C 5), 10 of none; the executor's wrapper event around them, a marker without duration and the events of a thread
+    that runs no TensorFlow ops do not count."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    benchmark = load_benchmark("step_profile")
+    event = benchmark.ProfiledEvent
+    events = [
+        event("tf_Compute/1", "outer:Process", 0.0, 40.0),
+        event("tf_Compute/1", "a:MatMul", 0.0, 10.0),
+        event("tf_Compute/2", "b:Conv2D", 5.0, 15.0),
+        event("tf_Compute/1", "c:MatMul", 30.0, 5.0),
+        event("tf_Compute/2", "ThreadpoolListener::StartRegion", 32.0, 0.0),
+        event("python", "d:Mul", 20.0, 10.0),
+    ]
+    at_once, alone = benchmark.ops_at_once(events, steps=2)  # per step: halved
+    assert at_once == pytest.approx({0: 5.0, 1: 10.0, 2: 2.5})
+    assert alone == pytest.approx({"Conv2D": 5.0, "MatMul": 5.0})
 
 
 @pytest.mark.xfail(
