@@ -11,9 +11,10 @@ Exact resume: episode e of the training stream is a pure function of (seed, e) (
 `keras_metalstm.data`), the meta-learner itself draws no random numbers while training, and the optimizer's
 state and the episode counter are in the checkpoint. So the only "RNG state" is (seed, episode counter), both
 checkpointed; a run resumed from episode c sees exactly the episodes c, c+1, ... of the uninterrupted run, and
-with `tf.config.experimental.enable_op_determinism()` ends with bitwise-identical weights. The metrics row in
-progress (the losses since the last row) and the training seconds of earlier sessions are kept in state.json at
-every checkpoint, so a resumed run's log and times continue as if uninterrupted.
+with `tf.config.experimental.enable_op_determinism()` ends with bitwise-identical weights if its steps round as
+those of the session that wrote the checkpoint did (keras_metalstm.numerics; a resume says when they do not). The
+metrics row in progress (the losses since the last row) and the training seconds of earlier sessions are kept in
+state.json at every checkpoint, so a resumed run's log and times continue as if uninterrupted.
 
 state.json always says how the last session ended: running (or, seen from a later session whose writer is gone,
 crashed), finished, interrupted, diverged, or "failed: <reason>".

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from keras_metalstm.config import RunConfig, first_line
 from keras_metalstm.metrics_log import MetricsLog, tensorboard_writer, write_curves, write_scalars
+from keras_metalstm.numerics import numerics_differences, resume_note, step_numerics
 from keras_metalstm.run_checks import memory_problem, physical_memory
 from keras_metalstm.runs import (
     BEST_DIR,
@@ -161,6 +162,10 @@ class TrainingSession:
             self.checkpoint, str(self.output_dir / CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints
         )
         self.best_manager = tf.train.CheckpointManager(self.checkpoint, str(self.output_dir / BEST_DIR), max_to_keep=1)
+        # How this session's steps round (op determinism as TrainingRun.run sets it), and how those of the session
+        # that wrote the newest checkpoint did: state.json keeps the latter, which a resumed run compares with.
+        self.numerics = step_numerics(strategy, config.xla, run.deterministic and not config.xla)
+        self.checkpoint_numerics = None
         self.status = "running"
         self.stop = _StopFlag()
         self.window = [0.0, 0.0, 0]  # loss sum, accuracy sum, episodes of the metrics row in progress
@@ -186,6 +191,9 @@ class TrainingSession:
                     f"the previous session ended without a word (its process {state.get('pid')} is gone: killed or "
                     f"crashed); resuming from its last checkpoint, episode {checkpoint_episode(latest)}"
                 )
+            self.checkpoint_numerics = state.get("numerics")
+            if differences := numerics_differences(self.checkpoint_numerics, self.numerics):
+                self.callbacks.on_message(resume_note(differences))
             if state.get("episode") == checkpoint_episode(latest):
                 self.window = list(state.get("window", self.window))
                 return float(state.get("seconds", 0.0))
@@ -355,6 +363,7 @@ class TrainingSession:
                 f"{first_line(error, 200)}. The last checkpoint is kept "
                 f"({kept or 'none yet'}); free space or fix the directory, then --resume"
             ) from None
+        self.checkpoint_numerics = self.numerics
         self._write_state()  # after the checkpoint: state.json describes the newest checkpoint
         self.callbacks.on_checkpoint(episode, path)
 
@@ -377,6 +386,7 @@ class TrainingSession:
             int(self.best_episode.numpy()) if best >= 0 else None,
             self.seconds(),
             window=self.window,
+            numerics=self.checkpoint_numerics,
         )
 
     def _close(self) -> None:

@@ -90,6 +90,8 @@ def test_mirrored_flag_trains_on_two_replicas_and_resumes(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
     state = json.loads((run_dir / "state.json").read_text())
     assert state["status"] == "finished" and state["episode"] == 4
+    assert state["numerics"]["devices"] == "2 x CPU"  # the replicas that wrote the checkpoint
+    assert "computes differently" not in out.stdout + out.stderr  # resumed as it started
     assert (run_dir / "best.keras").is_file()
 
 

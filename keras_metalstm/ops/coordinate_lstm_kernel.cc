@@ -21,6 +21,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -77,6 +78,13 @@ REGISTER_OP("MetaLstmCoordinateStepGrad")
     .Output("readout_kernel_grad: float")
     .SetShapeFn([](InferenceContext* c) {
       for (int i = 0; i < 7; ++i) c->set_output(i, c->input(i));
+      return Status();
+    });
+
+REGISTER_OP("MetaLstmKernelArithmetic")
+    .Output("description: string")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->Scalar());
       return Status();
     });
 
@@ -608,10 +616,30 @@ class CoordinateStepGradOp : public OpKernel {
   }
 };
 
+// "<lanes> lanes, FMA" or "<lanes> lanes, no FMA": what this build's results depend on besides its inputs (the
+// order of the kernel gradients' sums follows the vector width; fused multiply-adds round once). A training run
+// records it, so that a run resumed on a build that rounds differently can say it will not continue bitwise.
+class ArithmeticOp : public OpKernel {
+ public:
+  explicit ArithmeticOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    Tensor* description = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({}), &description));
+#ifdef __FMA__
+    const char* multiply_adds = "FMA";
+#else
+    const char* multiply_adds = "no FMA";
+#endif
+    description->scalar<::tensorflow::tstring>()() = std::to_string(kLanes) + " lanes, " + multiply_adds;
+  }
+};
+
 }  // namespace
 
 REGISTER_KERNEL_BUILDER(Name("MetaLstmCoordinateStep").Device(::tensorflow::DEVICE_CPU), CoordinateStepOp);
 REGISTER_KERNEL_BUILDER(Name("MetaLstmCoordinateStepGrad").Device(::tensorflow::DEVICE_CPU),
                         CoordinateStepGradOp);
+REGISTER_KERNEL_BUILDER(Name("MetaLstmKernelArithmetic").Device(::tensorflow::DEVICE_CPU), ArithmeticOp);
 
 }  // namespace keras_metalstm

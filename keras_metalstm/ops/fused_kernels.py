@@ -8,8 +8,9 @@ Two kernels, each computing what a chain of stock TensorFlow ops computes, in fe
   oneDNN ops take about a dozen passes over the full-size activations.
 They are compiled on first use against the installed TensorFlow with the machine's C++ compiler, into one
 library, and cached (the sources, TensorFlow version and flags name the file), so nothing is compiled at install
-time. Their results do not depend on the number of threads (the work is split by the problem's size alone), and
-the LSTM kernel's activations keep a small relative error down to tiny pre-activations.
+time. Their results do not depend on the number of threads (the work is split by the problem's size alone), but
+on the build's vector width (`arithmetic()`, which a training run records), and the LSTM kernel's activations keep
+a small relative error down to tiny pre-activations.
 
 The kernels are opt-in: a function traced within `enabled()` uses them, every other traces stock ops. The library
 enters `enabled()` only in its own training and evaluation steps (`MetaTrainer`, `MetaLearner.train_step` and
@@ -177,6 +178,13 @@ def load():
             )
             _library = None
         return _library
+
+
+def arithmetic():
+    """How the kernels round where this process uses them ("8 lanes, FMA": the coordinate step's vector width, which
+    orders its sums, and whether multiply-adds are fused), or None where it does not (see `load`). Call eagerly."""
+    library = load()
+    return None if library is None else library.meta_lstm_kernel_arithmetic().numpy().decode()
 
 
 def enabled():
