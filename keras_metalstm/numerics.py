@@ -24,7 +24,8 @@ LABELS = {
 def step_numerics(strategy, xla: bool, op_determinism: bool) -> dict:
     """{entry: value} for the LABELS of a training step run under `strategy` in this process (JSON-serialisable).
 
-    Loads the fused kernels (compiling them on the first use on this machine) to ask how they round."""
+    Without XLA, loads the fused kernels (compiling them on the first use on this machine) to ask how they round;
+    with it they are not used (the XLA-compiled meta-gradient holds stock ops only)."""
     import tensorflow as tf
 
     from keras_metalstm.cpu_kernels import onednn_enabled
@@ -38,7 +39,7 @@ def step_numerics(strategy, xla: bool, op_determinism: bool) -> dict:
         "tensorflow": tf.__version__,
         "devices": f"{strategy.num_replicas_in_sync} x {tf.DeviceSpec.from_string(device).device_type}",
         "onednn": onednn_enabled(),
-        "fused_kernels": fused_kernels.arithmetic() or "off",
+        "fused_kernels": "not used under XLA" if xla else (fused_kernels.arithmetic() or "off"),
         "xla": bool(xla),
         "op_determinism": bool(op_determinism),
     }

@@ -32,8 +32,11 @@ def test_a_step_s_numerics_name_this_process_s_settings(monkeypatch):
     assert recorded["devices"] == "1 x CPU"
     assert recorded["onednn"] == onednn_enabled()
     assert recorded["xla"] is True and recorded["op_determinism"] is False
+    assert recorded["fused_kernels"] == "not used under XLA"
     assert recorded == json.loads(json.dumps(recorded))  # written to state.json as it is
-    monkeypatch.setattr(fused_kernels, "load", lambda: None)
+    without_xla = numerics.step_numerics(tf.distribute.get_strategy(), xla=False, op_determinism=True)
+    assert without_xla["fused_kernels"] == (fused_kernels.arithmetic() or "off")
+    monkeypatch.setattr(fused_kernels, "load", lambda: None)  # where they cannot run (a GPU, no compiler, switched off)
     assert numerics.step_numerics(tf.distribute.get_strategy(), False, True)["fused_kernels"] == "off"
 
 
