@@ -21,12 +21,16 @@ LABELS = {
 }
 
 
-def step_numerics(strategy, xla: bool, op_determinism: bool) -> dict:
-    """{entry: value} for the LABELS of a training step run under `strategy` in this process (JSON-serialisable).
+def step_numerics(strategy, xla: bool) -> dict:
+    """{entry: value} for the LABELS of a training step run under `strategy` in this process as it is set now (op
+    determinism included), JSON-serialisable.
 
     Without XLA, loads the fused kernels (compiling them on the first use on this machine) to ask how they round;
     with it they are not used (the XLA-compiled meta-gradient holds stock ops only)."""
     import tensorflow as tf
+    from tensorflow.python.framework import (
+        config as tf_config,  # where TensorFlow says whether op determinism is on
+    )
 
     from keras_metalstm.cpu_kernels import onednn_enabled
     from keras_metalstm.ops import fused_kernels
@@ -41,7 +45,7 @@ def step_numerics(strategy, xla: bool, op_determinism: bool) -> dict:
         "onednn": onednn_enabled(),
         "fused_kernels": "not used under XLA" if xla else (fused_kernels.arithmetic() or "off"),
         "xla": bool(xla),
-        "op_determinism": bool(op_determinism),
+        "op_determinism": bool(tf_config.is_op_determinism_enabled()),
     }
 
 

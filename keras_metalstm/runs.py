@@ -11,8 +11,9 @@ A run directory holds:
     best/                  the checkpoint with the best validation accuracy so far
     best.keras             the best meta-learner as one Keras file (written when training finishes)
     metrics.jsonl/.csv     the metrics log (keras_metalstm.metrics_log); curves.png drawn from it
-    state.json             status, episode, best validation, training seconds of all sessions, how the session's
-                           steps round (keras_metalstm.numerics), the writing process
+    state.json             status, episode, best validation, training seconds of all sessions, how the steps of
+                           the session that wrote the newest checkpoint round (keras_metalstm.numerics), the
+                           writing process
     baselines/             the classifier pre-trained on the meta-train classes, shared with the baselines
     tensorboard/           event files, when the tensorboard package is installed
 
@@ -309,9 +310,9 @@ def write_state(
 ) -> None:
     """state.json, atomically: the status (running, finished, interrupted, diverged, failed: <reason>), where the
     run is, the training seconds of all sessions, the metrics row in progress (`window`: loss sum, accuracy sum,
-    episodes), how the session's steps round (`numerics`: keras_metalstm.numerics, so that a resumed run can tell
-    whether it continues bitwise) and which process wrote it (so that a later session can tell a crash from a run
-    still going)."""
+    episodes), how the steps of the session that wrote the newest checkpoint round (`numerics`:
+    keras_metalstm.numerics, so that a resumed run can tell whether it continues bitwise) and which process wrote
+    it (so that a later session can tell a crash from a run still going)."""
     atomic_write_text(
         Path(run_dir) / STATE_FILE,
         json.dumps(

@@ -162,9 +162,9 @@ class TrainingSession:
             self.checkpoint, str(self.output_dir / CHECKPOINT_DIR), max_to_keep=config.keep_checkpoints
         )
         self.best_manager = tf.train.CheckpointManager(self.checkpoint, str(self.output_dir / BEST_DIR), max_to_keep=1)
-        # How this session's steps round (op determinism as TrainingRun.run sets it), and how those of the session
-        # that wrote the newest checkpoint did: state.json keeps the latter, which a resumed run compares with.
-        self.numerics = step_numerics(strategy, config.xla, run.deterministic and not config.xla)
+        # How this session's steps round, and how those of the session that wrote the newest checkpoint did:
+        # state.json keeps the latter, which a resumed run compares with.
+        self.numerics = step_numerics(strategy, config.xla)
         self.checkpoint_numerics = None
         self.status = "running"
         self.stop = _StopFlag()

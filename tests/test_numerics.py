@@ -10,6 +10,7 @@ from conftest import needs_kernel_compiler
 from keras_metalstm import numerics
 from keras_metalstm.cpu_kernels import onednn_enabled
 from keras_metalstm.ops import fused_kernels
+from keras_metalstm.training import _op_determinism
 
 
 def cpu_flags():
@@ -27,17 +28,20 @@ def test_the_kernels_report_the_vector_width_and_multiply_adds_of_this_cpu():
 
 
 def test_a_step_s_numerics_name_this_process_s_settings(monkeypatch):
-    recorded = numerics.step_numerics(tf.distribute.get_strategy(), xla=True, op_determinism=False)
+    strategy = tf.distribute.get_strategy()
+    recorded = numerics.step_numerics(strategy, xla=True)
     assert recorded["tensorflow"] == tf.__version__
     assert recorded["devices"] == "1 x CPU"
     assert recorded["onednn"] == onednn_enabled()
-    assert recorded["xla"] is True and recorded["op_determinism"] is False
-    assert recorded["fused_kernels"] == "not used under XLA"
+    assert recorded["xla"] is True and recorded["fused_kernels"] == "not used under XLA"
     assert recorded == json.loads(json.dumps(recorded))  # written to state.json as it is
-    without_xla = numerics.step_numerics(tf.distribute.get_strategy(), xla=False, op_determinism=True)
+    assert recorded["op_determinism"] is False  # off in the tests' process (it is process-wide)
+    with _op_determinism(True):  # as a deterministic training run sets it
+        assert numerics.step_numerics(strategy, xla=True)["op_determinism"] is True
+    without_xla = numerics.step_numerics(strategy, xla=False)
     assert without_xla["fused_kernels"] == (fused_kernels.arithmetic() or "off")
     monkeypatch.setattr(fused_kernels, "load", lambda: None)  # where they cannot run (a GPU, no compiler, switched off)
-    assert numerics.step_numerics(tf.distribute.get_strategy(), False, True)["fused_kernels"] == "off"
+    assert numerics.step_numerics(strategy, xla=False)["fused_kernels"] == "off"
 
 
 def test_differences_are_the_recorded_entries_that_changed():
@@ -61,7 +65,7 @@ def test_a_resume_says_when_its_steps_round_differently_from_the_checkpoint_s_se
     run_dir = tmp_path / "run"
     assert run_cli(train_args(data_dir, run_dir, "--episodes", "2", "--checkpoint-every", "2")).exit_code == 0
     written = state(run_dir)["numerics"]
-    assert written == numerics.step_numerics(tf.distribute.get_strategy(), xla=False, op_determinism=False)
+    assert written == numerics.step_numerics(tf.distribute.get_strategy(), xla=False)  # --no-deterministic
 
     resumed = run_cli(train_args(data_dir, run_dir, "--episodes", "4", "--checkpoint-every", "2", "--resume"))
     assert resumed.exit_code == 0, resumed.output
