@@ -49,10 +49,10 @@ def step_numerics(strategy, xla: bool) -> dict:
     }
 
 
-def numerics_differences(recorded: dict | None, current: dict) -> dict:
+def numerics_differences(recorded, current: dict) -> dict:
     """{entry: (recorded value, current value)} where they differ; nothing for a run that recorded none (written
-    before runs recorded it) or an entry it did not record."""
-    recorded = recorded or {}
+    before runs recorded it, or a state.json edited into something else) or an entry it did not record."""
+    recorded = recorded if isinstance(recorded, dict) else {}
     return {key: (recorded[key], value) for key, value in current.items() if key in recorded and recorded[key] != value}
 
 

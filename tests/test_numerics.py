@@ -47,6 +47,7 @@ def test_a_step_s_numerics_name_this_process_s_settings(monkeypatch):
 def test_differences_are_the_recorded_entries_that_changed():
     current = {"tensorflow": "2.21.0", "onednn": True, "fused_kernels": "8 lanes, FMA", "xla": False}
     assert numerics.numerics_differences(None, current) == {}  # a run from before runs recorded it
+    assert numerics.numerics_differences("tensorflow 2.21.0", current) == {}  # a state.json edited by hand
     assert numerics.numerics_differences({"tensorflow": "2.21.0"}, current) == {}  # unrecorded entries: unknown
     recorded = {**current, "onednn": False, "fused_kernels": "16 lanes, FMA"}
     differences = numerics.numerics_differences(recorded, current)
