@@ -28,9 +28,7 @@ def step_numerics(strategy, xla: bool) -> dict:
     Without XLA, loads the fused kernels (compiling them on the first use on this machine) to ask how they round;
     with it they are not used (the XLA-compiled meta-gradient holds stock ops only)."""
     import tensorflow as tf
-    from tensorflow.python.framework import (
-        config as tf_config,  # where TensorFlow says whether op determinism is on
-    )
+    from tensorflow.python.framework import config as tf_config  # not public: as training._op_determinism
 
     from keras_metalstm.cpu_kernels import onednn_enabled
     from keras_metalstm.ops import fused_kernels
