@@ -278,6 +278,9 @@ def save_best_model(run_dir: Path, meta, validated: bool, best_checkpoint: str |
     if not write:
         return
     if validated:
+        # The learner's weights are in no checkpoint (theta_0 is): a frozen layer's, made from the architecture
+        # with the run's seed, must be the run's, not what rebuilding drew from the random state of the moment.
+        best.learner.set_weights(meta.learner.get_weights())
         restore_checkpoint(checkpoint_object(best), best_checkpoint, "best checkpoint")
     target = Path(run_dir) / BEST_MODEL_FILE
     tmp = Path(run_dir) / f".tmp-{os.getpid()}-{BEST_MODEL_FILE}"

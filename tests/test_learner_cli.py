@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from keras_metalstm.cli.main import main
 
 import keras_metalstm as km
-from keras_metalstm.runs import load_meta_learner, load_run_config
+from keras_metalstm.runs import checkpoint_object, load_meta_learner, load_run_config, save_best_model
 
 FACTORIES = '''
 import keras
@@ -228,6 +228,25 @@ def test_own_model_through_train_evaluate_adapt_export_predict(user_module, data
                              capture_output=True, text=True, timeout=600)
     assert process.returncode == 0, process.stdout + process.stderr
     assert "evaluated" in process.stdout and (elsewhere / "meta_export" / "1" / "saved_model.pb").is_file()
+
+
+def test_best_keras_keeps_a_frozen_layers_weights_which_no_checkpoint_holds(tmp_path):
+    """best.keras is the meta-learner rebuilt from its config and given the best checkpoint. A frozen layer's
+    weights are in no checkpoint (a run makes them again from its architecture and seed): they must be the
+    run's, not whatever the random state makes of them when training ends."""
+    keras.utils.set_random_seed(0)
+    images = keras.Input(shape=(8, 8, 1))
+    stem = keras.layers.Conv2D(3, 3, trainable=False)
+    learner = keras.Model(images, keras.layers.Dense(2)(keras.layers.Flatten()(stem(images))))
+    meta = km.MetaLearner(learner, inner_steps=1, hidden_units=4)
+    best_checkpoint = checkpoint_object(meta).write(str(tmp_path / "best" / "ckpt"))
+    best_theta0 = meta.theta0.numpy()
+    meta.theta0.assign_add(np.ones(meta.theta0.shape, "float32"))  # training went on after its best validation
+    keras.utils.set_random_seed(1)  # and drew random numbers
+    save_best_model(tmp_path, meta, validated=True, best_checkpoint=best_checkpoint)
+    best = keras.models.load_model(tmp_path / "best.keras")
+    np.testing.assert_array_equal(best.theta0.numpy(), best_theta0)
+    np.testing.assert_array_equal(best.learner.get_layer(stem.name).kernel.numpy(), stem.kernel.numpy())
 
 
 @pytest.mark.parametrize("factory", ["layernorm_dropout", "skip"])
