@@ -81,6 +81,26 @@ def test_a_changed_file_is_decoded_again_and_its_new_entry_replaces_the_old(cach
     assert decoded == 12 and resized.shape == (12, 20, 20, 1) and len(entries(cache_dir)) == 2
 
 
+def test_swapped_class_folders_are_decoded_again_though_every_file_keeps_its_size_and_time(cache_dir, tmp_path):
+    """Files of one size (BMP) with one modification time, as an archive unpacks them: swapping two misnamed class
+    folders changes no path's size or time, only which file is behind it."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "bmp"
+    for name in ("ant", "bee", "cat"):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / name / f"{i}.bmp")
+    for image in root.glob("*/*.bmp"):
+        os.utime(image, ns=(10**18, 10**18))
+    before, _ = load(root)
+    (root / "ant").rename(root / "swap")
+    (root / "bee").rename(root / "ant")
+    (root / "swap").rename(root / "bee")
+    after, decoded = load(root)
+    assert decoded == 12
+    np.testing.assert_array_equal(after[:4], before[4:8])  # "ant" now holds the former bee images
+
+
 def test_no_entry_for_few_files_or_with_the_cache_turned_off(cache_dir, image_root, monkeypatch):
     monkeypatch.setattr(cache, "MIN_CACHED_FILES", 13)
     assert load(image_root)[1] == 12 and load(image_root)[1] == 12 and entries(cache_dir) == []

@@ -5,8 +5,8 @@ entry, 1.3 GB, should read back in a few seconds: 42 MB took 0.1 s here).
 An entry holds the converted uint8 images (and each file's own shape) of one ordered list of files at one target
 shape, in the cache folder: ``KERAS_METALSTM_CACHE_DIR``, by default ``$XDG_CACHE_HOME/keras-metalstm`` or
 ``~/.cache/keras-metalstm``; set it to an empty string to turn the cache off. An entry is used only while every
-file has the size and modification time it had when the entry was written; the entry of a changed file list's
-new version replaces the old one. Entries are written to a temporary file and renamed, so no reader sees half of
+path leads to the same file (inode) with the size, modification and change times it had when the entry was
+written; the entry of a changed file list's new version replaces the old one. Entries are written to a temporary file and renamed, so no reader sees half of
 one; a cache that cannot be written or read is a warning, never a failure.
 """
 
@@ -59,10 +59,12 @@ def cached_decode(paths, target_shape, decode, decoder):
 
 
 def _keys(paths, target_shape, decoder):
-    """(the file list's and shape's key, its version: the decoder, the files' sizes and modification times)."""
+    """(the file list's and shape's key, its version: the decoder, the files' sizes, times and inodes)."""
     shape = None if target_shape is None else [int(v) for v in target_shape]
     listing = json.dumps([_FORMAT, shape, [os.path.abspath(p) for p in paths]])
-    stats = [(s.st_size, s.st_mtime_ns) for s in map(os.stat, paths)]
+    # The inode and change time too: folders swapped by name keep every path's size and modification time (an
+    # archive sets the same time on all its files), but not which file is behind the path.
+    stats = [(s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino) for s in map(os.stat, paths)]
     return _digest(listing), _digest(json.dumps([decoder, stats]))
 
 
