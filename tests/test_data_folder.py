@@ -177,6 +177,21 @@ def test_classes_named_after_splits_are_classes(tmp_path):
     assert list(load_image_folder(root).class_names) == ["test", "train"]
 
 
+def test_a_class_folder_reached_twice_through_a_link_is_refused(tmp_path):
+    """A linked class folder would be a second class of the same images, which a split may put on both sides."""
+    root = make_folder(tmp_path / "data", num_classes=3)
+    (root / "linked").symlink_to(root / "class_1", target_is_directory=True)
+    with pytest.raises(DataError, match=r"class folders .*class_1 and .*linked are one folder .*remove the link"):
+        load_image_folder(root)
+    split_root = tmp_path / "split"
+    make_folder(split_root / "train", num_classes=2)
+    (split_root / "test" / "class_8").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(split_root / "test" / "class_8" / "0.png")
+    (split_root / "test" / "class_9").symlink_to(split_root / "train" / "class_0", target_is_directory=True)
+    with pytest.raises(DataError, match=r"class folders .*train/class_0 and .*test/class_9 are one folder"):
+        image_folder_splits(split_root)
+
+
 def test_unreadable_image_is_named(tmp_path):
     root = make_folder(tmp_path / "data", num_classes=2)
     (root / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")

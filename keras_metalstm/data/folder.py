@@ -117,7 +117,24 @@ def list_image_folder(
                 fix = unread_files_note(class_dir) or "; add images or remove the folder"
             raise DataError(f"class folder {class_dir} holds no {'/'.join(extensions)} image{fix}")
         classes[class_dir.name] = files
+    refuse_one_folder_twice(classes)
     return classes
+
+
+def refuse_one_folder_twice(classes: dict[str, list[Path]]) -> None:
+    """DataError when two classes of ``{name: files}`` are one folder, reached through a link: its images would be
+    two classes, which the split may put on both sides of a few-shot split."""
+    seen = {}
+    for files in classes.values():
+        folder = files[0].parent
+        real = folder.resolve()
+        if real in seen:
+            raise DataError(
+                f"class folders {seen[real]} and {folder} are one folder ({real}), reached through a link: its "
+                "images would be two classes, perhaps in two splits; remove the link, or copy the images if the "
+                "two classes are meant to differ"
+            )
+        seen[real] = folder
 
 
 def load_image_folder(
@@ -179,4 +196,5 @@ def _load_split_folders(root: Path, folders: dict[str, Path], image_shape) -> Da
                 )
         classes.update(listed)
         assignment[split] = list(listed)
+    refuse_one_folder_twice(classes)
     return _decoded(root, classes, image_shape).split_as(assignment)
