@@ -15,6 +15,7 @@ import copy
 import importlib
 import json
 import os
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -43,7 +44,14 @@ def architecture_config(learner) -> dict:
     variance: they are part of the function the learner computes, not of theta."""
     import keras
 
-    config = json.loads(json.dumps(keras.saving.serialize_keras_object(learner)))
+    try:
+        config = json.loads(json.dumps(keras.saving.serialize_keras_object(learner)))
+    except NotImplementedError:  # Keras cannot record a subclass's __init__ arguments by itself
+        raise LearnerError(
+            f"the learner ({type(learner).__name__}) cannot be written as a Keras config, and a run keeps only "
+            "that: give its class (and any custom layer's) a get_config() returning every argument of its "
+            "__init__, and register it with @keras.saving.register_keras_serializable()"
+        ) from None
     adapted = {
         layer.name: layer
         for layer in learner._flatten_layers(include_self=False)
@@ -70,8 +78,9 @@ def _layer_configs(config):
 
 
 def check_weights_survive_rebuilding(learner, rebuilt) -> None:
-    """LearnerError naming the layers whose non-trainable weights `rebuilt` (the learner made again from its
-    architecture, as every command that loads a run makes it) does not reproduce: weights set after the layers were
+    """LearnerError when `rebuilt` (the learner made again from its architecture, as every command that loads a run
+    makes it) has other trainable weights than `learner` (a get_config leaving out an argument), or naming the
+    layers whose non-trainable weights it does not reproduce: weights set after the layers were
     made (loaded into a frozen layer, assigned by hand), which a run, storing the architecture and theta_0, would
     lose. Batch-norm moving statistics (reset every episode), random seed states and Normalization statistics
     (in the architecture, `architecture_config`) do not count."""
@@ -90,6 +99,19 @@ def check_weights_survive_rebuilding(learner, rebuilt) -> None:
             if id(variable) not in skipped and "seed_generator" not in variable.path
         ]
 
+    given = [(variable.path, tuple(variable.shape)) for variable in learner.trainable_variables]
+    made = [tuple(variable.shape) for variable in rebuilt.trainable_variables]
+    if [shape for _, shape in given] != made:
+        differences = (
+            f"{path} {shape} against {other}"
+            for (path, shape), other in zip(given, made, strict=False)
+            if shape != other
+        )
+        first = next(differences, f"{len(given)} trainable weights against {len(made)}")
+        raise LearnerError(
+            f"the learner made again from its Keras config is not the one given ({first}): a run keeps only the "
+            "config, so the get_config() of a custom model or layer must return every argument of its __init__"
+        )
     built, made_again = kept(learner), kept(rebuilt)
     lost = sorted(
         {
@@ -166,14 +188,22 @@ def model_from_architecture(config: dict, image_shape=None):
         model = keras.saving.deserialize_keras_object(_with_input_shape(config, image_shape), safe_mode=True)
     except Exception as error:  # noqa: BLE001 - unknown class, refused lambda, bad config ...
         raise LearnerError(
-            f"cannot rebuild the learner from its Keras config: {first_line(error)}. A custom layer or model "
-            "class must be registered with @keras.saving.register_keras_serializable() in a module importable "
-            "from the current directory or PYTHONPATH (it is imported by the name Keras recorded); Lambda "
-            "layers cannot be loaded safely (write a small layer class instead)"
+            f"cannot rebuild the learner from its Keras config: {_deserialisation_error(error)}. A custom layer or "
+            "model class must be registered with @keras.saving.register_keras_serializable() in a module "
+            "importable from the current directory or PYTHONPATH (it is imported by the name Keras recorded), and "
+            "its get_config() must return every argument of its __init__; Lambda layers cannot be loaded safely "
+            "(write a small layer class instead)"
         ) from None
     if not model.built and image_shape is not None:
         model(np.zeros((1, *image_shape), "float32"))
     return model
+
+
+def _deserialisation_error(error) -> str:
+    """The first line of Keras' error, and the class's own error Keras appends at the end of its long text (e.g.
+    `__init__() missing 1 required positional argument`, for an argument get_config left out)."""
+    causes = re.findall(r"(?:Error|Exception) encountered(?: during deserialization)?: (.+)", str(error))
+    return first_line(error) + (f" ({causes[-1].strip()})" if causes else "")
 
 
 def _with_input_shape(config: dict, image_shape) -> dict:

@@ -136,6 +136,45 @@ def subclassed(input_shape, num_classes):
     return SmallNet(num_classes)
 
 
+@keras.saving.register_keras_serializable(package="user_models")
+class WidthNet(keras.Model):
+    """Its get_config leaves out `width`, or with `forget_classes` every argument of its own."""
+
+    def __init__(self, num_classes, width=4, forget_classes=False, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes, self.forget_classes = num_classes, forget_classes
+        self.conv = keras.layers.Conv2D(width, 3, strides=2)
+        self.head = keras.layers.Dense(num_classes)
+
+    def call(self, images):
+        return self.head(keras.ops.mean(self.conv(images), axis=(1, 2)))
+
+    def get_config(self):
+        config = super().get_config()
+        return config if self.forget_classes else {**config, "num_classes": self.num_classes}
+
+
+def forgets_width(input_shape, num_classes):
+    return WidthNet(num_classes, width=3)
+
+
+def forgets_classes(input_shape, num_classes):
+    return WidthNet(num_classes, forget_classes=True)
+
+
+class Unregistered(keras.Model):
+    def __init__(self, num_classes, **kwargs):
+        super().__init__(**kwargs)
+        self.head = keras.layers.Dense(num_classes)
+
+    def call(self, images):
+        return self.head(keras.ops.mean(images, axis=(1, 2)))
+
+
+def no_config(input_shape, num_classes):
+    return Unregistered(num_classes)
+
+
 def raises(input_shape, num_classes):
     raise RuntimeError("my model is not finished")
 
@@ -308,6 +347,9 @@ BAD_LEARNERS = {
     "user_models:frozen_with_set_weights": "non-trainable weights in conv2d are not made by its layers",
     "user_models:raw_variable": "holds a tf.Variable ('calls')",
     "user_models:lambda_layer": "Lambda layers cannot be loaded safely",
+    "user_models:forgets_width": "is not the one given (width_net/conv2d/kernel (3, 3, 1, 3) against (3, 3, 1, 4))",
+    "user_models:forgets_classes": "(WidthNet.__init__() missing 1 required positional argument: 'num_classes')",
+    "user_models:no_config": "the learner (Unregistered) cannot be written as a Keras config",
     "user_models:raises": "my model is not finished",
     "user_models:not_a_model": "must be a keras.Model, got str",
     "user_models:missing": "has no function 'missing'",
