@@ -28,7 +28,7 @@ CHECKPOINT_OPTION = click.option(
     type=click.Choice(("best", "latest")),
     default="best",
     show_default=True,
-    help="Best-validation or latest checkpoint.",
+    help="Best-validation or latest checkpoint (best: the latest when no validation ran, and so named).",
 )
 
 

@@ -194,6 +194,6 @@ def evaluate(
     if differences:
         click.echo(differences)
     click.echo(
-        f"evaluated {run_dir} ({checkpoint} checkpoint) on {episodes} episodes in "
+        f"evaluated {run_dir} ({report.details['checkpoint']} checkpoint) on {episodes} episodes in "
         f"{duration(report.seconds)}; report saved to {path}"
     )

@@ -65,6 +65,6 @@ def inspect(run_dir, episodes, split, seed, checkpoint, out, as_json, progress):
         return
     click.echo(inspection.summary())
     click.echo(
-        f"inspected {run_dir} ({checkpoint} checkpoint) on {episodes} {split} episodes in "
+        f"inspected {run_dir} ({inspection.run['checkpoint']} checkpoint) on {episodes} {split} episodes in "
         f"{duration(timer.seconds)}: {', '.join(path.name for path in paths)} in {out}"
     )

@@ -413,11 +413,12 @@ def evaluate_run(
     import keras_metalstm as km
     from keras_metalstm.baseline_cache import prepare_baselines
     from keras_metalstm.data import DataError
-    from keras_metalstm.runs import load_meta_learner, load_splits
+    from keras_metalstm.runs import checkpoint_kind, load_meta_learner, load_splits
 
     episodes = check_episode_count(episodes)
     log = log or (lambda message: None)
     t0 = time.time()
+    read = checkpoint_kind(run_dir, which)
     config, meta = load_meta_learner(run_dir, which=which)
     changes = change_at_test_time(meta, inner_steps, query_statistics)
     if query is not None and int(query) != config.query:
@@ -432,7 +433,7 @@ def evaluate_run(
         run_splits = load_splits(config, report=log if dataset is None else None, run_dir=run_dir)
     data = evaluation_dataset(config, dataset, data_dir, split, run_dir=run_dir, report=log, run_splits=run_splits)
     trainer = km.MetaTrainer(meta)
-    details = {"checkpoint": which, "test_classes": data.num_classes, "data": data.name, "episodes": int(episodes)}
+    details = {"checkpoint": read, "test_classes": data.num_classes, "data": data.name, "episodes": int(episodes)}
     if changes:
         details["test_time"] = changes
     compared = None

@@ -146,9 +146,10 @@ def inspect_run(
     import tensorflow as tf
 
     from keras_metalstm.evaluation import check_episode_count, evaluation_dataset, evaluation_episodes
-    from keras_metalstm.runs import load_meta_learner
+    from keras_metalstm.runs import checkpoint_kind, load_meta_learner
 
     episodes = check_episode_count(episodes)
+    read = checkpoint_kind(run_dir, which)
     config, meta = load_meta_learner(run_dir, which=which)
     data = evaluation_dataset(config, split=split, run_dir=run_dir)
     sgd = tf.function(plain_sgd)
@@ -180,7 +181,7 @@ def inspect_run(
     return Inspection(
         run={
             "run_dir": str(run_dir),
-            "checkpoint": which,
+            "checkpoint": read,
             "data": data.name,
             "split": split,
             "seed": seed,

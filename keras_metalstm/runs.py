@@ -261,6 +261,12 @@ def load_meta_learner(run_dir, which: str = "best"):
     return config, meta
 
 
+def checkpoint_kind(run_dir, which: str = "best") -> str:
+    """Which checkpoint `load_meta_learner(run_dir, which)` reads: "best", or "latest" when asked for or when the
+    run has no best one yet (no validation ran): what a report or message calls it."""
+    return "best" if which == "best" and latest_checkpoint(run_dir, BEST_DIR) else "latest"
+
+
 def _newest_checkpoint(run_dir, which):
     path = latest_checkpoint(run_dir, BEST_DIR) if which == "best" else None
     return path or latest_checkpoint(run_dir)

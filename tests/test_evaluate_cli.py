@@ -23,6 +23,22 @@ def test_evaluate_json_output(trained):
     assert saved and json.loads(saved[0].read_text())["results"]["meta_lstm"]["episodes"] == 6
 
 
+def test_a_run_without_a_best_checkpoint_is_evaluated_and_inspected_under_the_name_of_its_latest(trained, tmp_path):
+    """No validation ran (best/ is missing): the latest checkpoint is read, and the report and messages say so
+    rather than calling it the best."""
+    run_dir = tmp_path / "unvalidated"
+    shutil.copytree(trained[0], run_dir)
+    shutil.rmtree(run_dir / "best")
+    evaluated = run_cli(["evaluate", run_dir, "--episodes", "2", "--no-progress"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert f"evaluated {run_dir} (latest checkpoint)" in evaluated.output
+    (report,) = (run_dir / "evaluation").glob("*.json")
+    assert report.name.endswith("-latest.json") and json.loads(report.read_text())["details"]["checkpoint"] == "latest"
+    inspected = run_cli(["inspect", run_dir, "--episodes", "1", "--no-progress"])
+    assert inspected.exit_code == 0, inspected.output
+    assert f"inspected {run_dir} (latest checkpoint)" in inspected.output
+
+
 def test_evaluate_with_baselines_prints_table_1_on_the_same_episodes(trained, data_dir, monkeypatch):
     import keras_metalstm.evaluation as evaluation
     from keras_metalstm import runs
