@@ -8,6 +8,7 @@ OSError / ResourceExhaustedError (the tests run as root, whom permissions do not
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -269,6 +270,23 @@ def test_a_start_interrupted_before_the_first_checkpoint_can_be_started_again(tm
     again = invoke(train_args(data_dir, run_dir, "--episodes", "2", "--checkpoint-every", "2"))
     assert again.exit_code == 0, again.output
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["theta0_init"] == "scratch"
+
+
+def test_a_run_killed_while_running_before_its_first_checkpoint_can_be_started_again(tmp_path, data_dir):
+    """SIGKILL after the training loop began (state.json says "running") but before any checkpoint: nothing of
+    the run is worth keeping, and its process is gone."""
+    run_dir = tmp_path / "run"
+    assert invoke(train_args(data_dir, run_dir, "--episodes", "2")).exit_code == 0
+    shutil.rmtree(run_dir / "checkpoints")
+    shutil.rmtree(run_dir / "best", ignore_errors=True)
+    (run_dir / "best.keras").unlink(missing_ok=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    record = {**state(run_dir), "status": "running", "episode": 0, "pid": gone.pid}
+    (run_dir / "state.json").write_text(json.dumps(record))
+    again = invoke(train_args(data_dir, run_dir, "--episodes", "2"))
+    assert again.exit_code == 0, again.output
+    assert state(run_dir)["status"] == "finished"
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
