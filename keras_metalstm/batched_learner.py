@@ -144,6 +144,12 @@ def _unsupported_reason(layer):
     return f"{type(layer).__name__} layers are not batched"
 
 
+def batched_with_grouped_convolutions(learner) -> bool:
+    """Whether batching `learner` over episodes convolves with grouped convolutions (its Conv2D layers), whose
+    gradient TensorFlow computes only on a GPU or TPU, or in XLA."""
+    return any(type(layer) is keras.layers.Conv2D for layer in learner._flatten_layers(include_self=False))
+
+
 class BatchedLearnerFunction(LearnerFunction):
     """A Keras learner seen as `logits, states = f(theta, states, images, training)` for B episodes at once.
 
@@ -160,9 +166,7 @@ class BatchedLearnerFunction(LearnerFunction):
         problems = unsupported_layers(learner)
         if problems:
             raise ValueError("This learner cannot be evaluated for a batch of episodes at once: " + "; ".join(problems))
-        self._has_convolutions = any(
-            type(layer) is keras.layers.Conv2D for layer in learner._flatten_layers(include_self=False)
-        )
+        self._has_convolutions = batched_with_grouped_convolutions(learner)
 
     def check_differentiable(self):
         """Raises ValueError where the function being traced cannot be differentiated: a convolutional learner

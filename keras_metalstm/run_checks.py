@@ -32,6 +32,23 @@ def check_theta0_source(config: RunConfig, strategy) -> None:
         )
 
 
+def check_episode_batching(config: RunConfig, architecture: dict) -> None:
+    """Fail before anything is written when `--episode-batching batched` asks for a gradient this machine cannot
+    compute: a convolutional learner's (`architecture`, its Keras config), on a CPU outside XLA."""
+    from keras_metalstm.batched_learner import batched_with_grouped_convolutions
+    from keras_metalstm.learner_architecture import model_from_architecture
+    from keras_metalstm.xla_ops import accelerator_present
+
+    if config.episode_batching != "batched" or config.xla or accelerator_present():
+        return
+    if batched_with_grouped_convolutions(model_from_architecture(architecture, tuple(config.image_shape))):
+        raise TrainingError(
+            "--episode-batching batched convolves a convolutional learner's episodes as grouped convolutions, "
+            "whose gradient TensorFlow computes on a GPU or TPU, or under XLA, not on this CPU: add --xla, or use "
+            "--episode-batching auto (it picks per_episode here)"
+        )
+
+
 def check_episode_shapes(splits, config: RunConfig) -> None:
     """Raise DataError now if the training or validation split cannot give the configured episodes (instead of
     mid-training)."""

@@ -32,7 +32,12 @@ from keras_metalstm.metrics_log import (
     read_metrics,
 )
 from keras_metalstm.paths import refuse_url
-from keras_metalstm.run_checks import check_episode_shapes, check_theta0_source, test_split_problem
+from keras_metalstm.run_checks import (
+    check_episode_batching,
+    check_episode_shapes,
+    check_theta0_source,
+    test_split_problem,
+)
 from keras_metalstm.runs import (
     SPLITS_FILE,
     RunDirError,
@@ -205,6 +210,7 @@ class TrainingRun:
         # A run that reached a checkpoint keeps its stored learner; a new one builds and checks config.learner.
         stored = self.run_dir if self.started else None
         self.architecture = _outside_any_strategy(learner_architecture, self.config, stored)
+        _outside_any_strategy(check_episode_batching, self.config, self.architecture)
         if self.chief:
             from keras_metalstm.learner_architecture import save_architecture
 

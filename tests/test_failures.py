@@ -49,6 +49,7 @@ def dead_pid():
     (["--clip-norm", "nan"], "clip_norm must be a finite number, got nan"),
     (["--n-way", "1"], "n_way must be at least 2"),
     (["--image-shape", "28,28"], "image_shape must be H,W,C"),
+    (["--episode-batching", "batched"], "not on this CPU: add --xla, or use --episode-batching auto"),
 ])
 def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, data_dir, flags, message):
     run_dir = tmp_path / "run"
@@ -280,9 +281,7 @@ def test_a_run_killed_while_running_before_its_first_checkpoint_can_be_started_a
     shutil.rmtree(run_dir / "checkpoints")
     shutil.rmtree(run_dir / "best", ignore_errors=True)
     (run_dir / "best.keras").unlink(missing_ok=True)
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    record = {**state(run_dir), "status": "running", "episode": 0, "pid": gone.pid}
+    record = {**state(run_dir), "status": "running", "episode": 0, "pid": dead_pid()}
     (run_dir / "state.json").write_text(json.dumps(record))
     again = invoke(train_args(data_dir, run_dir, "--episodes", "2"))
     assert again.exit_code == 0, again.output
