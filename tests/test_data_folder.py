@@ -1,6 +1,9 @@
 """Image-folder loader (root/<class>/*.png|jpg|jpeg|bmp|gif|webp) on generated fixtures, with its split option."""
 
+import os
 import re
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from keras_metalstm.data import (
     CONVERSION_RULE,
     IMAGE_EXTENSIONS,
     DataError,
+    image_files,
     image_folder_splits,
     load_dataset,
     load_image_folder,
@@ -214,3 +218,89 @@ def test_split_option_seeded_and_from_file(tmp_path):
     for split in from_file:  # images follow their class
         for name in split.class_names:
             np.testing.assert_allclose(split[name].mean(), 10 * int(name.split("_")[1]), atol=2)
+
+
+def save_png_at(path: bytes, value=0):
+    """A 16x16 RGB PNG at a bytes path (a name that need not be UTF-8); skip where the file system refuses it."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as out:
+            Image.new("RGB", (16, 16), (value, value, value)).save(out, format="PNG")
+    except OSError as error:  # macOS (APFS, HFS+) and some network file systems take UTF-8 names only
+        pytest.skip(f"the file system refuses a name that is not UTF-8: {error}")
+
+
+def test_names_that_are_not_utf8_are_refused_by_name(tmp_path):
+    """A Latin-1 name (from a Windows archive) is listed with surrogate escapes, which TensorFlow cannot convert to a
+    string tensor: the loader, adapt's support folder and predict's folders refuse it by name, printably."""
+    root = make_folder(tmp_path / "data", num_classes=3)
+    save_png_at(os.fsencode(root / "class_1") + b"/caf\xe9.png")
+    save_png_at(os.fsencode(root / "class_1") + b"/na\xefve.png")
+    with open(os.fsencode(root / "class_0") + b"/r\xe9sum\xe9.txt", "wb") as out:  # not an image: ignored
+        out.write(b"x")
+    file_message = r"the file path .*/class_1/caf\\xe9\.png is not valid UTF-8 .*rename it"
+    for load in (load_image_folder, image_folder_splits, lambda root: load_dataset("folder", root)):
+        with pytest.raises(DataError, match=file_message) as info:
+            load(root)
+        str(info.value).encode("utf-8")  # prints anywhere: no lone surrogate in the message
+    with pytest.raises(DataError, match=file_message):  # the listing of predict's folders
+        image_files(root / "class_1")
+    for name in (b"caf\xe9.png", b"na\xefve.png"):
+        os.unlink(os.fsencode(root / "class_1") + b"/" + name)
+    assert load_image_folder(root).class_sizes.tolist() == [3, 3, 3]
+
+    save_png_at(os.fsencode(root) + b"/cl\xe9ss_3/0.png")
+    class_message = r"the class folder path .*/data/cl\\xe9ss_3 is not valid UTF-8.*rename it"
+    with pytest.raises(DataError, match=class_message):
+        load_image_folder(root)
+    os.rename(os.fsencode(root) + b"/cl\xe9ss_3", os.fsencode(root / "class_3"))
+    os.rename(os.fsencode(root), os.fsencode(tmp_path) + b"/d\xe4ta")
+    root = os.fsdecode(os.fsencode(tmp_path) + b"/d\xe4ta")
+    with pytest.raises(DataError, match=r"the folder path .*/d\\xe4ta is not valid UTF-8"):
+        load_image_folder(root)
+    with pytest.raises(DataError, match=r"the folder path .*/d\\xe4ta/class_0 is not valid UTF-8"):
+        image_files(Path(root) / "class_0")
+
+
+def left_out_warnings(caught):
+    return [str(w.message) for w in caught if "left out" in str(w.message)]
+
+
+def test_images_the_load_leaves_out_are_named_in_one_warning(tmp_path):
+    """Images in a sub-folder of a class folder and files of a format not read beside readable images are left out
+    of their class: one warning per load says how many, shows one, and says what to do."""
+    root = make_folder(tmp_path / "data", num_classes=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_image_folder(root)  # notes.txt beside the images is expected: no warning
+    assert left_out_warnings(caught) == []
+    for path in (root / "class_1" / "more" / "n0.png", root / "class_1" / "more" / "deeper" / "n1.jpg"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16)).save(path)
+    (root / "class_2" / "x.tif").write_bytes(b"II*\x00")
+    (root / "class_2" / "y.HEIC").write_bytes(b"heic")
+    (root / "class_0" / ".thumbnails").mkdir()  # hidden: expected, not counted
+    Image.new("RGB", (16, 16)).save(root / "class_0" / ".thumbnails" / "t.png")
+    (root / "class_0" / ".x.tif").write_bytes(b"II*\x00")
+    (root / "class_0" / "labels").mkdir()
+    (root / "class_0" / "labels" / "boxes.csv").write_text("x")
+    with pytest.warns(RuntimeWarning) as caught:
+        dataset = load_image_folder(root)
+    assert dataset.class_sizes.tolist() == [3, 3, 3]
+    [message] = left_out_warnings(caught)
+    assert re.search(
+        r"left out 2 image file\(s\) in 2 sub-folder\(s\) of class folders \(e\.g\. class_1/more/deeper/n1\.jpg\).*"
+        r"move them up into their class folder; and 2 file\(s\) of a format not read \(\.heic, \.tif; e\.g\. "
+        r"class_2/x\.tif\): convert them to PNG",
+        message,
+    ), message
+
+    split_root = tmp_path / "split"
+    (split_root / "test").mkdir(parents=True)
+    (root / "class_2").rename(split_root / "test" / "class_2")
+    root.rename(split_root / "train")
+    with pytest.warns(RuntimeWarning) as caught:
+        splits = image_folder_splits(split_root)
+    assert [list(part.class_names) for part in splits if part.num_classes] == [["class_0", "class_1"], ["class_2"]]
+    [message] = left_out_warnings(caught)  # one for the whole load, not one a split
+    assert re.search(r"left out 2 image file.*train/class_1/more/deeper/n1\.jpg.*2 file.*test/class_2/x\.tif", message)

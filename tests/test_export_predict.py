@@ -12,6 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from export_helpers import SHAPE  # noqa: E402
 
 from keras_metalstm import export  # noqa: E402
+from keras_metalstm.data import DataError  # noqa: E402
 
 
 def test_accuracy_counts_right_predictions_per_true_class():
@@ -131,6 +132,9 @@ def test_image_inputs_check_every_path_and_array_before_any_prediction(encoded_f
     (tmp_path / "empty" / "scan.tiff").write_bytes(b"II*\x00")
     with pytest.raises(export.ExportError, match=r"holds no image files .*; it holds 1 .tiff file\(s\), a format not"):
         export.ImageInputs([tmp_path / "empty"], SHAPE)
+    latin1 = os.fsdecode(os.fsencode(encoded_files[0].parent) + b"/caf\xe9.png")
+    with pytest.raises(DataError, match=r"the file path .*caf\\xe9\.png is not valid UTF-8"):
+        export.ImageInputs([*encoded_files, latin1], SHAPE)
     # Values are checked as they are read: the batch holding the bad row names its file.
     values = np.zeros((5, *SHAPE), np.float32)
     values[4] = 2.0

@@ -3,7 +3,9 @@ TensorFlow 2.20 or later), one sub-folder per class, or a folder split already, 
 (``validation`` for ``val`` too; the layout many copies of Mini-ImageNet come in), whose splits are kept as they are.
 
 Every immediate sub-folder of ``root`` (hidden ones skipped) is a class named after the folder; its image files
-(extensions ``IMAGE_EXTENSIONS``, any case) are read in sorted order, other files are ignored. With
+(extensions ``IMAGE_EXTENSIONS``, any case) are read in sorted order, other files are ignored, but a load that
+leaves out images (in a sub-folder of a class folder, or of a format not read) says so in one warning. A file or
+folder name that is not UTF-8 is refused (TensorFlow takes UTF-8 paths only). With
 ``image_shape=(H, W, C)`` every image is converted to it by the package's rule (``convert_images``); without it
 all images must already share one shape (an alpha channel does not count) and mixed shapes are refused, the
 message naming two files that differ and the rule ``image_shape`` would apply.
@@ -12,6 +14,7 @@ message naming two files that differ and the rule ``image_shape`` would apply.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,11 +50,101 @@ def unread_files_note(folder: Path) -> str:
     )
 
 
-def image_files(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
-    """The image files directly in `folder` (lower-case `extensions`, matched in any case; hidden files skipped),
-    sorted by name."""
+def readable_path(path: str | os.PathLike) -> str:
+    """`path` as text that prints anywhere: a byte of its name that is not UTF-8 (which Python holds as a lone
+    surrogate, unprintable) is shown as ``\\xNN``."""
+    try:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file system name decodes to: typed, not listed
+        return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def refuse_non_utf8_names(paths: Sequence[Path], kind: str = "file") -> None:
+    """DataError naming the first of `paths` whose name is not UTF-8 (a Windows or Latin-1 archive's), and the fix:
+    TensorFlow takes paths as UTF-8 strings only and would fail deep inside."""
+    for path in paths:
+        if not _is_utf8(str(path)):
+            raise DataError(
+                f"the {kind} path {readable_path(path)} is not valid UTF-8 (\\xNN: a byte that is not): "
+                "TensorFlow takes paths in UTF-8 only; rename it in UTF-8 (convmv -r -f <its encoding> -t utf-8 "
+                "--notest DIR renames a whole folder tree)"
+            )
+
+
+def _listed_image_files(folder: Path, extensions: Sequence[str]) -> list[Path]:
     return sorted(
         f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in extensions and not f.name.startswith(".")
+    )
+
+
+def image_files(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """The image files directly in `folder` (lower-case `extensions`, matched in any case; hidden files skipped),
+    sorted by name; DataError for a folder or image file name that is not UTF-8 (`refuse_non_utf8_names`)."""
+    refuse_non_utf8_names([folder], "folder")
+    files = _listed_image_files(folder, extensions)
+    refuse_non_utf8_names(files)
+    return files
+
+
+def left_out_files(class_dir: Path, extensions: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """The files of a class folder that look like images but are not read: (those in its sub-folders, at any depth,
+    of a read or unread image format; those directly in it of a format not read). Hidden files and folders and
+    other files (notes, labels) are expected there and are not counted."""
+    unread_extensions = tuple(suffix for suffix in UNREAD_IMAGE_EXTENSIONS if suffix not in extensions)
+    wanted = tuple(extensions) + unread_extensions
+    nested, unread = [], []
+    # os.scandir knows an entry's type from the listing: no stat call for each of a large class's files.
+    with os.scandir(class_dir) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                for folder, folders, names in os.walk(entry.path):
+                    folders[:] = [name for name in folders if not name.startswith(".")]
+                    nested += [
+                        Path(folder, name)
+                        for name in names
+                        if not name.startswith(".") and Path(name).suffix.lower() in wanted
+                    ]
+            elif Path(entry.name).suffix.lower() in unread_extensions and entry.is_file():
+                unread.append(Path(entry.path))
+    return sorted(nested), sorted(unread)
+
+
+def warn_left_out(root: Path, nested: Sequence[Path], unread: Sequence[Path]) -> None:
+    """One warning for a data set's images that its load leaves out, with counts, an example and the fixes: a
+    class silently smaller than its folder suggests would go unnoticed."""
+    if not nested and not unread:
+        return
+    notes = []
+    if nested:
+        folders = {path.parent for path in nested}
+        formats = sorted({path.suffix.lower() for path in nested if path.suffix.lower() in UNREAD_IMAGE_EXTENSIONS})
+        convert = f" (and convert the {', '.join(formats)} ones to PNG)" if formats else ""
+        notes.append(
+            f"{len(nested)} image file(s) in {len(folders)} sub-folder(s) of class folders (e.g. "
+            f"{readable_path(nested[0].relative_to(root))}): a class holds only the images directly in its folder, "
+            f"so move them up into their class folder{convert}"
+        )
+    if unread:
+        suffixes = sorted({path.suffix.lower() for path in unread})
+        notes.append(
+            f"{len(unread)} file(s) of a format not read ({', '.join(suffixes)}; e.g. "
+            f"{readable_path(unread[0].relative_to(root))}): convert them to PNG ({'/'.join(IMAGE_EXTENSIONS)} "
+            "are read)"
+        )
+    warnings.warn(
+        f"keras_metalstm: image folder {readable_path(root)}: left out {'; and '.join(notes)}.",
+        RuntimeWarning,
+        stacklevel=3,
     )
 
 
@@ -80,12 +173,24 @@ def split_folders(root: Path) -> dict[str, Path] | None:
 def list_image_folder(
     root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS
 ) -> dict[str, list[Path]]:
-    """``{class name: sorted image paths}`` of ``root/<class>/*``; DataError for an empty or malformed folder."""
-    root = Path(root)
+    """``{class name: sorted image paths}`` of ``root/<class>/*``; DataError for an empty or malformed folder, a
+    RuntimeWarning for image files it leaves out (`warn_left_out`)."""
+    classes, nested, unread = _list_classes(Path(root), extensions)
+    warn_left_out(Path(root), nested, unread)
+    return classes
+
+
+def _list_classes(
+    root: Path, extensions: Sequence[str]
+) -> tuple[dict[str, list[Path]], list[Path], list[Path]]:
+    """`list_image_folder`'s classes and the files it leaves out (`left_out_files`), for one warning per load."""
     if not root.is_dir():
-        raise DataError(f"image folder not found: {root}")
+        raise DataError(f"image folder not found: {readable_path(root)}")
+    refuse_non_utf8_names([root], "folder")
     extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # Before any message names a class folder: a name that is not UTF-8 would not even print.
+    refuse_non_utf8_names(class_dirs, "class folder")
     if not class_dirs:
         loose = [p.name for p in root.iterdir() if p.suffix.lower() in extensions]
         hint = (
@@ -97,11 +202,13 @@ def list_image_folder(
             f"image folder {root} is empty: expected one sub-folder per class, "
             f"root/<class>/*{'|'.join(extensions)}{hint}"
         )
-    classes = {}
+    classes, nested_files, unread_files = {}, [], []
     for class_dir in class_dirs:
         files = image_files(class_dir, extensions)
         if not files:
-            nested = sorted(p.name for p in class_dir.iterdir() if p.is_dir() and image_files(p, extensions))
+            nested = sorted(
+                p.name for p in class_dir.iterdir() if p.is_dir() and _listed_image_files(p, extensions)
+            )
             shown = ", ".join(nested[:3]) + ("..." if len(nested) > 3 else "")
             if nested and (splits := split_folders(root)):
                 fix = (
@@ -117,8 +224,11 @@ def list_image_folder(
                 fix = unread_files_note(class_dir) or "; add images or remove the folder"
             raise DataError(f"class folder {class_dir} holds no {'/'.join(extensions)} image{fix}")
         classes[class_dir.name] = files
+        nested, unread = left_out_files(class_dir, extensions)
+        nested_files += nested
+        unread_files += unread
     refuse_one_folder_twice(classes)
-    return classes
+    return classes, nested_files, unread_files
 
 
 def refuse_one_folder_twice(classes: dict[str, list[Path]]) -> None:
@@ -185,9 +295,11 @@ def image_folder_splits(
 
 def _load_split_folders(root: Path, folders: dict[str, Path], image_shape) -> DatasetSplits:
     """The splits of a folder split already, its classes' names unique across them."""
-    classes, assignment = {}, {}
+    classes, assignment, nested, unread = {}, {}, [], []
     for split, folder in folders.items():
-        listed = list_image_folder(folder)
+        listed, split_nested, split_unread = _list_classes(folder, IMAGE_EXTENSIONS)
+        nested += split_nested
+        unread += split_unread
         for name in listed:
             if name in classes:
                 raise DataError(
@@ -197,4 +309,5 @@ def _load_split_folders(root: Path, folders: dict[str, Path], image_shape) -> Da
         classes.update(listed)
         assignment[split] = list(listed)
     refuse_one_folder_twice(classes)
+    warn_left_out(root, nested, unread)
     return _decoded(root, classes, image_shape).split_as(assignment)

@@ -143,10 +143,16 @@ def read_images(paths, image_shape):
 
 
 def _expand_folders(paths):
-    from keras_metalstm.data.folder import IMAGE_EXTENSIONS, image_files, unread_files_note
+    from keras_metalstm.data.folder import (
+        IMAGE_EXTENSIONS,
+        image_files,
+        refuse_non_utf8_names,
+        unread_files_note,
+    )
 
     for path in paths:
         if not path.is_dir():
+            refuse_non_utf8_names([path])
             yield path
             continue
         images = image_files(path)
