@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from keras_metalstm.config import RunConfig, first_line
+from keras_metalstm.data.errors import tensorflow_error_text
 from keras_metalstm.metrics_log import MetricsLog, tensorboard_writer, write_curves, write_scalars
 from keras_metalstm.numerics import numerics_differences, resume_note, step_numerics
 from keras_metalstm.run_checks import memory_problem, physical_memory
@@ -348,24 +350,32 @@ class TrainingSession:
                "seconds": round(self.seconds(), 3)}
         self._record(row, {"val/accuracy": mean})
         if is_best:
-            self.best_manager.save(checkpoint_number=current)
+            kept = latest_checkpoint(self.run_dir, BEST_DIR)
+            self._saved(self.best_manager, current, BEST_DIR, "best checkpoint", kept)
         self.callbacks.on_validation(current, mean, ci, is_best)
         return True
 
     def _save(self) -> None:
         episode = int(self.episode.numpy())
-        try:
-            path = self.manager.save(checkpoint_number=episode)
-        except Exception as error:  # noqa: BLE001 - a full disk, a read-only or vanished directory ...
-            kept = latest_checkpoint(self.run_dir)
-            raise TrainingError(
-                f"cannot save the checkpoint of episode {episode} in {self.output_dir / CHECKPOINT_DIR}: "
-                f"{first_line(error, 200)}. The last checkpoint is kept "
-                f"({kept or 'none yet'}); free space or fix the directory, then --resume"
-            ) from None
+        path = self._saved(self.manager, episode, CHECKPOINT_DIR, "checkpoint", latest_checkpoint(self.run_dir))
         self.checkpoint_numerics = self.numerics
         self._write_state()  # after the checkpoint: state.json describes the newest checkpoint
         self.callbacks.on_checkpoint(episode, path)
+
+    def _saved(self, manager, episode, folder, what, kept):
+        """`manager.save` at `episode`, or TrainingError naming the folder, the cause (the system's words, not
+        TensorFlow's op decoration) and the checkpoint `kept`; the half-written checkpoint is removed."""
+        try:
+            return manager.save(checkpoint_number=episode)
+        except Exception as error:  # noqa: BLE001 - a full disk, a read-only or vanished directory ...
+            for partial in Path(manager.directory).glob(f"*-{episode}_temp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            # TensorFlow's text is "<its temporary path>; <cause>": the folder is named here.
+            cause = tensorflow_error_text(error).rsplit("; ", 1)[-1]
+            raise TrainingError(
+                f"cannot save the {what} of episode {episode} in {self.output_dir / folder}: {cause}. The last "
+                f"{what} is kept ({kept or 'none yet'}); free space or fix the directory, then --resume"
+            ) from None
 
     def _record(self, row, scalars) -> None:
         if self.chief:

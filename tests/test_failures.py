@@ -201,25 +201,37 @@ def test_a_read_only_run_directory_is_one_clear_line(tmp_path, data_dir, monkeyp
     assert_clean_failure(result, "Read-only file system", str(tmp_path / "run" / "config.yaml"))
 
 
-def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_says_failed(tmp_path, data_dir, monkeypatch):
+@pytest.mark.parametrize("folder,what,episode,kept", [
+    ("checkpoints", "checkpoint", 4, os.path.join("checkpoints", "ckpt-3") + ")"),  # the validation's
+    ("best", "best checkpoint", 3, "kept (none yet)"),  # the first validation is the best so far
+])
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_says_failed(tmp_path, data_dir, monkeypatch, folder,
+                                                                            what, episode, kept):
     import tensorflow as tf
 
     run_dir = tmp_path / "run"
     real_save = tf.train.CheckpointManager.save
 
     def save(manager, checkpoint_number=None, **kwargs):
-        if checkpoint_number == 4 and "checkpoints" in manager.directory:
-            raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+        if checkpoint_number == episode and manager.directory.endswith(folder):
+            partial = os.path.join(manager.directory, f"ckpt-{episode}_temp")
+            os.makedirs(partial)  # where TensorFlow writes before it renames
+            raise tf.errors.ResourceExhaustedError(None, None, (
+                "{{function_node __wrapped__SaveV2_dtypes_31_device_/job:localhost/replica:0/task:0/device:CPU:0}} "
+                f"{partial}/part-00000-of-00001.data-00000-of-00001.tempstate1844; No space left on device [Op:SaveV2]"
+            ))
         return real_save(manager, checkpoint_number=checkpoint_number, **kwargs)
 
     monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
     result = invoke(train_args(data_dir, run_dir, "--episodes", "6", "--checkpoint-every", "2",
-                               "--validate-every", "6"))
-    assert_clean_failure(result, "cannot save the checkpoint of episode 4", "No space left on device", "ckpt-2")
+                               "--validate-every", "3"))
+    assert_clean_failure(result, f"cannot save the {what} of episode {episode} in {run_dir / folder}: No space left "
+                         "on device. The last", kept)
+    assert "function_node" not in result.output and "tempstate" not in result.output
+    assert not list((run_dir / folder).glob("*_temp*"))
     record = state(run_dir)
     assert record["status"].startswith("failed: ") and "No space left" in record["status"]
-    assert record["episode"] == 4
-    assert tf.train.latest_checkpoint(str(run_dir / "checkpoints")).endswith("ckpt-2")
+    assert record["episode"] == episode
     monkeypatch.undo()
     resumed = invoke(train_args(data_dir, run_dir, "--resume", "--episodes", "6"))
     assert resumed.exit_code == 0, resumed.output

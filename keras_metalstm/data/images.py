@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from keras_metalstm.data.bmp import apply_bmp_palette, unreadable_bmp_reason
 from keras_metalstm.data.cache import cached_decode
-from keras_metalstm.data.errors import DataError
+from keras_metalstm.data.errors import DataError, tensorflow_error_text
 from keras_metalstm.data.exif import apply_exif_orientation
 from keras_metalstm.data.pipelines import without_autotune_thread
 from keras_metalstm.data.progress import reading
@@ -145,13 +145,6 @@ def to_uint8(images: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.round(tf.clip_by_value(images, 0.0, 1.0) * 255.0), tf.uint8)
 
 
-def _tf_error_text(error: Exception) -> str:
-    """The human part of a TensorFlow error message (no function-node prefix, no op suffix)."""
-    text = getattr(error, "message", None) or str(error)
-    text = text.split("}}")[-1].split("[Op:")[0].strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _explain_unreadable(name: str, source, from_bytes: bool) -> str:
     """Re-read one failed file eagerly to say why it failed."""
     try:
@@ -163,7 +156,7 @@ def _explain_unreadable(name: str, source, from_bytes: bool) -> str:
             return f"{name}: {reason}"
         decode_image(contents)
     except tf.errors.OpError as error:
-        return f"{name}: {_tf_error_text(error)}"
+        return f"{name}: {tensorflow_error_text(error)}"
     return f"{name}: could not be decoded"
 
 
