@@ -69,7 +69,13 @@ def make_strategy(name: str = "default", tpu: str | None = None, devices=None) -
         return tf.distribute.MirroredStrategy(devices=list(devices))
     if name == "multiworker":
         return tf.distribute.MultiWorkerMirroredStrategy()
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
+    except ValueError as error:  # no name given and none found (TPU_NAME, a TPU VM)
+        raise StrategyError(
+            f"--strategy tpu found no TPU ({str(error).strip()}): pass --tpu NAME (the TPU's name or grpc:// "
+            "address), or run on a TPU VM"
+        ) from None
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)

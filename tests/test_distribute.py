@@ -131,12 +131,17 @@ def test_two_worker_multiworker_mirrored_identical_weights_and_loadable_checkpoi
 
 
 def test_factory_rejects_unknown_strategy_and_stray_tpu_name():
+    import tensorflow as tf
+
     from keras_metalstm.distribute import make_strategy
 
     with pytest.raises(ValueError, match="unknown strategy"):
         make_strategy("horovod")
     with pytest.raises(ValueError, match="--tpu"):
         make_strategy("mirrored", tpu="my-tpu")
+    if not os.environ.get("TPU_NAME") and not tf.config.list_logical_devices("TPU"):
+        with pytest.raises(ValueError, match=r"--strategy tpu found no TPU .*: pass --tpu NAME"):
+            make_strategy("tpu")
 
 
 def test_factory_default_and_per_replica_batch():
