@@ -27,9 +27,9 @@ DTYPE_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
 ENV_PREFIX = "METALSTM_"
 CONFIG_FILE_NAME = "config.yaml"
-# METALSTM_* variables that are not run settings (read by the commands or the tests); any other METALSTM_* name
-# that is not a setting is a misspelling, refused rather than silently ignored.
-OTHER_ENVIRONMENT = ("RUN_DIR", "EVAL_EPISODES", "EVAL_BASELINES", "EVAL_SEED", "DOCKER_SMOKE")
+# METALSTM_* variables that are not run settings (read by the commands or the tests; VERBOSE is `metalstm
+# --verbose`); any other METALSTM_* name that is not a setting is a misspelling, refused rather than ignored.
+OTHER_ENVIRONMENT = ("VERBOSE", "RUN_DIR", "EVAL_EPISODES", "EVAL_BASELINES", "EVAL_SEED", "DOCKER_SMOKE")
 
 # Fields that define the shape of the meta-learner, of its episodes or of its checkpoint: a checkpoint is only
 # valid for a run with the same values, so `--resume` refuses to change them.

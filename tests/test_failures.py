@@ -97,6 +97,14 @@ def test_a_misspelled_environment_variable_is_refused(tmp_path, data_dir):
     assert_clean_failure(result, "environment variable METALSTM_K_SHOTS is not a setting", "METALSTM_K_SHOT")
 
 
+def test_verbose_by_flag_or_environment_is_not_taken_for_a_misspelled_setting(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("METALSTM_VERBOSE", "0")  # restored afterwards: --verbose sets it for the process
+    for args, env in ((["--verbose"], None), ([], {"METALSTM_VERBOSE": "1"})):
+        run_dir = tmp_path / f"run{len(args)}"
+        result = invoke([*args, *train_args(data_dir, run_dir, "--episodes", "1")], env=env)
+        assert result.exit_code == 0, result.output
+
+
 def test_resume_of_a_missing_run_is_refused(tmp_path, data_dir):
     result = invoke(train_args(data_dir, tmp_path / "misspelled", "--resume"))
     assert_clean_failure(result, "holds no training run to resume")
