@@ -14,7 +14,19 @@ from keras_metalstm.cli.common import CONTEXT_SETTINGS, show_library_messages
 from keras_metalstm.cpu_kernels import prefer_onednn
 
 
-@click.group(context_settings=CONTEXT_SETTINGS)
+class Commands(click.Group):
+    """The commands; Ctrl-C before a command takes it over (a training run saves a checkpoint and says how to go
+    on) ends with the shell's code for it, 130, instead of click's "Aborted!" and 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=Commands, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="keras-metalstm", prog_name="metalstm")
 @click.option(
     "--verbose",

@@ -308,6 +308,20 @@ def test_a_run_killed_while_running_before_its_first_checkpoint_can_be_started_a
     assert state(run_dir)["status"] == "finished"
 
 
+def test_ctrl_c_while_a_command_starts_ends_with_130_and_a_later_run_starts_afresh(tmp_path, data_dir, monkeypatch):
+    import keras_metalstm.training as training
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(training, "load_splits", ctrl_c)
+    first = invoke(train_args(data_dir, run_dir, "--episodes", "2"))
+    assert first.exit_code == 130 and "interrupted" in first.output and "Aborted" not in first.output
+    monkeypatch.undo()
+    assert invoke(train_args(data_dir, run_dir, "--episodes", "2")).exit_code == 0
+
+
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_with_its_exit_code_and_the_resumed_log_equals_an_uninterrupted_one(
         tmp_path, data_dir, monkeypatch, signum, code):
