@@ -316,13 +316,23 @@ def read_state(run_dir) -> dict:
 
 
 def write_state(
-    run_dir, status: str, episode: int, episodes: int, best_accuracy, best_episode, seconds, window=None, numerics=None
+    run_dir,
+    status: str,
+    episode: int,
+    episodes: int,
+    best_accuracy,
+    best_episode,
+    seconds,
+    window=None,
+    numerics=None,
+    checkpoint=None,
 ) -> None:
     """state.json, atomically: the status (running, finished, interrupted, diverged, failed: <reason>), where the
     run is, the training seconds of all sessions, the metrics row in progress (`window`: loss sum, accuracy sum,
-    episodes), how the steps of the session that wrote the newest checkpoint round (`numerics`:
-    keras_metalstm.numerics, so that a resumed run can tell whether it continues bitwise) and which process wrote
-    it (so that a later session can tell a crash from a run still going)."""
+    episodes), the newest checkpoint's episode and training seconds (`checkpoint`, {"episode", "seconds"}: where a
+    session that stopped after it without saving resumes), how the steps of the session that wrote it round
+    (`numerics`: keras_metalstm.numerics, so that a resumed run can tell whether it continues bitwise) and which
+    process wrote the file (so that a later session can tell a crash from a run still going)."""
     atomic_write_text(
         Path(run_dir) / STATE_FILE,
         json.dumps(
@@ -334,6 +344,7 @@ def write_state(
                 "best_episode": best_episode,
                 "seconds": round(float(seconds), 3),
                 "window": list(window or [0.0, 0.0, 0]),
+                "checkpoint": checkpoint,
                 "numerics": numerics,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),

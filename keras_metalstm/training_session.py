@@ -168,6 +168,7 @@ class TrainingSession:
         # state.json keeps the latter, which a resumed run compares with.
         self.numerics = step_numerics(strategy, config.xla)
         self.checkpoint_numerics = None
+        self.checkpoint_clock = None  # the newest checkpoint's episode and training seconds, for state.json
         self.status = "running"
         self.stop = _StopFlag()
         self.window = [0.0, 0.0, 0]  # loss sum, accuracy sum, episodes of the metrics row in progress
@@ -196,9 +197,20 @@ class TrainingSession:
             self.checkpoint_numerics = state.get("numerics")
             if differences := numerics_differences(self.checkpoint_numerics, self.numerics):
                 self.callbacks.on_message(resume_note(differences))
-            if state.get("episode") == checkpoint_episode(latest):
+            done = checkpoint_episode(latest)
+            if state.get("episode") == done:
                 self.window = list(state.get("window", self.window))
-                return float(state.get("seconds", 0.0))
+                self.checkpoint_clock = {"episode": done, "seconds": float(state.get("seconds", 0.0))}
+                return self.checkpoint_clock["seconds"]
+            if not crashed(state) and isinstance(state.get("episode"), int) and state["episode"] > done:
+                self.callbacks.on_message(
+                    f"the previous session stopped at episode {state['episode']} ({state.get('status')}) after the "
+                    f"last checkpoint it could save; resuming from that checkpoint, episode {done}"
+                )
+            at_checkpoint = state.get("checkpoint")
+            if isinstance(at_checkpoint, dict) and at_checkpoint.get("episode") == done:
+                self.checkpoint_clock = at_checkpoint
+                return float(at_checkpoint.get("seconds", 0.0))
             return 0.0
         if config.theta0_init != "pretrained":
             return 0.0
@@ -359,6 +371,7 @@ class TrainingSession:
         episode = int(self.episode.numpy())
         path = self._saved(self.manager, episode, CHECKPOINT_DIR, "checkpoint", latest_checkpoint(self.run_dir))
         self.checkpoint_numerics = self.numerics
+        self.checkpoint_clock = {"episode": episode, "seconds": round(self.seconds(), 3)}
         self._write_state()  # after the checkpoint: state.json describes the newest checkpoint
         self.callbacks.on_checkpoint(episode, path)
 
@@ -397,6 +410,7 @@ class TrainingSession:
             self.seconds(),
             window=self.window,
             numerics=self.checkpoint_numerics,
+            checkpoint=self.checkpoint_clock,
         )
 
     def _close(self) -> None:

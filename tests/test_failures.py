@@ -209,12 +209,12 @@ def test_a_read_only_run_directory_is_one_clear_line(tmp_path, data_dir, monkeyp
     assert_clean_failure(result, "Read-only file system", str(tmp_path / "run" / "config.yaml"))
 
 
-@pytest.mark.parametrize("folder,what,episode,kept", [
-    ("checkpoints", "checkpoint", 4, os.path.join("checkpoints", "ckpt-3") + ")"),  # the validation's
-    ("best", "best checkpoint", 3, "kept (none yet)"),  # the first validation is the best so far
+@pytest.mark.parametrize("folder,what,episode,kept,last", [
+    ("checkpoints", "checkpoint", 4, os.path.join("checkpoints", "ckpt-3") + ")", 3),  # the validation's
+    ("best", "best checkpoint", 3, "kept (none yet)", 2),  # the first validation is the best so far
 ])
 def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_says_failed(tmp_path, data_dir, monkeypatch, folder,
-                                                                            what, episode, kept):
+                                                                            what, episode, kept, last):
     import tensorflow as tf
 
     run_dir = tmp_path / "run"
@@ -239,11 +239,16 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_says_failed(tmp_
     assert not list((run_dir / folder).glob("*_temp*"))
     record = state(run_dir)
     assert record["status"].startswith("failed: ") and "No space left" in record["status"]
-    assert record["episode"] == episode
+    assert record["episode"] == episode and record["checkpoint"]["episode"] == last
+    # As if the sessions before had trained for 1,000 s: the resumed run counts on from its checkpoint's time.
+    (run_dir / "state.json").write_text(json.dumps({**record, "checkpoint": {"episode": last, "seconds": 1000.0}}))
     monkeypatch.undo()
     resumed = invoke(train_args(data_dir, run_dir, "--resume", "--episodes", "6"))
     assert resumed.exit_code == 0, resumed.output
-    assert state(run_dir)["status"] == "finished"
+    assert (f"the previous session stopped at episode {episode} (failed: TrainingError: cannot save the {what} "
+            f"of episode {episode}") in resumed.output
+    assert f"resuming from that checkpoint, episode {last}" in resumed.output
+    assert state(run_dir)["status"] == "finished" and state(run_dir)["seconds"] > 1000
 
 
 def test_corrupt_exports_given_to_predict(tmp_path):
