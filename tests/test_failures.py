@@ -378,6 +378,23 @@ def test_stale_export_temporaries_of_a_killed_export_are_removed_by_the_next_exp
     assert not stale.exists() and alive.exists()
 
 
+def test_a_failed_export_leaves_no_empty_model_folder(tmp_path):
+    from keras_metalstm.export.files import atomic_path
+
+    target = tmp_path / "saved_models" / "task" / "1"
+    with pytest.raises(RuntimeError, match="the converter failed"), atomic_path(target, directory=True):
+        raise RuntimeError("the converter failed")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "saved_models").mkdir()
+    (tmp_path / "saved_models" / "other").mkdir()  # a folder that was there before stays
+    with pytest.raises(KeyboardInterrupt), atomic_path(target, directory=True):
+        raise KeyboardInterrupt
+    assert [p.name for p in (tmp_path / "saved_models").iterdir()] == ["other"]
+    with atomic_path(target, directory=True) as written:
+        (written / "saved_model.pb").write_bytes(b"model")
+    assert (target / "saved_model.pb").read_bytes() == b"model"
+
+
 def test_a_folder_of_mixed_sizes_and_modes_trains_with_image_shape(tmp_path):
     data_dir = make_image_folder(tmp_path / "data", num_classes=12, per_class=5)
     for folder in sorted(data_dir.iterdir())[::2]:  # every other class as 32x32 RGB

@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from keras_metalstm.export.errors import ExportError
@@ -71,9 +71,11 @@ def atomic_path(target: str | os.PathLike, force: bool = False, directory: bool 
     """Yields a temporary path to write; on success it is renamed to ``target``, on error removed.
 
     ``directory=True`` creates the temporary path as an empty folder first. ``suffix`` keeps an extension that a
-    writer insists on (Keras only writes ``*.keras`` files).
+    writer insists on (Keras only writes ``*.keras`` files). Folders made for the target are removed again when
+    nothing was written into them (a failed or interrupted export leaves no empty model folder).
     """
     target = check_target(target, force)
+    made = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target.parent)
     tmp = temporary_sibling(target, suffix)
@@ -83,11 +85,15 @@ def atomic_path(target: str | os.PathLike, force: bool = False, directory: bool 
         yield tmp
         check_target(target, force)  # still free (another writer may have raced us)
         replace(tmp, target)
+        made = []
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+        for folder in made:  # innermost first; rmdir leaves a folder someone else wrote into
+            with suppress(OSError):
+                folder.rmdir()
 
 
 def versions(base: str | os.PathLike) -> list[int]:
