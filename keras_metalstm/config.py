@@ -372,7 +372,12 @@ def _coerce(name: str, value: Any) -> Any:
                 if lowered in ("0", "false", "no", "off"):
                     return False
                 raise ValueError(value)
+            if not isinstance(value, bool) and value not in (0, 1):  # a number or a list is no yes or no
+                raise ValueError(value)
             return bool(value)
+        # A yes or no is no number (YAML's `k_shot: true` would train 1-shot).
+        if isinstance(value, bool) and name in _INT_FIELDS | _FLOAT_FIELDS | _OPTIONAL_FLOAT_FIELDS:
+            raise ValueError(value)
         if name in _INT_FIELDS:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)

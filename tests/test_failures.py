@@ -60,6 +60,9 @@ def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, data_dir, 
 @pytest.mark.parametrize("text,message", [
     ("learning_rate: .nan\n", "learning_rate must be a finite number"),
     ("data_dir: [1, 2]\n", "setting 'data_dir' takes text (a name or a path), got list [1, 2]"),
+    ("seed: true\n", "invalid value True for setting 'seed'"),
+    ("learning_rate: false\n", "invalid value False for setting 'learning_rate'"),
+    ("xla: 5\n", "invalid value 5 for setting 'xla'"),
 ])
 def test_bad_values_in_a_config_file(tmp_path, data_dir, text, message):
     config = tmp_path / "run.yaml"
