@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 from keras_metalstm.cli.common import (
     CONTEXT_SETTINGS,
@@ -297,10 +299,15 @@ def summary_line(result) -> str:
         if result.best_val_accuracy is not None
         else "no validation"
     )
+    # What is there: a run stopped at its first episodes has no best/ and no curves yet.
+    written = [
+        name + "/" * (Path(result.run_dir) / name).is_dir()
+        for name in ("config.yaml", "checkpoints", "best", "best.keras", "metrics.jsonl", "curves.png")
+        if (Path(result.run_dir) / name).exists()
+    ]
     return (
         f"{result.status}: {result.episode} episodes in {duration(result.seconds)} (training time, all "
-        f"sessions); {best}; run directory {result.run_dir} (config.yaml, checkpoints/, best/, "
-        "metrics.jsonl, curves.png)"
+        f"sessions); {best}; run directory {result.run_dir} ({', '.join(written)})"
     )
 
 

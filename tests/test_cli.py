@@ -46,6 +46,7 @@ def test_train_writes_checkpoints_config_metrics_and_curves(trained, data_dir):
     assert state["status"] == "finished" and state["episode"] == 8
     assert (run_dir / "best.keras").is_file()
     assert "finished: 8 episodes" in output and str(run_dir) in output
+    assert f"{run_dir} (config.yaml, checkpoints/, best/, best.keras, metrics.jsonl, curves.png)" in output
 
 
 def test_existing_run_without_resume_is_refused_and_untouched(trained, data_dir):

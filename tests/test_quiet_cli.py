@@ -32,7 +32,9 @@ def test_train_prints_no_tensorflow_start_up_line(tmp_path):
     assert result.returncode == 0, result.stderr
     output = (result.stdout + result.stderr).splitlines()
     assert [line for line in output if TENSORFLOW_LOG_LINE.search(line)] == []
-    assert any(line.startswith("finished: 2 episodes") for line in output), output  # the summary line is there
+    summary = [line for line in output if line.startswith("finished: 2 episodes")]
+    assert summary, output  # the summary line is there, naming only what the run wrote (no validation: no best/)
+    assert summary[0].endswith(f"{run_dir} (config.yaml, checkpoints/, best.keras, metrics.jsonl, curves.png)")
     assert (run_dir / "state.json").exists()
 
     helped = subprocess.run([sys.executable, "-m", "keras_metalstm.cli.main", "quickstart", "--help"],
