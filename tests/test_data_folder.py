@@ -218,6 +218,11 @@ def test_split_option_seeded_and_from_file(tmp_path):
     for split in from_file:  # images follow their class
         for name in split.class_names:
             np.testing.assert_allclose(split[name].mean(), 10 * int(name.split("_")[1]), atol=2)
+    # Folders the file does not name are not read: an empty one, one of unreadable files.
+    (root / "zz_empty").mkdir()
+    (root / "zz_broken").mkdir()
+    (root / "zz_broken" / "a.png").write_bytes(b"not a png")
+    assert image_folder_splits(root, split_file=path).class_names() == splits.class_names()
 
 
 def save_png_at(path: bytes, value=0):

@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from keras_metalstm.data.dataset import DEFAULT_SPLIT_FRACTIONS, ClassIndexedDataset, DatasetSplits
+from keras_metalstm.data.dataset import (
+    DEFAULT_SPLIT_FRACTIONS,
+    ClassIndexedDataset,
+    DatasetSplits,
+    read_split_file,
+)
 from keras_metalstm.data.errors import DataError
 from keras_metalstm.data.images import READS_WEBP, decode_image_files
 
@@ -171,24 +176,27 @@ def split_folders(root: Path) -> dict[str, Path] | None:
 
 
 def list_image_folder(
-    root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS
+    root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS, only: Collection[str] | None = None
 ) -> dict[str, list[Path]]:
-    """``{class name: sorted image paths}`` of ``root/<class>/*``; DataError for an empty or malformed folder, a
-    RuntimeWarning for image files it leaves out (`warn_left_out`)."""
-    classes, nested, unread = _list_classes(Path(root), extensions)
+    """``{class name: sorted image paths}`` of ``root/<class>/*`` (with `only`, of the classes it names; the other
+    folders are not read); DataError for an empty or malformed folder, a RuntimeWarning for image files it leaves
+    out (`warn_left_out`)."""
+    classes, nested, unread = _list_classes(Path(root), extensions, only)
     warn_left_out(Path(root), nested, unread)
     return classes
 
 
 def _list_classes(
-    root: Path, extensions: Sequence[str]
+    root: Path, extensions: Sequence[str], only: Collection[str] | None = None
 ) -> tuple[dict[str, list[Path]], list[Path], list[Path]]:
     """`list_image_folder`'s classes and the files it leaves out (`left_out_files`), for one warning per load."""
     if not root.is_dir():
         raise DataError(f"image folder not found: {readable_path(root)}")
     refuse_non_utf8_names([root], "folder")
     extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = sorted(
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (only is None or p.name in only)
+    )
     # Before any message names a class folder: a name that is not UTF-8 would not even print.
     refuse_non_utf8_names(class_dirs, "class folder")
     if not class_dirs:
@@ -289,7 +297,10 @@ def image_folder_splits(
     if folders:
         splits = _load_split_folders(Path(root), folders, image_shape)
     else:
-        splits = load_image_folder(root, image_shape).split(fractions, seed, split_file=split_file)
+        # A split file's classes only: a folder it leaves out is not read (it may be broken or not images at all).
+        named = None if split_file is None else {name for part in read_split_file(split_file).values() for name in part}
+        classes = list_image_folder(root, only=named)
+        splits = _decoded(Path(root), classes, image_shape).split(fractions, seed, split_file=split_file)
     return splits.with_rotations() if rotations else splits
 
 
