@@ -49,6 +49,17 @@ def test_fashion_mnist_classes_go_to_the_test_split_grouped_by_class(fashion_dir
     assert only_test_file.class_names == ("Dress", "Ankle boot") and only_test_file.num_images == 2
 
 
+def test_unzipped_idx_files_are_read_as_the_gzipped_ones(fashion_dir):
+    zipped = load_dataset("fashion_mnist", fashion_dir).test
+    for path in fashion_dir.glob("*-ubyte.gz"):
+        with gzip.open(path, "rb") as source:
+            path.with_suffix("").write_bytes(source.read())
+        path.unlink()
+    unzipped = load_dataset("fashion_mnist", fashion_dir).test
+    assert unzipped.class_names == zipped.class_names
+    np.testing.assert_array_equal(unzipped.images, zipped.images)
+
+
 def test_fashion_mnist_errors_name_the_problem(fashion_dir, tmp_path_factory):
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion_mnist", fashion_dir / "nowhere")

@@ -2,7 +2,7 @@
 
 Users adapt a meta-learner to their own images, never to the meta-training domain; Fashion-MNIST (Xiao et al.
 2017: 10 classes of Zalando product photos, 28x28 grey) measures that. Its standard files, the four IDX files
-gzipped as distributed:
+gzipped as distributed (or unzipped, without `.gz`, as some copies ship them):
 
     train-images-idx3-ubyte.gz   train-labels-idx1-ubyte.gz   (60,000 images)
     t10k-images-idx3-ubyte.gz    t10k-labels-idx1-ubyte.gz    (10,000 images)
@@ -45,16 +45,17 @@ IDX_UNSIGNED_BYTE = 0x08
 
 
 def read_idx(path: str | os.PathLike, dimensions: int) -> np.ndarray:
-    """The uint8 array of a gzipped IDX file of unsigned bytes with `dimensions` dimensions; DataError if the
-    file is not one."""
+    """The uint8 array of an IDX file of unsigned bytes with `dimensions` dimensions, gzipped (`.gz`) or not;
+    DataError if the file is not one."""
     path = Path(path)
+    zipped = path.suffix == ".gz"
     try:
-        with gzip.open(path, "rb") as f:
+        with (gzip.open(path, "rb") if zipped else open(path, "rb")) as f:
             data = f.read()
     except FileNotFoundError:
         raise DataError(f"Fashion-MNIST file not found: {path}") from None
     except (OSError, EOFError) as error:
-        raise DataError(f"cannot read {path} as a gzipped IDX file: {error}") from None
+        raise DataError(f"cannot read {path} as a{' gzipped' if zipped else 'n'} IDX file: {error}") from None
     header = 4 + 4 * dimensions
     if len(data) < header or data[:2] != b"\0\0" or data[2] != IDX_UNSIGNED_BYTE or data[3] != dimensions:
         raise DataError(
@@ -67,6 +68,12 @@ def read_idx(path: str | os.PathLike, dimensions: int) -> np.ndarray:
             f"{path}: the header announces {shape}, but the file holds {len(data) - header} bytes"
         )
     return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def _gzipped_or_not(path: Path) -> Path:
+    """`path` (a `.gz` file), or the unzipped file beside it when only that is there."""
+    unzipped = path.with_suffix("")
+    return unzipped if not path.exists() and unzipped.is_file() else path
 
 
 def load_fashion_mnist(
@@ -85,7 +92,7 @@ def load_fashion_mnist(
         raise DataError(f"unknown Fashion-MNIST file set(s) {unknown}; choose from train, t10k")
     images, labels = [], []
     for name in files:
-        image_file, label_file = (data_dir / f for f in FASHION_MNIST_FILES[name])
+        image_file, label_file = (_gzipped_or_not(data_dir / f) for f in FASHION_MNIST_FILES[name])
         these_images, these_labels = read_idx(image_file, 3), read_idx(label_file, 1)
         if len(these_images) != len(these_labels):
             raise DataError(
