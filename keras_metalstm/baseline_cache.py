@@ -90,8 +90,10 @@ def prepare_baselines(
     architecture of) `learner`: the pre-trained classifier (`cached_pretrained_classifier`) and every validation
     choice are computed once and cached in RUN_DIR/baselines/. Returns (baselines, details for the report)."""
     from keras_metalstm.data import episode_dataset
+    from keras_metalstm.pretraining import check_output_layer
     from keras_metalstm.statistics import eval_batch_size
 
+    check_output_layer(learner)  # before minutes of pre-training, not after
     model, info = cached_pretrained_classifier(run_dir, config, splits, learner, pretrain, log)
     info_path = baseline_cache_paths(run_dir)[1]
     baselines = build_baselines(model, config.n_way, protocols, baseline_plus, seed=config.seed)

@@ -67,18 +67,25 @@ def feature_model(pretrained):
 
 
 def check_output_layer(pretrained) -> None:
-    """LearnerError unless the network ends in a Dense layer with a bias and no activation (the layer the
-    fine-tunes replace)."""
+    """LearnerError unless the network (a functional or Sequential model) ends in a Dense layer with a bias and no
+    activation (the layer the fine-tunes replace)."""
     import keras
 
-    head = output_layer(pretrained)
-    if not (isinstance(head, keras.layers.Dense) and head.use_bias and head.activation.__name__ == "linear"):
-        from keras_metalstm.learner_spec import LearnerError
+    if not getattr(pretrained, "outputs", None):
+        ends = f"is a subclassed {type(pretrained).__name__}, whose output layer cannot be found and replaced"
+    else:
+        head = output_layer(pretrained)
+        ends = f"ends in {type(head).__name__} {head.name!r}"
+        if isinstance(head, keras.layers.Dense):
+            if head.activation.__name__ == "linear" and head.use_bias:
+                return
+            ends += " without a bias" if head.activation.__name__ == "linear" else f" with {head.activation.__name__}"
+    from keras_metalstm.learner_spec import LearnerError
 
-        raise LearnerError(
-            f"the baselines replace the learner's output layer by a new N-way Dense layer with a bias and no "
-            f"activation; this learner ends in {type(head).__name__} {head.name!r}"
-        )
+    raise LearnerError(
+        f"the baselines replace the learner's output layer by a new N-way Dense layer with a bias and no activation "
+        f"(in a functional or Sequential model); this learner {ends}"
+    )
 
 
 class PretrainedFeatures:

@@ -29,6 +29,7 @@ def test_a_run_without_a_best_checkpoint_is_evaluated_and_inspected_under_the_na
     run_dir = tmp_path / "unvalidated"
     shutil.copytree(trained[0], run_dir)
     shutil.rmtree(run_dir / "best")
+    shutil.rmtree(run_dir / "evaluation", ignore_errors=True)  # reports of the other tests' evaluations
     evaluated = run_cli(["evaluate", run_dir, "--episodes", "2", "--no-progress"])
     assert evaluated.exit_code == 0, evaluated.output
     assert f"evaluated {run_dir} (latest checkpoint)" in evaluated.output

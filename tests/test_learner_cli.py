@@ -86,6 +86,12 @@ def frozen_with_set_weights(input_shape, num_classes):
     return keras.Model(images, keras.layers.Dense(num_classes)(keras.layers.Flatten()(features)))
 
 
+def head_without_bias(input_shape, num_classes):
+    images = keras.Input(shape=input_shape)
+    return keras.Model(images, keras.layers.Dense(num_classes, use_bias=False, name="head")(
+        keras.layers.Flatten()(images)))
+
+
 def frozen(input_shape, num_classes):
     images = keras.Input(shape=input_shape)
     head = keras.layers.Dense(num_classes, trainable=False)
@@ -286,6 +292,19 @@ def test_best_keras_keeps_a_frozen_layers_weights_which_no_checkpoint_holds(tmp_
     best = keras.models.load_model(tmp_path / "best.keras")
     np.testing.assert_array_equal(best.theta0.numpy(), best_theta0)
     np.testing.assert_array_equal(best.learner.get_layer(stem.name).kernel.numpy(), stem.kernel.numpy())
+
+
+@pytest.mark.parametrize("factory,message", [
+    ("head_without_bias", "this learner ends in Dense 'head' without a bias"),
+    ("subclassed", "this learner is a subclassed SmallNet, whose output layer cannot be found and replaced"),
+])
+def test_baselines_refuse_a_learner_they_cannot_fine_tune_before_pre_training_it(user_module, data_dir, factory,
+                                                                                  message):
+    run_dir = user_module / "run"
+    assert run_cli(train_args(data_dir, run_dir, "--learner", f"user_models:{factory}")).exit_code == 0
+    result = CliRunner().invoke(main, ["evaluate", str(run_dir), "--episodes", "2", "--baselines", "--no-progress"])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "pre-training" not in result.output and not (run_dir / "baselines" / "pretrained.keras").exists()
 
 
 @pytest.mark.parametrize("factory", ["layernorm_dropout", "skip"])
