@@ -77,13 +77,14 @@ def _layer_configs(config):
             yield from _layer_configs(item)
 
 
-def check_weights_survive_rebuilding(learner, rebuilt) -> None:
+def check_weights_survive_rebuilding(learner, rebuilt, from_file: bool = False) -> None:
     """LearnerError when `rebuilt` (the learner made again from its architecture, as every command that loads a run
     makes it) has other trainable weights than `learner` (a get_config leaving out an argument), or naming the
     layers whose non-trainable weights it does not reproduce: weights set after the layers were
     made (loaded into a frozen layer, assigned by hand), which a run, storing the architecture and theta_0, would
-    lose. Batch-norm moving statistics (reset every episode), random seed states and Normalization statistics
-    (in the architecture, `architecture_config`) do not count."""
+    lose (`from_file`: the learner was loaded from a `.keras` file, whose weights are its own). Batch-norm moving
+    statistics (reset every episode), random seed states and Normalization statistics (in the architecture,
+    `architecture_config`) do not count."""
     import keras
 
     def kept(model):
@@ -122,12 +123,18 @@ def check_weights_survive_rebuilding(learner, rebuilt) -> None:
         }
     )
     if lost or len(built) != len(made_again):
+        where = ", ".join(lost) or "its layers"
+        cause = (
+            f"the learner file's non-trainable weights in {where} (a frozen layer's) are its own, not what the "
+            "layers make from their config"
+            if from_file
+            else f"the learner's non-trainable weights in {where} are not made by its layers from their config (a "
+            "frozen layer given weights after it was made?)"
+        )
         raise LearnerError(
-            f"the learner's non-trainable weights in {', '.join(lost) or 'its layers'} are not made by its layers "
-            "from their config (a frozen layer given weights after it was made?): a run keeps the learner's "
-            "architecture and theta_0, its trainable weights, and would lose them. Make those layers trainable "
-            "(theta_0 then starts from their weights with --theta0-init pretrained and a saved .keras learner), or "
-            "have the layer make them itself"
+            f"{cause}: a run keeps the learner's architecture and theta_0, its trainable weights, and would lose "
+            "them. Make those layers trainable (theta_0 then starts from their weights with --theta0-init "
+            "pretrained and a saved .keras learner), or have the layer make them itself"
         )
 
 

@@ -192,7 +192,7 @@ def learner_architecture(config: RunConfig, run_dir=None) -> dict:
         model_from_architecture,
         read_architecture,
     )
-    from keras_metalstm.learner_spec import build_learner, check_learner
+    from keras_metalstm.learner_spec import build_learner, check_learner, learner_kind
 
     stored = read_architecture(run_dir) if run_dir is not None else None
     if stored is not None:
@@ -203,7 +203,7 @@ def learner_architecture(config: RunConfig, run_dir=None) -> dict:
     architecture = architecture_config(learner)
     keras.utils.set_random_seed(int(config.seed))  # as build_meta_learner seeds it
     rebuilt = model_from_architecture(architecture, tuple(config.image_shape))  # what evaluate and resume will load
-    check_weights_survive_rebuilding(learner, rebuilt)
+    check_weights_survive_rebuilding(learner, rebuilt, from_file=learner_kind(config.learner) == "file")
     return architecture
 
 
