@@ -21,15 +21,19 @@ def cache_dir(tmp_path, monkeypatch):
     return folder
 
 
-@pytest.fixture
-def image_root(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "images"
+def write_classes(root, extension, size, seed):
+    """Three classes of four random grey images each, root/<ant|bee|cat>/<i>.<extension>."""
+    rng = np.random.default_rng(seed)
     for name in ("ant", "bee", "cat"):
         (root / name).mkdir(parents=True)
         for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (32, 30), dtype=np.uint8)).save(root / name / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(root / name / f"{i}.{extension}")
     return root
+
+
+@pytest.fixture
+def image_root(tmp_path):
+    return write_classes(tmp_path / "images", "png", (32, 30), seed=0)
 
 
 def load(root, shape=SHAPE):
@@ -84,12 +88,7 @@ def test_a_changed_file_is_decoded_again_and_its_new_entry_replaces_the_old(cach
 def test_swapped_class_folders_are_decoded_again_though_every_file_keeps_its_size_and_time(cache_dir, tmp_path):
     """Files of one size (BMP) with one modification time, as an archive unpacks them: swapping two misnamed class
     folders changes no path's size or time, only which file is behind it."""
-    rng = np.random.default_rng(1)
-    root = tmp_path / "bmp"
-    for name in ("ant", "bee", "cat"):
-        (root / name).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / name / f"{i}.bmp")
+    root = write_classes(tmp_path / "bmp", "bmp", (28, 28), seed=1)
     for image in root.glob("*/*.bmp"):
         os.utime(image, ns=(10**18, 10**18))
     before, _ = load(root)
