@@ -362,22 +362,21 @@ class TrainingSession:
                "seconds": round(self.seconds(), 3)}
         self._record(row, {"val/accuracy": mean})
         if is_best:
-            kept = latest_checkpoint(self.run_dir, BEST_DIR)
-            self._saved(self.best_manager, current, BEST_DIR, "best checkpoint", kept)
+            self._saved(self.best_manager, current, BEST_DIR, "best checkpoint")
         self.callbacks.on_validation(current, mean, ci, is_best)
         return True
 
     def _save(self) -> None:
         episode = int(self.episode.numpy())
-        path = self._saved(self.manager, episode, CHECKPOINT_DIR, "checkpoint", latest_checkpoint(self.run_dir))
+        path = self._saved(self.manager, episode, CHECKPOINT_DIR, "checkpoint")
         self.checkpoint_numerics = self.numerics
         self.checkpoint_clock = {"episode": episode, "seconds": round(self.seconds(), 3)}
         self._write_state()  # after the checkpoint: state.json describes the newest checkpoint
         self.callbacks.on_checkpoint(episode, path)
 
-    def _saved(self, manager, episode, folder, what, kept):
-        """`manager.save` at `episode`, or TrainingError naming the folder, the cause (the system's words, not
-        TensorFlow's op decoration) and the checkpoint `kept`; the half-written checkpoint is removed."""
+    def _saved(self, manager, episode, folder, what):
+        """`manager.save` at `episode` into the run's `folder`, or TrainingError naming it, the cause (the system's
+        words, not TensorFlow's op decoration) and the checkpoint kept; the half-written checkpoint is removed."""
         try:
             return manager.save(checkpoint_number=episode)
         except Exception as error:  # noqa: BLE001 - a full disk, a read-only or vanished directory ...
@@ -385,6 +384,7 @@ class TrainingSession:
                 shutil.rmtree(partial, ignore_errors=True)
             # TensorFlow's text is "<its temporary path>; <cause>": the folder is named here.
             cause = tensorflow_error_text(error).rsplit("; ", 1)[-1]
+            kept = latest_checkpoint(self.run_dir, folder)
             raise TrainingError(
                 f"cannot save the {what} of episode {episode} in {self.output_dir / folder}: {cause}. The last "
                 f"{what} is kept ({kept or 'none yet'}); free space or fix the directory, then --resume"

@@ -129,8 +129,7 @@ def test_versions_are_never_overwritten_without_force(adapted, tmp_path):
 def test_failed_parity_writes_nothing(adapted, tmp_path):
     with pytest.raises(export.ExportError, match="nothing written"):
         export.export_adapted(adapted, tmp_path / "task", format="onnx", atol=-1.0)
-    assert not (tmp_path / "task" / "1").exists()
-    assert not [p for p in (tmp_path / "task").iterdir()]
+    assert not (tmp_path / "task").exists()  # not even the model folder made for the version
 
 
 def test_verify_parity_detects_a_different_model(adapted, exported, meta, support_dir):
