@@ -156,6 +156,9 @@ def compare_reports(first: dict, second: dict, method: str = "meta_lstm", second
     episodes (SAME_EPISODES_KEYS) and saved their per-episode accuracies."""
     second_method = second_method or method
     for report, which in ((first, "first"), (second, "second")):
+        if not isinstance(report.get("results"), dict):  # a state.json, a config, another tool's JSON
+            raise ValueError(f"the {which} file is not an evaluation report: `metalstm evaluate RUN` writes those to "
+                             "RUN/evaluation/*.json")
         unrecorded = [key for key in SAME_EPISODES_KEYS if key not in report]
         if unrecorded:
             raise ValueError(f"the {which} report does not record its episodes' {', '.join(unrecorded)} (saved by an "

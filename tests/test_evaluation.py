@@ -127,6 +127,8 @@ def test_reports_on_different_episodes_or_without_them_are_refused_with_the_fix(
         compare_reports(saved_report(accuracies), saved_report(accuracies, seed=7))
     with pytest.raises(ValueError, match=r"did not score the same episodes \(query 15 vs 5\).*--query"):
         compare_reports(saved_report(accuracies, query=15), saved_report(accuracies, query=5))
+    with pytest.raises(ValueError, match="the second file is not an evaluation report: `metalstm evaluate RUN`"):
+        compare_reports(saved_report(accuracies), {"status": "finished", "episode": 8})  # a run's state.json
     unrecorded = saved_report(accuracies)
     del unrecorded["query"]
     with pytest.raises(ValueError, match="second report does not record its episodes' query.*evaluate its run again"):
