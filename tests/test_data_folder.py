@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -165,6 +166,10 @@ def test_a_folder_split_already_keeps_its_splits(tmp_path):
         image_folder_splits(root, split_file=tmp_path / "split.json")
     with pytest.raises(DataError, match=r"is split into .* folders of classes: read it with image_folder_splits"):
         load_image_folder(root)
+    make_folder(root / "extra", num_classes=1)  # a stray folder beside the splits: which one, not "move up"
+    with pytest.raises(DataError, match=r"looks split into train/val/test .* but it also holds extra: a folder split"):
+        image_folder_splits(root)
+    shutil.rmtree(root / "extra")
     (root / "test" / "class_2").mkdir()
     Image.new("RGB", (16, 16)).save(root / "test" / "class_2" / "0.png")
     with pytest.raises(DataError, match=r"class 'class_2' is in two splits of .* \(train and test\)"):

@@ -155,6 +155,7 @@ def warn_left_out(root: Path, nested: Sequence[Path], unread: Sequence[Path]) ->
 
 # The names of the sub-folders of a folder split already (any case), by split.
 SPLIT_FOLDER_NAMES = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
+SPLIT_FOLDER_ALIASES = {name for names in SPLIT_FOLDER_NAMES.values() for name in names}
 
 
 def split_folders(root: Path) -> dict[str, Path] | None:
@@ -222,6 +223,13 @@ def _list_classes(
                 fix = (
                     f"; {root} is split into {', '.join(p.name for p in splits.values())} folders of classes: read "
                     "it with image_folder_splits (--dataset folder), which keeps the splits"
+                )
+            elif nested and any(p.name.lower() in SPLIT_FOLDER_ALIASES for p in class_dirs):
+                others = [p.name for p in class_dirs if p.name.lower() not in SPLIT_FOLDER_ALIASES]
+                fix = (
+                    f"; {root} looks split into train/val/test folders of classes, but it also holds "
+                    f"{', '.join(others)}: a folder split already holds only its split folders, so move or remove "
+                    "the others"
                 )
             elif nested:
                 fix = (
