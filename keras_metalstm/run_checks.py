@@ -52,11 +52,18 @@ def check_episode_batching(config: RunConfig, architecture: dict) -> None:
 def check_episode_shapes(splits, config: RunConfig) -> None:
     """Raise DataError now if the training or validation split cannot give the configured episodes (instead of
     mid-training)."""
-    from keras_metalstm.data import EpisodeSampler
+    from keras_metalstm.data import DataError, EpisodeSampler
 
-    EpisodeSampler(splits.train, config.n_way, config.k_shot, config.query)
-    if config.val_episodes:
-        EpisodeSampler(splits.val, config.n_way, config.k_shot, config.query)
+    try:
+        EpisodeSampler(splits.train, config.n_way, config.k_shot, config.query)
+        if config.val_episodes:
+            EpisodeSampler(splits.val, config.n_way, config.k_shot, config.query)
+    except DataError as error:
+        counts = f"{splits.train.num_classes} train / {splits.val.num_classes} val / {splits.test.num_classes} test"
+        raise DataError(
+            f"{error} (the data set's classes are split {counts}: a split file (--split-file) or a folder split "
+            "into train/val/test folders sets the split, --val-episodes 0 trains without validation)"
+        ) from None
 
 
 def test_split_problem(splits, config: RunConfig) -> str | None:

@@ -136,6 +136,14 @@ def test_a_test_split_too_small_for_the_episodes_is_said_at_the_start_of_trainin
         assert fragment in result.output  # ... but the user hears of it now, not at evaluation time
 
 
+def test_a_split_with_too_few_classes_for_the_episodes_says_how_the_classes_are_split_and_the_ways_out(tmp_path):
+    data_dir = make_image_folder(tmp_path / "data", num_classes=8, per_class=3)  # 5 / 1 / 2 by the seeded split
+    result = invoke(train_args(data_dir, tmp_path / "run", "--n-way", "2", "--episodes", "2"))
+    assert_clean_failure(result, "need at least 2 classes", "the data set's classes are split 5 train / 1 val / 2 "
+                         "test: a split file (--split-file)", "--val-episodes 0")
+    assert not (tmp_path / "run").exists()
+
+
 def test_classes_too_small_for_the_episodes_are_left_out_on_request_and_said(tmp_path):
     """A folder with a few small classes: refused by default (the message names the option), trained with
     --drop-small-classes, which says how many classes of each split it left out and stays fixed on --resume."""
