@@ -426,9 +426,10 @@ def test_a_saved_learner_gives_its_architecture_and_with_pretrained_its_weights(
 
 def test_a_saved_learner_with_a_frozen_layer_is_refused_for_what_it_is(tmp_path, data_dir):
     images = keras.Input(shape=(28, 28, 1))
-    stem = keras.layers.Conv2D(2, 3, name="frozen_stem")
-    stem.trainable = False
-    keras.Model(images, keras.layers.Dense(2)(keras.layers.Flatten()(stem(images)))).save(tmp_path / "learner.keras")
+    stem = keras.layers.Conv2D(2, 3, trainable=False, name="frozen_stem")
+    model = keras.Model(images, keras.layers.Dense(2)(keras.layers.Flatten()(stem(images))))
+    stem.set_weights([np.full(weight.shape, 0.5, "float32") for weight in stem.get_weights()])  # not an init's
+    model.save(tmp_path / "learner.keras")
     result = CliRunner().invoke(main, train_args(data_dir, tmp_path / "run", "--learner", tmp_path / "learner.keras"))
     assert result.exit_code == 1
     assert "the learner file's non-trainable weights in frozen_stem (a frozen layer's) are its own" in result.output
