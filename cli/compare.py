@@ -19,7 +19,7 @@ def compare(first, second, method, second_method):
     *.json) on the same episodes, e.g. a test-time ablation (--inner-steps, --query-statistics) against the run
     as trained, or two runs."""
     quiet_tensorflow()  # the package imports TensorFlow
-    from keras_metalstm.evaluation import compare_reports
+    from keras_metalstm.report_comparison import compare_reports
 
     with user_errors():
         reports = []

@@ -147,7 +147,7 @@ def test_test_time_inner_steps_query_statistics_and_queries_equal_a_meta_learner
     and the run's weights scores, and their reports are saved beside the unchanged one."""
     import dataclasses
 
-    from keras_metalstm import MetaTrainer, evaluation
+    from keras_metalstm import MetaTrainer, evaluation, report_comparison
     from keras_metalstm.data import episode_dataset
     from keras_metalstm.learner_architecture import read_architecture
     from keras_metalstm.runs import (
@@ -188,7 +188,7 @@ def test_test_time_inner_steps_query_statistics_and_queries_equal_a_meta_learner
                             for suffix in ("", "-T1"))
     compared = run_cli(["compare", ablation, as_trained])
     assert compared.exit_code == 0, compared.output
-    difference = evaluation.compare_reports(*(json.loads(path.read_text()) for path in (ablation, as_trained)))
+    difference = report_comparison.compare_reports(*(json.loads(path.read_text()) for path in (ablation, as_trained)))
     assert f"{difference['mean']:+.2f} +- {difference['ci95']:.2f} points (paired over the same 4 episodes)" in (
         compared.output)
     refused = run_cli(["compare", ablation, run_dir / "config.yaml"])

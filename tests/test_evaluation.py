@@ -8,11 +8,11 @@ import pytest
 
 from keras_metalstm.evaluation import (
     EvaluationReport,
-    compare_reports,
     format_table,
     report_file_name,
     summarise,
 )
+from keras_metalstm.report_comparison import compare_reports
 from keras_metalstm.statistics import eval_batch_size, mean_ci95
 
 
