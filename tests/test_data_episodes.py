@@ -140,6 +140,24 @@ def test_num_episodes_is_finite_and_must_fill_batches():
         episode_dataset(dataset, 3, 1, 1, batch_size=0)
 
 
+@pytest.mark.parametrize(
+    "settings, name",
+    [
+        ({"k_shot": 1.5}, "k_shot"),
+        ({"n_way": 5.0}, "n_way"),
+        ({"q_query": True}, "q_query"),
+        ({"batch_size": 2.5}, "batch_size"),
+    ],
+)
+def test_counts_that_are_not_whole_numbers_are_refused_not_truncated(settings, name):
+    episode_settings = {"n_way": 3, "k_shot": 1, "q_query": 1, **settings}
+    with pytest.raises(DataError, match=rf"{name} must be a whole number, got {settings[name]!r}"):
+        episode_dataset(identity_dataset(), **episode_settings)
+    # numpy's integers are whole numbers
+    episode = take(episode_dataset(identity_dataset(), np.int64(3), np.int32(2), 1), 1)[0]
+    assert episode["support_images"].shape[:2] == (1, 3 * 2)
+
+
 def test_n_larger_than_the_split_is_refused():
     with pytest.raises(DataError, match=r"20-way episodes need at least 20 classes but identity has 12"):
         episode_dataset(identity_dataset(), 20, 1, 1)

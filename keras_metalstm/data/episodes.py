@@ -20,6 +20,8 @@ A batch of B episodes (B >= 1, the leading axis is always there) is a dict of te
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import tensorflow as tf
 
@@ -108,7 +110,7 @@ class EpisodeSampler:
     ) -> tf.data.Dataset:
         """Batches of ``batch_size`` episodes: episodes start_episode, start_episode+1, ... (forever if
         ``num_episodes`` is None, else ``num_episodes`` of them, a multiple of ``batch_size``)."""
-        batch_size, start_episode = int(batch_size), int(start_episode)
+        batch_size, start_episode = _count("batch_size", batch_size), _count("start_episode", start_episode)
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1 (the batch axis is always kept), got {batch_size}")
         if start_episode < 0:
@@ -116,7 +118,7 @@ class EpisodeSampler:
         if num_episodes is None:
             indices = tf.data.Dataset.counter(start=start_episode)
         else:
-            num_episodes = int(num_episodes)
+            num_episodes = _count("num_episodes", num_episodes)
             if num_episodes < 1 or num_episodes % batch_size:
                 raise DataError(
                     f"num_episodes ({num_episodes}) must be a positive multiple of batch_size "
@@ -168,8 +170,18 @@ def _to_float(episode: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     return out
 
 
+def _count(name: str, value) -> int:
+    """A whole number of ways, shots, queries or episodes; int() would quietly turn 1.5 shots into 1."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise DataError(f"{name} must be a whole number, got {value!r}; pass an int such as {name}=5") from None
+
+
 def _check_episode_size(dataset: ClassIndexedDataset, n_way, k_shot, q_query) -> tuple[int, int, int]:
-    n, k, q = int(n_way), int(k_shot), int(q_query)
+    n, k, q = _count("n_way", n_way), _count("k_shot", k_shot), _count("q_query", q_query)
     if n < 1 or k < 1 or q < 1:
         raise DataError(f"episodes need n_way >= 1, k_shot >= 1 and q_query >= 1, got N={n}, K={k}, Q={q}")
     if n > dataset.num_classes:
