@@ -230,12 +230,17 @@ def check_learner(learner, image_shape, n_way: int, batch: int = 5) -> None:
             "(a factory receives num_classes for this)"
         )
     outputs = np.asarray(outputs)
-    if _ends_in_softmax(learner) or (
-        np.all(outputs >= 0) and np.allclose(outputs.sum(axis=-1), 1.0, atol=1e-5)
-    ):
+    activation = _final_activation(learner)
+    if activation == "softmax" or (np.all(outputs >= 0) and np.allclose(outputs.sum(axis=-1), 1.0, atol=1e-5)):
         raise LearnerError(
             "the learner returns probabilities (its outputs sum to 1, a softmax); the meta-learner needs logits: "
             "remove the final softmax (Dense(num_classes) with no activation)"
+        )
+    if activation is not None:
+        raise LearnerError(
+            f"the learner's last layer applies {activation}, which bounds its outputs, but the meta-learner reads "
+            "them as the logits of a softmax cross-entropy, which must be free to grow: remove the final "
+            "activation (Dense(num_classes) with no activation)"
         )
     _check_variables_are_keras(learner)
     from keras_metalstm.learner_function import LearnerFunction
@@ -282,14 +287,18 @@ def _shape(outputs):
     return tuple(getattr(outputs, "shape", ()))
 
 
-def _ends_in_softmax(learner) -> bool:
+def _final_activation(learner) -> str | None:
+    """The name of the activation the learner's last layer applies to its outputs; None for none, or for a
+    log-softmax, whose outputs are logits of the same softmax."""
     import keras
 
     last = learner.layers[-1] if getattr(learner, "layers", None) else None
     if isinstance(last, keras.layers.Softmax):
-        return True
-    activation = getattr(last, "activation", None)
-    return getattr(activation, "__name__", "") == "softmax"
+        return "softmax"
+    if isinstance(last, keras.layers.ReLU):
+        return "relu"
+    name = getattr(getattr(last, "activation", None), "__name__", "linear")
+    return None if name in ("linear", "log_softmax") else name
 
 
 def _check_variables_are_keras(learner) -> None:

@@ -171,6 +171,33 @@ def test_check_learner_accepts_a_subclassed_model_that_was_never_called():
         check_learner(Small(), (28, 28, 1), 4)
 
 
+def flat_learner(*head):
+    images = keras.Input((6, 6, 1))
+    outputs = images
+    for layer in (keras.layers.Flatten(), *head):
+        outputs = layer(outputs)
+    return keras.Model(images, outputs)
+
+
+@pytest.mark.parametrize(
+    "head, message",
+    [
+        ([keras.layers.Dense(3, activation="sigmoid")], "last layer applies sigmoid, which bounds its outputs"),
+        ([keras.layers.Dense(3), keras.layers.Activation("tanh")], "last layer applies tanh"),
+        ([keras.layers.Dense(3), keras.layers.ReLU()], "last layer applies relu"),
+        ([keras.layers.Dense(3), keras.layers.Softmax()], "returns probabilities"),
+    ],
+)
+def test_a_learner_whose_last_layer_bounds_its_logits_is_refused(head, message):
+    with pytest.raises(LearnerError, match=message):
+        check_learner(flat_learner(*head), (6, 6, 1), 3)
+
+
+def test_a_learner_ending_in_log_softmax_or_no_activation_gives_logits():
+    check_learner(flat_learner(keras.layers.Dense(3)), (6, 6, 1), 3)
+    check_learner(flat_learner(keras.layers.Dense(3, activation="log_softmax")), (6, 6, 1), 3)
+
+
 def test_the_modules_of_registered_custom_classes_are_found_anywhere_in_a_config():
     config = {
         "module": "keras.src.models.functional", "class_name": "Functional", "registered_name": "Functional",
