@@ -24,7 +24,7 @@ def check_target(target: str | os.PathLike, force: bool) -> Path:
     target = Path(target)
     if target.exists() and not force:
         raise ExportError(
-            f"{target} already exists; pass --force (force=True) to overwrite it or choose another path."
+            f"{target} already exists; pass --force (force=True in Python) to overwrite it or choose another path."
         )
     return target
 
