@@ -59,9 +59,8 @@ def check_episode_shapes(splits, config: RunConfig) -> None:
         if config.val_episodes:
             EpisodeSampler(splits.val, config.n_way, config.k_shot, config.query)
     except DataError as error:
-        counts = f"{splits.train.num_classes} train / {splits.val.num_classes} val / {splits.test.num_classes} test"
         raise DataError(
-            f"{error} (the data set's classes are split {counts}: a split file (--split-file) or a folder split "
+            f"{error} (the data set has {splits.describe()}: a split file (--split-file) or a folder split "
             "into train/val/test folders sets the split, --val-episodes 0 trains without validation)"
         ) from None
 

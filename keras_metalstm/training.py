@@ -195,6 +195,8 @@ class TrainingRun:
         self.data_notes = []
         # A run that reached a checkpoint continues on the classes it started with (RUN_DIR/splits.json).
         splits = load_splits(config, report=self.data_notes.append, run_dir=self.run_dir if self.started else None)
+        source = f"{config.dataset} {config.data_dir}" if config.data_dir else config.dataset
+        self.data_notes.insert(0, f"data: {source}: {splits.describe()} (which classes: {self.run_dir / SPLITS_FILE})")
         image_shape = list(splits.image_shape)
         if config.image_shape is not None and list(config.image_shape) != image_shape:
             raise RunDirError(

@@ -139,8 +139,8 @@ def test_a_test_split_too_small_for_the_episodes_is_said_at_the_start_of_trainin
 def test_a_split_with_too_few_classes_for_the_episodes_says_how_the_classes_are_split_and_the_ways_out(tmp_path):
     data_dir = make_image_folder(tmp_path / "data", num_classes=8, per_class=3)  # 5 / 1 / 2 by the seeded split
     result = invoke(train_args(data_dir, tmp_path / "run", "--n-way", "2", "--episodes", "2"))
-    assert_clean_failure(result, "need at least 2 classes", "the data set's classes are split 5 train / 1 val / 2 "
-                         "test: a split file (--split-file)", "--val-episodes 0")
+    assert_clean_failure(result, "need at least 2 classes", "the data set has 8 classes split 5 train / 1 val / 2 "
+                         "test, images 28x28x1: a split file (--split-file)", "--val-episodes 0")
     assert not (tmp_path / "run").exists()
 
 

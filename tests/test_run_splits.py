@@ -20,6 +20,8 @@ def test_a_run_keeps_its_splits_when_its_folder_gains_or_loses_classes(tmp_path)
     assert started.exit_code == 0, started.output
     recorded = json.loads((run_dir / SPLITS_FILE).read_text())
     assert recorded == load_dataset("folder", data_dir).class_names()
+    counts = " / ".join(f"{len(recorded[split])} {split}" for split in ("train", "val", "test"))
+    assert f"data: folder {data_dir}: 12 classes split {counts}, images 28x28x1" in started.output
 
     more = make_image_folder(tmp_path / "more", num_classes=6, per_class=5, seed=1)
     for folder in sorted(more.iterdir()):
@@ -66,6 +68,9 @@ def test_a_split_file_given_to_train_splits_the_folder_and_stays_the_runs(tmp_pa
     result = run_cli(train_args(data_dir, run_dir, "--episodes", "2", "--split-file", tmp_path / "split.json"))
     assert result.exit_code == 0, result.output
     assert json.loads((run_dir / SPLITS_FILE).read_text()) == chosen
+    assert f"10 classes split 6 train / 2 val / 2 test, images 28x28x1 (which classes: {run_dir / SPLITS_FILE})" in (
+        result.output
+    )
     assert load_run_config(run_dir).split_file == str(tmp_path / "split.json")
 
     (tmp_path / "other.json").write_text(json.dumps({**chosen, "train": names[:8]}))

@@ -277,6 +277,12 @@ class DatasetSplits(NamedTuple):
     def class_names(self) -> dict[str, list[str]]:
         return {s: list(getattr(self, s).class_names) for s in SPLIT_NAMES}
 
+    def describe(self) -> str:
+        """How the classes are split, e.g. "30 classes split 19 train / 5 val / 6 test, images 28x28x1"."""
+        counts = " / ".join(f"{getattr(self, s).num_classes} {s}" for s in SPLIT_NAMES)
+        total = sum(part.num_classes for part in self)
+        return f"{total} classes split {counts}, images {'x'.join(map(str, self.image_shape))}"
+
     def regrouped(self, assignment: Mapping[str, Sequence[str]]) -> DatasetSplits:
         """The classes of all three splits divided as ``assignment`` says (``{"train": [...], ...}``); a class it
         does not name is left out, a class it names that no split has is a DataError."""
