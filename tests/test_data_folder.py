@@ -314,3 +314,20 @@ def test_images_the_load_leaves_out_are_named_in_one_warning(tmp_path):
     assert [list(part.class_names) for part in splits if part.num_classes] == [["class_0", "class_1"], ["class_2"]]
     [message] = left_out_warnings(caught)  # one for the whole load, not one a split
     assert re.search(r"left out 2 image file.*train/class_1/more/deeper/n1\.jpg.*2 file.*test/class_2/x\.tif", message)
+
+
+def test_images_beside_the_class_folders_are_named_as_in_no_class(tmp_path):
+    """A stray image in the root (an adapt --support folder's too: it is read the same way) belongs to no class."""
+    root = make_folder(tmp_path / "data", num_classes=3)
+    (root / "README.txt").write_text("not an image: expected, not counted")
+    Image.new("RGB", (16, 16)).save(root / "stray.png")
+    (root / "scan.tif").write_bytes(b"II*\x00")
+    with pytest.warns(RuntimeWarning) as caught:
+        dataset = load_image_folder(root)
+    assert dataset.class_sizes.tolist() == [3, 3, 3]
+    [message] = left_out_warnings(caught)
+    assert re.search(
+        r"left out 2 image file\(s\) beside the class folders \(e\.g\. scan\.tif\), in no class: move each into "
+        r"its class's folder\.$",
+        message,
+    ), message

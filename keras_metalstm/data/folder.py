@@ -4,8 +4,8 @@ TensorFlow 2.20 or later), one sub-folder per class, or a folder split already, 
 
 Every immediate sub-folder of ``root`` (hidden ones skipped) is a class named after the folder; its image files
 (extensions ``IMAGE_EXTENSIONS``, any case) are read in sorted order, other files are ignored, but a load that
-leaves out images (in a sub-folder of a class folder, or of a format not read) says so in one warning. A file or
-folder name that is not UTF-8 is refused (TensorFlow takes UTF-8 paths only). With
+leaves out images (in a sub-folder of a class folder, beside the class folders, or of a format not read) says so
+in one warning. A file or folder name that is not UTF-8 is refused (TensorFlow takes UTF-8 paths only). With
 ``image_shape=(H, W, C)`` every image is converted to it by the package's rule (``convert_images``); without it
 all images must already share one shape (an alpha channel does not count) and mixed shapes are refused, the
 message naming two files that differ and the rule ``image_shape`` would apply.
@@ -17,6 +17,7 @@ import os
 import warnings
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from keras_metalstm.data.dataset import (
     DEFAULT_SPLIT_FRACTIONS,
@@ -99,11 +100,26 @@ def image_files(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> l
     return files
 
 
+class LeftOut(NamedTuple):
+    """The image files a load leaves out, by why."""
+
+    nested: list[Path]  # in a sub-folder of a class folder
+    unread: list[Path]  # in a class folder, of a format not read
+    loose: list[Path]  # beside the class folders, in no class
+
+    def __add__(self, other: LeftOut) -> LeftOut:
+        return LeftOut(*(mine + theirs for mine, theirs in zip(self, other, strict=True)))
+
+
+def _unread_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
+    return tuple(suffix for suffix in UNREAD_IMAGE_EXTENSIONS if suffix not in extensions)
+
+
 def left_out_files(class_dir: Path, extensions: Sequence[str]) -> tuple[list[Path], list[Path]]:
     """The files of a class folder that look like images but are not read: (those in its sub-folders, at any depth,
     of a read or unread image format; those directly in it of a format not read). Hidden files and folders and
     other files (notes, labels) are expected there and are not counted."""
-    unread_extensions = tuple(suffix for suffix in UNREAD_IMAGE_EXTENSIONS if suffix not in extensions)
+    unread_extensions = _unread_extensions(extensions)
     wanted = tuple(extensions) + unread_extensions
     nested, unread = [], []
     # os.scandir knows an entry's type from the listing: no stat call for each of a large class's files.
@@ -124,12 +140,18 @@ def left_out_files(class_dir: Path, extensions: Sequence[str]) -> tuple[list[Pat
     return sorted(nested), sorted(unread)
 
 
-def warn_left_out(root: Path, nested: Sequence[Path], unread: Sequence[Path]) -> None:
+def warn_left_out(root: Path, left_out: LeftOut) -> None:
     """One warning for a data set's images that its load leaves out, with counts, an example and the fixes: a
     class silently smaller than its folder suggests would go unnoticed."""
-    if not nested and not unread:
+    nested, unread, loose = left_out
+    if not any(left_out):
         return
     notes = []
+    if loose:
+        notes.append(
+            f"{len(loose)} image file(s) beside the class folders (e.g. {readable_path(loose[0].relative_to(root))}), "
+            "in no class: move each into its class's folder"
+        )
     if nested:
         folders = {path.parent for path in nested}
         formats = sorted({path.suffix.lower() for path in nested if path.suffix.lower() in UNREAD_IMAGE_EXTENSIONS})
@@ -182,15 +204,15 @@ def list_image_folder(
     """``{class name: sorted image paths}`` of ``root/<class>/*`` (with `only`, of the classes it names; the other
     folders are not read); DataError for an empty or malformed folder, a RuntimeWarning for image files it leaves
     out (`warn_left_out`)."""
-    classes, nested, unread = _list_classes(Path(root), extensions, only)
-    warn_left_out(Path(root), nested, unread)
+    classes, left_out = _list_classes(Path(root), extensions, only)
+    warn_left_out(Path(root), left_out)
     return classes
 
 
 def _list_classes(
     root: Path, extensions: Sequence[str], only: Collection[str] | None = None
-) -> tuple[dict[str, list[Path]], list[Path], list[Path]]:
-    """`list_image_folder`'s classes and the files it leaves out (`left_out_files`), for one warning per load."""
+) -> tuple[dict[str, list[Path]], LeftOut]:
+    """`list_image_folder`'s classes and the files it leaves out, for one warning per load."""
     if not root.is_dir():
         raise DataError(f"image folder not found: {readable_path(root)}")
     refuse_non_utf8_names([root], "folder")
@@ -200,8 +222,11 @@ def _list_classes(
     )
     # Before any message names a class folder: a name that is not UTF-8 would not even print.
     refuse_non_utf8_names(class_dirs, "class folder")
+    image_like = extensions + _unread_extensions(extensions)
+    loose = sorted(
+        p for p in root.iterdir() if not p.name.startswith(".") and p.suffix.lower() in image_like and p.is_file()
+    )
     if not class_dirs:
-        loose = [p.name for p in root.iterdir() if p.suffix.lower() in extensions]
         hint = (
             f"; found {len(loose)} image(s) directly in it: move them into one sub-folder per class"
             if loose
@@ -211,7 +236,7 @@ def _list_classes(
             f"image folder {root} is empty: expected one sub-folder per class, "
             f"root/<class>/*{'|'.join(extensions)}{hint}"
         )
-    classes, nested_files, unread_files = {}, [], []
+    classes, left_out = {}, LeftOut([], [], loose)
     for class_dir in class_dirs:
         files = image_files(class_dir, extensions)
         if not files:
@@ -240,11 +265,9 @@ def _list_classes(
                 fix = unread_files_note(class_dir) or "; add images or remove the folder"
             raise DataError(f"class folder {class_dir} holds no {'/'.join(extensions)} image{fix}")
         classes[class_dir.name] = files
-        nested, unread = left_out_files(class_dir, extensions)
-        nested_files += nested
-        unread_files += unread
+        left_out += LeftOut(*left_out_files(class_dir, extensions), [])
     refuse_one_folder_twice(classes)
-    return classes, nested_files, unread_files
+    return classes, left_out
 
 
 def refuse_one_folder_twice(classes: dict[str, list[Path]]) -> None:
@@ -314,11 +337,10 @@ def image_folder_splits(
 
 def _load_split_folders(root: Path, folders: dict[str, Path], image_shape) -> DatasetSplits:
     """The splits of a folder split already, its classes' names unique across them."""
-    classes, assignment, nested, unread = {}, {}, [], []
+    classes, assignment, left_out = {}, {}, LeftOut([], [], [])
     for split, folder in folders.items():
-        listed, split_nested, split_unread = _list_classes(folder, IMAGE_EXTENSIONS)
-        nested += split_nested
-        unread += split_unread
+        listed, split_left_out = _list_classes(folder, IMAGE_EXTENSIONS)
+        left_out += split_left_out
         for name in listed:
             if name in classes:
                 raise DataError(
@@ -328,5 +350,5 @@ def _load_split_folders(root: Path, folders: dict[str, Path], image_shape) -> Da
         classes.update(listed)
         assignment[split] = list(listed)
     refuse_one_folder_twice(classes)
-    warn_left_out(root, nested, unread)
+    warn_left_out(root, left_out)
     return _decoded(root, classes, image_shape).split_as(assignment)
