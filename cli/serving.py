@@ -43,12 +43,7 @@ def adapt(source, support_dir, out, inner_steps, force):
         from keras_metalstm import export
         from keras_metalstm.presets import load_path_or_preset
 
-        if Path(out).suffix != ".keras":
-            raise export.ExportError(f"--out must be a .keras file, got {out}: e.g. --out task.keras")
-        if Path(out).exists() and not force:
-            raise export.ExportError(
-                f"{out} already exists; pass --force to overwrite it or choose another --out."
-            )
+        export.check_adapted_path(out, force)  # before adapting, not after
         meta, provenance = load_path_or_preset(source, export.load_meta_learner)
         adapted = export.adapt_folder(meta, support_dir, inner_steps=inner_steps, info=provenance)
         export.save_adapted(adapted, out, force=force)

@@ -76,6 +76,21 @@ def test_save_adapted_refuses_to_overwrite_without_force(adapted, tmp_path):
         export.save_adapted(adapted, tmp_path / "task.h5")
 
 
+def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_is_written(monkeypatch, tmp_path):
+    (tmp_path / "a_file").write_text("in the way")
+    with pytest.raises(export.ExportError, match=r"a_file is a file, not a folder"):
+        export.check_adapted_path(tmp_path / "a_file" / "new" / "task.keras")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    # As root (CI containers) a folder's permission bits do not stop a write: the system's answer is stood in for.
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != read_only and real_access(path, mode))
+    with pytest.raises(export.ExportError, match=r"the folder .*read_only is not writable"):
+        export.check_adapted_path(read_only / "new" / "task.keras")
+    export.check_adapted_path(tmp_path / "new" / "task.keras")  # a folder still to be made under a writable one
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "read_only"]
+
+
 def test_adapt_rejects_a_support_set_with_another_number_of_classes(meta, tmp_path):
     root = write_support(tmp_path / "four", classes=CLASSES[:4])
     with pytest.raises(export.ExportError, match=r"4 class folder\(s\).*5-way.*exactly 5 sub-folders"):

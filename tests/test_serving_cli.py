@@ -194,6 +194,10 @@ def test_adapt_rejects_wrong_class_count_existing_output_and_bad_suffix(workspac
     assert result.exit_code == 1 and ".keras" in result.output
     result = run("adapt", adapted_file, "--support", workspace / "support", "--out", tmp_path / "y.keras")
     assert result.exit_code == 1 and "not a meta-learner" in result.output
+    (tmp_path / "a_file").write_text("in the way")
+    # The output's folder is checked first: an adapted file is no meta-learner, but that is not reached.
+    result = run("adapt", adapted_file, "--support", workspace / "support", "--out", tmp_path / "a_file" / "y.keras")
+    assert result.exit_code == 1 and f"{tmp_path / 'a_file'} is a file, not a folder" in result.output
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import numpy as np
 
 from keras_metalstm.data import CONVERSION_RULE, load_image_folder
 from keras_metalstm.export.errors import ExportError
-from keras_metalstm.export.files import atomic_path
+from keras_metalstm.export.files import atomic_path, check_target
 from keras_metalstm.learner_architecture import import_custom_class_modules, keras_file_config
 from keras_metalstm.learner_function import refresh_derived_tensors, variable_dtype
 from keras_metalstm.learner_spec import learner_image_shape, learner_num_classes
@@ -226,12 +226,19 @@ def adapt_folder(meta, support_dir, inner_steps=None, info=None):
     return adapt(meta, images, labels, names, inner_steps=inner_steps, info=details)
 
 
-def save_adapted(adapted, path, force=False):
-    """Saves an AdaptedLearner to a `.keras` file atomically (temporary file, then rename)."""
+def check_adapted_path(path, force=False) -> None:
+    """ExportError now if `save_adapted` could not write `path` (another suffix than .keras, an existing file
+    without `force`, a folder that cannot be written), so a caller can say so before adapting."""
     if Path(path).suffix != ".keras":
         raise ExportError(
             f"the adapted learner is saved as a .keras file; got {path}: use a name ending in .keras."
         )
+    check_target(path, force)
+
+
+def save_adapted(adapted, path, force=False):
+    """Saves an AdaptedLearner to a `.keras` file atomically (temporary file, then rename)."""
+    check_adapted_path(path, force)
     with atomic_path(path, force=force, suffix=".keras") as tmp:  # given as it is: a URL is refused there
         adapted.save(tmp)
     return Path(path)

@@ -19,13 +19,19 @@ from keras_metalstm.processes import process_alive
 
 
 def check_target(target: str | os.PathLike, force: bool) -> Path:
-    """``target`` as a Path; ExportError if it exists and ``force`` is False, or is a URL."""
+    """``target`` as a Path; ExportError if it exists and ``force`` is False, is a URL, or cannot be written: its
+    nearest existing folder is a file or not writable (said before any work, not after it)."""
     refuse_url(target, "the export target", ExportError)
     target = Path(target)
     if target.exists() and not force:
         raise ExportError(
             f"{target} already exists; pass --force (force=True in Python) to overwrite it or choose another path."
         )
+    folder = next(parent for parent in target.absolute().parents if parent.exists())
+    if not folder.is_dir():
+        raise ExportError(f"cannot write {target}: {folder} is a file, not a folder; choose another path.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {target}: the folder {folder} is not writable; choose another path.")
     return target
 
 
