@@ -276,6 +276,15 @@ def left_out_warnings(caught):
     return [str(w.message) for w in caught if "left out" in str(w.message)]
 
 
+def left_out_warning_of_three_classes(root):
+    """The one left-out warning of loading `root`, whose three classes keep their three images each."""
+    with pytest.warns(RuntimeWarning) as caught:
+        dataset = load_image_folder(root)
+    assert dataset.class_sizes.tolist() == [3, 3, 3]
+    [message] = left_out_warnings(caught)
+    return message
+
+
 def test_images_the_load_leaves_out_are_named_in_one_warning(tmp_path):
     """Images in a sub-folder of a class folder and files of a format not read beside readable images are left out
     of their class: one warning per load says how many, shows one, and says what to do."""
@@ -294,10 +303,7 @@ def test_images_the_load_leaves_out_are_named_in_one_warning(tmp_path):
     (root / "class_0" / ".x.tif").write_bytes(b"II*\x00")
     (root / "class_0" / "labels").mkdir()
     (root / "class_0" / "labels" / "boxes.csv").write_text("x")
-    with pytest.warns(RuntimeWarning) as caught:
-        dataset = load_image_folder(root)
-    assert dataset.class_sizes.tolist() == [3, 3, 3]
-    [message] = left_out_warnings(caught)
+    message = left_out_warning_of_three_classes(root)
     assert re.search(
         r"left out 2 image file\(s\) in 2 sub-folder\(s\) of class folders \(e\.g\. class_1/more/deeper/n1\.jpg\).*"
         r"move them up into their class folder; and 2 file\(s\) of a format not read \(\.heic, \.tif; e\.g\. "
@@ -322,10 +328,7 @@ def test_images_beside_the_class_folders_are_named_as_in_no_class(tmp_path):
     (root / "README.txt").write_text("not an image: expected, not counted")
     Image.new("RGB", (16, 16)).save(root / "stray.png")
     (root / "scan.tif").write_bytes(b"II*\x00")
-    with pytest.warns(RuntimeWarning) as caught:
-        dataset = load_image_folder(root)
-    assert dataset.class_sizes.tolist() == [3, 3, 3]
-    [message] = left_out_warnings(caught)
+    message = left_out_warning_of_three_classes(root)
     assert re.search(
         r"left out 2 image file\(s\) beside the class folders \(e\.g\. scan\.tif\), in no class: move each into "
         r"its class's folder\.$",
