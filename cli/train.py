@@ -233,12 +233,14 @@ class ProgressBar:
         self.enabled = enabled
         self.bar = None
         self.prefix = ""
+        self.one_validation_episode = False
         self.losses, self.accuracies = [], []
 
     def on_start(self, run, start_episode, total_episodes):
         from tqdm import tqdm
 
         self.prefix = "" if run.chief else f"{run.task}: "
+        self.one_validation_episode = run.config.val_episodes == 1
         self.bar = tqdm(
             total=total_episodes,
             initial=start_episode,
@@ -260,9 +262,9 @@ class ProgressBar:
 
     def on_validation(self, episode, accuracy, ci95, is_best):
         mark = " (best)" if is_best else ""
-        self.bar.write(
-            f"{self.prefix}episode {episode}: validation accuracy {100 * accuracy:.2f} +- {100 * ci95:.2f}%{mark}"
-        )
+        # One episode has no spread to estimate an interval from (its "+- 0.00%" would claim certainty).
+        interval = "% (one episode: no interval)" if self.one_validation_episode else f" +- {100 * ci95:.2f}%"
+        self.bar.write(f"{self.prefix}episode {episode}: validation accuracy {100 * accuracy:.2f}{interval}{mark}")
 
     def on_checkpoint(self, episode, path):
         pass

@@ -3,6 +3,7 @@ test_evaluate_cli.py). In-process runs pass --no-deterministic (`cli_helpers.tra
 
 import json
 import math
+import re
 
 import pytest
 import yaml
@@ -46,7 +47,16 @@ def test_train_writes_checkpoints_config_metrics_and_curves(trained, data_dir):
     assert state["status"] == "finished" and state["episode"] == 8
     assert (run_dir / "best.keras").is_file()
     assert "finished: 8 episodes" in output and str(run_dir) in output
+    assert re.search(r"^episode 8: validation accuracy \d+\.\d\d \+- \d+\.\d\d%", output, re.MULTILINE), output
     assert f"{run_dir} (config.yaml, checkpoints/, best/, best.keras, metrics.jsonl, curves.png)" in output
+
+
+def test_a_validation_of_one_episode_claims_no_interval(tmp_path, data_dir):
+    result = run_cli(train_args(data_dir, tmp_path / "run", "--episodes", "2", "--val-episodes", "1",
+                                "--validate-every", "2"))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^episode 2: validation accuracy \d+\.\d\d% \(one episode: no interval\)", result.output,
+                     re.MULTILINE), result.output
 
 
 def test_existing_run_without_resume_is_refused_and_untouched(trained, data_dir):
