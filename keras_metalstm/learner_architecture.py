@@ -83,14 +83,14 @@ def check_weights_survive_rebuilding(learner, rebuilt, from_file: bool = False) 
     layers whose non-trainable weights it does not reproduce: weights set after the layers were
     made (loaded into a frozen layer, assigned by hand), which a run, storing the architecture and theta_0, would
     lose (`from_file`: the learner was loaded from a `.keras` file, whose weights are its own). Batch-norm moving
-    statistics (reset every episode), random seed states and Normalization statistics (in the architecture,
-    `architecture_config`) do not count."""
+    statistics (reset every episode, unless the layer is frozen), random seed states and Normalization statistics
+    (in the architecture, `architecture_config`) do not count."""
     import keras
 
     def kept(model):
         skipped = set()
         for layer in model._flatten_layers(include_self=False):
-            if isinstance(layer, keras.layers.BatchNormalization):
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:  # a frozen one keeps them
                 skipped |= {id(layer.moving_mean), id(layer.moving_variance)}
             elif isinstance(layer, keras.layers.Normalization):
                 skipped |= {id(variable) for variable in layer.variables}

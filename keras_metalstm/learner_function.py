@@ -25,9 +25,15 @@ from keras_metalstm.batch_norm_calls import (
 
 
 def _batchnorm_layers(model):
-    # `_flatten_layers` is the one walk Keras itself uses to reach every nested layer, subclassed and
-    # functional alike; `model.layers` stops at the first level of a subclassed model.
-    return [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    """The batch-norm layers whose statistics each episode starts afresh. A frozen one (trainable=False) is left
+    out: Keras normalises with its moving statistics even in training, and they are kept, pre-trained ones too.
+    `_flatten_layers` is the one walk Keras itself uses to reach every nested layer, subclassed and functional
+    alike; `model.layers` stops at the first level of a subclassed model."""
+    return [
+        layer
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
 
 
 def _xla_cpu_forms(model):

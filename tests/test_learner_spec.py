@@ -119,6 +119,21 @@ def test_architecture_round_trip_is_repeatable_and_safe():
         model_from_architecture(architecture_config(risky))
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_frozen_batch_norms_pretrained_statistics_are_weights_a_run_would_lose(frozen):
+    images = keras.Input((6, 6, 1))
+    normalisation = keras.layers.BatchNormalization(name="pretrained_bn")
+    learner = keras.Model(images, keras.layers.Dense(3)(keras.layers.Flatten()(normalisation(images))))
+    normalisation.moving_mean.assign([0.5])
+    normalisation.trainable = not frozen
+    rebuilt = model_from_architecture(architecture_config(learner), (6, 6, 1))
+    if frozen:  # kept in every episode, so a run that stores only the architecture and theta_0 would lose them
+        with pytest.raises(LearnerError, match="pretrained_bn"):
+            check_weights_survive_rebuilding(learner, rebuilt)
+    else:  # restarted every episode: nothing to keep
+        check_weights_survive_rebuilding(learner, rebuilt)
+
+
 def fully_convolutional_learner(channels=1):
     """A learner declared for images of any size, as fully convolutional Keras models often are."""
     images = keras.Input((None, None, channels))

@@ -380,6 +380,28 @@ def test_any_keras_learner_can_be_meta_learned_and_adapted(kind):
     )
 
 
+def test_a_frozen_batch_norm_keeps_its_pretrained_statistics_in_every_episode(tmp_path):
+    """Keras normalises with a frozen layer's moving statistics even in training; the meta-learner must too,
+    not restart them at 0 and 1 as it does a trainable layer's each episode."""
+    images = keras.Input((28, 28, 1))
+    frozen = keras.layers.BatchNormalization(name="frozen_bn")
+    features = frozen(keras.layers.Conv2D(4, 3, strides=2, name="conv")(images))
+    learner = keras.Model(images, keras.layers.Dense(5)(keras.layers.Flatten()(features)))
+    frozen.moving_mean.assign(np.full(4, 3.0, "float32"))
+    frozen.moving_variance.assign(np.full(4, 9.0, "float32"))
+    frozen.trainable = False
+    meta = km.MetaLearner(learner, inner_steps=1)
+    function = meta.learner_function
+    episodes = as_tensors(random_episodes(seed=4))
+    support = episodes["support_images"][0]
+    logits, state = function(meta.theta0, function.initial_state(), support, training=True)
+    np.testing.assert_allclose(logits.numpy(), learner(support, training=True).numpy(), rtol=1e-5, atol=1e-5)
+    statistics = {v.path: value.numpy() for v, value in zip(learner.non_trainable_variables, state, strict=True)}
+    np.testing.assert_array_equal(statistics["frozen_bn/moving_mean"], np.full(4, 3.0, "float32"))
+    adapted = meta.adapt(support, episodes["support_labels"][0])
+    np.testing.assert_array_equal(adapted.get_layer("frozen_bn").moving_variance.numpy(), np.full(4, 9.0, "float32"))
+
+
 def test_a_learners_regularizers_are_named_in_a_warning_as_not_part_of_the_inner_loss():
     images = keras.Input((28, 28, 1))
     features = keras.layers.Conv2D(2, 3, kernel_regularizer="l2", name="decayed")(images)
