@@ -119,7 +119,7 @@ def record_inner_loop(meta, support_images, support_labels, inner_steps):
         loss, correct = learner.loss_and_accuracy(theta[0], support_images, support_labels)
         return tf.cast(loss, theta.dtype), tf.cast(correct, theta.dtype)
 
-    theta0, *carry = meta._initial_carry(1)
+    theta0, *carry = meta._initial_carry(1, images)
 
     def record_step(step, theta, lstm_state, gate_logits, states, records):
         new_theta, lstm_state, gate_logits, states = meta._inner_step(

@@ -110,6 +110,12 @@ class LearnerFunction:
             if id(layer) in training_calls and id(layer) not in chained
         ]
         self._xla_cpu_forms = _xla_cpu_forms(learner)
+        # The random layers' (Dropout, augmentation) seed states: (seed, counter) pairs, by position in the state.
+        self._seed_states = [
+            index
+            for index, variable in enumerate(learner.non_trainable_variables)
+            if variable.path.endswith("seed_generator_state")
+        ]
         self._reset_values = None  # read on first use (`_episode_start_values`)
         regularized = _regularized_layers(learner)
         if regularized:
@@ -168,11 +174,19 @@ class LearnerFunction:
         """The non-trainable state every episode starts from (batch-norm statistics reset)."""
         return list(self._episode_start_values())
 
-    def stacked_initial_state(self, episodes):
-        """`initial_state` for `episodes` episodes, stacked on a first axis."""
-        return [
+    def stacked_initial_state(self, episodes, support_images=None):
+        """`initial_state` for `episodes` episodes, stacked on a first axis. With the episodes' `support_images`
+        each episode's random layers (Dropout, augmentation) draw from a stream of their own, seeded by the
+        support set (`episode_seeds`); without, every episode draws the same masks at each inner step."""
+        states = [
             tf.tile(value[tf.newaxis], [episodes] + [1] * value.shape.rank) for value in self._episode_start_values()
         ]
+        if support_images is not None and self._seed_states:
+            seeds = episode_seeds(support_images)
+            for index in self._seed_states:
+                offset = tf.stack([tf.cast(seeds, states[index].dtype), tf.zeros_like(states[index][:, 1])], axis=1)
+                states[index] = states[index] + offset
+        return states
 
     @contextlib.contextmanager
     def _layer_overrides(self, momentum):
@@ -245,6 +259,14 @@ class LearnerFunction:
         if divide_by_batch:
             gradient = gradient / tf.cast(tf.shape(labels)[-1], gradient.dtype)
         return loss, gradient, state
+
+
+def episode_seeds(support_images):
+    """(B,) int64 seeds of B episodes from their (B, N*K, H, W, C) support images: distinct for distinct support
+    sets, the same for the same one (a task adapts reproducibly), with no random state to keep in step across
+    replicas or steps. The images' float32 bit patterns are summed, so the sum cannot overflow."""
+    bits = tf.bitcast(tf.cast(support_images, tf.float32), tf.int32)
+    return tf.reduce_sum(tf.cast(bits, tf.int64), axis=list(range(1, support_images.shape.rank)))
 
 
 def refresh_derived_tensors(model):

@@ -183,19 +183,55 @@ def _output_layer_config(config):
 
 
 # ----------------------------------------------------------------------------------------------- checking
-def check_learner(learner, image_shape, n_way: int, batch: int = 5) -> None:
-    """Run `learner` once on `batch` episode-shaped images as the meta-learner will; LearnerError naming the
-    problem and its fix if it is not a model mapping (H, W, C) images in [0, 1] to `n_way` logits that can run
-    as a pure function of its weights."""
-    import keras
-    import tensorflow as tf
+PROBABILITIES = (
+    "the learner returns probabilities (its outputs sum to 1, a softmax); the meta-learner needs logits: remove the "
+    "final softmax (Dense(num_classes) with no activation)"
+)
 
-    image_shape = tuple(int(v) for v in image_shape)
+
+def check_learner_form(learner) -> None:
+    """LearnerError unless `learner`, as declared (nothing is run), can be a learner: a keras.Model with float
+    inputs and one output that is not squashed by a final activation. What every MetaLearner checks; a run checks
+    more (`check_learner`)."""
+    import keras
+
     if not isinstance(learner, keras.Model):
         raise LearnerError(
             f"the learner must be a keras.Model, got {type(learner).__name__}: return the model (e.g. "
             "keras.Model(inputs, logits)) from the factory"
         )
+    input_dtypes = {str(tensor.dtype) for tensor in getattr(learner, "inputs", None) or []}
+    if any(not dtype.startswith(("float", "bfloat")) for dtype in input_dtypes):
+        raise LearnerError(
+            f"the learner's input is {', '.join(sorted(input_dtypes))} but the meta-learner feeds it float32 images "
+            "in [0, 1], which that dtype would truncate to 0 and 1: declare a float input (keras.Input(shape) with "
+            "no dtype) and drop any Rescaling(1/255) at the input"
+        )
+    outputs = getattr(learner, "outputs", None) or []
+    if len(outputs) > 1:
+        raise LearnerError(
+            f"the learner has {len(outputs)} outputs; the meta-learner needs one tensor of logits per image: "
+            "return only the classifier's output"
+        )
+    activation = _final_activation(learner)
+    if activation == "softmax":
+        raise LearnerError(PROBABILITIES)
+    if activation is not None:
+        raise LearnerError(
+            f"the learner's last layer applies {activation}, which bounds its outputs, but the meta-learner reads "
+            "them as the logits of a softmax cross-entropy, which must be free to grow: remove the final "
+            "activation (Dense(num_classes) with no activation)"
+        )
+
+
+def check_learner(learner, image_shape, n_way: int, batch: int = 5) -> None:
+    """Run `learner` once on `batch` episode-shaped images as the meta-learner will; LearnerError naming the
+    problem and its fix if it is not a model mapping (H, W, C) images in [0, 1] to `n_way` logits that can run
+    as a pure function of its weights."""
+    import tensorflow as tf
+
+    image_shape = tuple(int(v) for v in image_shape)
+    check_learner_form(learner)
     declared = learner_image_shape(learner)
     if declared is not None and (
         not isinstance(declared, tuple)
@@ -205,13 +241,6 @@ def check_learner(learner, image_shape, n_way: int, batch: int = 5) -> None:
         raise LearnerError(
             f"the learner takes images of shape {declared} but the episodes have {image_shape}: build it for the "
             f"data (keras.Input(shape={image_shape}); a factory receives input_shape for this)"
-        )
-    input_dtypes = {str(tensor.dtype) for tensor in getattr(learner, "inputs", None) or []}
-    if any(not dtype.startswith(("float", "bfloat")) for dtype in input_dtypes):
-        raise LearnerError(
-            f"the learner's input is {', '.join(sorted(input_dtypes))} but the meta-learner feeds it float32 images "
-            "in [0, 1], which that dtype would truncate to 0 and 1: declare a float input (keras.Input(shape) with "
-            "no dtype) and drop any Rescaling(1/255) at the input"
         )
     images = np.random.default_rng(0).random((batch, *image_shape), dtype=np.float32)
     try:
@@ -230,18 +259,8 @@ def check_learner(learner, image_shape, n_way: int, batch: int = 5) -> None:
             "(a factory receives num_classes for this)"
         )
     outputs = np.asarray(outputs)
-    activation = _final_activation(learner)
-    if activation == "softmax" or (np.all(outputs >= 0) and np.allclose(outputs.sum(axis=-1), 1.0, atol=1e-5)):
-        raise LearnerError(
-            "the learner returns probabilities (its outputs sum to 1, a softmax); the meta-learner needs logits: "
-            "remove the final softmax (Dense(num_classes) with no activation)"
-        )
-    if activation is not None:
-        raise LearnerError(
-            f"the learner's last layer applies {activation}, which bounds its outputs, but the meta-learner reads "
-            "them as the logits of a softmax cross-entropy, which must be free to grow: remove the final "
-            "activation (Dense(num_classes) with no activation)"
-        )
+    if np.all(outputs >= 0) and np.allclose(outputs.sum(axis=-1), 1.0, atol=1e-5):
+        raise LearnerError(PROBABILITIES)
     _check_variables_are_keras(learner)
     from keras_metalstm.learner_function import LearnerFunction
 

@@ -25,10 +25,11 @@ from keras_metalstm.episode_passes import EpisodePasses
 from keras_metalstm.inner_loop_trace import InnerLoopTrace, record_inner_loop
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy, variable_dtype
+from keras_metalstm.learner_spec import check_learner_form, learner_image_shape, learner_num_classes
 from keras_metalstm.meta_learner_inputs import (
-    check_adaptation_settings,
-    check_episode_batching,
-    check_episode_keys,
+    check_episodes,
+    check_inner_steps,
+    check_meta_learner_settings,
     check_mode,
     check_support,
     static_batch_size,
@@ -105,11 +106,11 @@ class MetaLearner(keras.Model):
         # parameter. The learner keeps its own policy and computes in it.
         kwargs["dtype"] = variable_dtype(kwargs.get("dtype"))
         super().__init__(**kwargs)
-        check_adaptation_settings(inner_steps, query_statistics)
-        check_episode_batching(episode_batching)
+        check_meta_learner_settings(inner_steps, hidden_units, p, bn_momentum, query_statistics, episode_batching)
         # A plain (untracked) object: the learner's own variables are not meta-parameters and must not be
         # trained, saved or restored as part of the meta-learner.
         self._learner_function = LearnerFunction(learner, bn_momentum=bn_momentum)
+        check_learner_form(learner)
         self._episode_passes = EpisodePasses(self._learner_function, episode_batching, bn_momentum)
         self.inner_steps = int(inner_steps)
         self.hidden_units = int(hidden_units)
@@ -217,24 +218,24 @@ class MetaLearner(keras.Model):
             return step + 1, *self._inner_step(*carry, support_images, support_labels)
 
         # maximum_iterations: a static trip count, which XLA needs to differentiate the loop.
-        _, theta, _, _, states = tf.while_loop(
-            lambda step, *_: step < steps, update, (0, *self._initial_carry(episodes)), maximum_iterations=steps
-        )
+        carry = (0, *self._initial_carry(episodes, support_images))
+        _, theta, _, _, states = tf.while_loop(lambda step, *_: step < steps, update, carry, maximum_iterations=steps)
         # A learner without batch statistics (GroupNormalization, LayerNormalization, none) has no state to
         # recompute: "support" is then the same protocol as "query", so a recipe can name it for any learner.
         if self.query_statistics == "support" and states:
             states = self._episode_passes.batch_statistics(theta, support_images)
         return theta, states
 
-    def _initial_carry(self, episodes):
+    def _initial_carry(self, episodes, support_images):
         """What the inner loop carries from step to step, as each of `episodes` episodes starts: theta_0, the zero
-        LSTM state (h, c), the zero gate feedback (f_logit, i_logit) and the learner's initial state."""
+        LSTM state (h, c), the zero gate feedback (f_logit, i_logit) and the learner's initial state (seeded by
+        each episode's support images)."""
         theta = tf.tile(self.theta0[tf.newaxis], [episodes, 1])
         # Zero state and zero feedback equal the "no previous step" of the first update exactly (x + 0 * w == x),
         # and give the loop variables the fixed shapes a compiled loop needs.
         zero_state = tf.zeros((self.hidden_units, *theta.shape), theta.dtype)
         zero_logits = tf.zeros_like(theta)
-        initial_states = self._learner_function.stacked_initial_state(episodes)
+        initial_states = self._learner_function.stacked_initial_state(episodes, support_images)
         return theta, (zero_state, zero_state), (zero_logits, zero_logits), initial_states
 
     def _inner_step(self, theta, lstm_state, gate_logits, states, support_images, support_labels):
@@ -277,7 +278,7 @@ class MetaLearner(keras.Model):
 
         `mode` defaults to "train" when training else "test" (see `query_logits`).
         """
-        check_episode_keys(episodes)
+        check_episodes(self.learner, episodes)
         mode = mode or ("train" if training else "test")
         theta, states = self.inner_loop(episodes["support_images"], episodes["support_labels"])
         return self.query_logits(theta, states, episodes["query_images"], mode)
@@ -285,6 +286,7 @@ class MetaLearner(keras.Model):
     # ------------------------------------------------------------------------------------- meta-training
     def episode_metrics(self, episodes, mode):
         """Per-episode query loss (of the logits times `logit_scale`) and accuracy, each of shape (B,)."""
+        check_episodes(self.learner, episodes, labelled=True)
         logits = self(episodes, mode=mode)
         labels = tf.cast(episodes["query_labels"], tf.int32)
         scaled_logits = logits * tf.cast(self.logit_scale, logits.dtype)
@@ -417,14 +419,17 @@ class MetaLearner(keras.Model):
                 "adapt() supports mode='test' only: mode='train' normalises each query batch with its own "
                 "statistics, which a standalone model cannot reproduce for arbitrary batches."
             )
-        support_images, support_labels = check_support(
-            self.learner, self.theta0.dtype, support_images, support_labels
-        )
-        steps = self.inner_steps if inner_steps is None else int(inner_steps)
+        support_images, support_labels, steps = self._checked_task(support_images, support_labels, inner_steps)
         if self._compiled_adapt is None:
             self._compiled_adapt = tf.function(self._adapt_one, reduce_retracing=True)
         theta, state = self._compiled_adapt(support_images, support_labels, steps)
         return self._learner_function.materialise(theta, state)
+
+    def _checked_task(self, support_images, support_labels, inner_steps):
+        """One task's support images and labels as tensors, and T, each checked (`meta_learner_inputs`)."""
+        num_classes = learner_num_classes(self.learner, learner_image_shape(self.learner))
+        images, labels = check_support(self.learner, self.theta0.dtype, support_images, support_labels, num_classes)
+        return images, labels, self.inner_steps if inner_steps is None else check_inner_steps(inner_steps)
 
     def _adapt_one(self, support_images, support_labels, inner_steps):
         # Traced only into _compiled_adapt, a cache left out of SavedModels: the fused kernels may run here.
@@ -448,10 +453,7 @@ class MetaLearner(keras.Model):
         The gates are computed with the stock TensorFlow ops of the cell, never the fused kernels, so they are
         exactly the cell's own values. The traced function holds one inner step in a loop, as `inner_loop` does.
         """
-        support_images, support_labels = check_support(
-            self.learner, self.theta0.dtype, support_images, support_labels
-        )
-        steps = self.inner_steps if inner_steps is None else int(inner_steps)
+        support_images, support_labels, steps = self._checked_task(support_images, support_labels, inner_steps)
         if self._compiled_trace is None:
             self._compiled_trace = tf.function(functools.partial(record_inner_loop, self), reduce_retracing=True)
         records = self._compiled_trace(support_images, support_labels, steps)

@@ -16,15 +16,22 @@ MODES = ("train", "test")
 def check_adaptation_settings(inner_steps, query_statistics) -> None:
     """Raises ValueError unless `inner_steps` T >= 1 and `query_statistics` is one of QUERY_STATISTICS: what a
     meta-learner is built with, or changed to for an evaluation."""
-    if int(inner_steps) < 1:
-        raise ValueError(f"inner_steps must be at least 1, got {inner_steps}.")
+    check_inner_steps(inner_steps)
     if query_statistics not in QUERY_STATISTICS:
         raise ValueError(f"query_statistics must be one of {QUERY_STATISTICS}, got {query_statistics!r}.")
 
 
-def check_episode_batching(episode_batching) -> None:
+def check_meta_learner_settings(inner_steps, hidden_units, p, bn_momentum, query_statistics, episode_batching):
+    """Raises ValueError naming the first of a MetaLearner's constructor settings that is out of its range."""
+    check_adaptation_settings(inner_steps, query_statistics)
     if episode_batching not in EPISODE_BATCHING:
         raise ValueError(f"episode_batching must be one of {EPISODE_BATCHING}, got {episode_batching!r}.")
+    if isinstance(hidden_units, bool) or not float(hidden_units).is_integer() or int(hidden_units) < 1:
+        raise ValueError(f"hidden_units must be a whole number of at least 1, got {hidden_units!r}.")
+    if not float(p) > 0:
+        raise ValueError(f"p, the gradient preprocessing's constant, must be positive (the paper's: 10), got {p!r}.")
+    if bn_momentum is not None and not 0 <= float(bn_momentum) <= 1:
+        raise ValueError(f"bn_momentum must lie in [0, 1] (the old value's weight) or be None, got {bn_momentum!r}.")
 
 
 def check_mode(mode) -> None:
@@ -32,12 +39,37 @@ def check_mode(mode) -> None:
         raise ValueError(f"mode must be 'train' or 'test', got {mode!r}.")
 
 
-def check_episode_keys(episodes) -> None:
-    """A batch of episodes for the query logits needs the support set and the query images."""
-    needed = EPISODE_KEYS[:3]
+def check_episodes(learner, episodes, labelled=False) -> None:
+    """A batch of episodes for the query logits needs the support set and the query images (`labelled`: and the
+    query labels, to train or evaluate on), each with a leading episode axis: (B, examples, H, W, C) images and
+    (B, examples) integer labels. Static shapes only, so it holds inside a traced function too."""
+    needed = EPISODE_KEYS if labelled else EPISODE_KEYS[:3]
     missing = [key for key in needed if key not in episodes]
     if missing:
-        raise ValueError(f"An episode batch needs the keys {needed}; missing: {missing}.")
+        raise ValueError(f"An episode batch needs the keys {list(needed)}; missing: {missing}.")
+    image_shape = learner_image_shape(learner)
+    for key in needed:
+        shape = tf.TensorShape(getattr(episodes[key], "shape", None))
+        if key.endswith("images"):
+            if image_shape is not None and shape.rank is not None and shape.rank != len(image_shape) + 2:
+                raise ValueError(
+                    f"{key} must be a batch of episodes of shape (episodes, examples, *{image_shape}), got shape "
+                    f"{tuple(shape)}: batch one episode as episode_dataset does (or add a first axis of 1)."
+                )
+            if image_shape is not None and shape.rank is not None and not _fits(shape[2:], image_shape):
+                raise ValueError(
+                    f"{key} hold images of shape {tuple(shape[2:])} but the learner takes {image_shape}: "
+                    "resize or convert them first."
+                )
+        elif shape.rank is not None and shape.rank != 2 or not tf.as_dtype(episodes[key].dtype).is_integer:
+            raise ValueError(
+                f"{key} must be (episodes, examples) integer labels, got shape {tuple(shape)} of "
+                f"{tf.as_dtype(episodes[key].dtype).name}."
+            )
+
+
+def _fits(shape, expected) -> bool:
+    return all(got is None or want is None or got == want for got, want in zip(shape, expected, strict=True))
 
 
 def static_batch_size(tensor, name) -> int:
@@ -51,14 +83,23 @@ def static_batch_size(tensor, name) -> int:
     return batch
 
 
-def check_support(learner, dtype, support_images, support_labels):
-    """One task's support set for `learner` as tensors: images (examples, H, W, C) in `dtype`, labels int32."""
-    support_images = tf.convert_to_tensor(support_images, dtype=dtype)
+def check_support(learner, dtype, support_images, support_labels, num_classes=None):
+    """One task's support set for `learner` as tensors: images (examples, *image shape) in `dtype`, labels int32
+    in 0..num_classes-1 (checked when the labels are known, as in eager calls)."""
+    support_images = tf.convert_to_tensor(support_images)
+    if not support_images.dtype.is_floating:
+        raise ValueError(
+            f"support_images are {support_images.dtype.name}; the meta-learner takes float images on the scale it "
+            "was meta-trained on (the package's data sets: [0, 1], i.e. uint8 images divided by 255)."
+        )
+    support_images = tf.cast(support_images, dtype)
     support_labels = tf.convert_to_tensor(support_labels)
     expected = learner_image_shape(learner)
-    if support_images.shape.rank != 4:
+    rank = 4 if expected is None else len(expected) + 1
+    if support_images.shape.rank != rank:
+        per_image = "height, width, channels" if expected is None else f"*{expected}"
         raise ValueError(
-            f"support_images must be one task's images of shape (examples, height, width, channels), got "
+            f"support_images must be one task's images of shape (examples, {per_image}), got "
             f"shape {tuple(support_images.shape)}."
         )
     if expected and None not in expected and tuple(support_images.shape[1:]) != expected:
@@ -66,6 +107,8 @@ def check_support(learner, dtype, support_images, support_labels):
             f"support_images have shape {tuple(support_images.shape[1:])} per image but the learner "
             f"expects {expected}: resize/convert the images first."
         )
+    if support_images.shape[0] == 0:
+        raise ValueError("support_images is empty: a task needs at least one labelled image per class.")
     if support_labels.shape != (support_images.shape[0],):
         raise ValueError(
             f"support_labels must hold one integer label per support image: got shape "
@@ -73,4 +116,18 @@ def check_support(learner, dtype, support_images, support_labels):
         )
     if not support_labels.dtype.is_integer:
         raise ValueError(f"support_labels must be integers, got {support_labels.dtype.name}.")
+    if num_classes is not None and tf.executing_eagerly():
+        low, high = int(tf.reduce_min(support_labels)), int(tf.reduce_max(support_labels))
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"support_labels must lie in 0..{num_classes - 1} (the learner's {num_classes} outputs), got "
+                f"{low}..{high}: number the classes from 0."
+            )
     return support_images, tf.cast(support_labels, tf.int32)
+
+
+def check_inner_steps(inner_steps) -> int:
+    """T, the number of inner steps, as a whole number >= 1 (int() would make 2.7 steps 2)."""
+    if isinstance(inner_steps, bool) or not float(inner_steps).is_integer() or int(inner_steps) < 1:
+        raise ValueError(f"inner_steps must be a whole number of at least 1, got {inner_steps!r}.")
+    return int(inner_steps)

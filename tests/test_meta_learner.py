@@ -402,6 +402,25 @@ def test_a_frozen_batch_norm_keeps_its_pretrained_statistics_in_every_episode(tm
     np.testing.assert_array_equal(adapted.get_layer("frozen_bn").moving_variance.numpy(), np.full(4, 9.0, "float32"))
 
 
+def test_dropout_draws_other_masks_in_other_episodes_and_the_same_for_the_same_support_set():
+    images = keras.Input((28, 28, 1))
+    features = keras.layers.Dropout(0.5, name="dropout")(keras.layers.Flatten()(images))
+    meta = km.MetaLearner(keras.Model(images, keras.layers.Dense(5)(features)), inner_steps=2)
+    support = random_episodes(batch=2, seed=5)["support_images"]
+    support[1] = support[0][::-1] + 0.001  # the same task's images, almost: another episode all the same
+    support = tf.constant(np.concatenate([support, support[:1]]))  # the third repeats the first
+    function = meta.learner_function
+    states = function.stacked_initial_state(3, support)
+    (seed_index,) = [i for i, v in enumerate(meta.learner.non_trainable_variables) if "seed_generator" in v.path]
+    seeds = states[seed_index].numpy()
+    assert not np.array_equal(seeds[0], seeds[1]) and np.array_equal(seeds[0], seeds[2])
+    # What it changes: the training-mode pass of two episodes on the same images drops other pixels.
+    logits = [function(meta.theta0, [s[e] for s in states], support[0], training=True)[0] for e in range(3)]
+    assert not np.allclose(logits[0], logits[1]) and np.array_equal(logits[0].numpy(), logits[2].numpy())
+    adapted = meta.adapt(support[0], np.arange(5))
+    np.testing.assert_array_equal(adapted.get_weights()[0], meta.adapt(support[0], np.arange(5)).get_weights()[0])
+
+
 def test_a_learners_regularizers_are_named_in_a_warning_as_not_part_of_the_inner_loss():
     images = keras.Input((28, 28, 1))
     features = keras.layers.Conv2D(2, 3, kernel_regularizer="l2", name="decayed")(images)
@@ -448,6 +467,94 @@ def test_bad_input_gets_clear_errors():
         km.MetaLearner(keras.Sequential([keras.layers.Dense(3)]))
     with pytest.raises(TypeError, match="keras.Model"):
         km.MetaLearner(keras.layers.Dense(3))
+
+
+def flat_learner(*head, dtype="float32"):
+    images = keras.Input((28, 28, 1), dtype=dtype)
+    outputs = keras.layers.Flatten()(images)
+    for layer in head:
+        outputs = layer(outputs)
+    return keras.Model(images, outputs)
+
+
+@pytest.mark.parametrize(
+    "learner, message",
+    [
+        (lambda: flat_learner(keras.layers.Dense(5, activation="softmax")), "returns probabilities"),
+        (lambda: flat_learner(keras.layers.Dense(5, activation="sigmoid")), "applies sigmoid"),
+        (lambda: flat_learner(keras.layers.Dense(5), dtype="uint8"), "input is uint8"),
+        (lambda: two_outputs(), "has 2 outputs"),
+    ],
+)
+def test_a_learner_that_cannot_give_logits_is_refused_by_the_library_too(learner, message):
+    with pytest.raises(ValueError, match=message):
+        km.MetaLearner(learner(), inner_steps=1)
+
+
+def two_outputs():
+    images = keras.Input((28, 28, 1))
+    features = keras.layers.Flatten()(images)
+    return keras.Model(images, [keras.layers.Dense(5)(features), keras.layers.Dense(5)(features)])
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"inner_steps": 2.7}, "inner_steps must be a whole number"),
+        ({"hidden_units": 0}, "hidden_units must be a whole number of at least 1"),
+        ({"p": 0}, "p, the gradient preprocessing's constant, must be positive"),
+        ({"bn_momentum": 1.5}, r"bn_momentum must lie in \[0, 1\]"),
+    ],
+)
+def test_settings_out_of_range_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        make_meta(**settings)
+
+
+def test_a_support_set_adapt_cannot_use_is_refused_with_its_fix():
+    meta = make_meta(inner_steps=1)
+    support = random_episodes(seed=21)["support_images"][0]
+    with pytest.raises(ValueError, match=r"support_labels must lie in 0\.\.4 .*got 1\.\.5: number the classes"):
+        meta.adapt(support, np.arange(1, 6))
+    with pytest.raises(ValueError, match=r"got -1\.\.3"):
+        meta.adapt(support, np.arange(-1, 4))
+    with pytest.raises(ValueError, match="support_images is empty"):
+        meta.adapt(support[:0], np.arange(0))
+    with pytest.raises(ValueError, match="support_images are uint8; .*divided by 255"):
+        meta.adapt((support * 255).astype(np.uint8), np.arange(5))
+    for steps in (0, -3, 1.5):
+        with pytest.raises(ValueError, match=f"inner_steps must be a whole number of at least 1, got {steps}"):
+            meta.adapt(support, np.arange(5), inner_steps=steps)
+    # a float64 tensor (a float64 pipeline's) is cast, as NumPy arrays are
+    from_tensor = meta.adapt(tf.constant(support, tf.float64), np.arange(5))
+    np.testing.assert_array_equal(from_tensor.get_weights()[0], meta.adapt(support, np.arange(5)).get_weights()[0])
+
+
+def test_a_learner_on_flat_inputs_adapts_on_flat_support_sets():
+    vectors = keras.Input((12,))
+    meta = km.MetaLearner(keras.Model(vectors, keras.layers.Dense(3)(vectors)), inner_steps=1)
+    rng = np.random.default_rng(0)
+    adapted = meta.adapt(rng.random((6, 12), dtype=np.float32), np.arange(6) % 3)
+    assert adapted(np.zeros((2, 12), np.float32)).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"shape \(examples, \*\(12,\)\), got shape \(6, 3, 4\)"):
+        meta.adapt(rng.random((6, 3, 4), dtype=np.float32), np.arange(6) % 3)
+
+
+def test_episode_batches_that_do_not_fit_are_refused_before_tensorflow_sees_them():
+    meta = make_meta(inner_steps=1)
+    episodes = random_episodes(seed=22)
+    one_episode = {key: value[0] for key, value in episodes.items()}
+    with pytest.raises(ValueError, match=r"support_images must be a batch of episodes .*add a first axis of 1"):
+        meta(one_episode)
+    with pytest.raises(ValueError, match=r"hold images of shape \(28, 28, 3\) but the learner takes \(28, 28, 1\)"):
+        meta({**episodes, "query_images": np.repeat(episodes["query_images"], 3, axis=-1)})
+    trainer = km.MetaTrainer(meta)
+    without_labels = {key: value for key, value in episodes.items() if key != "query_labels"}
+    with pytest.raises(ValueError, match=r"missing: \['query_labels'\]"):
+        trainer.train_step(as_tensors(without_labels))
+    float_labels = {**episodes, "query_labels": episodes["query_labels"].astype(np.float32)}
+    with pytest.raises(ValueError, match=r"query_labels must be \(episodes, examples\) integer labels, got .* float32"):
+        trainer.train_step(as_tensors(float_labels))
 
 
 def test_clip_over_replicas_is_plain_global_norm_clipping_on_one_device():
