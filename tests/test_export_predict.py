@@ -65,6 +65,9 @@ def test_predictors_agree_and_resolve_paths(exported, adapted, queries, tmp_path
         (np.zeros((2, 32, 32, 1), np.float32), r"shape \(32, 32, 1\).*takes \(28, 28, 1\)"),
         (np.zeros((28, 28), np.float32), r"batch of shape \(batch, 28, 28, 1\)"),
         (np.full((1, 28, 28, 1), 255.0, np.float32), r"in \[0, 1\].*divide"),
+        # NaN fails every comparison, so a range test alone passed it on to a confident-looking class
+        (np.where(np.arange(784).reshape(1, 28, 28, 1) == 5, np.nan, 0.5).astype(np.float32),
+         r"must be finite numbers in \[0, 1\], got 1 NaN or infinite value"),
     ],
 )
 def test_predict_rejects_wrong_dtype_shape_and_scale_with_a_clear_message(exported, images, message):
