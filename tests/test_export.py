@@ -109,6 +109,10 @@ def test_load_adapted_rejects_other_models(meta, tmp_path):
     with pytest.raises(export.ExportError, match="not an adapted learner.*metalstm adapt"):
         export.load_adapted(tmp_path / "meta.keras")
     assert isinstance(export.load_meta_learner(tmp_path / "meta.keras"), km.MetaLearner)
+    # In a new process, where nothing has made MetaLearner known to Keras yet (the package imports lazily).
+    script = f"from keras_metalstm import export; export.load_adapted({str(tmp_path / 'meta.keras')!r})"
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "holds a MetaLearner, not an adapted learner" in process.stderr, process.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------- export

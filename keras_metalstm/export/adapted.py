@@ -21,6 +21,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_metalstm.config import first_line
 from keras_metalstm.data import CONVERSION_RULE, load_image_folder
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.files import atomic_path, check_target
@@ -256,7 +257,8 @@ def load_adapted(path):
 
 
 def _load_keras(path):
-    import keras_metalstm  # noqa: F401  (registers MetaLearner)
+    # The package imports its names lazily: this import is what registers MetaLearner and its layers with Keras.
+    import keras_metalstm.meta_learner  # noqa: F401
 
     path = Path(path)
     if not path.is_file():
@@ -270,7 +272,7 @@ def _load_keras(path):
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as error:  # noqa: BLE001 - keras raises many types for a bad file
-        raise ExportError(f"cannot load {path} as a Keras model: {error}") from error
+        raise ExportError(f"cannot load {path} as a Keras model: {first_line(error)}") from error
 
 
 def load_meta_learner(source):
