@@ -193,11 +193,6 @@ class RunConfig:
                 f"episodes ({self.episodes}) must be a multiple of meta_batch ({self.meta_batch}): one "
                 "meta-update consumes meta_batch episodes"
             )
-        for name in ("checkpoint_every", "validate_every", "log_every"):
-            if getattr(self, name) % self.meta_batch:
-                raise ConfigError(
-                    f"{name} ({getattr(self, name)}) must be a multiple of meta_batch ({self.meta_batch})"
-                )
         if float(self.learning_rate) <= 0 or float(self.clip_norm) <= 0:
             raise ConfigError("learning_rate and clip_norm must be positive")
         if not float(self.theta0_lr_scale) >= 0:

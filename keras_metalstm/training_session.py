@@ -303,7 +303,7 @@ class TrainingSession:
         for batch in batches:
             current = self._update(batch)
             validated = self._maybe_validate(current)
-            if current % config.checkpoint_every == 0 or current == config.episodes or validated:
+            if self._due(current, config.checkpoint_every) or validated:
                 self._save()
             if self.stop.signal is not None:
                 if checkpoint_episode(self.manager.latest_checkpoint) != current:
@@ -326,9 +326,15 @@ class TrainingSession:
         self.episode.assign(current)
         self.window = [self.window[0] + loss, self.window[1] + accuracy, self.window[2] + 1]
         self.callbacks.on_step(current, loss, accuracy)
-        if current % self.config.log_every == 0 or current == self.config.episodes:
+        if self._due(current, self.config.log_every):
             self._log_train(current)
         return current
+
+    def _due(self, current: int, every: int) -> bool:
+        """Whether the update that reached episode `current` passed a multiple of `every`, or ended the run: with
+        a meta-batch that does not divide `every`, "every 500 episodes" falls on the first update past each 500."""
+        before = current - self.config.meta_batch
+        return current // every > before // every or current == self.config.episodes
 
     def _log_train(self, current: int) -> None:
         import tensorflow as tf
@@ -350,7 +356,7 @@ class TrainingSession:
         from keras_metalstm.statistics import mean_ci95
 
         config = self.config
-        if not (config.val_episodes > 0 and (current % config.validate_every == 0 or current == config.episodes)):
+        if not (config.val_episodes > 0 and self._due(current, config.validate_every)):
             return False
         accuracies = evaluate_episodes(self.trainer, self.splits.val, config, config.val_episodes, seed=config.seed + 1)
         mean, ci = mean_ci95(accuracies)

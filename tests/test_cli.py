@@ -51,6 +51,20 @@ def test_train_writes_checkpoints_config_metrics_and_curves(trained, data_dir):
     assert f"{run_dir} (config.yaml, checkpoints/, best/, best.keras, metrics.jsonl, curves.png)" in output
 
 
+def test_a_meta_batch_that_does_not_divide_the_intervals_acts_at_the_first_update_past_each_multiple(
+        tmp_path, data_dir):
+    # Updates of 2 episodes reach 2, 4, 6, 8: past a multiple of 3 at 4 (3) and 6 (6), and 8 ends the run.
+    run_dir = tmp_path / "run"
+    result = run_cli(train_args(data_dir, run_dir, "--meta-batch", "2", "--episodes", "8", "--log-every", "3",
+                                "--checkpoint-every", "3", "--validate-every", "3", "--keep-checkpoints", "5"))
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in rows if r["kind"] == "train"] == [4, 6, 8]
+    assert [r["episode"] for r in rows if r["kind"] == "val"] == [4, 6, 8]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.index")) == [
+        "ckpt-4.index", "ckpt-6.index", "ckpt-8.index"]
+
+
 def test_a_validation_of_one_episode_claims_no_interval(tmp_path, data_dir):
     result = run_cli(train_args(data_dir, tmp_path / "run", "--episodes", "2", "--val-episodes", "1",
                                 "--validate-every", "2"))

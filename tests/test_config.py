@@ -34,6 +34,7 @@ def test_unknown_key_and_bad_values_are_errors(tmp_path):
         RunConfig(n_way=0)
     with pytest.raises(ConfigError, match="multiple of meta_batch"):
         RunConfig(episodes=10, meta_batch=4)
+    RunConfig(meta_batch=8)  # the default intervals (500, 500, 50) need not be multiples of it
     with pytest.raises(ConfigError, match="invalid value"):
         RunConfig.from_dict({"k_shot": "five"})
 
