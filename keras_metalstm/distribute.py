@@ -76,6 +76,11 @@ def make_strategy(name: str = "default", tpu: str | None = None, devices=None) -
             f"--strategy tpu found no TPU ({str(error).strip()}): pass --tpu NAME (the TPU's name or grpc:// "
             "address), or run on a TPU VM"
         ) from None
+    except OSError as error:  # a name the resolver cannot look up: it asks Google Cloud's metadata server
+        raise StrategyError(
+            f"--strategy tpu cannot find or reach the TPU {tpu!r} ({str(error).strip()}): check its name or pass "
+            "its grpc:// address, from a machine that can reach it (on Google Cloud: the same project and zone)"
+        ) from None
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)

@@ -144,6 +144,21 @@ def test_factory_rejects_unknown_strategy_and_stray_tpu_name():
             make_strategy("tpu")
 
 
+def test_a_tpu_name_that_cannot_be_looked_up_is_named_not_taken_for_a_disk_error(monkeypatch):
+    import urllib.error
+
+    import tensorflow as tf
+
+    from keras_metalstm.distribute import StrategyError, make_strategy
+
+    def unreachable(tpu=None):  # what the resolver raises off Google Cloud: its metadata server has no address
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", unreachable)
+    with pytest.raises(StrategyError, match=r"cannot find or reach the TPU 'my-tpu' \(<urlopen error .*check its name"):
+        make_strategy("tpu", tpu="my-tpu")
+
+
 def test_factory_default_and_per_replica_batch():
     import tensorflow as tf
 
