@@ -319,6 +319,13 @@ def test_adapt_and_predict_rejects_labels_outside_n_way(meta_export, support_dir
             support_labels=tf.constant(labels + 1),
             query_images=tf.constant(queries[:2]),
         )
+    # a class without support images (here all but class 0), and no support set at all
+    for support_images, support_labels in ((images, np.zeros_like(labels)), (images[:0], labels[:0])):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"every class 0\.\.4 needs at least one support"):
+            signature(support_images=tf.constant(support_images), support_labels=tf.constant(support_labels),
+                      query_images=tf.constant(queries[:2]))
+    metadata = json.loads((meta_export.path / "assets.extra" / "keras_metalstm.json").read_text())
+    assert sorted(metadata["signatures"]) == sorted(tf.saved_model.load(str(meta_export.path)).signatures)
 
 
 def test_meta_learner_cannot_be_exported_to_onnx(meta, tmp_path):

@@ -126,6 +126,11 @@ class AdaptInServingModule(tf.Module):
             tf.debugging.assert_less(
                 support_labels, self.n_way, message=f"support_labels must be < n_way = {self.n_way}"
             ),
+            # An empty support set adapts to NaN; a class without images gets logits from theta_0 alone.
+            tf.debugging.assert_positive(
+                tf.math.bincount(tf.cast(support_labels, tf.int32), minlength=self.n_way, maxlength=self.n_way),
+                message=f"every class 0..{self.n_way - 1} needs at least one support image",
+            ),
         ]
         with tf.control_dependencies(checks):
             support_images = tf.identity(support_images)
@@ -171,7 +176,7 @@ def meta_metadata(module):
         "inner_steps": module.inner_steps,
         "image_shape": list(module.image_shape),
         "input_scale": INPUT_SCALE,
-        "signatures": ["adapt_and_predict"],
+        "signatures": ["adapt_and_predict", "adapt_and_predict_encoded"],
     }
 
 
