@@ -130,6 +130,28 @@ def test_export_writes_tf_serving_layout_and_reports_parity(exported):
     assert metadata["class_names"] == sorted(CLASSES) and metadata["image_shape"] == list(SHAPE)
 
 
+def test_a_full_disk_while_writing_names_the_target_and_leaves_nothing(tmp_path):
+    import errno
+
+    import tensorflow as tf
+
+    from keras_metalstm.export.files import atomic_path
+
+    target = tmp_path / "models" / "task" / "1"
+    for failure in (
+        OSError(errno.ENOSPC, "No space left on device"),  # the .keras and ONNX writers
+        tf.errors.ResourceExhaustedError(None, None, "models/task/.1.tmp/saved_model.pb; No space left on device"),
+    ):
+        with pytest.raises(export.ExportError, match=rf"cannot write {target}: No space left on device; nothing"):
+            with atomic_path(target, directory=True) as tmp:
+                (tmp / "half_written.pb").write_text("half")
+                raise failure
+        assert not (tmp_path / "models").exists()
+    with pytest.raises(KeyError):  # any other error is the writer's own, left as it is
+        with atomic_path(target, directory=True):
+            raise KeyError("not a storage failure")
+
+
 def test_versions_are_never_overwritten_without_force(adapted, tmp_path):
     out = tmp_path / "task"
     first = export.export_adapted(adapted, out, format="onnx", verify=False)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import uuid
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from keras_metalstm.data.errors import tensorflow_error_text
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.paths import refuse_url
 from keras_metalstm.processes import process_alive
@@ -92,6 +94,13 @@ def atomic_path(target: str | os.PathLike, force: bool = False, directory: bool 
         check_target(target, force)  # still free (another writer may have raced us)
         replace(tmp, target)
         made = []
+    except Exception as error:
+        cause = _storage_failure(error)
+        if cause is None:
+            raise
+        raise ExportError(
+            f"cannot write {target}: {cause}; nothing was written there (free some space, or choose another path)"
+        ) from None
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -100,6 +109,17 @@ def atomic_path(target: str | os.PathLike, force: bool = False, directory: bool 
         for folder in made:  # innermost first; rmdir leaves a folder someone else wrote into
             with suppress(OSError):
                 folder.rmdir()
+
+
+def _storage_failure(error: Exception) -> str | None:
+    """Why a write failed when the file system refused it (a full disk, no permission): an OSError, or the
+    TensorFlow error that writing a SavedModel's files raises for one; None for any other error."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(error, (tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError)):
+        return tensorflow_error_text(error).rsplit("; ", 1)[-1]  # "<temporary file>; No space left on device"
+    return None
 
 
 def versions(base: str | os.PathLike) -> list[int]:
