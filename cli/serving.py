@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import click
 from keras_metalstm.cli.common import progress_bar, quiet_tensorflow, user_errors
@@ -96,7 +95,7 @@ def export_command(model, format_, out, version, opset, force, no_verify):
         from keras_metalstm import export
         from keras_metalstm.presets import load_path_or_preset
 
-        out = out or str(Path("saved_models") / Path(model).name.removesuffix(".keras"))
+        out = out or export.default_model_folder(model)
         loaded, _ = load_path_or_preset(model, export.load_exportable)
         if isinstance(loaded, export.AdaptedLearner):
             result = export.export_adapted(

@@ -165,6 +165,17 @@ def test_versions_are_never_overwritten_without_force(adapted, tmp_path):
     export.export_adapted(adapted, out, format="onnx", version=1, force=True, verify=False)
     assert not marker.exists() and (out / "1" / "model.onnx").is_file()
     assert sorted(p.name for p in out.iterdir()) == ["1", "2"]
+    (out / "3").write_text("a stray file named like a version")
+    assert export.export_adapted(adapted, out, format="onnx", verify=False).version == 4
+
+
+def test_the_default_model_folder_is_named_after_the_source(tmp_path, monkeypatch):
+    run_dir = tmp_path / "fontglot-run"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    assert export.default_model_folder(".") == str(Path("saved_models") / "fontglot-run")  # not saved_models/
+    assert export.default_model_folder(str(run_dir)) == str(Path("saved_models") / "fontglot-run")
+    assert export.default_model_folder("task.keras") == str(Path("saved_models") / "task")
 
 
 def test_failed_parity_writes_nothing(adapted, tmp_path):

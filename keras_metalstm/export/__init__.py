@@ -29,7 +29,14 @@ from keras_metalstm.export.adapted import (
     save_adapted,
 )
 from keras_metalstm.export.errors import ExportError
-from keras_metalstm.export.exporter import FORMATS, ONNX_FILE, ExportResult, export_adapted, export_meta
+from keras_metalstm.export.exporter import (
+    FORMATS,
+    ONNX_FILE,
+    ExportResult,
+    default_model_folder,
+    export_adapted,
+    export_meta,
+)
 from keras_metalstm.export.files import next_version, versions
 from keras_metalstm.export.inputs import ImageInputs, check_images, labelled_inputs, read_images
 from keras_metalstm.export.onnx_format import DEFAULT_OPSET, OPSETS, to_onnx, write_onnx
@@ -76,6 +83,7 @@ __all__ = [
     "adapt",
     "adapt_folder",
     "check_adapted_path",
+    "default_model_folder",
     "check_images",
     "decode_for_serving",
     "export_adapted",

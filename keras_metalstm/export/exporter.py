@@ -39,6 +39,12 @@ class ExportResult:
     seconds: float = 0.0
 
 
+def default_model_folder(source) -> str:
+    """Where `metalstm export SOURCE` writes without --out: saved_models/<name of SOURCE>, a model file's name
+    without .keras, a run folder's own name (also when it is given as "." from inside it)."""
+    return str(Path("saved_models") / Path(source).resolve().name.removesuffix(".keras"))
+
+
 def _formats(format):
     if format not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}.")

@@ -131,6 +131,8 @@ def versions(base: str | os.PathLike) -> list[int]:
 
 
 def next_version(base: str | os.PathLike) -> int:
-    """The next free integer version under ``base`` (1 for a new model folder)."""
-    existing = versions(base)
-    return existing[-1] + 1 if existing else 1
+    """The next free integer version under ``base`` (1 for a new model folder): past every integer name there,
+    a stray file's too, which would stand in the new version's way."""
+    base = Path(base)
+    taken = [int(p.name) for p in base.iterdir() if p.name.isdigit()] if base.is_dir() else []
+    return max(taken, default=0) + 1
