@@ -73,6 +73,32 @@ def test_the_exported_model_computes_in_float32_with_parity(policy, tmp_path):
     assert result.parity.ok, result.parity.summary()
 
 
+def test_the_adapt_in_serving_export_computes_in_float32(policy, tmp_path):
+    from conftest import graph_def_nodes
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    meta = meta_learner()
+    result = export.export_meta(meta, tmp_path / "meta")
+    saved = saved_model_pb2.SavedModel.FromString((result.path / "saved_model.pb").read_bytes())
+    low = tf.as_dtype(keras.dtype_policies.get(policy).compute_dtype).as_datatype_enum
+    convolutions = [
+        node for graph in saved.meta_graphs for node in graph_def_nodes(graph.graph_def) if node.op == "Conv2D"
+    ]
+    assert convolutions and all(node.attr["T"].type != low for node in convolutions)
+    episode = random_episodes(image_shape=IMAGE_SHAPE, seed=6)
+    loaded = tf.saved_model.load(str(result.path)).signatures["adapt_and_predict"]
+    logits = loaded(support_images=tf.constant(episode["support_images"][0]),
+                    support_labels=tf.constant(episode["support_labels"][0]),
+                    query_images=tf.constant(episode["query_images"][0]))["logits"].numpy()
+    # It adapts as the float32 copy of the meta-learner does: the low-precision one's own inner loop rounds
+    # theta's updates differently (0.14 of logits of ~2 here), and no server runs it.
+    from keras_metalstm.export.adapted import meta_in_variable_precision
+
+    with fused_kernels.disabled():
+        expected = meta_in_variable_precision(meta).adapt(episode["support_images"][0], episode["support_labels"][0])
+    np.testing.assert_allclose(logits, expected(episode["query_images"][0]).numpy(), atol=1e-4)
+
+
 def test_the_float32_copy_of_a_learner_keeps_an_adapted_normalization_layers_statistics(policy):
     """The copy gets its weights by set_weights, after which Keras' Normalization layer kept the mean and variance
     of its fresh weights (0 and 1) until told to recompute them."""

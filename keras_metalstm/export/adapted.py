@@ -117,6 +117,18 @@ def in_variable_precision(learner, image_shape):
     return copy
 
 
+def meta_in_variable_precision(meta):
+    """`meta`, or, if its learner computes in a mixed-precision policy, a copy with the same meta-parameters whose
+    learner computes in its variables' dtype (`in_variable_precision`): what an adapt-in-serving export runs."""
+    learner = in_variable_precision(meta.learner, meta_image_shape(meta))
+    if learner is meta.learner:
+        return meta
+    settings = {key: value for key, value in meta.get_config().items() if key != "learner"}
+    copy = type(meta)(learner, **settings)
+    copy.set_weights(meta.get_weights())
+    return copy
+
+
 def _variable_dtype_policies(config):
     """A Keras config with every dtype policy replaced by its variable dtype ("mixed_bfloat16" -> "float32")."""
     if isinstance(config, list):

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from keras_metalstm.export.adapted import meta_in_variable_precision
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.files import atomic_path, check_target, next_version
 from keras_metalstm.export.onnx_format import DEFAULT_OPSET, write_onnx
@@ -114,7 +115,8 @@ def export_meta(meta, out, version=None, force=False, inner_steps=None, format="
         )
     started = time.perf_counter()
     target, version = _version_target(out, version, force)
-    module = AdaptInServingModule(meta, inner_steps=inner_steps)
+    # In float32, as the adapted exports: a server's CPU has no bfloat16 convolutions.
+    module = AdaptInServingModule(meta_in_variable_precision(meta), inner_steps=inner_steps)
     with atomic_path(target, force=force, directory=True) as tmp:
         write_savedmodel(module, tmp, meta_metadata(module))
     return ExportResult(target, version, ["saved_model.pb"], None, time.perf_counter() - started)
