@@ -21,6 +21,7 @@ SEED_OPTION = click.option(
     default=1000,
     show_default=True,
     envvar="METALSTM_EVAL_SEED",
+    show_envvar=True,
     help="Seed of the test episodes.",
 )
 CHECKPOINT_OPTION = click.option(

@@ -46,12 +46,14 @@ def run_evaluation(run_dir, progress, log, pretrain_epochs, episodes, **options)
     default=600,
     show_default=True,
     envvar="METALSTM_EVAL_EPISODES",
+    show_envvar=True,
     help="Test episodes E.",
 )
 @click.option(
     "--baselines",
     is_flag=True,
     envvar="METALSTM_EVAL_BASELINES",
+    show_envvar=True,
     help="Add the baselines on the same episodes: by default the paper's fine-tune, nearest neighbour and pixel "
     "nearest neighbour as the authors ran them (see --baseline-protocol, docs/baselines.md).",
 )

@@ -43,8 +43,8 @@ def main(verbose):
     metalstm quickstart                                       both, on the built-in data
     metalstm inspect runs/demo                                what the meta-learner learned
 
-    Options also come from --config FILE (YAML or TOML) and METALSTM_* environment variables
-    (e.g. METALSTM_K_SHOT=5); command-line flags win. On an x86 CPU, TensorFlow runs on oneDNN's
+    train's run settings also come from --config FILE (YAML or TOML) and METALSTM_<SETTING>
+    environment variables (e.g. METALSTM_K_SHOT=5); command-line flags win. On an x86 CPU, TensorFlow runs on oneDNN's
     kernels (TF_ENABLE_ONEDNN_OPTS=1 unless you set it; =0 turns them off).
     """
     if verbose:
