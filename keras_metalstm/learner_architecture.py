@@ -77,29 +77,32 @@ def _layer_configs(config):
             yield from _layer_configs(item)
 
 
+def frozen_weights(model) -> list:
+    """The non-trainable weights a learner keeps as they are in every episode (frozen layers'): not batch-norm
+    moving statistics (reset every episode, unless the layer is frozen), random seed states, or Normalization
+    statistics (in the architecture, `architecture_config`)."""
+    import keras
+
+    skipped = set()
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:  # a frozen one keeps them
+            skipped |= {id(layer.moving_mean), id(layer.moving_variance)}
+        elif isinstance(layer, keras.layers.Normalization):
+            skipped |= {id(variable) for variable in layer.variables}
+    return [
+        variable
+        for variable in model.non_trainable_variables
+        if id(variable) not in skipped and "seed_generator" not in variable.path
+    ]
+
+
 def check_weights_survive_rebuilding(learner, rebuilt, from_file: bool = False) -> None:
     """LearnerError when `rebuilt` (the learner made again from its architecture, as every command that loads a run
     makes it) has other trainable weights than `learner` (a get_config leaving out an argument), or naming the
     layers whose non-trainable weights it does not reproduce: weights set after the layers were
     made (loaded into a frozen layer, assigned by hand), which a run, storing the architecture and theta_0, would
-    lose (`from_file`: the learner was loaded from a `.keras` file, whose weights are its own). Batch-norm moving
-    statistics (reset every episode, unless the layer is frozen), random seed states and Normalization statistics
-    (in the architecture, `architecture_config`) do not count."""
-    import keras
-
-    def kept(model):
-        skipped = set()
-        for layer in model._flatten_layers(include_self=False):
-            if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:  # a frozen one keeps them
-                skipped |= {id(layer.moving_mean), id(layer.moving_variance)}
-            elif isinstance(layer, keras.layers.Normalization):
-                skipped |= {id(variable) for variable in layer.variables}
-        return [
-            variable
-            for variable in model.non_trainable_variables
-            if id(variable) not in skipped and "seed_generator" not in variable.path
-        ]
-
+    lose (`from_file`: the learner was loaded from a `.keras` file, whose weights are its own); see
+    `frozen_weights` for which count."""
     given = [(variable.path, tuple(variable.shape)) for variable in learner.trainable_variables]
     made = [tuple(variable.shape) for variable in rebuilt.trainable_variables]
     if [shape for _, shape in given] != made:
@@ -113,7 +116,7 @@ def check_weights_survive_rebuilding(learner, rebuilt, from_file: bool = False) 
             f"the learner made again from its Keras config is not the one given ({first}): a run keeps only the "
             "config, so the get_config() of a custom model or layer must return every argument of its __init__"
         )
-    built, made_again = kept(learner), kept(rebuilt)
+    built, made_again = frozen_weights(learner), frozen_weights(rebuilt)
     lost = sorted(
         {
             mine.path.split("/")[0]

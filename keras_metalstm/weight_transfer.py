@@ -2,6 +2,9 @@
 begins from a pre-trained classifier, whose output layer may have another number of classes."""
 
 import keras
+import numpy as np
+
+from keras_metalstm.learner_architecture import frozen_weights
 
 
 def weights_for_learner(learner, source):
@@ -33,6 +36,17 @@ def weights_for_learner(learner, source):
                 f"{tuple(theirs.shape)}, the learner's {mine.path!r} {tuple(mine.shape)}. Only the output "
                 "layer may differ: use a model of the learner's architecture."
             )
+    changed = [
+        mine.path
+        for mine, theirs in zip(frozen_weights(learner), frozen_weights(source), strict=False)
+        if tuple(mine.shape) == tuple(theirs.shape) and not np.array_equal(np.asarray(mine.value), theirs.value)
+    ]
+    if changed:
+        raise ValueError(
+            f"Cannot initialise theta_0 from {source.name!r}: its frozen weights differ from the learner's "
+            f"({', '.join(changed[:3])}), and theta_0 holds the trainable ones only. Give the learner those weights "
+            "before making the meta-learner (learner.get_layer(name).set_weights(...)), or make them trainable."
+        )
     return values, zeroed
 
 

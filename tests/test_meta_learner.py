@@ -603,3 +603,22 @@ def test_theta0_from_a_model_of_another_architecture_is_refused():
     with pytest.raises(ValueError, match="Only the output layer may differ"):
         meta.initialize_theta0_from(wider)
     np.testing.assert_array_equal(meta.theta0.numpy(), theta0)
+
+
+def test_theta0_from_a_model_whose_frozen_weights_differ_is_refused_not_half_taken():
+    def build(num_classes, backbone_value):
+        images = keras.Input((28, 28, 1))
+        backbone = keras.layers.Conv2D(4, 3, strides=2, name="backbone", kernel_initializer="zeros")
+        backbone.trainable = False
+        learner = keras.Model(images, keras.layers.Dense(num_classes, name="head")(
+            keras.layers.Flatten()(backbone(images))))
+        backbone.kernel.assign(np.full((3, 3, 1, 4), backbone_value, "float32"))
+        return learner
+
+    meta = km.MetaLearner(build(5, 0.0), inner_steps=1)
+    theta0 = meta.theta0.numpy().copy()
+    # theta_0 would take the head alone and keep the learner's own backbone: not the pre-trained model
+    with pytest.raises(ValueError, match=r"frozen weights differ from the learner's \(backbone/kernel\)"):
+        meta.initialize_theta0_from(build(20, 0.5))
+    np.testing.assert_array_equal(meta.theta0.numpy(), theta0)
+    assert meta.initialize_theta0_from(build(20, 0.0)) == ["head/kernel", "head/bias"]  # the same frozen weights
