@@ -62,13 +62,14 @@ def _xla_cpu_forms(model):
     return forms
 
 
-def _regularized_layers(learner):
-    """Names of the learner's layers with a weight or activity regularizer (Keras adds their losses to a model's
-    training loss, the meta-learner does not)."""
+def _layers_with(learner, kind):
+    """Names of the learner's layers with a weight `kind` ("regularizer", "constraint") set: Keras adds a
+    regularizer's loss to a model's training loss and applies a constraint after each optimizer step; the
+    meta-learner's inner loop does neither."""
     return [
         layer.name
         for layer in learner._flatten_layers(include_self=False)
-        if any(name.endswith("regularizer") and value is not None for name, value in vars(layer).items())
+        if any(name.endswith(kind) and value is not None for name, value in vars(layer).items())
     ]
 
 
@@ -117,15 +118,20 @@ class LearnerFunction:
             if variable.path.endswith("seed_generator_state")
         ]
         self._reset_values = None  # read on first use (`_episode_start_values`)
-        regularized = _regularized_layers(learner)
-        if regularized:
-            warnings.warn(
-                f"keras_metalstm: the regularizers of the learner's layers {', '.join(regularized)} are not part of "
-                "the inner loop's loss, the support set's cross-entropy (the paper's); the meta-learner's forget "
-                "gate learns its own shrinkage of the weights. Remove them to silence this warning.",
-                RuntimeWarning,
-                stacklevel=1,  # one place for every learner function made of it: Python reports it once
-            )
+        ignored = {
+            "regularizers": ("are not part of the inner loop's loss, the support set's cross-entropy (the paper's)",
+                             _layers_with(learner, "regularizer")),
+            "constraints": ("are not applied to the inner loop's updates", _layers_with(learner, "constraint")),
+        }
+        for kind, (what, layers) in ignored.items():
+            if layers:
+                warnings.warn(
+                    f"keras_metalstm: the {kind} of the learner's layers {', '.join(layers)} {what}; the "
+                    "meta-learner's forget gate learns its own shrinkage of the weights. Remove them to silence "
+                    "this warning.",
+                    RuntimeWarning,
+                    stacklevel=1,  # one place for every learner function made of it: Python reports it once
+                )
 
     def _episode_start_values(self):
         """Initial non-trainable values: batch-norm statistics at their initialisers, the rest (a frozen layer's

@@ -439,6 +439,14 @@ def test_a_learners_regularizers_are_named_in_a_warning_as_not_part_of_the_inner
                                rtol=1e-5)
 
 
+def test_a_learners_weight_constraints_are_named_in_a_warning_as_not_applied():
+    images = keras.Input((28, 28, 1))
+    features = keras.layers.Conv2D(2, 3, kernel_constraint=keras.constraints.MaxNorm(1.0), name="bounded")(images)
+    learner = keras.Model(images, keras.layers.Dense(5, name="plain")(keras.layers.Flatten()(features)))
+    with pytest.warns(RuntimeWarning, match=r"constraints of the learner's layers bounded are not applied"):
+        km.MetaLearner(learner, inner_steps=1)
+
+
 def test_official_gradient_division_option_scales_the_learner_gradient():
     meta = make_meta(inner_steps=1)
     divided = twin(meta, divide_grad_by_batch=True)
