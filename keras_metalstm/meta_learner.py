@@ -377,6 +377,10 @@ class MetaLearner(keras.Model):
             optimizer = meta_optimizer()
         self._fit_clip_norm = float(clip_norm) if clip_norm else None
         super().compile(optimizer=optimizer, **kwargs)
+        # Now, not inside the first traced step: a step that fails mid-trace would leave the next `fit` creating
+        # the optimizer's variables in a traced function ("Creating variables on a non-first call").
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def get_compile_config(self):
         config = super().get_compile_config()
@@ -386,8 +390,6 @@ class MetaLearner(keras.Model):
         # Keras skips compiling a loaded model whose compile() is overridden; this one compiles as it was saved,
         # so its optimizer state (loaded after this) and clip continue a `fit` where it stopped.
         self.compile(**keras.saving.deserialize_keras_object(config))
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
 
     def fit(self, *args, **kwargs):
         """keras.Model.fit; under compile(jit_compile=True) a learner op XLA cannot compile is a LearnerError that

@@ -272,6 +272,18 @@ def test_keras_callbacks_run_with_fit(tmp_path):
     assert (tmp_path / "best.keras").exists()
 
 
+def test_fit_after_a_fit_that_failed_while_tracing_trains():
+    """A notebook's second try: the first fit's step fails mid-trace on bad episodes, the fixed ones must train."""
+    meta = make_meta(inner_steps=1)
+    meta.compile()
+    good = tf.data.Dataset.from_tensors(as_tensors(random_episodes(seed=9)))
+    bad = good.map(lambda episode: {**episode, "query_labels": episode["query_labels"][:, :-1]})
+    with pytest.raises(Exception):  # noqa: B017 - whatever TensorFlow raises for the mismatched labels
+        meta.fit(bad, verbose=0)
+    history = meta.fit(good, verbose=0).history
+    assert np.isfinite(history["loss"][0])
+
+
 def test_a_compiled_meta_learner_loaded_from_keras_continues_fit_exactly(tmp_path):
     """A ModelCheckpoint .keras file of a `fit` in progress: loaded, it is compiled as saved (its optimizer, the
     optimizer's state, clip_norm), so fitting on continues exactly as the original does."""
