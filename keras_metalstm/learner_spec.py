@@ -191,7 +191,7 @@ PROBABILITIES = (
 
 def check_learner_form(learner) -> None:
     """LearnerError unless `learner`, as declared (nothing is run), can be a learner: a keras.Model with float
-    inputs and one output that is not squashed by a final activation. What every MetaLearner checks; a run checks
+    inputs, no Lambda layer, and one output that is not squashed by a final activation. What every MetaLearner checks; a run checks
     more (`check_learner`)."""
     import keras
 
@@ -206,6 +206,13 @@ def check_learner_form(learner) -> None:
             f"the learner's input is {', '.join(sorted(input_dtypes))} but the meta-learner feeds it float32 images "
             "in [0, 1], which that dtype would truncate to 0 and 1: declare a float input (keras.Input(shape) with "
             "no dtype) and drop any Rescaling(1/255) at the input"
+        )
+    lambdas = [layer.name for layer in learner._flatten_layers(include_self=False) if type(layer) is keras.layers.Lambda]
+    if lambdas:
+        raise LearnerError(
+            f"the learner holds Lambda layers ({', '.join(lambdas)}): Lambda layers cannot be loaded safely, and "
+            "adapt() and every export copy the learner; write a small layer class instead (a keras.layers.Layer "
+            "subclass registered with @keras.saving.register_keras_serializable())"
         )
     outputs = getattr(learner, "outputs", None) or []
     if len(outputs) > 1:

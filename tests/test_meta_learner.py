@@ -504,6 +504,8 @@ def flat_learner(*head, dtype="float32"):
         (lambda: flat_learner(keras.layers.Dense(5, activation="sigmoid")), "applies sigmoid"),
         (lambda: flat_learner(keras.layers.Dense(5), dtype="uint8"), "input is uint8"),
         (lambda: two_outputs(), "has 2 outputs"),
+        (lambda: flat_learner(keras.layers.Lambda(lambda x: 2.0 * x), keras.layers.Dense(5)),
+         "Lambda layers cannot be loaded safely, and adapt"),
     ],
 )
 def test_a_learner_that_cannot_give_logits_is_refused_by_the_library_too(learner, message):
