@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,18 @@ def test_versions_are_never_overwritten_without_force(adapted, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["1", "2"]
     (out / "3").write_text("a stray file named like a version")
     assert export.export_adapted(adapted, out, format="onnx", verify=False).version == 4
+
+
+def test_an_onnx_only_version_in_a_tensorflow_serving_folder_is_warned_of(adapted, tmp_path):
+    out = tmp_path / "task"
+    export.export_adapted(adapted, out, format="savedmodel", verify=False)
+    with pytest.warns(RuntimeWarning, match=r"holds SavedModel versions \(1\) and version 2 will hold model.onnx only"):
+        export.export_adapted(adapted, out, format="onnx", verify=False)
+    with pytest.warns(RuntimeWarning, match="loses that SavedModel"):
+        export.export_adapted(adapted, out, format="onnx", version=1, force=True, verify=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export.export_adapted(adapted, tmp_path / "onnx_only", format="onnx", verify=False)  # a folder of its own
 
 
 def test_the_default_model_folder_is_named_after_the_source(tmp_path, monkeypatch):

@@ -10,12 +10,13 @@ a hidden temporary folder beside it, verified, then renamed; an existing version
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from keras_metalstm.export.adapted import meta_in_variable_precision
 from keras_metalstm.export.errors import ExportError
-from keras_metalstm.export.files import atomic_path, check_target, next_version
+from keras_metalstm.export.files import atomic_path, check_target, next_version, versions
 from keras_metalstm.export.onnx_format import DEFAULT_OPSET, write_onnx
 from keras_metalstm.export.parity import DEFAULT_ATOL, verify_parity
 from keras_metalstm.export.savedmodel import (
@@ -65,6 +66,23 @@ def _version_target(out, version, force):
     return check_target(out / str(version), force), version
 
 
+def _warn_if_serving_loses_its_savedmodel(out: Path, version: int, formats) -> None:
+    """TensorFlow Serving serves a model folder's newest version: an ONNX-only version among SavedModel ones (or
+    replacing one) leaves it nothing to load, or the SavedModel gone."""
+    if "savedmodel" in formats:
+        return
+    served = [number for number in versions(out) if (out / str(number) / "saved_model.pb").is_file()]
+    if served and (version > max(served) or version in served):
+        warnings.warn(
+            f"keras_metalstm: {out} holds SavedModel versions ({', '.join(map(str, served))}) and version {version} "
+            "will hold model.onnx only: TensorFlow Serving, which serves the newest version, "
+            f"{'would find no SavedModel in it' if version > max(served) else 'loses that SavedModel'}. Export "
+            "--format both, or write ONNX exports to a folder of their own.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def export_adapted(
     adapted,
     out,
@@ -80,6 +98,7 @@ def export_adapted(
     started = time.perf_counter()
     formats = _formats(format)
     target, version = _version_target(out, version, force)
+    _warn_if_serving_loses_its_savedmodel(Path(out), version, formats)
     with atomic_path(target, force=force, directory=True) as tmp:
         files = []
         if "savedmodel" in formats:
