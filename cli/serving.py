@@ -73,7 +73,7 @@ def adapt(source, support_dir, out, inner_steps, force):
 @click.option("--version", "version", type=int, default=None, help="Version folder (default: the next free).")
 @click.option("--opset", type=click.IntRange(13, 18), default=17, show_default=True, help="ONNX opset.")
 @click.option("--force", is_flag=True, help="Replace an existing version folder.")
-@click.option("--no-verify", is_flag=True, help="Skip the parity check against the Keras model.")
+@click.option("--no-verify", is_flag=True, help="Skip the parity check of an adapted learner against the Keras model.")
 def export_command(model, format_, out, version, opset, force, no_verify):
     """Export an adapted learner (SavedModel and/or ONNX), or a meta-learner for adapt-in-serving.
 
@@ -86,8 +86,9 @@ def export_command(model, format_, out, version, opset, force, no_verify):
       probabilities, class_ids) and adapt_and_predict_encoded (the same on PNG/JPEG/GIF/BMP files:
       support_image_bytes, support_labels, query_image_bytes). SavedModel only: ONNX has no gradient ops.
 
-    Writes OUT/<version>/ (TensorFlow Serving's layout) via a temporary folder, after checking that the export
-    reproduces the Keras model's logits (within 1e-4) at batch 1 and 64.
+    Writes OUT/<version>/ (TensorFlow Serving's layout) via a temporary folder; an adapted learner's export
+    only after checking that it reproduces the Keras model's logits (within 1e-4) at batch 1 and 64 (an
+    adapt-in-serving export is checked by the tests, not at each export).
     """
     quiet_tensorflow()
     started = time.perf_counter()
