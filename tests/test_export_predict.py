@@ -3,6 +3,7 @@ inputs and work a batch at a time; `ImageInputs` / `read_images` turn files and 
 training rule; `accuracy` scores labelled predictions. The task they predict with is conftest.py's."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -135,6 +136,10 @@ def test_image_inputs_check_every_path_and_array_before_any_prediction(encoded_f
     (tmp_path / "empty" / "scan.tiff").write_bytes(b"II*\x00")
     with pytest.raises(export.ExportError, match=r"holds no image files .*; it holds 1 .tiff file\(s\), a format not"):
         export.ImageInputs([tmp_path / "empty"], SHAPE)
+    (tmp_path / "held_out" / "alpha").mkdir(parents=True)
+    shutil.copy(encoded_files[0], tmp_path / "held_out" / "alpha")
+    with pytest.raises(export.ExportError, match=r"1 folder\(s\) of images \(e\.g\. alpha\): .*pass it with --labelled"):
+        export.ImageInputs([tmp_path / "held_out"], SHAPE)
     latin1 = os.fsdecode(os.fsencode(encoded_files[0].parent) + b"/caf\xe9.png")
     with pytest.raises(DataError, match=r"the file path .*caf\\xe9\.png is not valid UTF-8"):
         export.ImageInputs([*encoded_files, latin1], SHAPE)

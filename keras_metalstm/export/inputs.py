@@ -160,9 +160,16 @@ def _expand_folders(paths):
             continue
         images = image_files(path)
         if not images:
+            folders = [child for child in path.iterdir() if child.is_dir() and image_files(child)]
+            classes = (
+                f"; it holds {len(folders)} folder(s) of images (e.g. {folders[0].name}): to score held-out images "
+                "in class folders, pass it with --labelled (labelled_inputs in Python)"
+                if folders
+                else ""
+            )
             raise ExportError(
-                f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}){unread_files_note(path)}. "
-                "Pass image files, .npy arrays or folders of images."
+                f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}){unread_files_note(path)}"
+                f"{classes}. Pass image files, .npy arrays or folders of images."
             )
         yield from images
 
