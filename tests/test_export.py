@@ -469,6 +469,9 @@ def test_rest_json_requests_give_the_same_answer(loaded_savedmodel, encoded_file
     assert columnar["outputs"]["class_names"] == names
     with pytest.raises(export.ExportError, match="instances"):
         export.rest_predict(loaded_savedmodel.signatures["serving_default"], {"examples": []})
+    # an empty batch answers with no predictions, as the encoded signature does
+    for signature in ("serving_default", "predict_encoded"):
+        assert export.rest_predict(loaded_savedmodel.signatures[signature], {"instances": []}) == {"predictions": []}
 
 
 def test_adapt_in_serving_follows_the_meta_learners_query_statistics(support_dir, queries, tmp_path):

@@ -32,7 +32,10 @@ def _tensor(value, spec):
     try:
         if spec.dtype == tf.string:  # not through NumPy: its fixed-width bytes drop a file's trailing zero bytes
             return tf.constant(value, dtype=tf.string)
-        return tf.constant(np.asarray(value), dtype=spec.dtype)
+        array = np.asarray(value)
+        if array.size == 0 and spec.shape.rank:  # an empty batch, []: its examples' shape is the signature's
+            array = array.reshape([0, *(dim or 0 for dim in spec.shape[1:])])
+        return tf.constant(array, dtype=spec.dtype)
     except (ValueError, TypeError) as error:
         raise ExportError(f"input {spec.name!r}: cannot convert to {spec.dtype.name}: {error}") from error
 
