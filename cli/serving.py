@@ -130,8 +130,8 @@ def export_command(model, format_, out, version, opset, force, no_verify):
     help="IMAGES is one folder of class sub-folders named after the model's classes: also print each image's true "
     "class and the accuracy, overall and per class (check an adapted model before shipping it).",
 )
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def predict(model, images, as_json, support, labelled, no_progress):
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+def predict(model, images, as_json, support, labelled, progress):
     """Classify image files with an exported model.
 
     MODEL is a SavedModel version folder (saved_models/NAME/<version>; a NAME folder means its newest
@@ -152,7 +152,7 @@ def predict(model, images, as_json, support, labelled, no_progress):
             inputs, labels = export.labelled_inputs(images[0], predictor.image_shape, predictor.class_names)
         else:
             inputs = export.ImageInputs(images, predictor.image_shape)
-        with progress_bar("predict", len(inputs), "img", enabled=not no_progress) as bar:
+        with progress_bar("predict", len(inputs), "img", enabled=progress) as bar:
             records = predictor.predict_inputs(inputs, progress=bar.update)
         score = export.accuracy(records, labels) if labelled else None
     if as_json:

@@ -70,9 +70,12 @@ def training_options(function):
         click.option(
             "--xla/--no-xla",
             default=None,
-            help="Compile the meta-gradient with XLA: for GPU/TPU (on a CPU: up to 1.4x slower at 28x28, 2x at 84x84).",
+            help="Compile the meta-gradient with XLA: for GPU/TPU (CPU: up to 1.4x slower at 28x28, 2x at 84x84; "
+            "default off).",
         ),
-        click.option("--seed", type=int, default=None, help="Seed of the episodes and the initial weights."),
+        click.option(
+            "--seed", type=int, default=None, help="Seed of the episodes and the initial weights (default 0)."
+        ),
         click.option(
             "--augment",
             default=None,
@@ -96,7 +99,7 @@ def training_options(function):
             default=None,
             help="Width of a built-in learner: conv4's filters, resnet12's first block (default 32).",
         ),
-        click.option("--rotations/--no-rotations", default=None, help="Add rotated classes (x4)."),
+        click.option("--rotations/--no-rotations", default=None, help="Add rotated classes (x4; default off)."),
         click.option(
             "--drop-small-classes/--keep-small-classes",
             default=None,
@@ -142,20 +145,24 @@ def training_options(function):
             "the other on a CPU), batched (on a CPU only with --xla), or per_episode. Results are the same.",
         ),
         click.option(
-            "--checkpoint-every", type=int, default=None, help="Episodes between checkpoints (500)."
+            "--checkpoint-every", type=int, default=None, help="Episodes between checkpoints (default 500)."
         ),
-        click.option("--validate-every", type=int, default=None, help="Episodes between validations (500)."),
-        click.option("--val-episodes", type=int, default=None, help="Validation episodes (100)."),
-        click.option("--log-every", type=int, default=None, help="Episodes between metric rows (50)."),
-        click.option("--keep-checkpoints", type=int, default=None, help="Checkpoints kept (3)."),
+        click.option("--validate-every", type=int, default=None, help="Episodes between validations (default 500)."),
+        click.option("--val-episodes", type=int, default=None, help="Validation episodes (default 100)."),
+        click.option("--log-every", type=int, default=None, help="Episodes between metric rows (default 50)."),
+        click.option("--keep-checkpoints", type=int, default=None, help="Checkpoints kept (default 3)."),
         choice_option(
             "--theta0-init",
             ("scratch", "pretrained"),
             "theta_0 from a fresh learner (scratch, the paper) or from a classifier pre-trained on the "
-            "meta-train classes (pretrained; cached in RUN_DIR/baselines, reused by evaluate --baselines).",
+            "meta-train classes (pretrained; cached in RUN_DIR/baselines, reused by evaluate --baselines); default "
+            "scratch.",
         ),
         click.option(
-            "--pretrain-epochs", type=int, default=None, help="Pre-training epochs for --theta0-init pretrained (10)."
+            "--pretrain-epochs",
+            type=int,
+            default=None,
+            help="Pre-training epochs for --theta0-init pretrained (default 10).",
         ),
         click.option(
             "--pretrained-model",
