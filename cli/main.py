@@ -40,7 +40,7 @@ def main(verbose):
     \b
     metalstm train --dataset fontglot --run-dir runs/demo     meta-train with checkpoints
     metalstm evaluate runs/demo --baselines                   600 test episodes, 95% intervals
-    metalstm quickstart                                       both, on the built-in data
+    metalstm quickstart                                       both + adapt + export, built-in data
     metalstm inspect runs/demo                                what the meta-learner learned
 
     train's run settings also come from --config FILE (YAML or TOML) and METALSTM_<SETTING>
