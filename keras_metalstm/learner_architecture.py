@@ -198,7 +198,7 @@ def model_from_architecture(config: dict, image_shape=None):
         model = keras.saving.deserialize_keras_object(_with_input_shape(config, image_shape), safe_mode=True)
     except Exception as error:  # noqa: BLE001 - unknown class, refused lambda, bad config ...
         raise LearnerError(
-            f"cannot rebuild the learner from its Keras config: {_deserialisation_error(error)}. A custom layer or "
+            f"cannot rebuild the learner from its Keras config: {deserialisation_error_text(error)}. A custom layer or "
             "model class must be registered with @keras.saving.register_keras_serializable() in a module "
             "importable from the current directory or PYTHONPATH (it is imported by the name Keras recorded), and "
             "its get_config() must return every argument of its __init__; Lambda layers cannot be loaded safely "
@@ -209,11 +209,13 @@ def model_from_architecture(config: dict, image_shape=None):
     return model
 
 
-def _deserialisation_error(error) -> str:
+def deserialisation_error_text(error) -> str:
     """The first line of Keras' error, and the class's own error Keras appends at the end of its long text (e.g.
     `__init__() missing 1 required positional argument`, for an argument get_config left out)."""
     causes = re.findall(r"(?:Error|Exception) encountered(?: during deserialization)?: (.+)", str(error))
-    return first_line(error) + (f" ({causes[-1].strip()})" if causes else "")
+    # Keras' advice on from_config and its dump of the whole config would bury the cause.
+    first = first_line(error).split(" Please ensure that components")[0]
+    return first + (f" ({causes[-1].split(' Full object config')[0].strip()})" if causes else "")
 
 
 def _with_input_shape(config: dict, image_shape) -> dict:

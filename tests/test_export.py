@@ -11,6 +11,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -90,6 +91,27 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_is_w
         export.check_adapted_path(read_only / "new" / "task.keras")
     export.check_adapted_path(tmp_path / "new" / "task.keras")  # a folder still to be made under a writable one
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "read_only"]
+
+
+def test_a_meta_learner_file_whose_learner_class_is_unknown_names_the_class(tmp_path):
+    @keras.saving.register_keras_serializable(package="only_in_this_process")
+    class Tiny(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.flat, self.head = keras.layers.Flatten(), keras.layers.Dense(5)
+
+        def call(self, images):
+            return self.head(self.flat(images))
+
+    learner = Tiny()
+    learner(np.zeros((1, *SHAPE), np.float32))
+    km.MetaLearner(learner, inner_steps=1).save(tmp_path / "meta.keras")
+    script = f"from keras_metalstm import export; export.load_meta_learner({str(tmp_path / 'meta.keras')!r})"
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    (message,) = [line for line in process.stderr.splitlines() if line.startswith("keras_metalstm.export.errors")]
+    # Keras' first line names the meta-learner; the learner's class that is missing ends its long text
+    assert "MetaLearner'> could not be deserialized" in message and "Could not locate class 'Tiny'" in message
+    assert len(message) < 1000, message
 
 
 def test_adapt_rejects_a_support_set_with_another_number_of_classes(meta, tmp_path):

@@ -21,11 +21,14 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_metalstm.config import first_line
 from keras_metalstm.data import CONVERSION_RULE, load_image_folder
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.files import atomic_path, check_target
-from keras_metalstm.learner_architecture import import_custom_class_modules, keras_file_config
+from keras_metalstm.learner_architecture import (
+    deserialisation_error_text,
+    import_custom_class_modules,
+    keras_file_config,
+)
 from keras_metalstm.learner_function import refresh_derived_tensors, variable_dtype
 from keras_metalstm.learner_spec import learner_image_shape, learner_num_classes
 
@@ -284,7 +287,7 @@ def _load_keras(path):
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as error:  # noqa: BLE001 - keras raises many types for a bad file
-        raise ExportError(f"cannot load {path} as a Keras model: {first_line(error)}") from error
+        raise ExportError(f"cannot load {path} as a Keras model: {deserialisation_error_text(error)}") from error
 
 
 def load_meta_learner(source):
