@@ -136,6 +136,14 @@ def test_image_inputs_check_every_path_and_array_before_any_prediction(encoded_f
     (tmp_path / "empty" / "scan.tiff").write_bytes(b"II*\x00")
     with pytest.raises(export.ExportError, match=r"holds no image files .*; it holds 1 .tiff file\(s\), a format not"):
         export.ImageInputs([tmp_path / "empty"], SHAPE)
+    (tmp_path / "mixed" / "more").mkdir(parents=True)
+    for name in ("a.png", "more/b.png"):
+        shutil.copy(encoded_files[0], tmp_path / "mixed" / name)
+    (tmp_path / "mixed" / "scan.tif").write_bytes(b"II*\x00")
+    (tmp_path / "mixed" / "notes.txt").write_text("not an image: not counted")
+    with pytest.warns(RuntimeWarning, match=r"mixed: not predicted: 1 in its sub-folders \(e\.g\. more/b\.png; pass "
+                      r"those too\); 1 of a format not read \(e\.g\. scan\.tif"):
+        assert len(export.ImageInputs([tmp_path / "mixed"], SHAPE)) == 1
     (tmp_path / "held_out" / "alpha").mkdir(parents=True)
     shutil.copy(encoded_files[0], tmp_path / "held_out" / "alpha")
     with pytest.raises(export.ExportError, match=r"1 folder\(s\) of images \(e\.g\. alpha\): .*pass it with --labelled"):

@@ -8,6 +8,7 @@ the package's rule, rounded to uint8 and divided by 255 (the training preparatio
 from __future__ import annotations
 
 import itertools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,7 @@ def _expand_folders(paths):
     from keras_metalstm.data.folder import (
         IMAGE_EXTENSIONS,
         image_files,
+        left_out_files,
         refuse_non_utf8_names,
         unread_files_note,
     )
@@ -171,7 +173,20 @@ def _expand_folders(paths):
                 f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}){unread_files_note(path)}"
                 f"{classes}. Pass image files, .npy arrays or folders of images."
             )
+        _warn_of_unread(path, *left_out_files(path, IMAGE_EXTENSIONS))
         yield from images
+
+
+def _warn_of_unread(folder, nested, unread) -> None:
+    """One warning for the images of a folder given to predict that are not predicted (a prediction count
+    smaller than the folder suggests would go unnoticed)."""
+    notes = []
+    if nested:
+        notes.append(f"{len(nested)} in its sub-folders (e.g. {nested[0].relative_to(folder)}; pass those too)")
+    if unread:
+        notes.append(f"{len(unread)} of a format not read (e.g. {unread[0].name}; convert them to PNG)")
+    if notes:
+        warnings.warn(f"keras_metalstm: {folder}: not predicted: {'; '.join(notes)}.", RuntimeWarning, stacklevel=4)
 
 
 def labelled_inputs(root, image_shape, class_names):
