@@ -25,7 +25,7 @@ from keras_metalstm.episode_passes import EpisodePasses
 from keras_metalstm.inner_loop_trace import InnerLoopTrace, record_inner_loop
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy, variable_dtype
-from keras_metalstm.learner_spec import check_learner_form, learner_image_shape, learner_num_classes
+from keras_metalstm.learner_spec import check_learner_form
 from keras_metalstm.meta_learner_inputs import (
     check_episodes,
     check_inner_steps,
@@ -228,8 +228,7 @@ class MetaLearner(keras.Model):
 
     def _initial_carry(self, episodes, support_images):
         """What the inner loop carries from step to step, as each of `episodes` episodes starts: theta_0, the zero
-        LSTM state (h, c), the zero gate feedback (f_logit, i_logit) and the learner's initial state (seeded by
-        each episode's support images)."""
+        LSTM state (h, c), the zero gate feedback (f_logit, i_logit), the learner's state (seeded by its support)."""
         theta = tf.tile(self.theta0[tf.newaxis], [episodes, 1])
         # Zero state and zero feedback equal the "no previous step" of the first update exactly (x + 0 * w == x),
         # and give the loop variables the fixed shapes a compiled loop needs.
@@ -377,8 +376,7 @@ class MetaLearner(keras.Model):
             optimizer = meta_optimizer()
         self._fit_clip_norm = float(clip_norm) if clip_norm else None
         super().compile(optimizer=optimizer, **kwargs)
-        # Now, not inside the first traced step: a step that fails mid-trace would leave the next `fit` creating
-        # the optimizer's variables in a traced function ("Creating variables on a non-first call").
+        # Built now, not by the first traced step: a failed trace would leave a later fit creating them in one.
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
@@ -421,17 +419,12 @@ class MetaLearner(keras.Model):
                 "adapt() supports mode='test' only: mode='train' normalises each query batch with its own "
                 "statistics, which a standalone model cannot reproduce for arbitrary batches."
             )
-        support_images, support_labels, steps = self._checked_task(support_images, support_labels, inner_steps)
+        support_images, support_labels = check_support(self.learner, self.theta0.dtype, support_images, support_labels)
+        steps = self.inner_steps if inner_steps is None else check_inner_steps(inner_steps)
         if self._compiled_adapt is None:
             self._compiled_adapt = tf.function(self._adapt_one, reduce_retracing=True)
         theta, state = self._compiled_adapt(support_images, support_labels, steps)
         return self._learner_function.materialise(theta, state)
-
-    def _checked_task(self, support_images, support_labels, inner_steps):
-        """One task's support images and labels as tensors, and T, each checked (`meta_learner_inputs`)."""
-        num_classes = learner_num_classes(self.learner, learner_image_shape(self.learner))
-        images, labels = check_support(self.learner, self.theta0.dtype, support_images, support_labels, num_classes)
-        return images, labels, self.inner_steps if inner_steps is None else check_inner_steps(inner_steps)
 
     def _adapt_one(self, support_images, support_labels, inner_steps):
         # Traced only into _compiled_adapt, a cache left out of SavedModels: the fused kernels may run here.
@@ -455,7 +448,8 @@ class MetaLearner(keras.Model):
         The gates are computed with the stock TensorFlow ops of the cell, never the fused kernels, so they are
         exactly the cell's own values. The traced function holds one inner step in a loop, as `inner_loop` does.
         """
-        support_images, support_labels, steps = self._checked_task(support_images, support_labels, inner_steps)
+        support_images, support_labels = check_support(self.learner, self.theta0.dtype, support_images, support_labels)
+        steps = self.inner_steps if inner_steps is None else check_inner_steps(inner_steps)
         if self._compiled_trace is None:
             self._compiled_trace = tf.function(functools.partial(record_inner_loop, self), reduce_retracing=True)
         records = self._compiled_trace(support_images, support_labels, steps)

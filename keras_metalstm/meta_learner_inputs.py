@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from keras_metalstm.config import EPISODE_BATCHING, QUERY_STATISTICS
 from keras_metalstm.data.episodes import EPISODE_KEYS
-from keras_metalstm.learner_spec import learner_image_shape
+from keras_metalstm.learner_spec import learner_image_shape, learner_num_classes
 
 MODES = ("train", "test")
 
@@ -61,7 +61,7 @@ def check_episodes(learner, episodes, labelled=False) -> None:
                     f"{key} hold images of shape {tuple(shape[2:])} but the learner takes {image_shape}: "
                     "resize or convert them first."
                 )
-        elif shape.rank is not None and shape.rank != 2 or not tf.as_dtype(episodes[key].dtype).is_integer:
+        elif (shape.rank is not None and shape.rank != 2) or not tf.as_dtype(episodes[key].dtype).is_integer:
             raise ValueError(
                 f"{key} must be (episodes, examples) integer labels, got shape {tuple(shape)} of "
                 f"{tf.as_dtype(episodes[key].dtype).name}."
@@ -83,9 +83,9 @@ def static_batch_size(tensor, name) -> int:
     return batch
 
 
-def check_support(learner, dtype, support_images, support_labels, num_classes=None):
+def check_support(learner, dtype, support_images, support_labels):
     """One task's support set for `learner` as tensors: images (examples, *image shape) in `dtype`, labels int32
-    in 0..num_classes-1 (checked when the labels are known, as in eager calls)."""
+    in 0..N-1 for the learner's N outputs (checked when the labels are known, as in eager calls)."""
     support_images = tf.convert_to_tensor(support_images)
     if not support_images.dtype.is_floating:
         raise ValueError(
@@ -116,7 +116,8 @@ def check_support(learner, dtype, support_images, support_labels, num_classes=No
         )
     if not support_labels.dtype.is_integer:
         raise ValueError(f"support_labels must be integers, got {support_labels.dtype.name}.")
-    if num_classes is not None and tf.executing_eagerly():
+    if tf.executing_eagerly():
+        num_classes = learner_num_classes(learner, expected)
         low, high = int(tf.reduce_min(support_labels)), int(tf.reduce_max(support_labels))
         if low < 0 or high >= num_classes:
             raise ValueError(

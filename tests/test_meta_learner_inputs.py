@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from keras_metalstm.meta_learner_inputs import (
     check_adaptation_settings,
-    check_episode_keys,
+    check_episodes,
     check_mode,
     check_support,
     static_batch_size,
@@ -20,7 +20,7 @@ def small_learner():
 
 def test_adaptation_settings_need_a_step_and_a_known_statistics_protocol():
     check_adaptation_settings(1, "support")
-    with pytest.raises(ValueError, match="inner_steps must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="inner_steps must be a whole number of at least 1, got 0"):
         check_adaptation_settings(0, "query")
     with pytest.raises(ValueError, match="query_statistics must be one of .*'batch'"):
         check_adaptation_settings(3, "batch")
@@ -33,9 +33,13 @@ def test_mode_is_train_or_test():
 
 
 def test_episode_batch_names_the_missing_keys():
-    check_episode_keys({"support_images": 0, "support_labels": 0, "query_images": 0})
+    images, labels = np.zeros((1, 3, 6, 6, 1), np.float32), np.zeros((1, 3), np.int32)
+    check_episodes(small_learner(), {"support_images": images, "support_labels": labels, "query_images": images})
     with pytest.raises(ValueError, match=r"missing: \['query_images'\]"):
-        check_episode_keys({"support_images": 0, "support_labels": 0, "query_labels": 0})
+        check_episodes(small_learner(), {"support_images": images, "support_labels": labels, "query_labels": labels})
+    with pytest.raises(ValueError, match=r"missing: \['query_labels'\]"):  # to train or evaluate on
+        check_episodes(small_learner(), {"support_images": images, "support_labels": labels, "query_images": images},
+                       labelled=True)
 
 
 def test_episode_count_must_be_static_when_traced():
