@@ -191,8 +191,8 @@ PROBABILITIES = (
 
 def check_learner_form(learner) -> None:
     """LearnerError unless `learner`, as declared (nothing is run), can be a learner: a keras.Model with float
-    inputs, no Lambda layer, and one output that is not squashed by a final activation. What every MetaLearner checks; a run checks
-    more (`check_learner`)."""
+    inputs, no Lambda layer, and one output that is not squashed by a final activation. What every MetaLearner
+    checks; a run checks more (`check_learner`)."""
     import keras
 
     if not isinstance(learner, keras.Model):
@@ -207,7 +207,8 @@ def check_learner_form(learner) -> None:
             "in [0, 1], which that dtype would truncate to 0 and 1: declare a float input (keras.Input(shape) with "
             "no dtype) and drop any Rescaling(1/255) at the input"
         )
-    lambdas = [layer.name for layer in learner._flatten_layers(include_self=False) if type(layer) is keras.layers.Lambda]
+    layers = learner._flatten_layers(include_self=False)
+    lambdas = [layer.name for layer in layers if type(layer) is keras.layers.Lambda]
     if lambdas:
         raise LearnerError(
             f"the learner holds Lambda layers ({', '.join(lambdas)}): Lambda layers cannot be loaded safely, and "

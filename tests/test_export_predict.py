@@ -146,7 +146,7 @@ def test_image_inputs_check_every_path_and_array_before_any_prediction(encoded_f
         assert len(export.ImageInputs([tmp_path / "mixed"], SHAPE)) == 1
     (tmp_path / "held_out" / "alpha").mkdir(parents=True)
     shutil.copy(encoded_files[0], tmp_path / "held_out" / "alpha")
-    with pytest.raises(export.ExportError, match=r"1 folder\(s\) of images \(e\.g\. alpha\): .*pass it with --labelled"):
+    with pytest.raises(export.ExportError, match=r"1 folder\(s\) of images \(e\.g\. alpha\): .*with --labelled"):
         export.ImageInputs([tmp_path / "held_out"], SHAPE)
     latin1 = os.fsdecode(os.fsencode(encoded_files[0].parent) + b"/caf\xe9.png")
     with pytest.raises(DataError, match=r"the file path .*caf\\xe9\.png is not valid UTF-8"):
