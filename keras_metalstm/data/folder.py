@@ -217,15 +217,12 @@ def _list_classes(
         raise DataError(f"image folder not found: {readable_path(root)}")
     refuse_non_utf8_names([root], "folder")
     extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    class_dirs = sorted(
-        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (only is None or p.name in only)
-    )
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    class_dirs = sorted(p for p in entries if p.is_dir() and (only is None or p.name in only))
     # Before any message names a class folder: a name that is not UTF-8 would not even print.
     refuse_non_utf8_names(class_dirs, "class folder")
     image_like = extensions + _unread_extensions(extensions)
-    loose = sorted(
-        p for p in root.iterdir() if not p.name.startswith(".") and p.suffix.lower() in image_like and p.is_file()
-    )
+    loose = sorted(p for p in entries if p.suffix.lower() in image_like and p.is_file())
     if not class_dirs:
         hint = (
             f"; found {len(loose)} image(s) directly in it: move them into one sub-folder per class"

@@ -45,8 +45,9 @@ def check_images(images, image_shape):
         )
     if images.shape[0] == 0:
         raise ExportError("no images to predict.")
-    if not np.isfinite(images).all():  # NaN compares false with everything: the range test alone lets it through
-        count = int(np.size(images) - np.isfinite(images).sum())
+    finite = np.isfinite(images)
+    if not finite.all():  # NaN compares false with everything: the range test alone lets it through
+        count = int(finite.size - finite.sum())
         raise ExportError(f"image values must be finite numbers in [0, 1], got {count} NaN or infinite value(s).")
     if images.size and (images.min() < 0.0 or images.max() > 1.0):
         raise ExportError(
