@@ -40,6 +40,17 @@ def float64_policy():
         keras.config.set_dtype_policy(policy)
 
 
+def small_conv4_meta(learner=None, inner_steps=3, seed=0, **options):
+    """A MetaLearner of `learner` (default: conv4 with 8 filters for 28x28x1 5-way episodes), made after seeding."""
+    import keras
+
+    import keras_metalstm as km
+
+    keras.utils.set_random_seed(seed)
+    learner = learner or km.learners.conv4(input_shape=(28, 28, 1), num_classes=5, filters=8)
+    return km.MetaLearner(learner, inner_steps=inner_steps, **options)
+
+
 def random_episodes(batch=1, n_way=5, k_shot=1, query=3, image_shape=(28, 28, 1), seed=0):
     """A batch of episodes with random images and class-major labels, as float32/int32 NumPy arrays."""
     rng = np.random.default_rng(seed)

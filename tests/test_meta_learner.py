@@ -7,16 +7,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import as_tensors, random_episodes
+from conftest import as_tensors, random_episodes, small_conv4_meta
 
 import keras_metalstm as km
 from keras_metalstm.learner_function import cross_entropy
-
-
-def make_meta(learner=None, inner_steps=3, seed=0, **options):
-    keras.utils.set_random_seed(seed)
-    learner = learner or km.learners.conv4(input_shape=(28, 28, 1), num_classes=5, filters=8)
-    return km.MetaLearner(learner, inner_steps=inner_steps, **options)
 
 
 def twin(meta, **overrides):
@@ -82,7 +76,7 @@ def test_inner_loop_with_sgd_gates_equals_plain_sgd(learner_name):
 
 
 def test_meta_gradient_reaches_every_meta_parameter():
-    meta = make_meta()
+    meta = small_conv4_meta()
     _, _, gradients = meta.meta_gradients(as_tensors(random_episodes(batch=2, seed=2)))
     names = [variable.path for variable in meta.trainable_variables]
     assert len(names) == 8  # theta0, layer 1 (kernel, recurrent kernel, bias), W_f, W_i, b_f, b_i
@@ -92,7 +86,7 @@ def test_meta_gradient_reaches_every_meta_parameter():
 
 
 def test_second_order_meta_gradient_differs_from_first_order():
-    meta = make_meta()
+    meta = small_conv4_meta()
     second = twin(meta, first_order=False)
     episodes = as_tensors(random_episodes(seed=3))
     first_grads = meta.meta_gradients(episodes)[2]
@@ -106,7 +100,7 @@ def test_second_order_meta_gradient_differs_from_first_order():
 
 def test_first_order_meta_gradient_equals_chain_with_precomputed_constant_gradients():
     """The meta-gradient treats each step's loss and gradient as constants, and nothing else."""
-    meta = make_meta(inner_steps=3)
+    meta = small_conv4_meta(inner_steps=3)
     episodes = random_episodes(seed=4)
     support, labels = episodes["support_images"][0], episodes["support_labels"][0]
     query, query_labels = episodes["query_images"][0], episodes["query_labels"][0]
@@ -145,7 +139,7 @@ def test_first_order_meta_gradient_equals_chain_with_precomputed_constant_gradie
 
 
 def test_adapted_model_reproduces_inner_loop_logits_and_does_not_depend_on_batching():
-    meta = make_meta(inner_steps=3)
+    meta = small_conv4_meta(inner_steps=3)
     episodes = random_episodes(n_way=5, k_shot=1, query=15, seed=5)
     adapted = meta.adapt(episodes["support_images"][0], episodes["support_labels"][0])
     query = episodes["query_images"][0]
@@ -161,7 +155,7 @@ def test_adapted_model_reproduces_inner_loop_logits_and_does_not_depend_on_batch
 
 
 def test_train_mode_query_uses_the_query_batch_statistics():
-    meta = make_meta(inner_steps=2)
+    meta = small_conv4_meta(inner_steps=2)
     episodes = as_tensors(random_episodes(seed=6))
     train_logits = meta(episodes, mode="train").numpy()
     test_logits = meta(episodes, mode="test").numpy()
@@ -172,7 +166,7 @@ def test_train_mode_query_uses_the_query_batch_statistics():
 
 
 def test_test_mode_statistics_come_from_this_episodes_support_set_only():
-    meta = make_meta(inner_steps=1, bn_momentum=0.1)
+    meta = small_conv4_meta(inner_steps=1, bn_momentum=0.1)
     first = random_episodes(seed=7)
     other = random_episodes(seed=8)
     support, labels = first["support_images"][0], first["support_labels"][0]
@@ -199,7 +193,7 @@ def test_test_mode_statistics_come_from_this_episodes_support_set_only():
 
 
 def test_learner_variables_are_bit_identical_after_adapt_and_train_step():
-    meta = make_meta(inner_steps=2)
+    meta = small_conv4_meta(inner_steps=2)
     before = learner_snapshot(meta.learner)
     assert any("moving_mean" in v.path for v in meta.learner.variables)
     episodes = random_episodes(seed=9)
@@ -215,7 +209,7 @@ def test_learner_variables_are_bit_identical_after_adapt_and_train_step():
     "options", [{"query_statistics": "query"}, {"query_statistics": "support"}, {"learn_logit_scale": True}]
 )
 def test_xla_and_non_xla_train_steps_agree(options):
-    meta = make_meta(inner_steps=2, **options)
+    meta = small_conv4_meta(inner_steps=2, **options)
     compiled = twin(meta)
     episodes = as_tensors(random_episodes(batch=2, seed=10))
     plain_loss, _, plain_grads = meta.meta_gradients(episodes)
@@ -234,7 +228,7 @@ def test_xla_and_non_xla_train_steps_agree(options):
 
 
 def test_keras_fit_makes_the_same_updates_as_meta_trainer():
-    meta = make_meta(inner_steps=2)
+    meta = small_conv4_meta(inner_steps=2)
     fitted = twin(meta)
     batches = [random_episodes(batch=2, seed=s) for s in (11, 12, 13)]
     trainer = km.MetaTrainer(meta)
@@ -251,7 +245,7 @@ def test_keras_fit_makes_the_same_updates_as_meta_trainer():
 
 
 def test_keras_callbacks_run_with_fit(tmp_path):
-    meta = make_meta(inner_steps=1)
+    meta = small_conv4_meta(inner_steps=1)
     dataset = tf.data.Dataset.from_tensor_slices(random_episodes(batch=2, seed=14)).batch(1, drop_remainder=True)
     meta.compile()
     log = tmp_path / "log.csv"
@@ -274,7 +268,7 @@ def test_keras_callbacks_run_with_fit(tmp_path):
 
 def test_fit_after_a_fit_that_failed_while_tracing_trains():
     """A notebook's second try: the first fit's step fails mid-trace on bad episodes, the fixed ones must train."""
-    meta = make_meta(inner_steps=1)
+    meta = small_conv4_meta(inner_steps=1)
     meta.compile()
     good = tf.data.Dataset.from_tensors(as_tensors(random_episodes(seed=9)))
     bad = good.map(lambda episode: {**episode, "query_labels": episode["query_labels"][:, :-1]})
@@ -287,7 +281,7 @@ def test_fit_after_a_fit_that_failed_while_tracing_trains():
 def test_a_compiled_meta_learner_loaded_from_keras_continues_fit_exactly(tmp_path):
     """A ModelCheckpoint .keras file of a `fit` in progress: loaded, it is compiled as saved (its optimizer, the
     optimizer's state, clip_norm), so fitting on continues exactly as the original does."""
-    meta = make_meta(inner_steps=2)
+    meta = small_conv4_meta(inner_steps=2)
 
     def batches(seed):
         return tf.data.Dataset.from_tensor_slices(random_episodes(batch=2, seed=seed)).batch(1, drop_remainder=True)
@@ -311,7 +305,7 @@ def test_a_compiled_meta_learner_loaded_from_keras_continues_fit_exactly(tmp_pat
 def test_keras_file_round_trip_gives_identical_adaptation(tmp_path, learner):
     """Keras makes the loaded meta-learner before it loads the learner's weights: the episodes must start from
     the loaded non-trainable ones (here an adapted Normalization layer's statistics), not the fresh ones."""
-    meta = make_meta(None if learner == "conv4" else build_learner(learner), inner_steps=2, bn_momentum=0.05)
+    meta = small_conv4_meta(None if learner == "conv4" else build_learner(learner), inner_steps=2, bn_momentum=0.05)
     km.MetaTrainer(meta).train_step(as_tensors(random_episodes(seed=15)))
     path = tmp_path / "meta.keras"
     meta.save(path)
@@ -460,7 +454,7 @@ def test_a_learners_weight_constraints_are_named_in_a_warning_as_not_applied():
 
 
 def test_official_gradient_division_option_scales_the_learner_gradient():
-    meta = make_meta(inner_steps=1)
+    meta = small_conv4_meta(inner_steps=1)
     divided = twin(meta, divide_grad_by_batch=True)
     alpha = set_gradient_descent_gates(meta, 0.2)
     set_gradient_descent_gates(divided, 0.2)
@@ -470,113 +464,6 @@ def test_official_gradient_division_option_scales_the_learner_gradient():
     divided_step = divided.inner_loop(support, labels)[0].numpy() - meta.theta0.numpy()
     assert alpha > 0
     np.testing.assert_allclose(divided_step * 10, step, rtol=1e-3, atol=1e-7)
-
-
-def test_bad_input_gets_clear_errors():
-    meta = make_meta(inner_steps=1)
-    episodes = random_episodes(seed=20)
-    with pytest.raises(ValueError, match="expects \\(28, 28, 1\\)"):
-        meta.adapt(np.zeros((5, 32, 32, 3), np.float32), np.arange(5))
-    with pytest.raises(ValueError, match="one integer label per support image"):
-        meta.adapt(episodes["support_images"][0], np.arange(4))
-    with pytest.raises(ValueError, match="mode='test' only"):
-        meta.adapt(episodes["support_images"][0], episodes["support_labels"][0], mode="train")
-    with pytest.raises(ValueError, match="missing"):
-        meta({"support_images": episodes["support_images"]})
-    with pytest.raises(ValueError, match="build it first"):
-        km.MetaLearner(keras.Sequential([keras.layers.Dense(3)]))
-    with pytest.raises(TypeError, match="keras.Model"):
-        km.MetaLearner(keras.layers.Dense(3))
-
-
-def flat_learner(*head, dtype="float32"):
-    images = keras.Input((28, 28, 1), dtype=dtype)
-    outputs = keras.layers.Flatten()(images)
-    for layer in head:
-        outputs = layer(outputs)
-    return keras.Model(images, outputs)
-
-
-@pytest.mark.parametrize(
-    "learner, message",
-    [
-        (lambda: flat_learner(keras.layers.Dense(5, activation="softmax")), "returns probabilities"),
-        (lambda: flat_learner(keras.layers.Dense(5, activation="sigmoid")), "applies sigmoid"),
-        (lambda: flat_learner(keras.layers.Dense(5), dtype="uint8"), "input is uint8"),
-        (lambda: two_outputs(), "has 2 outputs"),
-        (lambda: flat_learner(keras.layers.Lambda(lambda x: 2.0 * x), keras.layers.Dense(5)),
-         "Lambda layers cannot be loaded safely, and adapt"),
-    ],
-)
-def test_a_learner_that_cannot_give_logits_is_refused_by_the_library_too(learner, message):
-    with pytest.raises(ValueError, match=message):
-        km.MetaLearner(learner(), inner_steps=1)
-
-
-def two_outputs():
-    images = keras.Input((28, 28, 1))
-    features = keras.layers.Flatten()(images)
-    return keras.Model(images, [keras.layers.Dense(5)(features), keras.layers.Dense(5)(features)])
-
-
-@pytest.mark.parametrize(
-    "settings, message",
-    [
-        ({"inner_steps": 2.7}, "inner_steps must be a whole number"),
-        ({"hidden_units": 0}, "hidden_units must be a whole number of at least 1"),
-        ({"p": 0}, "p, the gradient preprocessing's constant, must be positive"),
-        ({"bn_momentum": 1.5}, r"bn_momentum must lie in \[0, 1\]"),
-    ],
-)
-def test_settings_out_of_range_are_refused(settings, message):
-    with pytest.raises(ValueError, match=message):
-        make_meta(**settings)
-
-
-def test_a_support_set_adapt_cannot_use_is_refused_with_its_fix():
-    meta = make_meta(inner_steps=1)
-    support = random_episodes(seed=21)["support_images"][0]
-    with pytest.raises(ValueError, match=r"support_labels must lie in 0\.\.4 .*got 1\.\.5: number the classes"):
-        meta.adapt(support, np.arange(1, 6))
-    with pytest.raises(ValueError, match=r"got -1\.\.3"):
-        meta.adapt(support, np.arange(-1, 4))
-    with pytest.raises(ValueError, match="support_images is empty"):
-        meta.adapt(support[:0], np.arange(0))
-    with pytest.raises(ValueError, match="support_images are uint8; .*divided by 255"):
-        meta.adapt((support * 255).astype(np.uint8), np.arange(5))
-    for steps in (0, -3, 1.5):
-        with pytest.raises(ValueError, match=f"inner_steps must be a whole number of at least 1, got {steps}"):
-            meta.adapt(support, np.arange(5), inner_steps=steps)
-    # a float64 tensor (a float64 pipeline's) is cast, as NumPy arrays are
-    from_tensor = meta.adapt(tf.constant(support, tf.float64), np.arange(5))
-    np.testing.assert_array_equal(from_tensor.get_weights()[0], meta.adapt(support, np.arange(5)).get_weights()[0])
-
-
-def test_a_learner_on_flat_inputs_adapts_on_flat_support_sets():
-    vectors = keras.Input((12,))
-    meta = km.MetaLearner(keras.Model(vectors, keras.layers.Dense(3)(vectors)), inner_steps=1)
-    rng = np.random.default_rng(0)
-    adapted = meta.adapt(rng.random((6, 12), dtype=np.float32), np.arange(6) % 3)
-    assert adapted(np.zeros((2, 12), np.float32)).shape == (2, 3)
-    with pytest.raises(ValueError, match=r"shape \(examples, \*\(12,\)\), got shape \(6, 3, 4\)"):
-        meta.adapt(rng.random((6, 3, 4), dtype=np.float32), np.arange(6) % 3)
-
-
-def test_episode_batches_that_do_not_fit_are_refused_before_tensorflow_sees_them():
-    meta = make_meta(inner_steps=1)
-    episodes = random_episodes(seed=22)
-    one_episode = {key: value[0] for key, value in episodes.items()}
-    with pytest.raises(ValueError, match=r"support_images must be a batch of episodes .*add a first axis of 1"):
-        meta(one_episode)
-    with pytest.raises(ValueError, match=r"hold images of shape \(28, 28, 3\) but the learner takes \(28, 28, 1\)"):
-        meta({**episodes, "query_images": np.repeat(episodes["query_images"], 3, axis=-1)})
-    trainer = km.MetaTrainer(meta)
-    without_labels = {key: value for key, value in episodes.items() if key != "query_labels"}
-    with pytest.raises(ValueError, match=r"missing: \['query_labels'\]"):
-        trainer.train_step(as_tensors(without_labels))
-    float_labels = {**episodes, "query_labels": episodes["query_labels"].astype(np.float32)}
-    with pytest.raises(ValueError, match=r"query_labels must be \(episodes, examples\) integer labels, got .* float32"):
-        trainer.train_step(as_tensors(float_labels))
 
 
 def test_clip_over_replicas_is_plain_global_norm_clipping_on_one_device():
@@ -592,7 +479,7 @@ def test_clip_over_replicas_is_plain_global_norm_clipping_on_one_device():
 
 
 def test_theta0_can_start_from_a_pretrained_classifier_with_another_output_size():
-    meta = make_meta()
+    meta = small_conv4_meta()
     before = learner_snapshot(meta.learner)
     fresh_theta0 = meta.theta0.numpy().copy()
     keras.utils.set_random_seed(7)
@@ -616,7 +503,7 @@ def test_theta0_can_start_from_a_pretrained_classifier_with_another_output_size(
 
 
 def test_theta0_from_a_model_of_another_architecture_is_refused():
-    meta = make_meta()
+    meta = small_conv4_meta()
     theta0 = meta.theta0.numpy().copy()
     other = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(5)])
     with pytest.raises(ValueError, match="learner's architecture"):

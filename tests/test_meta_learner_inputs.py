@@ -1,10 +1,13 @@
-"""The checks of what a MetaLearner is given: each bad input gets its own message, good input passes through."""
+"""The checks of what a MetaLearner is given, alone and through the MetaLearner: each bad input gets its own
+message, good input passes through."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import as_tensors, random_episodes, small_conv4_meta
 
+import keras_metalstm as km
 from keras_metalstm.meta_learner_inputs import (
     check_adaptation_settings,
     check_episodes,
@@ -69,3 +72,110 @@ def test_support_set_is_converted_and_its_shape_and_labels_checked():
         check_support(learner, "float32", np.zeros((3, 6, 6, 1)), np.arange(2))
     with pytest.raises(ValueError, match="support_labels must be integers, got float32"):
         check_support(learner, "float32", np.zeros((3, 6, 6, 1)), np.zeros(3, np.float32))
+
+
+def test_bad_input_gets_clear_errors():
+    meta = small_conv4_meta(inner_steps=1)
+    episodes = random_episodes(seed=20)
+    with pytest.raises(ValueError, match="expects \\(28, 28, 1\\)"):
+        meta.adapt(np.zeros((5, 32, 32, 3), np.float32), np.arange(5))
+    with pytest.raises(ValueError, match="one integer label per support image"):
+        meta.adapt(episodes["support_images"][0], np.arange(4))
+    with pytest.raises(ValueError, match="mode='test' only"):
+        meta.adapt(episodes["support_images"][0], episodes["support_labels"][0], mode="train")
+    with pytest.raises(ValueError, match="missing"):
+        meta({"support_images": episodes["support_images"]})
+    with pytest.raises(ValueError, match="build it first"):
+        km.MetaLearner(keras.Sequential([keras.layers.Dense(3)]))
+    with pytest.raises(TypeError, match="keras.Model"):
+        km.MetaLearner(keras.layers.Dense(3))
+
+
+def flat_learner(*head, dtype="float32"):
+    images = keras.Input((28, 28, 1), dtype=dtype)
+    outputs = keras.layers.Flatten()(images)
+    for layer in head:
+        outputs = layer(outputs)
+    return keras.Model(images, outputs)
+
+
+@pytest.mark.parametrize(
+    "learner, message",
+    [
+        (lambda: flat_learner(keras.layers.Dense(5, activation="softmax")), "returns probabilities"),
+        (lambda: flat_learner(keras.layers.Dense(5, activation="sigmoid")), "applies sigmoid"),
+        (lambda: flat_learner(keras.layers.Dense(5), dtype="uint8"), "input is uint8"),
+        (lambda: two_outputs(), "has 2 outputs"),
+        (lambda: flat_learner(keras.layers.Lambda(lambda x: 2.0 * x), keras.layers.Dense(5)),
+         "Lambda layers cannot be loaded safely, and adapt"),
+    ],
+)
+def test_a_learner_that_cannot_give_logits_is_refused_by_the_library_too(learner, message):
+    with pytest.raises(ValueError, match=message):
+        km.MetaLearner(learner(), inner_steps=1)
+
+
+def two_outputs():
+    images = keras.Input((28, 28, 1))
+    features = keras.layers.Flatten()(images)
+    return keras.Model(images, [keras.layers.Dense(5)(features), keras.layers.Dense(5)(features)])
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"inner_steps": 2.7}, "inner_steps must be a whole number"),
+        ({"hidden_units": 0}, "hidden_units must be a whole number of at least 1"),
+        ({"p": 0}, "p, the gradient preprocessing's constant, must be positive"),
+        ({"bn_momentum": 1.5}, r"bn_momentum must lie in \[0, 1\]"),
+    ],
+)
+def test_settings_out_of_range_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        small_conv4_meta(**settings)
+
+
+def test_a_support_set_adapt_cannot_use_is_refused_with_its_fix():
+    meta = small_conv4_meta(inner_steps=1)
+    support = random_episodes(seed=21)["support_images"][0]
+    with pytest.raises(ValueError, match=r"support_labels must lie in 0\.\.4 .*got 1\.\.5: number the classes"):
+        meta.adapt(support, np.arange(1, 6))
+    with pytest.raises(ValueError, match=r"got -1\.\.3"):
+        meta.adapt(support, np.arange(-1, 4))
+    with pytest.raises(ValueError, match="support_images is empty"):
+        meta.adapt(support[:0], np.arange(0))
+    with pytest.raises(ValueError, match="support_images are uint8; .*divided by 255"):
+        meta.adapt((support * 255).astype(np.uint8), np.arange(5))
+    for steps in (0, -3, 1.5):
+        with pytest.raises(ValueError, match=f"inner_steps must be a whole number of at least 1, got {steps}"):
+            meta.adapt(support, np.arange(5), inner_steps=steps)
+    # a float64 tensor (a float64 pipeline's) is cast, as NumPy arrays are
+    from_tensor = meta.adapt(tf.constant(support, tf.float64), np.arange(5))
+    np.testing.assert_array_equal(from_tensor.get_weights()[0], meta.adapt(support, np.arange(5)).get_weights()[0])
+
+
+def test_a_learner_on_flat_inputs_adapts_on_flat_support_sets():
+    vectors = keras.Input((12,))
+    meta = km.MetaLearner(keras.Model(vectors, keras.layers.Dense(3)(vectors)), inner_steps=1)
+    rng = np.random.default_rng(0)
+    adapted = meta.adapt(rng.random((6, 12), dtype=np.float32), np.arange(6) % 3)
+    assert adapted(np.zeros((2, 12), np.float32)).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"shape \(examples, \*\(12,\)\), got shape \(6, 3, 4\)"):
+        meta.adapt(rng.random((6, 3, 4), dtype=np.float32), np.arange(6) % 3)
+
+
+def test_episode_batches_that_do_not_fit_are_refused_before_tensorflow_sees_them():
+    meta = small_conv4_meta(inner_steps=1)
+    episodes = random_episodes(seed=22)
+    one_episode = {key: value[0] for key, value in episodes.items()}
+    with pytest.raises(ValueError, match=r"support_images must be a batch of episodes .*add a first axis of 1"):
+        meta(one_episode)
+    with pytest.raises(ValueError, match=r"hold images of shape \(28, 28, 3\) but the learner takes \(28, 28, 1\)"):
+        meta({**episodes, "query_images": np.repeat(episodes["query_images"], 3, axis=-1)})
+    trainer = km.MetaTrainer(meta)
+    without_labels = {key: value for key, value in episodes.items() if key != "query_labels"}
+    with pytest.raises(ValueError, match=r"missing: \['query_labels'\]"):
+        trainer.train_step(as_tensors(without_labels))
+    float_labels = {**episodes, "query_labels": episodes["query_labels"].astype(np.float32)}
+    with pytest.raises(ValueError, match=r"query_labels must be \(episodes, examples\) integer labels, got .* float32"):
+        trainer.train_step(as_tensors(float_labels))
