@@ -1,0 +1,97 @@
+"""Where exports are written: an existing file or version is replaced only with force, a folder that cannot be
+written is refused before any work, a full disk leaves nothing behind, and version numbers and default folders."""
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+from keras_metalstm import export
+
+
+def test_save_adapted_refuses_to_overwrite_without_force(adapted, tmp_path):
+    path = tmp_path / "task.keras"
+    path.write_bytes(b"precious")
+    with pytest.raises(export.ExportError, match="already exists.*--force"):
+        export.save_adapted(adapted, path)
+    assert path.read_bytes() == b"precious"
+    export.save_adapted(adapted, path, force=True)
+    assert export.load_adapted(path).class_names == adapted.class_names
+    with pytest.raises(export.ExportError, match=r"\.keras"):
+        export.save_adapted(adapted, tmp_path / "task.h5")
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_is_written(monkeypatch, tmp_path):
+    (tmp_path / "a_file").write_text("in the way")
+    with pytest.raises(export.ExportError, match=r"a_file is a file, not a folder"):
+        export.check_adapted_path(tmp_path / "a_file" / "new" / "task.keras")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    # As root (CI containers) a folder's permission bits do not stop a write: the system's answer is stood in for.
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != read_only and real_access(path, mode))
+    with pytest.raises(export.ExportError, match=r"the folder .*read_only is not writable"):
+        export.check_adapted_path(read_only / "new" / "task.keras")
+    export.check_adapted_path(tmp_path / "new" / "task.keras")  # a folder still to be made under a writable one
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "read_only"]
+
+
+def test_a_full_disk_while_writing_names_the_target_and_leaves_nothing(tmp_path):
+    import errno
+
+    import tensorflow as tf
+
+    from keras_metalstm.export.files import atomic_path
+
+    target = tmp_path / "models" / "task" / "1"
+    for failure in (
+        OSError(errno.ENOSPC, "No space left on device"),  # the .keras and ONNX writers
+        tf.errors.ResourceExhaustedError(None, None, "models/task/.1.tmp/saved_model.pb; No space left on device"),
+    ):
+        with pytest.raises(export.ExportError, match=rf"cannot write {target}: No space left on device; nothing"):
+            with atomic_path(target, directory=True) as tmp:
+                (tmp / "half_written.pb").write_text("half")
+                raise failure
+        assert not (tmp_path / "models").exists()
+    with pytest.raises(KeyError):  # any other error is the writer's own, left as it is
+        with atomic_path(target, directory=True):
+            raise KeyError("not a storage failure")
+
+
+def test_versions_are_never_overwritten_without_force(adapted, tmp_path):
+    out = tmp_path / "task"
+    first = export.export_adapted(adapted, out, format="onnx", verify=False)
+    second = export.export_adapted(adapted, out, format="onnx", verify=False)
+    assert (first.version, second.version) == (1, 2) and export.versions(out) == [1, 2]
+    marker = out / "1" / "marker"
+    marker.write_text("old")
+    with pytest.raises(export.ExportError, match="already exists.*--force"):
+        export.export_adapted(adapted, out, format="onnx", version=1, verify=False)
+    assert marker.exists()
+    export.export_adapted(adapted, out, format="onnx", version=1, force=True, verify=False)
+    assert not marker.exists() and (out / "1" / "model.onnx").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["1", "2"]
+    (out / "3").write_text("a stray file named like a version")
+    assert export.export_adapted(adapted, out, format="onnx", verify=False).version == 4
+
+
+def test_an_onnx_only_version_in_a_tensorflow_serving_folder_is_warned_of(adapted, tmp_path):
+    out = tmp_path / "task"
+    export.export_adapted(adapted, out, format="savedmodel", verify=False)
+    with pytest.warns(RuntimeWarning, match=r"holds SavedModel versions \(1\) and version 2 will hold model.onnx only"):
+        export.export_adapted(adapted, out, format="onnx", verify=False)
+    with pytest.warns(RuntimeWarning, match="loses that SavedModel"):
+        export.export_adapted(adapted, out, format="onnx", version=1, force=True, verify=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export.export_adapted(adapted, tmp_path / "onnx_only", format="onnx", verify=False)  # a folder of its own
+
+
+def test_the_default_model_folder_is_named_after_the_source(tmp_path, monkeypatch):
+    run_dir = tmp_path / "fontglot-run"
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    assert export.default_model_folder(".") == str(Path("saved_models") / "fontglot-run")  # not saved_models/
+    assert export.default_model_folder(str(run_dir)) == str(Path("saved_models") / "fontglot-run")
+    assert export.default_model_folder("task.keras") == str(Path("saved_models") / "task")
