@@ -99,7 +99,12 @@ def training_options(function):
             default=None,
             help="Width of a built-in learner: conv4's filters, resnet12's first block (default 32).",
         ),
-        click.option("--rotations/--no-rotations", default=None, help="Add rotated classes (x4; default off)."),
+        click.option(
+            "--rotations/--no-rotations",
+            default=None,
+            help="Add each class rotated by 90, 180 and 270 degrees as new classes (x4; default off; the usual "
+            "Omniglot protocol).",
+        ),
         click.option(
             "--drop-small-classes/--keep-small-classes",
             default=None,

@@ -86,19 +86,22 @@ def load_splits(config: RunConfig, report=None, run_dir=None):
     line of text) is told what was left out or kept (raises keras_metalstm.data.DataError)."""
     from keras_metalstm.data import DataError, DatasetSplits, convert_dataset, dataset_options, load_dataset
 
+    accepted = dataset_options(config.dataset)
     options = {}
-    if config.rotations:
-        options["rotations"] = True
+    if config.rotations or "rotations" in accepted:  # explicitly: omniglot's loader adds them by default
+        options["rotations"] = config.rotations
     if config.split_file is not None:
-        if "split_file" not in dataset_options(config.dataset):
+        if "split_file" not in accepted:
             raise DataError(
                 f"a split file splits an omniglot or folder data set, not {config.dataset} (its split is fixed): "
                 "leave out --split-file"
             )
         options["split_file"] = config.split_file
     target = tuple(config.image_shape) if config.image_shape is not None else None
-    if target is not None and "image_shape" in dataset_options(config.dataset):
+    if target is not None and "image_shape" in accepted:
         options["image_shape"] = target  # an image folder converts while decoding: its images may be of mixed sizes
+    elif target is not None and "image_size" in accepted and target[0] == target[1]:
+        options["image_size"] = target[0]  # resized once from the original files, not again from the default size
     splits = load_dataset(config.dataset, config.data_dir, **options)
     if target is not None and tuple(splits.image_shape) != target:
         splits = DatasetSplits(*(convert_dataset(part, target) for part in splits))

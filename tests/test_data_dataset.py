@@ -93,8 +93,22 @@ def test_split_file_round_trip_and_errors(tmp_path):
     with pytest.raises(DataError, match="'c000' is in both 'train' and 'val'"):
         read_split_file(tmp_path / "twice.json")
     (tmp_path / "keys.json").write_text(json.dumps({"training": []}))
-    with pytest.raises(DataError, match="must be JSON"):
+    with pytest.raises(DataError, match=r"must be JSON.*got keys \['training'\]"):
         read_split_file(tmp_path / "keys.json")
+    # each message says what is wrong: the file's type, the split whose value is not names, a name listed twice
+    (tmp_path / "list.json").write_text(json.dumps(["c000"]))
+    with pytest.raises(DataError, match="must be JSON.*got a JSON list"):
+        read_split_file(tmp_path / "list.json")
+    (tmp_path / "values.json").write_text(json.dumps({"train": ["c000"], "val": "c001", "test": []}))
+    with pytest.raises(DataError, match="its 'val' is not a list of strings: c001"):
+        read_split_file(tmp_path / "values.json")
+    (tmp_path / "repeated.json").write_text(json.dumps({"train": ["c000", "c000"], "val": [], "test": []}))
+    with pytest.raises(DataError, match="'c000' is twice in 'train'"):
+        read_split_file(tmp_path / "repeated.json")
+    # a list naming rotations (as Vinyals' Omniglot lists do) gets the way to ask for them
+    (tmp_path / "rotations.json").write_text(json.dumps({"train": ["c000/rot000"], "val": [], "test": []}))
+    with pytest.raises(DataError, match=r"list each class once without its '/rotNNN' and add rotations=True"):
+        dataset.split(split_file=tmp_path / "rotations.json")
 
 
 def test_rotations_add_rotated_classes_in_the_same_split():

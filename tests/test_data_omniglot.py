@@ -1,5 +1,6 @@
 """Omniglot loader on generated fixtures in the standard layout: folders and the .zip files."""
 
+import json
 import shutil
 import zipfile
 
@@ -136,3 +137,22 @@ def test_corrupt_zip_is_named(tmp_path):
     (tmp_path / "images_background.zip").write_bytes(b"PK\x03\x04 broken")
     with pytest.raises(DataError, match="cannot read Omniglot zip file .*images_background.zip"):
         load_omniglot(tmp_path, parts=("images_background",))
+
+
+def test_a_runs_settings_reach_the_loader(omniglot_dir, tmp_path):
+    from keras_metalstm.config import RunConfig
+    from keras_metalstm.runs import load_splits
+
+    names = load_omniglot(omniglot_dir).class_names
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps({"train": names[:6], "val": names[6:8], "test": names[8:]}))
+    settings = {"dataset": "omniglot", "data_dir": str(omniglot_dir), "split_file": str(split_file)}
+    # --no-rotations (the run's default) must not fall back on the loader's own default, which adds them
+    plain = load_splits(RunConfig(**settings))
+    assert [part.num_classes for part in plain] == [6, 2, 4]
+    rotated = load_splits(RunConfig(**settings, rotations=True))
+    assert [part.num_classes for part in rotated] == [24, 8, 16]
+    # --image-shape 84,84,1 decodes the 105x105 originals at 84, not the 28x28 default resized again
+    large = load_splits(RunConfig(**settings, image_shape=(84, 84, 1)))
+    direct = load_omniglot(omniglot_dir, image_size=84)
+    np.testing.assert_array_equal(large.train[names[0]], direct[names[0]])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
@@ -386,31 +387,41 @@ def read_split_file(
         raise DataError(f"split file not found: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DataError(f"split file {path} is not readable JSON: {error}") from None
-    if (
-        not isinstance(content, dict)
-        or set(content) != set(SPLIT_NAMES)
-        or not all(isinstance(v, list) and all(isinstance(c, str) for c in v) for v in content.values())
-    ):
-        raise DataError(
-            f'split file {path} must be JSON {{"train": [...], "val": [...], "test": [...]}} '
-            f"with lists of class names, got keys {sorted(content) if isinstance(content, dict) else ''}"
-        )
+    expected = (
+        f'split file {path} must be JSON {{"train": [...], "val": [...], "test": [...]}} with lists of class names'
+    )
+    if not isinstance(content, dict):
+        raise DataError(f"{expected}, got a JSON {type(content).__name__}")
+    if set(content) != set(SPLIT_NAMES):
+        raise DataError(f"{expected}, got keys {sorted(content)}")
+    for split_name in SPLIT_NAMES:
+        names = content[split_name]
+        if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+            raise DataError(f"{expected}; its {split_name!r} is not a list of strings: {str(names)[:80]}")
     seen: dict[str, str] = {}
     for split_name in SPLIT_NAMES:
         for c in content[split_name]:
             if c in seen:
-                raise DataError(
-                    f"split file {path}: class {c!r} is in both {seen[c]!r} and {split_name!r}; "
-                    f"a class may be in one split only"
+                where = (
+                    f"twice in {split_name!r}" if seen[c] == split_name else f"in both {seen[c]!r} and {split_name!r}"
                 )
+                raise DataError(f"split file {path}: class {c!r} is {where}; a class may be listed once only")
             seen[c] = split_name
     if known_classes is not None:
         known = set(known_classes)
         missing = [c for c in seen if c not in known]
         if missing:
+            rotated = [c for c in missing if re.fullmatch(r".+/rot\d{3}", c) and c.rsplit("/", 1)[0] in known]
+            hint = (
+                f"; rotated classes such as {rotated[0]!r} are not named in a split file (Vinyals' Omniglot lists "
+                "name each rotation): list each class once without its '/rotNNN' and add rotations=True "
+                "(--rotations)"
+                if rotated
+                else "; fix the file or the data directory"
+            )
             raise DataError(
                 f"split file {path} names {len(missing)} class(es) the data set does not have, e.g. "
-                f"{missing[:5]} (in split {seen[missing[0]]!r}); fix the file or the data directory"
+                f"{missing[:5]} (in split {seen[missing[0]]!r}){hint}"
             )
     return {s: list(content[s]) for s in SPLIT_NAMES}
 
