@@ -201,6 +201,21 @@ def test_a_class_folder_reached_twice_through_a_link_is_refused(tmp_path):
         image_folder_splits(split_root)
 
 
+def test_a_link_whose_target_is_gone_is_refused_by_name(tmp_path):
+    """A class folder or image linked from a drive that is not mounted would otherwise just be missing."""
+    root = make_folder(tmp_path / "data", num_classes=3)
+    assert load_image_folder(root).num_classes == 3
+    (root / "class_9").symlink_to(tmp_path / "unmounted" / "class_9", target_is_directory=True)
+    with pytest.raises(DataError, match=r"class_9 is a link to .*unmounted/class_9, which does not exist"):
+        load_image_folder(root)
+    (root / "class_9").unlink()
+    (root / "class_0" / "linked.png").symlink_to(tmp_path / "unmounted" / "0.png")
+    with pytest.raises(DataError, match=r"linked.png is a link to .*unmounted/0.png, which does not exist"):
+        load_image_folder(root)
+    with pytest.raises(DataError, match="which does not exist: restore its target"):
+        image_files(root / "class_0")
+
+
 def test_unreadable_image_is_named(tmp_path):
     root = make_folder(tmp_path / "data", num_classes=2)
     (root / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")

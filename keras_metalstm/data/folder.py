@@ -85,10 +85,28 @@ def refuse_non_utf8_names(paths: Sequence[Path], kind: str = "file") -> None:
             )
 
 
+def refuse_dangling_link(path: Path) -> None:
+    """DataError for a link whose target is gone (a drive not mounted, a moved folder): skipped, its class or image
+    would silently be missing from the data set."""
+    if path.is_symlink() and not path.exists():
+        raise DataError(
+            f"{readable_path(path)} is a link to {readable_path(os.readlink(path))}, which does not exist: restore "
+            "its target (mount its drive?) or remove the link"
+        )
+
+
 def _listed_image_files(folder: Path, extensions: Sequence[str]) -> list[Path]:
-    return sorted(
-        f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in extensions and not f.name.startswith(".")
-    )
+    files = []
+    # os.scandir knows an entry's type from the listing: a stat call only for links.
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or Path(entry.name).suffix.lower() not in extensions:
+                continue
+            if entry.is_file():
+                files.append(Path(entry.path))
+            else:
+                refuse_dangling_link(Path(entry.path))
+    return sorted(files)
 
 
 def image_files(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
@@ -218,6 +236,8 @@ def _list_classes(
     refuse_non_utf8_names([root], "folder")
     extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    for entry in entries:
+        refuse_dangling_link(entry)
     class_dirs = sorted(p for p in entries if p.is_dir() and (only is None or p.name in only))
     # Before any message names a class folder: a name that is not UTF-8 would not even print.
     refuse_non_utf8_names(class_dirs, "class folder")
