@@ -4,6 +4,7 @@ is written to the run directory, so that a run that cannot go through stops with
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from keras_metalstm.config import RunConfig
@@ -49,9 +50,9 @@ def check_episode_batching(config: RunConfig, architecture: dict) -> None:
         )
 
 
-def check_episode_shapes(splits, config: RunConfig) -> None:
+def check_episode_shapes(splits, config: RunConfig, notes: Sequence[str] = ()) -> None:
     """Raise DataError now if the training or validation split cannot give the configured episodes (instead of
-    mid-training)."""
+    mid-training); the message adds `notes`, what loading the data left out (e.g. --drop-small-classes)."""
     from keras_metalstm.data import DataError, EpisodeSampler
 
     try:
@@ -62,6 +63,7 @@ def check_episode_shapes(splits, config: RunConfig) -> None:
         raise DataError(
             f"{error} (the data set has {splits.describe()}: a split file (--split-file) or a folder split "
             "into train/val/test folders sets the split, --val-episodes 0 trains without validation)"
+            + "".join(f"; {note}" for note in notes)
         ) from None
 
 

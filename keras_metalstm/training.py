@@ -205,7 +205,7 @@ class TrainingRun:
             )
         self.config = config.replace(image_shape=image_shape)
         # Check the episode shape fits the data before anything is written.
-        check_episode_shapes(splits, self.config)
+        check_episode_shapes(splits, self.config, self.data_notes[1:])
         if problem := test_split_problem(splits, self.config):
             self.data_notes.append(problem)
         check_theta0_source(self.config, strategy)

@@ -167,6 +167,10 @@ def test_classes_too_small_for_the_episodes_are_left_out_on_request_and_said(tmp
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["drop_small_classes"] is True
     changed = invoke(train_args(data_dir, tmp_path / "run", "--episodes", "4", "--resume", "--keep-small-classes"))
     assert_clean_failure(changed, "drop_small_classes: run has True, requested False")
+    # when too few classes are left for the episodes, the refusal says what --drop-small-classes left out
+    emptied = invoke(train_args(data_dir, tmp_path / "emptied", "--query", "9", "--drop-small-classes"))
+    assert_clean_failure(emptied, "need at least 2 classes", "the data set has 0 classes split 0 train",
+                         "; left out 16 of 16 classes with fewer than K + Q = 10 images (--drop-small-classes)")
 
 
 class ThreeWorkerCluster:
