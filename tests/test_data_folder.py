@@ -216,6 +216,14 @@ def test_a_link_whose_target_is_gone_is_refused_by_name(tmp_path):
         image_files(root / "class_0")
 
 
+def test_a_macs_resource_fork_folder_is_skipped_like_hidden_files(tmp_path):
+    """A zip made on a Mac unpacks a __MACOSX folder of '._' files beside the classes: not a class."""
+    root = make_folder(tmp_path / "data", num_classes=3)
+    (root / "__MACOSX" / "class_0").mkdir(parents=True)
+    (root / "__MACOSX" / "class_0" / "._img0.png").write_bytes(b"\0\5")
+    assert list(load_image_folder(root).class_names) == ["class_0", "class_1", "class_2"]
+
+
 def test_unreadable_image_is_named(tmp_path):
     root = make_folder(tmp_path / "data", num_classes=2)
     (root / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")

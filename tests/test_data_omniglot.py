@@ -116,6 +116,14 @@ def test_missing_part_is_named(tmp_path):
         load_omniglot(tmp_path, parts=("images_evaluation",))
 
 
+def test_a_part_unzipped_into_a_folder_of_its_own_name_is_named(omniglot_dir, tmp_path):
+    nested = tmp_path / "nested"
+    for part in ALPHABETS:
+        shutil.copytree(omniglot_dir / part, nested / part / part)
+    with pytest.raises(DataError, match=r"holds only a folder images_background/ .*move the alphabet folders"):
+        load_omniglot(nested)
+
+
 def test_empty_character_folder_is_named(tmp_path):
     (tmp_path / "images_background" / "A" / "character01").mkdir(parents=True)
     with pytest.raises(DataError, match="character01 holds no .png image"):

@@ -41,11 +41,17 @@ UNREAD_IMAGE_EXTENSIONS = tuple(
 )
 
 
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder is skipped by every listing: hidden (".*"), or the resource-fork folder a zip made
+    on a Mac carries ("__MACOSX")."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def unread_files_note(folder: Path) -> str:
     """The end of a message about a folder with no image to read, naming the most common format among its files
     that is not read (`UNREAD_IMAGE_EXTENSIONS`) and the fix; "" when it holds none: a folder of TIFF images is not
     an empty one."""
-    others = [f.suffix.lower() for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")]
+    others = [f.suffix.lower() for f in folder.iterdir() if f.is_file() and not is_hidden(f.name)]
     others = [suffix for suffix in others if suffix in UNREAD_IMAGE_EXTENSIONS]
     if not others:
         return ""
@@ -100,7 +106,7 @@ def _listed_image_files(folder: Path, extensions: Sequence[str]) -> list[Path]:
     # os.scandir knows an entry's type from the listing: a stat call only for links.
     with os.scandir(folder) as entries:
         for entry in entries:
-            if entry.name.startswith(".") or Path(entry.name).suffix.lower() not in extensions:
+            if is_hidden(entry.name) or Path(entry.name).suffix.lower() not in extensions:
                 continue
             if entry.is_file():
                 files.append(Path(entry.path))
@@ -143,15 +149,15 @@ def left_out_files(class_dir: Path, extensions: Sequence[str]) -> tuple[list[Pat
     # os.scandir knows an entry's type from the listing: no stat call for each of a large class's files.
     with os.scandir(class_dir) as entries:
         for entry in entries:
-            if entry.name.startswith("."):
+            if is_hidden(entry.name):
                 continue
             if entry.is_dir():
                 for folder, folders, names in os.walk(entry.path):
-                    folders[:] = [name for name in folders if not name.startswith(".")]
+                    folders[:] = [name for name in folders if not is_hidden(name)]
                     nested += [
                         Path(folder, name)
                         for name in names
-                        if not name.startswith(".") and Path(name).suffix.lower() in wanted
+                        if not is_hidden(name) and Path(name).suffix.lower() in wanted
                     ]
             elif Path(entry.name).suffix.lower() in unread_extensions and entry.is_file():
                 unread.append(Path(entry.path))
@@ -202,7 +208,7 @@ def split_folders(root: Path) -> dict[str, Path] | None:
     """``{split: folder}`` when every sub-folder of ``root`` is named after a split (``SPLIT_FOLDER_NAMES``) and holds
     class folders rather than images; None for a folder of classes (a class may be called "test")."""
     splits = {name: split for split, names in SPLIT_FOLDER_NAMES.items() for name in names}
-    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    folders = [p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name)]
     if not folders or any(p.name.lower() not in splits for p in folders):
         return None
     if any(image_files(p) or not any(q.is_dir() for q in p.iterdir()) for p in folders):
@@ -235,7 +241,7 @@ def _list_classes(
         raise DataError(f"image folder not found: {readable_path(root)}")
     refuse_non_utf8_names([root], "folder")
     extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    entries = [p for p in root.iterdir() if not is_hidden(p.name)]
     for entry in entries:
         refuse_dangling_link(entry)
     class_dirs = sorted(p for p in entries if p.is_dir() and (only is None or p.name in only))

@@ -29,6 +29,7 @@ import numpy as np
 
 from keras_metalstm.data.dataset import ClassIndexedDataset, DatasetSplits, read_split_file, seeded_order
 from keras_metalstm.data.errors import DataError
+from keras_metalstm.data.folder import is_hidden
 from keras_metalstm.data.images import decode_image_files
 
 OMNIGLOT_PARTS = ("images_background", "images_evaluation")
@@ -37,18 +38,20 @@ OMNIGLOT_TRAIN_CHARACTERS = 1200
 OMNIGLOT_VAL_CHARACTERS = 172
 
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".") or name.startswith("__MACOSX")
-
-
 def _list_folder(data_dir: Path, part: str) -> list[tuple[str, str, str]]:
     """(class name, display name, path) of every PNG under ``data_dir/part/<Alphabet>/<character>/``."""
     entries = []
     root = data_dir / part
-    for alphabet in sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name)):
-        for character in sorted(p for p in alphabet.iterdir() if p.is_dir() and not _is_hidden(p.name)):
+    alphabets = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))
+    if [p.name for p in alphabets] == [part]:
+        raise DataError(
+            f"Omniglot part {root} holds only a folder {part}/ (unzipped into a folder of its own name?): move the "
+            f"alphabet folders of {root / part} up into {root}"
+        )
+    for alphabet in alphabets:
+        for character in sorted(p for p in alphabet.iterdir() if p.is_dir() and not is_hidden(p.name)):
             files = sorted(
-                f for f in character.iterdir() if f.suffix.lower() == ".png" and not _is_hidden(f.name)
+                f for f in character.iterdir() if f.suffix.lower() == ".png" and not is_hidden(f.name)
             )
             if not files:
                 raise DataError(
@@ -73,7 +76,7 @@ def _list_zip(zip_path: Path, part: str) -> list[tuple[str, str, bytes]]:
         with zipfile.ZipFile(zip_path) as archive:
             for info in sorted(archive.infolist(), key=lambda i: i.filename):
                 parts = [p for p in info.filename.split("/") if p]
-                if any(_is_hidden(p) for p in parts):
+                if any(is_hidden(p) for p in parts):
                     continue
                 if parts and parts[0] == part:
                     parts = parts[1:]
