@@ -54,10 +54,23 @@ class Augmentation:
                     settings[name] = float(value)
                 except ValueError:
                     raise ValueError(f"augmentation {part!r}: {value!r} is not a number") from None
+            elif name in ("translate", "brightness"):
+                raise ValueError(f"augmentation {name!r} needs a value, {name}=0.1 say: use {_FORMS}")
             else:
                 raise ValueError(f"unknown augmentation {part!r} in {text!r}: use {_FORMS}, e.g. flip,translate=0.1")
         augmentation = cls(**settings)
         return augmentation if augmentation != cls() else None
+
+    def check_image_shape(self, image_shape) -> None:
+        """ValueError when `translate` moves images of `image_shape` (H, W, C) by no pixel: the shift is a whole
+        number of pixels, round(translate x size), and would silently be none."""
+        largest = max(image_shape[:2])
+        if self.translate and round(self.translate * largest) == 0:
+            raise ValueError(
+                f"translate={self.translate:g} shifts {image_shape[0]}x{image_shape[1]} images by "
+                f"round({self.translate:g} x {largest}) = 0 pixels: use translate > {0.5 / largest:.3g} (one pixel) "
+                "or leave it out"
+            )
 
     def __str__(self) -> str:
         parts = ["flip"] if self.flip else []

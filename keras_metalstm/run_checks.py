@@ -53,8 +53,14 @@ def check_episode_batching(config: RunConfig, architecture: dict) -> None:
 def check_episode_shapes(splits, config: RunConfig, notes: Sequence[str] = ()) -> None:
     """Raise DataError now if the training or validation split cannot give the configured episodes (instead of
     mid-training); the message adds `notes`, what loading the data left out (e.g. --drop-small-classes)."""
+    from keras_metalstm.augmentation import Augmentation
     from keras_metalstm.data import DataError, EpisodeSampler
 
+    if (augment := Augmentation.parse(config.augment)) is not None:
+        try:
+            augment.check_image_shape(splits.image_shape)
+        except ValueError as error:
+            raise DataError(f"--augment {augment}: {error}") from None
     try:
         EpisodeSampler(splits.train, config.n_way, config.k_shot, config.query)
         if config.val_episodes:

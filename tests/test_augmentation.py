@@ -10,7 +10,7 @@ from cli_helpers import run_cli, train_args
 
 from keras_metalstm.augmentation import Augmentation
 from keras_metalstm.config import ConfigError, RunConfig
-from keras_metalstm.data import EpisodeSampler, load_dataset
+from keras_metalstm.data import DataError, EpisodeSampler, load_dataset
 
 KEY = tf.constant([3, 9], tf.int64)
 
@@ -42,9 +42,17 @@ def test_the_text_form_round_trips_and_bad_settings_name_the_forms():
         ("translate=a", "'a' is not a number"),
         ("translate=0.5", r"translate must lie in \[0, 0.5\)"),
         ("brightness=2", r"brightness must lie in \[0, 1\]"),
+        ("translate", "augmentation 'translate' needs a value, translate=0.1 say"),
     ]:
         with pytest.raises(ValueError, match=message):
             Augmentation.parse(text)
+    # a shift of a whole number of pixels, round(F x size): a fraction under half a pixel would shift nothing
+    Augmentation(translate=0.02).check_image_shape((28, 28, 1))
+    with pytest.raises(ValueError, match=r"translate=0.01 shifts 28x28 images by round\(0.01 x 28\) = 0 pixels: use "
+                       r"translate > 0.0179"):
+        Augmentation(translate=0.01).check_image_shape((28, 28, 1))
+    with pytest.raises(DataError, match="augment translate=0.01: translate=0.01 shifts 28x28 images"):
+        EpisodeSampler(load_dataset("fontglot").train, 5, 1, 1, augment=Augmentation(translate=0.01))
     assert RunConfig(augment="flip , translate=0.1").augment == "flip,translate=0.1"
     with pytest.raises(ConfigError, match="unknown augmentation"):
         RunConfig(augment="mirror")
@@ -139,3 +147,9 @@ def test_train_augments_its_meta_training_episodes_only_and_keeps_the_setting_on
     assert {augment for classes, augment in used if classes != splits.train.num_classes} == {None}
     refused = run_cli(train_args(data_dir, run_dir, "--episodes", "4", "--augment", "flip", "--resume"))
     assert refused.exit_code != 0 and "augment" in refused.output
+    too_small = run_cli(train_args(data_dir, tmp_path / "small", "--episodes", "2", "--augment", "translate=0.01"))
+    assert too_small.exit_code != 0 and "Traceback" not in too_small.output
+    assert "--augment translate=0.01: translate=0.01 shifts 28x28 images by round(0.01 x 28) = 0 pixels" in (
+        too_small.output
+    )
+    assert not (tmp_path / "small").exists()

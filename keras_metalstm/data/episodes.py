@@ -50,6 +50,11 @@ class EpisodeSampler:
         augment: Augmentation | None = None,
     ):
         self.n_way, self.k_shot, self.q_query = _check_episode_size(dataset, n_way, k_shot, q_query)
+        if augment is not None:
+            try:
+                augment.check_image_shape(dataset.image_shape)
+            except ValueError as error:
+                raise DataError(f"{dataset.name}: augment {augment}: {error}") from None
         self.seed = int(seed)
         self.augment = augment
         self.source_dataset = dataset
