@@ -9,6 +9,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 
 import click
 
@@ -72,13 +73,20 @@ class LibraryMessages(logging.Handler):
 
 
 def show_library_messages():
-    """Show the library's INFO messages (keras_metalstm.*: a first build of the fused kernels...) on stderr."""
+    """Show the library's INFO messages (keras_metalstm.*: a first build of the fused kernels...) on stderr, and
+    every warning as one line, "warning: <message>"."""
     library = logging.getLogger("keras_metalstm")
     if not any(isinstance(handler, LibraryMessages) for handler in library.handlers):
         handler = LibraryMessages()
         handler.setFormatter(logging.Formatter("%(message)s"))
         library.addHandler(handler)
     library.setLevel(logging.INFO)
+    # A warning is a line for the user: Python's form adds the file, line number and source line that raised it.
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 def image_reading_bar(enabled: bool):

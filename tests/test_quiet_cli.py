@@ -22,6 +22,8 @@ def quiet_environment(**extra):
 
 def test_train_prints_no_tensorflow_start_up_line(tmp_path):
     data_dir = make_image_folder(tmp_path / "data", num_classes=8, per_class=3)
+    first = sorted(data_dir.iterdir())[0]
+    (data_dir / "stray.png").write_bytes(next(first.iterdir()).read_bytes())  # left out, with a warning
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "keras_metalstm.cli.main", "train", "--dataset", "folder", "--data-dir",
@@ -32,6 +34,10 @@ def test_train_prints_no_tensorflow_start_up_line(tmp_path):
     assert result.returncode == 0, result.stderr
     output = (result.stdout + result.stderr).splitlines()
     assert [line for line in output if TENSORFLOW_LOG_LINE.search(line)] == []
+    # a warning is one line for the user, without the file, line and source line Python adds
+    warned = [line for line in output if "stray.png" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: keras_metalstm: image folder"), output
+    assert not [line for line in output if "Warning" in line or ".py:" in line], output
     summary = [line for line in output if line.startswith("finished: 2 episodes")]
     assert summary, output  # the summary line is there, naming only what the run wrote (no validation: no best/)
     assert summary[0].endswith(f"{run_dir} (config.yaml, checkpoints/, best.keras, metrics.jsonl, curves.png)")
