@@ -93,6 +93,9 @@ def test_read_images_converts_files_by_the_training_rule_and_checks_npy(encoded_
     ]
     with pytest.raises(export.ExportError, match="bad.npy.*uint8"):
         export.read_images([tmp_path / "bad.npy"], SHAPE)
+    np.save(tmp_path / "flat.npy", np.zeros((5, 5), np.float32))
+    with pytest.raises(export.ExportError, match=r"flat.npy: an array of shape \(5, 5\); expected one image"):
+        export.read_images([tmp_path / "flat.npy"], SHAPE)
 
 
 def test_predict_inputs_reads_and_predicts_a_batch_at_a_time_with_the_whole_batchs_results(

@@ -88,6 +88,11 @@ class ImageInputs:
         if path.suffix.lower() != ".npy":
             return None
         array = _mapped_array(path)  # not kept: each map holds a file descriptor, and there may be thousands
+        if array.ndim != 4:
+            raise ExportError(
+                f"{path}: an array of shape {array.shape}; expected one image {tuple(self.image_shape)} or a batch "
+                f"(n, {', '.join(str(size) for size in self.image_shape)})."
+            )
         try:
             check_images(array[:1] if array.ndim else array, self.image_shape)
         except ExportError as error:
