@@ -8,6 +8,7 @@ validates and converts; it never imports TensorFlow.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -254,6 +255,13 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | os.PathLike) -> RunConfig:
         return cls.from_dict(read_config_file(path))
+
+    def fingerprint(self) -> int:
+        """A number (below 2^31) of the settings that change what is computed: every worker of a cluster must have
+        the same. The paths of the data and the split file are left out: each host may mount them elsewhere."""
+        settings = {k: v for k, v in self.to_dict().items() if k not in ("data_dir", "split_file")}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).digest()
+        return int.from_bytes(digest[:4], "big") >> 1
 
     def shape_differences(self, other: RunConfig) -> dict[str, tuple[Any, Any]]:
         """{field: (self value, other value)} for the SHAPE_FIELDS that differ."""

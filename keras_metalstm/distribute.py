@@ -206,6 +206,25 @@ def all_workers_ok(strategy, ok: bool) -> bool:
     return float(failures()) == 0.0
 
 
+def same_on_every_worker(strategy, fingerprint: int) -> bool:
+    """True when every worker passed the same `fingerprint` (an int below 2^31, e.g. of its run settings); a
+    collective, as `all_workers_ok` (every worker gets the same answer). Workers started with different settings
+    would otherwise train together on mismatched tensors until the loss became NaN."""
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if not multi_worker or task_type_and_id(strategy)[0] is None:
+        return True
+    value = float(fingerprint)
+
+    @tf.function
+    def total():
+        per_replica = strategy.run(lambda: tf.constant(value, tf.float64))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    # The sum of all replicas' values equals replicas x mine on every worker only if all are mine; a worker that
+    # sees otherwise tells the others through all_workers_ok.
+    return all_workers_ok(strategy, float(total()) == strategy.num_replicas_in_sync * value)
+
+
 def worker_directory(directory, strategy=None) -> str:
     """Where this worker writes `directory`'s files: `directory` itself on the chief, a private temporary
     directory elsewhere (every worker must take part in a save; only the chief's copy is kept)."""

@@ -168,7 +168,7 @@ class TrainingRun:
     def run(self, callbacks: Callback | None = None) -> TrainingResult:
         import tensorflow as tf
 
-        from keras_metalstm.distribute import all_workers_ok, is_chief, task_name
+        from keras_metalstm.distribute import all_workers_ok, is_chief, same_on_every_worker, task_name
 
         callbacks = callbacks or Callback()
         strategy = tf.distribute.get_strategy()
@@ -185,6 +185,12 @@ class TrainingRun:
                 raise failure or TrainingError(
                     f"{self.task}: stopped before training: another worker could not start the run (its output "
                     "says why)"
+                )
+            if not same_on_every_worker(strategy, self.config.fingerprint()):
+                raise TrainingError(
+                    f"{self.task}: stopped before training: the workers were given different run settings (a "
+                    "meta-batch, seed, learner...); start every worker with the same command, --config file and "
+                    "METALSTM_* variables (only TF_CONFIG differs)"
                 )
             return TrainingSession(self, callbacks, splits, strategy).train()
 

@@ -127,12 +127,13 @@ main()
 """
 
 
-def _train_on_two_workers(tmp_path, run_dir, session, *extra):
-    """Both workers' (returncode, stdout, stderr); worker 1 keeps its checkpoints in tmp_path/<session>-keep1."""
+def _train_on_two_workers(tmp_path, run_dir, session, *extra, worker_extras=((), ())):
+    """Both workers' (returncode, stdout, stderr); worker 1 keeps its checkpoints in tmp_path/<session>-keep1.
+    Worker i also gets the flags worker_extras[i]."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
-    args = [*TINY, "--run-dir", str(run_dir), "--strategy", "multiworker", *extra]
     processes = []
     for index in range(2):
+        args = [*TINY, "--run-dir", str(run_dir), "--strategy", "multiworker", *extra, *worker_extras[index]]
         temp = tmp_path / f"tmp{index}"  # each worker's TMPDIR: the private directories it leaves behind
         temp.mkdir(exist_ok=True)
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
@@ -211,3 +212,17 @@ def test_multiworker_cli_refused_run_directory_stops_every_worker_with_a_message
     assert "worker 1: stopped before training: another worker could not start the run" in worker_err
     assert "Traceback" not in chief_err + worker_err
     assert [p.name for p in run_dir.iterdir()] == ["config.yaml"]
+
+
+def test_multiworker_cli_workers_given_different_settings_stop_before_training(tmp_path):
+    """Their collectives would mix mismatched tensors until the loss became NaN, and the message blamed the
+    learning rate."""
+    run_dir = tmp_path / "run"
+    results = _train_on_two_workers(tmp_path, run_dir, "mismatched", "--episodes", "4",
+                                    worker_extras=(("--seed", "0"), ("--seed", "1")))
+    (chief_code, _, chief_err), (worker_code, _, worker_err) = results
+    assert (chief_code, worker_code) == (1, 1), [chief_err[-2000:], worker_err[-2000:]]
+    for task, err in (("worker 0", chief_err), ("worker 1", worker_err)):
+        assert f"{task}: stopped before training: the workers were given different run settings" in err, err[-2000:]
+        assert "Traceback" not in err
+    assert not (run_dir / "checkpoints").exists()
