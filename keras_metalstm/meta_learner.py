@@ -29,6 +29,7 @@ from keras_metalstm.learner_spec import check_learner_form
 from keras_metalstm.meta_learner_inputs import (
     check_episodes,
     check_inner_steps,
+    check_jit_fit_replicas,
     check_meta_learner_settings,
     check_mode,
     check_support,
@@ -393,6 +394,7 @@ class MetaLearner(keras.Model):
         """keras.Model.fit; under compile(jit_compile=True) a learner op XLA cannot compile is a LearnerError that
         names it and its layer."""
         if self.jit_compile:
+            check_jit_fit_replicas(self.distribute_strategy.num_replicas_in_sync)
             warn_if_xla_untrusted()
         with explaining_uncompilable_ops(self.learner):
             return super().fit(*args, **kwargs)

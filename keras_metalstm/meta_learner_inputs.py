@@ -132,3 +132,16 @@ def check_inner_steps(inner_steps) -> int:
     if isinstance(inner_steps, bool) or not float(inner_steps).is_integer() or int(inner_steps) < 1:
         raise ValueError(f"inner_steps must be a whole number of at least 1, got {inner_steps!r}.")
     return int(inner_steps)
+
+
+def check_jit_fit_replicas(replicas: int) -> None:
+    """`fit` after compile(jit_compile=True) under a strategy of several replicas: Keras would compile its whole
+    step, the cross-replica sum and other devices' variables included, which TensorFlow refuses deep inside
+    ("Trying to access resource ... located in device")."""
+    if replicas > 1:
+        raise ValueError(
+            f"fit after compile(jit_compile=True) cannot run under a strategy of {replicas} replicas: Keras would "
+            "compile the whole step, the cross-replica sum included, with XLA. Train with "
+            "keras_metalstm.MetaTrainer(meta, jit_compile=True), which compiles each replica's meta-gradient with "
+            "XLA, or compile without jit_compile."
+        )

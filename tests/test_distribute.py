@@ -172,7 +172,10 @@ def test_factory_default_and_per_replica_batch():
 
 def test_factory_mirrored_on_two_logical_cpus():
     report = _run("factory")
+    refusal = report.pop("jit_fit_refusal")
     assert report == {"mirrored": 2, "per_replica": 2, "odd_batch_rejected": True}
+    assert refusal.startswith("fit after compile(jit_compile=True) cannot run under a strategy of 2 replicas")
+    assert "MetaTrainer(meta, jit_compile=True)" in refusal
 
 
 # ----------------------------------------------------------------------------------------- subprocess roles
@@ -234,8 +237,17 @@ def role_factory():
         odd = False
     except ValueError:
         odd = True
+    # fit after compile(jit_compile=True) would have Keras compile the cross-replica sum too: refused by name
+    with strategy.scope():
+        meta = _build_meta()
+        meta.compile(jit_compile=True)
+    try:
+        meta.fit([], verbose=0)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
     return {"mirrored": strategy.num_replicas_in_sync, "per_replica": per_replica_batch(strategy, 4),
-            "odd_batch_rejected": odd}
+            "odd_batch_rejected": odd, "jit_fit_refusal": refusal}
 
 
 def role_mirrored():
