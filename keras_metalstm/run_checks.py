@@ -34,15 +34,26 @@ def check_theta0_source(config: RunConfig, strategy) -> None:
 
 
 def check_episode_batching(config: RunConfig, architecture: dict) -> None:
-    """Fail before anything is written when `--episode-batching batched` asks for a gradient this machine cannot
-    compute: a convolutional learner's (`architecture`, its Keras config), on a CPU outside XLA."""
-    from keras_metalstm.batched_learner import batched_with_grouped_convolutions
+    """Fail before anything is written when `--episode-batching batched` asks for what cannot be: batching a
+    learner (`architecture`, its Keras config) with a layer the batched form does not have (mixed precision, a
+    subclassed model...), or a gradient this machine cannot compute: a convolutional learner's, on a CPU outside
+    XLA."""
+    from keras_metalstm.batched_learner import batched_with_grouped_convolutions, unsupported_layers
     from keras_metalstm.learner_architecture import model_from_architecture
     from keras_metalstm.xla_ops import accelerator_present
 
-    if config.episode_batching != "batched" or config.xla or accelerator_present():
+    if config.episode_batching != "batched":
         return
-    if batched_with_grouped_convolutions(model_from_architecture(architecture, tuple(config.image_shape))):
+    learner = model_from_architecture(architecture, tuple(config.image_shape))
+    if problems := unsupported_layers(learner):
+        raise TrainingError(
+            f"--episode-batching batched: this learner cannot be evaluated for a batch of episodes at once "
+            f"({'; '.join(problems[:3])}{'...' if len(problems) > 3 else ''}): use --episode-batching auto or "
+            "per_episode, which run the episodes one after the other"
+        )
+    if config.xla or accelerator_present():
+        return
+    if batched_with_grouped_convolutions(learner):
         raise TrainingError(
             "--episode-batching batched convolves a convolutional learner's episodes as grouped convolutions, "
             "whose gradient TensorFlow computes on a GPU or TPU, or under XLA, not on this CPU: add --xla, or use "

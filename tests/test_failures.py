@@ -50,6 +50,8 @@ def dead_pid():
     (["--n-way", "1"], "n_way must be at least 2"),
     (["--image-shape", "28,28"], "image_shape must be H,W,C"),
     (["--episode-batching", "batched"], "not on this CPU: add --xla, or use --episode-batching auto"),
+    (["--episode-batching", "batched", "--xla", "--dtype-policy", "mixed_bfloat16"],
+     "cannot be evaluated for a batch of episodes at once (conv1: mixed precision (mixed_bfloat16); "),
 ])
 def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, data_dir, flags, message):
     run_dir = tmp_path / "run"
