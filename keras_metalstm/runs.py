@@ -31,7 +31,7 @@ from pathlib import Path
 from keras_metalstm.config import CONFIG_FILE_NAME, ConfigError, RunConfig, atomic_write_text, first_line
 from keras_metalstm.learner_architecture import ARCHITECTURE_FILE
 from keras_metalstm.paths import refuse_url
-from keras_metalstm.processes import process_alive
+from keras_metalstm.processes import process_alive, process_start_time
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -357,6 +357,21 @@ def write_state(
         )
         + "\n",
     )
+
+
+def live_owner(run_dir) -> int | None:
+    """The process id of another process on this host training `run_dir` now (state.json says "starting" or
+    "running" and was written by it), else None. A process started after state.json was last written has only
+    reused a dead session's id."""
+    state = read_state(run_dir)
+    pid = state.get("pid")
+    if state.get("status") not in ("starting", "running") or state.get("host") != socket.gethostname():
+        return None
+    if not isinstance(pid, int) or pid == os.getpid() or not process_alive(pid):
+        return None
+    started = process_start_time(pid)
+    written = (Path(run_dir) / STATE_FILE).stat().st_mtime
+    return pid if started is None or started <= written + 1.0 else None  # /proc's start: to the second
 
 
 def crashed(state: dict) -> bool:

@@ -40,10 +40,12 @@ from keras_metalstm.run_checks import (
 )
 from keras_metalstm.runs import (
     SPLITS_FILE,
+    STATE_FILE,
     RunDirError,
     TrainingError,
     latest_checkpoint,
     learner_architecture,
+    live_owner,
     load_run_config,
     load_splits,
     record_splits,
@@ -127,6 +129,12 @@ class TrainingRun:
 
     def _check_directory(self, exists: bool) -> None:
         run_dir = self.run_dir
+        # Two sessions in one directory would each restore, train and write its files over the other's.
+        if exists and (owner := live_owner(run_dir)) is not None:
+            raise RunDirError(
+                f"{run_dir} is being trained now by process {owner} on this machine ({STATE_FILE}); wait for it to "
+                "finish, or stop it (Ctrl-C saves a checkpoint) and then --resume (nothing was changed)"
+            )
         if self.resume and not exists:
             raise RunDirError(
                 f"--resume: {run_dir} holds no training run to resume (no {CONFIG_FILE_NAME}); check the path, or "

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -328,6 +329,29 @@ def test_a_run_killed_while_running_before_its_first_checkpoint_can_be_started_a
     again = invoke(train_args(data_dir, run_dir, "--episodes", "2"))
     assert again.exit_code == 0, again.output
     assert state(run_dir)["status"] == "finished"
+
+
+def test_a_run_being_trained_by_another_live_process_is_refused(tmp_path, data_dir):
+    """A second session in the directory would restore, train and write over the first's files (its metrics log
+    lost rows); a dead session's process id reused by a newer process is not taken for the owner."""
+    run_dir = tmp_path / "run"
+    assert invoke(train_args(data_dir, run_dir, "--episodes", "2")).exit_code == 0
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        time.sleep(1.5)  # the owner writes state.json after it started
+        (run_dir / "state.json").write_text(json.dumps({**state(run_dir), "status": "running", "pid": owner.pid}))
+        for flags in (["--resume"], []):
+            refused = invoke(train_args(data_dir, run_dir, "--episodes", "4", *flags))
+            assert_clean_failure(refused, f"is being trained now by process {owner.pid} on this machine",
+                                 "then --resume (nothing was changed)")
+        assert state(run_dir)["pid"] == owner.pid
+        an_hour_ago = time.time() - 3600  # state.json written long before the live process started: a crash
+        os.utime(run_dir / "state.json", (an_hour_ago, an_hour_ago))
+        resumed = invoke(train_args(data_dir, run_dir, "--episodes", "4", "--resume"))
+        assert resumed.exit_code == 0, resumed.output
+    finally:
+        owner.kill()
+        owner.wait()
 
 
 def test_ctrl_c_while_a_command_starts_ends_with_130_and_a_later_run_starts_afresh(tmp_path, data_dir, monkeypatch):
