@@ -5,12 +5,12 @@ theta_0 starts from that classifier."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from keras_metalstm.baselines import DEFAULT_PROTOCOLS, Baselines, build_baselines, episodes_of
+from keras_metalstm.paths import replaced_in_place
 from keras_metalstm.pretraining import PretrainConfig, pretrain_classifier
 from keras_metalstm.validation_grid import choose_on_validation, setting_label
 
@@ -52,9 +52,8 @@ def cached_pretrained_classifier(
             f"({time.time() - t0:.0f}s)"
         ),
     )
-    tmp = model_path.with_name(f".tmp-{os.getpid()}-pretrained.keras")
-    model.save(str(tmp))
-    os.replace(tmp, model_path)
+    with replaced_in_place(model_path) as tmp:
+        model.save(str(tmp))
     # Validation choices made for another pre-trained network are dropped with it.
     info = {
         "pretrain": asdict(pretrain),

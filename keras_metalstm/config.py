@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from keras_metalstm.augmentation import Augmentation
-from keras_metalstm.paths import refuse_url
+from keras_metalstm.paths import refuse_url, replaced_in_place
 
 # The batch-norm statistics a meta-learner's query pass can use (MetaLearner's query_statistics).
 QUERY_STATISTICS = ("query", "support")
@@ -414,8 +414,5 @@ def _coerce(name: str, value: Any) -> Any:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to a temporary file next to `path` and rename it over `path` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with replaced_in_place(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -8,8 +8,10 @@ as a path would otherwise become a local folder named "gs:" without a word. A bu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from pathlib import Path
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -23,3 +25,21 @@ def refuse_url(path: str | os.PathLike | None, what: str, error: type[Exception]
         "package writes into place); mount the bucket as a file system (e.g. Cloud Storage FUSE, s3fs) and give "
         "its local path"
     )
+
+
+@contextlib.contextmanager
+def replaced_in_place(path: str | os.PathLike):
+    """Yields a temporary path beside `path`, with its name's suffix (Keras saves only to a ".keras" name), to write
+    in full; then renames it over `path`, so that `path` is never half-written. On failure the temporary file is
+    removed, and an OSError without a file name (a full disk's ENOSPC from write()) is raised again naming `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and not error.filename:
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        raise

@@ -14,6 +14,8 @@ import math
 import os
 from pathlib import Path
 
+from keras_metalstm.paths import replaced_in_place
+
 WIDTH, HEIGHT = 1200, 420
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 70, 20, 40, 45
 HEADER = 30  # the line of text above the panels of gates.png and inner_loss.png
@@ -259,12 +261,9 @@ def _header(image, text):
 
 
 def _save(image, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    image.convert("RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with replaced_in_place(path) as tmp:
+        image.convert("RGB").save(tmp, format="PNG")
+    return Path(path)
 
 
 def _series(rows, key):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from keras_metalstm.config import CONFIG_FILE_NAME, ConfigError, RunConfig, atomic_write_text, first_line
 from keras_metalstm.learner_architecture import ARCHITECTURE_FILE
-from keras_metalstm.paths import refuse_url
+from keras_metalstm.paths import refuse_url, replaced_in_place
 from keras_metalstm.processes import process_alive, process_start_time
 
 CHECKPOINT_DIR = "checkpoints"
@@ -291,19 +291,19 @@ def save_best_model(run_dir: Path, meta, validated: bool, best_checkpoint: str |
         # with the run's seed, must be the run's, not what rebuilding drew from the random state of the moment.
         best.learner.set_weights(meta.learner.get_weights())
         restore_checkpoint(checkpoint_object(best), best_checkpoint, "best checkpoint")
-    target = Path(run_dir) / BEST_MODEL_FILE
-    tmp = Path(run_dir) / f".tmp-{os.getpid()}-{BEST_MODEL_FILE}"
-    best.save(str(tmp))
-    os.replace(tmp, target)
+    with replaced_in_place(Path(run_dir) / BEST_MODEL_FILE) as tmp:
+        best.save(str(tmp))
 
 
 def start_failed(run_dir) -> bool:
     """True for a run directory set up by a start that never reached its first checkpoint (it failed or was
     interrupted): state.json says so, or says "starting" or "running" and the process that wrote it is gone
-    (killed)."""
+    (killed), or is missing (the start failed before writing it, e.g. on a full disk)."""
     if latest_checkpoint(run_dir):
         return False
     state = read_state(run_dir)
+    if not state:
+        return True
     status = str(state.get("status", ""))
     if status in ("starting", "running"):
         return state.get("host") == socket.gethostname() and not process_alive(state.get("pid", -1))

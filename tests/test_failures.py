@@ -227,6 +227,30 @@ def test_a_read_only_run_directory_is_one_clear_line(tmp_path, data_dir, monkeyp
     assert_clean_failure(result, "Read-only file system", str(tmp_path / "run" / "config.yaml"))
 
 
+def test_a_full_disk_while_writing_best_keras_names_it_and_leaves_no_temporary_file(tmp_path, data_dir,
+                                                                                      monkeypatch):
+    """A full disk's ENOSPC from write() carries no file name: the message named no path, and the half-written
+    temporary file stayed in the run directory for good."""
+    import keras_metalstm as km
+
+    def save_on_a_full_disk(model, path, *args, **kwargs):
+        with open(path, "wb") as partial:
+            partial.write(b"PK\x03\x04 half a zip")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(km.MetaLearner, "save", save_on_a_full_disk)
+    run_dir = tmp_path / "run"
+    result = invoke(train_args(data_dir, run_dir, "--episodes", "2"))
+    assert_clean_failure(result, f"cannot write or read {run_dir / 'best.keras'}: No space left on device")
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []
+    # a start that failed before it wrote state.json (a disk full from the start) is started afresh
+    (run_dir / "state.json").unlink()
+    shutil.rmtree(run_dir / "checkpoints")
+    monkeypatch.undo()
+    again = invoke(train_args(data_dir, run_dir, "--episodes", "2"))
+    assert again.exit_code == 0, again.output
+
+
 @pytest.mark.parametrize("folder,what,episode,kept,last", [
     ("checkpoints", "checkpoint", 4, os.path.join("checkpoints", "ckpt-3") + ")", 3),  # the validation's
     ("best", "best checkpoint", 3, "kept (none yet)", 2),  # the first validation is the best so far
