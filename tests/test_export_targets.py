@@ -95,3 +95,18 @@ def test_the_default_model_folder_is_named_after_the_source(tmp_path, monkeypatc
     assert export.default_model_folder(".") == str(Path("saved_models") / "fontglot-run")  # not saved_models/
     assert export.default_model_folder(str(run_dir)) == str(Path("saved_models") / "fontglot-run")
     assert export.default_model_folder("task.keras") == str(Path("saved_models") / "task")
+
+
+def test_a_float64_learner_is_refused_for_onnx_before_anything_is_written(tmp_path):
+    """ONNX Runtime has no float64 convolution on a CPU: the export failed in its parity check, calling the
+    file damaged, and so did every retry."""
+    import keras
+
+    learner = keras.Sequential(
+        [keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3, dtype="float64"), keras.layers.Flatten(dtype="float64"),
+         keras.layers.Dense(2, dtype="float64")]
+    )
+    adapted = export.AdaptedLearner(learner, ["a", "b"])
+    with pytest.raises(export.ExportError, match=r"float64 weights .* export --format savedmodel"):
+        export.export_adapted(adapted, tmp_path / "models", format="both")
+    assert not (tmp_path / "models").exists()

@@ -97,6 +97,11 @@ def export_adapted(
     """Exports an AdaptedLearner to ``out/<version>/``; returns an ExportResult (raises if parity fails)."""
     started = time.perf_counter()
     formats = _formats(format)
+    if "onnx" in formats and any(weight.dtype == "float64" for weight in adapted.learner.weights):
+        raise ExportError(
+            "the adapted learner holds float64 weights (keras.config.set_floatx('float64')), and ONNX Runtime has "
+            "no float64 convolution on a CPU: export --format savedmodel, or adapt a float32 meta-learner for ONNX"
+        )
     target, version = _version_target(out, version, force)
     _warn_if_serving_loses_its_savedmodel(Path(out), version, formats)
     with atomic_path(target, force=force, directory=True) as tmp:
