@@ -27,6 +27,7 @@ from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy, variable_dtype
 from keras_metalstm.learner_spec import check_learner_form
 from keras_metalstm.meta_learner_inputs import (
+    check_eager_adapt,
     check_episodes,
     check_inner_steps,
     check_jit_fit_replicas,
@@ -416,6 +417,7 @@ class MetaLearner(keras.Model):
             A keras.Model of the learner's architecture holding theta_T and this episode's batch-norm
             statistics; its logits equal the query logits of the inner loop in test mode.
         """
+        check_eager_adapt()
         if mode != "test":
             raise ValueError(
                 "adapt() supports mode='test' only: mode='train' normalises each query batch with its own "

@@ -145,3 +145,14 @@ def check_jit_fit_replicas(replicas: int) -> None:
             "keras_metalstm.MetaTrainer(meta, jit_compile=True), which compiles each replica's meta-gradient with "
             "XLA, or compile without jit_compile."
         )
+
+
+def check_eager_adapt() -> None:
+    """`adapt` makes a Keras model, which TensorFlow cannot do inside a tf.function after its first call ("only
+    supports singleton tf.Variables created on the first call")."""
+    if not tf.executing_eagerly():
+        raise RuntimeError(
+            "MetaLearner.adapt returns a new Keras model and runs eagerly only, not inside a tf.function: there, call "
+            "meta.inner_loop(support_images, support_labels) and meta.query_logits(theta, states, query_images, "
+            "'test'), or export the meta-learner's adapt_and_predict (keras_metalstm.export.export_meta)"
+        )

@@ -83,6 +83,9 @@ def test_bad_input_gets_clear_errors():
         meta.adapt(episodes["support_images"][0], np.arange(4))
     with pytest.raises(ValueError, match="mode='test' only"):
         meta.adapt(episodes["support_images"][0], episodes["support_labels"][0], mode="train")
+    with pytest.raises(RuntimeError, match=r"runs eagerly only, not inside a tf.function: there, call "
+                       r"meta.inner_loop\(support_images, support_labels\)"):
+        tf.function(meta.adapt)(episodes["support_images"][0], episodes["support_labels"][0])
     with pytest.raises(ValueError, match="missing"):
         meta({"support_images": episodes["support_images"]})
     with pytest.raises(ValueError, match="build it first"):
