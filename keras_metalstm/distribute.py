@@ -27,6 +27,7 @@ device computes on the same global meta-batch:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,6 +35,8 @@ import tempfile
 import tensorflow as tf
 
 from keras_metalstm.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 
@@ -81,6 +84,8 @@ def make_strategy(name: str = "default", tpu: str | None = None, devices=None) -
             f"--strategy tpu cannot find or reach the TPU {tpu!r} ({str(error).strip()}): check its name or pass "
             "its grpc:// address, from a machine that can reach it (on Google Cloud: the same project and zone)"
         ) from None
+    # TensorFlow waits for an unreachable TPU without a word, and without end.
+    logger.info("connecting to the TPU %s (it waits until the TPU answers; Ctrl-C stops)", resolver.master() or tpu)
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)

@@ -159,6 +159,30 @@ def test_a_tpu_name_that_cannot_be_looked_up_is_named_not_taken_for_a_disk_error
         make_strategy("tpu", tpu="my-tpu")
 
 
+def test_connecting_to_a_tpu_is_announced_before_tensorflow_waits_for_it(monkeypatch, caplog):
+    import logging
+
+    import tensorflow as tf
+
+    from keras_metalstm.distribute import make_strategy
+
+    class Resolver:
+        def __init__(self, tpu=None):
+            self.tpu = tpu
+
+        def master(self):
+            return "grpc://10.0.0.2:8470"
+
+    def unanswered(resolver):  # an unreachable TPU: TensorFlow would wait here for good
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", Resolver)
+    monkeypatch.setattr(tf.config, "experimental_connect_to_cluster", unanswered)
+    with caplog.at_level(logging.INFO, logger="keras_metalstm"), pytest.raises(KeyboardInterrupt):
+        make_strategy("tpu", tpu="my-tpu")
+    assert "connecting to the TPU grpc://10.0.0.2:8470 (it waits until the TPU answers; Ctrl-C stops)" in caplog.text
+
+
 def test_factory_default_and_per_replica_batch():
     import tensorflow as tf
 
