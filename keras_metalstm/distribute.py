@@ -97,7 +97,8 @@ def per_replica_batch(strategy: tf.distribute.Strategy, global_batch: int) -> in
     if global_batch < 1 or global_batch % replicas:
         raise StrategyError(
             f"the meta-batch ({global_batch}) must be a positive multiple of the number of replicas ({replicas}): "
-            "every replica gets the same number of episodes (static shapes)"
+            f"every replica gets the same number of episodes (static shapes); e.g. --meta-batch "
+            f"{max(replicas, (global_batch + replicas - 1) // replicas * replicas)}"
         )
     return global_batch // replicas
 

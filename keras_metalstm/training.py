@@ -220,6 +220,9 @@ class TrainingRun:
         self.config = config.replace(image_shape=image_shape)
         # Check the episode shape fits the data before anything is written.
         check_episode_shapes(splits, self.config, self.data_notes[1:])
+        from keras_metalstm.distribute import per_replica_batch
+
+        per_replica_batch(strategy, self.config.meta_batch)  # refused now, not after the run directory is written
         if problem := test_split_problem(splits, self.config):
             self.data_notes.append(problem)
         check_theta0_source(self.config, strategy)

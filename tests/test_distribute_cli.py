@@ -93,6 +93,14 @@ def test_mirrored_flag_trains_on_two_replicas_and_resumes(tmp_path):
     assert state["numerics"]["devices"] == "2 x CPU"  # the replicas that wrote the checkpoint
     assert "computes differently" not in out.stdout + out.stderr  # resumed as it started
     assert (run_dir / "best.keras").is_file()
+    odd = tmp_path / "odd"  # 3 episodes cannot be shared by 2 replicas: refused before the run directory is made
+    args = [*TINY, "--run-dir", str(odd), "--strategy", "mirrored", "--episodes", "3", "--meta-batch", "3"]
+    out = subprocess.run([sys.executable, "-c", MIRRORED_CLI, *args], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "the meta-batch (3) must be a positive multiple of the number of replicas (2)" in out.stderr
+    assert "e.g. --meta-batch 4" in out.stderr
+    assert not odd.exists()
 
 
 # One worker of a local cluster: `metalstm train` with two test hooks. The non-chief starts its run only once the
