@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from keras_metalstm.processes import process_alive, process_start_time
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
 STATE_FILE = "state.json"
+CHECKPOINT_INDEX = re.compile(r"ckpt-(\d+)\.index")
 SPLITS_FILE = "splits.json"
 BEST_MODEL_FILE = "best.keras"
 # Reads of the newest checkpoint while a running training may replace it (`load_meta_learner`).
@@ -61,9 +63,17 @@ def run_exists(run_dir) -> bool:
 
 
 def latest_checkpoint(run_dir, which: str = CHECKPOINT_DIR) -> str | None:
+    """The newest checkpoint of RUN_DIR/`which` (its path prefix), or None. Without TensorFlow's list of them (the
+    "checkpoint" file, e.g. left out of a copy), the highest-numbered one whose index is there: a resume would
+    otherwise start again from episode 0 and overwrite them."""
     import tensorflow as tf
 
-    return tf.train.latest_checkpoint(str(Path(run_dir) / which))
+    folder = Path(run_dir) / which
+    listed = tf.train.latest_checkpoint(str(folder))
+    if listed or not folder.is_dir():
+        return listed
+    numbered = [(int(match[1]), path) for path in folder.iterdir() if (match := CHECKPOINT_INDEX.fullmatch(path.name))]
+    return str(max(numbered)[1].with_suffix("")) if numbered else None
 
 
 def load_run_config(run_dir) -> RunConfig:

@@ -355,6 +355,23 @@ def test_a_run_killed_while_running_before_its_first_checkpoint_can_be_started_a
     assert state(run_dir)["status"] == "finished"
 
 
+def test_a_resume_without_tensorflows_list_of_checkpoints_continues_from_the_newest(tmp_path, data_dir):
+    """A copy of a run that left out checkpoints/checkpoint: the resume started again from episode 0 and wrote
+    over the run's checkpoints."""
+    from keras_metalstm.runs import latest_checkpoint
+
+    run_dir = tmp_path / "run"
+    first = invoke(train_args(data_dir, run_dir, "--episodes", "4", "--checkpoint-every", "2"))
+    assert first.exit_code == 0, first.output
+    (run_dir / "checkpoints" / "checkpoint").unlink()
+    assert latest_checkpoint(run_dir) == str(run_dir / "checkpoints" / "ckpt-4")
+    resumed = invoke(train_args(data_dir, run_dir, "--episodes", "6", "--checkpoint-every", "2", "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained = [row["episode"] for row in rows if row["kind"] == "train"]
+    assert trained == sorted(set(trained)) and trained[-1] == 6  # continued from 4, no episode trained twice
+
+
 def test_a_run_being_trained_by_another_live_process_is_refused(tmp_path, data_dir):
     """A second session in the directory would restore, train and write over the first's files (its metrics log
     lost rows); a dead session's process id reused by a newer process is not taken for the owner."""
