@@ -23,6 +23,7 @@ Everything that opens a run directory (training, evaluation, the export commands
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -296,6 +297,13 @@ def save_best_model(run_dir: Path, meta, validated: bool, best_checkpoint: str |
     best = type(meta).from_config(meta.get_config()) if validated else meta
     if not write:
         return
+    if validated and best_checkpoint is None:
+        logging.getLogger(__name__).warning(
+            "%s holds no best checkpoint (deleted, or left out of a copy): %s gets the run's final weights instead",
+            Path(run_dir) / BEST_DIR,
+            BEST_MODEL_FILE,
+        )
+        best, validated = meta, False
     if validated:
         # The learner's weights are in no checkpoint (theta_0 is): a frozen layer's, made from the architecture
         # with the run's seed, must be the run's, not what rebuilding drew from the random state of the moment.

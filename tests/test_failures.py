@@ -372,6 +372,23 @@ def test_a_resume_without_tensorflows_list_of_checkpoints_continues_from_the_new
     assert trained == sorted(set(trained)) and trained[-1] == 6  # continued from 4, no episode trained twice
 
 
+def test_a_resume_without_the_best_checkpoint_saves_the_final_weights_and_says_so(tmp_path, data_dir, caplog):
+    """best/ deleted or not copied: the resume trained, then failed at its end reading a best checkpoint "at None"."""
+    import logging
+
+    run_dir = tmp_path / "run"
+    first = invoke(train_args(data_dir, run_dir, "--episodes", "2", "--val-episodes", "2", "--validate-every", "2"))
+    assert first.exit_code == 0, first.output
+    shutil.rmtree(run_dir / "best")
+    with caplog.at_level(logging.WARNING, logger="keras_metalstm"):
+        resumed = invoke(train_args(data_dir, run_dir, "--episodes", "4", "--val-episodes", "0", "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert "holds no best checkpoint (deleted, or left out of a copy): best.keras gets the run's final weights" in (
+        caplog.text
+    )
+    assert (run_dir / "best.keras").is_file() and state(run_dir)["status"] == "finished"
+
+
 def test_a_run_being_trained_by_another_live_process_is_refused(tmp_path, data_dir):
     """A second session in the directory would restore, train and write over the first's files (its metrics log
     lost rows); a dead session's process id reused by a newer process is not taken for the owner."""
