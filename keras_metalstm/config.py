@@ -32,8 +32,8 @@ CONFIG_FILE_NAME = "config.yaml"
 # --verbose`); any other METALSTM_* name that is not a setting is a misspelling, refused rather than ignored.
 OTHER_ENVIRONMENT = ("VERBOSE", "RUN_DIR", "EVAL_EPISODES", "EVAL_BASELINES", "EVAL_SEED", "DOCKER_SMOKE")
 
-# Fields that define the shape of the meta-learner, of its episodes or of its checkpoint: a checkpoint is only
-# valid for a run with the same values, so `--resume` refuses to change them.
+# Fields that define the shape of the meta-learner, of its episodes or of its checkpoint, or how the run started: a
+# checkpoint is only valid for a run with the same values, so `--resume` refuses to change them.
 SHAPE_FIELDS = (
     "dataset",
     "n_way",
@@ -58,6 +58,10 @@ SHAPE_FIELDS = (
     "split_file",
     # The optimizer checkpoints its variables by position, and a constant step is one of them, a schedule not.
     "lr_schedule",
+    # How theta_0 started: used once, at the start; a resume recording another would misdescribe the run.
+    "theta0_init",
+    "pretrain_epochs",
+    "pretrained_model",
 )
 
 

@@ -159,7 +159,8 @@ class TrainingRun:
         if differences:
             listed = ", ".join(f"{k}: run has {a!r}, requested {b!r}" for k, (a, b) in differences.items())
             raise RunDirError(
-                f"cannot resume {self.run_dir} with a different learner, episode shape or step schedule ({listed}); "
+                f"cannot resume {self.run_dir} with a different learner, episode shape, step schedule or start "
+                f"({listed}); "
                 "use another --run-dir for a new run"
             )
         done = checkpoint_episode(latest_checkpoint(self.run_dir))

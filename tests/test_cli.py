@@ -94,7 +94,11 @@ def test_resume_with_another_episode_shape_is_refused(trained, data_dir):
     before = snapshot(run_dir)
     result = run_cli(train_args(data_dir, run_dir, "--episodes", "10", "--k-shot", "2", "--resume"))
     assert result.exit_code != 0
-    assert "different learner, episode shape or step schedule" in result.output and "k_shot" in result.output
+    assert "different learner, episode shape, step schedule or start" in result.output and "k_shot" in result.output
+    assert snapshot(run_dir) == before
+    # how theta_0 started is used once: a resume recording another would misdescribe the run in config.yaml
+    result = run_cli(train_args(data_dir, run_dir, "--episodes", "10", "--theta0-init", "pretrained", "--resume"))
+    assert result.exit_code != 0 and "theta0_init: run has 'scratch', requested 'pretrained'" in result.output
     assert snapshot(run_dir) == before
 
 
