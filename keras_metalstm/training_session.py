@@ -199,6 +199,7 @@ class TrainingSession:
                 self.callbacks.on_message(resume_note(differences))
             done = checkpoint_episode(latest)
             if state.get("episode") == done:
+                self.callbacks.on_message(f"resuming from the checkpoint of episode {done} ({latest})")
                 self.window = list(state.get("window", self.window))
                 self.checkpoint_clock = {"episode": done, "seconds": float(state.get("seconds", 0.0))}
                 return self.checkpoint_clock["seconds"]

@@ -367,6 +367,7 @@ def test_a_resume_without_tensorflows_list_of_checkpoints_continues_from_the_new
     assert latest_checkpoint(run_dir) == str(run_dir / "checkpoints" / "ckpt-4")
     resumed = invoke(train_args(data_dir, run_dir, "--episodes", "6", "--checkpoint-every", "2", "--resume"))
     assert resumed.exit_code == 0, resumed.output
+    assert f"resuming from the checkpoint of episode 4 ({run_dir / 'checkpoints' / 'ckpt-4'})" in resumed.output
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trained = [row["episode"] for row in rows if row["kind"] == "train"]
     assert trained == sorted(set(trained)) and trained[-1] == 6  # continued from 4, no episode trained twice
