@@ -8,6 +8,7 @@ validates and converts; it never imports TensorFlow.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -336,8 +337,10 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
             continue
         name = key[len(ENV_PREFIX) :].lower()
         if name not in FIELD_NAMES:
+            close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
+            hint = f" (did you mean {ENV_PREFIX}{close[0].upper()}?)" if close else ""
             raise ConfigError(
-                f"environment variable {key} is not a setting; unset it or use one of "
+                f"environment variable {key} is not a setting{hint}; unset it or use one of "
                 f"{', '.join(ENV_PREFIX + n.upper() for n in FIELD_NAMES)}"
             )
         out[name] = _coerce(name, value)
@@ -349,7 +352,9 @@ def _normalise_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
     for key, value in values.items():
         name = str(key).replace("-", "_").lower()
         if name not in FIELD_NAMES:
-            raise ConfigError(f"{where}: unknown setting {key!r}; known settings: {', '.join(FIELD_NAMES)}")
+            close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{where}: unknown setting {key!r}; {hint}known settings: {', '.join(FIELD_NAMES)}")
         out[name] = value
     return out
 
