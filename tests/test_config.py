@@ -28,7 +28,7 @@ def test_toml_file_with_dashed_keys(tmp_path):
 def test_unknown_key_and_bad_values_are_errors(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("n_wya: 3\n")
-    with pytest.raises(ConfigError, match="unknown setting 'n_wya'; did you mean 'n_way'\? known settings"):
+    with pytest.raises(ConfigError, match=r"unknown setting 'n_wya'; did you mean 'n_way'\? known settings"):
         read_config_file(path)
     with pytest.raises(ConfigError, match="n_way must be at least 2"):
         RunConfig(n_way=0)
