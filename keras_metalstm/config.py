@@ -71,9 +71,11 @@ class ConfigError(ValueError):
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
-    """The first line of an error's message (at most `limit` characters), for one-line user messages."""
+    """The first line of an error's message (at most `limit` characters, a cut one ending in "..."), for one-line
+    user messages."""
     lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:limit]
+    line = lines[0] if lines else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 # `--learner`: one of these names, a saved model PATH.keras, or a factory package.module:function

@@ -133,3 +133,12 @@ def test_a_recipe_is_refused_on_resume(tmp_path):
     result = CliRunner().invoke(main, ["train", "--run-dir", str(tmp_path / "r"), "--resume", "--recipe", "ours"])
     assert result.exit_code == 2 and "--recipe sets up a new run" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_first_line_keeps_a_short_message_and_marks_a_cut_one():
+    from keras_metalstm.config import first_line
+
+    assert first_line(ValueError("disk full\nmore detail")) == "disk full"
+    assert first_line(ValueError("")) == "ValueError"
+    cut = first_line(ValueError("x" * 50), limit=20)
+    assert cut == "x" * 17 + "..." and len(cut) == 20
