@@ -390,6 +390,18 @@ def test_a_resume_without_the_best_checkpoint_saves_the_final_weights_and_says_s
     assert (run_dir / "best.keras").is_file() and state(run_dir)["status"] == "finished"
 
 
+def test_adapting_a_run_without_a_best_checkpoint_says_it_takes_the_latest(tmp_path, data_dir, caplog):
+    import logging
+
+    from keras_metalstm import export
+
+    run_dir = tmp_path / "run"
+    assert invoke(train_args(data_dir, run_dir, "--episodes", "2", "--val-episodes", "0")).exit_code == 0
+    with caplog.at_level(logging.INFO, logger="keras_metalstm"):
+        export.load_meta_learner(run_dir)
+    assert f"{run_dir} has no best checkpoint yet (no validation ran, or it is still training)" in caplog.text
+
+
 def test_a_run_being_trained_by_another_live_process_is_refused(tmp_path, data_dir):
     """A second session in the directory would restore, train and write over the first's files (its metrics log
     lost rows); a dead session's process id reused by a newer process is not taken for the owner."""

@@ -13,6 +13,7 @@ before dividing by 255 -- exactly how the episode pipeline prepares training dat
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 import zipfile
@@ -313,9 +314,16 @@ def load_meta_learner(source):
 
 def _load_run(run_dir):
     from keras_metalstm.config import CONFIG_FILE_NAME
+    from keras_metalstm.runs import checkpoint_kind
     from keras_metalstm.runs import load_meta_learner as load_run
 
     if (Path(run_dir) / CONFIG_FILE_NAME).is_file():  # the best (or latest) checkpoint of a training run
+        if checkpoint_kind(run_dir) == "latest":
+            logging.getLogger(__name__).info(
+                "%s has no best checkpoint yet (no validation ran, or it is still training): its latest checkpoint "
+                "is used",
+                run_dir,
+            )
         return load_run(run_dir)[1]
     candidates = sorted(
         Path(run_dir).rglob("*.keras"),
