@@ -345,7 +345,8 @@ def summary_line(result) -> str:
     "--deterministic/--no-deterministic",
     default=True,
     show_default=True,
-    help="TensorFlow op determinism (bitwise-exact resume).",
+    help="TensorFlow op determinism (bitwise-exact resume); off with --xla, which has no deterministic max-pooling "
+    "gradient.",
 )
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 @click.option(
