@@ -100,7 +100,8 @@ def test_urls_as_paths_are_refused_instead_of_becoming_local_folders(tmp_path, d
 
 def test_a_misspelled_environment_variable_is_refused(tmp_path, data_dir):
     result = invoke(train_args(data_dir, tmp_path / "run"), env={"METALSTM_K_SHOTS": "5"})
-    assert_clean_failure(result, "environment variable METALSTM_K_SHOTS is not a setting (did you mean METALSTM_K_SHOT?)")
+    assert_clean_failure(result, "environment variable METALSTM_K_SHOTS is not a setting (did you mean "
+                         "METALSTM_K_SHOT?)")
 
 
 def test_verbose_by_flag_or_environment_is_not_taken_for_a_misspelled_setting(tmp_path, data_dir, monkeypatch):
