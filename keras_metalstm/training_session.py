@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING
 
 from keras_metalstm.config import RunConfig, first_line
 from keras_metalstm.data.errors import tensorflow_error_text
-from keras_metalstm.metrics_log import MetricsLog, tensorboard_writer, write_curves, write_scalars
+from keras_metalstm.metrics_log import (
+    MetricsLog,
+    read_metrics,
+    tensorboard_writer,
+    write_curves,
+    write_scalars,
+)
 from keras_metalstm.numerics import numerics_differences, resume_note, step_numerics
 from keras_metalstm.run_checks import memory_problem, physical_memory
 from keras_metalstm.runs import (
@@ -287,6 +293,11 @@ class TrainingSession:
         config = self.config
         remaining = config.episodes - start
         if remaining <= 0:
+            # A session stopped between its last update and that episode's validation (Ctrl-C), resumed with
+            # --episodes at its checkpoint: the run ends validated, as one that was not stopped.
+            validated = {int(row["episode"]) for row in read_metrics(self.run_dir) if row.get("kind") == "val"}
+            if start > 0 and start not in validated and self._maybe_validate(start):
+                self._save()
             return
         # Replica r of step g gets episodes start + g*G + r*G/R ...: the same global batches as one device.
         batches = distributed_episodes(

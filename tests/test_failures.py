@@ -403,6 +403,23 @@ def test_adapting_a_run_without_a_best_checkpoint_says_it_takes_the_latest(tmp_p
     assert f"{run_dir} has no best checkpoint yet (no validation ran, or it is still training)" in caplog.text
 
 
+def test_a_run_stopped_before_validating_its_last_episode_is_validated_when_resumed_there(tmp_path, data_dir):
+    """Ctrl-C between the last update and its validation, then --resume --episodes <that episode>: the run ended
+    with no final validation and no best checkpoint, unlike one that was not stopped."""
+    run_dir = tmp_path / "run"
+    # a checkpoint at the last episode, not validated (here: validation off in the first session)
+    assert invoke(train_args(data_dir, run_dir, "--episodes", "4", "--val-episodes", "0")).exit_code == 0
+    assert not (run_dir / "best").exists()
+    resumed = invoke(train_args(data_dir, run_dir, "--episodes", "4", "--val-episodes", "2", "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert "episode 4: validation accuracy" in resumed.output
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["episode"] for row in rows if row["kind"] == "val"] == [4]
+    assert list((run_dir / "best").glob("ckpt-4.index"))
+    again = invoke(train_args(data_dir, run_dir, "--episodes", "4", "--val-episodes", "2", "--resume"))
+    assert again.exit_code == 0 and "episode 4: validation accuracy" not in again.output  # validated once
+
+
 def test_a_run_being_trained_by_another_live_process_is_refused(tmp_path, data_dir):
     """A second session in the directory would restore, train and write over the first's files (its metrics log
     lost rows); a dead session's process id reused by a newer process is not taken for the owner."""
