@@ -245,9 +245,23 @@ def restore_checkpoint(checkpoint, path, what="checkpoint"):
             f"N-way or hidden units?): {first_line(error)}"
         ) from None
     except Exception as error:  # noqa: BLE001 - NotFoundError, DataLossError ... one clear message
-        raise CheckpointMismatchError(
-            f"cannot read the {what} at {path}: {first_line(error)}"
-        ) from None
+        older = _older_checkpoints(Path(path))
+        fix = (
+            f"; the older {', '.join(older)} beside it may be whole: move {Path(path).name}.* away to use the newest "
+            "of them"
+            if older
+            else ""
+        )
+        raise CheckpointMismatchError(f"cannot read the {what} at {path}: {first_line(error)}{fix}") from None
+
+
+def _older_checkpoints(path: Path) -> list[str]:
+    """The names of the numbered checkpoints beside `path` (a checkpoint's prefix) older than it, newest first."""
+    newest = CHECKPOINT_INDEX.fullmatch(f"{path.name}.index")
+    if newest is None or not path.parent.is_dir():
+        return []
+    numbers = [int(match[1]) for p in path.parent.iterdir() if (match := CHECKPOINT_INDEX.fullmatch(p.name))]
+    return [f"ckpt-{number}" for number in sorted(numbers, reverse=True) if number < int(newest[1])]
 
 
 def load_meta_learner(run_dir, which: str = "best"):

@@ -350,3 +350,20 @@ def test_a_checkpoint_deleted_by_a_running_training_before_it_is_read_gives_way_
     monkeypatch.setattr(runs, "latest_checkpoint", lambda *args: gone)  # still the newest: a real error
     with pytest.raises(runs.CheckpointMismatchError, match="cannot read the checkpoint at .*ckpt-1"):
         runs.load_meta_learner(run_dir, which="latest")
+
+
+def test_a_damaged_newest_checkpoint_names_the_older_ones_to_fall_back_on(trained, tmp_path):
+    import shutil
+
+    import keras_metalstm.runs as runs
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    (data,) = (run_dir / "checkpoints").glob("ckpt-8.data-*")
+    data.write_bytes(data.read_bytes()[:100])  # a disk error, an interrupted copy
+    with pytest.raises(runs.CheckpointMismatchError, match=r"cannot read the checkpoint at .*ckpt-8: .*; the older "
+                       r"ckpt-4 beside it may be whole: move ckpt-8\.\* away to use the newest of them"):
+        runs.load_meta_learner(run_dir, which="latest")
+    for path in (run_dir / "checkpoints").glob("ckpt-8.*"):
+        path.rename(tmp_path / path.name)
+    runs.load_meta_learner(run_dir, which="latest")  # the fix the message gives works
