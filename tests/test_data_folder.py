@@ -101,6 +101,12 @@ def test_empty_folders_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"class_9 holds no .*; it holds 1 folder\(s\) of images \(letter_a\) but "
                                         r"the classes must be the immediate sub-folders of .*: move those folders up"):
         load_image_folder(root)
+    # the data directory given one level too high: its only folder holds the classes
+    one_up = tmp_path / "one_up"
+    make_folder(one_up / "dataset", num_classes=2)
+    with pytest.raises(DataError, match=r"dataset holds no .*; it holds 2 folder\(s\) of images \(class_0, class_1\): "
+                                        r"if those are the classes, give .*one_up/dataset as the data directory"):
+        load_image_folder(one_up)
     with pytest.raises(DataError, match="image folder not found"):
         load_image_folder(tmp_path / "nowhere")
 

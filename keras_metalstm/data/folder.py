@@ -279,6 +279,11 @@ def _list_classes(
                     f"{', '.join(others)}: a folder split already holds only its split folders, so move or remove "
                     "the others"
                 )
+            elif nested and len(class_dirs) == 1:  # the data set's folder, one level down
+                fix = (
+                    f"; it holds {len(nested)} folder(s) of images ({shown}): if those are the classes, give "
+                    f"{class_dir} as the data directory"
+                )
             elif nested:
                 fix = (
                     f"; it holds {len(nested)} folder(s) of images ({shown}) but the classes must be the immediate "
