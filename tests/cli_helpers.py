@@ -1,7 +1,9 @@
 """Helpers for the command-line tests: a tiny generated image-folder data set, tiny training flags, the command line
 run in-process, free ports."""
 
+import json
 import socket
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -54,3 +56,22 @@ def train_args(data_dir, run_dir, *extra):
     op determinism is process-wide and would change other test modules."""
     return ["train", "--dataset", "folder", "--data-dir", data_dir, "--run-dir", run_dir, *TINY_FLAGS,
             "--no-deterministic", *extra]
+
+
+def invoke(args, env=None):
+    """`run_cli` that returns a failure as its result instead of raising it."""
+    return run_cli(args, env=env, catch_exceptions=True)
+
+
+def assert_clean_failure(result, *fragments, code=1):
+    """The command failed with `code`, one message naming each of `fragments`, and no traceback."""
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # not an uncaught exception
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+def state(run_dir):
+    """A run directory's state.json."""
+    return json.loads((Path(run_dir) / "state.json").read_text())
