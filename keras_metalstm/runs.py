@@ -330,12 +330,10 @@ def save_best_model(run_dir: Path, meta, validated: bool, best_checkpoint: str |
 def start_failed(run_dir) -> bool:
     """True for a run directory set up by a start that never reached its first checkpoint (it failed or was
     interrupted): state.json says so, or says "starting" or "running" and the process that wrote it is gone
-    (killed), or is missing (the start failed before writing it, e.g. on a full disk)."""
+    (killed)."""
     if latest_checkpoint(run_dir):
         return False
     state = read_state(run_dir)
-    if not state:
-        return True
     status = str(state.get("status", ""))
     if status in ("starting", "running"):
         return state.get("host") == socket.gethostname() and not process_alive(state.get("pid", -1))

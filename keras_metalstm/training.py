@@ -141,6 +141,12 @@ class TrainingRun:
                 "leave out --resume to start a new run there"
             )
         if exists and not self.resume and not start_failed(run_dir):
+            if not (run_dir / STATE_FILE).is_file() and not latest_checkpoint(run_dir):
+                raise RunDirError(
+                    f"{run_dir} holds a run that was set up but never started ({CONFIG_FILE_NAME}, no {STATE_FILE}: "
+                    "another run's, or a start that failed early, e.g. on a full disk); pass --resume to start it "
+                    "with its settings, or choose another --run-dir (nothing was overwritten)"
+                )
             raise RunDirError(
                 f"{run_dir} already holds a training run; pass --resume to continue it, or choose another "
                 "--run-dir (nothing was overwritten)"

@@ -216,7 +216,7 @@ def test_multiworker_cli_refused_run_directory_stops_every_worker_with_a_message
     results = _train_on_two_workers(tmp_path, run_dir, "refused", "--episodes", "4")
     (chief_code, _, chief_err), (worker_code, _, worker_err) = results
     assert (chief_code, worker_code) == (1, 1)  # no worker left waiting for the other
-    assert "already holds a training run" in chief_err
+    assert "holds a run that was set up but never started" in chief_err and "pass --resume" in chief_err
     assert "worker 1: stopped before training: another worker could not start the run" in worker_err
     assert "Traceback" not in chief_err + worker_err
     assert [p.name for p in run_dir.iterdir()] == ["config.yaml"]

@@ -234,11 +234,13 @@ def test_a_full_disk_while_writing_best_keras_names_it_and_leaves_no_temporary_f
     result = invoke(train_args(data_dir, run_dir, "--episodes", "2"))
     assert_clean_failure(result, f"cannot write or read {run_dir / 'best.keras'}: No space left on device")
     assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []
-    # a start that failed before it wrote state.json (a disk full from the start) is started afresh
+    # a start that failed before it wrote state.json (a disk full from the start): --resume starts it again
     (run_dir / "state.json").unlink()
     shutil.rmtree(run_dir / "checkpoints")
     monkeypatch.undo()
-    again = invoke(train_args(data_dir, run_dir, "--episodes", "2"))
+    refused = invoke(train_args(data_dir, run_dir, "--episodes", "2"))
+    assert_clean_failure(refused, "holds a run that was set up but never started", "pass --resume to start it")
+    again = invoke(train_args(data_dir, run_dir, "--episodes", "2", "--resume"))
     assert again.exit_code == 0, again.output
 
 
