@@ -15,10 +15,8 @@ import pytest
 
 # For tests of the fused kernel: skipped only without a C++ compiler (where one exists the kernel must build, or
 # they fail), the compiler the kernel's build uses (CXX, else g++).
-needs_kernel_compiler = pytest.mark.skipif(
-    shutil.which(os.environ.get("CXX", "g++")) is None,
-    reason="no C++ compiler here: the fused kernels fall back to stock ops",
-)
+NO_KERNEL_COMPILER = shutil.which(os.environ.get("CXX", "g++")) is None
+needs_kernel_compiler = pytest.mark.skipif(NO_KERNEL_COMPILER, reason="no C++ compiler: kernels fall back to stock ops")
 
 
 @contextlib.contextmanager
@@ -49,6 +47,15 @@ def small_conv4_meta(learner=None, inner_steps=3, seed=0, **options):
     keras.utils.set_random_seed(seed)
     learner = learner or km.learners.conv4(input_shape=(28, 28, 1), num_classes=5, filters=8)
     return km.MetaLearner(learner, inner_steps=inner_steps, **options)
+
+
+def twin(meta, **overrides):
+    """A second MetaLearner with the same configuration (plus overrides) and the same weights."""
+    import keras_metalstm as km
+
+    copy = km.MetaLearner.from_config({**meta.get_config(), **overrides})
+    copy.set_weights(meta.get_weights())
+    return copy
 
 
 def random_episodes(batch=1, n_way=5, k_shot=1, query=3, image_shape=(28, 28, 1), seed=0):

@@ -172,11 +172,9 @@ def meta_outcomes(meta, episodes):
 SECOND_ORDER = {"first_order": False, "query_statistics": "support", "learn_logit_scale": True}
 # Not our batching: TensorFlow 2.16's and 2.17's XLA got this case's per-episode meta-gradient 4 % wrong (against
 # the plain step and every later TensorFlow); the library warns on them (xla_ops.untrusted_xla_reason).
-WRONG_ON_UNTRUSTED_XLA = pytest.mark.xfail(
-    xla_ops.untrusted_xla_reason() is not None,
-    reason="TensorFlow < 2.18's XLA computes this learner's per-episode meta-gradient 4 % wrong",
-    strict=True,
-)
+UNTRUSTED_XLA = xla_ops.untrusted_xla_reason() is not None
+XLA_4_PERCENT_WRONG = "TensorFlow < 2.18's XLA computes this learner's per-episode meta-gradient 4 % wrong"
+WRONG_ON_UNTRUSTED_XLA = pytest.mark.xfail(UNTRUSTED_XLA, reason=XLA_4_PERCENT_WRONG, strict=True)
 
 
 @pytest.mark.parametrize(

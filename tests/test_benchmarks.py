@@ -178,11 +178,11 @@ def test_ops_at_once_measures_how_the_step_s_ops_overlap(monkeypatch):
     assert alone == pytest.approx({"Conv2D": 5.0, "MatMul": 5.0})
 
 
-@pytest.mark.xfail(
-    xla_ops.tensorflow_release() < (2, 18),
-    reason="XLA's CPU runtime before TensorFlow 2.18 records no per-instruction events",
-    strict=True,
-)
+OLD_XLA_RUNTIME = xla_ops.tensorflow_release() < (2, 18)
+NO_INSTRUCTION_EVENTS = "XLA's CPU runtime before TensorFlow 2.18 records no per-instruction events"
+
+
+@pytest.mark.xfail(OLD_XLA_RUNTIME, reason=NO_INSTRUCTION_EVENTS, strict=True)
 def test_the_xla_profile_names_the_compiled_instructions_not_tensorflow_ops(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     benchmark = load_benchmark("step_profile")

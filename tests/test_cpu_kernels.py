@@ -13,9 +13,7 @@ from keras_metalstm.cpu_kernels import X86_MACHINES, kernels_description
 
 ON_X86 = platform.machine().lower() in X86_MACHINES
 ORIGINAL_SETTING = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
-only_on_x86 = pytest.mark.skipif(
-    not ON_X86, reason="prefer_onednn leaves TensorFlow's choice alone on a CPU that is not x86"
-)
+only_on_x86 = pytest.mark.skipif(not ON_X86, reason="prefer_onednn leaves TensorFlow's choice alone off x86")
 
 
 def run_fresh(script, onednn_setting=None):

@@ -266,7 +266,7 @@ def save_png_at(path: bytes, value=0):
         with open(path, "wb") as out:
             Image.new("RGB", (16, 16), (value, value, value)).save(out, format="PNG")
     except OSError as error:  # macOS (APFS, HFS+) and some network file systems take UTF-8 names only
-        pytest.skip(f"the file system refuses a name that is not UTF-8: {error}")
+        pytest.skip(reason=f"the file system refuses a name that is not UTF-8: {error}")
 
 
 def test_names_that_are_not_utf8_are_refused_by_name(tmp_path):
