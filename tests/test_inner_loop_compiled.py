@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import as_tensors, float64_policy, graph_nodes, graph_op_types, random_episodes
+from conftest import as_tensors, float64_policy, graph_nodes, graph_op_types, random_episodes, twin
 
 import keras_metalstm as km
 from keras_metalstm.layers import coordinate_lstm
@@ -50,12 +50,6 @@ LEARNERS = {
     "group_norm": group_norm_learner,
     "dense_batchnorm": dense_batchnorm_learner,
 }
-
-
-def twin(meta, **changes):
-    copy = km.MetaLearner.from_config({**meta.get_config(), **changes})
-    copy.set_weights(meta.get_weights())
-    return copy
 
 
 def episode(episodes, index):
