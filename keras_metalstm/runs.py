@@ -28,6 +28,7 @@ import os
 import re
 import socket
 import time
+import warnings
 from pathlib import Path
 
 from keras_metalstm.config import CONFIG_FILE_NAME, ConfigError, RunConfig, atomic_write_text, first_line
@@ -120,6 +121,15 @@ def load_splits(config: RunConfig, report=None, run_dir=None):
     kept = splits.with_min_images(config.k_shot + config.query) if config.drop_small_classes else splits
     if recorded is not None and recorded.is_file():
         return _as_recorded(splits, kept, recorded, report)
+    if recorded is not None and "split_file" in accepted and config.split_file is None:
+        # This data set is split by its classes as they are now: one that gained or lost classes splits otherwise.
+        warnings.warn(
+            f"{recorded} is missing: the run's splits are taken from the data set as it is now, which gives the "
+            "run's own classes only if none was added, removed or renamed since the run started; restore the file "
+            "from a copy of the run if you have one",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     dropped = [before.num_classes - after.num_classes for before, after in zip(splits, kept, strict=True)]
     if sum(dropped) and report is not None:
         report(

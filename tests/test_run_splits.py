@@ -3,14 +3,18 @@ otherwise be re-split by its seed, and `evaluate` could score the run on classes
 `--resume` train on other classes."""
 
 import json
+import re
 import shutil
+import warnings
 
 import numpy as np
+import pytest
 from cli_helpers import make_image_folder, run_cli, train_args
 
+from keras_metalstm.config import RunConfig
 from keras_metalstm.data import load_dataset
 from keras_metalstm.evaluation import evaluation_dataset
-from keras_metalstm.runs import SPLITS_FILE, load_run_config
+from keras_metalstm.runs import SPLITS_FILE, load_run_config, load_splits
 
 
 def test_a_run_keeps_its_splits_when_its_folder_gains_or_loses_classes(tmp_path):
@@ -84,3 +88,30 @@ def test_a_split_file_given_to_train_splits_the_folder_and_stays_the_runs(tmp_pa
     missing = run_cli(train_args(data_dir, tmp_path / "missing", "--split-file", tmp_path / "gone.json"),
                       catch_exceptions=True)
     assert missing.exit_code != 0 and "gone.json" in missing.output and "Traceback" not in missing.output
+
+
+def test_a_run_whose_splits_file_is_gone_warns_and_records_its_splits_again(tmp_path):
+    """Without RUN_DIR/splits.json a folder run's splits come from the folder as it is now, the run's own only if
+    no class changed since: evaluate and --resume say so, and the resume writes the file again. A data set whose
+    split is fixed (fontglot) splits the same whatever happened, and needs no warning."""
+    data_dir = make_image_folder(tmp_path / "data", num_classes=12, per_class=5)
+    run_dir = tmp_path / "run"
+    started = run_cli(train_args(data_dir, run_dir, "--episodes", "2"))
+    assert started.exit_code == 0, started.output
+    recorded = json.loads((run_dir / SPLITS_FILE).read_text())
+    (run_dir / SPLITS_FILE).unlink()
+    missing = rf"{re.escape(str(run_dir / SPLITS_FILE))} is missing: the run's splits are taken from the data set "
+    with pytest.warns(RuntimeWarning, match=missing + r"as it is now.*restore the file from a copy of the run"):
+        evaluated = run_cli(["evaluate", run_dir, "--episodes", "2", "--no-progress"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert not (run_dir / SPLITS_FILE).exists()
+    with pytest.warns(RuntimeWarning, match=missing):
+        resumed = run_cli(train_args(data_dir, run_dir, "--episodes", "4", "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((run_dir / SPLITS_FILE).read_text()) == recorded  # the folder did not change
+
+    empty_run = tmp_path / "fontglot-run"
+    empty_run.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_splits(RunConfig(dataset="fontglot"), run_dir=empty_run).train.num_classes > 0
