@@ -169,6 +169,12 @@ class TrainingRun:
                 f"({listed}); "
                 "use another --run-dir for a new run"
             )
+        if stored.val_episodes and config.val_episodes and config.val_episodes != stored.val_episodes:
+            raise RunDirError(
+                f"cannot resume {self.run_dir} with --val-episodes {config.val_episodes}: its validations ran "
+                f"{stored.val_episodes} episodes, and the best checkpoint is chosen by comparing them; keep "
+                f"--val-episodes {stored.val_episodes} (or pass 0 to stop validating), or train a new run"
+            )
         done = checkpoint_episode(latest_checkpoint(self.run_dir))
         if config.episodes < done:
             raise RunDirError(

@@ -100,6 +100,13 @@ def test_resume_with_another_episode_shape_is_refused(trained, data_dir):
     result = run_cli(train_args(data_dir, run_dir, "--episodes", "10", "--theta0-init", "pretrained", "--resume"))
     assert result.exit_code != 0 and "theta0_init: run has 'scratch', requested 'pretrained'" in result.output
     assert snapshot(run_dir) == before
+    # the best checkpoint is the best of validations on the same episodes; 0 stops validating
+    result = run_cli(train_args(data_dir, run_dir, "--episodes", "10", "--val-episodes", "3", "--resume"))
+    assert result.exit_code != 0 and f"cannot resume {run_dir} with --val-episodes 3: its validations ran 2 " in (
+        result.output
+    )
+    assert "keep --val-episodes 2 (or pass 0 to stop validating)" in result.output
+    assert snapshot(run_dir) == before
 
 
 @pytest.mark.parametrize(
