@@ -371,7 +371,7 @@ def summary_line(result) -> str:
 def train(run_dir, resume, config_file, deterministic, progress, recipe, strategy_name, tpu, **flags):
     """Meta-train the LSTM meta-learner; checkpoints, validation, metrics and curves go to --run-dir.
 
-    A run stopped with Ctrl-C/SIGTERM saves a checkpoint; `--resume` continues it (also after kill -9, from
+    A run stopped with Ctrl-C/SIGTERM/SIGHUP saves a checkpoint; `--resume` continues it (also after kill -9, from
     the last checkpoint) and ends with the same weights as an uninterrupted run.
     """
     quiet_tensorflow()
@@ -400,7 +400,7 @@ def train(run_dir, resume, config_file, deterministic, progress, recipe, strateg
 
 
 def interrupted_exit_code(result) -> int:
-    """128 + the signal that stopped the run, the shell's convention (130 for Ctrl-C, 143 for SIGTERM)."""
+    """128 + the signal that stopped the run, the shell's convention (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
     import signal
 
     return 128 + int(result.signal or signal.SIGINT)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import signal
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -65,7 +67,7 @@ class TrainingResult:
     last_train: dict = field(default_factory=dict)
     chief: bool = True  # False on the other workers of a cluster: they wrote nothing into run_dir
     task: str | None = None  # "worker 1", "chief" ... in a multi-worker cluster, None on a single worker
-    signal: int | None = None  # the signal (SIGINT, SIGTERM) that interrupted the run
+    signal: int | None = None  # the signal (SIGINT, SIGTERM, SIGHUP) that interrupted the run
 
 
 def learning_rate_schedule(config: RunConfig):
@@ -88,7 +90,8 @@ def checkpoint_episode(path: str | None) -> int:
 
 
 class _StopFlag:
-    """Set by SIGINT/SIGTERM: the loop saves a checkpoint and stops after the current meta-update."""
+    """Set by SIGINT/SIGTERM, or SIGHUP (the terminal or SSH session the run was started from closed): the loop
+    saves a checkpoint and stops after the current meta-update."""
 
     def __init__(self):
         self.signal = None
@@ -99,17 +102,36 @@ class _StopFlag:
             return self
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
+        # A run started under nohup ignores SIGHUP so that it outlives the terminal: it keeps doing so.
+        hangup = getattr(signal, "SIGHUP", None)  # none on Windows
+        if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+            self._previous[hangup] = signal.signal(hangup, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: give up at once
+        if signum == getattr(signal, "SIGHUP", None):
+            _leave_closed_terminal()
         self.signal = signum
 
     def uninstall(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def _leave_closed_terminal():
+    """Point standard output and error, where they are the closed terminal, at os.devnull: writing to a hung-up
+    terminal fails (EIO), and the progress bar would stop the run before it saves its checkpoint. Output redirected
+    to a file or a pipe still goes there. (A hung-up terminal is no longer a tty to isatty: it is told by its kind
+    of file, a character device.)"""
+    for descriptor in (1, 2):
+        with contextlib.suppress(OSError):
+            if stat.S_ISCHR(os.fstat(descriptor).st_mode):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, descriptor)
+                os.close(null)
 
 
 class Callback:

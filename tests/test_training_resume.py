@@ -114,3 +114,55 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, data_dir):
 
     assert tf.train.latest_checkpoint(str(run_dir / "checkpoints")).endswith(f"ckpt-{state['episode']}")
     assert "--resume" in stderr and "interrupted" in stdout
+
+
+# Runs a command on the pseudo-terminal given as its standard streams, as its controlling terminal (a login or
+# SSH session): closing the terminal's other end then sends the command SIGHUP, as the kernel does on a hang-up.
+ON_TERMINAL = ("import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+               "os.execvp(sys.argv[1], sys.argv[1:])")
+
+
+def train_on_a_terminal_until_it_closes(command, run_dir, cwd, timeout=240):
+    """Start `command` on a new terminal, show its output until its first checkpoint, then close the terminal."""
+    import select
+
+    primary, secondary = os.openpty()
+    process = subprocess.Popen([sys.executable, "-c", ON_TERMINAL, *command], stdin=secondary, stdout=secondary,
+                               stderr=secondary, env=ENV, cwd=cwd)
+    os.close(secondary)
+    shown, open_on_the_run_side = b"", True
+    deadline = time.time() + timeout
+    while not list((run_dir / "checkpoints").glob("ckpt-*.index")):
+        assert time.time() < deadline and process.poll() is None, shown.decode(errors="replace")[-3000:]
+        if open_on_the_run_side and select.select([primary], [], [], 0.05)[0]:
+            try:
+                shown += os.read(primary, 65536)  # a terminal nobody reads fills up and blocks the run
+            except OSError:  # nohup sent the run's output to nohup.out: nothing has the terminal open
+                open_on_the_run_side = False
+        time.sleep(0 if open_on_the_run_side else 0.05)
+    os.close(primary)
+    return process
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="no pseudo-terminals on this platform")
+def test_a_closed_terminal_stops_the_run_at_a_checkpoint_unless_it_runs_under_nohup(tmp_path, data_dir):
+    """SIGHUP: the run, its progress bar on the terminal that closed, saves a checkpoint and exits with 129 (it
+    was lost since the last checkpoint, as with kill -9). Under nohup it trains on."""
+    import tensorflow as tf
+
+    with_progress = [arg for arg in train_command(data_dir, tmp_path / "run", 100000) if arg != "--no-progress"]
+    process = train_on_a_terminal_until_it_closes(with_progress, tmp_path / "run", tmp_path)
+    assert process.wait(timeout=120) == 128 + signal.SIGHUP
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["status"] == "interrupted"
+    assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith(f"ckpt-{state['episode']}")
+
+    nohup = ["nohup", *train_command(data_dir, tmp_path / "nohup", 100000)]
+    process = train_on_a_terminal_until_it_closes(nohup, tmp_path / "nohup", tmp_path)
+    closed_at = tf.train.latest_checkpoint(str(tmp_path / "nohup" / "checkpoints"))
+    deadline = time.time() + 120
+    while tf.train.latest_checkpoint(str(tmp_path / "nohup" / "checkpoints")) == closed_at:
+        assert time.time() < deadline and process.poll() is None, (tmp_path / "nohup.out").read_text()[-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
