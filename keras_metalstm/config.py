@@ -327,7 +327,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"cannot parse config file {path}: {error}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(values).__name__}")
-    return _normalise_keys(values, f"config file {path}")
+    where = f"config file {path}"
+    return {name: _coerced(name, value, where) for name, value in _normalise_keys(values, where).items()}
 
 
 def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
@@ -345,7 +346,7 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
                 f"environment variable {key} is not a setting{hint}; unset it or use one of "
                 f"{', '.join(ENV_PREFIX + n.upper() for n in FIELD_NAMES)}"
             )
-        out[name] = _coerce(name, value)
+        out[name] = _coerced(name, value, f"environment variable {key}")
     return out
 
 
@@ -353,6 +354,11 @@ def _normalise_keys(values: dict[str, Any], where: str) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
         name = str(key).replace("-", "_").lower()
+        if name == "run_dir":
+            raise ConfigError(
+                f"{where}: run_dir is where a run is kept, not one of its settings (its config.yaml is inside it): "
+                f"give it as --run-dir or {ENV_PREFIX}RUN_DIR"
+            )
         if name not in FIELD_NAMES:
             close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
@@ -371,6 +377,14 @@ _INT_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("int",)}
 _FLOAT_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("float",)}
 _OPTIONAL_FLOAT_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("float | None",)}
 _TEXT_FIELDS = {f.name for f in fields(RunConfig) if f.type in ("str", "str | None")}
+
+
+def _coerced(name: str, value: Any, where: str) -> Any:
+    """_coerce, its error naming `where` the value came from (a file, a variable)."""
+    try:
+        return _coerce(name, value)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def _coerce(name: str, value: Any) -> Any:

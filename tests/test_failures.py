@@ -52,16 +52,24 @@ def test_bad_numbers_are_refused_before_anything_is_written(tmp_path, data_dir, 
 
 @pytest.mark.parametrize("text,message", [
     ("learning_rate: .nan\n", "learning_rate must be a finite number"),
-    ("data_dir: [1, 2]\n", "setting 'data_dir' takes text (a name or a path), got list [1, 2]"),
-    ("seed: true\n", "invalid value True for setting 'seed'"),
-    ("learning_rate: false\n", "invalid value False for setting 'learning_rate'"),
-    ("xla: 5\n", "invalid value 5 for setting 'xla'"),
+    ("data_dir: [1, 2]\n", "run.yaml: setting 'data_dir' takes text (a name or a path), got list [1, 2]"),
+    ("seed: true\n", "run.yaml: invalid value True for setting 'seed'"),
+    ("learning_rate: false\n", "run.yaml: invalid value False for setting 'learning_rate'"),
+    ("xla: 5\n", "run.yaml: invalid value 5 for setting 'xla'"),
+    ("run_dir: elsewhere\n", "run.yaml: run_dir is where a run is kept, not one of its settings (its config.yaml is "
+                              "inside it): give it as --run-dir or METALSTM_RUN_DIR"),
 ])
 def test_bad_values_in_a_config_file(tmp_path, data_dir, text, message):
     config = tmp_path / "run.yaml"
     config.write_text(f"dataset: folder\nepisodes: 2\n{text}")
     result = invoke(["train", "--run-dir", tmp_path / "run", "--config", config, *TINY_FLAGS])
     assert_clean_failure(result, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_environment_variable_is_named(tmp_path, data_dir):
+    result = invoke(train_args(data_dir, tmp_path / "run", "--episodes", "2"), env={"METALSTM_SEED": "abc"})
+    assert_clean_failure(result, "environment variable METALSTM_SEED: invalid value 'abc' for setting 'seed'")
     assert not (tmp_path / "run").exists()
 
 
