@@ -124,11 +124,11 @@ class _StopFlag:
 def _leave_closed_terminal():
     """Point standard output and error, where they are the closed terminal, at os.devnull: writing to a hung-up
     terminal fails (EIO), and the progress bar would stop the run before it saves its checkpoint. Output redirected
-    to a file or a pipe still goes there. (A hung-up terminal is no longer a tty to isatty: it is told by its kind
-    of file, a character device.)"""
+    to a file or a pipe, or to a terminal still open (a `kill -HUP`), still goes there. A hung-up terminal is a
+    character device that isatty no longer takes for a terminal."""
     for descriptor in (1, 2):
         with contextlib.suppress(OSError):
-            if stat.S_ISCHR(os.fstat(descriptor).st_mode):
+            if stat.S_ISCHR(os.fstat(descriptor).st_mode) and not os.isatty(descriptor):
                 null = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(null, descriptor)
                 os.close(null)
