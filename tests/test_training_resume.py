@@ -122,43 +122,55 @@ ON_TERMINAL = ("import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, term
                "os.execvp(sys.argv[1], sys.argv[1:])")
 
 
-def train_on_a_terminal_until_it_closes(command, run_dir, cwd, timeout=240):
-    """Start `command` on a new terminal, show its output until its first checkpoint, then close the terminal."""
+def train_on_a_terminal(command, run_dir, cwd, close=True, timeout=240):
+    """Start `command` on a new terminal, showing its output; at its first checkpoint, close the terminal (`close`),
+    or send the run SIGHUP and show the rest of its output. Returns the process and what the terminal showed."""
     import select
 
     primary, secondary = os.openpty()
     process = subprocess.Popen([sys.executable, "-c", ON_TERMINAL, *command], stdin=secondary, stdout=secondary,
                                stderr=secondary, env=ENV, cwd=cwd)
     os.close(secondary)
-    shown, open_on_the_run_side = b"", True
+    shown, readable, hung_up = b"", True, False
     deadline = time.time() + timeout
-    while not list((run_dir / "checkpoints").glob("ckpt-*.index")):
-        assert time.time() < deadline and process.poll() is None, shown.decode(errors="replace")[-3000:]
-        if open_on_the_run_side and select.select([primary], [], [], 0.05)[0]:
+    while not hung_up or readable:
+        assert time.time() < deadline, shown.decode(errors="replace")[-3000:]
+        if not hung_up and list((run_dir / "checkpoints").glob("ckpt-*.index")):
+            hung_up = True
+            if close:
+                break
+            process.send_signal(signal.SIGHUP)
+        assert hung_up or process.poll() is None, shown.decode(errors="replace")[-3000:]
+        if readable and select.select([primary], [], [], 0.05)[0]:
             try:
-                shown += os.read(primary, 65536)  # a terminal nobody reads fills up and blocks the run
-            except OSError:  # nohup sent the run's output to nohup.out: nothing has the terminal open
-                open_on_the_run_side = False
-        time.sleep(0 if open_on_the_run_side else 0.05)
+                chunk = os.read(primary, 65536)  # a terminal nobody reads fills up and blocks the run
+            except OSError:  # nothing has the terminal open: the run ended, or nohup sent its output to nohup.out
+                chunk = b""
+            shown, readable = shown + chunk, bool(chunk)
+        elif not readable:
+            time.sleep(0.05)
     os.close(primary)
-    return process
+    return process, shown.decode(errors="replace")
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="no pseudo-terminals on this platform")
 def test_a_closed_terminal_stops_the_run_at_a_checkpoint_unless_it_runs_under_nohup(tmp_path, data_dir):
     """SIGHUP: the run, its progress bar on the terminal that closed, saves a checkpoint and exits with 129 (it
-    was lost since the last checkpoint, as with kill -9). Under nohup it trains on."""
+    was lost since the last checkpoint, as with kill -9); a `kill -HUP` with the terminal open ends the same way,
+    saying so there. Under nohup the run trains on."""
     import tensorflow as tf
 
-    with_progress = [arg for arg in train_command(data_dir, tmp_path / "run", 100000) if arg != "--no-progress"]
-    process = train_on_a_terminal_until_it_closes(with_progress, tmp_path / "run", tmp_path)
-    assert process.wait(timeout=120) == 128 + signal.SIGHUP
-    state = json.loads((tmp_path / "run" / "state.json").read_text())
-    assert state["status"] == "interrupted"
-    assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith(f"ckpt-{state['episode']}")
+    for close, run_dir in ((True, tmp_path / "closed"), (False, tmp_path / "signalled")):
+        with_progress = [arg for arg in train_command(data_dir, run_dir, 100000) if arg != "--no-progress"]
+        process, shown = train_on_a_terminal(with_progress, run_dir, tmp_path, close=close)
+        assert process.wait(timeout=120) == 128 + signal.SIGHUP, shown[-3000:]
+        state = json.loads((run_dir / "state.json").read_text())
+        assert state["status"] == "interrupted"
+        assert tf.train.latest_checkpoint(str(run_dir / "checkpoints")).endswith(f"ckpt-{state['episode']}")
+        assert close or f"interrupted; continue with: metalstm train --run-dir {run_dir} --resume" in shown, shown
 
     nohup = ["nohup", *train_command(data_dir, tmp_path / "nohup", 100000)]
-    process = train_on_a_terminal_until_it_closes(nohup, tmp_path / "nohup", tmp_path)
+    process, _ = train_on_a_terminal(nohup, tmp_path / "nohup", tmp_path)
     closed_at = tf.train.latest_checkpoint(str(tmp_path / "nohup" / "checkpoints"))
     deadline = time.time() + 120
     while tf.train.latest_checkpoint(str(tmp_path / "nohup" / "checkpoints")) == closed_at:
