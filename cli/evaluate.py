@@ -22,7 +22,7 @@ DATASETS = ("fontglot", "omniglot", "miniimagenet", "folder", "fashion_mnist")
 
 def run_evaluation(run_dir, progress, log, pretrain_epochs, episodes, **options):
     """`keras_metalstm.evaluation.evaluate_run(run_dir, episodes, **options)` under a progress bar of `episodes`,
-    with the baselines' classifier pre-trained for `pretrain_epochs`; saves the report as
+    with the baselines' classifier pre-trained for `pretrain_epochs` (None: the run's own); saves the report as
     RUN_DIR/evaluation/<...>.json and redraws the run's curves.png (it shows the baselines of the saved reports).
     Returns (report, path)."""
     from keras_metalstm.evaluation import evaluate_run, save_report
@@ -30,7 +30,7 @@ def run_evaluation(run_dir, progress, log, pretrain_epochs, episodes, **options)
     from keras_metalstm.pretraining import PretrainConfig
     from keras_metalstm.runs import load_run_config
 
-    pretrain = PretrainConfig(epochs=pretrain_epochs, seed=load_run_config(run_dir).seed)
+    pretrain = None if pretrain_epochs is None else PretrainConfig(pretrain_epochs, seed=load_run_config(run_dir).seed)
     with episode_bar("evaluate", episodes, progress) as update_bar:
         report = evaluate_run(run_dir, episodes, pretrain=pretrain, progress=update_bar, log=log, **options)
     path = save_report(report, run_dir)
@@ -92,9 +92,9 @@ def run_evaluation(run_dir, progress, log, pretrain_epochs, episodes, **options)
 @click.option(
     "--pretrain-epochs",
     type=int,
-    default=10,
-    show_default=True,
-    help="Baselines: epochs of classifier pre-training on the meta-train classes.",
+    default=None,
+    help="Baselines: epochs of classifier pre-training on the meta-train classes [default: the run's own, its "
+    "train --pretrain-epochs, 10 unless set; fixed for a run whose theta_0 started from that classifier].",
 )
 @click.option(
     "--finetune-val-episodes",

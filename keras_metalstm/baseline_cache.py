@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from keras_metalstm.baselines import DEFAULT_PROTOCOLS, Baselines, build_baselines, episodes_of
+from keras_metalstm.config import ConfigError
 from keras_metalstm.paths import replaced_in_place
 from keras_metalstm.pretraining import PretrainConfig, pretrain_classifier
 from keras_metalstm.validation_grid import choose_on_validation, setting_label
@@ -21,23 +22,39 @@ def baseline_cache_paths(run_dir):
     return cache / "pretrained.keras", cache / "baselines.json"
 
 
+def theta0_from_cached_classifier(config) -> bool:
+    """Whether a run of `config` starts theta_0 from the classifier cached in RUN_DIR/baselines/ (not from a
+    fresh learner, a --pretrained-model file or the weights of a `.keras` learner)."""
+    from keras_metalstm.learner_spec import learner_kind
+
+    return config.theta0_init == "pretrained" and not config.pretrained_model and learner_kind(config.learner) != "file"
+
+
 def cached_pretrained_classifier(
     run_dir, config, splits, learner, pretrain: PretrainConfig | None = None, log=print
 ):
     """The run's learner architecture (a model of it: `learner`) pre-trained on the run's meta-train classes,
     trained once and cached in RUN_DIR/baselines/ (pretrained.keras, and its settings in baselines.json).
 
-    Shared by the baselines and by meta-training runs whose theta_0 starts from it, so both use one network.
-    Returns (model, info) where info is the content of baselines.json.
+    Shared by the baselines and by meta-training runs whose theta_0 starts from it, so both use one network:
+    `pretrain` defaults to the run's own (config.pretrain_epochs), and another is refused for a run whose theta_0
+    started from the cached network. Returns (model, info) where info is the content of baselines.json.
     """
     import keras
 
-    pretrain = pretrain or PretrainConfig(seed=config.seed)
+    pretrain = pretrain or PretrainConfig(epochs=config.pretrain_epochs, seed=config.seed)
     model_path, info_path = baseline_cache_paths(run_dir)
     model_path.parent.mkdir(parents=True, exist_ok=True)
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     if info.get("pretrain") == asdict(pretrain) and model_path.is_file():
         return keras.models.load_model(str(model_path)), info
+    if model_path.is_file() and theta0_from_cached_classifier(config):
+        cached = info.get("pretrain", {})
+        raise ConfigError(
+            f"{model_path} is the classifier the run's theta_0 started from (pre-trained for "
+            f"{cached.get('epochs', '?')} epochs), which its baselines share; pre-training another "
+            f"({pretrain.epochs} epochs) would replace it: leave out --pretrain-epochs, or evaluate a copy of the run"
+        )
     t0 = time.time()
     log(
         f"pre-training the {learner.name} classifier on {splits.train.num_classes} meta-train classes "

@@ -260,23 +260,16 @@ class TrainingRun:
         """The trained classifier theta_0 starts from: config.pretrained_model, the saved model a `.keras` learner
         was given as, or the learner's architecture pre-trained on the meta-train classes and cached in
         RUN_DIR/baselines/ (where `metalstm evaluate --baselines` finds it)."""
-        from keras_metalstm.learner_spec import learner_kind, load_learner_file
-
-        if config.pretrained_model:
-            return load_learner_file(config.pretrained_model)
-        if learner_kind(config.learner) == "file":
-            return load_learner_file(config.learner)
-        from keras_metalstm.baseline_cache import baseline_cache_paths, cached_pretrained_classifier
-        from keras_metalstm.pretraining import PretrainConfig
-
-        model, info = cached_pretrained_classifier(
-            self.run_dir,
-            config,
-            splits,
-            learner,
-            PretrainConfig(epochs=config.pretrain_epochs, seed=config.seed),
-            log=callbacks.on_message,
+        from keras_metalstm.baseline_cache import (
+            baseline_cache_paths,
+            cached_pretrained_classifier,
+            theta0_from_cached_classifier,
         )
+        from keras_metalstm.learner_spec import load_learner_file
+
+        if not theta0_from_cached_classifier(config):
+            return load_learner_file(config.pretrained_model or config.learner)
+        model, info = cached_pretrained_classifier(self.run_dir, config, splits, learner, log=callbacks.on_message)
         callbacks.on_message(
             f"theta_0 starts from the classifier pre-trained on the meta-train classes "
             f"({baseline_cache_paths(self.run_dir)[0]}, training accuracy "

@@ -6,9 +6,7 @@ import re
 import keras
 import numpy as np
 import pytest
-from cli_helpers import TINY_FLAGS, make_image_folder
-from click.testing import CliRunner
-from keras_metalstm.cli.main import main
+from cli_helpers import TINY_FLAGS, assert_clean_failure, invoke, make_image_folder, run_cli
 
 import keras_metalstm as km
 from keras_metalstm.runs import load_meta_learner, load_run_config
@@ -16,10 +14,6 @@ from keras_metalstm.runs import load_meta_learner, load_run_config
 # Adam moves every weight by about the learning rate per step: with 1e-9, theta_0 after two meta-updates is its
 # starting point to float precision.
 FROZEN = ["--learning-rate", "1e-9", "--episodes", "2", "--checkpoint-every", "2", "--validate-every", "2"]
-
-
-def run_cli(args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def train_args(data_dir, run_dir, *extra):
@@ -50,13 +44,19 @@ def test_pretrained_theta0_is_pretrained_in_the_run_and_reused_by_the_baselines(
     for piece, weight in zip(body_of_theta0(run_dir), pretrained.trainable_variables, strict=False):
         np.testing.assert_allclose(piece, weight.numpy().ravel(), atol=1e-6)
 
-    evaluation = run_cli(["evaluate", run_dir, "--episodes", "2", "--baselines", "--pretrain-epochs", "1",
-                          "--finetune-val-episodes", "2", "--no-progress"])
+    classifier_bytes = (run_dir / "baselines" / "pretrained.keras").read_bytes()
+    evaluation = run_cli(["evaluate", run_dir, "--episodes", "2", "--baselines", "--finetune-val-episodes", "2",
+                          "--no-progress"])
     assert evaluation.exit_code == 0, evaluation.output
-    assert "pre-training" not in evaluation.output  # the run's classifier is the baselines' classifier
+    assert "pre-training" not in evaluation.output  # the run's classifier (1 epoch) is the baselines' classifier
     # each baseline's validation choice is reported as it is made
     assert re.search(r"finetune_authors: learning_rate=[\d.e-]+,decay=[\d.e-]+ of 42 settings, validation accuracy",
                      evaluation.output)
+    # another pre-training would replace the classifier theta_0 started from
+    other = invoke(["evaluate", run_dir, "--episodes", "2", "--baselines", "--pretrain-epochs", "2", "--no-progress"])
+    assert_clean_failure(other, "pretrained.keras is the classifier the run's theta_0 started from (pre-trained for 1 "
+                         "epochs), which its baselines share; pre-training another (2 epochs) would replace it")
+    assert (run_dir / "baselines" / "pretrained.keras").read_bytes() == classifier_bytes
 
 
 def test_theta0_from_a_given_classifier_file(tmp_path, data_dir):
