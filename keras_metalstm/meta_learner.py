@@ -27,6 +27,7 @@ from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy, variable_dtype
 from keras_metalstm.learner_spec import check_learner_form
 from keras_metalstm.meta_learner_inputs import (
+    check_clip_norm,
     check_eager_adapt,
     check_episodes,
     check_inner_steps,
@@ -376,7 +377,7 @@ class MetaLearner(keras.Model):
             from keras_metalstm.trainer import meta_optimizer
 
             optimizer = meta_optimizer()
-        self._fit_clip_norm = float(clip_norm) if clip_norm else None
+        self._fit_clip_norm = check_clip_norm(clip_norm)
         super().compile(optimizer=optimizer, **kwargs)
         # Built now, not by the first traced step: a failed trace would leave a later fit creating them in one.
         if self.built:

@@ -4,6 +4,9 @@ Each check raises a ValueError naming the problem and the fix before TensorFlow 
 that message instead of an error from deep inside a traced graph.
 """
 
+import math
+import numbers
+
 import tensorflow as tf
 
 from keras_metalstm.config import EPISODE_BATCHING, QUERY_STATISTICS
@@ -66,6 +69,28 @@ def check_episodes(learner, episodes, labelled=False) -> None:
                 f"{key} must be (episodes, examples) integer labels, got shape {tuple(shape)} of "
                 f"{tf.as_dtype(episodes[key].dtype).name}."
             )
+
+
+def check_clip_norm(clip_norm):
+    """The meta-gradient's clip as a float, None (or 0) for no clip; ValueError for a negative or non-finite one,
+    which would reverse or poison every update."""
+    if clip_norm is None or (not isinstance(clip_norm, bool) and clip_norm == 0):
+        return None
+    if isinstance(clip_norm, bool) or not math.isfinite(float(clip_norm)) or float(clip_norm) < 0:
+        raise ValueError(
+            f"clip_norm must be a positive number (or None for no clip), got {clip_norm!r}: a negative one "
+            "reverses the meta-gradient, a NaN one makes it NaN."
+        )
+    return float(clip_norm)
+
+
+def check_learning_rate(learning_rate) -> None:
+    """ValueError for a learning rate given as a number that is not positive and finite (a schedule is Keras')."""
+    if isinstance(learning_rate, numbers.Real) and not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(
+            f"learning_rate must be a positive number, got {learning_rate!r}: a negative one climbs the meta-loss, "
+            "a NaN one makes every meta-parameter NaN."
+        )
 
 
 def _fits(shape, expected) -> bool:

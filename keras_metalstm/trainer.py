@@ -8,6 +8,7 @@ coordinate-wise LSTM; the learner's batch norm, ReLU and max pooling) where they
 import keras
 import tensorflow as tf
 
+from keras_metalstm.meta_learner_inputs import check_clip_norm, check_episodes, check_learning_rate
 from keras_metalstm.ops import fused_kernels
 from keras_metalstm.optimizers import MultiplierAdam
 from keras_metalstm.xla_ops import explaining_uncompilable_ops, warn_if_xla_untrusted
@@ -20,6 +21,7 @@ def meta_optimizer(learning_rate=1e-3, theta0_learning_rate_scale=1.0):
     The meta-gradient's global-norm clip is applied by the step itself (`MetaLearner.meta_train_step`), to the
     gradient summed over replicas: Keras' `global_clipnorm` would clip each replica's part before the all-reduce,
     a different update whenever the clip is active."""
+    check_learning_rate(learning_rate)
     if float(theta0_learning_rate_scale) == 1.0:
         return keras.optimizers.Adam(learning_rate=learning_rate)
     return MultiplierAdam(learning_rate=learning_rate, learning_rate_multipliers={"theta0": theta0_learning_rate_scale})
@@ -47,7 +49,7 @@ class MetaTrainer:
 
     def __init__(self, meta, learning_rate=1e-3, clip_norm=0.25, jit_compile=False, optimizer=None, strategy=None):
         self.meta = meta
-        self.clip_norm = float(clip_norm) if clip_norm else None
+        self.clip_norm = check_clip_norm(clip_norm)
         self.jit_compile = bool(jit_compile)
         self.strategy = strategy or tf.distribute.get_strategy()
         if self.jit_compile or isinstance(self.strategy, tf.distribute.TPUStrategy):
@@ -87,8 +89,16 @@ class MetaTrainer:
 
     def train_step(self, episodes):
         """One meta-update on a batch of episodes; returns {"loss", "accuracy"} (scalar tensors, query sets)."""
+        self._check_batch(episodes)
         with explaining_uncompilable_ops(self.meta.learner):
             return self._train_function(episodes)
+
+    def _check_batch(self, episodes):
+        """A batch that is not one of episodes is refused here, with the fix, rather than from inside the traced
+        step; a distributed one (per-replica values) is checked by each replica's trace."""
+        values = episodes.values() if isinstance(episodes, dict) else ()
+        if not any(isinstance(value, tf.distribute.DistributedValues) for value in values):
+            check_episodes(self.meta.learner, episodes, labelled=True)
 
     def evaluate_step(self, episodes):
         """Test-mode query loss and accuracy of every episode of a plain batch of B episodes (no update).
@@ -96,6 +106,7 @@ class MetaTrainer:
         Under several replicas each evaluates its own B / R consecutive episodes (B must be a multiple of R);
         the results come back in batch order: {"loss": (B,), "accuracy": (B,)}.
         """
+        self._check_batch(episodes)
         replicas = self.strategy.num_replicas_in_sync
         if replicas > 1:
             size = next(iter(episodes.values())).shape[0]

@@ -1,6 +1,8 @@
 """The checks of what a MetaLearner is given, alone and through the MetaLearner: each bad input gets its own
 message, good input passes through."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -176,9 +178,31 @@ def test_episode_batches_that_do_not_fit_are_refused_before_tensorflow_sees_them
     with pytest.raises(ValueError, match=r"hold images of shape \(28, 28, 3\) but the learner takes \(28, 28, 1\)"):
         meta({**episodes, "query_images": np.repeat(episodes["query_images"], 3, axis=-1)})
     trainer = km.MetaTrainer(meta)
+    for step in (trainer.train_step, trainer.evaluate_step):  # refused before the step is traced
+        with pytest.raises(ValueError, match=r"support_images must be a batch of episodes") as raised:
+            step(as_tensors(one_episode))
+        assert "in user code" not in str(raised.value)
+    assert trainer._train_function.experimental_get_tracing_count() == 0
+    assert trainer._evaluate_function.experimental_get_tracing_count() == 0
     without_labels = {key: value for key, value in episodes.items() if key != "query_labels"}
     with pytest.raises(ValueError, match=r"missing: \['query_labels'\]"):
         trainer.train_step(as_tensors(without_labels))
     float_labels = {**episodes, "query_labels": episodes["query_labels"].astype(np.float32)}
     with pytest.raises(ValueError, match=r"query_labels must be \(episodes, examples\) integer labels, got .* float32"):
         trainer.train_step(as_tensors(float_labels))
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"clip_norm": -1.0}, "clip_norm must be a positive number (or None for no clip), got -1.0: a negative one "
+                          "reverses the meta-gradient"),
+    ({"clip_norm": float("nan")}, "clip_norm must be a positive number (or None for no clip), got nan"),
+    ({"learning_rate": -1e-3}, "learning_rate must be a positive number, got -0.001: a negative one climbs"),
+    ({"learning_rate": float("nan")}, "learning_rate must be a positive number, got nan"),
+])
+def test_a_meta_optimisation_that_would_climb_or_poison_the_meta_loss_is_refused(settings, message):
+    meta = small_conv4_meta(inner_steps=1)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        km.MetaTrainer(meta, **settings)
+    with pytest.raises(ValueError, match=re.escape(message)):  # the Keras loop's clip, or the paper's optimizer
+        meta.compile(**settings) if "clip_norm" in settings else km.meta_optimizer(**settings)
+    assert km.MetaTrainer(meta, clip_norm=None).clip_norm is None and km.MetaTrainer(meta, clip_norm=0).clip_norm is None
