@@ -172,11 +172,12 @@ class TrainingSession:
         self.run, self.callbacks, self.splits, self.strategy = run, callbacks, splits, strategy
         self.config, self.chief, self.run_dir = run.config, run.chief, run.run_dir
         config = self.config
+        self.schedule = learning_rate_schedule(config)
         with strategy.scope():
             self.meta = build_meta_learner(config, run.architecture)
             self.trainer = km.MetaTrainer(
                 self.meta,
-                optimizer=km.meta_optimizer(learning_rate_schedule(config), config.theta0_lr_scale),
+                optimizer=km.meta_optimizer(self.schedule, config.theta0_lr_scale),
                 clip_norm=config.clip_norm,
                 jit_compile=config.xla,
                 strategy=strategy,
@@ -371,19 +372,28 @@ class TrainingSession:
         return current // every > before // every or current == self.config.episodes
 
     def _log_train(self, current: int) -> None:
-        import tensorflow as tf
 
         loss_sum, accuracy_sum, count = self.window
         self.last_train = {
             "episode": current,
             "loss": loss_sum / count,
             "accuracy": accuracy_sum / count,
-            "learning_rate": float(tf.convert_to_tensor(self.trainer.optimizer.learning_rate)),
+            "learning_rate": self._last_learning_rate(),
             "seconds": round(self.seconds(), 3),
         }
         self._record({"kind": "train", **self.last_train},
                      {"train/loss": self.last_train["loss"], "train/accuracy": self.last_train["accuracy"]})
         self.window = [0.0, 0.0, 0]
+
+    def _last_learning_rate(self) -> float:
+        """The step the last meta-update took. A schedule's is its value at that update; the optimizer's
+        `learning_rate` is already the next update's (its counter has moved on)."""
+        import tensorflow as tf
+
+        optimizer = self.trainer.optimizer
+        if callable(self.schedule):
+            return float(self.schedule(optimizer.iterations - 1))
+        return float(tf.convert_to_tensor(optimizer.learning_rate))
 
     def _maybe_validate(self, current: int) -> bool:
         from keras_metalstm.evaluation import evaluate_episodes

@@ -74,9 +74,9 @@ def test_cosine_run_logs_the_decaying_step_and_resumes_exactly(tmp_path, data_di
     full = train(config, tmp_path / "full", deterministic=True)
     rows = train_rows(tmp_path / "full")
     assert [row["episode"] for row in rows] == list(range(2, EPISODES + 1, 2))
-    # a row is logged after its episode's update: the optimizer has made `episode` updates
+    # a row gives the step its episode's update took: update number episode - 1 (0-based)
     for row in rows:
-        np.testing.assert_allclose(row["learning_rate"], cosine(row["episode"], EPISODES, 0.01, 0.001), rtol=1e-5)
+        np.testing.assert_allclose(row["learning_rate"], cosine(row["episode"] - 1, EPISODES, 0.01, 0.001), rtol=1e-5)
 
     stopped = train(config, tmp_path / "stopped", callbacks=TerminateAt(8), deterministic=True)
     assert (full.status, stopped.status, stopped.episode) == ("finished", "interrupted", 8)
@@ -98,7 +98,8 @@ def test_the_command_line_flags_reach_the_run(tmp_path, data_dir):
     assert result.exit_code == 0, result.output
     config = load_run_config(tmp_path / "run")
     assert (config.lr_schedule, config.learning_rate, config.final_learning_rate) == ("cosine", 0.02, 0.002)
-    np.testing.assert_allclose(train_rows(tmp_path / "run")[-1]["learning_rate"], 0.002, rtol=1e-5)
+    # the last of 4 updates, not the final step 0.002 that no update takes
+    np.testing.assert_allclose(train_rows(tmp_path / "run")[-1]["learning_rate"], cosine(3, 4, 0.02, 0.002), rtol=1e-5)
 
 
 def test_resuming_with_another_schedule_is_refused(tmp_path, data_dir):
