@@ -2,7 +2,7 @@
 # keras-metalstm: a CPU image running `metalstm` (the package installed from this checkout).
 #   docker build -t metalstm .                      python:3.11-slim-bookworm base
 #   docker build --build-arg BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu -t metalstm:gpu .   any Debian/Ubuntu
-#       base with python3 (>= 3.10) and python3-venv; a GPU base supplies CUDA, the package adds nothing GPU-specific
+#       base with python3 (>= 3.11) and python3-venv; a GPU base supplies CUDA, the package adds nothing GPU-specific
 #   docker run --rm -v "$PWD/runs:/home/metalstm/runs" metalstm train --run-dir runs/demo
 # scripts/docker-smoke.sh builds it with podman from a locally debootstrapped base (no registry needed).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
