@@ -268,7 +268,9 @@ class TrainingRun:
         from keras_metalstm.learner_spec import load_learner_file
 
         if not theta0_from_cached_classifier(config):
-            return load_learner_file(config.pretrained_model or config.learner)
+            source = config.pretrained_model or config.learner
+            callbacks.on_message(f"theta_0 starts from the weights of {source}")
+            return load_learner_file(source)
         model, info = cached_pretrained_classifier(self.run_dir, config, splits, learner, log=callbacks.on_message)
         callbacks.on_message(
             f"theta_0 starts from the classifier pre-trained on the meta-train classes "

@@ -68,6 +68,7 @@ def test_theta0_from_a_given_classifier_file(tmp_path, data_dir):
     result = run_cli(train_args(data_dir, run_dir, "--theta0-init", "pretrained", "--pretrained-model", path))
     assert result.exit_code == 0, result.output
     assert not (run_dir / "baselines").exists()  # nothing pre-trained
+    assert f"theta_0 starts from the weights of {path}" in result.output
     for piece, weight in zip(body_of_theta0(run_dir), classifier.trainable_variables, strict=False):
         np.testing.assert_allclose(piece, weight.numpy().ravel(), atol=1e-6)
 
