@@ -88,6 +88,23 @@ def test_a_meta_learner_file_whose_learner_class_is_unknown_names_the_class(tmp_
     assert len(message) < 1000, message
 
 
+def test_a_meta_learner_file_with_dropout_adapts_to_the_same_model_on_every_load(tmp_path):
+    """Dropout runs in the inner loop: its seeds, which a .keras file does not keep, must not differ per load."""
+    keras.utils.set_random_seed(4)
+    learner = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dropout(0.5),
+                                keras.layers.Dense(N_WAY)])
+    km.MetaLearner(learner, inner_steps=2).save(tmp_path / "meta.keras")
+    rng = np.random.default_rng(0)
+    support_images = rng.random((N_WAY * 2, *SHAPE), dtype=np.float32)
+    support_labels = np.repeat(np.arange(N_WAY), 2)
+    adapted = [export.load_meta_learner(tmp_path / "meta.keras").adapt(support_images, support_labels)
+               for _ in range(2)]
+    first, second = (model.get_weights() for model in adapted)
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first[0], learner.get_weights()[0])  # the loop did adapt the learner
+
+
 def test_adapt_rejects_a_support_set_with_another_number_of_classes(meta, tmp_path):
     root = write_support(tmp_path / "four", classes=CLASSES[:4])
     with pytest.raises(export.ExportError, match=r"4 class folder\(s\).*5-way.*exactly 5 sub-folders"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import warnings
 import zipfile
 from pathlib import Path
@@ -285,10 +286,17 @@ def _load_keras(path):
             "another format): save it again with model.save()"
         )
     import_custom_class_modules(keras_file_config(path))
+    # Random layers (Dropout, augmentation) take their seed generators' seeds from Python's `random` as they are
+    # built, and a .keras file does not keep them: a fixed seed makes a meta-learner loaded from a file adapt to
+    # the same model on every load, as one loaded from its run folder (seeded by the run's seed) does.
+    outside = random.getstate()
+    random.seed(0)
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as error:  # noqa: BLE001 - keras raises many types for a bad file
         raise ExportError(f"cannot load {path} as a Keras model: {deserialisation_error_text(error)}") from error
+    finally:
+        random.setstate(outside)
 
 
 def load_meta_learner(source):
