@@ -7,6 +7,7 @@ that message instead of an error from deep inside a traced graph.
 import math
 import numbers
 
+import numpy as np
 import tensorflow as tf
 
 from keras_metalstm.config import EPISODE_BATCHING, QUERY_STATISTICS
@@ -106,6 +107,27 @@ def static_batch_size(tensor, name) -> int:
             "drop_remainder=True."
         )
     return batch
+
+
+def check_episode_labels(learner, episodes) -> None:
+    """An eager batch of episodes for a learner of N outputs: every label lies in 0..N-1 and every episode's support
+    set has N classes (fewer would leave logits no class of the task owns, which an adapted model can predict).
+    The labels are read, so this runs outside traced functions only."""
+    num_classes = learner_num_classes(learner, learner_image_shape(learner))
+    labels = {key: np.asarray(episodes[key]) for key in ("support_labels", "query_labels")}
+    for key, values in labels.items():
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"{key} must lie in 0..{num_classes - 1} (the learner's {num_classes} outputs), got {low}..{high}: "
+                f"an N-way episode needs a learner that ends with N outputs, classes numbered from 0."
+            )
+    ways = min(len(np.unique(episode)) for episode in labels["support_labels"])
+    if ways < num_classes:
+        raise ValueError(
+            f"the learner has {num_classes} outputs but an episode's support set has {ways} classes: an N-way "
+            f"episode needs a learner that ends with N outputs (e.g. Dense({ways}))."
+        )
 
 
 def check_support(learner, dtype, support_images, support_labels):

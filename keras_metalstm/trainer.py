@@ -8,7 +8,12 @@ coordinate-wise LSTM; the learner's batch norm, ReLU and max pooling) where they
 import keras
 import tensorflow as tf
 
-from keras_metalstm.meta_learner_inputs import check_clip_norm, check_episodes, check_learning_rate
+from keras_metalstm.meta_learner_inputs import (
+    check_clip_norm,
+    check_episode_labels,
+    check_episodes,
+    check_learning_rate,
+)
 from keras_metalstm.ops import fused_kernels
 from keras_metalstm.optimizers import MultiplierAdam
 from keras_metalstm.xla_ops import explaining_uncompilable_ops, warn_if_xla_untrusted
@@ -94,11 +99,13 @@ class MetaTrainer:
             return self._train_function(episodes)
 
     def _check_batch(self, episodes):
-        """A batch that is not one of episodes is refused here, with the fix, rather than from inside the traced
-        step; a distributed one (per-replica values) is checked by each replica's trace."""
+        """A batch that is not one of episodes for the learner (keys, axes, labels for its outputs) is refused here,
+        with the fix, rather than from inside the traced step; a distributed one (per-replica values) is checked
+        for its keys and axes by each replica's trace."""
         values = episodes.values() if isinstance(episodes, dict) else ()
         if not any(isinstance(value, tf.distribute.DistributedValues) for value in values):
             check_episodes(self.meta.learner, episodes, labelled=True)
+            check_episode_labels(self.meta.learner, episodes)
 
     def evaluate_step(self, episodes):
         """Test-mode query loss and accuracy of every episode of a plain batch of B episodes (no update).

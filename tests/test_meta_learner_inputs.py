@@ -182,6 +182,12 @@ def test_episode_batches_that_do_not_fit_are_refused_before_tensorflow_sees_them
         with pytest.raises(ValueError, match=r"support_images must be a batch of episodes") as raised:
             step(as_tensors(one_episode))
         assert "in user code" not in str(raised.value)
+    # an N-way episode needs a learner of N outputs (this one has 5): more would train logits no class owns
+    with pytest.raises(ValueError, match=r"the learner has 5 outputs but an episode's support set has 2 classes: .*"
+                                         r"\(e\.g\. Dense\(2\)\)"):
+        trainer.train_step(as_tensors(random_episodes(n_way=2)))
+    with pytest.raises(ValueError, match=r"support_labels must lie in 0\.\.4 \(the learner's 5 outputs\), got 0\.\.6"):
+        trainer.evaluate_step(as_tensors(random_episodes(n_way=7)))
     assert trainer._train_function.experimental_get_tracing_count() == 0
     assert trainer._evaluate_function.experimental_get_tracing_count() == 0
     without_labels = {key: value for key, value in episodes.items() if key != "query_labels"}
