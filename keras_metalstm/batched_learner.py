@@ -92,7 +92,8 @@ def unsupported_layers(model):
             continue
         reason = _unsupported_reason(layer)
         if reason:
-            problems.append(f"{layer.path or layer.name}: {reason}")  # a layer never built has no path
+            # A layer never built, or an operation, has no path.
+            problems.append(f"{getattr(layer, 'path', None) or layer.name}: {reason}")
     return problems
 
 
@@ -119,6 +120,8 @@ def _channels_last(axis, rank):
 
 
 def _unsupported_reason(layer):
+    if not isinstance(layer, keras.layers.Layer):  # a Keras operation on layer outputs, e.g. `x + y`, ops.mean
+        return f"the Keras operation {type(layer).__name__} is not batched, layers are (keras.layers.Add for x + y)"
     if layer.compute_dtype != layer.variable_dtype:
         return f"mixed precision ({layer.dtype_policy.name})"
     if type(layer) in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D):

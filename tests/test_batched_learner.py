@@ -252,6 +252,26 @@ def test_what_cannot_be_batched_is_named():
         BatchedLearnerFunction(dropout_learner())
 
 
+def test_a_learner_with_keras_operations_on_layer_outputs_runs_per_episode():
+    """`x + y` and keras.ops.mean on layer outputs are operations of the model's graph, not layers: named as not
+    batched (the constructor failed on them), and the learner trains one episode at a time."""
+    keras.utils.set_random_seed(14)
+    images = keras.Input(IMAGE_SHAPE)
+    features = keras.layers.Conv2D(3, 3, padding="same")(images)
+    residual = keras.ops.mean(keras.layers.ReLU()(features + keras.layers.Conv2D(3, 3, padding="same")(features)),
+                              axis=(1, 2))
+    learner = keras.Model(images, keras.layers.Dense(5)(residual))
+    assert [problem.split(": ", 1)[1] for problem in unsupported_layers(learner)] == [
+        "the Keras operation Add is not batched, layers are (keras.layers.Add for x + y)",
+        "the Keras operation Mean is not batched, layers are (keras.layers.Add for x + y)",
+    ]
+    meta = km.MetaLearner(learner, inner_steps=2)
+    episodes = as_tensors(random_episodes(batch=2, query=2, image_shape=IMAGE_SHAPE, seed=15))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one report of running per episode
+        assert np.isfinite(float(km.MetaTrainer(meta).train_step(episodes)["loss"]))
+
+
 def test_a_learner_that_cannot_be_batched_runs_per_episode_and_says_so_once():
     episodes = as_tensors(random_episodes(batch=2, query=2, image_shape=IMAGE_SHAPE, seed=13))
     meta = km.MetaLearner(dropout_learner(), inner_steps=2, episode_batching="batched")
