@@ -144,6 +144,15 @@ def test_export_writes_tf_serving_layout_and_reports_parity(exported):
     assert metadata["class_names"] == sorted(CLASSES) and metadata["image_shape"] == list(SHAPE)
 
 
+def test_export_adapted_names_the_wrapper_a_plain_adapted_model_needs(meta, tmp_path):
+    rng = np.random.default_rng(1)
+    plain = meta.adapt(rng.random((N_WAY, *SHAPE), dtype=np.float32), np.arange(N_WAY))
+    with pytest.raises(export.ExportError, match=r"takes an AdaptedLearner .*, got a Functional: wrap the model "
+                                                 r"MetaLearner\.adapt returned with export\.AdaptedLearner"):
+        export.export_adapted(plain, tmp_path / "models")
+    assert not (tmp_path / "models").exists()
+
+
 def test_failed_parity_writes_nothing(adapted, tmp_path):
     with pytest.raises(export.ExportError, match="nothing written"):
         export.export_adapted(adapted, tmp_path / "task", format="onnx", atol=-1.0)

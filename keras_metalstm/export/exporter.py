@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keras_metalstm.export.adapted import meta_in_variable_precision
+from keras_metalstm.export.adapted import AdaptedLearner, meta_in_variable_precision
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.files import atomic_path, check_target, next_version, versions
 from keras_metalstm.export.onnx_format import DEFAULT_OPSET, write_onnx
@@ -96,6 +96,12 @@ def export_adapted(
 ):
     """Exports an AdaptedLearner to ``out/<version>/``; returns an ExportResult (raises if parity fails)."""
     started = time.perf_counter()
+    if not isinstance(adapted, AdaptedLearner):
+        raise ExportError(
+            f"export_adapted takes an AdaptedLearner (the model with its class names), got a "
+            f"{type(adapted).__name__}: wrap the model MetaLearner.adapt returned with "
+            "export.AdaptedLearner(model, class_names), or adapt with export.adapt / export.adapt_folder"
+        )
     formats = _formats(format)
     if "onnx" in formats and any(weight.dtype == "float64" for weight in adapted.learner.weights):
         raise ExportError(
