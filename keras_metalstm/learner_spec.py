@@ -162,6 +162,12 @@ def fresh_copy(learner, num_classes: int | None = None):
     return model_from_architecture(config, image_shape)
 
 
+def check_classes_can_change(architecture) -> None:
+    """LearnerError unless a model of `architecture` (its Keras config) can be given another number of classes,
+    as the classifier pre-trained for theta_0 and the baselines is (one output per meta-train class)."""
+    _output_layer_config(architecture)
+
+
 def _output_layer_config(config):
     layers = config.get("config", {}).get("layers")
     outputs = config.get("config", {}).get("output_layers")

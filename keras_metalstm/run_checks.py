@@ -11,11 +11,12 @@ from keras_metalstm.config import RunConfig
 from keras_metalstm.runs import TrainingError
 
 
-def check_theta0_source(config: RunConfig, strategy) -> None:
-    """Fail before anything is written when theta_0's starting point cannot be had."""
+def check_theta0_source(config: RunConfig, strategy, architecture: dict) -> None:
+    """Fail before anything is written when theta_0's starting point cannot be had (`architecture`: the learner's
+    Keras config)."""
     import tensorflow as tf
 
-    from keras_metalstm.learner_spec import learner_kind
+    from keras_metalstm.learner_spec import check_classes_can_change, learner_kind
 
     if config.theta0_init != "pretrained":
         return
@@ -31,6 +32,8 @@ def check_theta0_source(config: RunConfig, strategy) -> None:
             "reads): pre-train it once in a single-process run, e.g. `metalstm evaluate RUN --baselines` leaves "
             "one in RUN/baselines/pretrained.keras"
         )
+    elif learner_kind(config.learner) != "file":
+        check_classes_can_change(architecture)  # pre-trained with one output per meta-train class
 
 
 def check_episode_batching(config: RunConfig, architecture: dict) -> None:

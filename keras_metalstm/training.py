@@ -238,10 +238,10 @@ class TrainingRun:
         per_replica_batch(strategy, self.config.meta_batch)  # refused now, not after the run directory is written
         if problem := test_split_problem(splits, self.config):
             self.data_notes.append(problem)
-        check_theta0_source(self.config, strategy)
         # A run that reached a checkpoint keeps its stored learner; a new one builds and checks config.learner.
         stored = self.run_dir if self.started else None
         self.architecture = _outside_any_strategy(learner_architecture, self.config, stored)
+        check_theta0_source(self.config, strategy, self.architecture)
         _outside_any_strategy(check_episode_batching, self.config, self.architecture)
         if self.chief:
             from keras_metalstm.learner_architecture import save_architecture

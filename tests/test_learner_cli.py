@@ -13,7 +13,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-from cli_helpers import TINY_FLAGS, make_image_folder
+from cli_helpers import TINY_FLAGS, assert_clean_failure, invoke, make_image_folder
 from click.testing import CliRunner
 from keras_metalstm.cli.main import main
 
@@ -319,6 +319,15 @@ def test_other_learner_shapes_train_and_adapt(user_module, data_dir, factory):
     adapted = meta.adapt(batch["support_images"][0], batch["support_labels"][0])
     np.testing.assert_allclose(adapted(batch["query_images"][0]).numpy(),
                                meta(batch, mode="test").numpy()[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_pretrained_theta0_for_a_learner_whose_classes_cannot_change_is_refused_before_writing(
+        user_module, data_dir):
+    run_dir = user_module / "run"
+    result = invoke(train_args(data_dir, run_dir, "--learner", "user_models:subclassed", "--theta0-init", "pretrained",
+                               "--pretrain-epochs", "1"))
+    assert_clean_failure(result, "cannot change the learner's number of classes: only a functional or Sequential model")
+    assert not run_dir.exists()
 
 
 def test_a_subclassed_model_of_the_users_module_is_adapted_and_exported_in_a_new_process(user_module, data_dir):
