@@ -172,17 +172,25 @@ def keras_file_config(path) -> dict | None:
         return None
 
 
-def import_custom_class_modules(config) -> None:
+def import_custom_class_modules(config) -> str:
     """Imports the modules of the custom classes in a Keras config, from the current directory or PYTHONPATH, so
     that their registration runs before deserialisation (as `--learner module:function` imported the factory's
-    module in training). A module that cannot be imported is left for the deserialiser to report."""
+    module in training). Returns "" or, for the modules that cannot be imported, a clause for the deserialiser's
+    message that names them, why, and the fix."""
     with_current_directory_on_path()
+    failed = []
     for module in custom_class_modules(config):
         if module not in sys.modules:
             try:
                 importlib.import_module(module)
-            except Exception:  # noqa: BLE001 - reported by the deserialiser as an unknown class
-                continue
+            except Exception as error:  # noqa: BLE001 - any failure of the user's module is reported with its name
+                failed.append(f"{module} ({first_line(error, 150)})")
+    if not failed:
+        return ""
+    return (
+        f"; the module(s) defining its custom classes could not be imported: {', '.join(failed)}: run from the "
+        "folder that holds them, or add it to PYTHONPATH"
+    )
 
 
 def model_from_architecture(config: dict, image_shape=None):
@@ -192,13 +200,14 @@ def model_from_architecture(config: dict, image_shape=None):
 
     import keras_metalstm  # noqa: F401 (registers the package's classes)
 
-    import_custom_class_modules(config)
+    unimported = import_custom_class_modules(config)
     try:
         # Keras consumes the config it deserialises: give it a copy, the caller's may be stored or used again.
         model = keras.saving.deserialize_keras_object(_with_input_shape(config, image_shape), safe_mode=True)
     except Exception as error:  # noqa: BLE001 - unknown class, refused lambda, bad config ...
         raise LearnerError(
-            f"cannot rebuild the learner from its Keras config: {deserialisation_error_text(error)}. A custom layer or "
+            f"cannot rebuild the learner from its Keras config: {deserialisation_error_text(error)}{unimported}. "
+            "A custom layer or "
             "model class must be registered with @keras.saving.register_keras_serializable() in a module "
             "importable from the current directory or PYTHONPATH (it is imported by the name Keras recorded), and "
             "its get_config() must return every argument of its __init__; Lambda layers cannot be loaded safely "

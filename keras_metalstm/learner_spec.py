@@ -118,11 +118,11 @@ def load_learner_file(path):
     path = Path(path)
     if not path.is_file():
         raise LearnerError(f"learner file {path} does not exist; pass a .keras file saved with model.save()")
-    import_custom_class_modules(keras_file_config(path))
+    unimported = import_custom_class_modules(keras_file_config(path))
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # noqa: BLE001 - keras raises many types for a bad file
-        raise LearnerError(f"cannot load the learner file {path}: {first_line(error)}") from None
+        raise LearnerError(f"cannot load the learner file {path}: {first_line(error)}{unimported}") from None
 
 
 def _call_factory(spec: str, image_shape, n_way: int):

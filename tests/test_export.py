@@ -85,6 +85,9 @@ def test_a_meta_learner_file_whose_learner_class_is_unknown_names_the_class(tmp_
     (message,) = [line for line in process.stderr.splitlines() if line.startswith("keras_metalstm.export.errors")]
     # Keras' first line names the meta-learner; the learner's class that is missing ends its long text
     assert "MetaLearner'> could not be deserialized" in message and "Could not locate class 'Tiny'" in message
+    # and the module that defines it, which this process could not import, with the fix
+    assert "the module(s) defining its custom classes could not be imported: test_export (No module named " in message
+    assert message.endswith("run from the folder that holds them, or add it to PYTHONPATH"), message
     assert len(message) < 1000, message
 
 

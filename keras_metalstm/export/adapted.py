@@ -285,7 +285,7 @@ def _load_keras(path):
             f"{path} is not a Keras model file (a .keras file is a zip archive; this one is truncated or of "
             "another format): save it again with model.save()"
         )
-    import_custom_class_modules(keras_file_config(path))
+    unimported = import_custom_class_modules(keras_file_config(path))
     # Random layers (Dropout, augmentation) take their seed generators' seeds from Python's `random` as they are
     # built, and a .keras file does not keep them: a fixed seed makes a meta-learner loaded from a file adapt to
     # the same model on every load, as one loaded from its run folder (seeded by the run's seed) does.
@@ -294,7 +294,9 @@ def _load_keras(path):
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as error:  # noqa: BLE001 - keras raises many types for a bad file
-        raise ExportError(f"cannot load {path} as a Keras model: {deserialisation_error_text(error)}") from error
+        raise ExportError(
+            f"cannot load {path} as a Keras model: {deserialisation_error_text(error)}{unimported}"
+        ) from error
     finally:
         random.setstate(outside)
 
