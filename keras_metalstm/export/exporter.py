@@ -108,6 +108,12 @@ def export_adapted(
             "the adapted learner holds float64 weights (keras.config.set_floatx('float64')), and ONNX Runtime has "
             "no float64 convolution on a CPU: export --format savedmodel, or adapt a float32 meta-learner for ONNX"
         )
+    grouped = [layer.name for layer in adapted.learner._flatten_layers() if getattr(layer, "groups", 1) != 1]
+    if "onnx" in formats and grouped:
+        raise ExportError(
+            f"the learner's grouped convolutions ({', '.join(grouped)}) run in Keras as XLA-compiled functions, which "
+            "the ONNX converter cannot read: export --format savedmodel, or build the learner with groups=1"
+        )
     target, version = _version_target(out, version, force)
     _warn_if_serving_loses_its_savedmodel(Path(out), version, formats)
     with atomic_path(target, force=force, directory=True) as tmp:
