@@ -147,28 +147,6 @@ def test_export_writes_tf_serving_layout_and_reports_parity(exported):
     assert metadata["class_names"] == sorted(CLASSES) and metadata["image_shape"] == list(SHAPE)
 
 
-def test_export_adapted_names_the_wrapper_a_plain_adapted_model_needs(meta, tmp_path):
-    rng = np.random.default_rng(1)
-    plain = meta.adapt(rng.random((N_WAY, *SHAPE), dtype=np.float32), np.arange(N_WAY))
-    with pytest.raises(export.ExportError, match=r"takes an AdaptedLearner .*, got a Functional: wrap the model "
-                                                 r"MetaLearner\.adapt returned with export\.AdaptedLearner"):
-        export.export_adapted(plain, tmp_path / "models")
-    assert not (tmp_path / "models").exists()
-
-
-def test_onnx_export_of_a_grouped_convolution_is_refused_before_writing(tmp_path):
-    """Keras runs Conv2D(groups > 1) as an XLA-compiled function, which tf2onnx left as StatefulPartitionedCall."""
-    images = keras.Input(SHAPE)
-    features = keras.layers.Conv2D(2, 3, name="widen")(images)
-    features = keras.layers.Conv2D(4, 3, groups=2, name="grouped")(features)
-    learner = keras.Model(images, keras.layers.Dense(N_WAY)(keras.layers.Flatten()(features)))
-    adapted = export.AdaptedLearner(learner, CLASSES)
-    with pytest.raises(export.ExportError, match=r"grouped convolutions \(grouped\) run in Keras as XLA-compiled "
-                                                 r"functions.*export --format savedmodel"):
-        export.export_adapted(adapted, tmp_path / "models", format="both")
-    assert not (tmp_path / "models").exists()
-
-
 def test_failed_parity_writes_nothing(adapted, tmp_path):
     with pytest.raises(export.ExportError, match="nothing written"):
         export.export_adapted(adapted, tmp_path / "task", format="onnx", atol=-1.0)

@@ -1,11 +1,15 @@
 """Where exports are written: an existing file or version is replaced only with force, a folder that cannot be
-written is refused before any work, a full disk leaves nothing behind, and version numbers and default folders."""
+written is refused before any work, a full disk leaves nothing behind, and version numbers and default folders;
+what cannot be exported is refused before anything is written."""
 
 import os
 import warnings
 from pathlib import Path
 
+import keras
+import numpy as np
 import pytest
+from export_helpers import CLASSES, N_WAY, SHAPE
 
 from keras_metalstm import export
 
@@ -108,5 +112,27 @@ def test_a_float64_learner_is_refused_for_onnx_before_anything_is_written(tmp_pa
     )
     adapted = export.AdaptedLearner(learner, ["a", "b"])
     with pytest.raises(export.ExportError, match=r"float64 weights .* export --format savedmodel"):
+        export.export_adapted(adapted, tmp_path / "models", format="both")
+    assert not (tmp_path / "models").exists()
+
+
+def test_export_adapted_names_the_wrapper_a_plain_adapted_model_needs(meta, tmp_path):
+    rng = np.random.default_rng(1)
+    plain = meta.adapt(rng.random((N_WAY, *SHAPE), dtype=np.float32), np.arange(N_WAY))
+    with pytest.raises(export.ExportError, match=r"takes an AdaptedLearner .*, got a Functional: wrap the model "
+                                                 r"MetaLearner\.adapt returned with export\.AdaptedLearner"):
+        export.export_adapted(plain, tmp_path / "models")
+    assert not (tmp_path / "models").exists()
+
+
+def test_onnx_export_of_a_grouped_convolution_is_refused_before_writing(tmp_path):
+    """Keras runs Conv2D(groups > 1) as an XLA-compiled function, which tf2onnx left as StatefulPartitionedCall."""
+    images = keras.Input(SHAPE)
+    features = keras.layers.Conv2D(2, 3, name="widen")(images)
+    features = keras.layers.Conv2D(4, 3, groups=2, name="grouped")(features)
+    learner = keras.Model(images, keras.layers.Dense(N_WAY)(keras.layers.Flatten()(features)))
+    adapted = export.AdaptedLearner(learner, CLASSES)
+    with pytest.raises(export.ExportError, match=r"grouped convolutions \(grouped\) run in Keras as XLA-compiled "
+                                                 r"functions.*export --format savedmodel"):
         export.export_adapted(adapted, tmp_path / "models", format="both")
     assert not (tmp_path / "models").exists()
