@@ -400,7 +400,8 @@ def train(run_dir, resume, config_file, deterministic, progress, recipe, strateg
 
 
 def interrupted_exit_code(result) -> int:
-    """128 + the signal that stopped the run, the shell's convention (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
+    """128 + the signal that stopped the run, the shell's convention (130 for Ctrl-C, 143 for SIGTERM, 129 for
+    SIGHUP)."""
     import signal
 
     return 128 + int(result.signal or signal.SIGINT)

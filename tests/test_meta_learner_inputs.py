@@ -211,4 +211,5 @@ def test_a_meta_optimisation_that_would_climb_or_poison_the_meta_loss_is_refused
         km.MetaTrainer(meta, **settings)
     with pytest.raises(ValueError, match=re.escape(message)):  # the Keras loop's clip, or the paper's optimizer
         meta.compile(**settings) if "clip_norm" in settings else km.meta_optimizer(**settings)
-    assert km.MetaTrainer(meta, clip_norm=None).clip_norm is None and km.MetaTrainer(meta, clip_norm=0).clip_norm is None
+    assert km.MetaTrainer(meta, clip_norm=None).clip_norm is None
+    assert km.MetaTrainer(meta, clip_norm=0).clip_norm is None
