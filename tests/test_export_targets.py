@@ -130,6 +130,7 @@ def test_onnx_export_of_a_grouped_convolution_is_refused_before_writing(tmp_path
     images = keras.Input(SHAPE)
     features = keras.layers.Conv2D(2, 3, name="widen")(images)
     features = keras.layers.Conv2D(4, 3, groups=2, name="grouped")(features)
+    features = keras.layers.GroupNormalization(groups=2)(features)  # groups of another kind: exported to ONNX
     learner = keras.Model(images, keras.layers.Dense(N_WAY)(keras.layers.Flatten()(features)))
     adapted = export.AdaptedLearner(learner, CLASSES)
     with pytest.raises(export.ExportError, match=r"grouped convolutions \(grouped\) run in Keras as XLA-compiled "

@@ -14,6 +14,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import keras
+
 from keras_metalstm.export.adapted import AdaptedLearner, meta_in_variable_precision
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.files import atomic_path, check_target, next_version, versions
@@ -108,7 +110,12 @@ def export_adapted(
             "the adapted learner holds float64 weights (keras.config.set_floatx('float64')), and ONNX Runtime has "
             "no float64 convolution on a CPU: export --format savedmodel, or adapt a float32 meta-learner for ONNX"
         )
-    grouped = [layer.name for layer in adapted.learner._flatten_layers() if getattr(layer, "groups", 1) != 1]
+    convolutions = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+    grouped = [
+        layer.name
+        for layer in adapted.learner._flatten_layers()
+        if isinstance(layer, convolutions) and layer.groups != 1  # not GroupNormalization's groups
+    ]
     if "onnx" in formats and grouped:
         raise ExportError(
             f"the learner's grouped convolutions ({', '.join(grouped)}) run in Keras as XLA-compiled functions, which "
