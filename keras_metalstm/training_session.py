@@ -6,6 +6,7 @@ a `TrainingSession`."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import shutil
@@ -121,17 +122,44 @@ class _StopFlag:
         self._previous = {}
 
 
-def _leave_closed_terminal():
+def _leave_closed_terminal() -> bool:
     """Point standard output and error, where they are the closed terminal, at os.devnull: writing to a hung-up
     terminal fails (EIO), and the progress bar would stop the run before it saves its checkpoint. Output redirected
     to a file or a pipe, or to a terminal still open (a `kill -HUP`), still goes there. A hung-up terminal is a
-    character device that isatty no longer takes for a terminal."""
+    character device that isatty no longer takes for a terminal. Returns whether one was found."""
+    found = False
     for descriptor in (1, 2):
         with contextlib.suppress(OSError):
             if stat.S_ISCHR(os.fstat(descriptor).st_mode) and not os.isatty(descriptor):
                 null = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(null, descriptor)
                 os.close(null)
+                found = True
+    return found
+
+
+class _OutputMayHangUp:
+    """The session's callbacks, whose output to a terminal that has just hung up is dropped: the terminal closes,
+    then SIGHUP stops the run at a checkpoint, and a progress bar writing between the two would otherwise fail the
+    run with EIO first. Any other error of a callback, EIO on a file included, is raised as it is."""
+
+    def __init__(self, callbacks):
+        self._callbacks = callbacks
+
+    def __getattr__(self, name):
+        method = getattr(self._callbacks, name)
+        if not callable(method):
+            return method
+
+        def call(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except OSError as error:
+                if error.errno != errno.EIO or not _leave_closed_terminal():
+                    raise
+                return None
+
+        return call
 
 
 class Callback:
@@ -169,7 +197,8 @@ class TrainingSession:
         import keras_metalstm as km
         from keras_metalstm.distribute import worker_directory
 
-        self.run, self.callbacks, self.splits, self.strategy = run, callbacks, splits, strategy
+        self.run, self.splits, self.strategy = run, splits, strategy
+        self.callbacks = _OutputMayHangUp(callbacks)
         self.config, self.chief, self.run_dir = run.config, run.chief, run.run_dir
         config = self.config
         self.schedule = learning_rate_schedule(config)

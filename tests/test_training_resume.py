@@ -178,3 +178,28 @@ def test_a_closed_terminal_stops_the_run_at_a_checkpoint_unless_it_runs_under_no
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 128 + signal.SIGTERM
+
+
+def test_a_progress_write_that_meets_the_hung_up_terminal_before_sighup_does_not_fail_the_run(monkeypatch):
+    """The terminal closes, then SIGHUP arrives: a progress bar writing in between gets EIO. It is dropped where
+    standard output or error is a hung-up terminal (then sent to os.devnull), and raised anywhere else."""
+    import errno
+
+    from keras_metalstm import training_session
+
+    class WritesToTheTerminal:
+        def on_step(self, episode, loss, accuracy):
+            raise OSError(errno.EIO, "Input/output error")
+
+        def on_message(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    swapped = []
+    monkeypatch.setattr(training_session, "_leave_closed_terminal", lambda: swapped.append(True) or True)
+    callbacks = training_session._OutputMayHangUp(WritesToTheTerminal())
+    assert callbacks.on_step(1, 0.5, 0.5) is None and swapped == [True]
+    with pytest.raises(OSError, match="No space left"):  # not a hang-up
+        callbacks.on_message("text")
+    monkeypatch.setattr(training_session, "_leave_closed_terminal", lambda: False)  # EIO, but no hung-up terminal
+    with pytest.raises(OSError, match="Input/output error"):
+        callbacks.on_step(1, 0.5, 0.5)
