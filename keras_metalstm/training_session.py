@@ -6,13 +6,8 @@ a `TrainingSession`."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
-import os
 import shutil
-import signal
-import stat
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +37,7 @@ from keras_metalstm.runs import (
     save_best_model,
     write_state,
 )
+from keras_metalstm.stop_signals import OutputMayHangUp, StopFlag
 
 if TYPE_CHECKING:
     from keras_metalstm.training import TrainingRun
@@ -90,78 +86,6 @@ def checkpoint_episode(path: str | None) -> int:
     return int(path.rsplit("-", 1)[-1]) if path else 0
 
 
-class _StopFlag:
-    """Set by SIGINT/SIGTERM, or SIGHUP (the terminal or SSH session the run was started from closed): the loop
-    saves a checkpoint and stops after the current meta-update."""
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def install(self):
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        # A run started under nohup ignores SIGHUP so that it outlives the terminal: it keeps doing so.
-        hangup = getattr(signal, "SIGHUP", None)  # none on Windows
-        if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
-            self._previous[hangup] = signal.signal(hangup, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: give up at once
-        if signum == getattr(signal, "SIGHUP", None):
-            _leave_closed_terminal()
-        self.signal = signum
-
-    def uninstall(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
-def _leave_closed_terminal() -> bool:
-    """Point standard output and error, where they are the closed terminal, at os.devnull: writing to a hung-up
-    terminal fails (EIO), and the progress bar would stop the run before it saves its checkpoint. Output redirected
-    to a file or a pipe, or to a terminal still open (a `kill -HUP`), still goes there. A hung-up terminal is a
-    character device that isatty no longer takes for a terminal. Returns whether one was found."""
-    found = False
-    for descriptor in (1, 2):
-        with contextlib.suppress(OSError):
-            if stat.S_ISCHR(os.fstat(descriptor).st_mode) and not os.isatty(descriptor):
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, descriptor)
-                os.close(null)
-                found = True
-    return found
-
-
-class _OutputMayHangUp:
-    """The session's callbacks, whose output to a terminal that has just hung up is dropped: the terminal closes,
-    then SIGHUP stops the run at a checkpoint, and a progress bar writing between the two would otherwise fail the
-    run with EIO first. Any other error of a callback, EIO on a file included, is raised as it is."""
-
-    def __init__(self, callbacks):
-        self._callbacks = callbacks
-
-    def __getattr__(self, name):
-        method = getattr(self._callbacks, name)
-        if not callable(method):
-            return method
-
-        def call(*args, **kwargs):
-            try:
-                return method(*args, **kwargs)
-            except OSError as error:
-                if error.errno != errno.EIO or not _leave_closed_terminal():
-                    raise
-                return None
-
-        return call
-
-
 class Callback:
     """Hooks for progress display; every method is optional."""
 
@@ -198,7 +122,7 @@ class TrainingSession:
         from keras_metalstm.distribute import worker_directory
 
         self.run, self.splits, self.strategy = run, splits, strategy
-        self.callbacks = _OutputMayHangUp(callbacks)
+        self.callbacks = OutputMayHangUp(callbacks)
         self.config, self.chief, self.run_dir = run.config, run.chief, run.run_dir
         config = self.config
         self.schedule = learning_rate_schedule(config)
@@ -228,7 +152,7 @@ class TrainingSession:
         self.checkpoint_numerics = None
         self.checkpoint_clock = None  # the newest checkpoint's episode and training seconds, for state.json
         self.status = "running"
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
         self.window = [0.0, 0.0, 0]  # loss sum, accuracy sum, episodes of the metrics row in progress
         self.last_train = {}
         self.log = self.writer = None

@@ -185,7 +185,7 @@ def test_a_progress_write_that_meets_the_hung_up_terminal_before_sighup_does_not
     standard output or error is a hung-up terminal (then sent to os.devnull), and raised anywhere else."""
     import errno
 
-    from keras_metalstm import training_session
+    from keras_metalstm import stop_signals
 
     class WritesToTheTerminal:
         def on_step(self, episode, loss, accuracy):
@@ -195,11 +195,11 @@ def test_a_progress_write_that_meets_the_hung_up_terminal_before_sighup_does_not
             raise OSError(errno.ENOSPC, "No space left on device")
 
     swapped = []
-    monkeypatch.setattr(training_session, "_leave_closed_terminal", lambda: swapped.append(True) or True)
-    callbacks = training_session._OutputMayHangUp(WritesToTheTerminal())
+    monkeypatch.setattr(stop_signals, "leave_closed_terminal", lambda: swapped.append(True) or True)
+    callbacks = stop_signals.OutputMayHangUp(WritesToTheTerminal())
     assert callbacks.on_step(1, 0.5, 0.5) is None and swapped == [True]
     with pytest.raises(OSError, match="No space left"):  # not a hang-up
         callbacks.on_message("text")
-    monkeypatch.setattr(training_session, "_leave_closed_terminal", lambda: False)  # EIO, but no hung-up terminal
+    monkeypatch.setattr(stop_signals, "leave_closed_terminal", lambda: False)  # EIO, but no hung-up terminal
     with pytest.raises(OSError, match="Input/output error"):
         callbacks.on_step(1, 0.5, 0.5)
