@@ -118,8 +118,9 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, data_dir):
 
 # Runs a command on the pseudo-terminal given as its standard streams, as its controlling terminal (a login or
 # SSH session): closing the terminal's other end then sends the command SIGHUP, as the kernel does on a hang-up.
-ON_TERMINAL = ("import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
-               "os.execvp(sys.argv[1], sys.argv[1:])")
+# SIGHUP is reset to its default, as in a login session: tests started under nohup would pass its SIG_IGN on.
+ON_TERMINAL = ("import fcntl, os, signal, sys, termios; signal.signal(signal.SIGHUP, signal.SIG_DFL); os.setsid(); "
+               "fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.execvp(sys.argv[1], sys.argv[1:])")
 
 
 def train_on_a_terminal(command, run_dir, cwd, close=True, timeout=240):
