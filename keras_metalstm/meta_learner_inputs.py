@@ -116,12 +116,8 @@ def check_episode_labels(learner, episodes) -> None:
     num_classes = learner_num_classes(learner, learner_image_shape(learner))
     labels = {key: np.asarray(episodes[key]) for key in ("support_labels", "query_labels")}
     for key, values in labels.items():
-        low, high = int(values.min()), int(values.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"{key} must lie in 0..{num_classes - 1} (the learner's {num_classes} outputs), got {low}..{high}: "
-                f"an N-way episode needs a learner that ends with N outputs, classes numbered from 0."
-            )
+        fix = "an N-way episode needs a learner that ends with N outputs, classes numbered from 0"
+        _check_label_range(key, values, num_classes, fix)
     ways = min(len(np.unique(episode)) for episode in labels["support_labels"])
     if ways < num_classes:
         raise ValueError(
@@ -165,13 +161,17 @@ def check_support(learner, dtype, support_images, support_labels):
         raise ValueError(f"support_labels must be integers, got {support_labels.dtype.name}.")
     if tf.executing_eagerly():
         num_classes = learner_num_classes(learner, expected)
-        low, high = int(tf.reduce_min(support_labels)), int(tf.reduce_max(support_labels))
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"support_labels must lie in 0..{num_classes - 1} (the learner's {num_classes} outputs), got "
-                f"{low}..{high}: number the classes from 0."
-            )
+        _check_label_range("support_labels", np.asarray(support_labels), num_classes, "number the classes from 0")
     return support_images, tf.cast(support_labels, tf.int32)
+
+
+def _check_label_range(name, labels, num_classes, fix) -> None:
+    """ValueError, ending with `fix`, unless the label array `labels` lies in 0..num_classes - 1."""
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"{name} must lie in 0..{num_classes - 1} (the learner's {num_classes} outputs), got {low}..{high}: {fix}."
+        )
 
 
 def check_inner_steps(inner_steps) -> int:
