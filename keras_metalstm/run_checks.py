@@ -16,24 +16,23 @@ def check_theta0_source(config: RunConfig, strategy, architecture: dict) -> None
     Keras config)."""
     import tensorflow as tf
 
-    from keras_metalstm.learner_spec import check_classes_can_change, learner_kind
+    from keras_metalstm.baseline_cache import theta0_from_cached_classifier
+    from keras_metalstm.learner_spec import check_classes_can_change
 
-    if config.theta0_init != "pretrained":
+    if config.theta0_init == "pretrained" and config.pretrained_model and not Path(config.pretrained_model).is_file():
+        raise TrainingError(
+            f"pretrained model {config.pretrained_model} does not exist; pass a .keras classifier of the "
+            "learner's architecture"
+        )
+    if not theta0_from_cached_classifier(config):
         return
-    if config.pretrained_model:
-        if not Path(config.pretrained_model).is_file():
-            raise TrainingError(
-                f"pretrained model {config.pretrained_model} does not exist; pass a .keras classifier of the "
-                "learner's architecture"
-            )
-    elif learner_kind(config.learner) != "file" and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         raise TrainingError(
             "theta0_init 'pretrained' under a multi-worker strategy needs --pretrained-model (a file every worker "
             "reads): pre-train it once in a single-process run, e.g. `metalstm evaluate RUN --baselines` leaves "
             "one in RUN/baselines/pretrained.keras"
         )
-    elif learner_kind(config.learner) != "file":
-        check_classes_can_change(architecture)  # pre-trained with one output per meta-train class
+    check_classes_can_change(architecture)  # pre-trained with one output per meta-train class
 
 
 def check_episode_batching(config: RunConfig, architecture: dict) -> None:

@@ -459,3 +459,31 @@ def test_an_unreadable_image_is_named_in_one_sentence(tmp_path):
     result = invoke(train_args(data_dir, tmp_path / "run", "--episodes", "2"))
     assert_clean_failure(result, "unreadable image file(s)", broken.name, "Replace or delete them")
     assert ".." not in result.output.replace(str(tmp_path), "")
+
+
+def test_where_theta0_cannot_start_is_refused_before_training(tmp_path):
+    """theta_0 from a --pretrained-model file that is not there, or from the cached classifier under multi-worker
+    (each worker would pre-train its own): refused by the run's start-up check; a scratch run passes."""
+    import tensorflow as tf
+
+    import keras_metalstm as km
+    from keras_metalstm.config import RunConfig
+    from keras_metalstm.learner_architecture import architecture_config
+    from keras_metalstm.run_checks import check_theta0_source
+    from keras_metalstm.runs import TrainingError
+
+    architecture = architecture_config(km.learners.conv4(input_shape=(28, 28, 1), num_classes=5))
+    one_device = tf.distribute.get_strategy()
+    check_theta0_source(RunConfig(), one_device, architecture)
+    check_theta0_source(RunConfig(theta0_init="pretrained"), one_device, architecture)
+    missing = RunConfig(theta0_init="pretrained", pretrained_model=str(tmp_path / "gone.keras"))
+    with pytest.raises(TrainingError, match=r"gone\.keras does not exist; pass a \.keras classifier"):
+        check_theta0_source(missing, one_device, architecture)
+
+    class MultiWorker(tf.distribute.MultiWorkerMirroredStrategy):
+        def __init__(self):  # the type is what the check looks at; no cluster is needed
+            pass
+
+    with pytest.raises(TrainingError, match="under a multi-worker strategy needs --pretrained-model"):
+        check_theta0_source(RunConfig(theta0_init="pretrained"), MultiWorker(), architecture)
+    check_theta0_source(missing.replace(pretrained_model=None, theta0_init="scratch"), MultiWorker(), architecture)
