@@ -369,13 +369,16 @@ def write_state(
     window=None,
     numerics=None,
     checkpoint=None,
+    best_val_episodes=None,
 ) -> None:
     """state.json, atomically: the status (running, finished, interrupted, diverged, failed: <reason>), where the
     run is, the training seconds of all sessions, the metrics row in progress (`window`: loss sum, accuracy sum,
     episodes), the newest checkpoint's episode and training seconds (`checkpoint`, {"episode", "seconds"}: where a
     session that stopped after it without saving resumes), how the steps of the session that wrote it round
     (`numerics`: keras_metalstm.numerics, so that a resumed run can tell whether it continues bitwise) and which
-    process wrote the file (so that a later session can tell a crash from a run still going)."""
+    process wrote the file (so that a later session can tell a crash from a run still going). `best_val_episodes`
+    is the number of episodes of the validation that set the best accuracy: the one a resumed run's validations
+    must use to be compared with it, even after sessions that did not validate."""
     atomic_write_text(
         Path(run_dir) / STATE_FILE,
         json.dumps(
@@ -385,6 +388,7 @@ def write_state(
                 "episodes": int(episodes),
                 "best_val_accuracy": best_accuracy,
                 "best_episode": best_episode,
+                "best_val_episodes": best_val_episodes,
                 "seconds": round(float(seconds), 3),
                 "window": list(window or [0.0, 0.0, 0]),
                 "checkpoint": checkpoint,

@@ -48,6 +48,7 @@ from keras_metalstm.runs import (
     live_owner,
     load_run_config,
     load_splits,
+    read_state,
     record_splits,
     run_exists,
     start_failed,
@@ -169,11 +170,13 @@ class TrainingRun:
                 f"({listed}); "
                 "use another --run-dir for a new run"
             )
-        if stored.val_episodes and config.val_episodes and config.val_episodes != stored.val_episodes:
+        # config.yaml says 0 after a session that did not validate; state.json keeps what the best was measured on.
+        measured = read_state(self.run_dir).get("best_val_episodes") or stored.val_episodes
+        if measured and config.val_episodes and config.val_episodes != measured:
             raise RunDirError(
                 f"cannot resume {self.run_dir} with --val-episodes {config.val_episodes}: its validations ran "
-                f"{stored.val_episodes} episodes, and the best checkpoint is chosen by comparing them; keep "
-                f"--val-episodes {stored.val_episodes} (or pass 0 to stop validating), or train a new run"
+                f"{measured} episodes, and the best checkpoint is chosen by comparing them; keep "
+                f"--val-episodes {measured} (or pass 0 to stop validating), or train a new run"
             )
         done = checkpoint_episode(latest_checkpoint(self.run_dir))
         if config.episodes < done:

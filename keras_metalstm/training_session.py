@@ -151,6 +151,7 @@ class TrainingSession:
         self.numerics = step_numerics(strategy, config.xla)
         self.checkpoint_numerics = None
         self.checkpoint_clock = None  # the newest checkpoint's episode and training seconds, for state.json
+        self.best_val_episodes = None  # the episodes of the validation that set the best accuracy, for state.json
         self.status = "running"
         self.stop = StopFlag()
         self.window = [0.0, 0.0, 0]  # loss sum, accuracy sum, episodes of the metrics row in progress
@@ -177,6 +178,8 @@ class TrainingSession:
                     f"crashed); resuming from its last checkpoint, episode {checkpoint_episode(latest)}"
                 )
             self.checkpoint_numerics = state.get("numerics")
+            # A run from before state.json recorded it: the resume was checked to validate as the run did.
+            self.best_val_episodes = state.get("best_val_episodes") or config.val_episodes or None
             if differences := numerics_differences(self.checkpoint_numerics, self.numerics):
                 self.callbacks.on_message(resume_note(differences))
             done = checkpoint_episode(latest)
@@ -361,6 +364,7 @@ class TrainingSession:
         if is_best:
             self.best_accuracy.assign(mean)
             self.best_episode.assign(current)
+            self.best_val_episodes = config.val_episodes
         row = {"kind": "val", "episode": current, "accuracy": mean, "ci95": ci, "best": bool(is_best),
                "seconds": round(self.seconds(), 3)}
         self._record(row, {"val/accuracy": mean})
@@ -414,6 +418,7 @@ class TrainingSession:
             window=self.window,
             numerics=self.checkpoint_numerics,
             checkpoint=self.checkpoint_clock,
+            best_val_episodes=self.best_val_episodes if best >= 0 else None,
         )
 
     def _close(self) -> None:

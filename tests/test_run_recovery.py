@@ -46,6 +46,20 @@ def test_a_resume_without_the_best_checkpoint_saves_the_final_weights_and_says_s
     assert (run_dir / "best.keras").is_file() and state(run_dir)["status"] == "finished"
 
 
+def test_validations_paused_with_zero_still_fix_the_episodes_a_later_resume_validates_on(tmp_path, data_dir):
+    """A run validated on 2 episodes, resumed with --val-episodes 0 (config.yaml then says 0), then resumed with 3:
+    the new validations were compared with a best measured on 2."""
+    run_dir = tmp_path / "run"
+    first = invoke(train_args(data_dir, run_dir, "--episodes", "2", "--val-episodes", "2", "--validate-every", "2"))
+    assert first.exit_code == 0, first.output
+    paused = invoke(train_args(data_dir, run_dir, "--episodes", "4", "--val-episodes", "0", "--resume"))
+    assert paused.exit_code == 0, paused.output
+    assert state(run_dir)["best_val_episodes"] == 2 and state(run_dir)["episode"] == 4
+    other = invoke(train_args(data_dir, run_dir, "--episodes", "6", "--val-episodes", "3", "--resume"))
+    assert_clean_failure(other, f"cannot resume {run_dir} with --val-episodes 3: its validations ran 2 episodes")
+    assert state(run_dir)["episode"] == 4
+
+
 def test_adapting_a_run_without_a_best_checkpoint_says_it_takes_the_latest(tmp_path, data_dir, caplog):
     import logging
 
