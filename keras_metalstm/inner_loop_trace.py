@@ -3,10 +3,10 @@ writes them (`record_inner_loop`), and their summaries per learner variable and 
 
 A trace holds, for the inner steps t = 1..T, the input gate i_t (the learned learning rate) and the forget gate
 f_t (the learned shrinkage) of every coordinate of theta, the learner's support loss and accuracy at
-theta_0..theta_T, and per learner variable the norms of theta_t - theta_0 and of the update theta_t -
-theta_{t-1}. Coordinates are in theta's order: the learner's trainable variables, each flattened, one after the
-other. A variable is named by its Keras path ("conv1/kernel"), a layer by that path without the variable's own
-name ("conv1").
+theta_0..theta_T (in training mode, as the inner loop computes them), and per learner variable the norms of
+theta_t - theta_0 and of the update theta_t - theta_{t-1}. Coordinates are in theta's order: the learner's
+trainable variables, each flattened, one after the other. A variable is named by its Keras path ("conv1/kernel"),
+a layer by that path without the variable's own name ("conv1").
 """
 
 from __future__ import annotations
@@ -52,6 +52,15 @@ class InnerLoopTrace:
         "distances",
         "update_norms",
     )
+
+    @classmethod
+    def from_records(cls, learner_function, records) -> InnerLoopTrace:
+        """The trace of the learner that `learner_function` runs, from the tensors `record_inner_loop` returned."""
+        return cls(
+            variables=[variable.path for variable in learner_function.learner.trainable_variables],
+            sizes=list(learner_function.sizes),
+            **{name: value.numpy() for name, value in records.items()},
+        )
 
     def groups(self, by: str = "variable") -> dict[str, list[int]]:
         """{name: indices of its variables} in theta's order: every variable on its own (by="variable") or the

@@ -315,12 +315,9 @@ class MetaLearner(keras.Model):
         with tf.GradientTape() as tape:
             losses, accuracies = self.episode_metrics(episodes, mode="train")
             scaled_loss = tf.reduce_sum(losses) / (losses.shape[0] * replicas)
-        gradients = tape.gradient(scaled_loss, self.trainable_variables)
         # With a single inner step the recurrent kernel is never used: its gradient is zero, not missing.
-        gradients = [
-            tf.zeros_like(variable.value) if gradient is None else gradient
-            for variable, gradient in zip(self.trainable_variables, gradients, strict=True)
-        ]
+        zero = tf.UnconnectedGradients.ZERO
+        gradients = tape.gradient(scaled_loss, self.trainable_variables, unconnected_gradients=zero)
         return tf.reduce_mean(losses), tf.reduce_mean(accuracies), gradients
 
     def meta_train_step(self, episodes, optimizer, clip_norm=None, jit_compile=False):
@@ -444,11 +441,8 @@ class MetaLearner(keras.Model):
             support_images, support_labels, inner_steps: as for `adapt`.
 
         Returns:
-            An InnerLoopTrace (keras_metalstm.inner_loop_trace): for t = 1..T the input gate i_t (the learned
-            learning rate) and forget gate f_t of every coordinate of theta, post-sigmoid; the learner's support
-            loss and accuracy at theta_0..theta_T (training mode, as the inner loop computes them); per learner
-            variable the norms of theta_t - theta_0 and of the update theta_t - theta_{t-1}; and summaries of
-            these per variable and per layer.
+            An InnerLoopTrace (keras_metalstm.inner_loop_trace): per step the input and forget gates of every
+            coordinate of theta, the support loss and accuracy, and per learner variable how far theta moved.
 
         The gates are computed with the stock TensorFlow ops of the cell, never the fused kernels, so they are
         exactly the cell's own values. The traced function holds one inner step in a loop, as `inner_loop` does.
@@ -458,11 +452,7 @@ class MetaLearner(keras.Model):
         if self._compiled_trace is None:
             self._compiled_trace = tf.function(functools.partial(record_inner_loop, self), reduce_retracing=True)
         records = self._compiled_trace(support_images, support_labels, steps)
-        return InnerLoopTrace(
-            variables=[variable.path for variable in self.learner.trainable_variables],
-            sizes=list(self._learner_function.sizes),
-            **{name: value.numpy() for name, value in records.items()},
-        )
+        return InnerLoopTrace.from_records(self._learner_function, records)
 
     # ------------------------------------------------------------------------------------ serialisation
     def _trackable_children(self, save_type="checkpoint", **kwargs):
