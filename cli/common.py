@@ -34,16 +34,18 @@ CHECKPOINT_OPTION = click.option(
 )
 
 
-def layered_config(base: dict, config_file: str | None, flags: dict) -> dict:
-    """base < config file < METALSTM_* environment < flags that were given (not None)."""
-    from keras_metalstm.config import env_overrides, read_config_file
+def layered_config(base: tuple[str, dict], config_file: str | None, flags: dict):
+    """The RunConfig of base (where, values) < config file < METALSTM_* environment < flags that were given (not
+    None); a value the checks refuse is named with the file, variable or flag it came from."""
+    from keras_metalstm.config import ENV_PREFIX, env_overrides, layered_run_config, read_config_file
 
-    values = dict(base)
+    layers = [base]
     if config_file:
-        values.update(read_config_file(config_file))
-    values.update(env_overrides())
-    values.update({k: v for k, v in flags.items() if v is not None})
-    return values
+        layers.append((f"config file {config_file}", read_config_file(config_file)))
+    for name, value in env_overrides().items():
+        layers.append((f"environment variable {ENV_PREFIX}{name.upper()}", {name: value}))
+    layers += [(f"--{name.replace('_', '-')}", {name: value}) for name, value in flags.items() if value is not None]
+    return layered_run_config(layers)
 
 
 @contextlib.contextmanager

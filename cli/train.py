@@ -224,13 +224,13 @@ CONFIG_KEYS = (
 def resolve_config(run_dir, resume, config_file, flags, recipe="paper"):
     """The RunConfig of `train`: the recipe's settings (or the stored run's config when resuming) < file < env <
     flags."""
-    from keras_metalstm.config import RunConfig, recipe_config
+    from keras_metalstm.config import CONFIG_FILE_NAME, recipe_config
     from keras_metalstm.runs import load_run_config, run_exists
 
-    base = recipe_config(recipe).to_dict()
+    base = (f"--recipe {recipe}", recipe_config(recipe).to_dict())
     if resume and run_exists(run_dir):
-        base = load_run_config(run_dir).to_dict()
-    return RunConfig.from_dict(layered_config(base, config_file, flags))
+        base = (str(Path(run_dir) / CONFIG_FILE_NAME), load_run_config(run_dir).to_dict())
+    return layered_config(base, config_file, flags)
 
 
 def default_run_dir(config) -> str:

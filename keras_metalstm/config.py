@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -303,6 +304,27 @@ def recipe_config(recipe: str = "paper", **settings) -> RunConfig:
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
     return RunConfig.from_dict({**RECIPES[recipe], **settings})
+
+
+def layered_run_config(layers: list[tuple[str, dict[str, Any]]]) -> RunConfig:
+    """The RunConfig of settings given in `layers`, (where, {field: value}) pairs, later layers winning: e.g. a
+    recipe's settings, a config file's, then one layer per METALSTM_* variable or command-line flag. A setting
+    that the checks refuse (out of range, or at odds with another) is reported naming where its value came from.
+    """
+    values, sources = {}, {}
+    for where, layer in layers:
+        values.update(layer)
+        sources.update(dict.fromkeys(layer, where))
+    try:
+        return RunConfig.from_dict(values)
+    except ConfigError as error:
+        # A field named in the message, not a quoted value ('query' of query_statistics) or part of a longer name.
+        found = {name: re.search(rf"(?<![\w']){name}(?![\w'])", str(error)) for name in sources}
+        named = sorted((match.start(), name) for name, match in found.items() if match)
+        if not named:
+            raise
+        given = ", ".join(f"{name} from {sources[name]}" for _, name in named)
+        raise ConfigError(f"{error} ({given})") from None
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

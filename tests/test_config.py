@@ -45,6 +45,26 @@ def test_environment_values_are_converted():
     assert env_overrides(env) == {"k_shot": 5, "xla": True, "learning_rate": 0.01, "bn_momentum": None}
 
 
+def test_a_refused_setting_is_named_with_where_its_value_came_from():
+    from keras_metalstm.config import layered_run_config
+
+    base = ("the recipe", RunConfig().to_dict())
+    layers = [base, ("config file run.yaml", {"k_shot": 0, "episodes": 4}), ("--meta-batch", {"meta_batch": 3})]
+    with pytest.raises(ConfigError) as refused:
+        layered_run_config(layers)
+    assert str(refused.value) == "k_shot must be at least 1, got 0 (k_shot from config file run.yaml)"
+    layers[1] = ("config file run.yaml", {"episodes": 4})
+    with pytest.raises(ConfigError) as refused:
+        layered_run_config(layers)
+    assert str(refused.value).endswith("(episodes from config file run.yaml, meta_batch from --meta-batch)")
+    # a quoted value is no field: query_statistics' message quotes 'query', and query is not named
+    layers = [base, ("--query", {"query": 2}), ("QS", {"query_statistics": "batch"})]
+    with pytest.raises(ConfigError) as refused:
+        layered_run_config(layers)
+    assert str(refused.value).endswith("got 'batch' (query_statistics from QS)")
+    assert layered_run_config([base, ("--k-shot", {"k_shot": 5})]).k_shot == 5
+
+
 def test_shape_differences_name_the_fields():
     a, b = RunConfig(), RunConfig(k_shot=5, episodes=10)
     assert a.shape_differences(b) == {"k_shot": (1, 5)}  # episodes may change on resume

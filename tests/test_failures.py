@@ -73,6 +73,21 @@ def test_a_bad_environment_variable_is_named(tmp_path, data_dir):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_setting_out_of_range_is_named_with_its_file_variable_or_flag(tmp_path, data_dir):
+    config = tmp_path / "run.yaml"
+    config.write_text("k_shot: 0\n")
+    sources = [
+        (["--config", config], {}, f"k_shot must be at least 1, got 0 (k_shot from config file {config})"),
+        ([], {"METALSTM_VAL_EPISODES": "-1"}, "(val_episodes from environment variable METALSTM_VAL_EPISODES)"),
+        (["--episodes", "3", "--meta-batch", "2"], {}, "(episodes from --episodes, meta_batch from --meta-batch)"),
+    ]
+    for args, env, message in sources:
+        run_dir = tmp_path / "run"
+        result = invoke(["train", "--dataset", "folder", "--data-dir", data_dir, "--run-dir", run_dir, *args], env=env)
+        assert_clean_failure(result, message)
+        assert not run_dir.exists()
+
+
 def test_urls_as_paths_are_refused_instead_of_becoming_local_folders(tmp_path, data_dir, trained, monkeypatch):
     """gs:// and s3:// paths (a Cloud TPU user's habit): every artifact is written beside its target and renamed,
     which object stores cannot do, and Path("gs://b/run") is the local folder gs:/b/run."""
