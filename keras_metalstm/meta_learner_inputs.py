@@ -45,15 +45,20 @@ def check_mode(mode) -> None:
 
 def check_episodes(learner, episodes, labelled=False) -> None:
     """A batch of episodes for the query logits needs the support set and the query images (`labelled`: and the
-    query labels, to train or evaluate on), each with a leading episode axis: (B, examples, H, W, C) images and
-    (B, examples) integer labels. Static shapes only, so it holds inside a traced function too."""
+    query labels, to train or evaluate on), each with a leading episode axis: (B, examples, H, W, C) float images
+    and (B, examples) integer labels, one per image, the same B for every key and at least one example per set.
+    Static shapes only, so it holds inside a traced function too."""
     needed = EPISODE_KEYS if labelled else EPISODE_KEYS[:3]
     missing = [key for key in needed if key not in episodes]
     if missing:
         raise ValueError(f"An episode batch needs the keys {list(needed)}; missing: {missing}.")
+    not_arrays = [key for key in needed if not hasattr(episodes[key], "dtype")]
+    if not_arrays:
+        raise ValueError(f"{not_arrays} must be NumPy arrays or tensors, not {type(episodes[not_arrays[0]]).__name__}.")
     image_shape = learner_image_shape(learner)
+    shapes = {key: tf.TensorShape(episodes[key].shape) for key in needed}
     for key in needed:
-        shape = tf.TensorShape(getattr(episodes[key], "shape", None))
+        shape, dtype = shapes[key], tf.as_dtype(episodes[key].dtype)
         if key.endswith("images"):
             if image_shape is not None and shape.rank is not None and shape.rank != len(image_shape) + 2:
                 raise ValueError(
@@ -65,10 +70,37 @@ def check_episodes(learner, episodes, labelled=False) -> None:
                     f"{key} hold images of shape {tuple(shape[2:])} but the learner takes {image_shape}: "
                     "resize or convert them first."
                 )
-        elif (shape.rank is not None and shape.rank != 2) or not tf.as_dtype(episodes[key].dtype).is_integer:
+            if not dtype.is_floating:
+                raise ValueError(
+                    f"{key} are {dtype.name} but the learner takes floating-point images on the training scale "
+                    "(float32 in [0, 1] for the package's data): convert them first (e.g. divide uint8 by 255)."
+                )
+        elif (shape.rank is not None and shape.rank != 2) or not dtype.is_integer:
             raise ValueError(
-                f"{key} must be (episodes, examples) integer labels, got shape {tuple(shape)} of "
-                f"{tf.as_dtype(episodes[key].dtype).name}."
+                f"{key} must be (episodes, examples) integer labels, got shape {tuple(shape)} of {dtype.name}."
+            )
+    _check_episode_axes(shapes)
+
+
+def _check_episode_axes(shapes) -> None:
+    """The keys of a batch agree: one episode count B, a label per image, and a set of at least one example."""
+    counts = {key: shape[0] for key, shape in shapes.items() if shape.rank and shape[0] is not None}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{key} {count}" for key, count in counts.items())
+        raise ValueError(
+            f"The keys of an episode batch hold different numbers of episodes ({listed}): batch them together."
+        )
+    for images, labels in (("support_images", "support_labels"), ("query_images", "query_labels")):
+        examples = {key: shapes[key][1] for key in (images, labels) if key in shapes and (shapes[key].rank or 0) > 1}
+        if None not in examples.values() and len(set(examples.values())) > 1:
+            raise ValueError(
+                f"{labels} hold {examples[labels]} labels per episode for {examples[images]} images in {images}: "
+                "give one label per image."
+            )
+        if 0 in examples.values():
+            raise ValueError(
+                f"An episode's {images.split('_')[0]} set is empty ({images} of shape {tuple(shapes[images])}): "
+                "give every episode at least one example."
             )
 
 

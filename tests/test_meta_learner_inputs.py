@@ -198,6 +198,35 @@ def test_episode_batches_that_do_not_fit_are_refused_before_tensorflow_sees_them
         trainer.train_step(as_tensors(float_labels))
 
 
+def test_the_keys_of_an_episode_batch_must_agree_with_each_other():
+    """Each key was checked alone: query images of 2 episodes beside a support set of 1 gave the logits of 1, a
+    label short was taken for a class missing, an empty set failed inside NumPy, uint8 images trained on 0..255."""
+    meta = small_conv4_meta(inner_steps=1)
+    trainer = km.MetaTrainer(meta)
+    episodes = random_episodes(seed=23)  # one 5-way episode, 1 shot, 3 queries per class
+    two = random_episodes(batch=2, seed=24)
+    cases = [
+        ({"query_images": two["query_images"]},
+         r"different numbers of episodes \(support_images 1, support_labels 1, query_images 2, query_labels 1\)"),
+        ({"support_labels": episodes["support_labels"][:, :4]},
+         r"support_labels hold 4 labels per episode for 5 images in support_images: give one label per image"),
+        ({"query_labels": episodes["query_labels"][:, :4]}, r"query_labels hold 4 labels per episode for 15 images"),
+        ({"support_images": episodes["support_images"][:, :0], "support_labels": episodes["support_labels"][:, :0]},
+         r"An episode's support set is empty \(support_images of shape \(1, 0, 28, 28, 1\)\)"),
+        ({"query_images": (episodes["query_images"] * 255).astype(np.uint8)},
+         r"query_images are uint8 but the learner takes floating-point images .* divide uint8 by 255"),
+        ({"query_labels": episodes["query_labels"].tolist()},
+         r"\['query_labels'\] must be NumPy arrays or tensors, not list"),
+    ]
+    for change, message in cases:
+        bad = {**episodes, **change}
+        with pytest.raises(ValueError, match=message):
+            trainer.train_step(bad)
+        with pytest.raises(ValueError, match=message):
+            meta.episode_metrics(bad, mode="train")
+    assert trainer._train_function.experimental_get_tracing_count() == 0
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     ({"clip_norm": -1.0}, "clip_norm must be a positive number (or None for no clip), got -1.0: a negative one "
                           "reverses the meta-gradient"),
