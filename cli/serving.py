@@ -25,7 +25,9 @@ from keras_metalstm.cli.common import progress_bar, quiet_tensorflow, user_error
 @click.option(
     "--out", "out", required=True, type=click.Path(dir_okay=False), help="Adapted learner file (.keras)."
 )
-@click.option("--inner-steps", type=int, default=None, help="Inner-loop updates T (default: the run's own).")
+@click.option(
+    "--inner-steps", type=click.IntRange(min=1), default=None, help="Inner-loop updates T (default: the run's own)."
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 def adapt(source, support_dir, out, inner_steps, force):
     """Adapt a trained meta-learner to a new task given by a few labelled images.

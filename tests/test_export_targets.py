@@ -125,6 +125,19 @@ def test_export_adapted_names_the_wrapper_a_plain_adapted_model_needs(meta, tmp_
     assert not (tmp_path / "models").exists()
 
 
+def test_an_inner_step_count_that_is_no_whole_number_of_at_least_one_is_refused_before_writing(meta, tmp_path):
+    """int() made 0 a SavedModel whose adapt_and_predict never adapted (0 % on its own support set) and 2.7 two."""
+    rng = np.random.default_rng(1)
+    images, labels = rng.random((N_WAY, *SHAPE), dtype=np.float32), np.arange(N_WAY)
+    for steps in (0, 2.7, -1):
+        with pytest.raises(export.ExportError, match=rf"inner_steps must be a whole number of at least 1, got {steps}"):
+            export.export_meta(meta, tmp_path / "meta", inner_steps=steps)
+        with pytest.raises(export.ExportError, match="inner_steps must be a whole number of at least 1"):
+            export.adapt(meta, images, labels, CLASSES, inner_steps=steps)
+    assert not (tmp_path / "meta").exists()
+    assert export.adapt(meta, images, labels, CLASSES, inner_steps=2.0).info["inner_steps"] == 2
+
+
 def test_onnx_export_of_a_grouped_convolution_is_refused_before_writing(tmp_path):
     """Keras runs Conv2D(groups > 1) as an XLA-compiled function, which tf2onnx left as StatefulPartitionedCall."""
     images = keras.Input(SHAPE)

@@ -26,6 +26,7 @@ import numpy as np
 from keras_metalstm.data import CONVERSION_RULE, load_image_folder
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.files import atomic_path, check_target
+from keras_metalstm.export.inputs import inner_steps_of
 from keras_metalstm.learner_architecture import (
     deserialisation_error_text,
     import_custom_class_modules,
@@ -221,7 +222,7 @@ def adapt(meta, support_images, support_labels, class_names, inner_steps=None, i
         )
     shots = np.bincount(labels, minlength=n_way)
     warn_if_unbalanced(shots, class_names)
-    steps = meta.inner_steps if inner_steps is None else int(inner_steps)
+    steps = inner_steps_of(meta, inner_steps)
     learner = meta.adapt(support_images, labels, inner_steps=steps)
     details = {
         "inner_steps": steps,
@@ -287,8 +288,8 @@ def _load_keras(path):
         )
     unimported = import_custom_class_modules(keras_file_config(path))
     # Random layers (Dropout, augmentation) take their seed generators' seeds from Python's `random` as they are
-    # built, and a .keras file does not keep them: a fixed seed makes a meta-learner loaded from a file adapt to
-    # the same model on every load, as one loaded from its run folder (seeded by the run's seed) does.
+    # built. A meta-learner's config keeps its learner's (learner_seeds); for a file written before it did, a fixed
+    # seed makes the meta-learner adapt to the same model on every load, as one loaded from its run folder does.
     outside = random.getstate()
     random.seed(0)
     try:

@@ -14,6 +14,18 @@ from pathlib import Path
 import numpy as np
 
 from keras_metalstm.export.errors import ExportError
+from keras_metalstm.meta_learner_inputs import check_inner_steps
+
+
+def inner_steps_of(meta, inner_steps) -> int:
+    """T for an adaptation: the meta-learner's own (None) or `inner_steps`, a whole number >= 1 (int() would export
+    2.7 steps as 2, and 0 a model that never adapts)."""
+    if inner_steps is None:
+        return meta.inner_steps
+    try:
+        return check_inner_steps(inner_steps)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
 
 
 def check_images(images, image_shape):

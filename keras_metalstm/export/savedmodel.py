@@ -30,6 +30,7 @@ import tensorflow as tf
 from keras_metalstm.data import decode_image_bytes
 from keras_metalstm.data.images import to_uint8
 from keras_metalstm.export.adapted import INPUT_SCALE, meta_image_shape, meta_n_way
+from keras_metalstm.export.inputs import inner_steps_of
 from keras_metalstm.ops import fused_kernels
 
 METADATA_FILE = "assets.extra/keras_metalstm.json"
@@ -94,7 +95,7 @@ class AdaptInServingModule(tf.Module):
     def __init__(self, meta, inner_steps=None):
         super().__init__(name="meta_learner")
         self.meta = meta
-        self.inner_steps = meta.inner_steps if inner_steps is None else int(inner_steps)
+        self.inner_steps = inner_steps_of(meta, inner_steps)
         self.n_way = meta_n_way(meta)
         self.image_shape = meta_image_shape(meta)
         image_spec = [None, *self.image_shape]
