@@ -80,9 +80,10 @@ class LearnerFunction:
         learner: a built keras.Model mapping images to logits.
         bn_momentum: Keras-convention momentum (weight of the OLD value) used for every BatchNormalization
             layer's moving statistics while the meta-learner runs the learner; None keeps each layer's own.
+        random_layer_seeds: seed states to set on the learner's random layers (`random_layer_seeds()`), or None.
     """
 
-    def __init__(self, learner, bn_momentum=None):
+    def __init__(self, learner, bn_momentum=None, random_layer_seeds=None):
         if not isinstance(learner, keras.Model):
             raise TypeError(
                 f"The learner must be a keras.Model mapping images to logits, got {type(learner).__name__}."
@@ -117,6 +118,8 @@ class LearnerFunction:
             for index, variable in enumerate(learner.non_trainable_variables)
             if variable.path.endswith("seed_generator_state")
         ]
+        if random_layer_seeds is not None:
+            self._restore_random_layer_seeds(random_layer_seeds)
         self._reset_values = None  # read on first use (`_episode_start_values`)
         ignored = {
             "regularizers": ("are not part of the inner loop's loss, the support set's cross-entropy (the paper's)",
@@ -132,6 +135,22 @@ class LearnerFunction:
                     RuntimeWarning,
                     stacklevel=1,  # one place for every learner function made of it: Python reports it once
                 )
+
+    def random_layer_seeds(self) -> list[list[int]]:
+        """The (seed, counter) state of each of the learner's random layers (Dropout, augmentation), in its order.
+        Keras draws a layer's seed from Python's `random` when it is built without one, and a `.keras` file does
+        not keep it: a meta-learner's config keeps these, so that a loaded one draws the masks it drew before."""
+        variables = self.learner.non_trainable_variables
+        return [[int(value) for value in variables[index].numpy()] for index in self._seed_states]
+
+    def _restore_random_layer_seeds(self, seeds) -> None:
+        if len(seeds) != len(self._seed_states):
+            raise ValueError(
+                f"learner_seeds holds {len(seeds)} seed states but the learner has {len(self._seed_states)} random "
+                "layers (Dropout, augmentation): give the learner the meta-learner was saved with."
+            )
+        for index, seed in zip(self._seed_states, seeds, strict=True):
+            self.learner.non_trainable_variables[index].assign(seed)
 
     def _episode_start_values(self):
         """Initial non-trainable values: batch-norm statistics at their initialisers, the rest (a frozen layer's

@@ -88,6 +88,7 @@ class MetaLearner(keras.Model):
             no CPU gradient of the grouped convolutions batching uses outside XLA, and under XLA they were
             slower there). A learner with layers that cannot be batched (named in a warning, once) runs per
             episode. Both give the same results.
+        learner_seeds: seed states to set on the learner's random layers (Dropout...), as `get_config` saves them.
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class MetaLearner(keras.Model):
         query_statistics="query",
         learn_logit_scale=False,
         episode_batching="auto",
+        learner_seeds=None,
         **kwargs,
     ):
         # The meta-learner's own arithmetic (theta, the LSTM, the cell update) stays in the variable dtype of any
@@ -112,7 +114,7 @@ class MetaLearner(keras.Model):
         check_meta_learner_settings(inner_steps, hidden_units, p, bn_momentum, query_statistics, episode_batching)
         # A plain (untracked) object: the learner's own variables are not meta-parameters and must not be
         # trained, saved or restored as part of the meta-learner.
-        self._learner_function = LearnerFunction(learner, bn_momentum=bn_momentum)
+        self._learner_function = LearnerFunction(learner, bn_momentum, random_layer_seeds=learner_seeds)
         check_learner_form(learner)
         self._episode_passes = EpisodePasses(self._learner_function, episode_batching, bn_momentum)
         self.inner_steps = int(inner_steps)
@@ -338,12 +340,9 @@ class MetaLearner(keras.Model):
         if not jit_compile:
             return self.meta_gradients
         if True not in self._compiled_gradients:
-            self._compiled_gradients[True] = tf.function(self._meta_gradients_for_xla, jit_compile=True)
+            # traced_for_xla() as a decorator: entered anew at every trace.
+            self._compiled_gradients[True] = tf.function(traced_for_xla()(self.meta_gradients), jit_compile=True)
         return self._compiled_gradients[True]
-
-    def _meta_gradients_for_xla(self, episodes):
-        with traced_for_xla():
-            return self.meta_gradients(episodes)
 
     def train_step(self, episodes):
         """Keras' `fit` step. It may trace the fused kernels (`_fit_kernel_scope`): a function of your own that you
@@ -479,6 +478,7 @@ class MetaLearner(keras.Model):
                 "query_statistics": self.query_statistics,
                 "learn_logit_scale": self.learn_logit_scale,
                 "episode_batching": self.episode_batching,
+                "learner_seeds": self._learner_function.random_layer_seeds(),
             }
         )
         return config

@@ -343,6 +343,22 @@ def test_dropout_draws_other_masks_in_other_episodes_and_the_same_for_the_same_s
     np.testing.assert_array_equal(adapted.get_weights()[0], meta.adapt(support[0], np.arange(5)).get_weights()[0])
 
 
+def test_a_saved_meta_learner_with_dropout_draws_the_masks_it_drew_before(tmp_path):
+    """Keras draws an unseeded Dropout's seed from Python's `random` as it is built, and a .keras file does not keep
+    it: loaded with keras.saving.load_model, the meta-learner adapted to another model (logits 3 apart), and `fit`
+    resumed from a ModelCheckpoint file did not continue where it stood."""
+    images = keras.Input((28, 28, 1))
+    features = keras.layers.Dropout(0.5)(keras.layers.Flatten()(images))
+    meta = km.MetaLearner(keras.Model(images, keras.layers.Dense(5)(features)), inner_steps=2)
+    meta.save(tmp_path / "meta.keras")
+    loaded = keras.saving.load_model(tmp_path / "meta.keras")
+    assert loaded.get_config()["learner_seeds"] == meta.get_config()["learner_seeds"]
+    episodes = as_tensors(random_episodes(seed=6))
+    np.testing.assert_array_equal(loaded(episodes, training=True).numpy(), meta(episodes, training=True).numpy())
+    with pytest.raises(ValueError, match="learner_seeds holds 2 seed states but the learner has 1 random layers"):
+        km.MetaLearner(meta.learner, learner_seeds=[[1, 0], [2, 0]])
+
+
 def test_a_learners_regularizers_are_named_in_a_warning_as_not_part_of_the_inner_loss():
     images = keras.Input((28, 28, 1))
     features = keras.layers.Conv2D(2, 3, kernel_regularizer="l2", name="decayed")(images)
