@@ -62,6 +62,14 @@ def _build(spec, image_shape, n_way, filters):
     if kind == "built-in":
         from keras_metalstm import learners
 
+        height, width, channels = image_shape
+        if min(height, width) < learners.BUILT_IN_MIN_SIDE:
+            side = learners.BUILT_IN_MIN_SIDE
+            raise LearnerError(
+                f"the built-in learner {spec} halves the image four times (2x2 max pooling) and needs images of at "
+                f"least {side}x{side}, got {height}x{width}: give --image-shape {side},{side},{channels} or larger "
+                "(the paper's: 28,28,1 and 84,84,3), or a learner of your own (--learner)"
+            )
         return learners.BUILT_IN[spec](input_shape=tuple(image_shape), num_classes=int(n_way), filters=filters)
     if kind == "file":
         model = load_learner_file(spec)

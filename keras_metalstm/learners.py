@@ -59,3 +59,5 @@ def resnet12(input_shape=(84, 84, 3), num_classes=5, filters=64, bn_epsilon=1e-3
 
 # The learners `metalstm train --learner NAME` builds: NAME(input_shape, num_classes, filters).
 BUILT_IN = {"conv4": conv4, "resnet12": resnet12}
+# Both halve the image four times (2x2 max pooling): a side under 16 pools away to nothing.
+BUILT_IN_MIN_SIDE = 16

@@ -88,6 +88,16 @@ def test_a_setting_out_of_range_is_named_with_its_file_variable_or_flag(tmp_path
         assert not run_dir.exists()
 
 
+def test_images_too_small_for_a_built_in_learner_are_refused_with_the_smallest_shape(tmp_path, data_dir):
+    """conv4 and resnet12 halve the image four times: under 16x16 the learner failed to build, in 70 lines of a
+    Keras traceback."""
+    for learner in ("conv4", "resnet12"):
+        result = invoke([*train_args(data_dir, tmp_path / "run", "--image-shape", "15,28,1"), "--learner", learner])
+        assert_clean_failure(result, f"the built-in learner {learner} halves the image four times (2x2 max pooling) "
+                             "and needs images of at least 16x16, got 15x28: give --image-shape 16,16,1 or larger")
+        assert not (tmp_path / "run").exists()
+
+
 def test_urls_as_paths_are_refused_instead_of_becoming_local_folders(tmp_path, data_dir, trained, monkeypatch):
     """gs:// and s3:// paths (a Cloud TPU user's habit): every artifact is written beside its target and renamed,
     which object stores cannot do, and Path("gs://b/run") is the local folder gs:/b/run."""
