@@ -91,6 +91,22 @@ def test_class_in_two_split_files_is_refused(mini_dir):
         load_miniimagenet(mini_dir)
 
 
+def test_an_image_listed_twice_is_refused(mini_dir):
+    """Within a split it would be its own query; in train.csv and test.csv a test image trained on."""
+    train_lines = (mini_dir / "train.csv").read_text()
+    with open(mini_dir / "train.csv", "a") as f:
+        f.write("n0153282900000002.jpg,n01532829\n")
+    with pytest.raises(DataError, match=r"'n0153282900000002.jpg' is listed twice: train.csv line 3 and train.csv "
+                                        r"line \d+; an image may be listed once only"):
+        load_miniimagenet(mini_dir)
+    (mini_dir / "train.csv").write_text(train_lines)
+    test_label = (mini_dir / "test.csv").read_text().splitlines()[1].split(",")[1]
+    with open(mini_dir / "test.csv", "a") as f:
+        f.write(f"n0153282900000002.jpg,{test_label}\n")
+    with pytest.raises(DataError, match=r"listed twice: train.csv line 3 and test.csv line \d+"):
+        load_miniimagenet(mini_dir)
+
+
 def test_truncated_jpeg_is_named(mini_dir):
     victim = mini_dir / "images" / "n0155899300000003.jpg"
     victim.write_bytes(victim.read_bytes()[:400])

@@ -87,17 +87,26 @@ def load_miniimagenet(
         )
     if not images_dir.is_dir():
         raise DataError(
-            f"Mini-ImageNet image folder not found: {images_dir} (pass images_dir=... if it is elsewhere)"
+            f"Mini-ImageNet image folder not found: {images_dir}; the images go in an images/ folder beside the "
+            "csv files (in Python, load_miniimagenet(images_dir=...) takes another folder)"
         )
     tables = {s: read_split_csv(data_dir / f) for s, f in MINIIMAGENET_CSV_FILES.items()}
 
     owner: dict[str, str] = {}
+    listed: dict[str, tuple[str, int]] = {}  # file -> (split, line) where it was first listed
     for split_name, rows in tables.items():
-        for line, _, label in rows:
+        for line, name, label in rows:
             if owner.setdefault(label, split_name) != split_name:
                 raise DataError(
                     f"class {label!r} is in both {owner[label]}.csv and {split_name}.csv "
                     f"(line {line}); a class may be in one split only"
+                )
+            # An image listed twice would be its own query (or, across splits, a test image seen in training).
+            first_split, first_line = listed.setdefault(name, (split_name, line))
+            if (first_split, first_line) != (split_name, line):
+                raise DataError(
+                    f"{name!r} is listed twice: {first_split}.csv line {first_line} and {split_name}.csv line "
+                    f"{line}; an image may be listed once only: remove the second line"
                 )
         missing = [(line, name) for line, name, _ in rows if not (images_dir / name).is_file()]
         if missing:
