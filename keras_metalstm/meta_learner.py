@@ -5,7 +5,7 @@ LSTM (layer 1) and the meta-learner cell (layer 2). Given a batch of episodes it
 (learner gradient, preprocessing, coordinate LSTM, cell update) on each episode's support set, starting from
 theta0, and classifies the query set with the adapted parameters theta_T. The T steps and the B episodes are
 loops in the graph rather than unrolled, so tracing and XLA compilation do not grow with T or B. The same step
-function serves `MetaTrainer` and Keras' own `fit`.
+function serves `MetaTrainer` and Keras' own `fit` (whose steps are in keras_metalstm.meta_learner_fit).
 
 The fused CPU kernels (keras_metalstm/ops: the coordinate-wise LSTM, and the learner's batch norm, ReLU and max
 pooling) run only in the steps Keras' `fit` and `evaluate` trace (without `jit_compile`) and in `adapt`'s own
@@ -26,12 +26,11 @@ from keras_metalstm.inner_loop_trace import InnerLoopTrace, record_inner_loop
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
 from keras_metalstm.learner_function import LearnerFunction, accuracy, variable_dtype
 from keras_metalstm.learner_spec import check_learner_form
+from keras_metalstm.meta_learner_fit import KerasFitSteps
 from keras_metalstm.meta_learner_inputs import (
-    check_clip_norm,
     check_eager_adapt,
     check_episodes,
     check_inner_steps,
-    check_jit_fit_replicas,
     check_meta_learner_settings,
     check_mode,
     check_support,
@@ -41,10 +40,8 @@ from keras_metalstm.ops import fused_kernels
 from keras_metalstm.preprocessing import preprocess
 from keras_metalstm.weight_transfer import weights_for_learner
 from keras_metalstm.xla_ops import (
-    explaining_uncompilable_ops,
     in_xla_context,
     traced_for_xla,
-    warn_if_xla_untrusted,
 )
 
 # The learned logit scale is exp(LOGIT_SCALE_GAIN * weight). Adam moves a weight by about its learning rate per
@@ -53,7 +50,7 @@ LOGIT_SCALE_GAIN = 100.0
 
 
 @keras.saving.register_keras_serializable(package="keras_metalstm")
-class MetaLearner(keras.Model):
+class MetaLearner(KerasFitSteps, keras.Model):
     """Meta-learns an initial parameter vector and an update rule for `learner`.
 
     Args:
@@ -343,59 +340,6 @@ class MetaLearner(keras.Model):
             # traced_for_xla() as a decorator: entered anew at every trace.
             self._compiled_gradients[True] = tf.function(traced_for_xla()(self.meta_gradients), jit_compile=True)
         return self._compiled_gradients[True]
-
-    def train_step(self, episodes):
-        """Keras' `fit` step. It may trace the fused kernels (`_fit_kernel_scope`): a function of your own that you
-        mean to save should call `meta_train_step`, which traces stock ops."""
-        with self._fit_kernel_scope():
-            loss, accuracy = self.meta_train_step(episodes, self.optimizer, clip_norm=self._fit_clip_norm)
-        self.loss_tracker.update_state(loss)
-        self.accuracy_tracker.update_state(accuracy)
-        return {metric.name: metric.result() for metric in self.metrics}
-
-    def test_step(self, episodes):
-        with self._fit_kernel_scope():
-            losses, accuracies = self.episode_metrics(episodes, mode="test")
-        self.loss_tracker.update_state(tf.reduce_mean(losses))
-        self.accuracy_tracker.update_state(tf.reduce_mean(accuracies))
-        return {metric.name: metric.result() for metric in self.metrics}
-
-    def _fit_kernel_scope(self):
-        """Where Keras' fit/evaluate trace train_step/test_step (inside each replica's thread; Keras leaves these
-        functions out of SavedModels): the fused kernels, unless Keras compiles the step with XLA."""
-        return traced_for_xla() if self.jit_compile else fused_kernels.enabled()
-
-    def compile(self, optimizer=None, clip_norm=0.25, **kwargs):
-        """Like keras.Model.compile, for `fit`: the default optimizer is the paper's Adam(1e-3), and `clip_norm`
-        clips the meta-gradient's global norm (summed over replicas) before every update, as `MetaTrainer` does.
-        """
-        if optimizer is None:
-            from keras_metalstm.trainer import meta_optimizer
-
-            optimizer = meta_optimizer()
-        self._fit_clip_norm = check_clip_norm(clip_norm)
-        super().compile(optimizer=optimizer, **kwargs)
-        # Built now, not by the first traced step: a failed trace would leave a later fit creating them in one.
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
-
-    def get_compile_config(self):
-        config = super().get_compile_config()
-        return {**config, "clip_norm": self._fit_clip_norm} if self.compiled and config else config
-
-    def compile_from_config(self, config):
-        # Keras skips compiling a loaded model whose compile() is overridden; this one compiles as it was saved,
-        # so its optimizer state (loaded after this) and clip continue a `fit` where it stopped.
-        self.compile(**keras.saving.deserialize_keras_object(config))
-
-    def fit(self, *args, **kwargs):
-        """keras.Model.fit; under compile(jit_compile=True) a learner op XLA cannot compile is a LearnerError that
-        names it and its layer."""
-        if self.jit_compile:
-            check_jit_fit_replicas(self.distribute_strategy.num_replicas_in_sync)
-            warn_if_xla_untrusted()
-        with explaining_uncompilable_ops(self.learner):
-            return super().fit(*args, **kwargs)
 
     # ---------------------------------------------------------------------------------------- adaptation
     def adapt(self, support_images, support_labels, inner_steps=None, mode="test"):

@@ -213,6 +213,21 @@ def check_inner_steps(inner_steps) -> int:
     return int(inner_steps)
 
 
+def check_replica_batches(data, replicas: int) -> None:
+    """`fit`/`evaluate` on a tf.data.Dataset of episode batches under several replicas: Keras splits each batch of
+    B episodes over them, and a B that is not a multiple of their number failed deep inside TensorFlow ("Inputs to
+    operation AddN ... must have the same size and shape"). A batch of unknown size is left to Keras."""
+    if replicas <= 1 or not isinstance(data, tf.data.Dataset) or not isinstance(data.element_spec, dict):
+        return
+    spec = data.element_spec.get("support_images")
+    batch = None if spec is None or spec.shape.rank is None else spec.shape[0]
+    if batch is not None and batch % replicas:
+        raise ValueError(
+            f"A batch of {batch} episodes cannot be shared by the strategy's {replicas} replicas: batch a multiple "
+            f"of {replicas} episodes (episode_dataset(..., batch_size={max(replicas, batch // replicas * replicas)}))."
+        )
+
+
 def check_jit_fit_replicas(replicas: int) -> None:
     """`fit` after compile(jit_compile=True) under a strategy of several replicas: Keras would compile its whole
     step, the cross-replica sum and other devices' variables included, which TensorFlow refuses deep inside

@@ -197,9 +197,14 @@ def test_factory_default_and_per_replica_batch():
 def test_factory_mirrored_on_two_logical_cpus():
     report = _run("factory")
     refusal = report.pop("jit_fit_refusal")
+    odd_batches = report.pop("odd_batch_refusals")
     assert report == {"mirrored": 2, "per_replica": 2, "odd_batch_rejected": True}
     assert refusal.startswith("fit after compile(jit_compile=True) cannot run under a strategy of 2 replicas")
     assert "MetaTrainer(meta, jit_compile=True)" in refusal
+    # Keras' fit and evaluate split each batch over the replicas: 3 episodes failed in an AddN of unequal shapes
+    expected = ("A batch of 3 episodes cannot be shared by the strategy's 2 replicas: batch a multiple of 2 "
+                "episodes (episode_dataset(..., batch_size=2)).")
+    assert odd_batches == {"fit": expected, "validation": expected, "evaluate": expected, "even_fit": None}
 
 
 # ----------------------------------------------------------------------------------------- subprocess roles
@@ -271,7 +276,28 @@ def role_factory():
     except ValueError as error:
         refusal = str(error)
     return {"mirrored": strategy.num_replicas_in_sync, "per_replica": per_replica_batch(strategy, 4),
-            "odd_batch_rejected": odd, "jit_fit_refusal": refusal}
+            "odd_batch_rejected": odd, "jit_fit_refusal": refusal, "odd_batch_refusals": _odd_batch_refusals(strategy)}
+
+
+def _odd_batch_refusals(strategy):
+    """What Keras' fit and evaluate say of batches of 3 episodes for 2 replicas, and whether a batch of 2 trains."""
+    from keras_metalstm.data import episode_dataset, load_dataset
+
+    with strategy.scope():
+        meta = _build_meta()
+        meta.compile()
+    split = load_dataset("fontglot").train
+    odd, even = (episode_dataset(split, N_WAY, K_SHOT, QUERY, batch_size=size, num_episodes=6) for size in (3, 2))
+    calls = {"fit": lambda: meta.fit(odd, verbose=0), "validation": lambda: meta.fit(even, validation_data=odd),
+             "evaluate": lambda: meta.evaluate(odd, verbose=0), "even_fit": lambda: meta.fit(even, verbose=0)}
+    refusals = {}
+    for name, call in calls.items():
+        try:
+            call()
+            refusals[name] = None
+        except ValueError as error:
+            refusals[name] = str(error)
+    return refusals
 
 
 def role_mirrored():
