@@ -80,6 +80,9 @@ def test_split_file_round_trip_and_errors(tmp_path):
     path = tmp_path / "split.json"
     splits.save(path)
     assert dataset.split(split_file=path).class_names() == splits.class_names()
+    # as Windows' Notepad saves it, with a byte-order mark
+    (tmp_path / "bom.json").write_text(path.read_text(), encoding="utf-8-sig")
+    assert dataset.split(split_file=tmp_path / "bom.json").class_names() == splits.class_names()
 
     with pytest.raises(DataError, match="split file not found"):
         dataset.split(split_file=tmp_path / "missing.json")

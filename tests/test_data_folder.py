@@ -109,6 +109,10 @@ def test_empty_folders_are_refused(tmp_path):
         load_image_folder(one_up)
     with pytest.raises(DataError, match="image folder not found"):
         load_image_folder(tmp_path / "nowhere")
+    (tmp_path / "an_image.png").write_bytes(b"")  # an image given where its folder's folder was meant
+    with pytest.raises(DataError, match=r"an_image.png is a file: give the folder that holds one sub-folder of images "
+                                        r"per class"):
+        load_image_folder(tmp_path / "an_image.png")
 
 
 def test_bmp_and_gif_files_are_classes_images_too(tmp_path):

@@ -381,7 +381,7 @@ def read_split_file(
     """
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             content = json.load(f)
     except FileNotFoundError:
         raise DataError(f"split file not found: {path}") from None

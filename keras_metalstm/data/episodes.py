@@ -201,8 +201,9 @@ def _check_episode_size(dataset: ClassIndexedDataset, n_way, k_shot, q_query) ->
         others = f" ({len(short) - 1} other class(es) too)" if len(short) > 1 else ""
         raise DataError(
             f"class {dataset.class_names[i]!r} of {dataset.name} has {sizes[i]} images but {k}-shot episodes "
-            f"with {q} queries need K+Q = {k + q} distinct images per class{others}; lower the shots or queries "
-            f"(--k-shot, --query), or give every class at least {k + q} images, or leave the smaller classes out "
-            f"(metalstm train --drop-small-classes; dataset.with_min_images({k + q}) in the library)"
+            f"with {q} queries need K+Q = {k + q} distinct images per class{others}: give every class at least "
+            f"{k + q} images, lower the queries (--query) or, for a new run, the shots (--k-shot), or leave the "
+            f"smaller classes out (a new run: metalstm train --drop-small-classes; dataset.with_min_images({k + q}) "
+            "in the library)"
         )
     return n, k, q

@@ -237,6 +237,10 @@ def _list_classes(
     root: Path, extensions: Sequence[str], only: Collection[str] | None = None
 ) -> tuple[dict[str, list[Path]], LeftOut]:
     """`list_image_folder`'s classes and the files it leaves out, for one warning per load."""
+    if root.is_file():
+        raise DataError(
+            f"{readable_path(root)} is a file: give the folder that holds one sub-folder of images per class"
+        )
     if not root.is_dir():
         raise DataError(f"image folder not found: {readable_path(root)}")
     refuse_non_utf8_names([root], "folder")
