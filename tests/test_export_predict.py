@@ -177,3 +177,32 @@ def test_image_inputs_of_many_arrays_hold_no_file_open_until_read(tmp_path):
     assert len(os.listdir("/proc/self/fd")) - open_before < 5
     images, names = next(inputs.batches(batch_size=100))
     assert names == [str(p) for p in paths] and images[7, 0, 0, 0] == np.float32(7 / 60)
+
+
+def test_a_learner_on_four_channels_exports_without_the_image_file_signatures(tmp_path):
+    """Image files decode to 1 or 3 channels: the encoded signatures made the export of a 2- or 4-channel learner
+    fail while tracing them, in an autograph stack; it is now served on arrays only."""
+    import keras
+    import tensorflow as tf
+
+    import keras_metalstm as km
+
+    shape = (12, 12, 4)
+    learner = keras.Sequential([keras.Input(shape), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
+                                keras.layers.Dense(3)])
+    meta = km.MetaLearner(learner, inner_steps=1)
+    rng = np.random.default_rng(2)
+    support, queries = rng.random((3, *shape), dtype=np.float32), rng.random((4, *shape), dtype=np.float32)
+    adapted = export.adapt(meta, support, np.arange(3), ["a", "b", "c"])
+    result = export.export_adapted(adapted, tmp_path / "task", format="both")
+    assert result.parity.ok, result.parity.summary()
+    served = tf.saved_model.load(str(result.path))
+    assert sorted(served.signatures) == ["serving_default"]
+    logits = served.signatures["serving_default"](images=tf.constant(queries))["logits"].numpy()
+    np.testing.assert_allclose(logits, adapted(queries).numpy(), atol=1e-5)
+    in_serving = tf.saved_model.load(str(export.export_meta(meta, tmp_path / "meta").path))
+    assert sorted(in_serving.signatures) == ["adapt_and_predict"]
+    outputs = in_serving.signatures["adapt_and_predict"](support_images=tf.constant(support),
+                                                         support_labels=tf.constant([0, 1, 2], tf.int32),
+                                                         query_images=tf.constant(queries))
+    np.testing.assert_allclose(outputs["logits"].numpy(), logits, atol=1e-5)

@@ -16,6 +16,8 @@ episode axis is fixed to 1 inside), any number of support and query images, the 
 ``adapt_and_predict_encoded``: the same on files, ``support_image_bytes`` string (N*K,), ``support_labels``,
 ``query_image_bytes`` string (batch,), decoded and converted as ``predict_encoded`` does (for a client without
 the conversion rule; over REST in the columnar form, as support and queries differ in number).
+The ``*_encoded`` signatures exist for learners on 1 (grey) or 3 (RGB) channels, what image files decode to; a
+learner on other channels (2, 4, a stack of bands) is served on arrays only.
 The inner loop's gradients are ordinary ops of the saved graph, so TensorFlow Serving runs it with no Python.
 ONNX cannot express it (no gradient operators), so there is no ONNX form of the meta-learner.
 """
@@ -35,6 +37,12 @@ from keras_metalstm.ops import fused_kernels
 
 METADATA_FILE = "assets.extra/keras_metalstm.json"
 SIGNATURE_OUTPUTS = ("logits", "probabilities", "class_ids", "class_names")
+ENCODED_CHANNELS = (1, 3)  # what image files decode to
+
+
+def takes_image_files(image_shape) -> bool:
+    """Whether a model on `image_shape` images gets the signatures on encoded image files."""
+    return image_shape[-1] in ENCODED_CHANNELS
 
 
 def _outputs(logits, class_names=None):
@@ -75,9 +83,10 @@ class ClassifierModule(tf.Module):
         self.image_shape = tuple(adapted.image_shape)
         spec = tf.TensorSpec([None, *self.image_shape], tf.float32, name="images")
         self.serving_default = tf.function(self._classify, input_signature=[spec])
-        self.predict_encoded = tf.function(
-            self._classify_encoded, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")]
-        )
+        if takes_image_files(self.image_shape):
+            self.predict_encoded = tf.function(
+                self._classify_encoded, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")]
+            )
 
     def _classify(self, images):
         return _outputs(self.learner(images, training=False), self.class_names)
@@ -86,7 +95,7 @@ class ClassifierModule(tf.Module):
         return self._classify(decode_for_serving(image_bytes, self.image_shape))
 
     def signatures(self):
-        return {"serving_default": self.serving_default, "predict_encoded": self.predict_encoded}
+        return {name: getattr(self, name) for name in ("serving_default", "predict_encoded") if hasattr(self, name)}
 
 
 class AdaptInServingModule(tf.Module):
@@ -107,14 +116,15 @@ class AdaptInServingModule(tf.Module):
                 tf.TensorSpec(image_spec, tf.float32, name="query_images"),
             ],
         )
-        self.adapt_and_predict_encoded = tf.function(
-            self._adapt_and_predict_encoded,
-            input_signature=[
-                tf.TensorSpec([None], tf.string, name="support_image_bytes"),
-                tf.TensorSpec([None], tf.int32, name="support_labels"),
-                tf.TensorSpec([None], tf.string, name="query_image_bytes"),
-            ],
-        )
+        if takes_image_files(self.image_shape):
+            self.adapt_and_predict_encoded = tf.function(
+                self._adapt_and_predict_encoded,
+                input_signature=[
+                    tf.TensorSpec([None], tf.string, name="support_image_bytes"),
+                    tf.TensorSpec([None], tf.int32, name="support_labels"),
+                    tf.TensorSpec([None], tf.string, name="query_image_bytes"),
+                ],
+            )
 
     def _adapt_and_predict(self, support_images, support_labels, query_images):
         checks = [
@@ -151,10 +161,8 @@ class AdaptInServingModule(tf.Module):
         )
 
     def signatures(self):
-        return {
-            "adapt_and_predict": self.adapt_and_predict,
-            "adapt_and_predict_encoded": self.adapt_and_predict_encoded,
-        }
+        names = ("adapt_and_predict", "adapt_and_predict_encoded")
+        return {name: getattr(self, name) for name in names if hasattr(self, name)}
 
 
 def adapted_metadata(adapted):
@@ -165,7 +173,7 @@ def adapted_metadata(adapted):
         "input": "images",
         "input_scale": INPUT_SCALE,
         "outputs": list(SIGNATURE_OUTPUTS),
-        "signatures": ["serving_default", "predict_encoded"],
+        "signatures": ["serving_default"] + ["predict_encoded"] * takes_image_files(adapted.image_shape),
         "info": adapted.info,
     }
 
@@ -177,7 +185,7 @@ def meta_metadata(module):
         "inner_steps": module.inner_steps,
         "image_shape": list(module.image_shape),
         "input_scale": INPUT_SCALE,
-        "signatures": ["adapt_and_predict", "adapt_and_predict_encoded"],
+        "signatures": list(module.signatures()),
     }
 
 
