@@ -442,10 +442,16 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 text = value.strip()
                 value = json.loads(text) if text.startswith("[") else text.replace("x", ",").split(",")
-            shape = [int(v) for v in value]
-            if len(shape) != 3 or min(shape) < 1 or shape[2] not in (1, 3):
-                raise ConfigError(f"image_shape must be H,W,C with C = 1 or 3 (e.g. 84,84,3), got {value!r}")
-            return shape
+            wrong = ConfigError(
+                f"image_shape must be H,W,C, three whole numbers with C = 1 or 3 (e.g. 84,84,3), got {value!r}"
+            )
+            try:
+                numbers = [float(v) for v in value]
+            except (TypeError, ValueError):
+                raise wrong from None
+            if len(numbers) != 3 or not all(n.is_integer() and n >= 1 for n in numbers) or numbers[2] not in (1, 3):
+                raise wrong
+            return [int(n) for n in numbers]
         if name in _TEXT_FIELDS and not isinstance(value, (str, Path)):
             raise ConfigError(
                 f"setting {name!r} takes text (a name or a path), got {type(value).__name__} {value!r}"

@@ -40,6 +40,9 @@ def dead_pid():
     (["--clip-norm", "nan"], "clip_norm must be a finite number, got nan"),
     (["--n-way", "1"], "n_way must be at least 2"),
     (["--image-shape", "28,28"], "image_shape must be H,W,C"),
+    (["--image-shape", "abc"], "image_shape must be H,W,C, three whole numbers with C = 1 or 3 (e.g. 84,84,3), got "
+                               "['abc']"),
+    (["--image-shape", "28.5,28,1"], "image_shape must be H,W,C, three whole numbers"),
     (["--episode-batching", "batched"], "not on this CPU: add --xla, or use --episode-batching auto"),
     (["--episode-batching", "batched", "--xla", "--dtype-policy", "mixed_bfloat16"],
      "cannot be evaluated for a batch of episodes at once (conv1: mixed precision (mixed_bfloat16); "),

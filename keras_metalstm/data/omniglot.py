@@ -174,8 +174,10 @@ def omniglot_splits(
         elif isinstance(split, int) and not isinstance(split, bool):
             if not 0 < split < len(names):
                 raise DataError(
-                    f"Omniglot split={split} needs more than {split} characters, found {len(names)} "
-                    f"in {data_dir}; are both images_background and images_evaluation there?"
+                    f"Omniglot's character split of Vinyals et al. puts {split} characters in meta-training and "
+                    f"needs more than {split}, found {len(names)} in {data_dir}: are both images_background and "
+                    "images_evaluation whole there? For a part of Omniglot, give your own split (--split-file, "
+                    "or split_file= in Python)"
                 )
             order = seeded_order(names, seed)
             pool, test = order[:split], order[split:]
