@@ -8,10 +8,9 @@ loops in the graph rather than unrolled, so tracing and XLA compilation do not g
 function serves `MetaTrainer` and Keras' own `fit` (whose steps are in keras_metalstm.meta_learner_fit).
 
 The fused CPU kernels (keras_metalstm/ops: the coordinate-wise LSTM, and the learner's batch norm, ReLU and max
-pooling) run only in the steps Keras' `fit` and `evaluate` trace (without `jit_compile`) and in `adapt`'s own
-compiled function, none of which is ever saved; `call`, `inner_loop`, `meta_gradients` and `meta_train_step`
-traced anywhere else use stock TensorFlow ops, so any function a user saves around them loads without this
-library.
+pooling) run only in the steps Keras' `fit` and `evaluate` trace (without `jit_compile`), which are never saved;
+`adapt`, `call`, `inner_loop`, `meta_gradients` and `meta_train_step` use stock TensorFlow ops, so any function a
+user saves around them loads without this library.
 """
 
 import functools
@@ -372,8 +371,10 @@ class MetaLearner(KerasFitSteps, keras.Model):
         return self._learner_function.materialise(theta, state)
 
     def _adapt_one(self, support_images, support_labels, inner_steps):
-        # Traced only into _compiled_adapt, a cache left out of SavedModels: the fused kernels may run here.
-        with fused_kernels.enabled():
+        # Stock ops even where a caller enabled the fused kernels, as the adapt-in-serving SavedModel runs the same
+        # loop: one episode gains little from the kernels, and their other rounding, through the kinks of max
+        # pooling and ReLU, gave the two adaptations of one task logits 0.03 apart.
+        with fused_kernels.disabled():
             theta, states = self.inner_loop(support_images[tf.newaxis], support_labels[tf.newaxis], inner_steps)
         return theta[0], [value[0] for value in states]
 
@@ -401,8 +402,7 @@ class MetaLearner(KerasFitSteps, keras.Model):
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         children = super()._trackable_children(save_type, **kwargs)
         if save_type == "savedmodel":
-            # Execution caches, not part of a model (as Keras leaves out its train_function): they may also
-            # hold the fused CPU kernel, which TensorFlow Serving does not have.
+            # Execution caches, not part of a model (as Keras leaves out its train_function).
             children.pop("_compiled_adapt", None)
             children.pop("_compiled_trace", None)
             children.pop("_compiled_gradients", None)

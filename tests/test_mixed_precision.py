@@ -10,7 +10,6 @@ from conftest import as_tensors, random_episodes
 
 import keras_metalstm as km
 from keras_metalstm import export
-from keras_metalstm.ops import fused_kernels
 
 IMAGE_SHAPE = (16, 16, 1)
 CLASSES = ["a", "b", "c", "d", "e"]
@@ -51,10 +50,9 @@ def test_adapt_under_a_mixed_policy_gives_the_test_mode_query_logits(policy):
     episode = as_tensors(random_episodes(image_shape=IMAGE_SHAPE, seed=4))
     adapted = meta.adapt(episode["support_images"][0], episode["support_labels"][0])  # failed: loop var dtype
     logits = tf.cast(adapted(episode["query_images"][0]), tf.float32).numpy()
-    # With the fused kernel, as adapt runs: the stock ops' float32 rounding differences would flip theta's
-    # bfloat16 roundings in the learner and grow over the steps (0.14 of logits of ~1 here).
-    with fused_kernels.enabled():
-        expected = tf.function(lambda episode: meta(episode, mode="test"))(episode).numpy()[0]
+    # With stock ops, as adapt runs: the fused kernels' other float32 rounding would flip theta's bfloat16
+    # roundings in the learner and grow over the steps (0.14 of logits of ~1 here).
+    expected = tf.function(lambda episode: meta(episode, mode="test"))(episode).numpy()[0]
     tolerance = 0.03 * np.abs(expected).max()  # a few bfloat16 roundings: the two graphs' kernels differ
     np.testing.assert_allclose(logits, expected, atol=tolerance)
     unadapted = meta._learner_function.materialise(meta.theta0, meta._learner_function.initial_state())
@@ -94,8 +92,7 @@ def test_the_adapt_in_serving_export_computes_in_float32(policy, tmp_path):
     # theta's updates differently (0.14 of logits of ~2 here), and no server runs it.
     from keras_metalstm.export.adapted import meta_in_variable_precision
 
-    with fused_kernels.disabled():
-        expected = meta_in_variable_precision(meta).adapt(episode["support_images"][0], episode["support_labels"][0])
+    expected = meta_in_variable_precision(meta).adapt(episode["support_images"][0], episode["support_labels"][0])
     np.testing.assert_allclose(logits, expected(episode["query_images"][0]).numpy(), atol=1e-4)
 
 
