@@ -41,9 +41,11 @@ class EpisodePasses:
             self._not_batched_because = str(error)
         self._fallback_reported = False
 
-    def batches_episodes(self):
-        """Whether the function being traced evaluates the learner once for all episodes."""
-        if self.episode_batching == "per_episode":
+    def batches_episodes(self, episodes=None):
+        """Whether the function being traced evaluates the learner once for all `episodes` episodes. One episode
+        (`adapt`, a meta-batch of 1) has nothing to batch: it runs as itself, without a loop, on any device (a
+        batched convolutional learner could not be adapted on a CPU outside XLA)."""
+        if self.episode_batching == "per_episode" or episodes == 1:
             return False
         wanted = self.episode_batching == "batched" or accelerator_present()
         if wanted and self.batched_function is None:
@@ -68,7 +70,7 @@ class EpisodePasses:
         never differentiates the support passes. Otherwise they are differentiated, on stock ops: the fused
         kernels' backward ops have no gradient of their own.
         """
-        if self.batches_episodes():
+        if self.batches_episodes(theta.shape[0]):
             results = self.batched_function.loss_and_gradient(
                 theta, states, support_images, support_labels, divide_by_batch=divide_by_batch
             )
@@ -90,7 +92,7 @@ class EpisodePasses:
     def query_logits(self, theta, states, query_images, batch_statistics):
         """Every episode's logits (B, N*Q, classes) on its query images at its own theta, normalised with the query
         batch's own statistics (`batch_statistics`) or with `states`."""
-        if self.batches_episodes():
+        if self.batches_episodes(theta.shape[0]):
             return self.batched_function(theta, states, query_images, batch_statistics)[0]
         learner = self.learner_function
 
@@ -103,7 +105,7 @@ class EpisodePasses:
 
     def batch_statistics(self, theta, support_images):
         """Every episode's learner state from its support batch's statistics at its own theta."""
-        if self.batches_episodes():
+        if self.batches_episodes(theta.shape[0]):
             return self.batched_function.batch_statistics(theta, support_images)
         learner = self.learner_function
         return map_learner_passes(

@@ -83,7 +83,7 @@ class MetaLearner(KerasFitSteps, keras.Model):
             their gradients). "auto" (default): batched on a GPU/TPU, per episode on a CPU (TensorFlow has
             no CPU gradient of the grouped convolutions batching uses outside XLA, and under XLA they were
             slower there). A learner with layers that cannot be batched (named in a warning, once) runs per
-            episode. Both give the same results.
+            episode, and so does a single episode (`adapt`). Both give the same results.
         learner_seeds: seed states to set on the learner's random layers (Dropout...), as `get_config` saves them.
     """
 
@@ -304,7 +304,7 @@ class MetaLearner(KerasFitSteps, keras.Model):
         (`keras_metalstm.episode_loop`): the same values, one episode's activations kept at a time.
         """
         episode_count = static_batch_size(episodes["support_images"], "support_images")
-        if episode_count > 1 and in_xla_context() and not self._episode_passes.batches_episodes():
+        if episode_count > 1 and in_xla_context() and not self._episode_passes.batches_episodes(episode_count):
             # theta0's dtype is the logits', so the loss's and the accuracy's.
             return mean_over_episodes(
                 self.meta_gradients, episodes, episode_count, self.trainable_variables, self.theta0.dtype

@@ -221,6 +221,27 @@ def test_explicitly_batched_convolutions_on_a_cpu_outside_xla_are_a_clear_error(
         tf.function(meta.meta_gradients)(episodes)
 
 
+def test_one_episode_has_nothing_to_batch_and_a_batched_learner_adapts_on_a_cpu(monkeypatch):
+    """adapt (one episode) of a meta-learner built with episode_batching="batched", e.g. trained on a TPU, was
+    refused on a CPU: grouped convolutions have no CPU gradient outside XLA, and adapt has no XLA option."""
+    from keras_metalstm import episode_passes
+
+    meta = km.MetaLearner(conv4(), inner_steps=2, episode_batching="batched")
+    per_episode = km.MetaLearner(conv4(), inner_steps=2, episode_batching="per_episode")
+    per_episode.set_weights(meta.get_weights())
+    episodes = random_episodes(query=2, image_shape=IMAGE_SHAPE, seed=13)
+    adapted, expected = (model.adapt(episodes["support_images"][0], episodes["support_labels"][0])
+                         for model in (meta, per_episode))
+    for ours, theirs in zip(adapted.get_weights(), expected.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    km.MetaTrainer(meta).evaluate_step(as_tensors(episodes))  # a meta-batch of one too
+    assert not meta._episode_passes.batches_episodes(1)
+    with pytest.raises(ValueError, match="outside XLA"):  # two episodes are still batched, and so refused here
+        meta._episode_passes.batches_episodes(2)
+    monkeypatch.setattr(episode_passes, "accelerator_present", lambda: True)
+    assert not meta._episode_passes.batches_episodes(1)
+
+
 def dropout_learner():
     keras.utils.set_random_seed(12)
     images = keras.Input(IMAGE_SHAPE)
