@@ -33,6 +33,7 @@ from keras_metalstm.meta_learner_inputs import (
     check_meta_learner_settings,
     check_mode,
     check_support,
+    check_switches,
     static_batch_size,
 )
 from keras_metalstm.ops import fused_kernels
@@ -108,6 +109,8 @@ class MetaLearner(KerasFitSteps, keras.Model):
         kwargs["dtype"] = variable_dtype(kwargs.get("dtype"))
         super().__init__(**kwargs)
         check_meta_learner_settings(inner_steps, hidden_units, p, bn_momentum, query_statistics, episode_batching)
+        check_switches(first_order=first_order, divide_grad_by_batch=divide_grad_by_batch,
+                       learn_logit_scale=learn_logit_scale)
         # A plain (untracked) object: the learner's own variables are not meta-parameters and must not be
         # trained, saved or restored as part of the meta-learner.
         self._learner_function = LearnerFunction(learner, bn_momentum, random_layer_seeds=learner_seeds)

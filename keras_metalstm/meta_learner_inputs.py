@@ -38,6 +38,13 @@ def check_meta_learner_settings(inner_steps, hidden_units, p, bn_momentum, query
         raise ValueError(f"bn_momentum must lie in [0, 1] (the old value's weight) or be None, got {bn_momentum!r}.")
 
 
+def check_switches(**switches) -> None:
+    """Each of a MetaLearner's on/off settings is True or False (bool("no") would be True)."""
+    for name, value in switches.items():
+        if not isinstance(value, (bool, np.bool_)) and value not in (0, 1):
+            raise ValueError(f"{name} must be True or False, got {value!r}.")
+
+
 def check_mode(mode) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be 'train' or 'test', got {mode!r}.")

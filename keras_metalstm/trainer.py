@@ -57,6 +57,12 @@ class MetaTrainer:
         self.clip_norm = check_clip_norm(clip_norm)
         self.jit_compile = bool(jit_compile)
         self.strategy = strategy or tf.distribute.get_strategy()
+        if not self.strategy.extended.variable_created_in_scope(meta.theta0.value):
+            raise ValueError(
+                f"The meta-learner was built outside this strategy's scope ({type(self.strategy).__name__}): its "
+                "variables must be the strategy's. Build it within `with strategy.scope():`, then make the "
+                "MetaTrainer (inside or outside the scope)."
+            )
         if self.jit_compile or isinstance(self.strategy, tf.distribute.TPUStrategy):
             warn_if_xla_untrusted()
         with self.strategy.scope():

@@ -133,6 +133,8 @@ def two_outputs():
         ({"hidden_units": 0}, "hidden_units must be a whole number of at least 1"),
         ({"p": 0}, "p, the gradient preprocessing's constant, must be positive"),
         ({"bn_momentum": 1.5}, r"bn_momentum must lie in \[0, 1\]"),
+        ({"first_order": "no"}, r"first_order must be True or False, got 'no'"),  # bool("no") was True
+        ({"learn_logit_scale": 2}, r"learn_logit_scale must be True or False, got 2"),
     ],
 )
 def test_settings_out_of_range_are_refused(settings, message):
@@ -242,3 +244,17 @@ def test_a_meta_optimisation_that_would_climb_or_poison_the_meta_loss_is_refused
         meta.compile(**settings) if "clip_norm" in settings else km.meta_optimizer(**settings)
     assert km.MetaTrainer(meta, clip_norm=None).clip_norm is None
     assert km.MetaTrainer(meta, clip_norm=0).clip_norm is None
+
+
+def test_a_meta_learner_built_outside_the_trainers_strategy_is_refused_with_the_fix():
+    """Its variables are not the strategy's: TensorFlow refused deep inside ("colocate_vars_with must only be
+    passed a variable created in this tf.distribute.Strategy.scope()")."""
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    outside = small_conv4_meta(inner_steps=1)
+    with pytest.raises(ValueError, match=r"built outside this strategy's scope \(OneDeviceStrategy\).*"
+                                         r"Build it within `with strategy.scope\(\):`"):
+        km.MetaTrainer(outside, strategy=strategy)
+    with strategy.scope():
+        inside = small_conv4_meta(inner_steps=1)
+    km.MetaTrainer(inside, strategy=strategy).train_step(as_tensors(random_episodes(seed=25)))
+    km.MetaTrainer(outside)  # the default strategy takes any variable
