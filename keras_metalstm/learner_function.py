@@ -139,9 +139,10 @@ class LearnerFunction:
     def random_layer_seeds(self) -> list[list[int]]:
         """The (seed, counter) state of each of the learner's random layers (Dropout, augmentation), in its order.
         Keras draws a layer's seed from Python's `random` when it is built without one, and a `.keras` file does
-        not keep it: a meta-learner's config keeps these, so that a loaded one draws the masks it drew before."""
-        variables = self.learner.non_trainable_variables
-        return [[int(value) for value in variables[index].numpy()] for index in self._seed_states]
+        not keep it: a meta-learner's config keeps these, so that a loaded one draws the masks it drew before. The
+        values every episode starts from (read on first use), whatever the learner itself has drawn since."""
+        start = self._episode_start_values()
+        return [[int(value) for value in start[index].numpy()] for index in self._seed_states]
 
     def _restore_random_layer_seeds(self, seeds) -> None:
         if len(seeds) != len(self._seed_states):
