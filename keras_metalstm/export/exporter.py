@@ -126,7 +126,8 @@ def export_adapted(
     with atomic_path(target, force=force, directory=True) as tmp:
         files = []
         if "savedmodel" in formats:
-            write_savedmodel(ClassifierModule(adapted), tmp, adapted_metadata(adapted))
+            module = ClassifierModule(adapted)
+            write_savedmodel(module, tmp, adapted_metadata(adapted, module))
             files.append("saved_model.pb")
         if "onnx" in formats:
             write_onnx(adapted, tmp / ONNX_FILE, opset=opset)

@@ -165,7 +165,7 @@ class AdaptInServingModule(tf.Module):
         return {name: getattr(self, name) for name in names if hasattr(self, name)}
 
 
-def adapted_metadata(adapted):
+def adapted_metadata(adapted, module):
     return {
         "kind": "adapted_learner",
         "class_names": list(adapted.class_names),
@@ -173,7 +173,7 @@ def adapted_metadata(adapted):
         "input": "images",
         "input_scale": INPUT_SCALE,
         "outputs": list(SIGNATURE_OUTPUTS),
-        "signatures": ["serving_default"] + ["predict_encoded"] * takes_image_files(adapted.image_shape),
+        "signatures": list(module.signatures()),
         "info": adapted.info,
     }
 
