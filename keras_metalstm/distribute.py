@@ -91,16 +91,22 @@ def make_strategy(name: str = "default", tpu: str | None = None, devices=None) -
     return tf.distribute.TPUStrategy(resolver)
 
 
-def per_replica_batch(strategy: tf.distribute.Strategy, global_batch: int) -> int:
-    """b = G / R; G must be a multiple of the number of replicas R."""
-    replicas = strategy.num_replicas_in_sync
-    if global_batch < 1 or global_batch % replicas:
+def episodes_per_replica(batch: int, replicas: int, fix: str) -> int:
+    """Episodes each of `replicas` replicas runs from a batch of `batch`. Every replica runs the same static shapes,
+    so a batch that is not a positive multiple of the replicas is refused here, with `fix` (the caller's own setting,
+    formatted with the nearest batch that works) rather than from inside TensorFlow (AddN of unequal shapes)."""
+    if batch < 1 or batch % replicas:
+        nearest = max(replicas, round(batch / replicas) * replicas)
         raise StrategyError(
-            f"the meta-batch ({global_batch}) must be a positive multiple of the number of replicas ({replicas}): "
-            f"every replica gets the same number of episodes (static shapes); e.g. --meta-batch "
-            f"{max(replicas, (global_batch + replicas - 1) // replicas * replicas)}"
+            f"A batch of {batch} episodes cannot be shared by the strategy's {replicas} replicas: each must get the "
+            f"same number of episodes. {fix.format(nearest)}"
         )
-    return global_batch // replicas
+    return batch // replicas
+
+
+def per_replica_batch(strategy: tf.distribute.Strategy, global_batch: int) -> int:
+    """b = G / R for the run's meta-batch G (`--meta-batch`) over R replicas."""
+    return episodes_per_replica(global_batch, strategy.num_replicas_in_sync, "Use --meta-batch {}.")
 
 
 # ------------------------------------------------------------------------------------------------ episodes

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from keras_metalstm.config import EPISODE_BATCHING, QUERY_STATISTICS
 from keras_metalstm.data.episodes import EPISODE_KEYS
+from keras_metalstm.distribute import episodes_per_replica
 from keras_metalstm.learner_spec import learner_image_shape, learner_num_classes
 
 MODES = ("train", "test")
@@ -228,11 +229,8 @@ def check_replica_batches(data, replicas: int) -> None:
         return
     spec = data.element_spec.get("support_images")
     batch = None if spec is None or spec.shape.rank is None else spec.shape[0]
-    if batch is not None and batch % replicas:
-        raise ValueError(
-            f"A batch of {batch} episodes cannot be shared by the strategy's {replicas} replicas: batch a multiple "
-            f"of {replicas} episodes (episode_dataset(..., batch_size={max(replicas, batch // replicas * replicas)}))."
-        )
+    if batch is not None:
+        episodes_per_replica(batch, replicas, "Batch the dataset accordingly (episode_dataset(..., batch_size={})).")
 
 
 def check_jit_fit_replicas(replicas: int) -> None:

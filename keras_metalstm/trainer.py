@@ -8,6 +8,7 @@ coordinate-wise LSTM; the learner's batch norm, ReLU and max pooling) where they
 import keras
 import tensorflow as tf
 
+from keras_metalstm.distribute import episodes_per_replica
 from keras_metalstm.meta_learner_inputs import (
     check_clip_norm,
     check_episode_labels,
@@ -123,12 +124,7 @@ class MetaTrainer:
         replicas = self.strategy.num_replicas_in_sync
         if replicas > 1:
             size = next(iter(episodes.values())).shape[0]
-            if size % replicas:
-                raise ValueError(
-                    f"The evaluation batch ({size} episodes) must be a multiple of the number of replicas "
-                    f"({replicas}): batch the episodes accordingly."
-                )
-            per_replica = size // replicas
+            per_replica = episodes_per_replica(size, replicas, "Evaluate batches of {} episodes.")
 
             def replica_episodes(context):
                 first = context.replica_id_in_sync_group * per_replica

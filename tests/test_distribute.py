@@ -202,9 +202,14 @@ def test_factory_mirrored_on_two_logical_cpus():
     assert refusal.startswith("fit after compile(jit_compile=True) cannot run under a strategy of 2 replicas")
     assert "MetaTrainer(meta, jit_compile=True)" in refusal
     # Keras' fit and evaluate split each batch over the replicas: 3 episodes failed in an AddN of unequal shapes
-    expected = ("A batch of 3 episodes cannot be shared by the strategy's 2 replicas: batch a multiple of 2 "
-                "episodes (episode_dataset(..., batch_size=2)).")
-    assert odd_batches == {"fit": expected, "validation": expected, "evaluate": expected, "even_fit": None}
+    # One rule, one message, with the fix that fits where the batch came from (MetaTrainer.evaluate_step: its call)
+    shared = "A batch of 3 episodes cannot be shared by the strategy's 2 replicas: each must get the same number"
+    assert all(odd_batches[name].startswith(shared) for name in ("fit", "validation", "evaluate", "evaluate_step"))
+    assert {name: odd_batches[name][len(shared):] for name in ("fit", "validation", "evaluate")} == dict.fromkeys(
+        ("fit", "validation", "evaluate"),
+        " of episodes. Batch the dataset accordingly (episode_dataset(..., batch_size=4)).")
+    assert odd_batches["evaluate_step"].endswith("Evaluate batches of 4 episodes.")
+    assert odd_batches["even_fit"] is None
 
 
 # ----------------------------------------------------------------------------------------- subprocess roles
@@ -280,7 +285,9 @@ def role_factory():
 
 
 def _odd_batch_refusals(strategy):
-    """What Keras' fit and evaluate say of batches of 3 episodes for 2 replicas, and whether a batch of 2 trains."""
+    """What Keras' fit and evaluate and MetaTrainer.evaluate_step say of batches of 3 episodes for 2 replicas, and
+    whether a batch of 2 trains."""
+    import keras_metalstm as km
     from keras_metalstm.data import episode_dataset, load_dataset
 
     with strategy.scope():
@@ -289,7 +296,8 @@ def _odd_batch_refusals(strategy):
     split = load_dataset("fontglot").train
     odd, even = (episode_dataset(split, N_WAY, K_SHOT, QUERY, batch_size=size, num_episodes=6) for size in (3, 2))
     calls = {"fit": lambda: meta.fit(odd, verbose=0), "validation": lambda: meta.fit(even, validation_data=odd),
-             "evaluate": lambda: meta.evaluate(odd, verbose=0), "even_fit": lambda: meta.fit(even, verbose=0)}
+             "evaluate": lambda: meta.evaluate(odd, verbose=0), "even_fit": lambda: meta.fit(even, verbose=0),
+             "evaluate_step": lambda: km.MetaTrainer(meta, strategy=strategy).evaluate_step(next(iter(odd)))}
     refusals = {}
     for name, call in calls.items():
         try:

@@ -98,8 +98,8 @@ def test_mirrored_flag_trains_on_two_replicas_and_resumes(tmp_path):
     out = subprocess.run([sys.executable, "-c", MIRRORED_CLI, *args], capture_output=True, text=True, timeout=600,
                          env=env)
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert "the meta-batch (3) must be a positive multiple of the number of replicas (2)" in out.stderr
-    assert "e.g. --meta-batch 4" in out.stderr
+    assert "A batch of 3 episodes cannot be shared by the strategy's 2 replicas" in out.stderr
+    assert "Use --meta-batch 4." in out.stderr
     assert not odd.exists()
 
 
