@@ -74,6 +74,20 @@ def test_bad_fractions_are_refused():
         split_classes(["a", "b"], (0.5, 0.5, 0.5))
 
 
+def test_split_file_names_match_folders_in_either_unicode_form(tmp_path):
+    """macOS writes folder names decomposed (NFD), most editors compose them (NFC): the two print alike, so a split
+    file's name matches the data set's class in the other form, spelled as the data set spells it."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"train": [decomposed], "val": ["tea"], "test": []}), encoding="utf-8")
+    assert read_split_file(path, known_classes=[composed, "tea"]) == {"train": [composed], "val": ["tea"], "test": []}
+    assert read_split_file(path, known_classes=[decomposed, "tea"])["train"] == [decomposed]
+    assert read_split_file(path)["train"] == [decomposed]  # nothing to match: kept as written
+    path.write_text(json.dumps({"train": [decomposed], "val": [composed], "test": []}), encoding="utf-8")
+    with pytest.raises(DataError, match="is in both 'train' and 'val'"):  # one class, written twice
+        read_split_file(path, known_classes=[composed])
+
+
 def test_split_file_round_trip_and_errors(tmp_path):
     dataset, _ = make_dataset(20)
     splits = dataset.split(seed=1)

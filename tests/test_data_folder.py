@@ -263,6 +263,22 @@ def test_split_option_seeded_and_from_file(tmp_path):
     assert image_folder_splits(root, split_file=path).class_names() == splits.class_names()
 
 
+def test_a_split_file_names_a_folder_in_the_other_unicode_form(tmp_path):
+    """A folder copied from a Mac keeps its names decomposed (NFD); a split file typed elsewhere composes them
+    (NFC). They print alike, so the file's name reads the folder, and the class keeps the folder's spelling."""
+    import json
+
+    root = make_folder(tmp_path / "data", num_classes=6, per_class=1)
+    decomposed = "cafe\u0301"
+    (root / "class_0").rename(root / decomposed)
+    named = ["caf\u00e9", *(f"class_{i}" for i in range(1, 6))]
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"train": named[:4], "val": named[4:5], "test": named[5:]}), encoding="utf-8")
+    splits = image_folder_splits(root, split_file=path)
+    assert list(splits.train.class_names) == [decomposed, *named[1:4]]
+    assert splits.train[decomposed].shape[0] == 1
+
+
 def save_png_at(path: bytes, value=0):
     """A 16x16 RGB PNG at a bytes path (a name that need not be UTF-8); skip where the file system refuses it."""
     try:

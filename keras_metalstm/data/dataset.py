@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
@@ -398,6 +399,8 @@ def read_split_file(
         names = content[split_name]
         if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
             raise DataError(f"{expected}; its {split_name!r} is not a list of strings: {str(names)[:80]}")
+    if known_classes is not None:
+        content = _spelled_as_known(content, set(known_classes))
     seen: dict[str, str] = {}
     for split_name in SPLIT_NAMES:
         for c in content[split_name]:
@@ -424,6 +427,22 @@ def read_split_file(
                 f"{missing[:5]} (in split {seen[missing[0]]!r}){hint}"
             )
     return {s: list(content[s]) for s in SPLIT_NAMES}
+
+
+def composed(name: str) -> str:
+    """A class name in Unicode's composed form (NFC). macOS writes folder names decomposed (NFD), most editors
+    compose them, and both print alike: names are matched in this form."""
+    return unicodedata.normalize("NFC", name)
+
+
+def _spelled_as_known(content: dict, known: set[str]) -> dict[str, list[str]]:
+    """The split file's class names as the data set spells them where the two differ only in Unicode normal form."""
+    by_composed = {composed(name): name for name in known}
+
+    def spelled(name):
+        return name if name in known else by_composed.get(composed(name), name)
+
+    return {split_name: [spelled(name) for name in content[split_name]] for split_name in SPLIT_NAMES}
 
 
 def split_file_text(assignment: Mapping[str, Sequence[str]]) -> str:

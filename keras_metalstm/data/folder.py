@@ -23,6 +23,7 @@ from keras_metalstm.data.dataset import (
     DEFAULT_SPLIT_FRACTIONS,
     ClassIndexedDataset,
     DatasetSplits,
+    composed,
     read_split_file,
 )
 from keras_metalstm.data.errors import DataError
@@ -248,7 +249,8 @@ def _list_classes(
     entries = [p for p in root.iterdir() if not is_hidden(p.name)]
     for entry in entries:
         refuse_dangling_link(entry)
-    class_dirs = sorted(p for p in entries if p.is_dir() and (only is None or p.name in only))
+    wanted = None if only is None else {composed(name) for name in only}  # either Unicode form names a folder
+    class_dirs = sorted(p for p in entries if p.is_dir() and (wanted is None or composed(p.name) in wanted))
     # Before any message names a class folder: a name that is not UTF-8 would not even print.
     refuse_non_utf8_names(class_dirs, "class folder")
     image_like = extensions + _unread_extensions(extensions)
