@@ -96,6 +96,10 @@ def test_read_images_converts_files_by_the_training_rule_and_checks_npy(encoded_
     np.save(tmp_path / "flat.npy", np.zeros((5, 5), np.float32))
     with pytest.raises(export.ExportError, match=r"flat.npy: an array of shape \(5, 5\); expected one image"):
         export.read_images([tmp_path / "flat.npy"], SHAPE)
+    (tmp_path / "text.npy").write_text("0.1 0.2 0.3\n")  # named .npy, written as text: not NumPy's format
+    with pytest.raises(export.ExportError, match=r"text.npy: not a NumPy \.npy file.*numpy\.save") as refusal:
+        export.read_images([tmp_path / "text.npy"], SHAPE)
+    assert "pickled" not in str(refusal.value)  # NumPy's own guess for a file without its header
 
 
 def test_predict_inputs_reads_and_predicts_a_batch_at_a_time_with_the_whole_batchs_results(

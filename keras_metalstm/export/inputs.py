@@ -150,6 +150,9 @@ class ImageInputs:
 
 def _mapped_array(path):
     """A .npy file memory-mapped, one image (H, W, C) as a batch of one."""
+    with open(path, "rb") as file:
+        if file.read(6) != b"\x93NUMPY":  # NumPy would take any other file for a pickle and say so
+            raise ExportError(f"{path}: not a NumPy .npy file (no .npy header): write the images with numpy.save.")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as error:
