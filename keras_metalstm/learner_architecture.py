@@ -159,6 +159,37 @@ def custom_class_modules(config) -> list[str]:
     return modules
 
 
+def unregistered_names(config) -> list[str]:
+    """The custom classes and functions a Keras config names that are not registered with
+    `keras.saving.register_keras_serializable`: Keras records only their bare names, and a file holding the config
+    loads only where they are passed as `custom_objects`."""
+    names = []
+    if isinstance(config, dict):
+        # a function is recorded as {"class_name": "function", "config": its registered name or its own}
+        function = config.get("class_name") == "function"
+        name, module = config.get("config" if function else "registered_name"), config.get("module") or ""
+        if isinstance(name, str) and module.split(".")[0] != "keras" and not _loadable(name):
+            names.append(name)
+        children = config.values()
+    elif isinstance(config, list):
+        children = config
+    else:
+        return names
+    for child in children:
+        names += [name for name in unregistered_names(child) if name not in names]
+    return names
+
+
+def _loadable(name: str) -> bool:
+    """Whether Keras' deserialiser finds a class or function by the name a config records for it."""
+    import keras
+
+    try:
+        return keras.saving.get_registered_object(name) is not None or keras.activations.get(name) is not None
+    except ValueError:  # not an activation's name either
+        return False
+
+
 # Packages whose classes are registered by importing keras_metalstm; "__main__" cannot be imported again.
 _OWN_PACKAGES = ("keras", "keras_metalstm", "__main__")
 

@@ -14,6 +14,7 @@ user saves around them loads without this library.
 """
 
 import functools
+import warnings
 
 import keras
 import tensorflow as tf
@@ -23,6 +24,7 @@ from keras_metalstm.episode_loop import mean_over_episodes
 from keras_metalstm.episode_passes import EpisodePasses
 from keras_metalstm.inner_loop_trace import InnerLoopTrace, record_inner_loop
 from keras_metalstm.layers import CoordinateLSTM, MetaLSTMCell
+from keras_metalstm.learner_architecture import unregistered_names
 from keras_metalstm.learner_function import LearnerFunction, accuracy, variable_dtype
 from keras_metalstm.learner_spec import check_learner_form
 from keras_metalstm.meta_learner_fit import KerasFitSteps
@@ -413,9 +415,19 @@ class MetaLearner(KerasFitSteps, keras.Model):
 
     def get_config(self):
         config = super().get_config()
+        learner = keras.saving.serialize_keras_object(self.learner)
+        unregistered = unregistered_names(learner)
+        if unregistered:  # the .keras file is written now and fails when it is loaded, maybe elsewhere
+            warnings.warn(
+                f"The learner uses {', '.join(unregistered)}, not registered with Keras: a saved meta-learner will "
+                "load only with custom_objects naming them. Decorate each with "
+                "@keras.saving.register_keras_serializable().",
+                UserWarning,
+                stacklevel=2,
+            )
         config.update(
             {
-                "learner": keras.saving.serialize_keras_object(self.learner),
+                "learner": learner,
                 "inner_steps": self.inner_steps,
                 "hidden_units": self.hidden_units,
                 "p": self.p,

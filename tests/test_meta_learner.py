@@ -343,6 +343,34 @@ def test_dropout_draws_other_masks_in_other_episodes_and_the_same_for_the_same_s
     np.testing.assert_array_equal(adapted.get_weights()[0], meta.adapt(support[0], np.arange(5)).get_weights()[0])
 
 
+def test_saving_a_learner_keras_cannot_find_by_name_warns_at_once(tmp_path):
+    """An unregistered class or function is saved under its bare name, and the file fails only when it is loaded,
+    maybe on another machine: the save says so, naming each, and a registered learner saves silently."""
+
+    class Unregistered(SubclassedLearner):
+        pass
+
+    def doubled_relu(values):
+        return 2.0 * keras.ops.relu(values)
+
+    unregistered = Unregistered(5)
+    unregistered(np.zeros((1, 28, 28, 1), np.float32))
+    with_function = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                                      keras.layers.Dense(5, activation=doubled_relu), keras.layers.Dense(5)])
+    for learner, name in ((unregistered, "Unregistered"), (with_function, "doubled_relu")):
+        with pytest.warns(UserWarning, match=rf"The learner uses {name}, not registered with Keras") as caught:
+            km.MetaLearner(learner, inner_steps=1).save(tmp_path / f"{name}.keras")
+        assert len([w for w in caught if "not registered" in str(w.message)]) == 1
+        with pytest.raises(TypeError, match=name):  # as the warning said
+            keras.saving.load_model(tmp_path / f"{name}.keras")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not registered with Keras")
+        for kind in ("subclassed", "layernorm"):
+            km.MetaLearner(build_learner(kind), inner_steps=1).save(tmp_path / f"{kind}.keras")
+
+
 def test_a_saved_meta_learner_with_dropout_draws_the_masks_it_drew_before(tmp_path):
     """Keras draws an unseeded Dropout's seed from Python's `random` as it is built, and a .keras file does not keep
     it: loaded with keras.saving.load_model, the meta-learner adapted to another model (logits 3 apart), and `fit`
