@@ -171,10 +171,14 @@ class BatchedLearnerFunction(LearnerFunction):
             raise ValueError("This learner cannot be evaluated for a batch of episodes at once: " + "; ".join(problems))
         self._has_convolutions = batched_with_grouped_convolutions(learner)
 
+    def differentiable_here(self):
+        """Whether the function being traced can differentiate this learner: not a convolutional one on a CPU-only
+        machine outside XLA (TensorFlow has no CPU gradient of grouped convolutions)."""
+        return not self._has_convolutions or accelerator_present() or in_xla_context()
+
     def check_differentiable(self):
-        """Raises ValueError where the function being traced cannot be differentiated: a convolutional learner
-        on a CPU-only machine outside XLA (TensorFlow has no CPU gradient of grouped convolutions)."""
-        if self._has_convolutions and not accelerator_present() and not in_xla_context():
+        """Raises ValueError where `differentiable_here` is False."""
+        if not self.differentiable_here():
             raise ValueError(
                 "A convolutional learner is batched over episodes with grouped convolutions, which TensorFlow "
                 "cannot differentiate on a CPU outside XLA: compile the step with XLA (jit_compile=True, "

@@ -43,24 +43,34 @@ class EpisodePasses:
 
     def batches_episodes(self, episodes=None):
         """Whether the function being traced evaluates the learner once for all `episodes` episodes. One episode
-        (`adapt`, a meta-batch of 1) has nothing to batch: it runs as itself, without a loop, on any device (a
-        batched convolutional learner could not be adapted on a CPU outside XLA)."""
+        (`adapt`, a meta-batch of 1) has nothing to batch: it runs as itself, without a loop, on any device. Where
+        batching cannot run, the episodes run one after the other, said once: a learner with layers that cannot
+        be batched, or grouped convolutions on a CPU outside XLA (a meta-learner trained batched on a GPU or TPU,
+        evaluated on a CPU)."""
         if self.episode_batching == "per_episode" or episodes == 1:
             return False
-        wanted = self.episode_batching == "batched" or accelerator_present()
-        if wanted and self.batched_function is None:
-            if not self._fallback_reported:
-                self._fallback_reported = True
-                warnings.warn(
-                    f"keras_metalstm: {self._not_batched_because}. The episodes of a meta-batch run one after "
-                    "the other (episode_batching='per_episode'); the results are the same.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+        if not (self.episode_batching == "batched" or accelerator_present()):
             return False
-        if self.episode_batching == "batched":
-            self.batched_function.check_differentiable()
-        return wanted
+        if self.batched_function is None:
+            self._report_fallback(self._not_batched_because)
+            return False
+        if self.episode_batching == "batched" and not self.batched_function.differentiable_here():
+            self._report_fallback(
+                "a convolutional learner is batched with grouped convolutions, which TensorFlow cannot "
+                "differentiate on a CPU outside XLA"
+            )
+            return False
+        return True
+
+    def _report_fallback(self, because):
+        if not self._fallback_reported:
+            self._fallback_reported = True
+            warnings.warn(
+                f"keras_metalstm: {because}. The episodes of a meta-batch run one after the other "
+                "(episode_batching='per_episode'); the results are the same.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def support_passes(self, theta, states, support_images, support_labels, divide_by_batch, first_order):
         """Every episode's support loss (B,), gradient (B, P) at its own theta (B, P) and updated state.

@@ -85,8 +85,9 @@ class MetaLearner(KerasFitSteps, keras.Model):
             other, for any learner (under XLA, `meta_gradients` differentiates one episode at a time and sums
             their gradients). "auto" (default): batched on a GPU/TPU, per episode on a CPU (TensorFlow has
             no CPU gradient of the grouped convolutions batching uses outside XLA, and under XLA they were
-            slower there). A learner with layers that cannot be batched (named in a warning, once) runs per
-            episode, and so does a single episode (`adapt`). Both give the same results.
+            slower there). A learner with layers that cannot be batched, or "batched" grouped convolutions on a
+            CPU outside XLA, run per episode (said in a warning, once), and so does a single episode (`adapt`).
+            Both give the same results.
         learner_seeds: seed states to set on the learner's random layers (Dropout...), as `get_config` saves them.
     """
 
@@ -142,7 +143,7 @@ class MetaLearner(KerasFitSteps, keras.Model):
             self.logit_scale_exponent = self.add_weight(shape=(), initializer="zeros", name="logit_scale_exponent")
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
-        self._compiled_gradients = {}
+        self._xla_functions = {}
         self._fit_clip_norm = None
         self._compiled_adapt = None
         self._compiled_trace = None
@@ -331,19 +332,29 @@ class MetaLearner(KerasFitSteps, keras.Model):
         gradient computation (all but the clip and the optimizer update) is compiled by XLA; that part is valid
         under any tf.distribute strategy.
         """
-        loss, accuracy, gradients = self._gradient_function(jit_compile)(episodes)
+        loss, accuracy, gradients = self._compiled(self.meta_gradients, jit_compile)(episodes)
         if clip_norm:
             gradients = clip_by_global_norm_over_replicas(gradients, clip_norm)
         optimizer.apply(gradients, self.trainable_variables)
         return loss, accuracy
 
-    def _gradient_function(self, jit_compile):
+    def test_metrics(self, episodes, jit_compile=False):
+        """Test-mode per-episode query loss and accuracy, each (B,): `MetaTrainer.evaluate_step`'s replica step.
+        With jit_compile it is compiled by XLA, as `meta_train_step`'s meta-gradient is: a learner batched over
+        episodes runs on a CPU only under XLA, in validation as in training."""
+        return self._compiled(self._test_mode_metrics, jit_compile)(episodes)
+
+    def _test_mode_metrics(self, episodes):
+        return self.episode_metrics(episodes, mode="test")
+
+    def _compiled(self, method, jit_compile):
+        """`method` of this meta-learner, or with jit_compile its XLA-compiled form, made once."""
         if not jit_compile:
-            return self.meta_gradients
-        if True not in self._compiled_gradients:
+            return method
+        if method.__name__ not in self._xla_functions:
             # traced_for_xla() as a decorator: entered anew at every trace.
-            self._compiled_gradients[True] = tf.function(traced_for_xla()(self.meta_gradients), jit_compile=True)
-        return self._compiled_gradients[True]
+            self._xla_functions[method.__name__] = tf.function(traced_for_xla()(method), jit_compile=True)
+        return self._xla_functions[method.__name__]
 
     # ---------------------------------------------------------------------------------------- adaptation
     def adapt(self, support_images, support_labels, inner_steps=None, mode="test"):
@@ -410,7 +421,7 @@ class MetaLearner(KerasFitSteps, keras.Model):
             # Execution caches, not part of a model (as Keras leaves out its train_function).
             children.pop("_compiled_adapt", None)
             children.pop("_compiled_trace", None)
-            children.pop("_compiled_gradients", None)
+            children.pop("_xla_functions", None)
         return children
 
     def get_config(self):

@@ -46,9 +46,10 @@ class MetaTrainer:
         learning_rate: Adam's step.
         clip_norm: clip of the global L2 norm of the meta-gradient, all meta-parameters (theta_0 included); None:
             no clip.
-        jit_compile: compile each replica's meta-gradient computation (inner loop, query loss, backward) with XLA;
-            the all-reduce, the clip and the Adam update stay ordinary TensorFlow ops (collectives cannot live in
-            an XLA cluster on CPU/GPU; TPUStrategy compiles the whole replica step anyway).
+        jit_compile: compile each replica's meta-gradient computation (inner loop, query loss, backward) and its
+            evaluation (`evaluate_step`) with XLA; the all-reduce, the clip and the Adam update stay ordinary
+            TensorFlow ops (collectives cannot live in an XLA cluster on CPU/GPU; TPUStrategy compiles the whole
+            replica step anyway).
         optimizer: a Keras optimizer to use instead of `meta_optimizer(learning_rate)`.
         strategy: the tf.distribute strategy (default: the one in scope when the trainer is made).
     """
@@ -82,7 +83,7 @@ class MetaTrainer:
 
     def _replica_evaluate_step(self, episodes):
         with fused_kernels.enabled():
-            return self.meta.episode_metrics(episodes, "test")
+            return self.meta.test_metrics(episodes, jit_compile=self.jit_compile)
 
     def _distributed_train_step(self, episodes):
         loss, accuracy = self.strategy.run(self._replica_train_step, args=(episodes,))
