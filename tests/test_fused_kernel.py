@@ -238,7 +238,7 @@ def test_the_fused_kernel_is_used_on_cpu_but_not_under_xla_even_when_enabled():
     meta, episodes = small_meta_learner()
     with fused_kernels.enabled():
         plain = tf.function(meta.meta_gradients).get_concrete_function(episodes)
-        compiled = meta._gradient_function(jit_compile=True).get_concrete_function(episodes)
+        compiled = meta._compiled(meta.meta_gradients, jit_compile=True).get_concrete_function(episodes)
     assert {"MetaLstmCoordinateStep", "MetaLstmNormReluPool"} <= graph_op_types(plain)
     assert not [op_type for op_type in graph_op_types(compiled) if op_type.startswith("MetaLstm")]
 

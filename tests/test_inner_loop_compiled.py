@@ -96,7 +96,7 @@ def test_xla_and_plain_second_order_meta_gradients_agree():
     compiled = twin(meta)
     episodes = as_tensors(random_episodes(batch=2, query=2, seed=5))
     plain_loss, _, plain_gradients = tf.function(meta.meta_gradients)(episodes)
-    xla_loss, _, xla_gradients = compiled._gradient_function(jit_compile=True)(episodes)
+    xla_loss, _, xla_gradients = compiled._compiled(compiled.meta_gradients, jit_compile=True)(episodes)
     np.testing.assert_allclose(xla_loss.numpy(), plain_loss.numpy(), rtol=1e-5)
     for variable, plain, xla in zip(meta.trainable_variables, plain_gradients, xla_gradients, strict=True):
         assert float(tf.norm(plain)) > 0, variable.path
@@ -119,7 +119,7 @@ def test_under_xla_a_per_episode_meta_batch_is_differentiated_one_episode_at_a_t
         episodes = as_tensors(random_episodes(batch=3, query=2, seed=8), float_dtype=np.float64)
         plain_loss, plain_accuracy, plain_gradients = tf.function(meta.meta_gradients)(episodes)
         assert traced_batches == [3]
-        xla_loss, xla_accuracy, xla_gradients = meta._gradient_function(jit_compile=True)(episodes)
+        xla_loss, xla_accuracy, xla_gradients = meta._compiled(meta.meta_gradients, jit_compile=True)(episodes)
     assert traced_batches == [3, 1]
     np.testing.assert_allclose(xla_loss.numpy(), plain_loss.numpy(), rtol=1e-10)
     np.testing.assert_allclose(xla_accuracy.numpy(), plain_accuracy.numpy(), rtol=1e-12)
@@ -207,7 +207,10 @@ def test_under_xla_the_loop_keeps_about_what_the_next_step_reads_per_coordinate(
     """Under XLA (and on a GPU/TPU) the coordinate LSTM's backward pass recomputes its gates from the step's
     inputs: per coordinate and step the loop keeps h and c (20 + 20 values), the gradient's two features and six
     values of the cell (48), not also the LSTM's five 20-unit activations and its product's operands (168)."""
-    assert kept_per_coordinate(lambda meta, episodes: meta._gradient_function(True).get_concrete_function(episodes)) <= 50
+    def compiled_gradients(meta, episodes):
+        return meta._compiled(meta.meta_gradients, jit_compile=True).get_concrete_function(episodes)
+
+    assert kept_per_coordinate(compiled_gradients) <= 50
 
 
 def test_plain_tensorflow_on_a_cpu_keeps_the_lstm_activations_where_recomputing_them_is_slower():

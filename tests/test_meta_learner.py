@@ -203,7 +203,7 @@ def test_xla_and_non_xla_train_steps_agree(options):
     compiled = twin(meta)
     episodes = as_tensors(random_episodes(batch=2, seed=10))
     plain_loss, _, plain_grads = meta.meta_gradients(episodes)
-    xla_loss, _, xla_grads = compiled._gradient_function(jit_compile=True)(episodes)
+    xla_loss, _, xla_grads = compiled._compiled(compiled.meta_gradients, jit_compile=True)(episodes)
     np.testing.assert_allclose(xla_loss.numpy(), plain_loss.numpy(), rtol=1e-4)
     for variable, plain, xla in zip(meta.trainable_variables, plain_grads, xla_grads, strict=True):
         # Relative, with a floor for gradients that are themselves ~1e-5 (float32 rounding, not a difference).

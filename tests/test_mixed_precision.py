@@ -39,7 +39,7 @@ def test_theta_and_the_meta_learners_layers_stay_float32_while_the_learner_compu
     assert theta.dtype == tf.float32  # was bfloat16 after one step: updates of 1e-3 of a weight rounded away
     plain = tf.function(meta.meta_gradients)(episodes)
     # Under XLA (what a TPU compiles) the two episodes are differentiated one at a time and their results summed.
-    xla = meta._gradient_function(jit_compile=True)(episodes)
+    xla = meta._compiled(meta.meta_gradients, jit_compile=True)(episodes)
     for loss, _, gradients in (plain, xla):
         assert loss.dtype == tf.float32 and all(np.all(np.isfinite(g.numpy())) for g in gradients)
 

@@ -230,7 +230,7 @@ def test_the_xla_compiled_meta_gradient_has_only_forward_convolutions():
     keras.utils.set_random_seed(0)
     meta = km.MetaLearner(km.learners.conv4(input_shape=(28, 28, 1), num_classes=5, filters=4), inner_steps=2)
     episodes = as_tensors(random_episodes(batch=1, query=2, seed=3))
-    compiled = meta._gradient_function(jit_compile=True)
+    compiled = meta._compiled(meta.meta_gradients, jit_compile=True)
     hlo = compiled.experimental_get_compiler_ir(episodes)(stage="optimized_hlo")
     labels = re.findall(r"convolution\(.*?dim_labels=([^,\s]+)", hlo)
     assert len(labels) >= 8  # conv4's four convolutions, forward and backward, in the loop and the query pass
