@@ -141,22 +141,30 @@ def check_weights_survive_rebuilding(learner, rebuilt, from_file: bool = False) 
         )
 
 
-def custom_class_modules(config) -> list[str]:
-    """The modules that define the registered custom classes (`keras.saving.register_keras_serializable`) a Keras
-    config names, in order: what has to be imported before the config can be deserialised."""
-    modules = []
+def _nested_dicts(config):
+    """Every dict in a Keras config (nested dicts and lists), in order: the serialised objects among them."""
     if isinstance(config, dict):
-        module = config.get("module")
-        if config.get("registered_name") and isinstance(module, str) and module.split(".")[0] not in _OWN_PACKAGES:
-            modules.append(module)
+        yield config
         children = config.values()
     elif isinstance(config, list):
         children = config
     else:
-        return modules
+        return
     for child in children:
-        modules += [module for module in custom_class_modules(child) if module not in modules]
-    return modules
+        yield from _nested_dicts(child)
+
+
+def custom_class_modules(config) -> list[str]:
+    """The modules that define the registered custom classes (`keras.saving.register_keras_serializable`) a Keras
+    config names, in order: what has to be imported before the config can be deserialised."""
+    modules = (
+        entry["module"]
+        for entry in _nested_dicts(config)
+        if entry.get("registered_name")
+        and isinstance(entry.get("module"), str)
+        and entry["module"].split(".")[0] not in _OWN_PACKAGES
+    )
+    return list(dict.fromkeys(modules))
 
 
 def unregistered_names(config) -> list[str]:
@@ -164,20 +172,12 @@ def unregistered_names(config) -> list[str]:
     `keras.saving.register_keras_serializable`: Keras records only their bare names, and a file holding the config
     loads only where they are passed as `custom_objects`."""
     names = []
-    if isinstance(config, dict):
+    for entry in _nested_dicts(config):
         # a function is recorded as {"class_name": "function", "config": its registered name or its own}
-        function = config.get("class_name") == "function"
-        name, module = config.get("config" if function else "registered_name"), config.get("module") or ""
-        if isinstance(name, str) and module.split(".")[0] != "keras" and not _loadable(name):
+        name = entry.get("config" if entry.get("class_name") == "function" else "registered_name")
+        if isinstance(name, str) and (entry.get("module") or "").split(".")[0] != "keras" and not _loadable(name):
             names.append(name)
-        children = config.values()
-    elif isinstance(config, list):
-        children = config
-    else:
-        return names
-    for child in children:
-        names += [name for name in unregistered_names(child) if name not in names]
-    return names
+    return list(dict.fromkeys(names))
 
 
 def _loadable(name: str) -> bool:
