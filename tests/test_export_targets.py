@@ -138,6 +138,25 @@ def test_an_inner_step_count_that_is_no_whole_number_of_at_least_one_is_refused_
     assert export.adapt(meta, images, labels, CLASSES, inner_steps=2.0).info["inner_steps"] == 2
 
 
+def test_onnx_export_of_a_recurrent_layer_is_refused_before_writing_and_works_unrolled(tmp_path):
+    """An LSTM runs as a while loop, which tf2onnx left as a PartitionedCall after printing its tracebacks; written
+    out (unroll=True) it is plain ops, and the ONNX model reproduces Keras."""
+
+    def adapted_lstm(unroll):
+        images = keras.Input(SHAPE)
+        rows = keras.layers.Reshape((SHAPE[0], SHAPE[1] * SHAPE[2]))(images)
+        features = keras.layers.LSTM(4, unroll=unroll, name="rows")(rows)
+        return export.AdaptedLearner(keras.Model(images, keras.layers.Dense(N_WAY)(features)), CLASSES)
+
+    with pytest.raises(export.ExportError, match=r"recurrent layers \(rows\) run as a TensorFlow while loop.*"
+                                                 r"export --format savedmodel, or build them with unroll=True"):
+        export.export_adapted(adapted_lstm(unroll=False), tmp_path / "looped", format="both")
+    assert not (tmp_path / "looped").exists()
+    result = export.export_adapted(adapted_lstm(unroll=True), tmp_path / "unrolled", format="both")
+    assert result.parity.ok, result.parity.summary()
+    assert (result.path / "model.onnx").is_file()
+
+
 def test_onnx_export_of_a_grouped_convolution_is_refused_before_writing(tmp_path):
     """Keras runs Conv2D(groups > 1) as an XLA-compiled function, which tf2onnx left as StatefulPartitionedCall."""
     images = keras.Input(SHAPE)

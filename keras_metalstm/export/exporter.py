@@ -121,6 +121,17 @@ def export_adapted(
             f"the learner's grouped convolutions ({', '.join(grouped)}) run in Keras as XLA-compiled functions, which "
             "the ONNX converter cannot read: export --format savedmodel, or build the learner with groups=1"
         )
+    looping = [
+        layer.name
+        for layer in adapted.learner._flatten_layers()
+        if isinstance(layer, keras.layers.RNN) and not layer.unroll
+    ]
+    if "onnx" in formats and looping:
+        raise ExportError(
+            f"the learner's recurrent layers ({', '.join(looping)}) run as a TensorFlow while loop, which the ONNX "
+            "converter cannot read (it left a PartitionedCall): export --format savedmodel, or build them with "
+            "unroll=True (a loop of fixed length written out as plain ops, which ONNX has)"
+        )
     target, version = _version_target(out, version, force)
     _warn_if_serving_loses_its_savedmodel(Path(out), version, formats)
     with atomic_path(target, force=force, directory=True) as tmp:
