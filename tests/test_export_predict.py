@@ -54,8 +54,15 @@ def test_predictors_agree_and_resolve_paths(exported, adapted, queries, tmp_path
         np.testing.assert_allclose(result["logits"], outputs["keras"]["logits"], atol=1e-4)
         assert list(result["class_names"]) == list(outputs["keras"]["class_names"])
         np.testing.assert_allclose(result["probabilities"].sum(-1), 1.0, atol=1e-5)
-    with pytest.raises(export.ExportError, match="version folders"):
+    with pytest.raises(export.ExportError, match="version folders") as refusal:
         export.load_predictor(tmp_path)
+    assert "training run" not in str(refusal.value)
+    run = tmp_path / "run"  # a training run's folder: the two ways from it to a model that predicts
+    run.mkdir()
+    (run / "config.yaml").write_text("n_way: 5\n")
+    with pytest.raises(export.ExportError, match=rf"is a training run: adapt it .*metalstm adapt {run} --support DIR"
+                                                 rf".*or export the run \(metalstm export {run}\)"):
+        export.load_predictor(run)
 
 
 @pytest.mark.parametrize(

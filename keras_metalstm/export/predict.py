@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_metalstm.config import first_line
+from keras_metalstm.config import CONFIG_FILE_NAME, first_line
 from keras_metalstm.export.errors import ExportError
 from keras_metalstm.export.files import versions
 from keras_metalstm.export.inputs import check_images
@@ -224,9 +224,16 @@ def resolve_model_path(path):
     found = versions(path)
     if found:
         return resolve_model_path(path / str(found[-1]))
+    run_hint = (
+        f" {path} is a training run: adapt it to your classes first (metalstm adapt {path} --support DIR --out "
+        f"task.keras) and predict with task.keras or its export, or export the run (metalstm export {path}) and "
+        "predict with --support DIR."
+        if (path / CONFIG_FILE_NAME).is_file()
+        else ""
+    )
     raise ExportError(
         f"{path} holds no saved_model.pb, model.onnx or version folders: pass the NAME/<version> folder written "
-        "by `metalstm export`, or an .onnx file."
+        f"by `metalstm export`, or an .onnx file.{run_hint}"
     )
 
 
