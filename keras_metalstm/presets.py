@@ -29,6 +29,8 @@ import shutil
 import time
 from pathlib import Path
 
+from keras_metalstm.config import CONFIG_FILE_NAME, RunConfig
+
 PRESET_PATH_ENV = "KERAS_METALSTM_PRESETS"
 PACKAGE_PRESETS = Path(__file__).parent / "preset_files"
 META_LEARNER_FILE = "meta_learner.keras"
@@ -121,13 +123,19 @@ def load_path_or_preset(source: str, load_path):
     (a path wins over a preset of the same name), else the preset's meta-learner; one PresetError naming both
     possibilities when it is neither."""
     if Path(source).exists():
-        return load_path(source), {"run": str(source)}
+        return load_path(source), {"run": str(source), **_trained_k_shot(Path(source) / CONFIG_FILE_NAME)}
     if source in list_presets():
-        return load_preset(source), {"preset": source}
+        return load_preset(source), {"preset": source, **_trained_k_shot(preset_dir(source) / TRAIN_CONFIG_FILE)}
     raise PresetError(
         f"{source!r} is neither an existing path nor a preset name: pass a training run folder or a .keras "
         f"file, or a preset name; {available()}"
     )
+
+
+def _trained_k_shot(config_path: Path) -> dict:
+    """{"trained_k_shot": K} of the run config at `config_path` (a run's or a preset's), {} where there is none (a
+    .keras file): the images per class the meta-learner learned to adapt from."""
+    return {"trained_k_shot": RunConfig.load(config_path).k_shot} if config_path.is_file() else {}
 
 
 def file_sha256(path) -> str:

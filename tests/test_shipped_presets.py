@@ -89,3 +89,40 @@ def test_a_shipped_preset_is_accurate_on_new_fontglot_tasks(name, k_shot):
     predictions = np.argmax(meta(episodes, mode="test").numpy(), axis=-1)
     accuracy = float(np.mean(predictions == episodes["query_labels"].numpy()))
     assert accuracy >= AT_LEAST[name], accuracy
+
+
+def test_adapting_a_preset_on_another_number_of_images_per_class_warns_with_both():
+    """fontglot_5way_1shot learned to adapt from 1 image per class: a balanced support set of 2 adapts, and says
+    that the update rule and the reported accuracy are for 1; its own K adapts silently."""
+    import warnings
+
+    from keras_metalstm import export
+
+    meta, provenance = presets.load_path_or_preset("fontglot_5way_1shot", export.load_meta_learner)
+    assert provenance == {"preset": "fontglot_5way_1shot", "trained_k_shot": 1}
+    split = load_dataset("fontglot").test
+    names = split.class_names[:5]
+    for per_class in (2, 1):
+        images = np.concatenate([split[name][:per_class] for name in names]).astype(np.float32) / 255
+        labels = np.repeat(np.arange(5), per_class)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export.adapt(meta, images, labels, names, info=provenance)
+        said = [str(w.message) for w in caught if "images per class" in str(w.message)]
+        if per_class == 2:
+            assert said == [
+                "keras_metalstm: the support set has 2 images per class, and the meta-learner was meta-trained on "
+                "1-shot episodes: it adapts, but its update rule and its measured accuracy are for 1-shot tasks. "
+                "Give each class 1 image(s), or use a meta-learner trained for 2-shot tasks."
+            ]
+        else:
+            assert said == []
+
+
+def test_a_run_folders_provenance_names_the_k_it_was_trained_on(tmp_path):
+    (tmp_path / "config.yaml").write_text("k_shot: 3\n")
+    loaded, provenance = presets.load_path_or_preset(str(tmp_path), lambda path: "meta-learner")
+    assert loaded == "meta-learner" and provenance == {"run": str(tmp_path), "trained_k_shot": 3}
+    model_file = tmp_path / "meta.keras"  # a file: no run config beside it, no K
+    model_file.write_bytes(b"")
+    assert presets.load_path_or_preset(str(model_file), lambda path: None)[1] == {"run": str(model_file)}

@@ -201,10 +201,27 @@ def warn_if_unbalanced(shots, class_names):
         )
 
 
+def warn_if_other_shots(shots, trained_k_shot):
+    """A warning when every class has the same number of images, but not the K the meta-learner was trained on."""
+    counts = set(np.asarray(shots).tolist())
+    if trained_k_shot is not None and len(counts) == 1 and counts != {trained_k_shot}:
+        shots_given = counts.pop()
+        warnings.warn(
+            f"keras_metalstm: the support set has {shots_given} images per class, and the meta-learner was "
+            f"meta-trained on {trained_k_shot}-shot episodes: it adapts, but its update rule and its measured "
+            f"accuracy are for {trained_k_shot}-shot tasks. Give each class {trained_k_shot} image(s), or use a "
+            f"meta-learner trained for {shots_given}-shot tasks.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def adapt(meta, support_images, support_labels, class_names, inner_steps=None, info=None):
     """Runs the meta-learner's inner loop on one support set (test-mode batch-norm statistics).
 
     Returns an `AdaptedLearner` whose logits equal the meta-learner's test-mode query logits for this task.
+    `info` is kept in its metadata; its `trained_k_shot` (`presets.load_path_or_preset` gives it for a run or a
+    preset) makes a balanced support set of another size warn.
     """
     n_way = meta_n_way(meta, support_images)
     if len(class_names) != n_way:
@@ -222,6 +239,7 @@ def adapt(meta, support_images, support_labels, class_names, inner_steps=None, i
         )
     shots = np.bincount(labels, minlength=n_way)
     warn_if_unbalanced(shots, class_names)
+    warn_if_other_shots(shots, (info or {}).get("trained_k_shot"))
     steps = inner_steps_of(meta, inner_steps)
     learner = meta.adapt(support_images, labels, inner_steps=steps)
     details = {
