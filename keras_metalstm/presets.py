@@ -133,8 +133,7 @@ def load_path_or_preset(source: str, load_path):
 
 
 def _trained_k_shot(config_path: Path) -> dict:
-    """{"trained_k_shot": K} of the run config at `config_path` (a run's or a preset's), {} where there is none (a
-    .keras file): the images per class the meta-learner learned to adapt from."""
+    """{"trained_k_shot": K} of a run's or a preset's run config, {} for none (a .keras file): what adapt expects."""
     return {"trained_k_shot": RunConfig.load(config_path).k_shot} if config_path.is_file() else {}
 
 
