@@ -145,8 +145,7 @@ class MetaLearner(KerasFitSteps, keras.Model):
         self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
         self._xla_functions = {}
         self._fit_clip_norm = None
-        self._adaptations = {}
-        self._compiled_trace = None
+        self._one_task_functions = {}
         self.built = True
 
     @property
@@ -381,21 +380,23 @@ class MetaLearner(KerasFitSteps, keras.Model):
             )
         support_images, support_labels = check_support(self.learner, self.theta0.dtype, support_images, support_labels)
         steps = self.inner_steps if inner_steps is None else check_inner_steps(inner_steps)
-        theta, state = self._adaptation(support_images.shape[1:], steps)(support_images, support_labels)
+        adapt_one = self._for_any_support_size(self._adapt_one, support_images.shape[1:], steps)
+        theta, state = adapt_one(support_images, support_labels)
         return self._learner_function.materialise(theta, state)
 
-    def _adaptation(self, image_shape, inner_steps):
-        """`_adapt_one` for `inner_steps` steps, traced for a support set of any size, as the adapt-in-serving
-        SavedModel traces it. TensorFlow's graph optimizer specialises a function to its static shapes: traced for
-        5 images, a learner with swish (x * sigmoid(x)) on oneDNN rounded otherwise, and the kinks of max pooling
-        took theta 2e-3 from the SavedModel's (logits 0.14 apart)."""
-        key = (tuple(image_shape), inner_steps)
-        if key not in self._adaptations:
+    def _for_any_support_size(self, method, image_shape, inner_steps):
+        """`method(support_images, support_labels, inner_steps)` of one task for `inner_steps` steps, traced for a
+        support set of any size, as the adapt-in-serving SavedModel traces its loop. TensorFlow's graph optimizer
+        specialises a function to its static shapes: traced for 5 images, a learner with swish (x * sigmoid(x)) on
+        oneDNN rounded otherwise, and the kinks of max pooling took theta 2e-3 from the SavedModel's (logits 0.14
+        apart)."""
+        key = (method.__name__, tuple(image_shape), inner_steps)
+        if key not in self._one_task_functions:
             spec = [tf.TensorSpec([None, *image_shape], self.theta0.dtype), tf.TensorSpec([None], tf.int32)]
-            self._adaptations[key] = tf.function(
-                functools.partial(self._adapt_one, inner_steps=inner_steps), input_signature=spec
+            self._one_task_functions[key] = tf.function(
+                functools.partial(method, inner_steps=inner_steps), input_signature=spec
             )
-        return self._adaptations[key]
+        return self._one_task_functions[key]
 
     def _adapt_one(self, support_images, support_labels, inner_steps):
         # Stock ops even where a caller enabled the fused kernels, as the adapt-in-serving SavedModel runs the same
@@ -420,18 +421,18 @@ class MetaLearner(KerasFitSteps, keras.Model):
         """
         support_images, support_labels = check_support(self.learner, self.theta0.dtype, support_images, support_labels)
         steps = self.inner_steps if inner_steps is None else check_inner_steps(inner_steps)
-        if self._compiled_trace is None:
-            self._compiled_trace = tf.function(functools.partial(record_inner_loop, self), reduce_retracing=True)
-        records = self._compiled_trace(support_images, support_labels, steps)
-        return InnerLoopTrace.from_records(self._learner_function, records)
+        record = self._for_any_support_size(self._record_inner_loop, support_images.shape[1:], steps)
+        return InnerLoopTrace.from_records(self._learner_function, record(support_images, support_labels))
+
+    def _record_inner_loop(self, support_images, support_labels, inner_steps):
+        return record_inner_loop(self, support_images, support_labels, inner_steps)
 
     # ------------------------------------------------------------------------------------ serialisation
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         children = super()._trackable_children(save_type, **kwargs)
         if save_type == "savedmodel":
             # Execution caches, not part of a model (as Keras leaves out its train_function).
-            children.pop("_adaptations", None)
-            children.pop("_compiled_trace", None)
+            children.pop("_one_task_functions", None)
             children.pop("_xla_functions", None)
         return children
 

@@ -249,7 +249,9 @@ def test_exported_adapt_in_serving_savedmodel_has_no_custom_op(tmp_path):
     meta, episodes = small_meta_learner()
     with fused_kernels.enabled():  # even where a caller enables them, adapt computes what the SavedModel does
         meta.adapt(episodes["support_images"][0], episodes["support_labels"][0])
-    adapt = meta._adaptation(episodes["support_images"].shape[2:], meta.inner_steps).get_concrete_function()
+    adapt = meta._for_any_support_size(
+        meta._adapt_one, episodes["support_images"].shape[2:], meta.inner_steps
+    ).get_concrete_function()
     assert not [op_type for op_type in graph_op_types(adapt) if op_type.startswith("MetaLstm")]
     module = AdaptInServingModule(meta)
     serving_op_types = graph_op_types(module.adapt_and_predict.get_concrete_function())
