@@ -18,7 +18,9 @@ Expm1, in CELU, as Exp - 1. Any other op ONNX cannot express stops the export wi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 
 import numpy as np
 import tensorflow as tf
@@ -56,9 +58,10 @@ def to_onnx(adapted, opset=DEFAULT_OPSET):
     function = tf.function(
         lambda images: tf.nest.pack_sequence_as(concrete.structured_outputs, frozen(images)), input_signature=spec
     )
-    model, _ = tf2onnx.convert.from_function(
-        function, input_signature=spec, opset=opset, custom_op_handlers=dict(_REWRITTEN_OPS)  # tf2onnx adds to it
-    )
+    with _tf2onnx_quiet():
+        model, _ = tf2onnx.convert.from_function(
+            function, input_signature=spec, opset=opset, custom_op_handlers=dict(_REWRITTEN_OPS)  # tf2onnx adds to it
+        )
     _check_every_op_is_onnx(model, opset)
     _name_batch_axis(model)
     for key, value in {
@@ -72,6 +75,20 @@ def to_onnx(adapted, opset=DEFAULT_OPSET):
         "keras-metalstm adapted learner: images float32 (batch, H, W, C) in [0, 1] -> class scores"
     )
     return model
+
+
+@contextlib.contextmanager
+def _tf2onnx_quiet():
+    """tf2onnx logs each op it cannot convert ("Tensorflow op [...] is not supported") and carries on;
+    `_check_every_op_is_onnx` names those ops in its own error with the fix, so the user reads one message, not
+    tf2onnx's lines before it. Its exceptions still propagate."""
+    tf2onnx_logger = logging.getLogger("tf2onnx")
+    level = tf2onnx_logger.level
+    tf2onnx_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        tf2onnx_logger.setLevel(level)
 
 
 def _one_and(onnx_op, one_minus):
