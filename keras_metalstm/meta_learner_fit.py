@@ -7,7 +7,12 @@ trainers are of `keras.Model`; the meta-learning itself (`meta_train_step`, `epi
 import keras
 import tensorflow as tf
 
-from keras_metalstm.meta_learner_inputs import check_clip_norm, check_jit_fit_replicas, check_replica_batches
+from keras_metalstm.meta_learner_inputs import (
+    check_clip_norm,
+    check_first_batch,
+    check_jit_fit_replicas,
+    check_replica_batches,
+)
 from keras_metalstm.ops import fused_kernels
 from keras_metalstm.xla_ops import explaining_uncompilable_ops, traced_for_xla, warn_if_xla_untrusted
 
@@ -60,18 +65,23 @@ class KerasFitSteps:
         self.compile(**keras.saving.deserialize_keras_object(config))
 
     def fit(self, x=None, *args, **kwargs):
-        """keras.Model.fit; under compile(jit_compile=True) a learner op XLA cannot compile is a LearnerError that
-        names it and its layer."""
+        """keras.Model.fit; its data's first batch (and validation_data's) is checked as MetaTrainer checks a batch;
+        under compile(jit_compile=True) a learner op XLA cannot compile is a LearnerError that names it and its
+        layer."""
         replicas = self.distribute_strategy.num_replicas_in_sync
         if self.jit_compile:
             check_jit_fit_replicas(replicas)
             warn_if_xla_untrusted()
-        check_replica_batches(x, replicas)
-        check_replica_batches(kwargs.get("validation_data"), replicas)
+        for data in (x, kwargs.get("validation_data")):
+            check_replica_batches(data, replicas)
+            check_first_batch(self.learner, data)
         with explaining_uncompilable_ops(self.learner):
             return super().fit(x, *args, **kwargs)
 
     def evaluate(self, x=None, *args, **kwargs):
-        """keras.Model.evaluate, refusing batches that the strategy's replicas cannot share."""
+        """keras.Model.evaluate, refusing batches that the strategy's replicas cannot share or that are not episodes
+        for the learner (the first batch is checked)."""
         check_replica_batches(x, self.distribute_strategy.num_replicas_in_sync)
+        if not kwargs.get("_use_cached_eval_dataset"):  # fit's validation, every epoch: fit checked it
+            check_first_batch(self.learner, x)
         return super().evaluate(x, *args, **kwargs)

@@ -233,6 +233,23 @@ def check_replica_batches(data, replicas: int) -> None:
         episodes_per_replica(batch, replicas, "Batch the dataset accordingly (episode_dataset(..., batch_size={})).")
 
 
+def check_first_batch(learner, data) -> None:
+    """`fit`/`evaluate` data (a tf.data.Dataset of episode batches, or a dict of arrays): its first batch is checked
+    as `MetaTrainer.train_step` checks each of its batches (keys, axes, labels in 0..N-1, N classes per support set)
+    before Keras traces a step. Labels out of range would otherwise fail deep inside the traced step on a CPU, and
+    on a GPU or TPU make the loss NaN or a wrong number without an error. Other data (generators, distributed
+    datasets) is left to the traced step's checks."""
+    if isinstance(data, tf.data.Dataset) and isinstance(data.element_spec, dict):
+        first = next(iter(data.take(1)), None)
+    elif isinstance(data, dict) and all(hasattr(value, "dtype") for value in data.values()):
+        first = data
+    else:
+        return
+    if first is not None:
+        check_episodes(learner, first, labelled=True)
+        check_episode_labels(learner, first)
+
+
 def check_jit_fit_replicas(replicas: int) -> None:
     """`fit` after compile(jit_compile=True) under a strategy of several replicas: Keras would compile its whole
     step, the cross-replica sum and other devices' variables included, which TensorFlow refuses deep inside
