@@ -149,10 +149,11 @@ def static_batch_size(tensor, name) -> int:
     return batch
 
 
-def check_episode_labels(learner, episodes) -> None:
-    """An eager batch of episodes for a learner of N outputs: every label lies in 0..N-1 and every episode's support
-    set has N classes (fewer would leave logits no class of the task owns, which an adapted model can predict).
-    The labels are read, so this runs outside traced functions only."""
+def check_episode_values(learner, episodes) -> None:
+    """An eager batch of episodes for a learner of N outputs: every label lies in 0..N-1, every episode's support
+    set has N classes (fewer would leave logits no class of the task owns, which an adapted model can predict), and
+    every image value is finite (one NaN makes the meta-gradient NaN, and the update every meta-parameter). The
+    values are read, so this runs outside traced functions only."""
     num_classes = learner_num_classes(learner, learner_image_shape(learner))
     labels = {key: np.asarray(episodes[key]) for key in ("support_labels", "query_labels")}
     for key, values in labels.items():
@@ -164,11 +165,24 @@ def check_episode_labels(learner, episodes) -> None:
             f"the learner has {num_classes} outputs but an episode's support set has {ways} classes: an N-way "
             f"episode needs a learner that ends with N outputs (e.g. Dense({ways}))."
         )
+    for key in ("support_images", "query_images"):
+        _check_finite(key, episodes[key])
+
+
+def _check_finite(name, images) -> None:
+    """ValueError unless every value of the float tensor or array `images` is finite (counted on its device)."""
+    not_finite = int(tf.size(images)) - int(tf.math.count_nonzero(tf.math.is_finite(images)))
+    if not_finite:
+        raise ValueError(
+            f"{name} hold {not_finite} NaN or infinite value(s): images must be finite numbers on the training "
+            "scale; find where the NaN comes from (a division by a zero range, a failed decode) or drop those images."
+        )
 
 
 def check_support(learner, dtype, support_images, support_labels):
     """One task's support set for `learner` as tensors: images (examples, *image shape) in `dtype`, labels int32
-    in 0..N-1 for the learner's N outputs (checked when the labels are known, as in eager calls)."""
+    in 0..N-1 for the learner's N outputs (checked, with the images' finiteness, when the values are known, as in
+    eager calls)."""
     support_images = tf.convert_to_tensor(support_images)
     if not support_images.dtype.is_floating:
         raise ValueError(
@@ -202,6 +216,7 @@ def check_support(learner, dtype, support_images, support_labels):
     if tf.executing_eagerly():
         num_classes = learner_num_classes(learner, expected)
         _check_label_range("support_labels", np.asarray(support_labels), num_classes, "number the classes from 0")
+        _check_finite("support_images", support_images)
     return support_images, tf.cast(support_labels, tf.int32)
 
 
@@ -235,7 +250,8 @@ def check_replica_batches(data, replicas: int) -> None:
 
 def check_first_batch(learner, data) -> None:
     """`fit`/`evaluate` data (a tf.data.Dataset of episode batches, or a dict of arrays): its first batch is checked
-    as `MetaTrainer.train_step` checks each of its batches (keys, axes, labels in 0..N-1, N classes per support set)
+    as `MetaTrainer.train_step` checks each of its batches (keys, axes, labels in 0..N-1, N classes per support set,
+    finite images)
     before Keras traces a step. Labels out of range would otherwise fail deep inside the traced step on a CPU, and
     on a GPU or TPU make the loss NaN or a wrong number without an error. Other data (generators, distributed
     datasets) is left to the traced step's checks."""
@@ -247,7 +263,7 @@ def check_first_batch(learner, data) -> None:
         return
     if first is not None:
         check_episodes(learner, first, labelled=True)
-        check_episode_labels(learner, first)
+        check_episode_values(learner, first)
 
 
 def check_jit_fit_replicas(replicas: int) -> None:

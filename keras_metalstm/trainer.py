@@ -11,7 +11,7 @@ import tensorflow as tf
 from keras_metalstm.distribute import episodes_per_replica
 from keras_metalstm.meta_learner_inputs import (
     check_clip_norm,
-    check_episode_labels,
+    check_episode_values,
     check_episodes,
     check_learning_rate,
 )
@@ -107,13 +107,13 @@ class MetaTrainer:
             return self._train_function(episodes)
 
     def _check_batch(self, episodes):
-        """A batch that is not one of episodes for the learner (keys, axes, labels for its outputs) is refused here,
-        with the fix, rather than from inside the traced step; a distributed one (per-replica values) is checked
-        for its keys and axes by each replica's trace."""
+        """A batch that is not one of episodes for the learner (keys, axes, labels for its outputs, finite images) is
+        refused here, with the fix, rather than from inside the traced step; a distributed one (per-replica values)
+        is checked for its keys and axes by each replica's trace."""
         values = episodes.values() if isinstance(episodes, dict) else ()
         if not any(isinstance(value, tf.distribute.DistributedValues) for value in values):
             check_episodes(self.meta.learner, episodes, labelled=True)
-            check_episode_labels(self.meta.learner, episodes)
+            check_episode_values(self.meta.learner, episodes)
 
     def evaluate_step(self, episodes):
         """Test-mode query loss and accuracy of every episode of a plain batch of B episodes (no update).

@@ -200,6 +200,31 @@ def test_episode_batches_that_do_not_fit_are_refused_before_tensorflow_sees_them
         trainer.train_step(as_tensors(float_labels))
 
 
+def test_images_with_nan_or_inf_are_refused_before_they_reach_the_meta_parameters():
+    """One NaN in a batch made the meta-gradient NaN and Adam's update every meta-parameter NaN, without an error
+    (the CLI stopped as "diverged" and blamed the learning rate); in adapt, every weight of the adapted model."""
+    meta = small_conv4_meta(inner_steps=1)
+    meta.compile()
+    trainer = km.MetaTrainer(meta)
+    before = [weight.numpy() for weight in meta.trainable_weights]
+    episodes = random_episodes(seed=25)
+    for key, value in (("query_images", np.nan), ("support_images", np.inf)):
+        bad = {key_: array.copy() for key_, array in episodes.items()}
+        bad[key][0, 1, 2, 3, 0] = value
+        message = rf"{key} hold 1 NaN or infinite value\(s\)"
+        for step in (trainer.train_step, trainer.evaluate_step):
+            with pytest.raises(ValueError, match=message):
+                step(as_tensors(bad))
+        with pytest.raises(ValueError, match=message):
+            meta.fit(tf.data.Dataset.from_tensors(as_tensors(bad)), verbose=0)
+    support = random_episodes(seed=26)["support_images"][0]
+    support[4, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"support_images hold 1 NaN or infinite value\(s\)"):
+        meta.adapt(support, np.arange(5))
+    for weight, value in zip(meta.trainable_weights, before, strict=True):
+        np.testing.assert_array_equal(weight.numpy(), value)
+
+
 def test_the_keys_of_an_episode_batch_must_agree_with_each_other():
     """Each key was checked alone: query images of 2 episodes beside a support set of 1 gave the logits of 1, a
     label short was taken for a class missing, an empty set failed inside NumPy, uint8 images trained on 0..255."""
