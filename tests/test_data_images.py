@@ -16,7 +16,7 @@ from keras_metalstm.data import (
     load_image_folder,
     reading_progress,
 )
-from keras_metalstm.data.images import to_uint8
+from keras_metalstm.data.images import READS_WEBP, to_uint8
 
 
 def encode(array, fmt="PNG", mode=None):
@@ -131,6 +131,27 @@ def test_a_bmp_of_a_bit_depth_tensorflow_cannot_read_is_named_with_the_fix(tmp_p
     (tmp_path / "mono.bmp").write_bytes(buffer.getvalue())
     with pytest.raises(DataError, match=r"mono.bmp: a 1-bit BMP, which TensorFlow does not decode .*save it as PNG"):
         decode_image_files([str(tmp_path / "mono.bmp")], (8, 8, 1))
+
+
+@pytest.mark.skipif(not READS_WEBP, reason="this TensorFlow does not decode WebP")
+def test_an_animated_webp_is_named_with_the_fix_before_the_decoder_can_crash_the_process(tmp_path):
+    """TensorFlow's WebP decoder corrupts the heap on an animated file (the process aborts, no message), expanded
+    or not; a still WebP with the same extended header (here for its EXIF block) is read as before."""
+    frames = [np.full((7, 9, 3), level, np.uint8) for level in (40, 200)]
+    pictures = [Image.fromarray(frame) for frame in frames]
+    pictures[0].save(tmp_path / "animated.webp", save_all=True, append_images=pictures[1:], duration=100)
+    still = np.random.default_rng(8).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    exif = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x00"
+    Image.fromarray(still).save(tmp_path / "still.webp", lossless=True, exif=exif)
+    assert (tmp_path / "still.webp").read_bytes()[12:16] == b"VP8X"  # the fixture: the header the check reads
+    message = r"animated\.webp: an animated WebP, which TensorFlow cannot decode .*: save its first frame as PNG"
+    with pytest.raises(DataError, match=message):
+        decode_image_files([str(tmp_path / "still.webp"), str(tmp_path / "animated.webp")], (7, 9, 3))
+    served = tf.function(lambda contents: decode_image_bytes(contents, (7, 9, 3)))  # as predict_encoded runs it
+    with pytest.raises(tf.errors.InvalidArgumentError, match="an animated WebP"):
+        served(tf.constant((tmp_path / "animated.webp").read_bytes()))
+    images, _ = decode_image_files([str(tmp_path / "still.webp")], (7, 9, 3))
+    np.testing.assert_array_equal(images[0], still)
 
 
 def test_the_rule_gives_the_same_uint8_images_eagerly_and_in_a_traced_function():

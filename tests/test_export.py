@@ -4,6 +4,7 @@ signatures, adapt-in-serving, and the bad-input messages. The task they adapt an
 written (atomic writes, versions): test_export_targets.py."""
 
 import base64
+import io
 import json
 import os
 import subprocess
@@ -406,6 +407,24 @@ def test_predict_encoded_equals_serving_default_on_decoded_arrays(loaded_savedmo
     as_stored = np.round(convert_images(colours, SHAPE).numpy() * 255) / 255  # the rule's uint8 step
     pillow = loaded_savedmodel.signatures["serving_default"](images=tf.constant(as_stored[None], tf.float32))
     np.testing.assert_allclose(encoded["logits"].numpy()[bmp], pillow["logits"].numpy()[0], atol=1e-5)
+
+
+def test_an_animated_webp_sent_to_predict_encoded_is_an_error_not_a_crashed_server(loaded_savedmodel):
+    """TensorFlow's WebP decoder corrupts the heap on an animated file: one such request ended the serving process
+    (abort, no message). The signature refuses it before decoding, as TF Serving's error reply to the client."""
+    import tensorflow as tf
+
+    from keras_metalstm.data.images import READS_WEBP
+
+    if not READS_WEBP:
+        pytest.skip("this TensorFlow does not decode WebP")
+    from PIL import Image
+
+    frames = [Image.new("RGB", (9, 7), colour) for colour in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], duration=100)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="an animated WebP, .* save its first frame as PNG"):
+        loaded_savedmodel.signatures["predict_encoded"](image_bytes=tf.constant([buffer.getvalue()]))
 
 
 def test_rest_json_requests_give_the_same_answer(loaded_savedmodel, encoded_files, adapted):

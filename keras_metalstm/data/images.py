@@ -26,6 +26,7 @@ from keras_metalstm.data.errors import DataError, tensorflow_error_text
 from keras_metalstm.data.exif import apply_exif_orientation
 from keras_metalstm.data.pipelines import without_autotune_thread
 from keras_metalstm.data.progress import reading
+from keras_metalstm.data.webp import refuse_animated_webp, unreadable_webp_reason
 
 CONVERSION_RULE = (
     "a JPEG turned upright by its EXIF orientation; channels: grey->RGB by repeating the grey channel, "
@@ -126,8 +127,11 @@ def convert_images(images, target_shape: Sequence[int], antialias: bool = True) 
 def decode_image(contents) -> tf.Tensor:
     """One encoded PNG, JPEG, GIF (its first frame), BMP or, with TensorFlow 2.20 or later, WebP (a scalar string
     tensor) as uint8 (h, w, c), c its own channel count (1-4). In-graph; a colour-palette BMP gets its colours
-    (`keras_metalstm.data.bmp`), a JPEG is turned upright by its EXIF orientation (`keras_metalstm.data.exif`)."""
-    decoded = tf.io.decode_image(contents, channels=0, dtype=tf.uint8, expand_animations=False)
+    (`keras_metalstm.data.bmp`), a JPEG is turned upright by its EXIF orientation (`keras_metalstm.data.exif`), an
+    animated WebP fails with InvalidArgumentError before the decoder can crash the process
+    (`keras_metalstm.data.webp`)."""
+    with tf.control_dependencies([refuse_animated_webp(contents)]):
+        decoded = tf.io.decode_image(contents, channels=0, dtype=tf.uint8, expand_animations=False)
     return apply_exif_orientation(contents, apply_bmp_palette(contents, decoded))
 
 
@@ -152,7 +156,7 @@ def _explain_unreadable(name: str, source, from_bytes: bool) -> str:
         data = contents.numpy() if hasattr(contents, "numpy") else contents
         if len(data) == 0:
             return f"{name}: empty file"
-        if reason := unreadable_bmp_reason(data):
+        if reason := unreadable_bmp_reason(data) or unreadable_webp_reason(data):
             return f"{name}: {reason}"
         decode_image(contents)
     except tf.errors.OpError as error:
