@@ -1,4 +1,4 @@
-"""Image-folder loader for the user's own data: ``root/<class>/*.png|jpg|jpeg|bmp|gif`` (and ``webp`` with
+"""Image-folder loader for the user's own data: ``root/<class>/*.png|jpg|jpeg|jfif|jpe|bmp|gif`` (and ``webp`` with
 TensorFlow 2.20 or later), one sub-folder per class, or a folder split already, ``root/{train,val,test}/<class>/*``
 (``validation`` for ``val`` too; the layout many copies of Mini-ImageNet come in), whose splits are kept as they are.
 
@@ -30,7 +30,8 @@ from keras_metalstm.data.errors import DataError
 from keras_metalstm.data.images import READS_WEBP, decode_image_files
 
 # The formats the installed TensorFlow's image decoder reads (a GIF: its first frame; WebP from TensorFlow 2.20 on).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif") + ((".webp",) if READS_WEBP else ())
+# .jfif and .jpe are JPEG files under the names Windows and browsers save some of them with.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".gif") + ((".webp",) if READS_WEBP else ())
 # Image formats it does not read: named when a folder holds only them.
 UNREAD_IMAGE_EXTENSIONS = tuple(
     extension
