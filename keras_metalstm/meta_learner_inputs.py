@@ -181,8 +181,8 @@ def _check_finite(name, images) -> None:
 
 def check_support(learner, dtype, support_images, support_labels):
     """One task's support set for `learner` as tensors: images (examples, *image shape) in `dtype`, labels int32
-    in 0..N-1 for the learner's N outputs (checked, with the images' finiteness, when the values are known, as in
-    eager calls)."""
+    in 0..N-1 for the learner's N outputs, every class among them (checked, with the images' finiteness, when the
+    values are known, as in eager calls)."""
     support_images = tf.convert_to_tensor(support_images)
     if not support_images.dtype.is_floating:
         raise ValueError(
@@ -215,7 +215,15 @@ def check_support(learner, dtype, support_images, support_labels):
         raise ValueError(f"support_labels must be integers, got {support_labels.dtype.name}.")
     if tf.executing_eagerly():
         num_classes = learner_num_classes(learner, expected)
-        _check_label_range("support_labels", np.asarray(support_labels), num_classes, "number the classes from 0")
+        labels = np.asarray(support_labels)
+        _check_label_range("support_labels", labels, num_classes, "number the classes from 0")
+        missing = sorted(set(range(num_classes)) - set(labels.tolist()))
+        if missing:
+            raise ValueError(
+                f"support_labels hold no example of class(es) {missing} of the learner's {num_classes} outputs: give "
+                "every class at least one support image (the adapted model would predict classes it never saw), or "
+                "adapt a learner with as many outputs as the task has classes."
+            )
         _check_finite("support_images", support_images)
     return support_images, tf.cast(support_labels, tf.int32)
 

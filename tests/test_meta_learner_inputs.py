@@ -151,6 +151,10 @@ def test_a_support_set_adapt_cannot_use_is_refused_with_its_fix():
         meta.adapt(support, np.arange(-1, 4))
     with pytest.raises(ValueError, match="support_images is empty"):
         meta.adapt(support[:0], np.arange(0))
+    # a 5-way learner adapted on 2 classes: its outputs 2..4 would be classes no support image showed it
+    missing = r"support_labels hold no example of class\(es\) \[2, 3, 4\] of the learner's 5 outputs"
+    with pytest.raises(ValueError, match=missing):
+        meta.adapt(support, [0, 0, 1, 1, 1])
     with pytest.raises(ValueError, match="support_images are uint8; .*divided by 255"):
         meta.adapt((support * 255).astype(np.uint8), np.arange(5))
     for steps in (0, -3, 1.5):
