@@ -1,6 +1,7 @@
 """The conversion rule (convert_images), in-graph decoding and the parallel file decoder's errors."""
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from keras_metalstm.data import (
     load_image_folder,
     reading_progress,
 )
-from keras_metalstm.data.images import READS_WEBP, to_uint8
+from keras_metalstm.data.images import READS_WEBP, decode_image, to_uint8
 
 
 def encode(array, fmt="PNG", mode=None):
@@ -51,6 +52,23 @@ def test_alpha_is_dropped_and_floats_pass_through():
     np.testing.assert_allclose(convert_images(grey_alpha, (2, 2, 1)).numpy(), 200 / 255, atol=1e-6)
     floats = np.random.default_rng(0).random((3, 4, 4, 1)).astype(np.float32)
     np.testing.assert_allclose(convert_images(floats, (4, 4, 1)).numpy(), floats, atol=1e-7)
+
+
+def test_sixteen_bit_images_are_scaled_and_values_without_a_known_scale_are_refused():
+    """Integer images other than uint8 were cast unscaled and clipped: 0..255 int64 (np.array of ints) or 16-bit
+    pixels came out a white image, as did float images on 0..255."""
+    levels = np.random.default_rng(2).integers(0, 256, (4, 4, 1), dtype=np.uint8)
+    sixteen = levels.astype(np.uint16) * 257  # the same levels on 0..65535
+    np.testing.assert_allclose(convert_images(sixteen, (4, 4, 1)).numpy(), levels / 255, atol=1e-6)
+    for dtype in (np.int64, np.int32, np.uint32):
+        with pytest.raises(DataError, match=rf"uint8 \(0\.\.255\), uint16 .*got dtype {np.dtype(dtype).name}"):
+            convert_images(levels.astype(dtype), (4, 4, 1))
+    for values in (levels.astype(np.float32), np.full((4, 4, 1), np.nan, np.float32)):
+        with pytest.raises(DataError, match=r"float images must be in \[0, 1\], got values .*divide 0\.\.255"):
+            convert_images(values, (4, 4, 1))
+    # inside a traced function (a serving signature) the values are unknown: the rule clips them
+    clipped = tf.function(lambda images: convert_images(images, (4, 4, 1)))(levels.astype(np.float32))
+    assert clipped.numpy().min() >= 0 and clipped.numpy().max() <= 1
 
 
 def test_resize_is_bilinear_and_keeps_a_constant_image_constant():
@@ -110,6 +128,47 @@ def test_a_colour_palette_bmp_decodes_to_its_colours_in_and_out_of_graphs():
         np.testing.assert_array_equal(np.round(decoded.numpy() * 255).astype(np.uint8), colours)
     grey = decode_image_bytes(tf.constant(contents), (12, 9, 1)).numpy()[..., 0]
     np.testing.assert_allclose(grey, colours @ np.array([0.299, 0.587, 0.114]) / 255, atol=1e-5)
+
+
+def _bmp_with_masks(pixels, masks, header_size):
+    """A bottom-up 32-bit BI_BITFIELDS BMP of `pixels` (h, w, 4) RGBA whose masks (red, green, blue[, alpha]) pick
+    each channel's byte; a 40-byte header is followed by the three colour masks, a longer one holds them."""
+    height, width, _ = pixels.shape
+    position = {0xFF << (8 * byte): byte for byte in range(4)}
+    alpha_byte = 6 - sum(position[mask] for mask in masks[:3])
+    order = [position[mask] for mask in masks[:3]] + [alpha_byte]  # the byte of red, green, blue and alpha
+    stored = np.zeros_like(pixels)
+    stored[..., order] = pixels
+    data = stored[::-1].tobytes()
+    masks_field = struct.pack(f"<{len(masks)}I", *masks)
+    header = struct.pack("<IiiHHIIiiII", header_size, width, height, 1, 32, 3, len(data), 2835, 2835, 0, 0)
+    header += masks_field[: header_size - 40] if header_size > 40 else b""
+    header += bytes(header_size - len(header))
+    extra = masks_field if header_size == 40 else b""
+    offset = 14 + header_size + len(extra)
+    return b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + header + extra + data
+
+
+def test_a_32_bit_bmp_decodes_to_its_colours_whatever_byte_order_its_masks_give():
+    """TensorFlow's decoder reads a 32-bit BMP's bytes as blue, green, red, alpha and ignores its masks: a file with
+    red in the first byte came out with red and blue swapped. Checked against Pillow, eagerly and traced."""
+    rgba = np.random.default_rng(6).integers(0, 256, (5, 4, 4), dtype=np.uint8)
+    red_first = (0x000000FF, 0x0000FF00, 0x00FF0000, 0xFF000000)
+    usual = (0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000)
+    traced = tf.function(lambda data: decode_image_bytes(data, (5, 4, 3)))
+    for masks, header_size in ((red_first, 40), (red_first, 56), (red_first, 124), (usual, 40), (usual, 108)):
+        contents = _bmp_with_masks(rgba, masks, header_size)
+        if header_size > 40:  # the fixture, where Pillow reads the layout (not red first without an alpha mask)
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(contents)).convert("RGB")), rgba[..., :3])
+        for decoded in (decode_image_bytes(tf.constant(contents), (5, 4, 3)), traced(tf.constant(contents))):
+            np.testing.assert_array_equal(
+                np.round(decoded.numpy() * 255).astype(np.uint8), rgba[..., :3], err_msg=f"{header_size}: {masks}"
+            )
+    # masks of 10 bits a channel are not whole bytes: the file reads as TensorFlow's decoder reads it
+    contents = bytearray(_bmp_with_masks(rgba, usual, 56))
+    contents[54:70] = struct.pack("<4I", 0x3FF00000, 0x000FFC00, 0x000003FF, 0xC0000000)
+    as_decoder_reads = tf.io.decode_image(bytes(contents), channels=0, expand_animations=False)
+    np.testing.assert_array_equal(decode_image(bytes(contents)).numpy(), as_decoder_reads.numpy())
 
 
 def test_a_grey_palette_bmp_stays_one_channel_with_its_palettes_levels(tmp_path):

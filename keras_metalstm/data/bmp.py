@@ -1,39 +1,60 @@
-"""Colour-palette BMP files, in-graph: TensorFlow's BMP decoder returns an 8-bit BMP's palette indices as grey
-levels, right only when the palette is the grey ramp 0..255. `apply_bmp_palette` looks the indices up in the file's
-palette, so a colour-palette BMP decodes to its colours everywhere the package decodes images (loaders, adapt,
-predict and the exported `predict_encoded` signature).
+"""BMP files TensorFlow's decoder reads with the wrong colours, put right in-graph (`apply_bmp_colours`), so they
+decode to their colours everywhere the package decodes images (loaders, adapt, predict and the exported
+`predict_encoded` signature):
 
-The fields read are those of the BITMAPINFOHEADER family (header size 40 or more): bits per pixel at byte 28, the
-number of palette entries at byte 46 (0: 2^bits), the palette (blue, green, red, reserved) after the header. A
-palette whose entries are all grey gives one channel, as the decoder's own output has; any other gives RGB.
+* an 8-bit BMP: the decoder returns its palette indices as grey levels, right only when the palette is the grey
+  ramp 0..255; they are looked up in the file's palette. A palette whose entries are all grey gives one channel,
+  as the decoder's own output has; any other gives RGB.
+* a 32-bit BMP with channel masks (BI_BITFIELDS): the decoder takes its bytes as blue, green, red, alpha whatever
+  the masks say; a file whose masks put them in other bytes (red first, say) gets its channels back in place.
+
+The fields read are those of the BITMAPINFOHEADER family (header size 40 or more): bits per pixel at byte 28,
+compression at byte 30, the number of palette entries at byte 46 (0: 2^bits), the palette (blue, green, red,
+reserved) or the red, green and blue masks right after those 40 bytes.
 """
 
+import numpy as np
 import tensorflow as tf
 
 _FILE_HEADER = 14  # "BM", file size, reserved, pixel offset; the info header starts here
 _SMALLEST_HEADER = 40  # BITMAPINFOHEADER; the OS/2 header (12 bytes) has 3-byte palette entries and is left alone
 _SHORTEST_FILE = _FILE_HEADER + _SMALLEST_HEADER
+_MASKS = _SHORTEST_FILE  # the red, green and blue masks, 4 bytes each, in every header of the family
+_BI_BITFIELDS, _BI_ALPHABITFIELDS = 3, 6
+_DECODER_CHANNEL = (2, 1, 0, 3)  # the channel it puts each byte in
 
 
 def _little_endian(contents, offset, dtype, size):
     return tf.io.decode_raw(tf.strings.substr(contents, offset, size), dtype, little_endian=True)[0]
 
 
-def is_palette_bmp(contents) -> tf.Tensor:
-    """True for an 8-bit BMP with an info header of 40 bytes or more (a scalar string tensor of the file)."""
-    contents = tf.convert_to_tensor(contents, tf.string)
+def _bmp_kind(contents) -> tf.Tensor:
+    """0 for a file the decoder reads right, 1 for an 8-bit BMP (palette), 2 for a 32-bit BMP with channel masks (a
+    scalar string tensor of the file, in-graph)."""
     # The first bytes, padded with zeros for a shorter file: no branch (a tf.cond per image slows a loader's
     # decoding by several per cent).
     head = tf.strings.join([tf.strings.substr(contents, 0, _SHORTEST_FILE), tf.constant(bytes(_SHORTEST_FILE))])
     header_size = _little_endian(head, _FILE_HEADER, tf.int32, 4)
     bits = _little_endian(head, 28, tf.uint16, 2)
+    compression = _little_endian(head, 30, tf.int32, 4)
     is_bmp = tf.equal(tf.strings.substr(head, 0, 2), "BM") & (tf.strings.length(contents) >= _SHORTEST_FILE)
-    return is_bmp & (header_size >= _SMALLEST_HEADER) & (bits == 8)
+    is_bmp &= header_size >= _SMALLEST_HEADER
+    bitfields = (bits == 32) & ((compression == _BI_BITFIELDS) | (compression == _BI_ALPHABITFIELDS))
+    return tf.where(is_bmp & (bits == 8), 1, tf.where(is_bmp & bitfields, 2, 0))
 
 
-def apply_bmp_palette(contents, decoded) -> tf.Tensor:
-    """`decoded` (H, W, C) uint8, TensorFlow's decoding of the file `contents`, with an 8-bit BMP's indices replaced
-    by their palette colours: (H, W, 1) for a grey palette, (H, W, 3) otherwise. Other files pass unchanged."""
+def _mask_bytes(masks) -> tf.Tensor:
+    """The byte (0-3) each of the red, green and blue masks (int32: decode_raw reads no uint32) selects, -1 for a
+    mask that is not one whole byte."""
+    whole_bytes = tf.constant(np.array([0xFF << (8 * index) for index in range(4)], np.uint32).view(np.int32))
+    matches = tf.equal(masks[:, None], whole_bytes[None, :])
+    byte = tf.argmax(tf.cast(matches, tf.int32), axis=1, output_type=tf.int32)
+    return tf.where(tf.reduce_any(matches, axis=1), byte, -1)
+
+
+def apply_bmp_colours(contents, decoded) -> tf.Tensor:
+    """`decoded` (H, W, C) uint8, TensorFlow's decoding of the file `contents`, with a BMP's colours put right (see
+    the module docstring); other files pass unchanged."""
     contents = tf.convert_to_tensor(contents, tf.string)
 
     def with_palette():
@@ -52,7 +73,17 @@ def apply_bmp_palette(contents, decoded) -> tf.Tensor:
             lambda: tf.gather(palette, indices),
         )
 
-    return tf.cond(is_palette_bmp(contents), with_palette, lambda: decoded)
+    def with_masks():
+        rgb = _mask_bytes(tf.io.decode_raw(tf.strings.substr(contents, _MASKS, 12), tf.int32, little_endian=True))
+        alpha = 6 - tf.reduce_sum(rgb)  # the byte left
+        # The decoder put file byte b in its channel _DECODER_CHANNEL[b] (bytes 0, 1, 2, 3 as blue, green, red, alpha).
+        bytes_read = tf.clip_by_value(tf.concat([rgb, [alpha]], axis=0), 0, 3)  # in range for any masks
+        channels = tf.gather(tf.constant(_DECODER_CHANNEL), bytes_read)
+        # Masks of parts of bytes (10 bits a channel), or two on one byte, are left as the decoder reads them.
+        whole_distinct_bytes = tf.reduce_all(rgb >= 0) & (tf.reduce_max(tf.reduce_sum(tf.one_hot(rgb, 4), 0)) <= 1)
+        return tf.gather(decoded, tf.where(whole_distinct_bytes, channels, tf.range(4)), axis=-1)
+
+    return tf.switch_case(_bmp_kind(contents), [lambda: decoded, with_palette, with_masks])
 
 
 def unreadable_bmp_reason(contents: bytes) -> str | None:

@@ -7,7 +7,7 @@ The rule (``CONVERSION_RULE``), applied by :func:`convert_images` to reach a tar
   ``0.299 R + 0.587 G + 0.114 B``; an alpha channel is dropped (grey+alpha -> grey, RGBA -> RGB) before that;
 * size: bilinear resize to (H, W) with antialiasing (``tf.image.resize(method="bilinear", antialias=True)``),
   the aspect ratio is not kept; an image already H x W is left unchanged;
-* values: uint8 images are scaled to float32 in [0, 1]; float images are taken to be in [0, 1] already.
+* values: uint8 (and uint16) images are scaled to float32 in [0, 1]; float images must be in [0, 1] already.
 
 Loaders store the converted images as uint8 (``round(255 * x)``); the episode pipeline divides by 255 again, so a
 model sees the same numbers in training and behind an exported serving signature that calls the same function.
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from keras_metalstm.data.bmp import apply_bmp_palette, unreadable_bmp_reason
+from keras_metalstm.data.bmp import apply_bmp_colours, unreadable_bmp_reason
 from keras_metalstm.data.cache import cached_decode
 from keras_metalstm.data.errors import DataError, tensorflow_error_text
 from keras_metalstm.data.exif import apply_exif_orientation
@@ -96,22 +96,29 @@ def convert_images(images, target_shape: Sequence[int], antialias: bool = True) 
     """Convert images (h, w, c) or (n, h, w, c) to ``target_shape`` (H, W, C) as float32 in [0, 1].
 
     Works eagerly and inside a ``tf.function`` / ``tf.data`` map on tensors whose h, w, c are only known at run
-    time. uint8 input is divided by 255; float input is assumed in [0, 1]. See ``CONVERSION_RULE``.
+    time. uint8 input is divided by 255, uint16 by 65535; float input must be in [0, 1] (checked eagerly); other
+    integer types are refused. See ``CONVERSION_RULE``.
     ``antialias=False`` gives plain bilinear sampling (identical for images already H x W).
     """
     height, width, channels = check_image_shape(target_shape)
     images = tf.convert_to_tensor(images)
     if images.shape.rank not in (3, 4):
         raise DataError(f"images must be (h, w, c) or (n, h, w, c), got shape {images.shape}")
-    if images.dtype == tf.uint8:
-        # A product with 1/255, not a division: TensorFlow's graph optimiser turns a division by a constant into
-        # that product, so a division would round differently eagerly and in a traced function (a served
-        # signature), and round(255 x) of a few pixels would differ by one level between the two.
-        images = tf.cast(images, tf.float32) * (1.0 / 255.0)
-    elif images.dtype.is_floating or images.dtype.is_integer:
+    if images.dtype in (tf.uint8, tf.uint16):
+        # A product with 1/255 (1/65535), not a division: TensorFlow's graph optimiser turns a division by a
+        # constant into that product, so a division would round differently eagerly and in a traced function (a
+        # served signature), and round(255 x) of a few pixels would differ by one level between the two.
+        images = tf.cast(images, tf.float32) * (1.0 / images.dtype.max)
+    elif images.dtype.is_floating:
+        _check_unit_range(images)
         images = tf.cast(images, tf.float32)
     else:
-        raise DataError(f"images must be numeric (uint8 or float in [0, 1]), got dtype {images.dtype.name}")
+        # Another integer type has no scale to read off it: 0..255 from np.array of ints (int64), 0..65535 from
+        # Pillow's 16-bit PNGs (int32). Clipped to [0, 1], either came out a white image.
+        raise DataError(
+            f"images must be uint8 (0..255), uint16 (0..65535) or float in [0, 1], got dtype {images.dtype.name}: "
+            "convert them first (e.g. images.astype(np.uint8) for 0..255 values)"
+        )
     images = _convert_channels(images, channels)
     static_hw = tuple(images.shape[-3:-1])
     if static_hw != (height, width):
@@ -124,15 +131,27 @@ def convert_images(images, target_shape: Sequence[int], antialias: bool = True) 
     return tf.clip_by_value(images, 0.0, 1.0)
 
 
+def _check_unit_range(images: tf.Tensor) -> None:
+    """Eagerly, a DataError for float images outside [0, 1] (0..255 floats would be clipped to a white image);
+    inside a traced function the values are unknown and the rule's clip applies."""
+    if tf.executing_eagerly() and tf.size(images) > 0:
+        low, high = float(tf.reduce_min(images)), float(tf.reduce_max(images))
+        if not (0.0 <= low and high <= 1.0):  # NaN fails both comparisons
+            raise DataError(
+                f"float images must be in [0, 1], got values {low:.4g}..{high:.4g}: divide 0..255 values by 255 "
+                "(or give them as uint8)"
+            )
+
+
 def decode_image(contents) -> tf.Tensor:
     """One encoded PNG, JPEG, GIF (its first frame), BMP or, with TensorFlow 2.20 or later, WebP (a scalar string
-    tensor) as uint8 (h, w, c), c its own channel count (1-4). In-graph; a colour-palette BMP gets its colours
-    (`keras_metalstm.data.bmp`), a JPEG is turned upright by its EXIF orientation (`keras_metalstm.data.exif`), an
+    tensor) as uint8 (h, w, c), c its own channel count (1-4). In-graph; a colour-palette BMP, or one whose channel
+    masks are not in the usual order, gets its colours (`keras_metalstm.data.bmp`), a JPEG is turned upright by its EXIF orientation (`keras_metalstm.data.exif`), an
     animated WebP fails with InvalidArgumentError before the decoder can crash the process
     (`keras_metalstm.data.webp`)."""
     with tf.control_dependencies([refuse_animated_webp(contents)]):
         decoded = tf.io.decode_image(contents, channels=0, dtype=tf.uint8, expand_animations=False)
-    return apply_exif_orientation(contents, apply_bmp_palette(contents, decoded))
+    return apply_exif_orientation(contents, apply_bmp_colours(contents, decoded))
 
 
 def decode_image_bytes(contents, target_shape: Sequence[int], antialias: bool = True) -> tf.Tensor:
