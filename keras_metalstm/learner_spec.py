@@ -328,11 +328,23 @@ def _shape(outputs):
     return tuple(getattr(outputs, "shape", ()))
 
 
+# Keras ops that squash a functional model's output when called on it after its last layer (keras.ops.softmax(x)):
+# the class of the operation the model's graph records, and the activation's name.
+_SQUASHING_OPS = {
+    "Softmax": "softmax", "Sigmoid": "sigmoid", "HardSigmoid": "hard_sigmoid", "Tanh": "tanh", "Relu": "relu",
+    "Relu6": "relu6", "Softsign": "softsign", "Softplus": "softplus",
+}
+
+
 def _final_activation(learner) -> str | None:
-    """The name of the activation the learner's last layer applies to its outputs; None for none, or for a
-    log-softmax, whose outputs are logits of the same softmax."""
+    """The name of the activation the learner's last layer, or a Keras op called after it, applies to its outputs;
+    None for none, or for a log-softmax, whose outputs are logits of the same softmax."""
     import keras
 
+    outputs = getattr(learner, "outputs", None) or []
+    history = getattr(outputs[0], "_keras_history", None) if len(outputs) == 1 else None
+    if history and type(history[0]).__name__ in _SQUASHING_OPS and not isinstance(history[0], keras.layers.Layer):
+        return _SQUASHING_OPS[type(history[0]).__name__]
     last = learner.layers[-1] if getattr(learner, "layers", None) else None
     if isinstance(last, keras.layers.Softmax):
         return "softmax"

@@ -213,6 +213,26 @@ def test_a_learner_ending_in_log_softmax_or_no_activation_gives_logits():
     check_learner(flat_learner(keras.layers.Dense(3, activation="log_softmax")), (6, 6, 1), 3)
 
 
+@pytest.mark.parametrize(
+    "squash, message",
+    [
+        (keras.ops.softmax, "returns probabilities"),
+        (keras.activations.softmax, "returns probabilities"),
+        (keras.ops.sigmoid, "last layer applies sigmoid"),
+        (keras.ops.tanh, "last layer applies tanh"),
+    ],
+)
+def test_a_keras_op_that_squashes_the_output_is_refused_by_the_meta_learner_itself(squash, message):
+    """A functional model ending in keras.ops.softmax(...) records an operation, not a layer, after its last layer:
+    MetaLearner accepted it and meta-trained on probabilities (only `metalstm train` ran the learner and saw)."""
+    images = keras.Input((6, 6, 1))
+    logits = keras.layers.Dense(3)(keras.layers.Flatten()(images))
+    with pytest.raises(LearnerError, match=message):
+        km.MetaLearner(keras.Model(images, squash(logits)), inner_steps=1)
+    km.MetaLearner(keras.Model(images, keras.ops.log_softmax(logits)), inner_steps=1)  # logits of the same softmax
+    km.MetaLearner(keras.Model(images, keras.ops.add(logits, 1.0)), inner_steps=1)
+
+
 def test_the_modules_of_registered_custom_classes_are_found_anywhere_in_a_config():
     config = {
         "module": "keras.src.models.functional", "class_name": "Functional", "registered_name": "Functional",
