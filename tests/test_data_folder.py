@@ -197,6 +197,11 @@ def test_a_folder_split_already_keeps_its_splits(tmp_path):
     with pytest.raises(DataError, match=r"looks split into train/val/test .* but it also holds extra: a folder split"):
         image_folder_splits(root)
     shutil.rmtree(root / "extra")
+    Image.new("RGB", (16, 16)).save(root / "test" / "stray.png")  # an image beside the test split's classes
+    with pytest.raises(DataError, match=r"looks split into .* but 1 image\(s\) lie directly in a split folder "
+                                        r"\(test/stray\.png\): .* move them into their class folders"):
+        image_folder_splits(root)
+    (root / "test" / "stray.png").unlink()
     (root / "test" / "class_2").mkdir()
     Image.new("RGB", (16, 16)).save(root / "test" / "class_2" / "0.png")
     with pytest.raises(DataError, match=r"class 'class_2' is in two splits of .* \(train and test\)"):

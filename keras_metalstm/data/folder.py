@@ -224,6 +224,16 @@ def split_folders(root: Path) -> dict[str, Path] | None:
     return {split: found[split] for split in SPLIT_FOLDER_NAMES if split in found}
 
 
+def _images_in_split_folders(split_dirs, extensions) -> str:
+    """What keeps a folder split already from being read as one: images directly in its split folders."""
+    stray = [path for folder in split_dirs for path in image_files(folder, extensions)]
+    shown = ", ".join(f"{path.parent.name}/{path.name}" for path in stray[:3]) + ("..." if len(stray) > 3 else "")
+    return (
+        f"{len(stray)} image(s) lie directly in a split folder ({shown}): a split folder holds only class folders, "
+        "so move them into their class folders"
+    )
+
+
 def list_image_folder(
     root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS, only: Collection[str] | None = None
 ) -> dict[str, list[Path]]:
@@ -281,10 +291,11 @@ def _list_classes(
                 )
             elif nested and any(p.name.lower() in SPLIT_FOLDER_ALIASES for p in class_dirs):
                 others = [p.name for p in class_dirs if p.name.lower() not in SPLIT_FOLDER_ALIASES]
-                fix = (
-                    f"; {root} looks split into train/val/test folders of classes, but it also holds "
-                    f"{', '.join(others)}: a folder split already holds only its split folders, so move or remove "
-                    "the others"
+                fix = f"; {root} looks split into train/val/test folders of classes, but " + (
+                    f"it also holds {', '.join(others)}: a folder split already holds only its split folders, so "
+                    "move or remove the others"
+                    if others
+                    else _images_in_split_folders(class_dirs, extensions)
                 )
             elif nested and len(class_dirs) == 1:  # the data set's folder, one level down
                 fix = (
