@@ -197,6 +197,8 @@ class RunConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if int(self.val_episodes) < 0:
             raise ConfigError(f"val_episodes must be >= 0, got {self.val_episodes}")
+        if not 0 <= int(self.seed) < 2**32:  # keras.utils.set_random_seed seeds NumPy, which takes 32 bits
+            raise ConfigError(f"seed must lie in 0..{2**32 - 1}, got {self.seed}")
         if self.episodes % self.meta_batch:
             raise ConfigError(
                 f"episodes ({self.episodes}) must be a multiple of meta_batch ({self.meta_batch}): one "

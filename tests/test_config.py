@@ -32,6 +32,9 @@ def test_unknown_key_and_bad_values_are_errors(tmp_path):
         read_config_file(path)
     with pytest.raises(ConfigError, match="n_way must be at least 2"):
         RunConfig(n_way=0)
+    for seed in (-1, 2**32):  # NumPy's seeding took them with a traceback
+        with pytest.raises(ConfigError, match=rf"seed must lie in 0\.\.4294967295, got {seed}"):
+            RunConfig(seed=seed)
     with pytest.raises(ConfigError, match="multiple of meta_batch"):
         RunConfig(episodes=10, meta_batch=4)
     RunConfig(meta_batch=8)  # the default intervals (500, 500, 50) need not be multiples of it

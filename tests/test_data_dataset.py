@@ -1,6 +1,7 @@
 """ClassIndexedDataset, seeded and file-based class splits, rotations."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -67,6 +68,14 @@ def test_groups_stay_in_one_split():
         where = {n: p for p, part in enumerate(parts) for n in part}
         for group in groups:
             assert len({where[n] for n in group}) == 1
+
+
+def test_class_sizes_that_are_not_counts_are_refused():
+    images = np.zeros((12, 4, 4, 1), np.uint8)
+    for sizes in ([-1, 13], [6.5, 5.5]):  # both "summed to" 12 or 11 and were named by their sum only
+        with pytest.raises(DataError, match=rf"class sizes must be whole numbers >= 0 .*got {re.escape(str(sizes))}"):
+            ClassIndexedDataset(images, sizes, ["a", "b"])
+    assert ClassIndexedDataset(images, np.array([6.0, 6.0]), ["a", "b"]).class_sizes.tolist() == [6, 6]
 
 
 def test_bad_fractions_are_refused():

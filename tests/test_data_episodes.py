@@ -158,6 +158,18 @@ def test_counts_that_are_not_whole_numbers_are_refused_not_truncated(settings, n
     assert episode["support_images"].shape[:2] == (1, 3 * 2)
 
 
+def test_a_seed_out_of_int64_or_not_a_split_is_refused_with_the_fix():
+    """A seed of 2**70 failed inside tf.data's trace, "a" in int(), 1.5 was truncated; the splits object given for
+    one split failed with an AttributeError."""
+    for seed, message in ((2**70, r"seed must lie in 0\.\.2\*\*63 - 1"), (-1, r"seed must lie in 0\.\."),
+                          ("a", r"seed must be a whole number, got 'a'"), (1.5, r"seed must be a whole number")):
+        with pytest.raises(DataError, match=message):
+            episode_dataset(identity_dataset(), 3, 1, 1, seed=seed)
+    splits = identity_dataset().split((0.5, 0.25, 0.25), seed=0)
+    with pytest.raises(DataError, match=r"got DatasetSplits: pass splits\.train, splits\.val or splits\.test"):
+        episode_dataset(splits, 3, 1, 1)
+
+
 def test_n_larger_than_the_split_is_refused():
     with pytest.raises(DataError, match=r"20-way episodes need at least 20 classes but identity has 12"):
         episode_dataset(identity_dataset(), 20, 1, 1)

@@ -59,14 +59,17 @@ class ClassIndexedDataset(Mapping):
             raise DataError(f"{name}: images must be uint8 (n, H, W, C), got {images.dtype} {images.shape}")
         if images.shape[-1] not in (1, 3):
             raise DataError(f"{name}: images must have 1 (grey) or 3 (RGB) channels, got {images.shape[-1]}")
-        sizes = np.asarray(class_sizes, dtype=np.int64).reshape(-1)
+        given = np.asarray(class_sizes).reshape(-1)
+        sizes = given.astype(np.int64)
+        if given.dtype.kind not in "iub" and not np.array_equal(given, sizes) or (sizes < 0).any():
+            raise DataError(f"{name}: class sizes must be whole numbers >= 0 (images per class), got {given.tolist()}")
         names = tuple(str(n) for n in class_names)
         if len(names) != len(sizes):
             raise DataError(f"{name}: {len(names)} class names for {len(sizes)} class sizes")
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})[:5]
             raise DataError(f"{name}: class names must be unique, repeated: {dup}")
-        if (sizes < 0).any() or int(sizes.sum()) != len(images):
+        if int(sizes.sum()) != len(images):
             raise DataError(
                 f"{name}: class sizes sum to {int(sizes.sum())} but there are {len(images)} images"
             )

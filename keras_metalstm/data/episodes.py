@@ -55,7 +55,9 @@ class EpisodeSampler:
                 augment.check_image_shape(dataset.image_shape)
             except ValueError as error:
                 raise DataError(f"{dataset.name}: augment {augment}: {error}") from None
-        self.seed = int(seed)
+        self.seed = _count("seed", seed)
+        if not 0 <= self.seed < 2**63:
+            raise DataError(f"seed must lie in 0..2**63 - 1 (a stateless random seed is an int64), got {self.seed}")
         self.augment = augment
         self.source_dataset = dataset
         self.image_shape = dataset.image_shape
@@ -186,6 +188,12 @@ def _count(name: str, value) -> int:
 
 
 def _check_episode_size(dataset: ClassIndexedDataset, n_way, k_shot, q_query) -> tuple[int, int, int]:
+    if not isinstance(dataset, ClassIndexedDataset):
+        splits = hasattr(dataset, "train") and hasattr(dataset, "test")
+        raise DataError(
+            f"episodes are drawn from one split, a ClassIndexedDataset, got {type(dataset).__name__}"
+            + (": pass splits.train, splits.val or splits.test" if splits else "")
+        )
     n, k, q = _count("n_way", n_way), _count("k_shot", k_shot), _count("q_query", q_query)
     if n < 1 or k < 1 or q < 1:
         raise DataError(f"episodes need n_way >= 1, k_shot >= 1 and q_query >= 1, got N={n}, K={k}, Q={q}")

@@ -146,9 +146,9 @@ def _check_unit_range(images: tf.Tensor) -> None:
 def decode_image(contents) -> tf.Tensor:
     """One encoded PNG, JPEG, GIF (its first frame), BMP or, with TensorFlow 2.20 or later, WebP (a scalar string
     tensor) as uint8 (h, w, c), c its own channel count (1-4). In-graph; a colour-palette BMP, or one whose channel
-    masks are not in the usual order, gets its colours (`keras_metalstm.data.bmp`), a JPEG is turned upright by its EXIF orientation (`keras_metalstm.data.exif`), an
-    animated WebP fails with InvalidArgumentError before the decoder can crash the process
-    (`keras_metalstm.data.webp`)."""
+    masks are not in the usual order, gets its colours (`keras_metalstm.data.bmp`), a JPEG is turned upright by its
+    EXIF orientation (`keras_metalstm.data.exif`), an animated WebP fails with InvalidArgumentError before the
+    decoder can crash the process (`keras_metalstm.data.webp`)."""
     with tf.control_dependencies([refuse_animated_webp(contents)]):
         decoded = tf.io.decode_image(contents, channels=0, dtype=tf.uint8, expand_animations=False)
     return apply_exif_orientation(contents, apply_bmp_colours(contents, decoded))
