@@ -257,18 +257,26 @@ def check_replica_batches(data, replicas: int) -> None:
 
 
 def check_first_batch(learner, data) -> None:
-    """`fit`/`evaluate` data (a tf.data.Dataset of episode batches, or a dict of arrays): its first batch is checked
-    as `MetaTrainer.train_step` checks each of its batches (keys, axes, labels in 0..N-1, N classes per support set,
-    finite images)
-    before Keras traces a step. Labels out of range would otherwise fail deep inside the traced step on a CPU, and
-    on a GPU or TPU make the loss NaN or a wrong number without an error. Other data (generators, distributed
-    datasets) is left to the traced step's checks."""
-    if isinstance(data, tf.data.Dataset) and isinstance(data.element_spec, dict):
-        first = next(iter(data.take(1)), None)
-    elif isinstance(data, dict) and all(hasattr(value, "dtype") for value in data.values()):
-        first = data
-    else:
+    """`fit`/`evaluate` data: a tf.data.Dataset of episode batches (dicts of EPISODE_KEYS), whose first batch is
+    checked as `MetaTrainer.train_step` checks each of its batches (keys, axes, labels in 0..N-1, N classes per
+    support set, finite images) before Keras traces a step. Labels out of range would otherwise fail deep inside
+    the traced step on a CPU, and on a GPU or TPU make the loss NaN or a wrong number without an error. A dict of
+    arrays or a dataset of tuples is refused with the fix; other data (generators, distributed datasets) is left
+    to the traced step's checks."""
+    make = (
+        "fit and evaluate take a tf.data.Dataset of episode batches, each a dict of "
+        f"{', '.join(EPISODE_KEYS)} (keras_metalstm.data.episode_dataset makes one)"
+    )
+    if isinstance(data, dict):
+        raise ValueError(
+            f"{make}; Keras would cut a dict of arrays into batches of unknown size: give "
+            "tf.data.Dataset.from_tensor_slices(episodes).batch(B, drop_remainder=True)"
+        )
+    if not isinstance(data, tf.data.Dataset):
         return
+    if not isinstance(data.element_spec, dict):
+        raise ValueError(f"{make}; got elements of {type(data.element_spec).__name__}: map them to such dicts")
+    first = next(iter(data.take(1)), None)
     if first is not None:
         check_episodes(learner, first, labelled=True)
         check_episode_values(learner, first)

@@ -93,6 +93,21 @@ def test_episodes_a_learner_cannot_take_are_refused_before_keras_traces_a_step(m
         np.testing.assert_array_equal(weight.numpy(), value)
 
 
+def test_fit_on_a_dict_of_arrays_or_a_dataset_of_tuples_names_the_form_it_takes():
+    """A dict of arrays failed with "batch the episode dataset with drop_remainder=True" (Keras batches it with a
+    batch of unknown size), a dataset of tuples with "tuple indices must be integers or slices, not str"."""
+    meta = small_conv4_meta(inner_steps=1)
+    meta.compile()
+    episodes = random_episodes(batch=2, seed=4)
+    tuples = tf.data.Dataset.from_tensors(tuple(as_tensors(episodes).values()))
+    for method in (meta.fit, meta.evaluate):
+        with pytest.raises(ValueError, match=r"take a tf\.data\.Dataset of episode batches.*dict of arrays into "
+                                             r"batches of unknown size: give tf\.data\.Dataset\.from_tensor_slices"):
+            method(episodes, verbose=0)
+        with pytest.raises(ValueError, match=r"episode_dataset makes one\); got elements of tuple: map them"):
+            method(tuples, verbose=0)
+
+
 def test_a_compiled_meta_learner_loaded_from_keras_continues_fit_exactly(tmp_path):
     """A ModelCheckpoint .keras file of a `fit` in progress: loaded, it is compiled as saved (its optimizer, the
     optimizer's state, clip_norm), so fitting on continues exactly as the original does."""
