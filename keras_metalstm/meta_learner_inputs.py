@@ -159,11 +159,19 @@ def check_episode_values(learner, episodes) -> None:
     for key, values in labels.items():
         fix = "an N-way episode needs a learner that ends with N outputs, classes numbered from 0"
         _check_label_range(key, values, num_classes, fix)
-    ways = min(len(np.unique(episode)) for episode in labels["support_labels"])
-    if ways < num_classes:
+    for support, query in zip(labels["support_labels"], labels["query_labels"], strict=True):
+        classes = np.unique(support)
+        if len(classes) == num_classes:
+            continue
+        if set(np.unique(query)) <= set(classes.tolist()) and classes.tolist() == list(range(len(classes))):
+            raise ValueError(
+                f"the learner has {num_classes} outputs but an episode's support set has {len(classes)} classes: an "
+                f"N-way episode needs a learner that ends with N outputs (e.g. Dense({len(classes)}))."
+            )
+        missing = sorted(set(range(num_classes)) - set(classes.tolist()))
         raise ValueError(
-            f"the learner has {num_classes} outputs but an episode's support set has {ways} classes: an N-way "
-            f"episode needs a learner that ends with N outputs (e.g. Dense({ways}))."
+            f"an episode's support set has no example of class(es) {missing} of the learner's {num_classes}: every "
+            "episode's support set needs each of its N classes (numbered 0..N-1) at least once."
         )
     for key in ("support_images", "query_images"):
         _check_finite(key, episodes[key])

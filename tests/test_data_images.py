@@ -66,6 +66,8 @@ def test_sixteen_bit_images_are_scaled_and_values_without_a_known_scale_are_refu
     for values in (levels.astype(np.float32), np.full((4, 4, 1), np.nan, np.float32)):
         with pytest.raises(DataError, match=r"float images must be in \[0, 1\], got values .*divide 0\.\.255"):
             convert_images(values, (4, 4, 1))
+    with pytest.raises(DataError, match=r"images of shape \(1, 0, 4, 1\) have no pixels to convert"):
+        convert_images(np.zeros((1, 0, 4, 1), np.uint8), (4, 4, 1))
     # inside a traced function (a serving signature) the values are unknown: the rule clips them
     clipped = tf.function(lambda images: convert_images(images, (4, 4, 1)))(levels.astype(np.float32))
     assert clipped.numpy().min() >= 0 and clipped.numpy().max() <= 1
@@ -190,6 +192,15 @@ def test_a_bmp_of_a_bit_depth_tensorflow_cannot_read_is_named_with_the_fix(tmp_p
     (tmp_path / "mono.bmp").write_bytes(buffer.getvalue())
     with pytest.raises(DataError, match=r"mono.bmp: a 1-bit BMP, which TensorFlow does not decode .*save it as PNG"):
         decode_image_files([str(tmp_path / "mono.bmp")], (8, 8, 1))
+    # a 4x4 8-bit BMP, run-length compressed (BI_RLE8): four runs of 4 pixels of colour 1, then end of bitmap
+    palette, runs = bytes([0, 0, 255, 0, 0, 255, 0, 0]), b"\x04\x01\x00\x00" * 4 + b"\x00\x01"
+    offset = 14 + 40 + len(palette)
+    header = struct.pack("<IiiHHIIiiII", 40, 4, 4, 1, 8, 1, len(runs), 2835, 2835, 2, 0)
+    rle = b"BM" + struct.pack("<IHHI", offset + len(runs), 0, 0, offset) + header + palette + runs
+    assert np.asarray(Image.open(io.BytesIO(rle)).convert("RGB"))[0, 0].tolist() == [0, 255, 0]  # the fixture
+    (tmp_path / "rle.bmp").write_bytes(rle)
+    with pytest.raises(DataError, match=r"rle.bmp: a run-length compressed BMP, which TensorFlow does not decode"):
+        decode_image_files([str(tmp_path / "rle.bmp")], (8, 8, 1))
 
 
 @pytest.mark.skipif(not READS_WEBP, reason="this TensorFlow does not decode WebP")

@@ -192,6 +192,10 @@ def test_episode_batches_that_do_not_fit_are_refused_before_tensorflow_sees_them
     with pytest.raises(ValueError, match=r"the learner has 5 outputs but an episode's support set has 2 classes: .*"
                                          r"\(e\.g\. Dense\(2\)\)"):
         trainer.train_step(as_tensors(random_episodes(n_way=2)))
+    # 5-way episodes whose support sets miss classes: the fix is the labels, not a Dense(1) learner
+    one_class = {**random_episodes(), "support_labels": np.zeros((1, 5), np.int32)}
+    with pytest.raises(ValueError, match=r"support set has no example of class\(es\) \[1, 2, 3, 4\] of the learner"):
+        trainer.train_step(as_tensors(one_class))
     with pytest.raises(ValueError, match=r"support_labels must lie in 0\.\.4 \(the learner's 5 outputs\), got 0\.\.6"):
         trainer.evaluate_step(as_tensors(random_episodes(n_way=7)))
     assert trainer._train_function.experimental_get_tracing_count() == 0

@@ -20,7 +20,7 @@ _FILE_HEADER = 14  # "BM", file size, reserved, pixel offset; the info header st
 _SMALLEST_HEADER = 40  # BITMAPINFOHEADER; the OS/2 header (12 bytes) has 3-byte palette entries and is left alone
 _SHORTEST_FILE = _FILE_HEADER + _SMALLEST_HEADER
 _MASKS = _SHORTEST_FILE  # the red, green and blue masks, 4 bytes each, in every header of the family
-_BI_BITFIELDS, _BI_ALPHABITFIELDS = 3, 6
+_BI_RLE8, _BI_RLE4, _BI_BITFIELDS, _BI_ALPHABITFIELDS = 1, 2, 3, 6
 _DECODER_CHANNEL = (2, 1, 0, 3)  # the channel it puts each byte in
 
 
@@ -87,10 +87,13 @@ def apply_bmp_colours(contents, decoded) -> tf.Tensor:
 
 
 def unreadable_bmp_reason(contents: bytes) -> str | None:
-    """Why TensorFlow cannot decode this BMP file's bytes (its bit depth), or None for a depth it reads (8, 24, 32)
-    and for other files: TensorFlow's own message ("channels ... was 0") does not say."""
+    """Why TensorFlow cannot decode this BMP file's bytes (its compression or bit depth), or None for a depth it
+    reads (8, 24, 32) and for other files: TensorFlow's own messages ("channels ... was 0", "Input size should
+    match") do not say."""
     if len(contents) < _SHORTEST_FILE or contents[:2] != b"BM":
         return None
+    if int.from_bytes(contents[30:34], "little") in (_BI_RLE8, _BI_RLE4):
+        return "a run-length compressed BMP, which TensorFlow does not decode: save it as PNG"
     bits = int.from_bytes(contents[28:30], "little")
     if bits in (8, 24, 32):
         return None

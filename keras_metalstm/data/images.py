@@ -104,6 +104,8 @@ def convert_images(images, target_shape: Sequence[int], antialias: bool = True) 
     images = tf.convert_to_tensor(images)
     if images.shape.rank not in (3, 4):
         raise DataError(f"images must be (h, w, c) or (n, h, w, c), got shape {images.shape}")
+    if 0 in tuple(images.shape[-3:-1]):
+        raise DataError(f"images of shape {tuple(images.shape)} have no pixels to convert")
     if images.dtype in (tf.uint8, tf.uint16):
         # A product with 1/255 (1/65535), not a division: TensorFlow's graph optimiser turns a division by a
         # constant into that product, so a division would round differently eagerly and in a traced function (a
