@@ -183,6 +183,15 @@ def test_malformed_cache_files_and_an_empty_folder_are_named(tmp_path):
     (tmp_path / "mini-imagenet-cache-test.pkl").write_bytes(pickle.dumps({"images": np.zeros(3)}))
     with pytest.raises(DataError, match="test.pkl is not a Mini-ImageNet cache file"):
         load_miniimagenet(tmp_path)
+    for class_dict, message in (
+        ({"n0": [-1, 0], "n1": [1, 2]}, r"class_dict\['n0'\] names image -1, but image_data holds images 0\.\.3"),
+        ({"n0": [0, 1.5], "n1": [2, 3]}, r"class_dict\['n0'\] holds indices that are not whole numbers"),
+        ({"n0": [0, 1], "n1": [1, 2]}, r"class_dict lists image 1 more than once .*: each image belongs to one class"),
+    ):
+        contents = {"image_data": np.zeros((4, 84, 84, 3), np.uint8), "class_dict": class_dict}
+        (tmp_path / "mini-imagenet-cache-test.pkl").write_bytes(pickle.dumps(contents))
+        with pytest.raises(DataError, match=message):
+            load_miniimagenet(tmp_path)
     (tmp_path / "mini-imagenet-cache-test.pkl").unlink()
     with pytest.raises(DataError, match="cache file not found: .*test.pkl"):
         load_miniimagenet(tmp_path)

@@ -179,6 +179,20 @@ def _read_cache_file(path: Path) -> tuple[np.ndarray, dict]:
     return images, classes
 
 
+def _image_indices(path, name, listed, count: int) -> np.ndarray:
+    """class_dict's indices of class `name` as int64, each naming one of the `count` images of image_data."""
+    given = np.asarray(listed).ravel()
+    indices = given.astype(np.int64)
+    if given.dtype.kind not in "iu" and not np.array_equal(given, indices):
+        raise DataError(f"{path}: class_dict[{name!r}] holds indices that are not whole numbers: {given[:3].tolist()}")
+    outside = indices[(indices < 0) | (indices >= count)]
+    if outside.size:
+        raise DataError(
+            f"{path}: class_dict[{name!r}] names image {int(outside[0])}, but image_data holds images 0..{count - 1}"
+        )
+    return indices
+
+
 def load_miniimagenet_pickles(data_dir: str | os.PathLike, image_size: int = MINIIMAGENET_IMAGE_SIZE) -> DatasetSplits:
     """Mini-ImageNet (train, val, test) from ``data_dir/mini-imagenet-cache-{train,val,test}.pkl`` (see the module
     docstring), images uint8 (image_size, image_size, 3)."""
@@ -192,10 +206,14 @@ def load_miniimagenet_pickles(data_dir: str | os.PathLike, image_size: int = MIN
         for name in names:
             if owner.setdefault(name, split_name) != split_name:
                 raise DataError(f"class {name!r} is in both {MINIIMAGENET_PICKLE_FILES[owner[name]]} and {file_name}")
-        indices = [np.asarray(classes[key], dtype=np.int64).ravel() for key in classes]
+        indices = [_image_indices(path, name, classes[key], len(images)) for name, key in zip(names, classes, strict=True)]
         flat = np.concatenate(indices) if indices else np.zeros(0, np.int64)
-        if flat.size and (flat.min() < 0 or flat.max() >= len(images)):
-            raise DataError(f"{path}: class_dict names image {int(flat.max())} but image_data has {len(images)}")
+        repeated = np.flatnonzero(np.bincount(flat, minlength=len(images)) > 1)
+        if repeated.size:  # every class would hold the shared images: a broken cache, not a data set
+            raise DataError(
+                f"{path}: class_dict lists image {int(repeated[0])} more than once ({repeated.size} image(s) so): "
+                "each image belongs to one class"
+            )
         data = ClassIndexedDataset(
             images[flat],
             [len(index) for index in indices],
