@@ -142,6 +142,10 @@ def test_image_inputs_check_every_path_and_array_before_any_prediction(encoded_f
     np.save(tmp_path / "wrong_shape.npy", np.zeros((3, 9, 9, 1), np.float32))
     with pytest.raises(export.ExportError, match=r"wrong_shape.npy.*\(9, 9, 1\)"):
         export.ImageInputs([*encoded_files, tmp_path / "wrong_shape.npy"], SHAPE)
+    np.save(tmp_path / "no_channel_axis.npy", np.zeros((3, 28, 28), np.float32))  # was read as one image
+    with pytest.raises(export.ExportError, match=r"no_channel_axis.npy: an array of shape \(3, 28, 28\), 3 grey "
+                                                 r"images without their channel axis: save them as \(3, 28, 28, 1\)"):
+        export.ImageInputs([tmp_path / "no_channel_axis.npy"], SHAPE)
     with pytest.raises(export.ExportError, match="gone.png not found"):
         export.ImageInputs([*encoded_files, tmp_path / "gone.png"], SHAPE)
     (tmp_path / "empty").mkdir()

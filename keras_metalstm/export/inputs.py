@@ -100,6 +100,12 @@ class ImageInputs:
         if path.suffix.lower() != ".npy":
             return None
         array = _mapped_array(path)  # not kept: each map holds a file descriptor, and there may be thousands
+        height, width, channels = self.image_shape
+        if array.shape[1:] != tuple(self.image_shape) and array.shape[2:] == (height, width) and channels == 1:
+            raise ExportError(
+                f"{path}: an array of shape {array.shape[1:]}, {array.shape[1]} grey images without their channel "
+                f"axis: save them as ({array.shape[1]}, {height}, {width}, 1) (numpy.save(path, images[..., None]))."
+            )
         if array.ndim != 4:
             raise ExportError(
                 f"{path}: an array of shape {array.shape}; expected one image {tuple(self.image_shape)} or a batch "
