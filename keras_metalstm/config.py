@@ -204,8 +204,9 @@ class RunConfig:
                 f"episodes ({self.episodes}) must be a multiple of meta_batch ({self.meta_batch}): one "
                 "meta-update consumes meta_batch episodes"
             )
-        if float(self.learning_rate) <= 0 or float(self.clip_norm) <= 0:
-            raise ConfigError("learning_rate and clip_norm must be positive")
+        for name in ("learning_rate", "clip_norm"):
+            if float(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not float(self.theta0_lr_scale) >= 0:
             raise ConfigError(f"theta0_lr_scale must be >= 0, got {self.theta0_lr_scale}")
         if self.lr_schedule not in ("constant", "cosine"):

@@ -66,6 +66,10 @@ def test_a_refused_setting_is_named_with_where_its_value_came_from():
         layered_run_config(layers)
     assert str(refused.value).endswith("got 'batch' (query_statistics from QS)")
     assert layered_run_config([base, ("--k-shot", {"k_shot": 5})]).k_shot == 5
+    # only the refused one of two checked together is named (both were, the good one blamed with its source)
+    with pytest.raises(ConfigError) as refused:
+        layered_run_config([base, ("--clip-norm", {"clip_norm": -1.0})])
+    assert str(refused.value) == "clip_norm must be positive, got -1.0 (clip_norm from --clip-norm)"
 
 
 def test_shape_differences_name_the_fields():
