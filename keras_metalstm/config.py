@@ -213,7 +213,10 @@ class RunConfig:
             raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.final_learning_rate is not None:
             if self.lr_schedule != "cosine":
-                raise ConfigError("final_learning_rate is only used with lr_schedule 'cosine': set both or neither")
+                raise ConfigError(
+                    "final_learning_rate is only used with lr_schedule 'cosine': set both or neither (a resumed run "
+                    "keeps its schedule)"
+                )
             if not 0 <= float(self.final_learning_rate) <= float(self.learning_rate):
                 raise ConfigError(
                     f"final_learning_rate must lie in [0, learning_rate = {self.learning_rate}], got "

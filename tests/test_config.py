@@ -32,6 +32,9 @@ def test_unknown_key_and_bad_values_are_errors(tmp_path):
         read_config_file(path)
     with pytest.raises(ConfigError, match="n_way must be at least 2"):
         RunConfig(n_way=0)
+    # met on --resume with another --lr-schedule, where the run's final_learning_rate stays: no schedule change
+    with pytest.raises(ConfigError, match=r"only used with lr_schedule 'cosine'.*\(a resumed run keeps its schedule\)"):
+        RunConfig(final_learning_rate=1e-6)
     for seed in (-1, 2**32):  # NumPy's seeding took them with a traceback
         with pytest.raises(ConfigError, match=rf"seed must lie in 0\.\.4294967295, got {seed}"):
             RunConfig(seed=seed)
