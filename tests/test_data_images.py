@@ -2,6 +2,7 @@
 
 import io
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -324,6 +325,21 @@ def test_reading_progress_reports_every_file_of_a_loader_inside_the_block_only(t
     load_image_folder(tmp_path)  # outside the block: nobody asked
     [reading] = RecordedProgress.readings
     assert reading.total == 600 and sum(reading.updates) == 600 and len(reading.updates) > 1 and reading.closed
+
+
+def test_images_whose_drawing_is_only_in_their_transparency_are_warned_of(tmp_path):
+    """'Alpha dropped' turns black strokes on a transparent black background into a black square: said once."""
+    strokes = np.zeros((8, 8, 4), np.uint8)
+    strokes[2:6, 3, 3] = 255  # only the alpha channel draws the bar
+    Image.fromarray(strokes, "RGBA").save(tmp_path / "signature.png")
+    drawn = strokes.copy()
+    drawn[..., 3], drawn[2:6, 3, :3] = 255, 200  # an opaque image with the bar in its colours
+    Image.fromarray(drawn, "RGBA").save(tmp_path / "opaque.png")
+    with pytest.warns(RuntimeWarning, match=r"1 image\(s\) with an alpha channel are one flat colour .*signature\.png"):
+        decode_image_files([str(tmp_path / "signature.png"), str(tmp_path / "opaque.png")], (8, 8, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decode_image_files([str(tmp_path / "opaque.png")], (8, 8, 1))
 
 
 def test_mixed_shapes_are_refused_without_a_target_with_the_rule_in_the_message(tmp_path):

@@ -15,6 +15,7 @@ model sees the same numbers in training and behind an exported serving signature
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -258,6 +259,7 @@ def decode_image_files(
             + "; ".join(reasons).rstrip(".")
             + f". Replace or delete them ({READ_FORMATS} are read)."
         )
+    _warn_if_blank_without_alpha(images, native, names)
     if refuse_mixed:
         canonical = np.array([_canonical_shape(s) for s in native])
         differs = np.flatnonzero((canonical != np.array(target_shape)).any(axis=1))
@@ -270,6 +272,24 @@ def decode_image_files(
                 f"library) by the rule: {CONVERSION_RULE}."
             )
     return images, native
+
+
+def _warn_if_blank_without_alpha(images: np.ndarray, native: np.ndarray, names: Sequence[str]) -> None:
+    """One RuntimeWarning for images with an alpha channel that are one flat colour once it is dropped: a drawing
+    held only in its transparency (strokes of the background's colour on a transparent background) is gone."""
+    with_alpha = np.isin(native[:, 2], (2, 4))
+    if not with_alpha.any():
+        return
+    flat = images.reshape(len(images), -1)
+    blank = np.flatnonzero(with_alpha & (flat.min(axis=1) == flat.max(axis=1)))
+    if len(blank):
+        warnings.warn(
+            f"{len(blank)} image(s) with an alpha channel are one flat colour once it is dropped (e.g. "
+            f"{names[blank[0]]}): their drawing is only in the transparency. Flatten them onto a background first "
+            "(e.g. Pillow: Image.alpha_composite(white, image).convert('RGB')).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _decode_native(source, name: str, from_bytes: bool) -> np.ndarray:
