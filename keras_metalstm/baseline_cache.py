@@ -31,14 +31,15 @@ def theta0_from_cached_classifier(config) -> bool:
 
 
 def cached_pretrained_classifier(
-    run_dir, config, splits, learner, pretrain: PretrainConfig | None = None, log=print
+    run_dir, config, splits, learner, pretrain: PretrainConfig | None = None, log=print, should_stop=None
 ):
     """The run's learner architecture (a model of it: `learner`) pre-trained on the run's meta-train classes,
     trained once and cached in RUN_DIR/baselines/ (pretrained.keras, and its settings in baselines.json).
 
     Shared by the baselines and by meta-training runs whose theta_0 starts from it, so both use one network:
     `pretrain` defaults to the run's own (config.pretrain_epochs), and another is refused for a run whose theta_0
-    started from the cached network. Returns (model, info) where info is the content of baselines.json.
+    started from the cached network. Returns (model, info) where info is the content of baselines.json; a
+    pre-training stopped by `should_stop()` raises StopRequested and caches nothing.
     """
     import keras
 
@@ -68,6 +69,7 @@ def cached_pretrained_classifier(
             f"  epoch {epoch}/{pretrain.epochs}: training accuracy {100 * accuracy:.1f}% "
             f"({time.time() - t0:.0f}s)"
         ),
+        should_stop=should_stop,
     )
     with replaced_in_place(model_path) as tmp:
         model.save(str(tmp))

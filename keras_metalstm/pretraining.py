@@ -19,10 +19,13 @@ class PretrainConfig:
     seed: int = 0
 
 
-def pretrain_classifier(train_dataset, learner, config: PretrainConfig | None = None, verbose=0, on_epoch=None):
+def pretrain_classifier(
+    train_dataset, learner, config: PretrainConfig | None = None, verbose=0, on_epoch=None, should_stop=None
+):
     """A freshly initialised model of `learner`'s architecture, with one output per meta-train class, trained as a
     classifier on every meta-train image; returns (model, final training accuracy). `on_epoch(epoch, accuracy)`
-    is called after every epoch (from 1)."""
+    is called after every epoch (from 1). When `should_stop()` turns true (a stop signal), training ends after the
+    current batch and StopRequested is raised: a half-trained classifier is not returned."""
     import keras
     import tensorflow as tf
 
@@ -45,13 +48,32 @@ def pretrain_classifier(train_dataset, learner, config: PretrainConfig | None = 
         metrics=["accuracy"],
     )
     # shuffle=False: the data set shuffles itself (Keras would warn that it ignores the flag).
-    callbacks = []
-    if on_epoch is not None:
+    stopped = should_stop or (lambda: False)
+    callbacks = [_stop_when(stopped)]
+    if on_epoch is not None:  # not for an epoch a stop cut short
         callbacks.append(
-            keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, logs["accuracy"]))
+            keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs: None if stopped() else on_epoch(epoch + 1, logs["accuracy"])
+            )
         )
     history = model.fit(data, epochs=int(config.epochs), verbose=verbose, shuffle=False, callbacks=callbacks)
+    if stopped():
+        from keras_metalstm.stop_signals import StopRequested
+
+        raise StopRequested("pre-training stopped by a signal")
     return model, float(history.history["accuracy"][-1])
+
+
+def _stop_when(should_stop):
+    """A Keras callback ending `fit` after the batch at which `should_stop()` turns true."""
+    import keras
+
+    class StopWhen(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if should_stop():
+                self.model.stop_training = True
+
+    return StopWhen()
 
 
 def output_layer(model):

@@ -12,6 +12,11 @@ import stat
 import threading
 
 
+class StopRequested(Exception):
+    """Raised by work before the episode loop (pre-training theta_0's classifier) that a stop signal ended before it
+    finished: its result is incomplete and must not be kept."""
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM, or SIGHUP (the terminal or SSH session the run was started from closed): the loop
     saves a checkpoint and stops after the current meta-update."""

@@ -259,7 +259,7 @@ class TrainingRun:
                 write_state(self.run_dir, "starting", 0, self.config.episodes, None, None, 0.0)
         return splits
 
-    def _theta0_source(self, config, splits, learner, callbacks):
+    def _theta0_source(self, config, splits, learner, callbacks, should_stop=None):
         """The trained classifier theta_0 starts from: config.pretrained_model, the saved model a `.keras` learner
         was given as, or the learner's architecture pre-trained on the meta-train classes and cached in
         RUN_DIR/baselines/ (where `metalstm evaluate --baselines` finds it)."""
@@ -274,7 +274,9 @@ class TrainingRun:
             source = config.pretrained_model or config.learner
             callbacks.on_message(f"theta_0 starts from the weights of {source}")
             return load_learner_file(source)
-        model, info = cached_pretrained_classifier(self.run_dir, config, splits, learner, log=callbacks.on_message)
+        model, info = cached_pretrained_classifier(
+            self.run_dir, config, splits, learner, log=callbacks.on_message, should_stop=should_stop
+        )
         callbacks.on_message(
             f"theta_0 starts from the classifier pre-trained on the meta-train classes "
             f"({baseline_cache_paths(self.run_dir)[0]}, training accuracy "

@@ -37,7 +37,7 @@ from keras_metalstm.runs import (
     save_best_model,
     write_state,
 )
-from keras_metalstm.stop_signals import OutputMayHangUp, StopFlag
+from keras_metalstm.stop_signals import OutputMayHangUp, StopFlag, StopRequested
 
 if TYPE_CHECKING:
     from keras_metalstm.training import TrainingRun
@@ -202,7 +202,10 @@ class TrainingSession:
             return 0.0
         started = time.time()
         try:
-            meta.initialize_theta0_from(self.run._theta0_source(config, self.splits, meta.learner, self.callbacks))
+            source = self.run._theta0_source(
+                config, self.splits, meta.learner, self.callbacks, should_stop=lambda: self.stop.signal is not None
+            )
+            meta.initialize_theta0_from(source)
         except ValueError as error:  # a model of another architecture
             raise TrainingError(str(error)) from None
         return time.time() - started
@@ -240,18 +243,13 @@ class TrainingSession:
 
                 if not accelerator_present():
                     self.callbacks.on_message(XLA_ON_CPU_NOTE)
-            self._clock = (self._restore_or_initialise(), time.time())
-            self._began = True
-            start = int(self.episode.numpy())
-            self._open_log(start)
-            self.callbacks.on_start(self.run, start, self.config.episodes)
-            self.stop.install()
-            self._write_state()
-            self._loop(start)
-            if self.status == "running":
-                self.status = "finished"
-                validated = float(self.best_accuracy.numpy()) >= 0  # the same on every worker
-                save_best_model(self.run_dir, self.meta, validated, self.best_manager.latest_checkpoint, self.chief)
+            self.stop.install()  # before pre-training theta_0's classifier, which a signal stops too
+            try:
+                self._clock = (self._restore_or_initialise(), time.time())
+            except StopRequested:  # nothing of the run is saved yet: a resume pre-trains again
+                self.status = "interrupted"
+            else:
+                self._meta_train()
         except KeyboardInterrupt:
             self.status = "interrupted"
             raise
@@ -264,6 +262,19 @@ class TrainingSession:
         finally:
             self._close()
         return self._result()
+
+    def _meta_train(self) -> None:
+        """From the restored checkpoint (or theta_0) to the end of the run or a stop."""
+        self._began = True
+        start = int(self.episode.numpy())
+        self._open_log(start)
+        self.callbacks.on_start(self.run, start, self.config.episodes)
+        self._write_state()
+        self._loop(start)
+        if self.status == "running":
+            self.status = "finished"
+            validated = float(self.best_accuracy.numpy()) >= 0  # the same on every worker
+            save_best_model(self.run_dir, self.meta, validated, self.best_manager.latest_checkpoint, self.chief)
 
     def _loop(self, start: int) -> None:
         from keras_metalstm.augmentation import Augmentation

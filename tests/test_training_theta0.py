@@ -1,7 +1,9 @@
 """`metalstm train --theta0-init pretrained`: theta_0 starts from a classifier pre-trained on the meta-train classes
 (cached in the run directory and reused by the baselines) or from a given .keras classifier."""
 
+import os
 import re
+import signal
 
 import keras
 import numpy as np
@@ -80,6 +82,33 @@ def test_a_scratch_run_does_not_start_from_the_classifier(tmp_path, data_dir):
     assert run_cli(train_args(data_dir, run_dir)).exit_code == 0
     first = body_of_theta0(run_dir)[0]
     assert not np.allclose(first, classifier.trainable_variables[0].numpy().ravel(), atol=1e-3)
+
+
+def test_a_stop_signal_while_pre_training_stops_the_run_and_a_resume_pre_trains_again(tmp_path, data_dir):
+    """Ctrl-C or SIGTERM while theta_0's classifier pre-trains: the stop handler was installed only after it, so
+    SIGTERM killed the process (state.json left "starting") and an ignored SIGINT (a job started with &) let the
+    whole run finish."""
+    from keras_metalstm.config import RunConfig
+    from keras_metalstm.runs import read_state
+    from keras_metalstm.training import train
+    from keras_metalstm.training_session import Callback
+
+    class SignalWhenPreTraining(Callback):
+        def on_message(self, text):
+            if text.startswith("pre-training the"):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    config = RunConfig(dataset="folder", data_dir=str(data_dir), n_way=2, query=2, inner_steps=2, hidden_units=4,
+                       filters=4, episodes=2, checkpoint_every=2, validate_every=2, val_episodes=2,
+                       theta0_init="pretrained", pretrain_epochs=3)
+    run_dir = tmp_path / "run"
+    stopped = train(config, run_dir, callbacks=SignalWhenPreTraining())
+    assert (stopped.status, stopped.signal, stopped.episode) == ("interrupted", signal.SIGTERM, 0)
+    assert read_state(run_dir)["status"] == "interrupted"
+    assert not (run_dir / "baselines" / "pretrained.keras").exists()  # a classifier cut short is not kept
+    resumed = train(config, run_dir, resume=True)
+    assert (resumed.status, resumed.episode) == ("finished", 2)
+    assert (run_dir / "baselines" / "pretrained.keras").is_file()
 
 
 def test_unusable_pretrained_models_are_refused_with_a_message(tmp_path, data_dir):
