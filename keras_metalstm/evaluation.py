@@ -453,18 +453,21 @@ def evaluate_run(
 
 
 def evaluate_episodes(trainer, dataset, config, episodes: int, seed: int, progress=None):
-    """Per-episode test-mode query accuracies of the meta-learner on `episodes` episodes of `dataset`."""
+    """Per-episode test-mode query accuracies of the meta-learner on `episodes` episodes of `dataset`.
+
+    Under R replicas each evaluates B/R episodes of a batch of B (MetaTrainer.evaluate_step): a count that is not
+    a multiple of R is rounded up to one, and the accuracies of the episodes past `episodes` are dropped. Episode i
+    is a function of (seed, i), so the first `episodes` are the same as on one device."""
     import tensorflow as tf
 
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    batch = eval_batch_size(episodes)
-    if batch % replicas:  # each replica evaluates batch/R episodes (MetaTrainer.evaluate_step)
-        batch = replicas * eval_batch_size(episodes // replicas) if episodes % replicas == 0 else batch
-    stream = evaluation_episodes(dataset, config, episodes, seed, batch)
+    drawn = -(-episodes // replicas) * replicas
+    batch = replicas * eval_batch_size(drawn // replicas)
+    stream = evaluation_episodes(dataset, config, drawn, seed, batch)
     out = []
     for episodes_batch in stream:
+        if progress is not None:  # the episodes asked for, not those drawn to fill the replicas
+            progress(min(batch, episodes - batch * len(out)))
         out.append(trainer.evaluate_step(episodes_batch)["accuracy"].numpy())
-        if progress is not None:
-            progress(batch)
-    return np.concatenate(out)
+    return np.concatenate(out)[:episodes]
 

@@ -89,6 +89,11 @@ def test_mirrored_evaluate_step_returns_every_episode_in_order(mirrored_report):
     assert mirrored_report["evaluate_vs_default"] < 1e-5
 
 
+def test_mirrored_validation_of_episodes_the_replicas_cannot_share_scores_the_same_episodes(mirrored_report):
+    assert mirrored_report["odd_validation"][0] == 5, mirrored_report
+    assert mirrored_report["odd_validation"][1] < 1e-6, mirrored_report
+
+
 def test_two_worker_multiworker_mirrored_identical_weights_and_loadable_checkpoint(tmp_path):
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
@@ -308,6 +313,19 @@ def _odd_batch_refusals(strategy):
     return refusals
 
 
+def _odd_validation(trainer_default, trainer_mirrored, mirrored, split):
+    """A validation of 5 episodes (--val-episodes 5) on 2 replicas and on one device: (episodes scored, largest
+    difference of their accuracies). It failed at the run's first validation, after hours of training."""
+    from keras_metalstm.config import RunConfig
+    from keras_metalstm.evaluation import evaluate_episodes
+
+    shape = RunConfig(n_way=N_WAY, k_shot=K_SHOT, query=QUERY)
+    with mirrored.scope():
+        on_replicas = evaluate_episodes(trainer_mirrored, split, shape, 5, seed=4)
+    on_one = evaluate_episodes(trainer_default, split, shape, 5, seed=4)
+    return len(on_replicas), float(np.max(np.abs(on_replicas - on_one))) if len(on_replicas) == 5 else 1.0
+
+
 def role_mirrored():
     _logical_cpus(2)
     import keras
@@ -374,6 +392,7 @@ def role_mirrored():
             ev_d = trainer_d.evaluate_step(plain[0])["loss"].numpy()
             ev_m = trainer_m.evaluate_step(plain[0])["loss"].numpy()
             report["evaluate_vs_default"] = float(np.max(np.abs(ev_d - ev_m))) if ev_d.shape == ev_m.shape else 1e9
+            report["odd_validation"] = _odd_validation(trainer_d, trainer_m, mirrored, split)
     # resume: 1 step, checkpoint, fresh model + trainer restored, 1 more step == 2 straight steps (clip active)
     with tempfile.TemporaryDirectory() as directory:
         meta_a = fresh(mirrored)
