@@ -24,7 +24,8 @@ def run_evaluation(run_dir, progress, log, pretrain_epochs, episodes, **options)
     """`keras_metalstm.evaluation.evaluate_run(run_dir, episodes, **options)` under a progress bar of `episodes`,
     with the baselines' classifier pre-trained for `pretrain_epochs` (None: the run's own); saves the report as
     RUN_DIR/evaluation/<...>.json and redraws the run's curves.png (it shows the baselines of the saved reports).
-    Returns (report, path)."""
+    Returns (report, path); path is None, after a warning, when the run directory cannot be written (read-only):
+    the results are still shown."""
     from keras_metalstm.evaluation import evaluate_run, save_report
     from keras_metalstm.metrics_log import write_curves
     from keras_metalstm.pretraining import PretrainConfig
@@ -33,8 +34,12 @@ def run_evaluation(run_dir, progress, log, pretrain_epochs, episodes, **options)
     pretrain = None if pretrain_epochs is None else PretrainConfig(pretrain_epochs, seed=load_run_config(run_dir).seed)
     with episode_bar("evaluate", episodes, progress) as update_bar:
         report = evaluate_run(run_dir, episodes, pretrain=pretrain, progress=update_bar, log=log, **options)
-    path = save_report(report, run_dir)
-    write_curves(run_dir)
+    try:
+        path = save_report(report, run_dir)
+        write_curves(run_dir)
+    except OSError as error:
+        log(f"warning: the report cannot be saved in {run_dir} ({error.strerror or error}); its results follow")
+        return report, None
     return report, path
 
 
@@ -197,5 +202,5 @@ def evaluate(
         click.echo(differences)
     click.echo(
         f"evaluated {run_dir} ({report.details['checkpoint']} checkpoint) on {episodes} episodes in "
-        f"{duration(report.seconds)}; report saved to {path}"
+        f"{duration(report.seconds)}; " + (f"report saved to {path}" if path else "report not saved (see above)")
     )

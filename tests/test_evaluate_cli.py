@@ -286,6 +286,24 @@ def test_evaluate_errors(trained, tmp_path, data_dir):
     assert "evaluate:" not in result.output and "0/600" not in result.output, result.output
 
 
+def test_a_run_directory_that_cannot_be_written_still_gets_its_results_shown(trained, monkeypatch):
+    """A read-only run folder: every episode was evaluated, then the report's write failed and the command printed
+    only that error (600 episodes and the baselines' work lost)."""
+    import errno
+
+    from keras_metalstm import evaluation
+
+    def read_only(report, run_dir):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(evaluation, "save_report", read_only)
+    run_dir, _ = trained
+    result = run_cli(["evaluate", run_dir, "--episodes", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "warning: the report cannot be saved in" in result.output and "Read-only file system" in result.output
+    assert "| Meta-Learner LSTM " in result.output and "report not saved (see above)" in result.output
+
+
 def test_evaluate_shows_the_episodes_bar_when_episodes_run(trained):
     run_dir, _ = trained
     result = run_cli(["evaluate", run_dir, "--episodes", "3"])
