@@ -7,13 +7,13 @@ A run directory holds:
     splits.json            the classes of each split when the run started: resume, evaluate and the baselines use
                            these, whatever was added to or moved in the data set since
     checkpoints/           tf.train.CheckpointManager: meta-learner, optimizer state, episode counter, best
-                           validation accuracy, the metrics window in progress (the latest `keep_checkpoints`)
+                           validation accuracy (the latest `keep_checkpoints`)
     best/                  the checkpoint with the best validation accuracy so far
     best.keras             the best meta-learner as one Keras file (written when training finishes)
     metrics.jsonl/.csv     the metrics log (keras_metalstm.metrics_log); curves.png drawn from it
-    state.json             status, episode, best validation, training seconds of all sessions, how the steps of
-                           the session that wrote the newest checkpoint round (keras_metalstm.numerics), the
-                           writing process
+    state.json             status, episode, best validation, training seconds of all sessions and the metrics
+                           row in progress (now and at the newest checkpoint), how the steps of the session that
+                           wrote the newest checkpoint round (keras_metalstm.numerics), the writing process
     baselines/             the classifier pre-trained on the meta-train classes, shared with the baselines
     tensorboard/           event files, when the tensorboard package is installed
 
@@ -373,8 +373,8 @@ def write_state(
 ) -> None:
     """state.json, atomically: the status (running, finished, interrupted, diverged, failed: <reason>), where the
     run is, the training seconds of all sessions, the metrics row in progress (`window`: loss sum, accuracy sum,
-    episodes), the newest checkpoint's episode and training seconds (`checkpoint`, {"episode", "seconds"}: where a
-    session that stopped after it without saving resumes), how the steps of the session that wrote it round
+    episodes), the newest checkpoint's episode, training seconds and metrics row in progress (`checkpoint`,
+    {"episode", "seconds", "window"}: where a session that stopped after it without saving resumes), how the steps of the session that wrote it round
     (`numerics`: keras_metalstm.numerics, so that a resumed run can tell whether it continues bitwise) and which
     process wrote the file (so that a later session can tell a crash from a run still going). `best_val_episodes`
     is the number of episodes of the validation that set the best accuracy: the one a resumed run's validations

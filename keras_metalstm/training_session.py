@@ -150,7 +150,7 @@ class TrainingSession:
         # state.json keeps the latter, which a resumed run compares with.
         self.numerics = step_numerics(strategy, config.xla)
         self.checkpoint_numerics = None
-        self.checkpoint_clock = None  # the newest checkpoint's episode and training seconds, for state.json
+        self.checkpoint_clock = None  # the newest checkpoint's episode, training seconds and row window, for state.json
         self.best_val_episodes = None  # the episodes of the validation that set the best accuracy, for state.json
         self.status = "running"
         self.stop = StopFlag()
@@ -186,7 +186,8 @@ class TrainingSession:
             if state.get("episode") == done:
                 self.callbacks.on_message(f"resuming from the checkpoint of episode {done} ({latest})")
                 self.window = list(state.get("window", self.window))
-                self.checkpoint_clock = {"episode": done, "seconds": float(state.get("seconds", 0.0))}
+                self.checkpoint_clock = {"episode": done, "seconds": float(state.get("seconds", 0.0)),
+                                         "window": list(self.window)}
                 return self.checkpoint_clock["seconds"]
             if not crashed(state) and isinstance(state.get("episode"), int) and state["episode"] > done:
                 self.callbacks.on_message(
@@ -196,6 +197,7 @@ class TrainingSession:
             at_checkpoint = state.get("checkpoint")
             if isinstance(at_checkpoint, dict) and at_checkpoint.get("episode") == done:
                 self.checkpoint_clock = at_checkpoint
+                self.window = list(at_checkpoint.get("window", self.window))  # absent in older state files
                 return float(at_checkpoint.get("seconds", 0.0))
             return 0.0
         if config.theta0_init != "pretrained":
@@ -386,9 +388,12 @@ class TrainingSession:
 
     def _save(self) -> None:
         episode = int(self.episode.numpy())
+        # Before the checkpoint too: a process killed once it is written, before the write after it, leaves a
+        # state.json of this episode (its seconds and metrics row in progress), not of an earlier one.
+        self._write_state()
         path = self._saved(self.manager, episode, CHECKPOINT_DIR, "checkpoint")
         self.checkpoint_numerics = self.numerics
-        self.checkpoint_clock = {"episode": episode, "seconds": round(self.seconds(), 3)}
+        self.checkpoint_clock = {"episode": episode, "seconds": round(self.seconds(), 3), "window": list(self.window)}
         self._write_state()  # after the checkpoint: state.json describes the newest checkpoint
         self.callbacks.on_checkpoint(episode, path)
 
