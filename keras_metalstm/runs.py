@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import time
 import warnings
@@ -241,6 +242,13 @@ def checkpoint_object(meta, optimizer=None, progress=None):
         objects["optimizer"] = optimizer
     objects.update(progress or {})
     return tf.train.Checkpoint(**objects)
+
+
+def remove_partial_checkpoints(directory, episode="*") -> None:
+    """The temporary folders ("ckpt-N_temp") TensorFlow writes a checkpoint of episode `episode` (any: "*") into
+    before renaming it, left by a save that failed or a process killed during one: never read, only disk used."""
+    for partial in Path(directory).glob(f"ckpt-{episode}_temp*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def restore_checkpoint(checkpoint, path, what="checkpoint"):

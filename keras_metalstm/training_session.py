@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from keras_metalstm.runs import (
     crashed,
     latest_checkpoint,
     read_state,
+    remove_partial_checkpoints,
     restore_checkpoint,
     save_best_model,
     write_state,
@@ -164,6 +164,9 @@ class TrainingSession:
         """Restore the latest checkpoint of the run (every worker reads the chief's), or start theta_0 where the
         configuration says; returns the seconds spent before this session (earlier sessions, pre-training)."""
         config, meta = self.config, self.meta
+        if self.chief:  # a session killed while it saved a checkpoint left the folder it was writing
+            for folder in (CHECKPOINT_DIR, BEST_DIR):
+                remove_partial_checkpoints(self.run_dir / folder)
         latest = latest_checkpoint(self.run_dir)
         if latest:
             restore_checkpoint(self.checkpoint, latest)
@@ -403,8 +406,7 @@ class TrainingSession:
         try:
             return manager.save(checkpoint_number=episode)
         except Exception as error:  # noqa: BLE001 - a full disk, a read-only or vanished directory ...
-            for partial in Path(manager.directory).glob(f"*-{episode}_temp*"):
-                shutil.rmtree(partial, ignore_errors=True)
+            remove_partial_checkpoints(manager.directory, episode)
             # TensorFlow's text is "<its temporary path>; <cause>": the folder is named here.
             cause = tensorflow_error_text(error).rsplit("; ", 1)[-1]
             kept = latest_checkpoint(self.run_dir, folder)

@@ -69,3 +69,16 @@ def test_a_resume_from_a_checkpoint_older_than_the_stop_logs_the_rows_of_the_uni
         # the row of episode 4 averages episodes 1-4, not only the replayed episode 4
         np.testing.assert_allclose(np.array(train_rows(run_dir)), np.array(expected), rtol=1e-6, err_msg=run_dir.name)
         assert json.loads((run_dir / "state.json").read_text())["seconds"] > state["checkpoint"]["seconds"]
+
+
+def test_the_folder_of_a_checkpoint_whose_save_was_killed_is_removed_when_the_run_resumes(tmp_path, data_dir):
+    """TensorFlow writes a checkpoint into ckpt-N_temp/ and renames it: a process killed meanwhile left the folder
+    for good."""
+    config = RunConfig(data_dir=str(data_dir), **{**SETTINGS, "episodes": 3})
+    run_dir = tmp_path / "run"
+    train(config, run_dir)
+    for folder in ("checkpoints", "best"):
+        (run_dir / folder / "ckpt-4_temp" / "part-00000-of-00001").mkdir(parents=True)
+    train(config.replace(episodes=6), run_dir, resume=True)
+    assert not list(run_dir.glob("*/ckpt-*_temp*"))
+    assert (run_dir / "checkpoints" / "ckpt-6.index").is_file()
