@@ -31,7 +31,8 @@ def refuse_url(path: str | os.PathLike | None, what: str, error: type[Exception]
 def replaced_in_place(path: str | os.PathLike):
     """Yields a temporary path beside `path`, with its name's suffix (Keras saves only to a ".keras" name), to write
     in full; then renames it over `path`, so that `path` is never half-written. On failure the temporary file is
-    removed, and an OSError without a file name (a full disk's ENOSPC from write()) is raised again naming `path`."""
+    removed, and an OSError without a file name (a full disk's ENOSPC from write()) or naming the temporary file (a
+    read-only folder's EROFS from open()) is raised again naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
@@ -40,6 +41,6 @@ def replaced_in_place(path: str | os.PathLike):
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and not error.filename:
+        if isinstance(error, OSError) and (not error.filename or Path(error.filename) == tmp):
             raise OSError(error.errno, error.strerror or str(error), str(path)) from error
         raise

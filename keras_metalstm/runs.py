@@ -270,7 +270,10 @@ def restore_checkpoint(checkpoint, path, what="checkpoint"):
             if older
             else ""
         )
-        raise CheckpointMismatchError(f"cannot read the {what} at {path}: {first_line(error)}{fix}") from None
+        from keras_metalstm.data.errors import tensorflow_error_text
+
+        cause = tensorflow_error_text(error)
+        raise CheckpointMismatchError(f"cannot read the {what} at {path}: {cause}{fix}") from None
 
 
 def _older_checkpoints(path: Path) -> list[str]:
@@ -382,11 +385,11 @@ def write_state(
     """state.json, atomically: the status (running, finished, interrupted, diverged, failed: <reason>), where the
     run is, the training seconds of all sessions, the metrics row in progress (`window`: loss sum, accuracy sum,
     episodes), the newest checkpoint's episode, training seconds and metrics row in progress (`checkpoint`,
-    {"episode", "seconds", "window"}: where a session that stopped after it without saving resumes), how the steps of the session that wrote it round
-    (`numerics`: keras_metalstm.numerics, so that a resumed run can tell whether it continues bitwise) and which
-    process wrote the file (so that a later session can tell a crash from a run still going). `best_val_episodes`
-    is the number of episodes of the validation that set the best accuracy: the one a resumed run's validations
-    must use to be compared with it, even after sessions that did not validate."""
+    {"episode", "seconds", "window"}: where a session that stopped after it without saving resumes), how the steps
+    of the session that wrote it round (`numerics`: keras_metalstm.numerics, so that a resumed run can tell whether
+    it continues bitwise) and which process wrote the file (so that a later session can tell a crash from a run
+    still going). `best_val_episodes` is the number of episodes of the validation that set the best accuracy: the
+    one a resumed run's validations must use to be compared with it, even after sessions that did not validate."""
     atomic_write_text(
         Path(run_dir) / STATE_FILE,
         json.dumps(

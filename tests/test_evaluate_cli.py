@@ -378,10 +378,15 @@ def test_a_damaged_newest_checkpoint_names_the_older_ones_to_fall_back_on(traine
     run_dir = tmp_path / "run"
     shutil.copytree(trained[0], run_dir)
     (data,) = (run_dir / "checkpoints").glob("ckpt-8.data-*")
-    data.write_bytes(data.read_bytes()[:100])  # a disk error, an interrupted copy
-    with pytest.raises(runs.CheckpointMismatchError, match=r"cannot read the checkpoint at .*ckpt-8: .*; the older "
-                       r"ckpt-4 beside it may be whole: move ckpt-8\.\* away to use the newest of them"):
-        runs.load_meta_learner(run_dir, which="latest")
+    whole = data.read_bytes()
+    flipped = bytes(byte ^ 0xFF for byte in whole[:64]) + whole[64:]
+    for damaged in (whole[:100], flipped):  # a disk error, an interrupted copy; bytes changed in place
+        data.write_bytes(damaged)
+        fallback = r"; the older ckpt-4 beside it may be whole: move ckpt-8\.\* away to use the newest of them"
+        damaged_message = r"cannot read the checkpoint at .*ckpt-8: .*" + fallback
+        with pytest.raises(runs.CheckpointMismatchError, match=damaged_message) as raised:
+            runs.load_meta_learner(run_dir, which="latest")
+        assert "{{function_node" not in str(raised.value) and "[Op:" not in str(raised.value)  # TensorFlow's wrapping
     for path in (run_dir / "checkpoints").glob("ckpt-8.*"):
         path.rename(tmp_path / path.name)
     runs.load_meta_learner(run_dir, which="latest")  # the fix the message gives works

@@ -206,7 +206,9 @@ def load_miniimagenet_pickles(data_dir: str | os.PathLike, image_size: int = MIN
         for name in names:
             if owner.setdefault(name, split_name) != split_name:
                 raise DataError(f"class {name!r} is in both {MINIIMAGENET_PICKLE_FILES[owner[name]]} and {file_name}")
-        indices = [_image_indices(path, name, classes[key], len(images)) for name, key in zip(names, classes, strict=True)]
+        indices = [
+            _image_indices(path, name, classes[key], len(images)) for name, key in zip(names, classes, strict=True)
+        ]
         flat = np.concatenate(indices) if indices else np.zeros(0, np.int64)
         repeated = np.flatnonzero(np.bincount(flat, minlength=len(images)) > 1)
         if repeated.size:  # every class would hold the shared images: a broken cache, not a data set
