@@ -116,19 +116,19 @@ def test_empty_folders_are_refused(tmp_path):
 
 
 def test_jpeg_files_named_jfif_or_jpe_are_read_as_jpeg(tmp_path):
-    """Windows and browsers save some JPEG downloads as .jfif (or .jpe); they were left out without a word, and a
-    class of only them was refused as empty."""
+    """Windows and browsers save some JPEG downloads as .jfif (or .jpe, .pjpeg, .pjp); they were left out without a
+    word, and a class of only them was refused as empty."""
     rng = np.random.default_rng(5)
     pixels = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
-    for name, suffix in (("jfif", ".JFIF"), ("jpe", ".jpe"), ("jpg", ".jpg")):
+    for name, suffix in (("jfif", ".JFIF"), ("jpe", ".jpe"), ("pjpeg", ".pjpeg"), ("pjp", ".pjp"), ("jpg", ".jpg")):
         (tmp_path / "data" / name).mkdir(parents=True)
         for index in range(2):
             Image.fromarray(pixels).save(tmp_path / "data" / name / f"{index}{suffix}", format="JPEG", quality=95)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing left out
         dataset = load_image_folder(tmp_path / "data")
-    assert dataset.class_sizes.tolist() == [2, 2, 2]
-    for name in ("jfif", "jpe"):
+    assert dataset.class_sizes.tolist() == [2] * 5
+    for name in ("jfif", "jpe", "pjpeg", "pjp"):
         np.testing.assert_array_equal(dataset[name], dataset["jpg"])
 
 

@@ -1,6 +1,7 @@
-"""Image-folder loader for the user's own data: ``root/<class>/*.png|jpg|jpeg|jfif|jpe|bmp|gif`` (and ``webp`` with
-TensorFlow 2.20 or later), one sub-folder per class, or a folder split already, ``root/{train,val,test}/<class>/*``
-(``validation`` for ``val`` too; the layout many copies of Mini-ImageNet come in), whose splits are kept as they are.
+"""Image-folder loader for the user's own data: ``root/<class>/*.png|jpg|jpeg|bmp|gif`` (JPEGs also as
+``jfif|jpe|pjpeg|pjp``, and ``webp`` with TensorFlow 2.20 or later), one sub-folder per class, or a folder split
+already, ``root/{train,val,test}/<class>/*`` (``validation`` for ``val`` too; the layout many copies of
+Mini-ImageNet come in), whose splits are kept as they are.
 
 Every immediate sub-folder of ``root`` (hidden ones skipped) is a class named after the folder; its image files
 (extensions ``IMAGE_EXTENSIONS``, any case) are read in sorted order, other files are ignored, but a load that
@@ -30,8 +31,10 @@ from keras_metalstm.data.errors import DataError
 from keras_metalstm.data.images import READS_WEBP, decode_image_files
 
 # The formats the installed TensorFlow's image decoder reads (a GIF: its first frame; WebP from TensorFlow 2.20 on).
-# .jfif and .jpe are JPEG files under the names Windows and browsers save some of them with.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".gif") + ((".webp",) if READS_WEBP else ())
+# .jfif, .jpe, .pjpeg and .pjp are JPEG files under the names Windows and browsers save some of them with.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".pjpeg", ".pjp", ".bmp", ".gif") + (
+    (".webp",) if READS_WEBP else ()
+)
 # Image formats it does not read: named when a folder holds only them.
 UNREAD_IMAGE_EXTENSIONS = tuple(
     extension
