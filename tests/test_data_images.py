@@ -335,11 +335,15 @@ def test_images_whose_drawing_is_only_in_their_transparency_are_warned_of(tmp_pa
     drawn = strokes.copy()
     drawn[..., 3], drawn[2:6, 3, :3] = 255, 200  # an opaque image with the bar in its colours
     Image.fromarray(drawn, "RGBA").save(tmp_path / "opaque.png")
-    with pytest.warns(RuntimeWarning, match=r"1 image\(s\) with an alpha channel are one flat colour .*signature\.png"):
-        decode_image_files([str(tmp_path / "signature.png"), str(tmp_path / "opaque.png")], (8, 8, 1))
+    for alpha in (255, 0):  # an opaque white page and a fully transparent one: flat before alpha is dropped
+        Image.fromarray(np.full((8, 8, 4), (255, 255, 255, alpha), np.uint8), "RGBA").save(tmp_path / f"{alpha}.png")
+    flat_already = [str(tmp_path / name) for name in ("opaque.png", "255.png", "0.png")]
+    with pytest.warns(RuntimeWarning, match=r"1 image\(s\) with a varying alpha channel are one flat colour .*"
+                                             r"signature\.png"):
+        decode_image_files([str(tmp_path / "signature.png"), *flat_already], (8, 8, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        decode_image_files([str(tmp_path / "opaque.png")], (8, 8, 1))
+        decode_image_files(flat_already, (8, 8, 1))
 
 
 def test_mixed_shapes_are_refused_without_a_target_with_the_rule_in_the_message(tmp_path):

@@ -229,7 +229,9 @@ def decode_image_files(
     def decode(index, source):
         contents = source if from_bytes else tf.io.read_file(source)
         raw = decode_image(contents)
-        return index, to_uint8(convert_images(raw, target_shape)), tf.shape(raw)
+        channels, alpha = tf.shape(raw)[-1], raw[..., -1]  # the last channel is alpha with 2 or 4 of them
+        alpha_varies = ((channels == 2) | (channels == 4)) & (tf.reduce_min(alpha) != tf.reduce_max(alpha))
+        return index, to_uint8(convert_images(raw, target_shape)), tf.shape(raw), alpha_varies
 
     slices = (tf.range(count, dtype=tf.int64), tf.constant(list(sources), dtype=tf.string))
     pipeline = without_autotune_thread(
@@ -241,11 +243,12 @@ def decode_image_files(
     )
     images = np.zeros((count, *target_shape), dtype=np.uint8)
     native = np.zeros((count, 3), dtype=np.int64)
-    seen = np.zeros(count, dtype=bool)
+    seen, alpha_varies = np.zeros(count, dtype=bool), np.zeros(count, dtype=bool)
     with reading(count) as progress:
-        for index, batch, shapes in pipeline.as_numpy_iterator():
+        for index, batch, shapes, varies in pipeline.as_numpy_iterator():
             images[index] = batch
             native[index] = shapes
+            alpha_varies[index] = varies
             seen[index] = True
             if progress is not None:
                 progress.update(len(index))
@@ -259,7 +262,7 @@ def decode_image_files(
             + "; ".join(reasons).rstrip(".")
             + f". Replace or delete them ({READ_FORMATS} are read)."
         )
-    _warn_if_blank_without_alpha(images, native, names)
+    _warn_if_blank_without_alpha(images, alpha_varies, names)
     if refuse_mixed:
         canonical = np.array([_canonical_shape(s) for s in native])
         differs = np.flatnonzero((canonical != np.array(target_shape)).any(axis=1))
@@ -274,17 +277,17 @@ def decode_image_files(
     return images, native
 
 
-def _warn_if_blank_without_alpha(images: np.ndarray, native: np.ndarray, names: Sequence[str]) -> None:
-    """One RuntimeWarning for images with an alpha channel that are one flat colour once it is dropped: a drawing
-    held only in its transparency (strokes of the background's colour on a transparent background) is gone."""
-    with_alpha = np.isin(native[:, 2], (2, 4))
-    if not with_alpha.any():
+def _warn_if_blank_without_alpha(images: np.ndarray, alpha_varies: np.ndarray, names: Sequence[str]) -> None:
+    """One RuntimeWarning for images whose alpha channel varies but that are one flat colour once it is dropped: a
+    drawing held only in its transparency (strokes of the background's colour on a transparent background) is
+    gone. An image flat in its colours and its alpha alike (an opaque white page) was flat to begin with."""
+    if not alpha_varies.any():
         return
     flat = images.reshape(len(images), -1)
-    blank = np.flatnonzero(with_alpha & (flat.min(axis=1) == flat.max(axis=1)))
+    blank = np.flatnonzero(alpha_varies & (flat.min(axis=1) == flat.max(axis=1)))
     if len(blank):
         warnings.warn(
-            f"{len(blank)} image(s) with an alpha channel are one flat colour once it is dropped (e.g. "
+            f"{len(blank)} image(s) with a varying alpha channel are one flat colour once it is dropped (e.g. "
             f"{names[blank[0]]}): their drawing is only in the transparency. Flatten them onto a background first "
             "(e.g. Pillow: Image.alpha_composite(white, image).convert('RGB')).",
             RuntimeWarning,
