@@ -167,11 +167,17 @@ def test_a_32_bit_bmp_decodes_to_its_colours_whatever_byte_order_its_masks_give(
             np.testing.assert_array_equal(
                 np.round(decoded.numpy() * 255).astype(np.uint8), rgba[..., :3], err_msg=f"{header_size}: {masks}"
             )
-    # masks of 10 bits a channel are not whole bytes: the file reads as TensorFlow's decoder reads it
-    contents = bytearray(_bmp_with_masks(rgba, usual, 56))
+
+def test_a_32_bit_bmp_whose_masks_are_not_whole_bytes_is_refused_by_name(tmp_path):
+    """10 bits a channel: TensorFlow read the bytes as blue, green, red and gave wrong colours without a word."""
+    rgba = np.random.default_rng(7).integers(0, 256, (5, 4, 4), dtype=np.uint8)
+    contents = bytearray(_bmp_with_masks(rgba, (0x00FF0000, 0x0000FF00, 0x000000FF, 0xFF000000), 56))
     contents[54:70] = struct.pack("<4I", 0x3FF00000, 0x000FFC00, 0x000003FF, 0xC0000000)
-    as_decoder_reads = tf.io.decode_image(bytes(contents), channels=0, expand_animations=False)
-    np.testing.assert_array_equal(decode_image(bytes(contents)).numpy(), as_decoder_reads.numpy())
+    (tmp_path / "ten_bits.bmp").write_bytes(bytes(contents))
+    with pytest.raises(DataError, match=r"ten_bits\.bmp: a 32-bit BMP whose channel masks are not whole bytes"):
+        decode_image_files([str(tmp_path / "ten_bits.bmp")], (5, 4, 3))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="channel masks are not whole bytes"):
+        tf.function(decode_image)(tf.constant(bytes(contents)))  # as predict_encoded runs it
 
 
 def test_a_grey_palette_bmp_stays_one_channel_with_its_palettes_levels(tmp_path):

@@ -6,7 +6,8 @@ decode to their colours everywhere the package decodes images (loaders, adapt, p
   ramp 0..255; they are looked up in the file's palette. A palette whose entries are all grey gives one channel,
   as the decoder's own output has; any other gives RGB.
 * a 32-bit BMP with channel masks (BI_BITFIELDS): the decoder takes its bytes as blue, green, red, alpha whatever
-  the masks say; a file whose masks put them in other bytes (red first, say) gets its channels back in place.
+  the masks say; a file whose masks put them in other bytes (red first, say) gets its channels back in place,
+  and one whose masks are not whole bytes (10 bits a channel) is refused (InvalidArgumentError in a graph).
 
 The fields read are those of the BITMAPINFOHEADER family (header size 40 or more): bits per pixel at byte 28,
 compression at byte 30, the number of palette entries at byte 46 (0: 2^bits), the palette (blue, green, red,
@@ -22,6 +23,10 @@ _SHORTEST_FILE = _FILE_HEADER + _SMALLEST_HEADER
 _MASKS = _SHORTEST_FILE  # the red, green and blue masks, 4 bytes each, in every header of the family
 _BI_RLE8, _BI_RLE4, _BI_BITFIELDS, _BI_ALPHABITFIELDS = 1, 2, 3, 6
 _DECODER_CHANNEL = (2, 1, 0, 3)  # the channel it puts each byte in
+MASKS_NOT_BYTES = (
+    "a 32-bit BMP whose channel masks are not whole bytes (e.g. 10 bits a channel), which TensorFlow does not "
+    "decode: save it as PNG"
+)
 
 
 def _little_endian(contents, offset, dtype, size):
@@ -79,9 +84,10 @@ def apply_bmp_colours(contents, decoded) -> tf.Tensor:
         # The decoder put file byte b in its channel _DECODER_CHANNEL[b] (bytes 0, 1, 2, 3 as blue, green, red, alpha).
         bytes_read = tf.clip_by_value(tf.concat([rgb, [alpha]], axis=0), 0, 3)  # in range for any masks
         channels = tf.gather(tf.constant(_DECODER_CHANNEL), bytes_read)
-        # Masks of parts of bytes (10 bits a channel), or two on one byte, are left as the decoder reads them.
+        # Masks of parts of bytes (10 bits a channel), or two on one byte: no byte order gives their colours.
         whole_distinct_bytes = tf.reduce_all(rgb >= 0) & (tf.reduce_max(tf.reduce_sum(tf.one_hot(rgb, 4), 0)) <= 1)
-        return tf.gather(decoded, tf.where(whole_distinct_bytes, channels, tf.range(4)), axis=-1)
+        with tf.control_dependencies([tf.debugging.Assert(whole_distinct_bytes, [MASKS_NOT_BYTES])]):
+            return tf.gather(decoded, channels, axis=-1)
 
     return tf.switch_case(_bmp_kind(contents), [lambda: decoded, with_palette, with_masks])
 
@@ -95,6 +101,12 @@ def unreadable_bmp_reason(contents: bytes) -> str | None:
     if int.from_bytes(contents[30:34], "little") in (_BI_RLE8, _BI_RLE4):
         return "a run-length compressed BMP, which TensorFlow does not decode: save it as PNG"
     bits = int.from_bytes(contents[28:30], "little")
+    compression = int.from_bytes(contents[30:34], "little")
+    if bits == 32 and compression in (_BI_BITFIELDS, _BI_ALPHABITFIELDS) and len(contents) >= _MASKS + 12:
+        masks = [int.from_bytes(contents[start : start + 4], "little") for start in range(_MASKS, _MASKS + 12, 4)]
+        whole_bytes = [0xFF << (8 * byte) for byte in range(4)]
+        if not all(mask in whole_bytes for mask in masks) or len(set(masks)) < 3:
+            return MASKS_NOT_BYTES
     if bits in (8, 24, 32):
         return None
     return f"a {bits}-bit BMP, which TensorFlow does not decode (it reads 8-, 24- and 32-bit BMPs): save it as PNG"
