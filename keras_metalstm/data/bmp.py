@@ -72,11 +72,12 @@ def apply_bmp_colours(contents, decoded) -> tf.Tensor:
         palette = tf.pad(palette, [[0, 256 - tf.shape(palette)[0]], [0, 0]])
         grey = tf.reduce_all((palette[:, 0] == palette[:, 1]) & (palette[:, 1] == palette[:, 2]))
         indices = tf.cast(decoded[..., 0], tf.int32)
-        return tf.cond(
+        colours = tf.cond(
             grey,
             lambda: tf.gather(palette[:, :1], indices),
             lambda: tf.gather(palette, indices),
         )
+        return colours, tf.constant(True)
 
     def with_masks():
         rgb = _mask_bytes(tf.io.decode_raw(tf.strings.substr(contents, _MASKS, 12), tf.int32, little_endian=True))
@@ -86,10 +87,14 @@ def apply_bmp_colours(contents, decoded) -> tf.Tensor:
         channels = tf.gather(tf.constant(_DECODER_CHANNEL), bytes_read)
         # Masks of parts of bytes (10 bits a channel), or two on one byte: no byte order gives their colours.
         whole_distinct_bytes = tf.reduce_all(rgb >= 0) & (tf.reduce_max(tf.reduce_sum(tf.one_hot(rgb, 4), 0)) <= 1)
-        with tf.control_dependencies([tf.debugging.Assert(whole_distinct_bytes, [MASKS_NOT_BYTES])]):
-            return tf.gather(decoded, channels, axis=-1)
+        return tf.gather(decoded, channels, axis=-1), whole_distinct_bytes
 
-    return tf.switch_case(_bmp_kind(contents), [lambda: decoded, with_palette, with_masks])
+    colours, readable = tf.switch_case(
+        _bmp_kind(contents), [lambda: (decoded, tf.constant(True)), with_palette, with_masks]
+    )
+    # Outside the branches: a stateful Assert in one made tf.data log an "unknown attribute" line for the pipeline.
+    with tf.control_dependencies([tf.debugging.Assert(readable, [MASKS_NOT_BYTES])]):
+        return tf.identity(colours)
 
 
 def unreadable_bmp_reason(contents: bytes) -> str | None:
